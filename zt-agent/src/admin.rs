@@ -1,0 +1,61 @@
+//! The node-local admin socket ztctl talks to. One request line per connection:
+//! `events` streams live datapath events as JSON lines; `status` answers once.
+use std::path::PathBuf;
+
+use anyhow::Result;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixListener;
+use tokio::sync::broadcast;
+
+use crate::{events::EventRecord, metrics::Shared};
+
+pub async fn serve(path: PathBuf, events: broadcast::Sender<EventRecord>, metrics: Shared) -> Result<()> {
+    let _ = std::fs::remove_file(&path);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener = UnixListener::bind(&path)?;
+    loop {
+        let (sock, _) = listener.accept().await?;
+        let mut rx = events.subscribe();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = sock.into_split();
+            let mut line = String::new();
+            if BufReader::new(r).read_line(&mut line).await.is_err() {
+                return;
+            }
+            match line.trim() {
+                "events" => loop {
+                    match rx.recv().await {
+                        Ok(ev) => {
+                            let mut s = serde_json::to_string(&ev).unwrap_or_default();
+                            s.push('\n');
+                            if w.write_all(s.as_bytes()).await.is_err() {
+                                break;
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            let s = format!("{{\"lagged\":{n}}}\n");
+                            if w.write_all(s.as_bytes()).await.is_err() {
+                                break;
+                            }
+                        }
+                        Err(_) => break,
+                    }
+                },
+                "status" => {
+                    let m = metrics.lock().unwrap().clone();
+                    let s = format!(
+                        "{{\"ready\":{},\"identities\":{},\"local_endpoints\":{},\"policy_errors\":{},\"policy_epoch\":{}}}\n",
+                        m.ready, m.identities, m.endpoints_local, m.policy_errors_total, m.policy_epoch
+                    );
+                    let _ = w.write_all(s.as_bytes()).await;
+                }
+                other => {
+                    let _ = w.write_all(format!("{{\"error\":\"unknown request {other:?}\"}}\n").as_bytes()).await;
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,355 @@
+//! The agent's reconcile loop: policy source -> cluster state -> compile -> diff into
+//! the pinned maps -> attach to local pod interfaces. A bad input keeps the last good
+//! state enforced; a restart starts from what the maps already hold.
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::broadcast;
+use zt_common::*;
+
+use crate::{
+    compile::{compile, CompileConfig, EnforcementMode},
+    events::{EventRecord, Snapshot},
+    identity::IdentityAllocator,
+    loader::{Datapath, MapSizes},
+    metrics::{self, AgentMetrics, Shared},
+    model::ClusterState,
+    net,
+    pins::{capacity, PinnedMaps},
+    state::Desired,
+    sync::{apply, Capacities, Contents},
+};
+
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    pub node_name: String,
+    pub manifests: PathBuf,
+    pub bpffs_root: PathBuf,
+    pub state_dir: PathBuf,
+    pub admin_socket: PathBuf,
+    pub metrics_addr: String,
+    pub trust_domain: String,
+    pub enforcement_mode: EnforcementMode,
+    pub allow_host: bool,
+    pub events_allowed: bool,
+    pub events_per_sec: u32,
+    pub events_burst: u32,
+    pub sizes: MapSizes,
+    pub ct_tcp_timeout_s: u32,
+    pub ct_other_timeout_s: u32,
+    pub frag_timeout_s: u32,
+    pub poll_interval: Duration,
+}
+
+struct Agent {
+    opts: AgentOptions,
+    datapath: Datapath,
+    maps: PinnedMaps,
+    have: Contents,
+    caps: Capacities,
+    ids: IdentityAllocator,
+    cluster: Option<ClusterState>,
+    desired: Option<Desired>,
+    manifests_fingerprint: Option<Vec<(PathBuf, u64, SystemTime)>>,
+    host_ips: Vec<IpAddr>,
+    ifindex: BTreeMap<IpAddr, u32>,
+    ifnames: BTreeMap<IpAddr, String>,
+    last_resolve: Option<Instant>,
+    metrics: Shared,
+    snapshot: std::sync::Arc<std::sync::RwLock<Snapshot>>,
+}
+
+pub async fn run(opts: AgentOptions) -> Result<()> {
+    std::fs::create_dir_all(&opts.state_dir).with_context(|| format!("creating {}", opts.state_dir.display()))?;
+    let _ = std::fs::remove_file(opts.state_dir.join("ready"));
+    let mut datapath = Datapath::load(&opts.bpffs_root, &opts.sizes)?;
+    let maps = PinnedMaps::open(&opts.bpffs_root)?;
+    let have = Contents::read(&maps).context("reading the pinned maps")?;
+    log::info!(
+        "datapath loaded; pinned maps hold {} endpoints, {} cidrs, {} policy entries",
+        have.endpoints.len(),
+        have.cidrs.len(),
+        have.policy.len()
+    );
+    let caps = Capacities {
+        endpoints: capacity(&opts.bpffs_root, MAP_ENDPOINTS)?,
+        cidrs: capacity(&opts.bpffs_root, MAP_CIDRS)?,
+        policy: capacity(&opts.bpffs_root, MAP_POLICY)?,
+    };
+    let ids = IdentityAllocator::load(&opts.state_dir.join("identities.json")).context("loading identities")?;
+    let metrics: Shared = Default::default();
+    let snapshot: std::sync::Arc<std::sync::RwLock<Snapshot>> = Default::default();
+    let (events_tx, _) = broadcast::channel::<EventRecord>(4096);
+
+    let ring = datapath.take_events()?;
+    tokio::spawn(forward_events(ring, events_tx.clone(), snapshot.clone(), metrics.clone()));
+    tokio::spawn(log_err("metrics", metrics::serve(opts.metrics_addr.clone(), metrics.clone(), opts.bpffs_root.clone())));
+    tokio::spawn(log_err("admin socket", crate::admin::serve(opts.admin_socket.clone(), events_tx.clone(), metrics.clone())));
+
+    let mut agent = Agent {
+        opts,
+        datapath,
+        maps,
+        have,
+        caps,
+        ids,
+        cluster: None,
+        desired: None,
+        manifests_fingerprint: None,
+        host_ips: vec![],
+        ifindex: BTreeMap::new(),
+        ifnames: BTreeMap::new(),
+        last_resolve: None,
+        metrics,
+        snapshot,
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        if let Err(e) = agent.reconcile() {
+            log::error!("reconcile: {e:#}");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(agent.opts.poll_interval) => {}
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        }
+    }
+    // Links and maps stay pinned: enforcement continues while the agent is away.
+    log::info!("stopping; the datapath keeps enforcing the last state");
+    let _ = std::fs::remove_file(agent.opts.state_dir.join("ready"));
+    Ok(())
+}
+
+async fn log_err(what: &'static str, f: impl std::future::Future<Output = Result<()>>) {
+    if let Err(e) = f.await {
+        log::error!("{what}: {e:#}");
+    }
+}
+
+async fn forward_events(
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+    tx: broadcast::Sender<EventRecord>,
+    snapshot: std::sync::Arc<std::sync::RwLock<Snapshot>>,
+    metrics: Shared,
+) {
+    let mut fd = match AsyncFd::new(ring) {
+        Ok(fd) => fd,
+        Err(e) => {
+            log::error!("events ring: {e}");
+            return;
+        }
+    };
+    loop {
+        let mut guard = match fd.readable_mut().await {
+            Ok(g) => g,
+            Err(e) => {
+                log::error!("events ring: {e}");
+                return;
+            }
+        };
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            if item.len() < std::mem::size_of::<Event>() {
+                continue;
+            }
+            let ev: Event = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) };
+            let rec = snapshot.read().unwrap().record(&ev);
+            log::debug!("{rec}");
+            let _ = tx.send(rec);
+            metrics.lock().unwrap().events_forwarded_total += 1;
+        }
+        guard.clear_ready();
+    }
+}
+
+/// Names, sizes and mtimes of the manifest files: a cheap change detector.
+fn fingerprint(dir: &Path) -> Result<Vec<(PathBuf, u64, SystemTime)>> {
+    let mut v = vec![];
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry?;
+        let md = entry.metadata()?;
+        v.push((entry.path(), md.len(), md.modified()?));
+    }
+    v.sort();
+    Ok(v)
+}
+
+impl Agent {
+    fn reconcile(&mut self) -> Result<()> {
+        let mut changed = false;
+        let fp = fingerprint(&self.opts.manifests)?;
+        if self.manifests_fingerprint.as_ref() != Some(&fp) {
+            self.manifests_fingerprint = Some(fp);
+            match ClusterState::load_dir(&self.opts.manifests) {
+                Ok(c) => {
+                    self.cluster = Some(c);
+                    self.metrics.lock().unwrap().policy_last_load_ok = true;
+                    changed = true;
+                }
+                Err(e) => self.reject(&format!("{e}")),
+            }
+        }
+        let host_ips = net::host_addresses()?;
+        if host_ips != self.host_ips {
+            self.host_ips = host_ips;
+            changed = true;
+        }
+        let Some(cluster) = &self.cluster else {
+            return Ok(());
+        };
+        if changed || self.desired.is_none() {
+            let cfg = CompileConfig {
+                node_name: self.opts.node_name.clone(),
+                trust_domain: self.opts.trust_domain.clone(),
+                enforcement_mode: self.opts.enforcement_mode,
+                host_ips: self.host_ips.clone(),
+            };
+            let t = Instant::now();
+            match compile(cluster, &cfg, &mut self.ids) {
+                Ok(d) => {
+                    let mut m = self.metrics.lock().unwrap();
+                    m.compile_seconds_sum += t.elapsed().as_secs_f64();
+                    m.compile_count += 1;
+                    drop(m);
+                    self.ids.save(&self.opts.state_dir.join("identities.json"))?;
+                    self.desired = Some(d);
+                    self.last_resolve = None;
+                }
+                Err(e) => {
+                    self.reject(&format!("{e}"));
+                    if self.desired.is_none() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        let desired = self.desired.clone().expect("set above");
+        self.resolve_interfaces(&desired)?;
+        let want = Contents::from_desired(&desired, &self.ifindex);
+        let t = Instant::now();
+        let stats = match apply(&mut self.maps, &mut self.have, &want, &self.caps) {
+            Ok(s) => s,
+            Err(e) => {
+                self.metrics.lock().unwrap().map_errors_total += 1;
+                return Err(e.context("applying the policy to the maps (the previous state stays enforced)"));
+            }
+        };
+        let mut cfg = self.maps.read_config().unwrap_or_default();
+        let before = cfg;
+        if stats.withdrew {
+            cfg.policy_epoch = cfg.policy_epoch.wrapping_add(1);
+        }
+        cfg.flags = CONFIG_READY
+            | if self.opts.allow_host { CONFIG_ALLOW_HOST } else { 0 }
+            | if self.opts.events_allowed { CONFIG_EVENTS_ALLOWED } else { 0 };
+        cfg.ct_tcp_timeout_s = self.opts.ct_tcp_timeout_s;
+        cfg.ct_other_timeout_s = self.opts.ct_other_timeout_s;
+        cfg.events_per_sec = self.opts.events_per_sec;
+        cfg.events_burst = self.opts.events_burst;
+        cfg.frag_timeout_s = self.opts.frag_timeout_s;
+        if cfg != before {
+            self.maps.config.set(0, cfg, 0).context("writing ZT_CONFIG")?;
+        }
+        if stats.written + stats.removed > 0 {
+            log::info!("applied {} writes, {} removals (epoch {})", stats.written, stats.removed, cfg.policy_epoch);
+        }
+        // Attach only once the maps hold the full state.
+        let mut keep = BTreeSet::new();
+        for (ip, idx) in &self.ifindex {
+            if let Some(name) = self.ifnames.get(ip) {
+                self.datapath.ensure_attached(*idx, name)?;
+                keep.insert((*idx, name.clone()));
+            }
+        }
+        self.datapath.detach_others(&keep)?;
+        self.publish(&desired, &stats, t.elapsed(), cfg.policy_epoch)?;
+        Ok(())
+    }
+
+    fn reject(&mut self, err: &str) {
+        log::error!("policy input rejected, the last good state stays enforced: {err}");
+        let mut m = self.metrics.lock().unwrap();
+        m.policy_errors_total += 1;
+        m.policy_last_load_ok = false;
+        drop(m);
+        let _ = std::fs::write(self.opts.state_dir.join("last-error"), format!("{err}\n"));
+    }
+
+    /// Host interface of every local pod, by route. Re-resolved when the desired state
+    /// changes, for pods still without an interface, and every 10 s.
+    fn resolve_interfaces(&mut self, desired: &Desired) -> Result<()> {
+        let stale = self.last_resolve.map_or(true, |t| t.elapsed() > Duration::from_secs(10));
+        let mut ifindex = BTreeMap::new();
+        let mut ifnames = BTreeMap::new();
+        for (ip, ep) in &desired.endpoints {
+            if ep.flags & EP_LOCAL == 0 {
+                continue;
+            }
+            if !stale {
+                if let (Some(i), Some(n)) = (self.ifindex.get(ip), self.ifnames.get(ip)) {
+                    ifindex.insert(*ip, *i);
+                    ifnames.insert(*ip, n.clone());
+                    continue;
+                }
+            }
+            if let Some(name) = net::route_interface(*ip)? {
+                if let Ok(idx) = net::ifindex(&name) {
+                    ifindex.insert(*ip, idx);
+                    ifnames.insert(*ip, name);
+                }
+            }
+        }
+        if stale {
+            self.last_resolve = Some(Instant::now());
+        }
+        self.ifindex = ifindex;
+        self.ifnames = ifnames;
+        Ok(())
+    }
+
+    fn publish(&mut self, desired: &Desired, stats: &crate::sync::ApplyStats, apply_time: Duration, epoch: u32) -> Result<()> {
+        let snap = Snapshot {
+            node_name: self.opts.node_name.clone(),
+            identities: desired.identities.clone(),
+            pods: desired.endpoints.iter().filter_map(|(ip, e)| e.pod.clone().map(|p| (*ip, p))).collect(),
+            rules: desired.rules.clone(),
+        };
+        let changed = {
+            let cur = self.snapshot.read().unwrap();
+            cur.identities != snap.identities || cur.pods != snap.pods || cur.rules != snap.rules
+        };
+        if changed {
+            let path = self.opts.state_dir.join("state.json");
+            let tmp = path.with_extension("json.tmp");
+            std::fs::write(&tmp, serde_json::to_vec_pretty(&snap)?)?;
+            std::fs::rename(&tmp, &path)?;
+            *self.snapshot.write().unwrap() = snap;
+        }
+        let local = desired.endpoints.values().filter(|e| e.flags & EP_LOCAL != 0 && e.pod.is_some()).count();
+        let mut m = self.metrics.lock().unwrap();
+        if stats.written + stats.removed > 0 || !m.ready {
+            m.apply_seconds_sum += apply_time.as_secs_f64();
+            m.apply_count += 1;
+        }
+        m.applied_entries_total += (stats.written + stats.removed) as u64;
+        m.identities = desired.identities.len();
+        m.endpoints_local = local;
+        m.endpoints_remote = desired.endpoints.values().filter(|e| e.pod.is_some()).count() - local;
+        m.maps = vec![
+            (MAP_ENDPOINTS, self.have.endpoints.len(), self.caps.endpoints),
+            (MAP_CIDRS, self.have.cidrs.len(), self.caps.cidrs),
+            (MAP_POLICY, self.have.policy.len(), self.caps.policy),
+        ];
+        m.policy_epoch = epoch;
+        if !m.ready {
+            m.ready = true;
+            std::fs::write(self.opts.state_dir.join("ready"), b"ready\n")?;
+            log::info!("ready: {} identities, {} local endpoints", m.identities, local);
+        }
+        Ok(())
+    }
+}

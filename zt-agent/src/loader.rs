@@ -1,0 +1,151 @@
+//! Loads the kernel programs with their maps pinned under the versioned bpffs
+//! directory (reusing maps a previous agent pinned), and attaches them to pod
+//! interfaces through pinned TCX links. A restarted agent swaps its programs into the
+//! existing links atomically (BPF_LINK_UPDATE): there is no moment without enforcement.
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use aya::{
+    maps::{MapData, RingBuf},
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+        LinkOrder, SchedClassifier, TcAttachType,
+    },
+    Ebpf, EbpfLoader,
+};
+use zt_common::*;
+
+use crate::pins::{link_dir, map_dir};
+
+/// The compiled kernel object (built by build.rs).
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zt"));
+
+pub const PROG_FROM_POD: &str = "zt_from_pod";
+pub const PROG_TO_POD: &str = "zt_to_pod";
+pub const PROG_NOOP: &str = "zt_noop";
+
+#[derive(Clone, Copy, Debug)]
+pub struct MapSizes {
+    pub endpoints: u32,
+    pub cidrs: u32,
+    pub policy: u32,
+    pub ct: u32,
+    pub frags: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        MapSizes {
+            endpoints: DEFAULT_ENDPOINTS_MAX,
+            cidrs: DEFAULT_CIDRS_MAX,
+            policy: DEFAULT_POLICY_MAX,
+            ct: DEFAULT_CT_MAX,
+            frags: DEFAULT_FRAGS_MAX,
+        }
+    }
+}
+
+pub struct Datapath {
+    pub ebpf: Ebpf,
+    bpffs_root: PathBuf,
+    /// Interfaces this process has attached to, as (ifindex, name).
+    attached: BTreeSet<(u32, String)>,
+}
+
+/// Loads the object with maps pinned under `bpffs_root` (created or reused).
+pub fn load_object(bpffs_root: &Path, sizes: &MapSizes) -> Result<Ebpf> {
+    if OBJECT.is_empty() {
+        bail!("this binary was built with ZT_SKIP_EBPF: it carries no kernel programs");
+    }
+    let dir = map_dir(bpffs_root);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {} (is bpffs mounted there?)", dir.display()))?;
+    let mut loader = EbpfLoader::new();
+    loader
+        .default_map_pin_directory(&dir)
+        .map_max_entries(MAP_ENDPOINTS, sizes.endpoints)
+        .map_max_entries(MAP_CIDRS, sizes.cidrs)
+        .map_max_entries(MAP_POLICY, sizes.policy)
+        .map_max_entries(MAP_CT, sizes.ct)
+        .map_max_entries(MAP_FRAGS, sizes.frags);
+    let mut ebpf = loader.load(OBJECT).context("loading the zt kernel object")?;
+    for name in [PROG_FROM_POD, PROG_TO_POD, PROG_NOOP] {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the object"))?
+            .try_into()?;
+        prog.load().with_context(|| format!("verifier rejected {name}"))?;
+    }
+    Ok(ebpf)
+}
+
+impl Datapath {
+    pub fn load(bpffs_root: &Path, sizes: &MapSizes) -> Result<Self> {
+        let ebpf = load_object(bpffs_root, sizes)?;
+        std::fs::create_dir_all(link_dir(bpffs_root))?;
+        Ok(Datapath { ebpf, bpffs_root: bpffs_root.to_owned(), attached: BTreeSet::new() })
+    }
+
+    /// The ring buffer of drop events (one consumer: this agent).
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self.ebpf.take_map(MAP_EVENTS).context("events map missing")?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
+    fn link_pin(&self, ifindex: u32, ifname: &str, prog: &str) -> PathBuf {
+        let side = if prog == PROG_FROM_POD { "from" } else { "to" };
+        link_dir(&self.bpffs_root).join(format!("{ifindex}-{ifname}-{side}"))
+    }
+
+    /// Makes sure both programs of this process run on the interface: new links are
+    /// attached first in the TCX chain and pinned; pinned links of an earlier agent get
+    /// this process's programs swapped in atomically.
+    pub fn ensure_attached(&mut self, ifindex: u32, ifname: &str) -> Result<()> {
+        if self.attached.contains(&(ifindex, ifname.to_owned())) {
+            return Ok(());
+        }
+        for (prog_name, attach_type) in [(PROG_FROM_POD, TcAttachType::Ingress), (PROG_TO_POD, TcAttachType::Egress)] {
+            let pin = self.link_pin(ifindex, ifname, prog_name);
+            let prog: &mut SchedClassifier = self.ebpf.program_mut(prog_name).context("program missing")?.try_into()?;
+            let id = match PinnedLink::from_pin(&pin) {
+                Ok(old) => {
+                    let link: SchedClassifierLink = FdLink::from(old).try_into()?;
+                    prog.attach_to_link(link).with_context(|| format!("replacing program in link {}", pin.display()))?
+                }
+                Err(_) => {
+                    let id = prog
+                        .attach_with_options(ifname, attach_type, TcAttachOptions::TcxOrder(LinkOrder::first()))
+                        .with_context(|| format!("attaching {prog_name} to {ifname}"))?;
+                    let link = prog.take_link(id)?;
+                    let fd: FdLink = link.try_into()?;
+                    fd.pin(&pin).with_context(|| format!("pinning link {}", pin.display()))?;
+                    continue;
+                }
+            };
+            // The pin keeps the replaced link alive; our handle can go.
+            let link = prog.take_link(id)?;
+            let _fd: FdLink = link.try_into()?;
+        }
+        self.attached.insert((ifindex, ifname.to_owned()));
+        Ok(())
+    }
+
+    /// Unpins links of interfaces that are no longer local pods (the link goes with
+    /// its last reference).
+    pub fn detach_others(&mut self, keep: &BTreeSet<(u32, String)>) -> Result<()> {
+        let dir = link_dir(&self.bpffs_root);
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some((idx, rest)) = name.split_once('-') else { continue };
+            let Some((ifname, _side)) = rest.rsplit_once('-') else { continue };
+            let Ok(idx) = idx.parse::<u32>() else { continue };
+            if !keep.contains(&(idx, ifname.to_owned())) {
+                std::fs::remove_file(entry.path())?;
+                self.attached.remove(&(idx, ifname.to_owned()));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,119 @@
+//! Prometheus text exposition on `/metrics`. Verdict counters are read from the pinned
+//! per-CPU map at scrape time; everything else is kept by the agent's loop.
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Result;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use zt_common::*;
+
+use crate::{events::direction_name, pins::PinnedMaps};
+
+#[derive(Clone, Debug, Default)]
+pub struct AgentMetrics {
+    pub ready: bool,
+    pub identities: usize,
+    pub endpoints_local: usize,
+    pub endpoints_remote: usize,
+    /// (name, entries, capacity) per user-space-managed map.
+    pub maps: Vec<(&'static str, usize, u32)>,
+    pub compile_seconds_sum: f64,
+    pub compile_count: u64,
+    pub apply_seconds_sum: f64,
+    pub apply_count: u64,
+    pub last_apply_entries: u64,
+    pub applied_entries_total: u64,
+    pub policy_errors_total: u64,
+    pub policy_last_load_ok: bool,
+    pub map_errors_total: u64,
+    pub policy_epoch: u32,
+    pub events_forwarded_total: u64,
+}
+
+pub type Shared = Arc<Mutex<AgentMetrics>>;
+
+fn line(out: &mut String, help: &str, kind: &str, name: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+pub fn render(m: &AgentMetrics, maps: Option<&PinnedMaps>) -> String {
+    let mut o = String::new();
+    line(&mut o, "Packets judged by the datapath, by direction, verdict and reason.", "counter", "zt_verdicts_total");
+    if let Some(c) = maps.and_then(|m| m.counters().ok()) {
+        for dir in [DIR_INGRESS, DIR_EGRESS] {
+            for r in Reason::ALL {
+                let v = c[counter_index(dir, r as u8) as usize];
+                let verdict = if r.is_drop() { "drop" } else { "allow" };
+                let _ = writeln!(o, "zt_verdicts_total{{direction=\"{}\",verdict=\"{verdict}\",reason=\"{}\"}} {v}", direction_name(dir), r.name());
+            }
+        }
+    }
+    line(&mut o, "Datapath events by outcome (sent to the agent, rate-limited, ring buffer full).", "counter", "zt_datapath_events_total");
+    if let Some(s) = maps.and_then(|m| m.event_stats().ok()) {
+        for (i, name) in [(EVSTAT_SENT, "sent"), (EVSTAT_RATE_LIMITED, "rate_limited"), (EVSTAT_RING_FULL, "ring_full")] {
+            let _ = writeln!(o, "zt_datapath_events_total{{outcome=\"{name}\"}} {}", s[i as usize]);
+        }
+    }
+    line(&mut o, "Entries in each map the agent manages.", "gauge", "zt_map_entries");
+    for (name, n, _) in &m.maps {
+        let _ = writeln!(o, "zt_map_entries{{map=\"{name}\"}} {n}");
+    }
+    line(&mut o, "Capacity (max_entries) of each map the agent manages.", "gauge", "zt_map_capacity");
+    for (name, _, cap) in &m.maps {
+        let _ = writeln!(o, "zt_map_capacity{{map=\"{name}\"}} {cap}");
+    }
+    line(&mut o, "Time spent compiling policy into map entries.", "summary", "zt_policy_compile_seconds");
+    let _ = writeln!(o, "zt_policy_compile_seconds_sum {}\nzt_policy_compile_seconds_count {}", m.compile_seconds_sum, m.compile_count);
+    line(&mut o, "Time spent applying map diffs.", "summary", "zt_policy_apply_seconds");
+    let _ = writeln!(o, "zt_policy_apply_seconds_sum {}\nzt_policy_apply_seconds_count {}", m.apply_seconds_sum, m.apply_count);
+    line(&mut o, "Map entries written or removed by the agent.", "counter", "zt_map_updates_total");
+    let _ = writeln!(o, "zt_map_updates_total {}", m.applied_entries_total);
+    line(&mut o, "Policy inputs rejected (the last good state stays enforced).", "counter", "zt_policy_errors_total");
+    let _ = writeln!(o, "zt_policy_errors_total {}", m.policy_errors_total);
+    line(&mut o, "1 if the last policy load succeeded.", "gauge", "zt_policy_last_load_ok");
+    let _ = writeln!(o, "zt_policy_last_load_ok {}", m.policy_last_load_ok as u8);
+    line(&mut o, "Failed map updates (map full or kernel error); nothing is half-applied.", "counter", "zt_map_errors_total");
+    let _ = writeln!(o, "zt_map_errors_total {}", m.map_errors_total);
+    line(&mut o, "Numeric security identities known.", "gauge", "zt_identities");
+    let _ = writeln!(o, "zt_identities {}", m.identities);
+    line(&mut o, "Endpoints (pod IPs) known, by scope.", "gauge", "zt_endpoints");
+    let _ = writeln!(o, "zt_endpoints{{scope=\"local\"}} {}\nzt_endpoints{{scope=\"remote\"}} {}", m.endpoints_local, m.endpoints_remote);
+    line(&mut o, "Policy epoch (bumped when an allow is withdrawn; tracked flows re-verify).", "gauge", "zt_policy_epoch");
+    let _ = writeln!(o, "zt_policy_epoch {}", m.policy_epoch);
+    line(&mut o, "1 once the datapath holds the first full state.", "gauge", "zt_agent_ready");
+    let _ = writeln!(o, "zt_agent_ready {}", m.ready as u8);
+    o
+}
+
+/// Serves `/metrics` until the task is dropped.
+pub async fn serve(addr: String, shared: Shared, bpffs_root: PathBuf) -> Result<()> {
+    let listener = TcpListener::bind(&addr).await?;
+    log::info!("metrics on http://{addr}/metrics");
+    loop {
+        let (mut sock, _) = listener.accept().await?;
+        let shared = shared.clone();
+        let root = bpffs_root.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            let n = sock.read(&mut buf).await.unwrap_or(0);
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let (status, body) = if req.starts_with("GET /metrics") {
+                let snapshot = shared.lock().unwrap().clone();
+                let maps = PinnedMaps::open(&root).ok();
+                ("200 OK", render(&snapshot, maps.as_ref()))
+            } else if req.starts_with("GET /healthz") {
+                let ready = shared.lock().unwrap().ready;
+                if ready { ("200 OK", "ok\n".to_string()) } else { ("503 Service Unavailable", "not ready\n".to_string()) }
+            } else {
+                ("404 Not Found", "try /metrics\n".to_string())
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(resp.as_bytes()).await;
+        });
+    }
+}

@@ -1,0 +1,92 @@
+//! Where zt keeps its kernel objects under the bpffs root, and typed access to the
+//! pinned maps. Shared by the agent and ztctl (which reads them directly, so it still
+//! works when the agent is down).
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use aya::maps::{lpm_trie::LpmTrie, Array, HashMap, Map, MapData, PerCpuArray};
+use zt_common::*;
+
+/// `<root>/<MAP_VERSION_DIR>`: the maps of this layout version.
+pub fn map_dir(bpffs_root: &Path) -> PathBuf {
+    bpffs_root.join(MAP_VERSION_DIR)
+}
+
+/// `<root>/<MAP_VERSION_DIR>/links`: one pinned TCX link per hooked interface and direction.
+pub fn link_dir(bpffs_root: &Path) -> PathBuf {
+    map_dir(bpffs_root).join("links")
+}
+
+pub fn open_map(bpffs_root: &Path, name: &str) -> Result<Map> {
+    let path = map_dir(bpffs_root).join(name);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening pinned map {} (is zt-agent running on this node, and is --bpffs-root right?)", path.display()))?;
+    Map::from_map_data(data).with_context(|| format!("map {}", path.display()))
+}
+
+pub type EndpointsMap = HashMap<MapData, EndpointKey, EndpointValue>;
+pub type CidrsMap = LpmTrie<MapData, CidrKey, CidrValue>;
+pub type PolicyMap = LpmTrie<MapData, PolicyKey, PolicyValue>;
+pub type CtMap = HashMap<MapData, CtKey, CtValue>;
+pub type ConfigMap = Array<MapData, Config>;
+pub type CounterMap = PerCpuArray<MapData, u64>;
+
+/// The pinned maps user space reads and writes.
+pub struct PinnedMaps {
+    pub config: ConfigMap,
+    pub endpoints: EndpointsMap,
+    pub cidrs: CidrsMap,
+    pub policy: PolicyMap,
+    pub ct: CtMap,
+    pub counters: CounterMap,
+    pub evstats: CounterMap,
+}
+
+impl PinnedMaps {
+    pub fn open(bpffs_root: &Path) -> Result<Self> {
+        let open = |name: &str| open_map(bpffs_root, name);
+        Ok(PinnedMaps {
+            config: open(MAP_CONFIG)?.try_into()?,
+            endpoints: open(MAP_ENDPOINTS)?.try_into()?,
+            cidrs: open(MAP_CIDRS)?.try_into()?,
+            policy: open(MAP_POLICY)?.try_into()?,
+            ct: ct_map(open(MAP_CT)?)?,
+            counters: open(MAP_COUNTERS)?.try_into()?,
+            evstats: open(MAP_EVENT_STATS)?.try_into()?,
+        })
+    }
+
+    pub fn read_config(&self) -> Result<Config> {
+        Ok(self.config.get(&0, 0)?)
+    }
+
+    /// Verdict counters summed over CPUs, indexed by `counter_index`.
+    pub fn counters(&self) -> Result<Vec<u64>> {
+        sum_per_cpu(&self.counters, COUNTER_SLOTS)
+    }
+
+    pub fn event_stats(&self) -> Result<Vec<u64>> {
+        sum_per_cpu(&self.evstats, EVSTAT_SLOTS)
+    }
+}
+
+/// LRU hash maps load as `Map::LruHashMap`; aya's HashMap accepts both.
+fn ct_map(m: Map) -> Result<CtMap> {
+    Ok(CtMap::try_from(m)?)
+}
+
+fn sum_per_cpu(map: &CounterMap, slots: u32) -> Result<Vec<u64>> {
+    let mut out = vec![0u64; slots as usize];
+    for (i, slot) in out.iter_mut().enumerate() {
+        let values = map.get(&(i as u32), 0)?;
+        *slot = values.iter().sum();
+    }
+    Ok(out)
+}
+
+/// Capacity of a pinned map (max_entries as created).
+pub fn capacity(bpffs_root: &Path, name: &str) -> Result<u32> {
+    let path = map_dir(bpffs_root).join(name);
+    let data = MapData::from_pin(&path)?;
+    Ok(data.info()?.max_entries())
+}

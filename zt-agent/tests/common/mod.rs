@@ -1,0 +1,230 @@
+//! Shared by the kernel tests and the benchmark: a private bpffs instance, the loaded
+//! object with its maps, and a packet builder for BPF_PROG_TEST_RUN.
+#![allow(dead_code)]
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::Command;
+
+use aya::{
+    maps::{lpm_trie::Key, MapData, RingBuf},
+    programs::SchedClassifier,
+    Ebpf, TestRun, TestRunOptions,
+};
+use zt_agent::{
+    loader::{load_object, MapSizes},
+    net::{key_prefix, to_key},
+    pins::PinnedMaps,
+};
+use zt_common::*;
+
+pub const TC_PASS: u32 = u32::MAX; // -1
+pub const TC_DROP: u32 = 2;
+/// BPF_PROG_TEST_RUN runs skb programs on the loopback device.
+pub const TEST_IFINDEX: u32 = 1;
+
+/// A fresh bpffs instance mounted in a temp dir (each mount is its own instance, so
+/// pins never collide with other tests or a real agent); unmounted on drop.
+pub struct Bpffs {
+    pub dir: PathBuf,
+}
+
+impl Bpffs {
+    pub fn new(tag: &str) -> Bpffs {
+        let dir = std::env::temp_dir().join(format!("zt-{tag}-{}-{}", std::process::id(), rand_suffix()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let st = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&dir).status().unwrap();
+        assert!(st.success(), "mount bpffs at {}", dir.display());
+        Bpffs { dir }
+    }
+    pub fn root(&self) -> PathBuf {
+        self.dir.join("zt")
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).status();
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+fn rand_suffix() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The loaded datapath of one test: programs, typed maps, the events ring.
+pub struct Dp {
+    pub ebpf: Ebpf,
+    pub maps: PinnedMaps,
+    pub events: RingBuf<MapData>,
+    pub _fs: Bpffs,
+}
+
+pub fn config() -> Config {
+    Config {
+        flags: CONFIG_READY | CONFIG_ALLOW_HOST,
+        policy_epoch: 1,
+        ct_tcp_timeout_s: 3600,
+        ct_other_timeout_s: 60,
+        events_per_sec: 1_000_000,
+        events_burst: 1_000_000,
+        frag_timeout_s: 5,
+        _pad: 0,
+    }
+}
+
+impl Dp {
+    pub fn new(tag: &str) -> Dp {
+        Self::with_sizes(tag, &MapSizes::default())
+    }
+    pub fn with_sizes(tag: &str, sizes: &MapSizes) -> Dp {
+        let fs = Bpffs::new(tag);
+        let mut ebpf = load_object(&fs.root(), sizes).expect("load object");
+        let events = RingBuf::try_from(ebpf.take_map(MAP_EVENTS).unwrap()).unwrap();
+        let mut maps = PinnedMaps::open(&fs.root()).unwrap();
+        maps.config.set(0, config(), 0).unwrap();
+        Dp { ebpf, maps, events, _fs: fs }
+    }
+    pub fn set_config(&mut self, c: Config) {
+        self.maps.config.set(0, c, 0).unwrap();
+    }
+    pub fn endpoint(&mut self, ip: &str, identity: u32, flags: u32, ifindex: u32) {
+        let ip: IpAddr = ip.parse().unwrap();
+        self.maps
+            .endpoints
+            .insert(EndpointKey { addr: to_key(ip) }, EndpointValue { identity, flags, ifindex, _pad: 0 }, 0)
+            .unwrap();
+    }
+    /// A local pod on the test device, isolated both ways.
+    pub fn local_pod(&mut self, ip: &str, identity: u32) {
+        self.endpoint(ip, identity, EP_LOCAL | EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS, TEST_IFINDEX);
+    }
+    pub fn cidr(&mut self, ip: &str, prefix: u8, identity: u32) {
+        let ip: IpAddr = ip.parse().unwrap();
+        self.maps.cidrs.insert(&Key::new(key_prefix(ip, prefix), CidrKey { addr: to_key(ip) }), CidrValue { identity }, 0).unwrap();
+    }
+    pub fn policy(&mut self, prefix: u32, k: PolicyKey, verdict: u8, rule_id: u32) {
+        self.maps.policy.insert(&Key::new(prefix, k), PolicyValue { verdict, _pad: [0; 3], rule_id }, 0).unwrap();
+    }
+    pub fn unpolicy(&mut self, prefix: u32, k: PolicyKey) {
+        self.maps.policy.remove(&Key::new(prefix, k)).unwrap();
+    }
+    fn prog(&self, name: &str) -> &SchedClassifier {
+        self.ebpf.program(name).unwrap().try_into().unwrap()
+    }
+    /// Runs the program of `hook` ("zt_from_pod" / "zt_to_pod" / "zt_noop") once.
+    pub fn run(&self, hook: &str, pkt: &[u8]) -> u32 {
+        self.run_n(hook, pkt, 1).0
+    }
+    /// Runs it `repeat` times in the kernel; returns (verdict, mean ns per run).
+    pub fn run_n(&self, hook: &str, pkt: &[u8], repeat: u32) -> (u32, f64) {
+        let mut out = vec![0u8; pkt.len() + 256];
+        let opts = TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), repeat, ..Default::default() };
+        let r = self.prog(hook).test_run(opts).expect("BPF_PROG_TEST_RUN");
+        (r.return_value, r.duration.as_nanos() as f64)
+    }
+    pub fn counter(&self, dir: u8, reason: Reason) -> u64 {
+        self.maps.counters().unwrap()[counter_index(dir, reason as u8) as usize]
+    }
+    pub fn events(&mut self) -> Vec<Event> {
+        let mut v = vec![];
+        while let Some(item) = self.events.next() {
+            v.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) });
+        }
+        v
+    }
+    pub fn ct_len(&self) -> usize {
+        self.maps.ct.keys().count()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Packets
+// ---------------------------------------------------------------------------
+
+pub const TCP: u8 = 6;
+pub const UDP: u8 = 17;
+pub const SCTP: u8 = 132;
+pub const ICMP: u8 = 1;
+pub const ICMPV6: u8 = 58;
+
+/// An L4 header with the given ports (TCP 20 bytes, UDP 8, SCTP 12), or an ICMP
+/// header of `type` with echo id `sport`.
+pub fn l4(proto: u8, sport: u16, dport: u16) -> Vec<u8> {
+    let mut h = match proto {
+        TCP => vec![0u8; 20],
+        UDP => vec![0u8; 8],
+        SCTP => vec![0u8; 12],
+        _ => vec![0u8; 8],
+    };
+    match proto {
+        ICMP | ICMPV6 => {
+            h[0] = dport as u8; // type
+            h[4..6].copy_from_slice(&sport.to_be_bytes()); // echo id
+        }
+        _ => {
+            h[0..2].copy_from_slice(&sport.to_be_bytes());
+            h[2..4].copy_from_slice(&dport.to_be_bytes());
+            if proto == TCP {
+                h[12] = 5 << 4;
+                h[13] = 0x02; // SYN
+            }
+        }
+    }
+    h
+}
+
+pub fn eth(ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+    p.extend_from_slice(&ethertype.to_be_bytes());
+    p.extend_from_slice(payload);
+    p
+}
+
+/// IPv4 packet; `frag` is the raw flags+offset field.
+pub fn ipv4_frag(src: &str, dst: &str, proto: u8, payload: &[u8], id: u16, frag: u16) -> Vec<u8> {
+    let s: std::net::Ipv4Addr = src.parse().unwrap();
+    let d: std::net::Ipv4Addr = dst.parse().unwrap();
+    let mut h = vec![0x45, 0];
+    h.extend_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+    h.extend_from_slice(&id.to_be_bytes());
+    h.extend_from_slice(&frag.to_be_bytes());
+    h.extend_from_slice(&[64, proto, 0, 0]);
+    h.extend_from_slice(&s.octets());
+    h.extend_from_slice(&d.octets());
+    h.extend_from_slice(payload);
+    eth(0x0800, &h)
+}
+
+pub fn ipv4(src: &str, dst: &str, proto: u8, sport: u16, dport: u16) -> Vec<u8> {
+    ipv4_frag(src, dst, proto, &l4(proto, sport, dport), 1, 0)
+}
+
+/// IPv6 packet with a chain of extension headers (next-header values) before `proto`.
+pub fn ipv6_ext(src: &str, dst: &str, proto: u8, payload: &[u8], ext: &[u8], hop_limit: u8) -> Vec<u8> {
+    let s: std::net::Ipv6Addr = src.parse().unwrap();
+    let d: std::net::Ipv6Addr = dst.parse().unwrap();
+    let mut body = vec![];
+    for (i, _) in ext.iter().enumerate() {
+        let next = if i + 1 < ext.len() { ext[i + 1] } else { proto };
+        body.extend_from_slice(&[next, 0, 0, 0, 0, 0, 0, 0]);
+    }
+    body.extend_from_slice(payload);
+    let mut h = vec![0x60, 0, 0, 0];
+    h.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    h.push(if ext.is_empty() { proto } else { ext[0] });
+    h.push(hop_limit);
+    h.extend_from_slice(&s.octets());
+    h.extend_from_slice(&d.octets());
+    h.extend_from_slice(&body);
+    eth(0x86DD, &h)
+}
+
+pub fn ipv6(src: &str, dst: &str, proto: u8, sport: u16, dport: u16) -> Vec<u8> {
+    ipv6_ext(src, dst, proto, &l4(proto, sport, dport), &[], 64)
+}
+
+pub fn pk(local: u32, peer: u32, dir: u8, proto: u8, port: u16) -> PolicyKey {
+    PolicyKey::new(local, peer, dir, proto, port)
+}

@@ -1,0 +1,444 @@
+//! Types and constants shared by the kernel programs (zt-ebpf) and user space
+//! (zt-agent, ztctl, tests). Every map key and value lives here once, `#[repr(C)]`,
+//! with explicit padding fields and a compile-time size check, so that both sides
+//! agree on the layout byte for byte.
+#![no_std]
+
+/// Map pin directory name under the bpffs root. Bump on any layout change so that an
+/// upgraded agent never reads maps written with another layout.
+pub const MAP_VERSION_DIR: &str = "v1";
+
+// ---------------------------------------------------------------------------
+// Identities
+// ---------------------------------------------------------------------------
+
+/// Wildcard in a policy key: any peer.
+pub const IDENTITY_ANY: u32 = 0;
+/// The node itself (its addresses in the node's network namespace).
+pub const IDENTITY_HOST: u32 = 1;
+/// Anything outside the cluster that no CIDR rule names.
+pub const IDENTITY_WORLD: u32 = 2;
+/// A local endpoint the agent does not know yet: always fails closed.
+pub const IDENTITY_INIT: u32 = 3;
+/// Another node of the cluster.
+pub const IDENTITY_REMOTE_NODE: u32 = 4;
+/// First identity allocated to workloads (SPIFFE ID + labels).
+pub const IDENTITY_FIRST_WORKLOAD: u32 = 256;
+/// CIDR identities (ipBlock peers) carry this bit.
+pub const IDENTITY_CIDR_FLAG: u32 = 1 << 24;
+
+// ---------------------------------------------------------------------------
+// Directions, verdicts, reasons
+// ---------------------------------------------------------------------------
+
+/// Traffic entering the pod (TC egress on the host-side interface).
+pub const DIR_INGRESS: u8 = 0;
+/// Traffic leaving the pod (TC ingress on the host-side interface).
+pub const DIR_EGRESS: u8 = 1;
+pub const DIR_COUNT: u32 = 2;
+
+pub const VERDICT_ALLOW: u8 = 1;
+pub const VERDICT_DENY: u8 = 2;
+
+/// Why a packet got its verdict. Values below `REASON_FIRST_DROP` allow.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// A new flow matched an allow rule.
+    AllowPolicy = 1,
+    /// A packet of a tracked flow in its original direction.
+    AllowEstablished = 2,
+    /// A reply of a tracked flow.
+    AllowReply = 3,
+    /// The local endpoint is not isolated in this direction (Kubernetes default mode).
+    AllowNoPolicy = 4,
+    /// From the node to a local pod (kubelet probes); flag-controlled.
+    AllowHost = 5,
+    /// IPv6 neighbour discovery on the pod's link.
+    AllowNdp = 6,
+    /// Not IPv4/IPv6 (ARP): not policy-controlled.
+    AllowNonIp = 7,
+    /// A non-first IP fragment whose first fragment was allowed.
+    AllowFragment = 8,
+
+    /// An explicit deny rule matched.
+    DropPolicyDeny = 16,
+    /// No allow rule matched an isolated endpoint (default deny).
+    DropPolicyDefault = 17,
+    /// The local endpoint has no identity yet (initialising): fail closed.
+    DropUnknownEndpoint = 18,
+    /// Truncated or inconsistent L3/L4 header.
+    DropMalformed = 19,
+    /// A non-first fragment with no allowed first fragment on record.
+    DropFragment = 20,
+    /// A tracked flow whose allow was removed (revocation).
+    DropRevoked = 21,
+    /// The agent has not configured the datapath yet: fail closed.
+    DropNotReady = 22,
+    /// Too many IPv6 extension headers to parse within the verifier's bound.
+    DropIpv6ExtHeaders = 23,
+}
+
+pub const REASON_FIRST_DROP: u8 = 16;
+/// Size of the reason dimension of the counter array.
+pub const REASON_SLOTS: u32 = 32;
+/// Counter array size: direction x reason.
+pub const COUNTER_SLOTS: u32 = DIR_COUNT * REASON_SLOTS;
+
+impl Reason {
+    pub const ALL: [Reason; 16] = [
+        Reason::AllowPolicy,
+        Reason::AllowEstablished,
+        Reason::AllowReply,
+        Reason::AllowNoPolicy,
+        Reason::AllowHost,
+        Reason::AllowNdp,
+        Reason::AllowNonIp,
+        Reason::AllowFragment,
+        Reason::DropPolicyDeny,
+        Reason::DropPolicyDefault,
+        Reason::DropUnknownEndpoint,
+        Reason::DropMalformed,
+        Reason::DropFragment,
+        Reason::DropRevoked,
+        Reason::DropNotReady,
+        Reason::DropIpv6ExtHeaders,
+    ];
+
+    pub const fn is_drop(self) -> bool {
+        self as u8 >= REASON_FIRST_DROP
+    }
+
+    pub fn from_u8(v: u8) -> Option<Reason> {
+        Self::ALL.iter().copied().find(|r| *r as u8 == v)
+    }
+
+    /// Stable name used in metrics labels, events and the CLI.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::AllowPolicy => "policy",
+            Reason::AllowEstablished => "established",
+            Reason::AllowReply => "reply",
+            Reason::AllowNoPolicy => "no-policy",
+            Reason::AllowHost => "host",
+            Reason::AllowNdp => "ndp",
+            Reason::AllowNonIp => "non-ip",
+            Reason::AllowFragment => "fragment",
+            Reason::DropPolicyDeny => "policy-deny",
+            Reason::DropPolicyDefault => "policy-default-deny",
+            Reason::DropUnknownEndpoint => "unknown-endpoint",
+            Reason::DropMalformed => "malformed",
+            Reason::DropFragment => "fragment",
+            Reason::DropRevoked => "revoked",
+            Reason::DropNotReady => "not-ready",
+            Reason::DropIpv6ExtHeaders => "ipv6-ext-headers",
+        }
+    }
+}
+
+/// Index into the verdict counter array.
+#[inline(always)]
+pub const fn counter_index(dir: u8, reason: u8) -> u32 {
+    (dir as u32) * REASON_SLOTS + (reason as u32 % REASON_SLOTS)
+}
+
+// ---------------------------------------------------------------------------
+// Map names (also the pin names under <bpffs>/zt/<MAP_VERSION_DIR>/)
+// ---------------------------------------------------------------------------
+
+pub const MAP_CONFIG: &str = "ZT_CONFIG";
+pub const MAP_ENDPOINTS: &str = "ZT_ENDPOINTS";
+pub const MAP_CIDRS: &str = "ZT_CIDRS";
+pub const MAP_POLICY: &str = "ZT_POLICY";
+pub const MAP_CT: &str = "ZT_CT";
+pub const MAP_FRAGS: &str = "ZT_FRAGS";
+pub const MAP_COUNTERS: &str = "ZT_COUNTERS";
+pub const MAP_EVENT_STATS: &str = "ZT_EVSTATS";
+pub const MAP_EVENTS: &str = "ZT_EVENTS";
+pub const MAP_RATELIMIT: &str = "ZT_RATELIMIT";
+
+/// Default capacities; the agent overrides them from flags before loading.
+pub const DEFAULT_ENDPOINTS_MAX: u32 = 65536;
+pub const DEFAULT_CIDRS_MAX: u32 = 16384;
+pub const DEFAULT_POLICY_MAX: u32 = 262144;
+pub const DEFAULT_CT_MAX: u32 = 262144;
+pub const DEFAULT_FRAGS_MAX: u32 = 8192;
+pub const EVENTS_RING_BYTES: u32 = 1 << 20;
+
+// ---------------------------------------------------------------------------
+// Config (array of one)
+// ---------------------------------------------------------------------------
+
+/// Set once the agent has written its first full state; until then every packet of a
+/// managed interface drops (`DropNotReady`).
+pub const CONFIG_READY: u32 = 1 << 0;
+/// Allow traffic from the host identity to local pods (kubelet probes).
+pub const CONFIG_ALLOW_HOST: u32 = 1 << 1;
+/// Also emit events for newly allowed flows (drops are always emitted).
+pub const CONFIG_EVENTS_ALLOWED: u32 = 1 << 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    pub flags: u32,
+    /// Bumped by the agent whenever an allow may have been withdrawn; tracked flows
+    /// verified under an older epoch are re-checked against the policy on their next packet.
+    pub policy_epoch: u32,
+    /// Lifetime of an idle tracked TCP flow, seconds.
+    pub ct_tcp_timeout_s: u32,
+    /// Lifetime of an idle tracked non-TCP flow, seconds.
+    pub ct_other_timeout_s: u32,
+    /// Event budget per CPU per second, and burst.
+    pub events_per_sec: u32,
+    pub events_burst: u32,
+    /// Lifetime of a fragment-tracking entry, seconds.
+    pub frag_timeout_s: u32,
+    pub _pad: u32,
+}
+
+// ---------------------------------------------------------------------------
+// Endpoints: exact IP -> identity (local pods, remote pods, host addresses)
+// ---------------------------------------------------------------------------
+
+/// Addresses are 16 bytes; IPv4 uses the IPv4-mapped form ::ffff:a.b.c.d.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointKey {
+    pub addr: [u8; 16],
+}
+
+/// The endpoint is a pod on this node (its traffic passes a zt hook).
+pub const EP_LOCAL: u32 = 1 << 0;
+/// Some policy selects this endpoint for ingress: default deny applies.
+pub const EP_ENFORCE_INGRESS: u32 = 1 << 1;
+/// Some policy selects this endpoint for egress: default deny applies.
+pub const EP_ENFORCE_EGRESS: u32 = 1 << 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointValue {
+    pub identity: u32,
+    pub flags: u32,
+    /// Host-side interface of a local pod (0 otherwise).
+    pub ifindex: u32,
+    pub _pad: u32,
+}
+
+#[inline(always)]
+pub const fn enforce_flag(dir: u8) -> u32 {
+    if dir == DIR_INGRESS {
+        EP_ENFORCE_INGRESS
+    } else {
+        EP_ENFORCE_EGRESS
+    }
+}
+
+// ---------------------------------------------------------------------------
+// CIDRs: LPM trie, prefix -> identity (ipBlock peers)
+// ---------------------------------------------------------------------------
+
+/// Data part of the CIDR trie key (the prefix length is aya's `Key::prefix_len`):
+/// IPv4 prefixes are stored mapped, so an IPv4 /n is prefix 96 + n.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CidrKey {
+    pub addr: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CidrValue {
+    pub identity: u32,
+}
+
+// ---------------------------------------------------------------------------
+// Policy: LPM trie keyed by (local, peer, direction, protocol, port)
+// ---------------------------------------------------------------------------
+
+/// Data part of the policy trie key. Compared bit by bit from the first byte, so the
+/// fields are ordered from always-exact to wildcardable and the port is big-endian:
+/// prefix `POLICY_PREFIX_ANY_PROTO` = any protocol, `POLICY_PREFIX_ANY_PORT` = the
+/// protocol with any port, 80..96 = a port range block, 96 = one port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    /// Local endpoint identity, big-endian.
+    pub local_id_be: u32,
+    /// Peer identity, big-endian; `IDENTITY_ANY` = any peer.
+    pub peer_id_be: u32,
+    pub dir: u8,
+    /// IP protocol number (6 TCP, 17 UDP, 132 SCTP, 1 ICMP, 58 ICMPv6).
+    pub proto: u8,
+    /// Destination port (ICMP: the type), big-endian.
+    pub port_be: u16,
+}
+
+pub const POLICY_PREFIX_ANY_PROTO: u32 = 72;
+pub const POLICY_PREFIX_ANY_PORT: u32 = 80;
+pub const POLICY_PREFIX_FULL: u32 = 96;
+
+impl PolicyKey {
+    pub const fn new(local_id: u32, peer_id: u32, dir: u8, proto: u8, port: u16) -> Self {
+        PolicyKey {
+            local_id_be: local_id.to_be(),
+            peer_id_be: peer_id.to_be(),
+            dir,
+            proto,
+            port_be: port.to_be(),
+        }
+    }
+    pub const fn local_id(&self) -> u32 {
+        u32::from_be(self.local_id_be)
+    }
+    pub const fn peer_id(&self) -> u32 {
+        u32::from_be(self.peer_id_be)
+    }
+    pub const fn port(&self) -> u16 {
+        u16::from_be(self.port_be)
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyValue {
+    pub verdict: u8,
+    pub _pad: [u8; 3],
+    /// Agent-assigned id of the rule that produced the entry (for events and `explain`).
+    pub rule_id: u32,
+}
+
+// ---------------------------------------------------------------------------
+// Connection tracking: LRU hash
+// ---------------------------------------------------------------------------
+
+/// A flow as first seen at a hook, in its original direction. `dir` is the direction
+/// of the check that admitted it (a flow between two local pods has one entry per side).
+/// ICMP echo uses the echo identifier as both ports.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub dir: u8,
+    pub _pad: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtValue {
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    /// Config.policy_epoch under which the flow was last verified against policy.
+    pub epoch: u32,
+    pub local_id: u32,
+    pub peer_id: u32,
+    pub rule_id: u32,
+    /// Policy port of the flow (dport, or ICMP type) for re-verification.
+    pub policy_port: u16,
+    pub reason: u8,
+    pub _pad: [u8; 5],
+}
+
+// ---------------------------------------------------------------------------
+// Fragments: LRU hash of first fragments that were allowed
+// ---------------------------------------------------------------------------
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub id: u32,
+    pub proto: u8,
+    pub dir: u8,
+    pub _pad: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragValue {
+    pub created_ns: u64,
+}
+
+// ---------------------------------------------------------------------------
+// Events (ring buffer) and their rate limit
+// ---------------------------------------------------------------------------
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    pub ts_ns: u64,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub dir: u8,
+    pub reason: u8,
+    pub verdict: u8,
+    pub local_id: u32,
+    pub peer_id: u32,
+    pub rule_id: u32,
+    pub ifindex: u32,
+}
+
+/// Per-CPU token bucket for events.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateLimit {
+    pub tokens: u64,
+    pub last_ns: u64,
+}
+
+pub const EVSTAT_SENT: u32 = 0;
+pub const EVSTAT_RATE_LIMITED: u32 = 1;
+pub const EVSTAT_RING_FULL: u32 = 2;
+pub const EVSTAT_SLOTS: u32 = 4;
+
+// ---------------------------------------------------------------------------
+// Layout checks: sizes are fixed and there is no implicit padding.
+// ---------------------------------------------------------------------------
+
+const _: () = {
+    assert!(core::mem::size_of::<Config>() == 32);
+    assert!(core::mem::size_of::<EndpointKey>() == 16);
+    assert!(core::mem::size_of::<EndpointValue>() == 16);
+    assert!(core::mem::size_of::<CidrKey>() == 16);
+    assert!(core::mem::size_of::<CidrValue>() == 4);
+    assert!(core::mem::size_of::<PolicyKey>() == 12);
+    assert!(core::mem::size_of::<PolicyValue>() == 8);
+    assert!(core::mem::size_of::<CtKey>() == 40);
+    assert!(core::mem::size_of::<CtValue>() == 40);
+    assert!(core::mem::size_of::<FragKey>() == 40);
+    assert!(core::mem::size_of::<FragValue>() == 8);
+    assert!(core::mem::size_of::<Event>() == 64);
+    assert!(core::mem::size_of::<RateLimit>() == 16);
+};
+
+/// IPv4-mapped IPv6 form of an IPv4 address (network-order bytes in).
+#[inline(always)]
+pub const fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY: all of these are repr(C), Copy, with explicit padding and no pointers.
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for EndpointKey {}
+    unsafe impl aya::Pod for EndpointValue {}
+    unsafe impl aya::Pod for CidrKey {}
+    unsafe impl aya::Pod for CidrValue {}
+    unsafe impl aya::Pod for PolicyKey {}
+    unsafe impl aya::Pod for PolicyValue {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragValue {}
+    unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for RateLimit {}
+}

@@ -1,0 +1,217 @@
+//! Packet parsing: Ethernet, IPv4 / IPv6 (with a bounded walk of extension headers),
+//! and the L4 fields policy needs. Reads go through bpf_skb_load_bytes, so a short
+//! packet is a failed load (counted as malformed), never an out-of-bounds access.
+use aya_ebpf::programs::TcContext;
+use zt_common::v4_mapped;
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
+pub const IPPROTO_SCTP: u8 = 132;
+
+/// Upper bound on IPv6 extension headers walked before giving up (verifier bound).
+const MAX_IPV6_EXT: usize = 6;
+
+pub enum Frag {
+    /// Not fragmented.
+    None,
+    /// First fragment: carries the L4 header and is judged like a whole packet.
+    First,
+    /// Later fragment: no L4 header; passes only if its first fragment was allowed.
+    Later,
+}
+
+pub struct Flow {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Host byte order. ICMP echo: both are the echo identifier; other ICMP: 0.
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// What policy matches as the port: dport, or the ICMP type.
+    pub policy_port: u16,
+    pub frag: Frag,
+    pub frag_id: u32,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Parsed {
+    NonIp,
+    /// IPv6 neighbour discovery with hop limit 255 (on-link only).
+    Ndp,
+    Malformed,
+    /// Addresses are filled, the rest is not.
+    TooManyExtHeaders,
+    Flow,
+}
+
+impl Flow {
+    pub const fn zeroed() -> Flow {
+        Flow { saddr: [0; 16], daddr: [0; 16], sport: 0, dport: 0, proto: 0, policy_port: 0, frag: Frag::None, frag_id: 0 }
+    }
+}
+
+#[inline(always)]
+fn load<T>(ctx: &TcContext, off: usize) -> Result<T, ()> {
+    ctx.load::<T>(off).map_err(|_| ())
+}
+
+/// Fills `flow` and says what the packet is. Not inlined: its own BPF function keeps
+/// the caller's stack frame small.
+#[inline(never)]
+pub fn parse(skb: *mut aya_ebpf::bindings::__sk_buff, flow: &mut Flow) -> Parsed {
+    let ctx = &TcContext::new(skb);
+    let proto: u16 = match load::<u16>(ctx, 12) {
+        Ok(p) => u16::from_be(p),
+        Err(_) => return Parsed::Malformed,
+    };
+    let r = match proto {
+        ETH_P_IP => parse_v4(ctx, flow),
+        ETH_P_IPV6 => parse_v6(ctx, flow),
+        _ => return Parsed::NonIp,
+    };
+    r.unwrap_or(Parsed::Malformed)
+}
+
+#[inline(always)]
+fn parse_v4(ctx: &TcContext, flow: &mut Flow) -> Result<Parsed, ()> {
+    let ver_ihl: u8 = load(ctx, ETH_HLEN)?;
+    let ihl = (ver_ihl & 0x0f) as usize * 4;
+    if ver_ihl >> 4 != 4 || ihl < 20 {
+        return Err(());
+    }
+    let tot_len = u16::from_be(load::<u16>(ctx, ETH_HLEN + 2)?) as usize;
+    if tot_len < ihl || ETH_HLEN + tot_len > ctx.len() as usize {
+        return Err(());
+    }
+    let id = u16::from_be(load::<u16>(ctx, ETH_HLEN + 4)?) as u32;
+    let frag_off = u16::from_be(load::<u16>(ctx, ETH_HLEN + 6)?);
+    let proto: u8 = load(ctx, ETH_HLEN + 9)?;
+    let saddr = v4_mapped(load::<[u8; 4]>(ctx, ETH_HLEN + 12)?);
+    let daddr = v4_mapped(load::<[u8; 4]>(ctx, ETH_HLEN + 16)?);
+    let frag = if frag_off & 0x1fff != 0 {
+        Frag::Later
+    } else if frag_off & 0x2000 != 0 {
+        Frag::First
+    } else {
+        Frag::None
+    };
+    *flow = Flow { saddr, daddr, sport: 0, dport: 0, proto, policy_port: 0, frag, frag_id: id };
+    if let Frag::Later = flow.frag {
+        return Ok(Parsed::Flow);
+    }
+    l4(ctx, ETH_HLEN + ihl, flow, false)?;
+    Ok(Parsed::Flow)
+}
+
+#[inline(always)]
+fn parse_v6(ctx: &TcContext, flow: &mut Flow) -> Result<Parsed, ()> {
+    let ver: u8 = load(ctx, ETH_HLEN)?;
+    if ver >> 4 != 6 {
+        return Err(());
+    }
+    let payload_len = u16::from_be(load::<u16>(ctx, ETH_HLEN + 4)?) as usize;
+    if ETH_HLEN + 40 + payload_len > ctx.len() as usize {
+        return Err(());
+    }
+    let mut next: u8 = load(ctx, ETH_HLEN + 6)?;
+    let hop_limit: u8 = load(ctx, ETH_HLEN + 7)?;
+    flow.saddr = load(ctx, ETH_HLEN + 8)?;
+    flow.daddr = load(ctx, ETH_HLEN + 24)?;
+    flow.proto = next;
+    let mut off = ETH_HLEN + 40;
+    let mut done = false;
+    for _ in 0..MAX_IPV6_EXT {
+        match next {
+            // Hop-by-hop, routing, destination options: length in 8-octet units, first excluded.
+            0 | 43 | 60 => {
+                let nh: u8 = load(ctx, off)?;
+                let len: u8 = load(ctx, off + 1)?;
+                next = nh;
+                off += (len as usize + 1) * 8;
+            }
+            // Authentication header: length in 4-octet units, minus 2.
+            51 => {
+                let nh: u8 = load(ctx, off)?;
+                let len: u8 = load(ctx, off + 1)?;
+                next = nh;
+                off += (len as usize + 2) * 4;
+            }
+            // Fragment header.
+            44 => {
+                let nh: u8 = load(ctx, off)?;
+                let offm = u16::from_be(load::<u16>(ctx, off + 2)?);
+                flow.frag_id = u32::from_be(load::<u32>(ctx, off + 4)?);
+                next = nh;
+                off += 8;
+                if offm >> 3 != 0 {
+                    flow.frag = Frag::Later;
+                } else if offm & 1 != 0 {
+                    flow.frag = Frag::First;
+                }
+            }
+            _ => {
+                done = true;
+                break;
+            }
+        }
+    }
+    flow.proto = next;
+    if !done {
+        return Ok(Parsed::TooManyExtHeaders);
+    }
+    if let Frag::Later = flow.frag {
+        return Ok(Parsed::Flow);
+    }
+    if next == IPPROTO_ICMPV6 {
+        let ty: u8 = load(ctx, off)?;
+        if (133..=137).contains(&ty) && hop_limit == 255 {
+            return Ok(Parsed::Ndp);
+        }
+    }
+    l4(ctx, off, flow, true)?;
+    Ok(Parsed::Flow)
+}
+
+/// Fills ports (or ICMP type / echo id). Unknown protocols keep ports at 0 and are
+/// matched by protocol-wide rules only.
+#[inline(always)]
+fn l4(ctx: &TcContext, off: usize, flow: &mut Flow, v6: bool) -> Result<(), ()> {
+    let len = ctx.len() as usize;
+    match flow.proto {
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
+            let min = match flow.proto {
+                IPPROTO_TCP => 20,
+                IPPROTO_UDP => 8,
+                _ => 12,
+            };
+            if off + min > len {
+                return Err(());
+            }
+            flow.sport = u16::from_be(load::<u16>(ctx, off)?);
+            flow.dport = u16::from_be(load::<u16>(ctx, off + 2)?);
+            flow.policy_port = flow.dport;
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            if off + 8 > len || (flow.proto == IPPROTO_ICMPV6) != v6 {
+                return Err(());
+            }
+            let ty: u8 = load(ctx, off)?;
+            flow.policy_port = ty as u16;
+            // Echo request/reply: the identifier ties a reply to its request.
+            let echo = if v6 { ty == 128 || ty == 129 } else { ty == 8 || ty == 0 };
+            if echo {
+                let id = u16::from_be(load::<u16>(ctx, off + 4)?);
+                flow.sport = id;
+                flow.dport = id;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}

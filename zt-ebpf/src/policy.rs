@@ -1,0 +1,105 @@
+//! Identity resolution and the policy decision for a new flow. Lookups, in order:
+//! ENDPOINTS[local], ENDPOINTS[peer] (else CIDRS[peer], else world),
+//! POLICY[(local, peer, ...)], POLICY[(local, any, ...)]. Deny in either wins.
+use aya_ebpf::maps::lpm_trie::Key;
+use zt_common::*;
+
+use crate::{
+    maps::{CIDRS, ENDPOINTS, POLICY},
+    parse::Flow,
+};
+
+/// The hook a packet is judged at.
+pub struct Hook {
+    pub ifindex: u32,
+    pub dir: u8,
+}
+
+pub struct Decision {
+    pub allow: bool,
+    pub reason: Reason,
+    pub local_id: u32,
+    pub peer_id: u32,
+    pub rule_id: u32,
+}
+
+#[inline(always)]
+pub fn peer_identity(addr: &[u8; 16]) -> u32 {
+    let key = EndpointKey { addr: *addr };
+    if let Some(ep) = unsafe { ENDPOINTS.get(&key) } {
+        return ep.identity;
+    }
+    match CIDRS.get(&Key::new(128, CidrKey { addr: *addr })) {
+        Some(c) => c.identity,
+        None => IDENTITY_WORLD,
+    }
+}
+
+/// Judges a new flow (or re-verifies a tracked one) at the hook of `ifindex`.
+/// `local` must be a local endpoint whose interface is this one: a pod that spoofs
+/// another pod's address is an unknown endpoint here, never that pod.
+/// What a flow is judged as: its original direction (for a reply, the opposite of
+/// the hook's) and its policy port.
+pub struct Judged {
+    pub dir: u8,
+    pub port: u16,
+}
+
+/// Not inlined: its own BPF function and stack frame (BPF calls take 5 arguments).
+#[inline(never)]
+pub fn decide(cfg: &Config, hook: &Hook, f: &Flow, j: &Judged, out: &mut Decision) {
+    *out = decide_inner(cfg, hook, f, j.dir, j.port);
+}
+
+#[inline(always)]
+fn decide_inner(cfg: &Config, hook: &Hook, f: &Flow, dir: u8, port: u16) -> Decision {
+    let proto = f.proto;
+    let ifindex = hook.ifindex;
+    // The hook, not the judged direction, says which address is the local pod.
+    let (local, peer) = if hook.dir == DIR_INGRESS { (&f.daddr, &f.saddr) } else { (&f.saddr, &f.daddr) };
+    let peer_id = peer_identity(peer);
+    let ep = match unsafe { ENDPOINTS.get(&EndpointKey { addr: *local }) } {
+        Some(ep) if ep.flags & EP_LOCAL != 0 && ep.ifindex == ifindex => *ep,
+        _ => return deny(Reason::DropUnknownEndpoint, IDENTITY_INIT, peer_id, 0),
+    };
+    let local_id = ep.identity;
+    if dir == DIR_INGRESS && peer_id == IDENTITY_HOST && cfg.flags & CONFIG_ALLOW_HOST != 0 {
+        return allow(Reason::AllowHost, local_id, peer_id, 0);
+    }
+    if ep.flags & enforce_flag(dir) == 0 {
+        return allow(Reason::AllowNoPolicy, local_id, peer_id, 0);
+    }
+    let exact = POLICY.get(&Key::new(POLICY_PREFIX_FULL, PolicyKey::new(local_id, peer_id, dir, proto, port)));
+    let any = POLICY.get(&Key::new(POLICY_PREFIX_FULL, PolicyKey::new(local_id, IDENTITY_ANY, dir, proto, port)));
+    let (exact_v, exact_r) = match exact {
+        Some(v) => (v.verdict, v.rule_id),
+        None => (0, 0),
+    };
+    let (any_v, any_r) = match any {
+        Some(v) => (v.verdict, v.rule_id),
+        None => (0, 0),
+    };
+    if exact_v == VERDICT_DENY {
+        return deny(Reason::DropPolicyDeny, local_id, peer_id, exact_r);
+    }
+    if any_v == VERDICT_DENY {
+        return deny(Reason::DropPolicyDeny, local_id, peer_id, any_r);
+    }
+    if exact_v == VERDICT_ALLOW {
+        return allow(Reason::AllowPolicy, local_id, peer_id, exact_r);
+    }
+    if any_v == VERDICT_ALLOW {
+        return allow(Reason::AllowPolicy, local_id, peer_id, any_r);
+    }
+    deny(Reason::DropPolicyDefault, local_id, peer_id, 0)
+}
+
+#[inline(always)]
+fn allow(reason: Reason, local_id: u32, peer_id: u32, rule_id: u32) -> Decision {
+    Decision { allow: true, reason, local_id, peer_id, rule_id }
+}
+
+#[inline(always)]
+fn deny(reason: Reason, local_id: u32, peer_id: u32, rule_id: u32) -> Decision {
+    Decision { allow: false, reason, local_id, peer_id, rule_id }
+}
