@@ -1,1 +1,172 @@
-fn main() {}
+//! Project tasks. Every task first runs `setup`, which installs what zt needs on a
+//! fresh machine and is idempotent and cached:
+//! - Debian packages (iproute2, prometheus for promtool) when missing;
+//! - the nightly toolchain's rust-src (to build `core` for the BPF target);
+//! - bpf-linker built against the nightly toolchain's own libLLVM (version derived from
+//!   the toolchain, cached under ~/.cache/zt, rebuilt only when that LLVM changes).
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install toolchains and packages zt needs (idempotent).
+    Setup,
+    /// Build the agent (with its kernel programs), ztctl and the test bed.
+    Build,
+    /// Run every test: kernel programs through BPF_PROG_TEST_RUN, agent unit tests,
+    /// end-to-end tests in network namespaces.
+    Test {
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Bring up a simulated node and replay the zero-trust lab.
+    Demo,
+    /// Datapath ns/verdict against an empty program, and agent map-apply throughput.
+    Bench,
+}
+
+const APT_PACKAGES: &[&str] = &["iproute2", "prometheus", "procps", "kmod"];
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = project_root();
+    std::env::set_current_dir(&root)?;
+    setup()?;
+    match cli.cmd {
+        Cmd::Setup => Ok(()),
+        Cmd::Build => build(),
+        Cmd::Test { args } => {
+            build()?;
+            let mut cmd = Command::new("cargo");
+            cmd.args(["test", "--workspace", "--no-fail-fast", "--"]);
+            cmd.args(&args);
+            run_env(&mut cmd)
+        }
+        Cmd::Demo => {
+            build()?;
+            run_env(Command::new("cargo").args(["run", "-q", "-p", "zt-tests", "--bin", "zt-demo"]))
+        }
+        Cmd::Bench => run_env(Command::new("cargo").args(["test", "--release", "-p", "zt-agent", "--test", "bench", "--", "--nocapture"])),
+    }
+}
+
+fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn build() -> Result<()> {
+    run(Command::new("cargo").args(["build", "-p", "zt-agent", "-p", "zt-tests", "--bins"]))
+}
+
+/// Tests and the demo find the binaries through these.
+fn run_env(cmd: &mut Command) -> Result<()> {
+    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| project_root().join("target"));
+    cmd.env("ZT_AGENT_BIN", target.join("debug/zt-agent"));
+    cmd.env("ZTCTL_BIN", target.join("debug/ztctl"));
+    run(cmd)
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let st = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed: {st}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+fn setup() -> Result<()> {
+    if unsafe { libc_geteuid() } != 0 {
+        bail!("zt's tests and demo need root (BPF, network namespaces, cgroups)");
+    }
+    apt_packages()?;
+    nightly_rust_src()?;
+    bpf_linker()?;
+    Ok(())
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+fn apt_packages() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !Command::new("dpkg").args(["-s", p]).output().map(|o| o.status.success()).unwrap_or(false))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing Debian packages {missing:?}");
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn nightly_rust_src() -> Result<()> {
+    if output(Command::new("rustup").args(["toolchain", "list"]))?.lines().all(|l| !l.starts_with("nightly")) {
+        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+    }
+    let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))?;
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    Ok(())
+}
+
+/// bpf-linker must use the same LLVM as the nightly rustc that emits the bitcode.
+fn bpf_linker() -> Result<()> {
+    let sysroot = PathBuf::from(output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?.trim());
+    let lib = sysroot.join("lib");
+    let llvm = std::fs::read_dir(&lib)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM.so."))
+        .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;
+    // libLLVM.so.22.1-rust-1.97.0-nightly -> 22
+    let major = llvm.trim_start_matches("libLLVM.so.").split(['.', '-']).next().unwrap_or_default().to_string();
+    let cache = home().join(".cache/zt");
+    let stamp = cache.join("bpf-linker.stamp");
+    let have = std::fs::read_to_string(&stamp).unwrap_or_default();
+    let linker_ok = Command::new("bpf-linker").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    if linker_ok && have.trim() == llvm {
+        return Ok(());
+    }
+    eprintln!("xtask: building bpf-linker against {llvm} (LLVM {major})");
+    let prefix = cache.join("llvm-prefix");
+    let plib = prefix.join("lib");
+    std::fs::create_dir_all(&plib)?;
+    std::fs::copy(lib.join(&llvm), plib.join(&llvm))?;
+    let link = plib.join("libLLVM.so");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&llvm, &link)?;
+    run(Command::new("cargo")
+        .args(["install", "--force", "bpf-linker", "--no-default-features", "--features"])
+        .arg(format!("llvm-{major}"))
+        .env("LLVM_PREFIX", &prefix))?;
+    std::fs::write(&stamp, &llvm)?;
+    Ok(())
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"))
+}

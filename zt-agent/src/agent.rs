@@ -16,7 +16,7 @@ use crate::{
     events::{EventRecord, Snapshot},
     identity::IdentityAllocator,
     loader::{Datapath, MapSizes},
-    metrics::{self, AgentMetrics, Shared},
+    metrics::{self, Shared},
     model::ClusterState,
     net,
     pins::{capacity, PinnedMaps},
@@ -136,7 +136,11 @@ async fn forward_events(
     snapshot: std::sync::Arc<std::sync::RwLock<Snapshot>>,
     metrics: Shared,
 ) {
-    let mut fd = match AsyncFd::new(ring) {
+    // The ring buffer owns its fd and lives inside the AsyncFd: the registration
+    // cannot outlive the descriptor.
+    #[allow(deprecated)]
+    let fd = AsyncFd::new(ring);
+    let mut fd = match fd {
         Ok(fd) => fd,
         Err(e) => {
             log::error!("events ring: {e}");
@@ -185,8 +189,11 @@ impl Agent {
         if self.manifests_fingerprint.as_ref() != Some(&fp) {
             self.manifests_fingerprint = Some(fp);
             match ClusterState::load_dir(&self.opts.manifests) {
-                Ok(c) => {
-                    self.cluster = Some(c);
+                Ok(loaded) => {
+                    for o in &loaded.ignored {
+                        log::warn!("{}: ignoring {} {} (not a kind zt reads)", o.location, o.api_version, o.kind);
+                    }
+                    self.cluster = Some(loaded.state);
                     self.metrics.lock().unwrap().policy_last_load_ok = true;
                     changed = true;
                 }

@@ -6,3 +6,8 @@ pub mod metrics;
 pub mod net;
 pub mod pins;
 pub mod sync;
+pub mod compile;
+pub mod identity;
+pub mod model;
+pub mod ctl;
+pub mod agent;

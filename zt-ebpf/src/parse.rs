@@ -42,7 +42,7 @@ pub struct Flow {
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Parsed {
     NonIp,
-    /// IPv6 neighbour discovery with hop limit 255 (on-link only).
+    /// IPv6 neighbour discovery (hop limit 255) or MLD (hop limit 1): on-link control.
     Ndp,
     Malformed,
     /// Addresses are filled, the rest is not.
@@ -170,7 +170,11 @@ fn parse_v6(ctx: &TcContext, flow: &mut Flow) -> Result<Parsed, ()> {
     }
     if next == IPPROTO_ICMPV6 {
         let ty: u8 = load(ctx, off)?;
-        if (133..=137).contains(&ty) && hop_limit == 255 {
+        // On-link only, by hop limit: a routed packet cannot arrive with these values
+        // (RFC 4861 requires 255 for NDP; MLD is sent with 1 and is never forwarded).
+        let ndp = (133..=137).contains(&ty) && hop_limit == 255;
+        let mld = matches!(ty, 130 | 131 | 132 | 143) && hop_limit == 1;
+        if ndp || mld {
             return Ok(Parsed::Ndp);
         }
     }

@@ -1,1 +1,171 @@
-fn main(){}
+//! ztctl: the node-local CLI. Reads the pinned maps directly (works while the agent is
+//! down); live drops come from the agent's admin socket.
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand, ValueEnum};
+use zt_agent::{
+    ctl::{self, explain::explain, DropFilter},
+    pins::PinnedMaps,
+};
+
+#[derive(Parser)]
+#[command(name = "ztctl", about = "Inspect zt on this node: identities, endpoints, policy, connections, drops")]
+struct Cli {
+    #[arg(long, global = true, default_value = "/sys/fs/bpf/zt")]
+    bpffs_root: PathBuf,
+    #[arg(long, global = true, default_value = "/var/run/zt")]
+    state_dir: PathBuf,
+    #[arg(long, global = true, default_value = "/var/run/zt/admin.sock")]
+    admin_socket: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Table)]
+    output: Format,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Numeric identities and the SPIFFE IDs and labels they stand for.
+    Identities,
+    /// Every IP the datapath knows, with its identity and pod.
+    Endpoints,
+    /// Policy entries per local identity, with SPIFFE IDs and the rule behind each.
+    Policy {
+        /// Only entries of this local identity (number or part of a SPIFFE ID).
+        #[arg(long)]
+        identity: Option<String>,
+    },
+    /// Tracked connections.
+    Ct,
+    /// Drop counters by reason; with --follow, live drops with both identities and the reason.
+    Drops {
+        #[arg(short, long)]
+        follow: bool,
+        /// Only events involving this identity (number or SPIFFE ID).
+        #[arg(long)]
+        identity: Option<String>,
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Pod as name or namespace/name.
+        #[arg(long)]
+        pod: Option<String>,
+        /// Reason name, e.g. policy-default-deny.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Also show allowed-flow events (when the agent sends them).
+        #[arg(long)]
+        all: bool,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        timeout: Option<f64>,
+    },
+    /// Verdict counters (all reasons).
+    Counters,
+    /// Why is a flow allowed or denied? SRC and DST: IP, namespace/pod or SPIFFE ID;
+    /// PROTO/PORT: tcp/80, udp/53, sctp/9000, icmp/8.
+    Explain { src: String, dst: String, proto_port: String },
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("ztctl: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let cli = Cli::parse();
+    let json = cli.output == Format::Json;
+    let maps = || PinnedMaps::open(&cli.bpffs_root);
+    let snap = || ctl::load_snapshot(&cli.state_dir);
+    match cli.cmd {
+        Cmd::Identities => {
+            let rows = ctl::identities(&snap()?);
+            ctl::print(json, &rows, |r| format!("{:<10} {:<60} {}", r.id, r.spiffe_id, fmt_labels(&r.labels)), &format!("{:<10} {:<60} LABELS", "ID", "SPIFFE ID"))
+        }
+        Cmd::Endpoints => {
+            let rows = ctl::endpoints(&maps()?, &snap()?)?;
+            ctl::print(
+                json,
+                &rows,
+                |r| {
+                    let enf = match (r.ingress_enforced, r.egress_enforced) {
+                        (true, true) => "in+out",
+                        (true, false) => "in",
+                        (false, true) => "out",
+                        _ => "-",
+                    };
+                    format!("{:<26} {:<8} {:<50} {:<28} {:<6} {:<7} {}", r.ip, r.identity, r.spiffe_id, r.pod.as_deref().unwrap_or("-"), if r.local { "local" } else { "remote" }, enf, r.ifindex)
+                },
+                &format!("{:<26} {:<8} {:<50} {:<28} {:<6} {:<7} IFINDEX", "IP", "ID", "SPIFFE ID", "POD", "SCOPE", "ENFORCE"),
+            )
+        }
+        Cmd::Policy { identity } => {
+            let rows = ctl::policy(&maps()?, &snap()?, identity.as_deref())?;
+            ctl::print(
+                json,
+                &rows,
+                |r| format!("{:<48} {:<7} {:<48} {:<6} {:<11} {:<5} {}", r.local, r.direction, r.peer, r.proto, r.ports, r.verdict, r.rule.as_deref().unwrap_or("-")),
+                &format!("{:<48} {:<7} {:<48} {:<6} {:<11} {:<5} RULE", "LOCAL", "DIR", "PEER", "PROTO", "PORTS", "VERDICT"),
+            )
+        }
+        Cmd::Ct => {
+            let rows = ctl::ct(&maps()?, &snap()?)?;
+            ctl::print(
+                json,
+                &rows,
+                |r| format!("{:<7} {:<6} {:<44} {:<44} {:<6} {:<6} {:<5} {} <-> {}", r.direction, r.proto, r.src, r.dst, r.age_s, r.idle_s, r.epoch, r.local, r.peer),
+                &format!("{:<7} {:<6} {:<44} {:<44} {:<6} {:<6} {:<5} IDENTITIES", "DIR", "PROTO", "SRC", "DST", "AGE", "IDLE", "EPOCH"),
+            )
+        }
+        Cmd::Counters => {
+            let rows = ctl::counters(&maps()?, false)?;
+            ctl::print(json, &rows, |r| format!("{:<8} {:<6} {:<22} {}", r.direction, r.verdict, r.reason, r.packets), &format!("{:<8} {:<6} {:<22} PACKETS", "DIR", "VERDICT", "REASON"))
+        }
+        Cmd::Drops { follow, identity, namespace, pod, reason, all, count, timeout } => {
+            if !follow {
+                let rows = ctl::counters(&maps()?, true)?;
+                return ctl::print(json, &rows, |r| format!("{:<8} {:<22} {}", r.direction, r.reason, r.packets), &format!("{:<8} {:<22} PACKETS", "DIR", "REASON"));
+            }
+            let filter = DropFilter { identity, namespace, pod, reason, all_verdicts: all };
+            let timeout = timeout.map(Duration::from_secs_f64);
+            ctl::follow(&cli.admin_socket, &filter, json, count, timeout, &mut std::io::stdout().lock())?;
+            Ok(())
+        }
+        Cmd::Explain { src, dst, proto_port } => {
+            let e = explain(&maps()?, &snap()?, &src, &dst, &proto_port)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&e)?);
+                return Ok(());
+            }
+            println!("{} -> {} {}/{}: {}", e.src, e.dst, e.proto, e.port, e.verdict.to_uppercase());
+            for c in &e.checks {
+                println!("  {}: {} ({}){}", c.hook, c.verdict, c.reason, c.rule.as_ref().map(|r| format!(" by {r}")).unwrap_or_default());
+                println!("    peer {}", c.peer);
+                for t in &c.trace {
+                    println!("    - {t}");
+                }
+            }
+            if e.checks.is_empty() {
+                println!("  neither side is a local endpoint of this node: nothing here judges this flow");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn fmt_labels(l: &std::collections::BTreeMap<String, String>) -> String {
+    l.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}

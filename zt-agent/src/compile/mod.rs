@@ -1,0 +1,284 @@
+//! The policy compiler: `ClusterState` in, `Desired` (datapath maps) out.
+//!
+//! Steps: workloads and their identities (workloads.rs), CIDR identities of every
+//! ipBlock, each policy's rules in a direction-neutral form (netpol.rs, ztp.rs), then
+//! the LPM entries with deny-beats-allow pruning (policy.rs). Deterministic (BTreeMaps,
+//! sources in kind/namespace/name order) and fail-closed: any error fails the whole
+//! compile and leaves the identity allocator untouched.
+
+pub mod cidr;
+mod netpol;
+mod policy;
+pub mod ports;
+pub mod selector;
+mod workloads;
+mod ztp;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+
+use zt_common::{DIR_EGRESS, DIR_INGRESS, EP_ENFORCE_EGRESS, EP_ENFORCE_INGRESS, EP_LOCAL};
+
+use crate::identity::{self, IdentityAllocator};
+use crate::model::k8s::LabelSelector;
+use crate::model::ClusterState;
+use crate::state::{Action, Cidr, Desired, RuleInfo};
+use ports::PortMatch;
+use workloads::Workload;
+
+/// Node-wide default for local endpoints no policy isolates.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EnforcementMode {
+    /// Kubernetes semantics: an endpoint is isolated in a direction only when a
+    /// policy selects it for that direction.
+    #[default]
+    Default,
+    /// Every local endpoint is isolated in both directions (zero trust).
+    Always,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompileConfig {
+    /// This node's name (pods with `spec.nodeName` equal to it are local).
+    pub node_name: String,
+    /// SPIFFE trust domain, e.g. `cluster.local`.
+    pub trust_domain: String,
+    pub enforcement_mode: EnforcementMode,
+    /// The node's own addresses (mapped to IDENTITY_HOST).
+    pub host_ips: Vec<IpAddr>,
+}
+
+/// Why a compile failed: the object and field at fault when there is one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompileError {
+    /// `Kind ns/name`.
+    pub object: Option<String>,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl CompileError {
+    pub fn new(message: impl Into<String>) -> Self {
+        CompileError {
+            object: None,
+            field: None,
+            message: message.into(),
+        }
+    }
+
+    pub fn at(object: &str, field: impl Into<String>, message: impl Into<String>) -> Self {
+        CompileError {
+            object: Some(object.to_string()),
+            field: Some(field.into()),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for CompileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(o) = &self.object {
+            write!(f, "{o}: ")?;
+        }
+        if let Some(p) = &self.field {
+            write!(f, "{p}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for CompileError {}
+
+impl From<identity::IdentityError> for CompileError {
+    fn from(e: identity::IdentityError) -> Self {
+        CompileError::new(e.0)
+    }
+}
+
+/// Compile the cluster state into the datapath's desired state. On success `ids`
+/// holds exactly the identities in use (new ones allocated, unused ones released);
+/// on error it is unchanged.
+pub fn compile(
+    cluster: &ClusterState,
+    cfg: &CompileConfig,
+    ids: &mut IdentityAllocator,
+) -> Result<Desired, CompileError> {
+    crate::model::ztp::SpiffePattern::parse(&identity::spiffe_id(&cfg.trust_domain, "ns", "sa"))
+        .map_err(|_| CompileError::new(format!("invalid trust domain {:?}", cfg.trust_domain)))?;
+    let mut alloc = ids.clone();
+
+    let (workloads, mut endpoints) = workloads::build(cluster, cfg, &mut alloc)?;
+
+    // One CIDR identity per distinct prefix of any ipBlock, cidr or except.
+    let mut cidrs = BTreeMap::new();
+    let prefixes = netpol::ip_block_prefixes(cluster)?
+        .into_iter()
+        .chain(ztp::ip_block_prefixes(cluster)?);
+    for c in prefixes.collect::<BTreeSet<Cidr>>() {
+        cidrs.insert(c, alloc.cidr(c)?);
+    }
+
+    let ctx = Ctx {
+        cfg,
+        workloads,
+        cidrs,
+    };
+    let mut out = Rules::default();
+    netpol::compile(cluster, &ctx, &mut out)?;
+    ztp::compile(cluster, &ctx, &mut out)?;
+    if cfg.enforcement_mode == EnforcementMode::Always {
+        out.isolate(&ctx.local_ids(), DIR_INGRESS);
+        out.isolate(&ctx.local_ids(), DIR_EGRESS);
+    }
+
+    for e in endpoints.values_mut() {
+        if e.flags & EP_LOCAL != 0 {
+            e.flags |= out.isolated.get(&e.identity).copied().unwrap_or(0);
+        }
+    }
+    let policy = policy::entries(&ctx, &out.rules);
+
+    let keep: BTreeSet<u32> = ctx
+        .workloads
+        .keys()
+        .chain(ctx.cidrs.values())
+        .copied()
+        .collect();
+    alloc.retain(&keep);
+    let mut identities = alloc.infos();
+    for r in identity::reserved_identities() {
+        identities.insert(r.id, r);
+    }
+    let desired = Desired {
+        identities,
+        endpoints,
+        cidrs: ctx.cidrs,
+        policy,
+        rules: out.infos,
+    };
+    *ids = alloc;
+    Ok(desired)
+}
+
+/// Everything the per-kind compilers need to resolve subjects and peers.
+pub(crate) struct Ctx<'a> {
+    pub cfg: &'a CompileConfig,
+    /// Workload identities of the cluster's pods.
+    pub workloads: BTreeMap<u32, Workload<'a>>,
+    pub cidrs: BTreeMap<Cidr, u32>,
+}
+
+impl Ctx<'_> {
+    /// Identities with at least one pod on this node: the only ones that get entries.
+    pub fn local_ids(&self) -> BTreeSet<u32> {
+        self.workloads
+            .iter()
+            .filter(|(_, w)| w.local)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    pub fn select(&self, pred: impl Fn(&Workload<'_>) -> bool) -> BTreeSet<u32> {
+        self.workloads
+            .iter()
+            .filter(|(_, w)| pred(w))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Kubernetes peer semantics: podSelector alone = pods of `namespace`;
+    /// namespaceSelector alone = every pod of the matching namespaces; both = AND.
+    pub fn select_peers(
+        &self,
+        namespace: &str,
+        pod_sel: Option<&LabelSelector>,
+        ns_sel: Option<&LabelSelector>,
+    ) -> BTreeSet<u32> {
+        self.select(|w| {
+            let ns_ok = match ns_sel {
+                Some(s) => selector::matches(s, &w.namespace_labels),
+                None => w.namespace == namespace,
+            };
+            ns_ok && pod_sel.is_none_or(|s| selector::matches(s, &w.pod_labels))
+        })
+    }
+
+    /// Local identities of `namespace` whose pod labels match.
+    pub fn select_local(&self, namespace: &str, pod_sel: &LabelSelector) -> BTreeSet<u32> {
+        self.select(|w| {
+            w.local && w.namespace == namespace && selector::matches(pod_sel, &w.pod_labels)
+        })
+    }
+}
+
+/// Who a rule applies to on the other side.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Peers {
+    Any,
+    Ids(BTreeSet<u32>),
+}
+
+impl Peers {
+    pub fn union(self, other: Peers) -> Peers {
+        match (self, other) {
+            (Peers::Ids(mut a), Peers::Ids(b)) => {
+                a.extend(b);
+                Peers::Ids(a)
+            }
+            _ => Peers::Any,
+        }
+    }
+}
+
+/// A rule in direction-neutral form; `subjects` are local identities only.
+#[derive(Clone, Debug)]
+pub(crate) struct Rule {
+    pub id: u32,
+    pub dir: u8,
+    pub action: Action,
+    pub subjects: BTreeSet<u32>,
+    pub peers: Peers,
+    /// Empty = any protocol and port.
+    pub ports: Vec<PortMatch>,
+}
+
+/// The compiled rules, their descriptions and which local identities are isolated.
+#[derive(Default)]
+pub(crate) struct Rules {
+    pub rules: Vec<Rule>,
+    pub infos: BTreeMap<u32, RuleInfo>,
+    /// Local identity -> EP_ENFORCE_* flags.
+    pub isolated: BTreeMap<u32, u32>,
+}
+
+impl Rules {
+    /// Number the rule (ids from 1, in compile order) and record where it came from.
+    pub fn add(&mut self, source: &str, path: String, mut rule: Rule) {
+        rule.id = self.infos.len() as u32 + 1;
+        self.infos.insert(
+            rule.id,
+            RuleInfo {
+                id: rule.id,
+                source: source.to_string(),
+                path,
+                action: rule.action,
+            },
+        );
+        self.rules.push(rule);
+    }
+
+    pub fn isolate(&mut self, ids: &BTreeSet<u32>, dir: u8) {
+        let flag = if dir == DIR_INGRESS {
+            EP_ENFORCE_INGRESS
+        } else {
+            EP_ENFORCE_EGRESS
+        };
+        for id in ids {
+            *self.isolated.entry(*id).or_default() |= flag;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,917 @@
+//! End-to-end compiler tests: YAML in, map entries out.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use zt_common::*;
+
+use super::*;
+use crate::model::source_dir::parse_manifests;
+
+const NODE: &str = "node-a";
+
+/// Namespaces and pods every test starts from.
+/// web, client, worker are local (node-a); db, api are remote.
+fn base() -> String {
+    let mut s = String::from(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: default}\n---\n\
+         apiVersion: v1\nkind: Namespace\nmetadata: {name: prod, labels: {team: payments}}\n",
+    );
+    s += &pod(
+        "default",
+        "web",
+        "{app: web}",
+        NODE,
+        "10.0.0.1",
+        "web",
+        "[{name: http, containerPort: 8080}]",
+    );
+    s += &pod(
+        "default",
+        "client",
+        "{app: client, tier: fe}",
+        NODE,
+        "10.0.0.2",
+        "client",
+        "[]",
+    );
+    s += &pod(
+        "default",
+        "db",
+        "{app: db}",
+        "node-b",
+        "10.0.0.3",
+        "db",
+        "[{name: pg, containerPort: 5432}]",
+    );
+    s += &pod(
+        "prod",
+        "api",
+        "{app: api}",
+        "node-b",
+        "10.0.1.1",
+        "api",
+        "[{name: http, containerPort: 9090}]",
+    );
+    s += &pod(
+        "prod",
+        "worker",
+        "{app: worker, tier: be}",
+        NODE,
+        "10.0.1.2",
+        "worker",
+        "[]",
+    );
+    s
+}
+
+fn pod(ns: &str, name: &str, labels: &str, node: &str, ip: &str, sa: &str, ports: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {labels}}}\n\
+         spec:\n  nodeName: {node}\n  serviceAccountName: {sa}\n  containers: [{{name: c, ports: {ports}}}]\n\
+         status: {{phase: Running, podIP: {ip}}}\n"
+    )
+}
+
+fn np(ns: &str, name: &str, spec: &str) -> String {
+    format!("---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{spec}")
+}
+
+fn ztp(ns: &str, name: &str, spec: &str) -> String {
+    format!("---\napiVersion: zt.dev/v1alpha1\nkind: ZeroTrustPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{spec}")
+}
+
+fn state(yaml: &str) -> ClusterState {
+    let mut ignored = Vec::new();
+    let mut s = ClusterState::new();
+    for (_, o) in parse_manifests("test.yaml", yaml, &mut ignored).unwrap() {
+        s.upsert(o);
+    }
+    s
+}
+
+fn cfg() -> CompileConfig {
+    CompileConfig {
+        node_name: NODE.into(),
+        trust_domain: "cluster.local".into(),
+        enforcement_mode: EnforcementMode::Default,
+        host_ips: vec!["192.168.0.10".parse().unwrap()],
+    }
+}
+
+fn run(extra: &str) -> Desired {
+    try_run(extra, &cfg()).unwrap()
+}
+
+fn try_run(extra: &str, cfg: &CompileConfig) -> Result<Desired, CompileError> {
+    compile(
+        &state(&(base() + extra)),
+        cfg,
+        &mut IdentityAllocator::new(),
+    )
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// Identity of a base pod by name.
+fn id(d: &Desired, name: &str) -> u32 {
+    d.endpoints
+        .values()
+        .find(|e| e.pod.as_ref().is_some_and(|p| p.name == name))
+        .unwrap()
+        .identity
+}
+
+fn flags(d: &Desired, name: &str) -> u32 {
+    d.endpoints
+        .values()
+        .find(|e| e.pod.as_ref().is_some_and(|p| p.name == name))
+        .unwrap()
+        .flags
+}
+
+fn cidr_id(d: &Desired, s: &str) -> u32 {
+    d.cidrs[&cidr::parse_cidr(s).unwrap()]
+}
+
+/// (prefix, local, peer, dir, proto, port) -> (verdict, rule id)
+type Entry = ((u32, u32, u32, u8, u8, u16), (u8, u32));
+
+fn entries(d: &Desired) -> Vec<Entry> {
+    d.policy
+        .iter()
+        .map(|(k, v)| {
+            let key = k.key;
+            (
+                (
+                    k.prefix_len,
+                    key.local_id(),
+                    key.peer_id(),
+                    key.dir,
+                    key.proto,
+                    key.port(),
+                ),
+                (v.verdict, v.rule_id),
+            )
+        })
+        .collect()
+}
+
+fn entries_of(d: &Desired, local: u32) -> Vec<Entry> {
+    entries(d).into_iter().filter(|e| e.0 .1 == local).collect()
+}
+
+fn get(
+    d: &Desired,
+    prefix: u32,
+    local: u32,
+    peer: u32,
+    dir: u8,
+    proto: u8,
+    port: u16,
+) -> Option<u8> {
+    entries(d)
+        .into_iter()
+        .find(|e| e.0 == (prefix, local, peer, dir, proto, port))
+        .map(|e| e.1 .0)
+}
+
+const A: u8 = VERDICT_ALLOW;
+const D: u8 = VERDICT_DENY;
+const I: u8 = DIR_INGRESS;
+const E: u8 = DIR_EGRESS;
+
+// ---------------------------------------------------------------------------
+
+#[test]
+fn endpoints_identities_and_flags() {
+    let d = run("");
+    // Every pod IP plus the host address.
+    assert_eq!(d.endpoints.len(), 6);
+    let host = &d.endpoints[&ip("192.168.0.10")];
+    assert_eq!(
+        (host.identity, host.flags, host.pod.clone()),
+        (IDENTITY_HOST, 0, None)
+    );
+    assert_eq!(flags(&d, "web"), EP_LOCAL);
+    assert_eq!(flags(&d, "db"), 0);
+    // Identities: SPIFFE ID and labels, namespace labels prefixed.
+    let web = &d.identities[&id(&d, "web")];
+    assert_eq!(web.spiffe_id, "spiffe://cluster.local/ns/default/sa/web");
+    assert_eq!(web.labels.get("app").map(String::as_str), Some("web"));
+    assert_eq!(
+        web.labels
+            .get("namespace-label:kubernetes.io/metadata.name")
+            .map(String::as_str),
+        Some("default")
+    );
+    let api = &d.identities[&id(&d, "api")];
+    assert_eq!(
+        api.labels.get("namespace-label:team").map(String::as_str),
+        Some("payments")
+    );
+    assert!(id(&d, "web") >= IDENTITY_FIRST_WORKLOAD);
+    for (rid, name) in [
+        (IDENTITY_HOST, "host"),
+        (IDENTITY_WORLD, "world"),
+        (IDENTITY_INIT, "init"),
+        (IDENTITY_REMOTE_NODE, "remote-node"),
+    ] {
+        assert_eq!(d.identities[&rid].spiffe_id, format!("reserved:{name}"));
+    }
+    // No policy: nothing isolated, no entries.
+    assert!(d.policy.is_empty() && d.rules.is_empty());
+}
+
+#[test]
+fn skipped_pods() {
+    let extra = [
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {name: hn}\nspec: {nodeName: node-a, hostNetwork: true, containers: []}\nstatus: {phase: Running, podIP: 192.168.0.10}\n",
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {name: done}\nspec: {nodeName: node-a, containers: []}\nstatus: {phase: Succeeded, podIP: 10.9.0.1}\n",
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {name: failed}\nspec: {nodeName: node-a, containers: []}\nstatus: {phase: Failed, podIP: 10.9.0.2}\n",
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {name: pending}\nspec: {nodeName: node-a, containers: []}\nstatus: {phase: Pending}\n",
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {name: dual}\nspec: {nodeName: node-b, containers: []}\nstatus: {podIP: 10.9.0.3, podIPs: [{ip: 10.9.0.3}, {ip: \"fd00::3\"}]}\n",
+    ]
+    .concat();
+    let d = run(&extra);
+    assert_eq!(d.endpoints.len(), 8); // 6 + the dual-stack pod's two
+    assert_eq!(d.endpoints[&ip("192.168.0.10")].identity, IDENTITY_HOST);
+    assert_eq!(
+        d.endpoints[&ip("fd00::3")].identity,
+        d.endpoints[&ip("10.9.0.3")].identity
+    );
+    assert_eq!(
+        d.identities[&d.endpoints[&ip("fd00::3")].identity].spiffe_id,
+        "spiffe://cluster.local/ns/default/sa/default"
+    );
+}
+
+#[test]
+fn policy_types_defaulting() {
+    // Ingress only (no policyTypes, no egress).
+    let d = run(&np(
+        "default",
+        "p",
+        "  podSelector: {matchLabels: {app: web}}\n  ingress: [{}]\n",
+    ));
+    assert_eq!(flags(&d, "web"), EP_LOCAL | EP_ENFORCE_INGRESS);
+    assert_eq!(flags(&d, "client"), EP_LOCAL);
+    // Egress rules present: both.
+    let d = run(&np(
+        "default",
+        "p",
+        "  podSelector: {matchLabels: {app: web}}\n  egress: [{}]\n",
+    ));
+    assert_eq!(
+        flags(&d, "web"),
+        EP_LOCAL | EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS
+    );
+    // `egress: []` without policyTypes: the API server defaults to Ingress only.
+    let d = run(&np("default", "p", "  podSelector: {}\n  egress: []\n"));
+    assert_eq!(flags(&d, "web"), EP_LOCAL | EP_ENFORCE_INGRESS);
+    // Explicit Egress only: ingress rules are ignored.
+    let d = run(&np(
+        "default",
+        "p",
+        "  podSelector: {}\n  policyTypes: [Egress]\n  ingress: [{}]\n",
+    ));
+    assert_eq!(flags(&d, "web"), EP_LOCAL | EP_ENFORCE_EGRESS);
+    assert!(d.policy.is_empty() && d.rules.is_empty());
+    // Empty podSelector: every pod of the namespace, not other namespaces.
+    let d = run(&np("default", "p", "  podSelector: {}\n"));
+    assert_eq!(flags(&d, "client"), EP_LOCAL | EP_ENFORCE_INGRESS);
+    assert_eq!(flags(&d, "worker"), EP_LOCAL);
+    // A spec-less policy is the same as an empty one (selects all, Ingress).
+    let d = run("---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x, namespace: prod}\n");
+    assert_eq!(flags(&d, "worker"), EP_LOCAL | EP_ENFORCE_INGRESS);
+}
+
+#[test]
+fn empty_vs_absent_rules() {
+    // `ingress: []`: isolated, nothing allowed.
+    let d = run(&np(
+        "default",
+        "deny",
+        "  podSelector: {matchLabels: {app: web}}\n  ingress: []\n",
+    ));
+    assert_eq!(flags(&d, "web"), EP_LOCAL | EP_ENFORCE_INGRESS);
+    assert!(d.policy.is_empty());
+    // A rule `{}` allows every peer, protocol and port.
+    let d = run(&np(
+        "default",
+        "all",
+        "  podSelector: {matchLabels: {app: web}}\n  ingress: [{}]\n",
+    ));
+    let web = id(&d, "web");
+    assert_eq!(
+        entries(&d),
+        vec![(
+            (POLICY_PREFIX_ANY_PROTO, web, IDENTITY_ANY, I, 0, 0),
+            (A, 1)
+        )]
+    );
+    // `from: []` and `ports: []` are the same as absent.
+    let d = run(&np(
+        "default",
+        "all",
+        "  podSelector: {matchLabels: {app: web}}\n  ingress: [{from: [], ports: []}]\n",
+    ));
+    assert_eq!(
+        entries(&d),
+        vec![(
+            (POLICY_PREFIX_ANY_PROTO, web, IDENTITY_ANY, I, 0, 0),
+            (A, 1)
+        )]
+    );
+    // Port without number: the whole protocol.
+    let d = run(&np(
+        "default",
+        "udp",
+        "  podSelector: {matchLabels: {app: web}}\n  ingress: [{ports: [{protocol: UDP}]}]\n",
+    ));
+    assert_eq!(
+        entries(&d),
+        vec![(
+            (POLICY_PREFIX_ANY_PORT, web, IDENTITY_ANY, I, 17, 0),
+            (A, 1)
+        )]
+    );
+}
+
+#[test]
+fn only_local_subjects_get_entries() {
+    // db is remote: isolating and allowing it produces nothing on this node.
+    let d = run(&np(
+        "default",
+        "p",
+        "  podSelector: {matchLabels: {app: db}}\n  ingress: [{}]\n",
+    ));
+    assert!(d.policy.is_empty());
+    assert_eq!(flags(&d, "db"), 0);
+    assert_eq!(d.rules.len(), 1);
+}
+
+#[test]
+fn peer_selectors() {
+    let peers = |from: &str| -> BTreeSet<u32> {
+        let d = run(&np(
+            "default",
+            "p",
+            &format!(
+                "  podSelector: {{matchLabels: {{app: web}}}}\n  ingress: [{{from: {from}}}]\n"
+            ),
+        ));
+        let web = id(&d, "web");
+        entries_of(&d, web).into_iter().map(|e| e.0 .2).collect()
+    };
+    let d = run("");
+    let (client, db, api, worker) = (
+        id(&d, "client"),
+        id(&d, "db"),
+        id(&d, "api"),
+        id(&d, "worker"),
+    );
+    let web = id(&d, "web");
+    // podSelector alone: same namespace only.
+    assert_eq!(
+        peers("[{podSelector: {matchLabels: {app: client}}}]"),
+        BTreeSet::from([client])
+    );
+    assert_eq!(
+        peers("[{podSelector: {}}]"),
+        BTreeSet::from([web, client, db])
+    );
+    // namespaceSelector alone: every pod of matching namespaces.
+    assert_eq!(
+        peers("[{namespaceSelector: {matchLabels: {team: payments}}}]"),
+        BTreeSet::from([api, worker])
+    );
+    assert_eq!(
+        peers("[{namespaceSelector: {}}]"),
+        BTreeSet::from([web, client, db, api, worker])
+    );
+    // The automatic namespace name label.
+    assert_eq!(
+        peers("[{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: prod}}}]"),
+        BTreeSet::from([api, worker])
+    );
+    // Both in one peer: AND.
+    assert_eq!(
+        peers("[{namespaceSelector: {matchLabels: {team: payments}}, podSelector: {matchLabels: {app: api}}}]"),
+        BTreeSet::from([api])
+    );
+    // Two peers: OR.
+    assert_eq!(
+        peers("[{podSelector: {matchLabels: {app: db}}}, {namespaceSelector: {}, podSelector: {matchLabels: {app: api}}}]"),
+        BTreeSet::from([db, api])
+    );
+    // NotIn matches pods without the key; DoesNotExist too.
+    assert_eq!(
+        peers("[{namespaceSelector: {}, podSelector: {matchExpressions: [{key: tier, operator: NotIn, values: [fe]}]}}]"),
+        BTreeSet::from([web, db, api, worker])
+    );
+    assert_eq!(
+        peers("[{podSelector: {matchExpressions: [{key: tier, operator: DoesNotExist}]}}]"),
+        BTreeSet::from([web, db])
+    );
+    // A selector that matches nothing allows nothing (but still isolates).
+    assert!(peers("[{podSelector: {matchLabels: {app: nope}}}]").is_empty());
+}
+
+#[test]
+fn ip_block_with_except() {
+    let d = run(&np(
+        "default",
+        "egress",
+        "  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Egress]\n  egress:\n  \
+         - to: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16, 10.1.2.0/24]}}]\n  \
+         - to: [{ipBlock: {cidr: 0.0.0.0/0, except: [10.0.0.0/8]}}]\n    ports: [{port: 443}]\n  \
+         - to: [{ipBlock: {cidr: 10.1.2.3/24}}]\n    ports: [{port: 53, protocol: UDP}]\n",
+    ));
+    // One CIDR identity per distinct normalized prefix (10.1.2.3/24 == 10.1.2.0/24).
+    let got: Vec<String> = d.cidrs.keys().map(cidr::to_string).collect();
+    assert_eq!(
+        got,
+        ["0.0.0.0/0", "10.0.0.0/8", "10.1.0.0/16", "10.1.2.0/24"]
+    );
+    assert!(d.cidrs.values().all(|v| v & IDENTITY_CIDR_FLAG != 0));
+    assert_eq!(
+        d.identities[&cidr_id(&d, "10.1.0.0/16")].spiffe_id,
+        "cidr:10.1.0.0/16"
+    );
+    let web = id(&d, "web");
+    let (all, ten, ten1, ten12) = (
+        cidr_id(&d, "0.0.0.0/0"),
+        cidr_id(&d, "10.0.0.0/8"),
+        cidr_id(&d, "10.1.0.0/16"),
+        cidr_id(&d, "10.1.2.0/24"),
+    );
+    let peers_of = |proto: u8, port: u16| -> BTreeSet<u32> {
+        entries_of(&d, web)
+            .into_iter()
+            .filter(|e| e.0 .4 == proto && e.0 .5 == port)
+            .map(|e| e.0 .2)
+            .collect()
+    };
+    // Rule 0: 10/8 minus 10.1/16 (and what is inside it).
+    assert_eq!(peers_of(0, 0), BTreeSet::from([ten]));
+    // Rule 1: everything IPv4 but 10/8: the /0 identity; no WORLD (it would let IPv6 in).
+    assert_eq!(peers_of(6, 443), BTreeSet::from([all]));
+    // Rule 2: 10.1.2/24 only.
+    assert_eq!(peers_of(17, 53), BTreeSet::from([ten12]));
+    assert!(!peers_of(0, 0).contains(&ten1));
+    // Pod IPs stay pod identities even inside an ipBlock.
+    assert_eq!(d.endpoints[&ip("10.0.0.3")].identity, id(&d, "db"));
+}
+
+#[test]
+fn port_ranges() {
+    let d = run(&np(
+        "default",
+        "range",
+        "  podSelector: {matchLabels: {app: web}}\n  ingress: [{ports: [{port: 80, endPort: 90}, {port: 8443, protocol: SCTP}]}]\n",
+    ));
+    let web = id(&d, "web");
+    let got: Vec<(u32, u8, u16)> = entries_of(&d, web)
+        .into_iter()
+        .map(|e| (e.0 .0, e.0 .4, e.0 .5))
+        .collect();
+    assert_eq!(
+        got,
+        vec![(93, 6, 80), (95, 6, 88), (96, 6, 90), (96, 132, 8443)]
+    );
+}
+
+#[test]
+fn deny_beats_allow() {
+    let spec = "  subjects: [{spiffeId: spiffe://cluster.local/ns/default/sa/web}]\n  ingress:\n\
+        \x20   - {from: [{spiffeId: spiffe://cluster.local/ns/default/sa/client}], ports: [{port: 8080}]}\n\
+        \x20   - {from: [{spiffeId: spiffe://cluster.local/ns/default/sa/client}], ports: [{port: 22}]}\n\
+        \x20   - {action: deny, ports: [{port: 22}]}\n\
+        \x20   - {action: deny, from: [{spiffeId: spiffe://cluster.local/ns/default/sa/client}], ports: [{protocol: UDP}]}\n\
+        \x20   - {from: [{spiffeId: spiffe://cluster.local/ns/default/sa/client}], ports: [{protocol: UDP, port: 53}]}\n\
+        \x20   - {from: [{spiffeId: spiffe://cluster.local/ns/default/sa/client}], ports: [{port: 80, endPort: 90}]}\n\
+        \x20   - {action: deny, from: [{spiffeId: spiffe://cluster.local/ns/default/sa/client}], ports: [{port: 88}]}\n\
+        \x20   - {from: [{spiffeId: spiffe://cluster.local/ns/default/sa/client}], ports: [{port: 9000}]}\n\
+        \x20   - {action: deny, from: [{spiffeId: spiffe://cluster.local/ns/default/sa/client}], ports: [{port: 9000}]}\n";
+    // Plus a NetworkPolicy allowing everything: the denies still win.
+    let d = run(
+        &(np("default", "all", "  podSelector: {}\n  ingress: [{}]\n")
+            + &ztp("default", "z", spec)),
+    );
+    let (web, client) = (id(&d, "web"), id(&d, "client"));
+    // Kept: allows no deny covers, every deny.
+    assert_eq!(get(&d, 72, web, IDENTITY_ANY, I, 0, 0), Some(A));
+    assert_eq!(get(&d, 96, web, client, I, 6, 8080), Some(A));
+    assert_eq!(get(&d, 96, web, IDENTITY_ANY, I, 6, 22), Some(D));
+    assert_eq!(get(&d, 80, web, client, I, 17, 0), Some(D));
+    assert_eq!(get(&d, 93, web, client, I, 6, 80), Some(A));
+    // 88-89 stays: the longer deny of 88 wins the trie lookup for 88 itself.
+    assert_eq!(get(&d, 95, web, client, I, 6, 88), Some(A));
+    assert_eq!(get(&d, 96, web, client, I, 6, 88), Some(D));
+    // Dropped: client's 22 (covered by the deny for ANY peer), UDP 53 (inside the UDP deny).
+    assert_eq!(get(&d, 96, web, client, I, 6, 22), None);
+    assert_eq!(get(&d, 96, web, client, I, 17, 53), None);
+    // Same key allowed and denied: deny, with the deny rule's id.
+    let e = entries(&d)
+        .into_iter()
+        .find(|e| e.0 == (96, web, client, I, 6, 9000))
+        .unwrap();
+    assert_eq!(e.1 .0, D);
+    assert_eq!(d.rules[&e.1 .1].path, "spec.ingress[8]");
+    assert_eq!(d.rules[&e.1 .1].action, Action::Deny);
+}
+
+#[test]
+fn deny_covering_everything_removes_allows() {
+    let spec = "  ingress:\n    - {}\n    - {from: [{entity: world}], ports: [{port: 80}]}\n    - {action: deny}\n";
+    let d = run(&ztp("default", "z", spec));
+    let web = id(&d, "web");
+    assert_eq!(
+        entries_of(&d, web),
+        vec![((72, web, IDENTITY_ANY, I, 0, 0), (D, 3))]
+    );
+}
+
+#[test]
+fn named_ports() {
+    // Ingress: the local pods' port "http" (web: 8080). client has none: no entry.
+    let d = run(&np(
+        "default",
+        "named",
+        "  podSelector: {}\n  ingress: [{from: [{podSelector: {}}], ports: [{port: http}, {port: http, protocol: UDP}, {port: nope}]}]\n",
+    ));
+    let (web, client, db) = (id(&d, "web"), id(&d, "client"), id(&d, "db"));
+    let got: Vec<_> = entries(&d).into_iter().map(|e| e.0).collect();
+    let mut want: Vec<_> = [web, client, db]
+        .iter()
+        .map(|p| (96, web, *p, I, 6, 8080))
+        .collect();
+    want.sort();
+    assert_eq!(got, want);
+    assert!(entries_of(&d, client).is_empty());
+
+    // Egress: the peer pods' port. To api (prod, 9090) and db ("pg" is not "http": none).
+    let d = run(&np(
+        "default",
+        "eg",
+        "  podSelector: {matchLabels: {app: client}}\n  policyTypes: [Egress]\n  egress:\n  \
+         - to: [{namespaceSelector: {}, podSelector: {matchLabels: {app: api}}}, {podSelector: {matchLabels: {app: db}}}]\n    ports: [{port: http}]\n",
+    ));
+    let (client, api) = (id(&d, "client"), id(&d, "api"));
+    assert_eq!(
+        entries(&d).into_iter().map(|e| e.0).collect::<Vec<_>>(),
+        vec![(96, client, api, E, 6, 9090)]
+    );
+
+    // Egress to any peer: every workload with the named port, each with its number.
+    let d = run(&np(
+        "default",
+        "eg",
+        "  podSelector: {matchLabels: {app: client}}\n  egress: [{ports: [{port: http}]}]\n",
+    ));
+    let (client, web, api) = (id(&d, "client"), id(&d, "web"), id(&d, "api"));
+    let mut want = vec![(96, client, web, E, 6, 8080), (96, client, api, E, 6, 9090)];
+    want.sort();
+    assert_eq!(
+        entries(&d).into_iter().map(|e| e.0).collect::<Vec<_>>(),
+        want
+    );
+}
+
+#[test]
+fn ztp_subjects_by_spiffe_id() {
+    let extra = pod(
+        "default",
+        "web2",
+        "{app: web2}",
+        NODE,
+        "10.0.0.9",
+        "web",
+        "[]",
+    );
+    // Exact: both pods of service account "web" (two identities, labels differ).
+    let d = run(&(extra.clone()
+        + &ztp(
+            "default",
+            "z",
+            "  subjects: [{spiffeId: spiffe://cluster.local/ns/default/sa/web}]\n  ingress: [{}]\n",
+        )));
+    assert_ne!(id(&d, "web"), id(&d, "web2"));
+    assert_eq!(flags(&d, "web") & EP_ENFORCE_INGRESS, EP_ENFORCE_INGRESS);
+    assert_eq!(flags(&d, "web2") & EP_ENFORCE_INGRESS, EP_ENFORCE_INGRESS);
+    assert_eq!(flags(&d, "client"), EP_LOCAL);
+    assert_eq!(flags(&d, "web"), EP_LOCAL | EP_ENFORCE_INGRESS); // no egress rules, mode default
+                                                                 // Pattern: every service account of the namespace.
+    let d = run(&ztp(
+        "default",
+        "z",
+        "  subjects: [{spiffeId: \"spiffe://cluster.local/ns/default/*\"}]\n  egress: [{}]\n",
+    ));
+    assert_eq!(flags(&d, "web"), EP_LOCAL | EP_ENFORCE_EGRESS);
+    assert_eq!(flags(&d, "client"), EP_LOCAL | EP_ENFORCE_EGRESS);
+    assert_eq!(flags(&d, "worker"), EP_LOCAL);
+    // No subjects: the whole namespace; podSelector subjects.
+    let d = run(&ztp("prod", "z", "  ingress: [{}]\n"));
+    assert_eq!(flags(&d, "worker"), EP_LOCAL | EP_ENFORCE_INGRESS);
+    assert_eq!(flags(&d, "web"), EP_LOCAL);
+    let d = run(&ztp(
+        "default",
+        "z",
+        "  subjects: [{podSelector: {matchLabels: {tier: fe}}}]\n  ingress: [{}]\n",
+    ));
+    assert_eq!(flags(&d, "client"), EP_LOCAL | EP_ENFORCE_INGRESS);
+    assert_eq!(flags(&d, "web"), EP_LOCAL);
+}
+
+#[test]
+fn ztp_peers_by_spiffe_id_and_entity() {
+    let peers = |from: &str| -> BTreeSet<u32> {
+        let spec = format!("  subjects: [{{podSelector: {{matchLabels: {{app: web}}}}}}]\n  ingress: [{{from: {from}, ports: [{{port: 80}}]}}]\n");
+        let d = run(&(ztp("default", "z", &spec)
+            + &np(
+                "default",
+                "c",
+                "  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 203.0.113.0/24}}]}]\n",
+            )));
+        let web = id(&d, "web");
+        entries_of(&d, web)
+            .into_iter()
+            .filter(|e| e.0 .5 == 80)
+            .map(|e| e.0 .2)
+            .collect()
+    };
+    let d = run(&np(
+        "default",
+        "c",
+        "  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 203.0.113.0/24}}]}]\n",
+    ));
+    let (web, client, db, api, worker) = (
+        id(&d, "web"),
+        id(&d, "client"),
+        id(&d, "db"),
+        id(&d, "api"),
+        id(&d, "worker"),
+    );
+    let net = cidr_id(&d, "203.0.113.0/24");
+    assert_eq!(
+        peers("[{spiffeId: spiffe://cluster.local/ns/prod/sa/api}]"),
+        BTreeSet::from([api])
+    );
+    assert_eq!(
+        peers("[{spiffeId: \"spiffe://cluster.local/ns/prod/*\"}]"),
+        BTreeSet::from([api, worker])
+    );
+    assert_eq!(
+        peers("[{spiffeId: spiffe://cluster.local/ns/prod/sa/nobody}]"),
+        BTreeSet::new()
+    );
+    assert_eq!(
+        peers("[{entity: host}, {entity: remote-node}]"),
+        BTreeSet::from([IDENTITY_HOST, IDENTITY_REMOTE_NODE])
+    );
+    assert_eq!(
+        peers("[{entity: world}]"),
+        BTreeSet::from([IDENTITY_WORLD, net])
+    );
+    assert_eq!(
+        peers("[{entity: cluster}]"),
+        BTreeSet::from([
+            web,
+            client,
+            db,
+            api,
+            worker,
+            IDENTITY_HOST,
+            IDENTITY_REMOTE_NODE
+        ])
+    );
+    assert_eq!(
+        peers("[{entity: all}, {entity: host}]"),
+        BTreeSet::from([IDENTITY_ANY])
+    );
+    assert_eq!(
+        peers("[{podSelector: {matchLabels: {app: db}}}]"),
+        BTreeSet::from([db])
+    );
+    // 203.0.0.0/16 (first in prefix order: CIDR id 1) contains 203.0.113.0/24 (id 2).
+    let (c1, c2) = (IDENTITY_CIDR_FLAG | 1, IDENTITY_CIDR_FLAG | 2);
+    assert_eq!(
+        peers("[{ipBlock: {cidr: 203.0.0.0/16}}]"),
+        BTreeSet::from([c1, c2])
+    );
+    assert_eq!(
+        peers("[{ipBlock: {cidr: 203.0.0.0/16, except: [203.0.113.0/24]}}]"),
+        BTreeSet::from([c1])
+    );
+}
+
+#[test]
+fn ztp_icmp_and_modes() {
+    let spec = "  subjects: [{podSelector: {matchLabels: {app: web}}}]\n  enforcementMode: always\n  egress:\n    - icmp: [{type: 8}, {family: IPv6, type: 128}]\n";
+    let d = run(&ztp("default", "z", spec));
+    let web = id(&d, "web");
+    assert_eq!(
+        flags(&d, "web"),
+        EP_LOCAL | EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS
+    );
+    let got: Vec<_> = entries_of(&d, web).into_iter().map(|e| e.0).collect();
+    assert_eq!(
+        got,
+        vec![
+            (96, web, IDENTITY_ANY, E, 1, 8),
+            (96, web, IDENTITY_ANY, E, 58, 128)
+        ]
+    );
+    // Ports and icmp in one rule: both, nothing else.
+    let spec = "  egress: [{ports: [{port: 53, protocol: UDP}], icmp: [{type: 0}]}]\n";
+    let d = run(&ztp("default", "z", spec));
+    let web = id(&d, "web");
+    let got: Vec<_> = entries_of(&d, web)
+        .into_iter()
+        .map(|e| (e.0 .0, e.0 .4, e.0 .5))
+        .collect();
+    assert_eq!(got, vec![(96, 1, 0), (96, 17, 53)]);
+    // Mode always with no rules: isolated both ways, no entries.
+    let d = run(&ztp(
+        "default",
+        "z",
+        "  subjects: [{podSelector: {matchLabels: {app: web}}}]\n  enforcementMode: always\n",
+    ));
+    assert_eq!(
+        flags(&d, "web"),
+        EP_LOCAL | EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS
+    );
+    assert!(d.policy.is_empty());
+    // Global mode always: every local endpoint, not the remote ones.
+    let mut c = cfg();
+    c.enforcement_mode = EnforcementMode::Always;
+    let d = try_run("", &c).unwrap();
+    for p in ["web", "client", "worker"] {
+        assert_eq!(
+            flags(&d, p),
+            EP_LOCAL | EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS,
+            "{p}"
+        );
+    }
+    assert_eq!(flags(&d, "db"), 0);
+}
+
+#[test]
+fn trust_domain_errors() {
+    let e = try_run(
+        &ztp(
+            "default",
+            "z",
+            "  ingress: [{from: [{spiffeId: spiffe://other.td/ns/prod/sa/api}]}]\n",
+        ),
+        &cfg(),
+    )
+    .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "ZeroTrustPolicy default/z: spec.ingress[0].from[0].spiffeId: SPIFFE ID \"spiffe://other.td/ns/prod/sa/api\" is not of trust domain \"cluster.local\""
+    );
+    let e = try_run(
+        &ztp(
+            "default",
+            "z",
+            "  subjects: [{spiffeId: spiffe://other.td/ns/default/sa/web}]\n",
+        ),
+        &cfg(),
+    )
+    .unwrap_err();
+    assert_eq!(e.field.as_deref(), Some("spec.subjects[0].spiffeId"));
+    let mut c = cfg();
+    c.trust_domain = "Bad Domain".into();
+    assert!(try_run("", &c)
+        .unwrap_err()
+        .message
+        .contains("invalid trust domain"));
+}
+
+#[test]
+fn rule_ids_are_deterministic() {
+    let yaml = ztp("default", "a", "  ingress: [{}]\n  egress: [{}]\n")
+        + &np("prod", "b", "  podSelector: {}\n  ingress: [{}, {}]\n")
+        + &np("default", "z", "  podSelector: {}\n  egress: [{}]\n");
+    let d = run(&yaml);
+    let got: Vec<(u32, &str, &str)> = d
+        .rules
+        .values()
+        .map(|r| (r.id, r.source.as_str(), r.path.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (1, "NetworkPolicy default/z", "spec.egress[0]"),
+            (2, "NetworkPolicy prod/b", "spec.ingress[0]"),
+            (3, "NetworkPolicy prod/b", "spec.ingress[1]"),
+            (4, "ZeroTrustPolicy default/a", "spec.ingress[0]"),
+            (5, "ZeroTrustPolicy default/a", "spec.egress[0]"),
+        ]
+    );
+    // Same input, same output.
+    let d2 = run(&yaml);
+    assert_eq!(d.policy, d2.policy);
+    assert_eq!(d.endpoints, d2.endpoints);
+    assert_eq!(d.identities, d2.identities);
+}
+
+#[test]
+fn identities_stable_across_compiles_and_restarts() {
+    let st = state(
+        &(base()
+            + &np(
+                "default",
+                "c",
+                "  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 203.0.113.0/24}}]}]\n",
+            )),
+    );
+    let mut ids = IdentityAllocator::new();
+    let d1 = compile(&st, &cfg(), &mut ids).unwrap();
+    let path = std::env::temp_dir().join(format!("zt-compile-ids-{}.json", std::process::id()));
+    ids.save(&path).unwrap();
+    let mut reloaded = IdentityAllocator::load(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let d2 = compile(&st, &cfg(), &mut reloaded).unwrap();
+    assert_eq!(d1.identities, d2.identities);
+    assert_eq!(d1.endpoints, d2.endpoints);
+    assert_eq!(d1.cidrs, d2.cidrs);
+
+    // A pod that goes away releases its identity; the others keep theirs.
+    let mut st2 = st.clone();
+    let db = id(&d1, "db");
+    st2.remove(crate::model::ObjectKind::Pod, "default", "db");
+    let d3 = compile(&st2, &cfg(), &mut reloaded).unwrap();
+    assert!(!d3.identities.contains_key(&db));
+    assert_eq!(id(&d3, "web"), id(&d1, "web"));
+    assert_eq!(id(&d3, "api"), id(&d1, "api"));
+    assert_eq!(reloaded.len(), 4 + 1); // four workloads, one CIDR
+
+    // A failing compile leaves the allocator untouched.
+    let before = reloaded.clone();
+    let bad = state(
+        &(base()
+            + &pod(
+                "default",
+                "new",
+                "{app: new}",
+                NODE,
+                "10.0.0.50",
+                "new",
+                "[]",
+            )
+            + &ztp(
+                "default",
+                "z",
+                "  ingress: [{from: [{spiffeId: spiffe://other/ns/a/sa/b}]}]\n",
+            )),
+    );
+    assert!(compile(&bad, &cfg(), &mut reloaded).is_err());
+    assert_eq!(reloaded, before);
+}
+
+#[test]
+fn conflicting_pod_ips_fail_closed() {
+    let extra = pod(
+        "default",
+        "dup",
+        "{app: dup}",
+        NODE,
+        "10.0.0.1",
+        "dup",
+        "[]",
+    );
+    let d = run(&extra);
+    assert_eq!(d.endpoints[&ip("10.0.0.1")].identity, IDENTITY_INIT);
+}
+
+#[test]
+fn fixture_directory_compiles() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/basic");
+    let loaded = ClusterState::load_dir(dir).unwrap();
+    let mut c = cfg();
+    c.host_ips = vec![ip("192.168.0.10"), ip("fd00::a")];
+    let d = compile(&loaded.state, &c, &mut IdentityAllocator::new()).unwrap();
+    let httpbin = d.endpoints[&ip("10.0.1.10")].clone();
+    assert_eq!(d.endpoints[&ip("fd00::1:10")].identity, httpbin.identity);
+    assert_eq!(
+        httpbin.flags,
+        EP_LOCAL | EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS
+    );
+    assert_eq!(d.endpoints[&ip("10.0.1.11")].flags, EP_LOCAL);
+    assert_eq!(d.endpoints[&ip("fd00::a")].identity, IDENTITY_HOST);
+    let sleep = d.endpoints[&ip("10.0.1.11")].identity;
+    let api = d.endpoints[&ip("10.0.2.20")].identity;
+    let h = httpbin.identity;
+    let all = cidr_id(&d, "0.0.0.0/0");
+    assert_eq!(get(&d, 96, h, sleep, I, 6, 8080), Some(A)); // named port "http"
+    assert_eq!(get(&d, 72, h, api, I, 0, 0), Some(D)); // spiffe://.../ns/prod/*
+    assert_eq!(get(&d, 96, h, all, E, 6, 443), Some(A));
+    assert_eq!(get(&d, 96, h, IDENTITY_ANY, E, 1, 8), Some(A));
+    assert_eq!(d.policy.len(), 4);
+    assert_eq!(d.rules[&1].source, "NetworkPolicy default/allow-sleep");
+}

@@ -1,0 +1,162 @@
+//! Pods -> workload identities and the endpoint map (every pod IP of the cluster,
+//! plus the node's own addresses).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use zt_common::{EP_LOCAL, IDENTITY_HOST, IDENTITY_INIT};
+
+use super::{CompileConfig, CompileError};
+use crate::identity::{self, IdentityAllocator, NAMESPACE_LABEL_PREFIX};
+use crate::model::{ClusterState, Pod};
+use crate::state::{EndpointEntry, PodRef};
+
+/// One workload identity and the pods that carry it.
+pub(crate) struct Workload<'a> {
+    pub namespace: String,
+    pub service_account: String,
+    /// Identity labels split back into their two halves, for selectors.
+    pub pod_labels: BTreeMap<String, String>,
+    pub namespace_labels: BTreeMap<String, String>,
+    pub pods: Vec<&'a Pod>,
+    /// At least one pod is on this node.
+    pub local: bool,
+}
+
+/// The pod's addresses, or none if it takes no part in policy: host-network pods
+/// (their traffic is the node's), finished pods (their IP may already be reused) and
+/// pods not yet given an IP.
+pub(crate) fn pod_ips(pod: &Pod) -> Result<Vec<IpAddr>, String> {
+    if pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.host_network)
+        .unwrap_or(false)
+    {
+        return Ok(Vec::new());
+    }
+    let Some(status) = &pod.status else {
+        return Ok(Vec::new());
+    };
+    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return Ok(Vec::new());
+    }
+    let listed: Vec<&str> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .map(|p| p.ip.as_str())
+        .collect();
+    let raw = if listed.is_empty() {
+        status.pod_ip.iter().map(String::as_str).collect()
+    } else {
+        listed
+    };
+    raw.into_iter()
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            // Canonical form: an IPv4-mapped address is the IPv4 address.
+            s.parse::<IpAddr>()
+                .map(|ip| ip.to_canonical())
+                .map_err(|_| format!("invalid IP address {s:?}"))
+        })
+        .collect()
+}
+
+/// Workloads by identity, and the endpoint map.
+pub(crate) type Built<'a> = (BTreeMap<u32, Workload<'a>>, BTreeMap<IpAddr, EndpointEntry>);
+
+pub(crate) fn build<'a>(
+    cluster: &'a ClusterState,
+    cfg: &CompileConfig,
+    ids: &mut IdentityAllocator,
+) -> Result<Built<'a>, CompileError> {
+    let mut workloads: BTreeMap<u32, Workload<'a>> = BTreeMap::new();
+    let mut endpoints: BTreeMap<IpAddr, EndpointEntry> = BTreeMap::new();
+    let mut conflicts: BTreeMap<IpAddr, Vec<PodRef>> = BTreeMap::new();
+
+    for ((ns, name), pod) in &cluster.pods {
+        let ips = pod_ips(pod)
+            .map_err(|m| CompileError::at(&format!("Pod {ns}/{name}"), "status.podIPs", m))?;
+        if ips.is_empty() {
+            continue;
+        }
+        let spec = pod.spec.as_ref();
+        let sa = spec
+            .and_then(|s| {
+                s.service_account_name
+                    .as_deref()
+                    .or(s.service_account.as_deref())
+            })
+            .filter(|s| !s.is_empty())
+            .unwrap_or("default");
+        let pod_labels = pod.metadata.labels.clone().unwrap_or_default();
+        let namespace_labels = cluster.namespace_labels(ns);
+        let labels = identity::identity_labels(&pod_labels, &namespace_labels);
+        let id = ids.workload(&identity::spiffe_id(&cfg.trust_domain, ns, sa), &labels)?;
+        let local = spec.and_then(|s| s.node_name.as_deref()) == Some(cfg.node_name.as_str());
+
+        let w = workloads.entry(id).or_insert_with(|| Workload {
+            namespace: ns.clone(),
+            service_account: sa.to_string(),
+            pod_labels: labels
+                .iter()
+                .filter(|(k, _)| !k.starts_with(NAMESPACE_LABEL_PREFIX))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            namespace_labels,
+            pods: Vec::new(),
+            local: false,
+        });
+        w.pods.push(pod);
+        w.local |= local;
+
+        let pod_ref = PodRef {
+            namespace: ns.clone(),
+            name: name.clone(),
+        };
+        for ip in ips {
+            let entry = EndpointEntry {
+                identity: id,
+                flags: if local { EP_LOCAL } else { 0 },
+                pod: Some(pod_ref.clone()),
+            };
+            if let Some(prev) = endpoints.insert(ip, entry) {
+                let c = conflicts.entry(ip).or_default();
+                c.extend(prev.pod);
+            }
+        }
+    }
+
+    // Two live pods claiming one IP (a stale status during churn): we cannot tell
+    // which one the packets are from, so the IP gets the fail-closed INIT identity.
+    for (ip, others) in conflicts {
+        let e = endpoints
+            .get_mut(&ip)
+            .expect("conflicting IP is in the map");
+        log::warn!(
+            "IP {ip} claimed by several pods ({:?} and {:?}): treated as unknown",
+            others,
+            e.pod
+        );
+        e.identity = IDENTITY_INIT;
+    }
+
+    for ip in &cfg.host_ips {
+        let ip = ip.to_canonical();
+        if let Some(prev) = endpoints.insert(
+            ip,
+            EndpointEntry {
+                identity: IDENTITY_HOST,
+                flags: 0,
+                pod: None,
+            },
+        ) {
+            log::warn!(
+                "host IP {ip} is also the IP of pod {:?}: treated as the host",
+                prev.pod
+            );
+        }
+    }
+    Ok((workloads, endpoints))
+}

@@ -1,0 +1,233 @@
+//! ZeroTrustPolicy -> rules. Differences from NetworkPolicy: subjects and peers may
+//! be named by SPIFFE ID, rules can deny (deny beats allow, see policy.rs), peers
+//! can be entities, ICMP types can be matched, and a direction is isolated when the
+//! policy has rules for it (or always, with `enforcementMode: always`).
+
+use std::collections::BTreeSet;
+
+use zt_common::{DIR_EGRESS, DIR_INGRESS, IDENTITY_HOST, IDENTITY_REMOTE_NODE, IDENTITY_WORLD};
+
+use super::cidr;
+use super::netpol::port_match_of;
+use super::ports::{PortMatch, PROTO_ICMP, PROTO_ICMPV6};
+use super::{CompileError, Ctx, Peers, Rule, Rules};
+use crate::model::k8s::LabelSelector;
+use crate::model::ztp::{Entity, IcmpFamily, Peer, PolicyEnforcementMode, RuleView, SpiffePattern};
+use crate::model::{ClusterState, ObjectKind};
+use crate::state::Cidr;
+
+/// Every prefix named in an ipBlock (cidr and excepts).
+pub(crate) fn ip_block_prefixes(cluster: &ClusterState) -> Result<Vec<Cidr>, CompileError> {
+    let mut out = Vec::new();
+    for ((ns, name), p) in &cluster.zero_trust_policies {
+        let source = ObjectKind::ZeroTrustPolicy.describe(ns, name);
+        for (path, r) in views(p) {
+            for (j, peer) in r.peers.into_iter().flatten().enumerate() {
+                if let Some(b) = &peer.ip_block {
+                    let at = format!("{path}.{}[{j}].ipBlock", r.peers_field);
+                    out.push(
+                        cidr::parse_cidr(&b.cidr)
+                            .map_err(|m| CompileError::at(&source, format!("{at}.cidr"), m))?,
+                    );
+                    for (k, e) in b.except.iter().enumerate() {
+                        out.push(cidr::parse_cidr(e).map_err(|m| {
+                            CompileError::at(&source, format!("{at}.except[{k}]"), m)
+                        })?);
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// (path, rule) of every rule, ingress first.
+fn views(p: &crate::model::ZeroTrustPolicy) -> Vec<(String, RuleView<'_>)> {
+    let ingress = p
+        .spec
+        .ingress
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, r)| (format!("spec.ingress[{i}]"), r.view()));
+    let egress = p
+        .spec
+        .egress
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, r)| (format!("spec.egress[{i}]"), r.view()));
+    ingress.chain(egress).collect()
+}
+
+pub(crate) fn compile(
+    cluster: &ClusterState,
+    ctx: &Ctx<'_>,
+    out: &mut Rules,
+) -> Result<(), CompileError> {
+    for ((ns, name), p) in &cluster.zero_trust_policies {
+        let source = ObjectKind::ZeroTrustPolicy.describe(ns, name);
+        let subjects = subjects(ctx, &source, ns, p)?;
+        let always = p.spec.enforcement_mode == PolicyEnforcementMode::Always;
+        if always || p.spec.ingress.as_ref().is_some_and(|r| !r.is_empty()) {
+            out.isolate(&subjects, DIR_INGRESS);
+        }
+        if always || p.spec.egress.as_ref().is_some_and(|r| !r.is_empty()) {
+            out.isolate(&subjects, DIR_EGRESS);
+        }
+        for (path, r) in views(p) {
+            let dir = if path.starts_with("spec.ingress") {
+                DIR_INGRESS
+            } else {
+                DIR_EGRESS
+            };
+            let peers = match r.peers {
+                None | Some([]) => Peers::Any,
+                Some(list) => {
+                    let mut all = Peers::Ids(BTreeSet::new());
+                    for (j, peer) in list.iter().enumerate() {
+                        let at = format!("{path}.{}[{j}]", r.peers_field);
+                        all = all.union(peer_ids(ctx, &source, &at, ns, peer)?);
+                    }
+                    all
+                }
+            };
+            let mut ports = Vec::new();
+            for (j, pr) in r.ports.into_iter().flatten().enumerate() {
+                let m = port_match_of(pr.protocol.as_deref(), pr.port.as_ref(), pr.end_port)
+                    .map_err(|m| CompileError::at(&source, format!("{path}.ports[{j}]"), m))?;
+                ports.push(m);
+            }
+            for ic in r.icmp.into_iter().flatten() {
+                let proto = match ic.family {
+                    IcmpFamily::IPv4 => PROTO_ICMP,
+                    IcmpFamily::IPv6 => PROTO_ICMPV6,
+                };
+                ports.push(PortMatch::Icmp {
+                    proto,
+                    icmp_type: ic.icmp_type,
+                });
+            }
+            let rule = Rule {
+                id: 0,
+                dir,
+                action: r.action,
+                subjects: subjects.clone(),
+                peers,
+                ports,
+            };
+            out.add(&source, path, rule);
+        }
+    }
+    Ok(())
+}
+
+/// Parse a SPIFFE ID of a policy and check it is of our trust domain.
+fn spiffe(
+    ctx: &Ctx<'_>,
+    source: &str,
+    path: &str,
+    id: &str,
+) -> Result<SpiffePattern, CompileError> {
+    let p = SpiffePattern::parse(id).map_err(|m| CompileError::at(source, path, m))?;
+    if p.trust_domain != ctx.cfg.trust_domain {
+        return Err(CompileError::at(
+            source,
+            path,
+            format!(
+                "SPIFFE ID {id:?} is not of trust domain {:?}",
+                ctx.cfg.trust_domain
+            ),
+        ));
+    }
+    Ok(p)
+}
+
+/// The local identities a policy applies to (subjects are OR; none = whole namespace).
+fn subjects(
+    ctx: &Ctx<'_>,
+    source: &str,
+    ns: &str,
+    p: &crate::model::ZeroTrustPolicy,
+) -> Result<BTreeSet<u32>, CompileError> {
+    if p.spec.subjects.is_empty() {
+        return Ok(ctx.select_local(ns, &LabelSelector::default()));
+    }
+    let mut out = BTreeSet::new();
+    for (i, s) in p.spec.subjects.iter().enumerate() {
+        let path = format!("spec.subjects[{i}]");
+        if let Some(id) = &s.spiffe_id {
+            let sp = spiffe(ctx, source, &format!("{path}.spiffeId"), id)?;
+            if sp.namespace != ns {
+                return Err(CompileError::at(
+                    source,
+                    format!("{path}.spiffeId"),
+                    "subject outside the policy's namespace",
+                ));
+            }
+            out.extend(ctx.select(|w| w.local && sp.matches(&w.namespace, &w.service_account)));
+        } else if let Some(sel) = &s.pod_selector {
+            out.extend(ctx.select_local(ns, &sel.to_label_selector()));
+        } else {
+            return Err(CompileError::at(
+                source,
+                path,
+                "set exactly one of spiffeId or podSelector",
+            ));
+        }
+    }
+    Ok(out)
+}
+
+fn peer_ids(
+    ctx: &Ctx<'_>,
+    source: &str,
+    path: &str,
+    ns: &str,
+    peer: &Peer,
+) -> Result<Peers, CompileError> {
+    if let Some(id) = &peer.spiffe_id {
+        let sp = spiffe(ctx, source, &format!("{path}.spiffeId"), id)?;
+        return Ok(Peers::Ids(
+            ctx.select(|w| sp.matches(&w.namespace, &w.service_account)),
+        ));
+    }
+    if peer.pod_selector.is_some() || peer.namespace_selector.is_some() {
+        let ps = peer.pod_selector.as_ref().map(|s| s.to_label_selector());
+        let nss = peer
+            .namespace_selector
+            .as_ref()
+            .map(|s| s.to_label_selector());
+        return Ok(Peers::Ids(ctx.select_peers(ns, ps.as_ref(), nss.as_ref())));
+    }
+    if let Some(b) = &peer.ip_block {
+        let bad = |m: String| CompileError::at(source, format!("{path}.ipBlock"), m);
+        let c = cidr::parse_cidr(&b.cidr).map_err(bad)?;
+        let ex = b
+            .except
+            .iter()
+            .map(|e| cidr::parse_cidr(e).map_err(bad))
+            .collect::<Result<Vec<_>, _>>()?;
+        return Ok(Peers::Ids(cidr::block_peers(&ctx.cidrs, &c, &ex)));
+    }
+    let ids = match peer.entity {
+        Some(Entity::All) => return Ok(Peers::Any),
+        Some(Entity::Host) => BTreeSet::from([IDENTITY_HOST]),
+        Some(Entity::RemoteNode) => BTreeSet::from([IDENTITY_REMOTE_NODE]),
+        // Outside the cluster: no CIDR matched (WORLD) or some ipBlock prefix did.
+        Some(Entity::World) => ctx
+            .cidrs
+            .values()
+            .copied()
+            .chain([IDENTITY_WORLD])
+            .collect(),
+        Some(Entity::Cluster) => ctx
+            .workloads
+            .keys()
+            .copied()
+            .chain([IDENTITY_HOST, IDENTITY_REMOTE_NODE])
+            .collect(),
+        None => return Err(CompileError::at(source, path, "peer names nothing")),
+    };
+    Ok(Peers::Ids(ids))
+}

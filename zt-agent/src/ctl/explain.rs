@@ -1,0 +1,160 @@
+//! `ztctl explain`: the policy trace of one flow, read from the pinned maps in the
+//! kernel's own lookup order (see ARCHITECTURE.md), so that it tells what the datapath
+//! would do now, and names the rule behind the verdict.
+use std::net::IpAddr;
+
+use anyhow::{bail, Context, Result};
+use aya::maps::lpm_trie::Key;
+use serde::Serialize;
+use zt_common::*;
+
+use crate::{
+    events::{direction_name, Snapshot},
+    net::to_key,
+    pins::PinnedMaps,
+};
+
+#[derive(Debug, Serialize)]
+pub struct Check {
+    /// Whose policy: the source's egress or the destination's ingress.
+    pub hook: String,
+    pub local: String,
+    pub peer: String,
+    pub verdict: String,
+    pub reason: String,
+    pub rule: Option<String>,
+    /// The lookups made, in order, with what each found.
+    pub trace: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Explanation {
+    pub src: String,
+    pub dst: String,
+    pub proto: String,
+    pub port: u16,
+    pub verdict: String,
+    pub checks: Vec<Check>,
+}
+
+/// Parses `tcp/80`, `udp/53`, `sctp/9000`, `icmp/8`, `icmpv6/128`.
+pub fn parse_proto_port(s: &str) -> Result<(u8, u16)> {
+    let (p, port) = s.split_once('/').with_context(|| format!("{s:?}: expected PROTO/PORT, e.g. tcp/80 or icmp/8"))?;
+    let proto = match p.to_ascii_lowercase().as_str() {
+        "tcp" => 6,
+        "udp" => 17,
+        "sctp" => 132,
+        "icmp" => 1,
+        "icmpv6" => 58,
+        other => bail!("{s:?}: unknown protocol {other:?} (tcp, udp, sctp, icmp, icmpv6)"),
+    };
+    let port: u16 = port.parse().with_context(|| format!("{s:?}: port {port:?} is not a number 0-65535"))?;
+    Ok((proto, port))
+}
+
+/// An IP, a pod as `namespace/name`, or a SPIFFE ID (the first pod carrying it).
+pub fn resolve(maps: &PinnedMaps, snap: &Snapshot, who: &str) -> Result<IpAddr> {
+    if let Ok(ip) = who.parse::<IpAddr>() {
+        return Ok(ip);
+    }
+    if who.starts_with("spiffe://") {
+        for (ip, _) in snap.pods.iter() {
+            if let Ok(ep) = maps.endpoints.get(&EndpointKey { addr: to_key(*ip) }, 0) {
+                if snap.identities.get(&ep.identity).is_some_and(|i| i.spiffe_id == who) {
+                    return Ok(*ip);
+                }
+            }
+        }
+        bail!("{who:?}: no pod with this SPIFFE ID");
+    }
+    let (ns, name) = who.split_once('/').with_context(|| format!("{who:?}: expected an IP, namespace/pod or a SPIFFE ID"))?;
+    snap.pods
+        .iter()
+        .find(|(_, p)| p.namespace == ns && p.name == name)
+        .map(|(ip, _)| *ip)
+        .with_context(|| format!("{who:?}: no such pod with an IP"))
+}
+
+fn peer_identity(maps: &PinnedMaps, ip: IpAddr, trace: &mut Vec<String>) -> u32 {
+    if let Ok(ep) = maps.endpoints.get(&EndpointKey { addr: to_key(ip) }, 0) {
+        trace.push(format!("ZT_ENDPOINTS[{ip}] -> identity {}", ep.identity));
+        return ep.identity;
+    }
+    match maps.cidrs.get(&Key::new(128, CidrKey { addr: to_key(ip) }), 0) {
+        Ok(c) => {
+            trace.push(format!("ZT_ENDPOINTS[{ip}] -> none; ZT_CIDRS[{ip}] -> identity {}", c.identity));
+            c.identity
+        }
+        Err(_) => {
+            trace.push(format!("ZT_ENDPOINTS[{ip}] -> none; ZT_CIDRS[{ip}] -> none: world"));
+            IDENTITY_WORLD
+        }
+    }
+}
+
+fn check(maps: &PinnedMaps, cfg: &Config, snap: &Snapshot, local: IpAddr, peer: IpAddr, dir: u8, proto: u8, port: u16) -> Option<Check> {
+    let ep = maps.endpoints.get(&EndpointKey { addr: to_key(local) }, 0).ok()?;
+    if ep.flags & EP_LOCAL == 0 {
+        return None;
+    }
+    let mut trace = vec![format!("ZT_ENDPOINTS[{local}] -> identity {} flags {:#x} ifindex {}", ep.identity, ep.flags, ep.ifindex)];
+    let peer_id = peer_identity(maps, peer, &mut trace);
+    let mk = |verdict: &str, reason: Reason, rule: u32, trace: Vec<String>| Check {
+        hook: format!("{} of {}", direction_name(dir), snap.identity_name(ep.identity)),
+        local: snap.identity_name(ep.identity),
+        peer: snap.identity_name(peer_id),
+        verdict: verdict.into(),
+        reason: reason.name().into(),
+        rule: snap.rule_name(rule),
+        trace,
+    };
+    if dir == DIR_INGRESS && peer_id == IDENTITY_HOST && cfg.flags & CONFIG_ALLOW_HOST != 0 {
+        trace.push("peer is the host and host probes are allowed (--allow-host-probes)".into());
+        return Some(mk("allow", Reason::AllowHost, 0, trace));
+    }
+    if ep.flags & enforce_flag(dir) == 0 {
+        trace.push(format!("no policy selects this endpoint for {}: not isolated", direction_name(dir)));
+        return Some(mk("allow", Reason::AllowNoPolicy, 0, trace));
+    }
+    let mut found = [(0u8, 0u32); 2];
+    for (i, pid) in [peer_id, IDENTITY_ANY].into_iter().enumerate() {
+        let k = Key::new(POLICY_PREFIX_FULL, PolicyKey::new(ep.identity, pid, dir, proto, port));
+        let who = if pid == IDENTITY_ANY { "any".to_string() } else { pid.to_string() };
+        match maps.policy.get(&k, 0) {
+            Ok(v) => {
+                trace.push(format!(
+                    "ZT_POLICY[{} <- {who}, {}, proto {proto}, port {port}] -> {} (rule {})",
+                    ep.identity,
+                    direction_name(dir),
+                    if v.verdict == VERDICT_DENY { "deny" } else { "allow" },
+                    snap.rule_name(v.rule_id).unwrap_or_default()
+                ));
+                found[i] = (v.verdict, v.rule_id);
+            }
+            Err(_) => trace.push(format!("ZT_POLICY[{} <- {who}, {}, proto {proto}, port {port}] -> none", ep.identity, direction_name(dir))),
+        }
+    }
+    if let Some((_, r)) = found.iter().find(|(v, _)| *v == VERDICT_DENY) {
+        return Some(mk("drop", Reason::DropPolicyDeny, *r, trace));
+    }
+    if let Some((_, r)) = found.iter().find(|(v, _)| *v == VERDICT_ALLOW) {
+        return Some(mk("allow", Reason::AllowPolicy, *r, trace));
+    }
+    trace.push("no rule allows it: default deny".into());
+    Some(mk("drop", Reason::DropPolicyDefault, 0, trace))
+}
+
+pub fn explain(maps: &PinnedMaps, snap: &Snapshot, src: &str, dst: &str, proto_port: &str) -> Result<Explanation> {
+    let (proto, port) = parse_proto_port(proto_port)?;
+    let s = resolve(maps, snap, src)?;
+    let d = resolve(maps, snap, dst)?;
+    if s.is_ipv4() != d.is_ipv4() {
+        bail!("{src} ({s}) and {dst} ({d}) are of different address families");
+    }
+    let cfg = maps.read_config()?;
+    let mut checks = vec![];
+    checks.extend(check(maps, &cfg, snap, s, d, DIR_EGRESS, proto, port));
+    checks.extend(check(maps, &cfg, snap, d, s, DIR_INGRESS, proto, port));
+    let verdict = if checks.iter().all(|c| c.verdict == "allow") { "allow" } else { "drop" };
+    Ok(Explanation { src: format!("{src} ({s})"), dst: format!("{dst} ({d})"), proto: crate::events::proto_name(proto), port, verdict: verdict.into(), checks })
+}
