@@ -48,6 +48,7 @@ fn main() -> Result<()> {
         Cmd::Build => build(),
         Cmd::Test { args } => {
             build()?;
+            validate_deploy()?;
             let mut cmd = Command::new("cargo");
             cmd.args(["test", "--workspace", "--no-fail-fast", "--"]);
             cmd.args(&args);
@@ -59,6 +60,16 @@ fn main() -> Result<()> {
         }
         Cmd::Bench => run_env(Command::new("cargo").args(["test", "--release", "-p", "zt-agent", "--test", "bench", "--", "--nocapture"])),
     }
+}
+
+/// The Kubernetes manifests in deploy/ must be valid for the API (strict: no unknown fields).
+fn validate_deploy() -> Result<()> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir("deploy")?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml") && !p.ends_with("kustomization.yaml"))
+        .collect();
+    files.sort();
+    run(Command::new("python3").args(["-m", "kubernetes_validate", "--strict", "--quiet"]).args(&files))
 }
 
 fn project_root() -> PathBuf {
@@ -98,6 +109,7 @@ fn setup() -> Result<()> {
         bail!("zt's tests and demo need root (BPF, network namespaces, cgroups)");
     }
     apt_packages()?;
+    python_tools()?;
     nightly_rust_src()?;
     bpf_linker()?;
     Ok(())
@@ -120,6 +132,15 @@ fn apt_packages() -> Result<()> {
     eprintln!("xtask: installing Debian packages {missing:?}");
     run(Command::new("apt-get").arg("update").arg("-q"))?;
     run(Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// kubernetes-validate (PyPI) checks deploy/ against the Kubernetes OpenAPI schemas.
+fn python_tools() -> Result<()> {
+    if Command::new("python3").args(["-m", "kubernetes_validate", "--version"]).output().map(|o| o.status.success()).unwrap_or(false) {
+        return Ok(());
+    }
+    eprintln!("xtask: installing kubernetes-validate from PyPI");
+    run(Command::new("python3").args(["-m", "pip", "install", "-q", "kubernetes-validate"]))
 }
 
 fn nightly_rust_src() -> Result<()> {
