@@ -36,7 +36,8 @@ enum Cmd {
     Bench,
 }
 
-const APT_PACKAGES: &[&str] = &["iproute2", "prometheus", "procps", "kmod"];
+/// iproute2: the agent and test bed drive interfaces and routes; prometheus: promtool checks /metrics.
+const APT_PACKAGES: &[&str] = &["iproute2", "prometheus", "mount"];
 
 fn main() -> Result<()> {
     let cli = Cli::parse();

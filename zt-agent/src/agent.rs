@@ -80,7 +80,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         cidrs: capacity(&opts.bpffs_root, MAP_CIDRS)?,
         policy: capacity(&opts.bpffs_root, MAP_POLICY)?,
     };
-    let ids = IdentityAllocator::load(&opts.state_dir.join("identities.json")).context("loading identities")?;
+    let ids = IdentityAllocator::load(opts.state_dir.join("identities.json")).context("loading identities")?;
     let metrics: Shared = Default::default();
     let snapshot: std::sync::Arc<std::sync::RwLock<Snapshot>> = Default::default();
     let (events_tx, _) = broadcast::channel::<EventRecord>(4096);
@@ -222,7 +222,7 @@ impl Agent {
                     m.compile_seconds_sum += t.elapsed().as_secs_f64();
                     m.compile_count += 1;
                     drop(m);
-                    self.ids.save(&self.opts.state_dir.join("identities.json"))?;
+                    self.ids.save(self.opts.state_dir.join("identities.json"))?;
                     self.desired = Some(d);
                     self.last_resolve = None;
                 }
@@ -289,7 +289,7 @@ impl Agent {
     /// Host interface of every local pod, by route. Re-resolved when the desired state
     /// changes, for pods still without an interface, and every 10 s.
     fn resolve_interfaces(&mut self, desired: &Desired) -> Result<()> {
-        let stale = self.last_resolve.map_or(true, |t| t.elapsed() > Duration::from_secs(10));
+        let stale = self.last_resolve.is_none_or(|t| t.elapsed() > Duration::from_secs(10));
         let mut ifindex = BTreeMap::new();
         let mut ifnames = BTreeMap::new();
         for (ip, ep) in &desired.endpoints {

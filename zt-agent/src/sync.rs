@@ -95,11 +95,11 @@ pub fn apply(maps: &mut PinnedMaps, have: &mut Contents, want: &Contents, caps: 
     let (ep_w, ep_r) = diff(&have.endpoints, &want.endpoints);
     let (ci_w, ci_r) = diff(&have.cidrs, &want.cidrs);
     let (po_w, po_r) = diff(&have.policy, &want.policy);
-    let mut stats = ApplyStats::default();
-    stats.withdrew = !(ep_r.is_empty() && ci_r.is_empty() && po_r.is_empty())
+    let withdrew = !(ep_r.is_empty() && ci_r.is_empty() && po_r.is_empty())
         || ep_w.iter().any(|(k, _)| have.endpoints.contains_key(k))
         || ci_w.iter().any(|(k, _)| have.cidrs.contains_key(k))
         || po_w.iter().any(|(k, _)| have.policy.contains_key(k));
+    let mut stats = ApplyStats { withdrew, ..Default::default() };
 
     // Identities first (a new peer resolves before policy mentions it), then policy.
     for (k, v) in ep_w {

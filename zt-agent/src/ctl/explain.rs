@@ -92,7 +92,17 @@ fn peer_identity(maps: &PinnedMaps, ip: IpAddr, trace: &mut Vec<String>) -> u32 
     }
 }
 
-fn check(maps: &PinnedMaps, cfg: &Config, snap: &Snapshot, local: IpAddr, peer: IpAddr, dir: u8, proto: u8, port: u16) -> Option<Check> {
+/// The flow as one hook sees it.
+struct Flow {
+    local: IpAddr,
+    peer: IpAddr,
+    dir: u8,
+    proto: u8,
+    port: u16,
+}
+
+fn check(maps: &PinnedMaps, cfg: &Config, snap: &Snapshot, f: Flow) -> Option<Check> {
+    let Flow { local, peer, dir, proto, port } = f;
     let ep = maps.endpoints.get(&EndpointKey { addr: to_key(local) }, 0).ok()?;
     if ep.flags & EP_LOCAL == 0 {
         return None;
@@ -153,8 +163,8 @@ pub fn explain(maps: &PinnedMaps, snap: &Snapshot, src: &str, dst: &str, proto_p
     }
     let cfg = maps.read_config()?;
     let mut checks = vec![];
-    checks.extend(check(maps, &cfg, snap, s, d, DIR_EGRESS, proto, port));
-    checks.extend(check(maps, &cfg, snap, d, s, DIR_INGRESS, proto, port));
+    checks.extend(check(maps, &cfg, snap, Flow { local: s, peer: d, dir: DIR_EGRESS, proto, port }));
+    checks.extend(check(maps, &cfg, snap, Flow { local: d, peer: s, dir: DIR_INGRESS, proto, port }));
     let verdict = if checks.iter().all(|c| c.verdict == "allow") { "allow" } else { "drop" };
     Ok(Explanation { src: format!("{src} ({s})"), dst: format!("{dst} ({d})"), proto: crate::events::proto_name(proto), port, verdict: verdict.into(), checks })
 }
