@@ -1,0 +1,75 @@
+//! The agent's map writer against real pinned maps: diffs, not refills; map-full is an
+//! error before anything is written; what a restarted agent reads back is what was written.
+mod common;
+
+use common::*;
+use zt_agent::{
+    loader::MapSizes,
+    net::to_key,
+    sync::{apply, Capacities, Contents},
+};
+use zt_common::*;
+
+fn want(n_policy: u16) -> Contents {
+    let mut c = Contents::default();
+    c.endpoints.insert(to_key("10.0.0.1".parse().unwrap()), EndpointValue { identity: 300, flags: EP_LOCAL, ifindex: 1, _pad: 0 });
+    c.endpoints.insert(to_key("fd00::2".parse().unwrap()), EndpointValue { identity: 301, flags: 0, ifindex: 0, _pad: 0 });
+    c.cidrs.insert((96 + 24, to_key("192.0.2.0".parse().unwrap())), CidrValue { identity: IDENTITY_CIDR_FLAG | 1 });
+    for p in 0..n_policy {
+        c.policy.insert((POLICY_PREFIX_FULL, PolicyKey::new(300, 301, DIR_INGRESS, 6, 1000 + p)), PolicyValue { verdict: VERDICT_ALLOW, _pad: [0; 3], rule_id: 1 });
+    }
+    c
+}
+
+fn caps(s: &MapSizes) -> Capacities {
+    Capacities { endpoints: s.endpoints, cidrs: s.cidrs, policy: s.policy }
+}
+
+#[test]
+fn diff_apply_then_noop_then_withdraw() {
+    let s = MapSizes::default();
+    let mut dp = Dp::with_sizes("sync-diff", &s);
+    let mut have = Contents::default();
+    let st = apply(&mut dp.maps, &mut have, &want(10), &caps(&s)).unwrap();
+    assert_eq!((st.written, st.removed, st.withdrew), (13, 0, false));
+    assert_eq!(Contents::read(&dp.maps).unwrap(), want(10), "maps hold exactly the desired state");
+    let st = apply(&mut dp.maps, &mut have, &want(10), &caps(&s)).unwrap();
+    assert_eq!((st.written, st.removed), (0, 0), "unchanged state writes nothing");
+    // Additions only: no withdrawal, no epoch bump needed.
+    let st = apply(&mut dp.maps, &mut have, &want(12), &caps(&s)).unwrap();
+    assert_eq!((st.written, st.removed, st.withdrew), (2, 0, false));
+    // A removal is a withdrawal.
+    let st = apply(&mut dp.maps, &mut have, &want(5), &caps(&s)).unwrap();
+    assert_eq!((st.written, st.removed, st.withdrew), (0, 7, true));
+    // A changed value is a withdrawal too (allow -> deny).
+    let mut w = want(5);
+    w.policy.values_mut().next().unwrap().verdict = VERDICT_DENY;
+    let st = apply(&mut dp.maps, &mut have, &w, &caps(&s)).unwrap();
+    assert_eq!((st.written, st.removed, st.withdrew), (1, 0, true));
+    assert_eq!(Contents::read(&dp.maps).unwrap(), w);
+}
+
+#[test]
+fn map_full_is_refused_before_any_write() {
+    let s = MapSizes { policy: 8, ..MapSizes::default() };
+    let mut dp = Dp::with_sizes("sync-full", &s);
+    let mut have = Contents::default();
+    apply(&mut dp.maps, &mut have, &want(4), &caps(&s)).unwrap();
+    let before = Contents::read(&dp.maps).unwrap();
+    let err = apply(&mut dp.maps, &mut have, &want(9), &caps(&s)).unwrap_err().to_string();
+    assert!(err.contains("ZT_POLICY full") && err.contains("9") && err.contains("8"), "{err}");
+    assert_eq!(Contents::read(&dp.maps).unwrap(), before, "nothing half-applied");
+    assert_eq!(have, before);
+}
+
+#[test]
+fn a_restarted_writer_reads_back_the_state_and_writes_nothing() {
+    let s = MapSizes::default();
+    let mut dp = Dp::with_sizes("sync-restart", &s);
+    let mut have = Contents::default();
+    apply(&mut dp.maps, &mut have, &want(20), &caps(&s)).unwrap();
+    // A new process would start from the pinned maps.
+    let mut reread = Contents::read(&dp.maps).unwrap();
+    let st = apply(&mut dp.maps, &mut reread, &want(20), &caps(&s)).unwrap();
+    assert_eq!((st.written, st.removed), (0, 0));
+}
