@@ -159,7 +159,6 @@ fn host_probes_reach_isolated_pods() {
 /// addresses live on the loopback (this test bed without the dummy driver; routing-on-
 /// the-host clusters) is not "host": kubelet probes are judged as world and dropped.
 #[test]
-#[ignore = "bug: node addresses on lo are not the host identity (net::host_addresses skips lo): host probes dropped"]
 fn host_probes_from_node_ip_on_loopback() {
     let bed = host_probe_bed(&[]);
     let lo = bed.sh_in(&Endpoint::node("node1"), "ip -o addr show dev lo | grep -q 10.255.0.1").unwrap();
@@ -276,4 +275,81 @@ fn network_policy_semantics_matrix() {
         .map(|((s, got), want)| format!("  {s}: got {got}, want {want}"))
         .collect();
     assert!(bad.is_empty(), "NetworkPolicy matrix differs from the table:\n{}\n{m}", bad.join("\n"));
+}
+
+/// a may reach b on closed TCP 8080 / UDP 5353 / SCTP 9999, on UDP 53, and ping it.
+const ALLOW_A_TO_B_MISC: &str = "apiVersion: zt.dev/v1alpha1
+kind: ZeroTrustPolicy
+metadata: {name: b-in, namespace: default}
+spec:
+  subjects: [{podSelector: {matchLabels: {app: b}}}]
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: a}}}]
+    ports: [{protocol: TCP, port: 8080}, {protocol: UDP, port: 5353}, {protocol: SCTP, port: 9999}, {protocol: UDP, port: 53}]
+    icmp: [{type: 8}, {family: IPv6, type: 128}]
+---
+apiVersion: zt.dev/v1alpha1
+kind: ZeroTrustPolicy
+metadata: {name: a-out, namespace: default}
+spec:
+  subjects: [{podSelector: {matchLabels: {app: a}}}]
+  egress:
+  - to: [{podSelector: {matchLabels: {app: b}}}]
+    ports: [{protocol: TCP, port: 8080}, {protocol: UDP, port: 5353}, {protocol: SCTP, port: 9999}, {protocol: UDP, port: 53}]
+    icmp: [{type: 8}, {family: IPv6, type: 128}]
+";
+
+fn misc_bed() -> Bed {
+    bed("basic", &[("10-deny-all.yaml", &deny_all("default")), ("20-allow.yaml", ALLOW_A_TO_B_MISC)], &[])
+}
+
+/// UDP datagram of `size` bytes to `to:53` from `from`; the reply text or the error kind.
+fn udp_big(bed: &Bed, from: &Endpoint, to: std::net::IpAddr, size: usize) -> Result<String, std::io::ErrorKind> {
+    let ns = bed.netns_path(from).unwrap();
+    zt_testbed::sys::in_netns(&ns, move || {
+        let s = std::net::UdpSocket::bind(if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).unwrap();
+        s.connect((to, 53)).unwrap();
+        s.set_read_timeout(Some(DENIED)).unwrap();
+        s.send(&vec![b'x'; size]).unwrap();
+        let mut buf = [0u8; 256];
+        s.recv(&mut buf).map(|n| String::from_utf8_lossy(&buf[..n]).trim_end().to_string()).map_err(|e| e.kind())
+    })
+    .unwrap()
+}
+
+#[test]
+fn allowed_flows_get_replies_errors_icmp_and_fragments() {
+    let bed = misc_bed();
+    let a = pod("default", "a");
+    for f in FAMILIES {
+        let b = tgt("default", "b", f);
+        // Closed but allowed: the RST and the SCTP ABORT come back as replies.
+        assert_eq!(bed.tb.probe(&a, &b, Proto::Tcp, 8080, ALLOWED), ProbeResult::Refused, "a -> b@{f} tcp/8080");
+        assert_eq!(bed.tb.probe(&a, &b, Proto::Sctp, 9999, ALLOWED), ProbeResult::Refused, "a -> b@{f} sctp/9999");
+        // ICMP echo by type; the echo reply is a reply.
+        assert_eq!(bed.tb.probe(&a, &b, Proto::Icmp, 0, ALLOWED), ok(""), "a -> b@{f} icmp echo");
+        assert_eq!(bed.probe(&a, &tgt("default", "c", f), Proto::Icmp, 0), ProbeResult::Timeout, "a -> c@{f} icmp echo");
+        assert_eq!(bed.probe(&pod("default", "b"), &tgt("default", "a", f), Proto::Icmp, 0), ProbeResult::Timeout, "b -> a@{f} icmp echo");
+        // Fragmented datagrams (MTU 1500): later fragments follow their allowed first one.
+        let ip = bed.pod_ip("default", "b", f).unwrap();
+        for size in [100, 3000, 20000] {
+            assert_eq!(udp_big(&bed, &a, ip, size), Ok("default/b".to_string()), "a -> b@{f} udp/53 {size} bytes");
+        }
+        let cip = bed.pod_ip("default", "c", f).unwrap();
+        assert_eq!(udp_big(&bed, &a, cip, 3000), Err(std::io::ErrorKind::WouldBlock), "a -> c@{f} udp/53 3000 bytes: denied");
+    }
+    let m = bed.metrics();
+    assert!(m.verdicts("ingress", "allow", "fragment") >= 2.0 * (2.0 + 13.0));
+}
+
+/// Bug: ICMP errors about an allowed flow (here port unreachable; likewise
+/// fragmentation-needed / packet-too-big) are judged as new ICMP flows, not as part of
+/// the flow they refer to, so the isolated side drops them (policy-default-deny).
+#[test]
+fn allowed_udp_flow_gets_port_unreachable() {
+    let bed = misc_bed();
+    for f in FAMILIES {
+        let r = bed.tb.probe(&pod("default", "a"), &tgt("default", "b", f), Proto::Udp, 5353, ALLOWED);
+        assert_eq!(r, ProbeResult::Refused, "a -> b@{f} udp/5353 (allowed, closed): the ICMP port unreachable must come back");
+    }
 }

@@ -69,13 +69,13 @@ struct AddrInfo {
 
 #[derive(Deserialize)]
 struct Link {
-    ifname: String,
     #[serde(default)]
     addr_info: Vec<AddrInfo>,
 }
 
-/// Every address of the node's network namespace except loopback: traffic from these
-/// is the `host` identity.
+/// Every address of the node's network namespace except the loopback ranges (127/8,
+/// ::1): traffic from these is the `host` identity. Addresses on `lo` itself count (nodes
+/// that keep their /32 on the loopback, as routing-on-the-host setups do).
 pub fn host_addresses() -> Result<Vec<IpAddr>> {
     let out = Command::new("ip").args(["-j", "addr", "show"]).output().context("running ip addr show")?;
     if !out.status.success() {
@@ -84,9 +84,9 @@ pub fn host_addresses() -> Result<Vec<IpAddr>> {
     let links: Vec<Link> = serde_json::from_slice(&out.stdout).context("parsing ip -j addr show")?;
     let mut ips: Vec<IpAddr> = links
         .into_iter()
-        .filter(|l| l.ifname != "lo")
         .flat_map(|l| l.addr_info.into_iter())
-        .filter_map(|a| a.local.parse().ok())
+        .filter_map(|a| a.local.parse::<IpAddr>().ok())
+        .filter(|ip| !ip.is_loopback())
         .collect();
     ips.sort();
     ips.dedup();

@@ -288,3 +288,38 @@ fn allowed_flow_events_behind_flag() {
     assert_eq!(ev.len(), 1);
     assert_eq!((ev[0].verdict, ev[0].reason), (VERDICT_ALLOW, Reason::AllowPolicy as u8));
 }
+
+/// An ICMP error quoting `quoted` (an IPv4 packet without its Ethernet header).
+fn icmp4_error(src: &str, dst: &str, ty: u8, quoted: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![ty, 0, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&quoted[14..14 + 28]);
+    ipv4_frag(src, dst, ICMP, &icmp, 9, 0)
+}
+
+#[test]
+fn icmp_errors_pass_only_for_tracked_flows() {
+    let mut dp = dp_with_pods("related");
+    dp.policy(POLICY_PREFIX_FULL, pk(ID_POD, ID_PEER, DIR_INGRESS, UDP, 53), VERDICT_ALLOW, 1);
+    let req = ipv4(PEER, POD, UDP, 5000, 53);
+    // Port unreachable from the pod about a flow nobody allowed: denied like any ICMP.
+    assert_eq!(dp.run(FROM, &icmp4_error(POD, PEER, 3, &req)), TC_DROP);
+    // The flow is admitted at the pod's ingress; its port unreachable goes back out.
+    assert_eq!(dp.run(TO, &req), TC_PASS);
+    assert_eq!(dp.run(FROM, &icmp4_error(POD, PEER, 3, &req)), TC_PASS);
+    assert_eq!(dp.counter(DIR_EGRESS, Reason::AllowRelated), 1);
+    // An error about the reply direction (quoting pod -> peer) relates too.
+    let reply = ipv4(POD, PEER, UDP, 53, 5000);
+    assert_eq!(dp.run(TO, &icmp4_error(PEER, POD, 3, &reply)), TC_PASS);
+    // An error quoting another flow does not.
+    let other = ipv4(PEER, POD, UDP, 5001, 53);
+    assert_eq!(dp.run(FROM, &icmp4_error(POD, PEER, 3, &other)), TC_DROP);
+    assert_eq!(dp.counter(DIR_EGRESS, Reason::DropPolicyDefault), 2);
+    // IPv6 packet too big about a tracked flow.
+    dp.policy(POLICY_PREFIX_FULL, pk(ID_POD, ID_PEER, DIR_EGRESS, TCP, 443), VERDICT_ALLOW, 2);
+    let out = ipv6(POD6, PEER6, TCP, 6000, 443);
+    assert_eq!(dp.run(FROM, &out), TC_PASS);
+    let mut ptb = vec![2u8, 0, 0, 0, 0, 0, 5, 0];
+    ptb.extend_from_slice(&out[14..14 + 48]);
+    assert_eq!(dp.run(TO, &ipv6_ext(PEER6, POD6, ICMPV6, &ptb, &[], 64)), TC_PASS);
+    assert_eq!(dp.counter(DIR_INGRESS, Reason::AllowRelated), 2);
+}

@@ -60,6 +60,9 @@ pub enum Reason {
     AllowNonIp = 7,
     /// A non-first IP fragment whose first fragment was allowed.
     AllowFragment = 8,
+    /// An ICMP error (unreachable, packet too big, time exceeded, parameter problem)
+    /// about a tracked flow.
+    AllowRelated = 9,
 
     /// An explicit deny rule matched.
     DropPolicyDeny = 16,
@@ -86,7 +89,7 @@ pub const REASON_SLOTS: u32 = 32;
 pub const COUNTER_SLOTS: u32 = DIR_COUNT * REASON_SLOTS;
 
 impl Reason {
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 17] = [
         Reason::AllowPolicy,
         Reason::AllowEstablished,
         Reason::AllowReply,
@@ -95,6 +98,7 @@ impl Reason {
         Reason::AllowNdp,
         Reason::AllowNonIp,
         Reason::AllowFragment,
+        Reason::AllowRelated,
         Reason::DropPolicyDeny,
         Reason::DropPolicyDefault,
         Reason::DropUnknownEndpoint,
@@ -124,6 +128,7 @@ impl Reason {
             Reason::AllowNdp => "ndp",
             Reason::AllowNonIp => "non-ip",
             Reason::AllowFragment => "fragment",
+            Reason::AllowRelated => "related",
             Reason::DropPolicyDeny => "policy-deny",
             Reason::DropPolicyDefault => "policy-default-deny",
             Reason::DropUnknownEndpoint => "unknown-endpoint",

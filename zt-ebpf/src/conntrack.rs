@@ -7,7 +7,7 @@ use zt_common::*;
 
 use crate::{
     maps::CT,
-    parse::{Flow, IPPROTO_TCP},
+    parse::{Flow, Quoted, IPPROTO_TCP},
     policy::Decision,
 };
 
@@ -57,6 +57,18 @@ pub fn lookup(cfg: &Config, f: &Flow, dir: u8, now: u64, reply: &mut bool) -> *m
         let _ = CT.remove(&rk);
     }
     core::ptr::null_mut()
+}
+
+/// Is this ICMP error about a tracked flow? The quoted packet travelled the other way,
+/// so it is that flow forward as seen at the opposite hook, or its reply at this one.
+#[inline(never)]
+pub fn related(q: &Quoted, dir: u8) -> bool {
+    let fwd = CtKey { saddr: q.saddr, daddr: q.daddr, sport: q.sport, dport: q.dport, proto: q.proto, dir: dir ^ 1, _pad: [0; 2] };
+    if CT.get_ptr(&fwd).is_some() {
+        return true;
+    }
+    let rev = CtKey { saddr: q.daddr, daddr: q.saddr, sport: q.dport, dport: q.sport, proto: q.proto, dir, _pad: [0; 2] };
+    CT.get_ptr(&rev).is_some()
 }
 
 /// Forgets a flow whose allow was withdrawn.

@@ -49,6 +49,12 @@ fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow) -> i32 {
         return later_fragment(cfg, hook, f);
     }
     let dir = hook.dir;
+    if f.related {
+        if conntrack::related(&f.quoted, dir) {
+            verdict::count(dir, Reason::AllowRelated);
+            return TC_PASS;
+        }
+    }
     let now = unsafe { bpf_ktime_get_ns() };
     let mut d = Decision { allow: false, reason: Reason::DropPolicyDefault, local_id: 0, peer_id: 0, rule_id: 0 };
     let mut reply = false;

@@ -37,6 +37,25 @@ pub struct Flow {
     pub policy_port: u16,
     pub frag: Frag,
     pub frag_id: u32,
+    /// ICMP errors: `quoted` holds the flow the error is about, as quoted in its payload.
+    pub related: bool,
+    pub quoted: Quoted,
+}
+
+/// The header an ICMP error quotes: the offending packet, in its own direction.
+#[derive(Clone, Copy)]
+pub struct Quoted {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+}
+
+impl Quoted {
+    pub const fn zeroed() -> Quoted {
+        Quoted { saddr: [0; 16], daddr: [0; 16], sport: 0, dport: 0, proto: 0 }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -52,7 +71,7 @@ pub enum Parsed {
 
 impl Flow {
     pub const fn zeroed() -> Flow {
-        Flow { saddr: [0; 16], daddr: [0; 16], sport: 0, dport: 0, proto: 0, policy_port: 0, frag: Frag::None, frag_id: 0 }
+        Flow { saddr: [0; 16], daddr: [0; 16], sport: 0, dport: 0, proto: 0, policy_port: 0, frag: Frag::None, frag_id: 0, related: false, quoted: Quoted::zeroed() }
     }
 }
 
@@ -101,7 +120,11 @@ fn parse_v4(ctx: &TcContext, flow: &mut Flow) -> Result<Parsed, ()> {
     } else {
         Frag::None
     };
-    *flow = Flow { saddr, daddr, sport: 0, dport: 0, proto, policy_port: 0, frag, frag_id: id };
+    flow.saddr = saddr;
+    flow.daddr = daddr;
+    flow.proto = proto;
+    flow.frag = frag;
+    flow.frag_id = id;
     if let Frag::Later = flow.frag {
         return Ok(Parsed::Flow);
     }
@@ -214,8 +237,55 @@ fn l4(ctx: &TcContext, off: usize, flow: &mut Flow, v6: bool) -> Result<(), ()> 
                 flow.sport = id;
                 flow.dport = id;
             }
+            // Errors: v4 unreachable / time exceeded / parameter problem; v6 unreachable,
+            // packet too big, time exceeded, parameter problem. A quote we cannot read is
+            // just not related to anything (judged by policy like any ICMP).
+            let error = if v6 { (1..=4).contains(&ty) } else { ty == 3 || ty == 11 || ty == 12 };
+            if error {
+                flow.related = quoted(ctx.skb.skb, off + 8, v6, &mut flow.quoted);
+            }
         }
         _ => {}
+    }
+    Ok(())
+}
+
+/// Reads the IP header and first L4 bytes quoted by an ICMP error at `off`; false if
+/// they cannot be read. Not inlined: its own BPF function and stack frame.
+#[inline(never)]
+fn quoted(skb: *mut aya_ebpf::bindings::__sk_buff, off: usize, v6: bool, q: &mut Quoted) -> bool {
+    quoted_inner(&TcContext::new(skb), off, v6, q).is_ok()
+}
+
+#[inline(always)]
+fn quoted_inner(ctx: &TcContext, off: usize, v6: bool, q: &mut Quoted) -> Result<(), ()> {
+    let l4off = if v6 {
+        q.proto = load(ctx, off + 6)?;
+        q.saddr = load(ctx, off + 8)?;
+        q.daddr = load(ctx, off + 24)?;
+        off + 40
+    } else {
+        let ver_ihl: u8 = load(ctx, off)?;
+        let ihl = (ver_ihl & 0x0f) as usize * 4;
+        if ver_ihl >> 4 != 4 || ihl < 20 {
+            return Err(());
+        }
+        q.proto = load(ctx, off + 9)?;
+        q.saddr = v4_mapped(load::<[u8; 4]>(ctx, off + 12)?);
+        q.daddr = v4_mapped(load::<[u8; 4]>(ctx, off + 16)?);
+        off + ihl
+    };
+    match q.proto {
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
+            q.sport = u16::from_be(load::<u16>(ctx, l4off)?);
+            q.dport = u16::from_be(load::<u16>(ctx, l4off + 2)?);
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            let id = u16::from_be(load::<u16>(ctx, l4off + 4)?);
+            q.sport = id;
+            q.dport = id;
+        }
+        _ => return Err(()),
     }
     Ok(())
 }

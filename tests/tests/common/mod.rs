@@ -164,8 +164,8 @@ pub fn same_kind(a: &ProbeResult, b: &ProbeResult) -> bool {
     std::mem::discriminant(a) == std::mem::discriminant(b)
 }
 
-/// One probe; a short timeout where a drop is the expected outcome is the caller's
-/// business: allowed probes get more time so that a slow start is not a "drop".
+/// One probe with the short timeout for expected drops (`DENIED`); probes expected to
+/// succeed use `tb.probe(.., ALLOWED)` so that a slow start is not taken for a drop.
 pub fn probe(tb: &Testbed, from: &Endpoint, to: &Target, proto: Proto, port: u16) -> ProbeResult {
     tb.probe(from, to, proto, port, DENIED)
 }

@@ -1,0 +1,407 @@
+//! End-to-end lifecycle: revocation of live flows, agent restart under traffic, bad
+//! policy input, pods coming and going.
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use zt_testbed::{Family, Pod, ProbeResult, Proto};
+
+fn revoked(m: &Metrics) -> f64 {
+    m.val("zt_verdicts_total", &[("verdict", "drop"), ("reason", "revoked")])
+}
+
+#[test]
+fn revoked_allow_stops_live_flow() {
+    let bed = bed(
+        "basic",
+        &[("10-deny-all.yaml", &deny_all("default")), ("20-allow.yaml", &allow_tcp("a-to-b", "a", "b", &[7000]))],
+        &[],
+    );
+    let (a, b4, b6) = (pod("default", "a"), tgt("default", "b", Family::V4), tgt("default", "b", Family::V6));
+    let mut f4 = bed.open_tcp(&a, &b4, 7000, ALLOWED).expect("a -> b@v4 tcp/7000 allowed");
+    let mut f6 = bed.open_tcp(&a, &b6, 7000, ALLOWED).expect("a -> b@v6 tcp/7000 allowed");
+    for _ in 0..3 {
+        assert!(f4.roundtrip(ALLOWED) && f6.roundtrip(ALLOWED), "roundtrips under the allow");
+    }
+    // Sanity: what the new policy will allow is not allowed yet.
+    assert_eq!(bed.probe(&a, &b4, Proto::Tcp, 80), ProbeResult::Timeout);
+    let m0 = bed.metrics();
+
+    // Withdraw the allow on 7000 (the file now allows 80 instead).
+    let t0 = Instant::now();
+    bed.write("20-allow.yaml", &allow_tcp("a-to-b", "a", "b", &[80]));
+    bed.wait_until("the v4 flow to be cut", || !f4.roundtrip(Duration::from_millis(300)));
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(3), "revocation took {took:?} with --poll-ms 100");
+    assert!(!f6.roundtrip(Duration::from_millis(300)), "the v6 flow must be cut as well");
+    assert!(!f4.roundtrip(Duration::from_millis(300)), "a cut flow stays cut");
+    // The new allow applies to new connections, the withdrawn one to new ones too.
+    assert_eq!(bed.tb.probe(&a, &b4, Proto::Tcp, 80, ALLOWED), ok("default/b"));
+    assert_eq!(bed.probe(&a, &b4, Proto::Tcp, 7000), ProbeResult::Timeout);
+
+    let m1 = bed.metrics();
+    assert!(revoked(&m1) - revoked(&m0) >= 2.0, "zt_verdicts_total{{reason=revoked}}: {} -> {}", revoked(&m0), revoked(&m1));
+    assert!(m1.val("zt_policy_epoch", &[]) > m0.val("zt_policy_epoch", &[]), "the epoch must be bumped");
+}
+
+#[test]
+fn agent_restart_keeps_flows_and_enforcement() {
+    let bed = bed(
+        "basic",
+        &[("10-deny-all.yaml", &deny_all("default")), ("20-allow.yaml", &allow_tcp("a-to-b", "a", "b", &[80, 7000]))],
+        &[],
+    );
+    let (a, c) = (pod("default", "a"), pod("default", "c"));
+    let mut flow = bed.open_tcp(&a, &tgt("default", "b", Family::V4), 7000, ALLOWED).unwrap();
+    assert!(flow.roundtrip(ALLOWED));
+    let stop = Arc::new(AtomicBool::new(false));
+    let pinger = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut good, mut bad) = (0u32, 0u32);
+            while !stop.load(Ordering::Relaxed) {
+                if flow.roundtrip(Duration::from_secs(1)) {
+                    good += 1;
+                } else {
+                    bad += 1;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (good, bad)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(bed.metrics().val("zt_agent_ready", &[]), 1.0);
+
+    let st = bed.agent.stop().expect("agent was running");
+    assert!(st.success(), "agent exit status on SIGTERM: {st}");
+    assert!(!bed.agent.is_running());
+    // While the agent is down: allowed stays allowed (also new connections), denied stays denied.
+    for f in FAMILIES {
+        let b = tgt("default", "b", f);
+        assert_eq!(bed.tb.probe(&a, &b, Proto::Tcp, 80, ALLOWED), ok("default/b"), "agent down: new a -> b@{f} tcp/80");
+        assert_eq!(bed.probe(&c, &b, Proto::Tcp, 80), ProbeResult::Timeout, "agent down: c -> b@{f}");
+        assert_eq!(bed.probe(&a, &tgt("default", "c", f), Proto::Tcp, 80), ProbeResult::Timeout, "agent down: a -> c@{f}");
+        assert_eq!(bed.probe(&a, &b, Proto::Udp, 53), ProbeResult::Timeout, "agent down: a -> b@{f} udp/53");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+
+    bed.agent.start().unwrap();
+    bed.agent.wait_ready(Duration::from_secs(20)).unwrap();
+    // A few polls of the new agent.
+    std::thread::sleep(Duration::from_millis(600));
+    stop.store(true, Ordering::Relaxed);
+    let (good, bad) = pinger.join().unwrap();
+    assert_eq!(bad, 0, "roundtrips failed across the restart ({good} succeeded)");
+    assert!(good >= 20, "only {good} roundtrips made");
+
+    // Unchanged manifests: the new agent's first diff is empty.
+    let log2 = bed.log_of_start(2);
+    assert!(log2.contains("datapath loaded; pinned maps hold"), "second start log:\n{log2}");
+    let held = log2
+        .split("pinned maps hold ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse::<u32>().ok())
+        .unwrap();
+    assert!(held >= 6, "the restarted agent found {held} endpoints in the pinned maps");
+    assert!(!log2.contains("applied "), "the restarted agent wrote to the maps:\n{log2}");
+    let m = bed.metrics();
+    assert_eq!(m.val("zt_map_updates_total", &[]), 0.0, "zt_map_updates_total after a restart with unchanged manifests");
+    assert_eq!(m.val("zt_agent_ready", &[]), 1.0);
+
+    // And the new agent is in charge: a policy change still takes effect.
+    bed.write("30-allow-c.yaml", &allow_tcp("c-to-b", "c", "b", &[80]));
+    bed.wait_probe(&c, &tgt("default", "b", Family::V4), Proto::Tcp, 80, &ok(""));
+    assert!(bed.metrics().val("zt_map_updates_total", &[]) > 0.0);
+}
+
+#[test]
+fn agent_crash_keeps_enforcing() {
+    let bed = bed(
+        "basic",
+        &[("10-deny-all.yaml", &deny_all("default")), ("20-allow.yaml", &allow_tcp("a-to-b", "a", "b", &[80]))],
+        &[],
+    );
+    let (a, c) = (pod("default", "a"), pod("default", "c"));
+    bed.agent.kill();
+    for f in FAMILIES {
+        let b = tgt("default", "b", f);
+        assert_eq!(bed.tb.probe(&a, &b, Proto::Tcp, 80, ALLOWED), ok("default/b"), "agent killed: a -> b@{f}");
+        assert_eq!(bed.probe(&c, &b, Proto::Tcp, 80), ProbeResult::Timeout, "agent killed: c -> b@{f}");
+    }
+    bed.agent.start().unwrap();
+    bed.agent.wait_ready(Duration::from_secs(20)).unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(!bed.log_of_start(2).contains("applied "), "{}", bed.log_of_start(2));
+    assert_eq!(bed.metrics().val("zt_map_updates_total", &[]), 0.0);
+    assert_eq!(bed.probe(&c, &tgt("default", "b", Family::V4), Proto::Tcp, 80), ProbeResult::Timeout);
+}
+
+/// A valid ZTP pair allowing c -> b, then an invalid NetworkPolicy in the same file:
+/// the whole load must be rejected, so c -> b must stay denied.
+fn bad_file() -> String {
+    format!(
+        "{}---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: bad, namespace: default}}
+spec:
+  podSelector: {{matchLabels: {{app: b}}}}
+  ingress:
+  - ports: [{{port: 90, endPort: 80}}]
+",
+        allow_tcp("c-to-b", "c", "b", &[80])
+    )
+}
+
+#[test]
+fn bad_policy_keeps_last_good_state() {
+    let bed = bed(
+        "basic",
+        &[("10-deny-all.yaml", &deny_all("default")), ("20-allow.yaml", &allow_tcp("a-to-b", "a", "b", &[80]))],
+        &[],
+    );
+    let (a, c) = (pod("default", "a"), pod("default", "c"));
+    let check = |c_to_b: bool, when: &str| {
+        for f in FAMILIES {
+            let b = tgt("default", "b", f);
+            assert_eq!(bed.tb.probe(&a, &b, Proto::Tcp, 80, ALLOWED), ok("default/b"), "{when}: a -> b@{f}");
+            let want = if c_to_b { ok("default/b") } else { ProbeResult::Timeout };
+            let r = bed.tb.probe(&c, &b, Proto::Tcp, 80, if c_to_b { ALLOWED } else { DENIED });
+            assert_eq!(r, want, "{when}: c -> b@{f}");
+            assert_eq!(bed.probe(&a, &tgt("default", "c", f), Proto::Tcp, 80), ProbeResult::Timeout, "{when}: a -> c@{f}");
+        }
+    };
+    let m = bed.metrics();
+    assert_eq!((m.val("zt_policy_errors_total", &[]), m.val("zt_policy_last_load_ok", &[])), (0.0, 1.0));
+    check(false, "good state");
+
+    // 1. endPort < port, in a file that also holds a valid allow for c.
+    bed.write("30-bad.yaml", &bad_file());
+    bed.wait_until("zt_policy_last_load_ok 0", || bed.metrics().val("zt_policy_last_load_ok", &[]) == 0.0);
+    std::thread::sleep(Duration::from_millis(300)); // more polls: still one error
+    assert_eq!(bed.metrics().val("zt_policy_errors_total", &[]), 1.0);
+    let want = "30-bad.yaml doc 3: NetworkPolicy default/bad: spec.ingress[0].ports[0].endPort: endPort 80 is less than port 90";
+    let log = bed.agent.log();
+    assert!(log.contains(want), "the agent log must name file, object and field ({want}); log tail:\n{}", tail(&log, 10));
+    let last = std::fs::read_to_string(bed.agent.state_dir.join("last-error")).unwrap();
+    assert!(last.contains(want), "last-error: {last}");
+    check(false, "after the bad file");
+
+    // 2. Fixed: applied (the valid half now allows c -> b).
+    bed.write("30-bad.yaml", &bad_file().replace("{port: 90, endPort: 80}", "{port: 80, endPort: 90}"));
+    bed.wait_probe(&c, &tgt("default", "b", Family::V4), Proto::Tcp, 80, &ok(""));
+    let m = bed.metrics();
+    assert_eq!((m.val("zt_policy_errors_total", &[]), m.val("zt_policy_last_load_ok", &[])), (1.0, 1.0));
+    check(true, "after the fix");
+
+    // 3. A misspelt ZTP field (unknown fields are rejected, never ignored), and at the
+    //    same time the allow for a is deleted: nothing of it may apply.
+    let typo = allow_tcp("typo", "a", "c", &[80]).replacen("podSelector", "podSelectr", 1);
+    bed.write("40-typo.yaml", &typo);
+    bed.remove("20-allow.yaml");
+    bed.wait_until("zt_policy_last_load_ok 0", || bed.metrics().val("zt_policy_last_load_ok", &[]) == 0.0);
+    std::thread::sleep(Duration::from_millis(300));
+    let m = bed.metrics();
+    assert!(m.val("zt_policy_errors_total", &[]) >= 2.0);
+    let log = bed.log_of_start(1);
+    let line = log.lines().rev().find(|l| l.contains("40-typo.yaml")).unwrap_or_else(|| panic!("no error naming 40-typo.yaml:\n{}", tail(&log, 10)));
+    assert!(line.contains("ZeroTrustPolicy default/typo-in") && line.contains("podSelectr"), "error line: {line}");
+    check(true, "after the typo");
+
+    // 4. Fixed again: the deletion of the a -> b allow now applies too.
+    bed.remove("40-typo.yaml");
+    bed.wait_probe(&a, &tgt("default", "b", Family::V4), Proto::Tcp, 80, &ProbeResult::Timeout);
+    assert_eq!(bed.metrics().val("zt_policy_last_load_ok", &[]), 1.0);
+}
+
+const NP_INGRESS: &str = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: isolate-ingress, namespace: default}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: d-from-a, namespace: default}
+spec:
+  podSelector: {matchLabels: {app: d}}
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: a}}}]
+    ports: [{port: 80}]
+";
+
+fn endpoint_ips(bed: &Bed, pod_key: &str) -> Vec<serde_json::Value> {
+    bed.ztctl_json(&["endpoints"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["pod"] == pod_key)
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn pod_churn_is_enforced_and_cleaned_up() {
+    let bed = bed("basic", &[("10-netpol.yaml", NP_INGRESS)], &[]);
+    let (a, c) = (pod("default", "a"), pod("default", "c"));
+    assert_eq!(bed.probe(&c, &tgt("default", "a", Family::V4), Proto::Tcp, 80), ProbeResult::Timeout, "ingress isolated");
+    assert_eq!(bed.metrics().val("zt_endpoints", &[("scope", "local")]), 6.0, "3 pods x 2 IPs");
+
+    let d = Pod::new(
+        "default",
+        "d",
+        "node1",
+        &["10.200.0.4".parse().unwrap(), "fd00:200::4".parse().unwrap()],
+        &[(Proto::Tcp, 80)],
+    );
+    bed.add_pod(d.clone()).unwrap();
+    // Not in the agent's manifests yet: nothing enforces d's interface.
+    for f in FAMILIES {
+        assert_eq!(bed.tb.probe(&c, &tgt("default", "d", f), Proto::Tcp, 80, ALLOWED), ok("default/d"), "unknown pod d@{f}");
+    }
+    bed.write("05-pod-d.yaml", &d.to_yaml());
+    bed.wait_probe(&c, &tgt("default", "d", Family::V4), Proto::Tcp, 80, &ProbeResult::Timeout);
+    for f in FAMILIES {
+        let dt = tgt("default", "d", f);
+        assert_eq!(bed.probe(&c, &dt, Proto::Tcp, 80), ProbeResult::Timeout, "c -> d@{f}");
+        assert_eq!(bed.tb.probe(&a, &dt, Proto::Tcp, 80, ALLOWED), ok("default/d"), "a -> d@{f}");
+        assert_eq!(bed.probe(&pod("default", "d"), &tgt("default", "a", f), Proto::Tcp, 80), ProbeResult::Timeout, "d -> a@{f}");
+        assert_eq!(bed.tb.probe(&pod("default", "d"), &tgt("default", "c", f), Proto::Tcp, 7000, DENIED), ProbeResult::Timeout);
+    }
+    let eps = endpoint_ips(&bed, "default/d");
+    assert_eq!(eps.len(), 2, "endpoints of d: {eps:?}");
+    for e in &eps {
+        assert_eq!((e["local"].as_bool(), e["ingress_enforced"].as_bool(), e["egress_enforced"].as_bool()), (Some(true), Some(true), Some(false)), "{e}");
+    }
+    assert_eq!(bed.metrics().val("zt_endpoints", &[("scope", "local")]), 8.0, "4 pods x 2 IPs");
+    let veth = bed.host_veth("default", "d").unwrap();
+    let links = bed.agent.bpffs_root.join("v1/links");
+    let linked = |name: &str| {
+        std::fs::read_dir(&links).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().contains(&format!("-{name}-")))
+    };
+    assert!(linked(&veth), "no pinned link for {veth} in {}", links.display());
+
+    // Remove it: the CNI deletes the veth, the API server the object.
+    bed.remove_pod("default", "d").unwrap();
+    bed.remove("05-pod-d.yaml");
+    bed.wait_until("d's endpoints to disappear", || endpoint_ips(&bed, "default/d").is_empty());
+    let eps = bed.ztctl_json(&["endpoints"]);
+    assert!(
+        !eps.as_array().unwrap().iter().any(|e| e["ip"] == "10.200.0.4" || e["ip"] == "fd00:200::4"),
+        "d's addresses are still known: {eps}"
+    );
+    bed.wait_until("d's links to be unpinned", || !linked(&veth));
+    assert_eq!(bed.metrics().val("zt_endpoints", &[("scope", "local")]), 6.0, "3 pods x 2 IPs");
+    assert!(!bed.agent.log().contains("ERROR"), "agent errors:\n{}", tail(&bed.agent.log(), 20));
+    // The others are unaffected.
+    assert_eq!(bed.probe(&c, &tgt("default", "a", Family::V6), Proto::Tcp, 80), ProbeResult::Timeout);
+    assert_eq!(bed.tb.probe(&a, &tgt("default", "c", Family::V6), Proto::Tcp, 80, DENIED), ProbeResult::Timeout);
+}
+
+/// Roundtrips until one fails (within 4 s); returns how long that took.
+fn cut(flow: &mut zt_testbed::TcpFlow) -> Option<Duration> {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(4) {
+        if !flow.roundtrip(Duration::from_millis(300)) {
+            return Some(t.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+const DENY_A_INTO_B: &str = "apiVersion: zt.dev/v1alpha1
+kind: ZeroTrustPolicy
+metadata: {name: deny-a, namespace: default}
+spec:
+  subjects: [{podSelector: {matchLabels: {app: b}}}]
+  ingress:
+  - action: deny
+    from: [{podSelector: {matchLabels: {app: a}}}]
+";
+
+/// Other ways an allow goes away: an explicit deny is added, the client's labels
+/// change (new identity), or a pod that was not isolated at all becomes isolated.
+#[test]
+fn revocation_by_deny_relabel_and_isolation() {
+    let bed = bed(
+        "basic",
+        &[("10-deny-all.yaml", &deny_all("default")), ("20-allow.yaml", &allow_tcp("a-to-b", "a", "b", &[7000]))],
+        &[],
+    );
+    let (a, c, b4, b6) = (pod("default", "a"), pod("default", "c"), tgt("default", "b", Family::V4), tgt("default", "b", Family::V6));
+
+    // 1. A deny rule is added (deny beats allow, also for the live flow).
+    let mut flow = bed.open_tcp(&a, &b6, 7000, ALLOWED).unwrap();
+    assert!(flow.roundtrip(ALLOWED));
+    bed.write("30-deny.yaml", DENY_A_INTO_B);
+    assert!(cut(&mut flow).is_some(), "adding a deny did not cut the live flow");
+    assert_eq!(bed.probe(&a, &b4, Proto::Tcp, 7000), ProbeResult::Timeout);
+    let e = bed.ztctl_json(&["explain", "default/a", "default/b", "tcp/7000"]);
+    assert_eq!(e["verdict"], "drop");
+    assert_eq!(e["checks"][1]["reason"], "policy-deny", "{e:#}");
+    bed.remove("30-deny.yaml");
+    bed.wait_probe(&a, &b4, Proto::Tcp, 7000, &ok(""));
+
+    // 2. The client is relabelled: its identity changes and no longer matches app=a.
+    let mut flow = bed.open_tcp(&a, &b4, 7000, ALLOWED).unwrap();
+    assert!(flow.roundtrip(ALLOWED));
+    let pod_a = std::fs::read_to_string(bed.dir.join("pod-a.yaml")).unwrap();
+    assert!(pod_a.contains("app: a"));
+    bed.write("pod-a.yaml", &pod_a.replace("app: a", "app: x"));
+    assert!(cut(&mut flow).is_some(), "relabelling the client did not cut the live flow");
+    bed.write("pod-a.yaml", &pod_a);
+    bed.wait_probe(&a, &b4, Proto::Tcp, 7000, &ok(""));
+
+    // 3. No policy at all, a flow from c; then c and b become isolated.
+    bed.remove("10-deny-all.yaml");
+    bed.remove("20-allow.yaml");
+    bed.wait_probe(&c, &b4, Proto::Tcp, 7000, &ok(""));
+    let mut flow = bed.open_tcp(&c, &b4, 7000, ALLOWED).unwrap();
+    assert!(flow.roundtrip(ALLOWED));
+    bed.write("10-deny-all.yaml", &deny_all("default"));
+    assert!(cut(&mut flow).is_some(), "isolating both ends did not cut their unpoliced flow");
+}
+
+#[test]
+fn agent_restart_with_bad_manifests_keeps_pinned_state() {
+    let bed = bed(
+        "basic",
+        &[("10-deny-all.yaml", &deny_all("default")), ("20-allow.yaml", &allow_tcp("a-to-b", "a", "b", &[80]))],
+        &[],
+    );
+    let (a, c) = (pod("default", "a"), pod("default", "c"));
+    let policy_before = bed.ztctl_json(&["policy"]);
+    bed.agent.stop().unwrap();
+    // While it is down the manifests break (and the allow for a is deleted).
+    bed.write("30-bad.yaml", "apiVersion: zt.dev/v1alpha1\nkind: ZeroTrustPolicy\nmetadata: {name: x, namespace: default}\nspec: {bogus: 1}\n");
+    bed.remove("20-allow.yaml");
+    bed.agent.start().unwrap();
+    bed.wait_until("the new agent to reject the manifests", || bed.agent.state_dir.join("last-error").exists());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(bed.agent.is_running());
+    let m = bed.metrics();
+    assert_eq!(m.val("zt_policy_errors_total", &[]), 1.0);
+    assert_eq!(m.val("zt_policy_last_load_ok", &[]), 0.0);
+    assert_eq!(m.val("zt_map_updates_total", &[]), 0.0, "nothing may be written from a rejected load");
+    let log = bed.log_of_start(2);
+    assert!(log.contains("30-bad.yaml doc 1: ZeroTrustPolicy default/x: spec.bogus: unknown field `bogus`"), "{log}");
+    // The pinned state is what the previous agent left: still enforced.
+    assert_eq!(bed.ztctl_json(&["policy"]), policy_before);
+    for f in FAMILIES {
+        let b = tgt("default", "b", f);
+        assert_eq!(bed.tb.probe(&a, &b, Proto::Tcp, 80, ALLOWED), ok("default/b"), "a -> b@{f}");
+        assert_eq!(bed.probe(&c, &b, Proto::Tcp, 80), ProbeResult::Timeout, "c -> b@{f}");
+    }
+    // Fixed: the deletion applies now.
+    bed.remove("30-bad.yaml");
+    bed.agent.wait_ready(DEADLINE).unwrap();
+    bed.wait_probe(&a, &tgt("default", "b", Family::V4), Proto::Tcp, 80, &ProbeResult::Timeout);
+    assert_eq!(bed.metrics().val("zt_policy_last_load_ok", &[]), 1.0);
+}
