@@ -59,6 +59,7 @@ struct Agent {
     ifindex: BTreeMap<IpAddr, u32>,
     ifnames: BTreeMap<IpAddr, String>,
     last_resolve: Option<Instant>,
+    last_apply_error: Option<String>,
     metrics: Shared,
     snapshot: std::sync::Arc<std::sync::RwLock<Snapshot>>,
 }
@@ -82,6 +83,11 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     };
     let ids = IdentityAllocator::load(opts.state_dir.join("identities.json")).context("loading identities")?;
     let metrics: Shared = Default::default();
+    {
+        let mut m = metrics.lock().unwrap();
+        m.ct_capacity = capacity(&opts.bpffs_root, MAP_CT)?;
+        m.frags_capacity = capacity(&opts.bpffs_root, MAP_FRAGS)?;
+    }
     let snapshot: std::sync::Arc<std::sync::RwLock<Snapshot>> = Default::default();
     let (events_tx, _) = broadcast::channel::<EventRecord>(4096);
 
@@ -104,6 +110,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         ifindex: BTreeMap::new(),
         ifnames: BTreeMap::new(),
         last_resolve: None,
+        last_apply_error: None,
         metrics,
         snapshot,
     };
@@ -239,20 +246,31 @@ impl Agent {
         let want = Contents::from_desired(&desired, &self.ifindex);
         let t = Instant::now();
         let stats = match apply(&mut self.maps, &mut self.have, &want, &self.caps) {
-            Ok(s) => s,
+            Ok(s) => {
+                self.last_apply_error = None;
+                s
+            }
             Err(e) => {
-                self.metrics.lock().unwrap().map_errors_total += 1;
-                return Err(e.context("applying the policy to the maps (the previous state stays enforced)"));
+                // Once per distinct failure: the loop retries every poll.
+                let msg = format!("{e:#}");
+                if self.last_apply_error.as_deref() != Some(&msg) {
+                    self.metrics.lock().unwrap().map_errors_total += 1;
+                    log::error!("applying the policy to the maps failed, the previous state stays enforced: {msg}");
+                    self.last_apply_error = Some(msg);
+                }
+                return Ok(());
             }
         };
         let mut cfg = self.maps.read_config().unwrap_or_default();
         let before = cfg;
-        if stats.withdrew {
-            cfg.policy_epoch = cfg.policy_epoch.wrapping_add(1);
-        }
         cfg.flags = CONFIG_READY
             | if self.opts.allow_host { CONFIG_ALLOW_HOST } else { 0 }
             | if self.opts.events_allowed { CONFIG_EVENTS_ALLOWED } else { 0 };
+        // A changed flag (host probes turned off) withdraws allows too.
+        let flags_changed = before.flags & CONFIG_READY != 0 && before.flags != cfg.flags;
+        if stats.withdrew || flags_changed {
+            cfg.policy_epoch = cfg.policy_epoch.wrapping_add(1);
+        }
         cfg.ct_tcp_timeout_s = self.opts.ct_tcp_timeout_s;
         cfg.ct_other_timeout_s = self.opts.ct_other_timeout_s;
         cfg.events_per_sec = self.opts.events_per_sec;

@@ -19,6 +19,10 @@ pub struct AgentMetrics {
     pub endpoints_remote: usize,
     /// (name, entries, capacity) per user-space-managed map.
     pub maps: Vec<(&'static str, usize, u32)>,
+    /// Capacity of the maps the kernel fills (conntrack, fragments); entries are counted
+    /// at scrape time.
+    pub ct_capacity: u32,
+    pub frags_capacity: u32,
     pub compile_seconds_sum: f64,
     pub compile_count: u64,
     pub apply_seconds_sum: f64,
@@ -56,12 +60,17 @@ pub fn render(m: &AgentMetrics, maps: Option<&PinnedMaps>) -> String {
             let _ = writeln!(o, "zt_datapath_events_total{{outcome=\"{name}\"}} {}", s[i as usize]);
         }
     }
-    line(&mut o, "Entries in each map the agent manages.", "gauge", "zt_map_entries");
-    for (name, n, _) in &m.maps {
+    let mut all = m.maps.clone();
+    if let Some(maps) = maps {
+        all.push((MAP_CT, maps.ct.keys().count(), m.ct_capacity));
+        all.push((MAP_FRAGS, maps.frags.keys().count(), m.frags_capacity));
+    }
+    line(&mut o, "Entries in each map.", "gauge", "zt_map_entries");
+    for (name, n, _) in &all {
         let _ = writeln!(o, "zt_map_entries{{map=\"{name}\"}} {n}");
     }
-    line(&mut o, "Capacity (max_entries) of each map the agent manages.", "gauge", "zt_map_capacity");
-    for (name, _, cap) in &m.maps {
+    line(&mut o, "Capacity (max_entries) of each map.", "gauge", "zt_map_capacity");
+    for (name, _, cap) in &all {
         let _ = writeln!(o, "zt_map_capacity{{map=\"{name}\"}} {cap}");
     }
     line(&mut o, "Time spent compiling policy into map entries.", "summary", "zt_policy_compile_seconds");

@@ -28,6 +28,7 @@ pub type EndpointsMap = HashMap<MapData, EndpointKey, EndpointValue>;
 pub type CidrsMap = LpmTrie<MapData, CidrKey, CidrValue>;
 pub type PolicyMap = LpmTrie<MapData, PolicyKey, PolicyValue>;
 pub type CtMap = HashMap<MapData, CtKey, CtValue>;
+pub type FragsMap = HashMap<MapData, FragKey, FragValue>;
 pub type ConfigMap = Array<MapData, Config>;
 pub type CounterMap = PerCpuArray<MapData, u64>;
 
@@ -38,6 +39,7 @@ pub struct PinnedMaps {
     pub cidrs: CidrsMap,
     pub policy: PolicyMap,
     pub ct: CtMap,
+    pub frags: FragsMap,
     pub counters: CounterMap,
     pub evstats: CounterMap,
 }
@@ -50,7 +52,8 @@ impl PinnedMaps {
             endpoints: open(MAP_ENDPOINTS)?.try_into()?,
             cidrs: open(MAP_CIDRS)?.try_into()?,
             policy: open(MAP_POLICY)?.try_into()?,
-            ct: ct_map(open(MAP_CT)?)?,
+            ct: lru_map(open(MAP_CT)?)?,
+            frags: lru_map(open(MAP_FRAGS)?)?,
             counters: open(MAP_COUNTERS)?.try_into()?,
             evstats: open(MAP_EVENT_STATS)?.try_into()?,
         })
@@ -71,8 +74,8 @@ impl PinnedMaps {
 }
 
 /// LRU hash maps load as `Map::LruHashMap`; aya's HashMap accepts both.
-fn ct_map(m: Map) -> Result<CtMap> {
-    Ok(CtMap::try_from(m)?)
+fn lru_map<K: aya::Pod, V: aya::Pod>(m: Map) -> Result<HashMap<MapData, K, V>> {
+    Ok(HashMap::try_from(m)?)
 }
 
 fn sum_per_cpu(map: &CounterMap, slots: u32) -> Result<Vec<u64>> {
