@@ -81,6 +81,20 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         cidrs: capacity(&opts.bpffs_root, MAP_CIDRS)?,
         policy: capacity(&opts.bpffs_root, MAP_POLICY)?,
     };
+    // Pinned maps are reused as they are: a changed size flag applies once the pins are
+    // gone (a new map version directory, or removed by hand on a drained node).
+    for (name, flag) in [
+        (MAP_ENDPOINTS, opts.sizes.endpoints),
+        (MAP_CIDRS, opts.sizes.cidrs),
+        (MAP_POLICY, opts.sizes.policy),
+        (MAP_CT, opts.sizes.ct),
+        (MAP_FRAGS, opts.sizes.frags),
+    ] {
+        let pinned = capacity(&opts.bpffs_root, name)?;
+        if pinned != flag {
+            log::warn!("{name} is pinned with {pinned} entries but the flag asks for {flag}: keeping {pinned} (remove the pin to resize)");
+        }
+    }
     let ids = IdentityAllocator::load(opts.state_dir.join("identities.json")).context("loading identities")?;
     let metrics: Shared = Default::default();
     {
