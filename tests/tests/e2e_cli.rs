@@ -14,17 +14,6 @@ const SLEEP: &str = "spiffe://cluster.local/ns/default/sa/sleep";
 const HTTPBIN: &str = "spiffe://cluster.local/ns/default/sa/httpbin";
 const NOTSLEEP: &str = "spiffe://cluster.local/ns/default/sa/notsleep";
 
-/// Only b is isolated; a may reach it on TCP 80.
-const ISOLATE_B: &str = "apiVersion: zt.dev/v1alpha1
-kind: ZeroTrustPolicy
-metadata: {name: isolate-b, namespace: default}
-spec:
-  subjects: [{podSelector: {matchLabels: {app: b}}}]
-  enforcementMode: always
-  ingress:
-  - from: [{podSelector: {matchLabels: {app: a}}}]
-    ports: [{protocol: TCP, port: 80}]
-";
 
 fn promtool_check(text: &str) {
     let mut child = std::process::Command::new("promtool")

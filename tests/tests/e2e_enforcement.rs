@@ -63,18 +63,6 @@ fn demo_lab_default_deny_then_allow_sleep() {
     });
 }
 
-/// Only b is isolated (a may still reach it on TCP 80); a itself is not isolated, so
-/// whatever a gets back comes from b's side.
-const ISOLATE_B: &str = "apiVersion: zt.dev/v1alpha1
-kind: ZeroTrustPolicy
-metadata: {name: isolate-b, namespace: default}
-spec:
-  subjects: [{podSelector: {matchLabels: {app: b}}}]
-  enforcementMode: always
-  ingress:
-  - from: [{podSelector: {matchLabels: {app: a}}}]
-    ports: [{protocol: TCP, port: 80}]
-";
 
 #[test]
 fn denied_peer_learns_nothing_about_closed_ports() {

@@ -82,7 +82,7 @@ fn print_indented(s: &str) {
 fn expect(bed: &Testbed, from: &Endpoint, to: &Target, allowed: bool) -> Result<()> {
     let r = bed.probe(from, to, Proto::Tcp, 80, Duration::from_millis(500));
     let ok = matches!(r, ProbeResult::Ok(_));
-    println!("   {from} -> {to} tcp/80: {}", if ok { "connected".to_string() } else { format!("refused ({r:?})") });
+    println!("   {from} -> {to} tcp/80: {}", if ok { "connected".to_string() } else { format!("no connection ({r:?})") });
     if ok != allowed {
         bail!("expected {} but got {r:?}", if allowed { "a connection" } else { "no connection" });
     }

@@ -265,3 +265,16 @@ spec:
 "
     )
 }
+
+/// Only b is isolated (a may still reach it on TCP 80); a itself is not isolated, so
+/// whatever a gets back comes from b's side.
+pub const ISOLATE_B: &str = "apiVersion: zt.dev/v1alpha1
+kind: ZeroTrustPolicy
+metadata: {name: isolate-b, namespace: default}
+spec:
+  subjects: [{podSelector: {matchLabels: {app: b}}}]
+  enforcementMode: always
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: a}}}]
+    ports: [{protocol: TCP, port: 80}]
+";
