@@ -428,3 +428,25 @@ fn map_full_keeps_previous_state() {
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(bed.metrics().val("zt_map_errors_total", &[]), 1.0);
 }
+
+/// A pod that leaves the manifests while its interface still exists (terminating, or a
+/// stale source) keeps its hook: its traffic fails closed instead of running unenforced.
+#[test]
+fn forgotten_pod_with_live_interface_fails_closed() {
+    let bed = bed("basic", &[], &[]);
+    let d = Pod::new("default", "d", "node1", &["10.200.0.4".parse().unwrap(), "fd00:200::4".parse().unwrap()], &[(Proto::Tcp, 80)]);
+    bed.add_pod(d.clone()).unwrap();
+    bed.write("05-pod-d.yaml", &d.to_yaml());
+    let (a, dp) = (pod("default", "a"), pod("default", "d"));
+    bed.wait_until("d's endpoints", || endpoint_ips(&bed, "default/d").len() == 2);
+    // No policy: d is known, hooked and open.
+    assert_eq!(bed.probe(&dp, &tgt("default", "a", Family::V4), Proto::Tcp, 80), ok("default/a"));
+    // The source forgets d; its veth stays.
+    bed.remove("05-pod-d.yaml");
+    bed.wait_until("d's endpoints to disappear", || endpoint_ips(&bed, "default/d").is_empty());
+    for f in FAMILIES {
+        assert_eq!(bed.tb.probe(&dp, &tgt("default", "a", f), Proto::Tcp, 80, DENIED), ProbeResult::Timeout, "d -> a@{f}");
+        assert_eq!(bed.tb.probe(&a, &tgt("default", "d", f), Proto::Tcp, 80, DENIED), ProbeResult::Timeout, "a -> d@{f}");
+    }
+    assert!(bed.metrics().verdicts("egress", "drop", "unknown-endpoint") >= 2.0);
+}

@@ -15,6 +15,8 @@ pub async fn serve(path: PathBuf, events: broadcast::Sender<EventRecord>, metric
         std::fs::create_dir_all(dir)?;
     }
     let listener = UnixListener::bind(&path)?;
+    // Flow events name every workload's peers: root only.
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     loop {
         let (sock, _) = listener.accept().await?;
         let mut rx = events.subscribe();

@@ -21,7 +21,7 @@ use crate::{
     net,
     pins::{capacity, PinnedMaps},
     state::Desired,
-    sync::{apply, Capacities, Contents},
+    sync::{apply, withdraws, Capacities, Contents},
 };
 
 #[derive(Clone, Debug)]
@@ -60,6 +60,13 @@ struct Agent {
     ifnames: BTreeMap<IpAddr, String>,
     last_resolve: Option<Instant>,
     last_apply_error: Option<String>,
+    /// The desired state or interfaces changed since the last successful apply.
+    dirty: bool,
+    /// Something was withdrawn and the epoch is not bumped yet.
+    pending_bump: bool,
+    /// What ZT_CONFIG holds (read once at start).
+    config: Config,
+    shared_warned: BTreeSet<u32>,
     metrics: Shared,
     snapshot: std::sync::Arc<std::sync::RwLock<Snapshot>>,
 }
@@ -70,6 +77,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let mut datapath = Datapath::load(&opts.bpffs_root, &opts.sizes)?;
     let maps = PinnedMaps::open(&opts.bpffs_root)?;
     let have = Contents::read(&maps).context("reading the pinned maps")?;
+    let config = maps.read_config().context("reading ZT_CONFIG")?;
     log::info!(
         "datapath loaded; pinned maps hold {} endpoints, {} cidrs, {} policy entries",
         have.endpoints.len(),
@@ -125,6 +133,10 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         ifnames: BTreeMap::new(),
         last_resolve: None,
         last_apply_error: None,
+        dirty: true,
+        pending_bump: false,
+        config,
+        shared_warned: BTreeSet::new(),
         metrics,
         snapshot,
     };
@@ -229,7 +241,7 @@ impl Agent {
         let Some(cluster) = &self.cluster else {
             return Ok(());
         };
-        if changed || self.desired.is_none() {
+        if changed {
             let cfg = CompileConfig {
                 node_name: self.opts.node_name.clone(),
                 trust_domain: self.opts.trust_domain.clone(),
@@ -246,43 +258,79 @@ impl Agent {
                     self.ids.save(self.opts.state_dir.join("identities.json"))?;
                     self.desired = Some(d);
                     self.last_resolve = None;
+                    self.dirty = true;
                 }
-                Err(e) => {
-                    self.reject(&format!("{e}"));
-                    if self.desired.is_none() {
-                        return Ok(());
-                    }
-                }
+                Err(e) => self.reject(&format!("{e}")),
             }
         }
-        let desired = self.desired.clone().expect("set above");
-        self.resolve_interfaces(&desired)?;
-        let want = Contents::from_desired(&desired, &self.ifindex);
-        let t = Instant::now();
-        let stats = match apply(&mut self.maps, &mut self.have, &want, &self.caps) {
-            Ok(s) => {
-                self.last_apply_error = None;
-                s
-            }
-            Err(e) => {
-                // Once per distinct failure: the loop retries every poll.
-                let msg = format!("{e:#}");
-                if self.last_apply_error.as_deref() != Some(&msg) {
-                    self.metrics.lock().unwrap().map_errors_total += 1;
-                    log::error!("applying the policy to the maps failed, the previous state stays enforced: {msg}");
-                    self.last_apply_error = Some(msg);
-                }
-                return Ok(());
-            }
+        let Some(desired) = self.desired.take() else {
+            return Ok(());
         };
-        let mut cfg = self.maps.read_config().unwrap_or_default();
-        let before = cfg;
+        let r = self.enforce(&desired);
+        self.desired = Some(desired);
+        r
+    }
+
+    /// Makes the datapath enforce `desired`: map diff, config, attachments.
+    fn enforce(&mut self, desired: &Desired) -> Result<()> {
+        if self.resolve_interfaces(desired)? {
+            self.dirty = true;
+        }
+        let t = Instant::now();
+        let mut stats = crate::sync::ApplyStats::default();
+        if self.dirty {
+            let want = Contents::from_desired(desired, &self.ifindex);
+            // Remembered until the epoch is written, even if this apply fails halfway.
+            self.pending_bump |= withdraws(&self.have, &want);
+            stats = match apply(&mut self.maps, &mut self.have, &want, &self.caps) {
+                Ok(s) => {
+                    self.last_apply_error = None;
+                    s
+                }
+                Err(e) => {
+                    // Once per distinct failure: the loop retries every poll.
+                    let msg = format!("{e:#}");
+                    if self.last_apply_error.as_deref() != Some(&msg) {
+                        self.metrics.lock().unwrap().map_errors_total += 1;
+                        log::error!("applying the policy to the maps failed, the previous state stays enforced: {msg}");
+                        self.last_apply_error = Some(msg);
+                    }
+                    return Ok(());
+                }
+            };
+            self.dirty = false;
+        }
+        self.write_config()?;
+        if stats.written + stats.removed > 0 {
+            log::info!("applied {} writes, {} removals (epoch {})", stats.written, stats.removed, self.config.policy_epoch);
+        }
+        let apply_time = t.elapsed();
+        // Attach only once the maps hold the full state.
+        let mut keep = BTreeSet::new();
+        for (ip, idx) in &self.ifindex {
+            if let Some(name) = self.ifnames.get(ip) {
+                self.datapath.ensure_attached(*idx, name)?;
+                keep.insert((*idx, name.clone()));
+            }
+        }
+        self.datapath.detach_gone(&keep)?;
+        self.publish(desired, &stats, apply_time)?;
+        Ok(())
+    }
+
+    /// Writes ZT_CONFIG when it changes; the epoch lives here after the first read so that
+    /// a failed read can never move it backwards.
+    fn write_config(&mut self) -> Result<()> {
+        let before = self.config;
+        let mut cfg = before;
         cfg.flags = CONFIG_READY
             | if self.opts.allow_host { CONFIG_ALLOW_HOST } else { 0 }
             | if self.opts.events_allowed { CONFIG_EVENTS_ALLOWED } else { 0 };
         // A changed flag (host probes turned off) withdraws allows too.
-        let flags_changed = before.flags & CONFIG_READY != 0 && before.flags != cfg.flags;
-        if stats.withdrew || flags_changed {
+        if before.flags & CONFIG_READY != 0 && before.flags != cfg.flags {
+            self.pending_bump = true;
+        }
+        if self.pending_bump {
             cfg.policy_epoch = cfg.policy_epoch.wrapping_add(1);
         }
         cfg.ct_tcp_timeout_s = self.opts.ct_tcp_timeout_s;
@@ -292,20 +340,9 @@ impl Agent {
         cfg.frag_timeout_s = self.opts.frag_timeout_s;
         if cfg != before {
             self.maps.config.set(0, cfg, 0).context("writing ZT_CONFIG")?;
+            self.config = cfg;
         }
-        if stats.written + stats.removed > 0 {
-            log::info!("applied {} writes, {} removals (epoch {})", stats.written, stats.removed, cfg.policy_epoch);
-        }
-        // Attach only once the maps hold the full state.
-        let mut keep = BTreeSet::new();
-        for (ip, idx) in &self.ifindex {
-            if let Some(name) = self.ifnames.get(ip) {
-                self.datapath.ensure_attached(*idx, name)?;
-                keep.insert((*idx, name.clone()));
-            }
-        }
-        self.datapath.detach_others(&keep)?;
-        self.publish(&desired, &stats, t.elapsed(), cfg.policy_epoch)?;
+        self.pending_bump = false;
         Ok(())
     }
 
@@ -319,8 +356,10 @@ impl Agent {
     }
 
     /// Host interface of every local pod, by route. Re-resolved when the desired state
-    /// changes, for pods still without an interface, and every 10 s.
-    fn resolve_interfaces(&mut self, desired: &Desired) -> Result<()> {
+    /// changes, for pods still without an interface, and every 10 s. A host interface
+    /// that more than one pod resolves to (a bridge, the uplink) is not a pod's own and is
+    /// never hooked. Returns whether the result changed.
+    fn resolve_interfaces(&mut self, desired: &Desired) -> Result<bool> {
         let stale = self.last_resolve.is_none_or(|t| t.elapsed() > Duration::from_secs(10));
         let mut ifindex = BTreeMap::new();
         let mut ifnames = BTreeMap::new();
@@ -345,12 +384,28 @@ impl Agent {
         if stale {
             self.last_resolve = Some(Instant::now());
         }
+        let mut pods_per_if: BTreeMap<u32, BTreeSet<&crate::state::PodRef>> = BTreeMap::new();
+        for (ip, idx) in &ifindex {
+            if let Some(pod) = desired.endpoints.get(ip).and_then(|e| e.pod.as_ref()) {
+                pods_per_if.entry(*idx).or_default().insert(pod);
+            }
+        }
+        for (idx, pods) in pods_per_if.iter().filter(|(_, p)| p.len() > 1) {
+            let name = ifindex.iter().find(|(_, i)| *i == idx).and_then(|(ip, _)| ifnames.get(ip)).cloned().unwrap_or_default();
+            if self.shared_warned.insert(*idx) {
+                log::error!("interface {name} carries {} pods: not a pod's own interface, not hooking it (these pods stay unknown endpoints)", pods.len());
+            }
+            ifindex.retain(|_, i| i != idx);
+        }
+        ifnames.retain(|ip, _| ifindex.contains_key(ip));
+        let changed = ifindex != self.ifindex;
         self.ifindex = ifindex;
         self.ifnames = ifnames;
-        Ok(())
+        Ok(changed)
     }
 
-    fn publish(&mut self, desired: &Desired, stats: &crate::sync::ApplyStats, apply_time: Duration, epoch: u32) -> Result<()> {
+    fn publish(&mut self, desired: &Desired, stats: &crate::sync::ApplyStats, apply_time: Duration) -> Result<()> {
+        let epoch = self.config.policy_epoch;
         let snap = Snapshot {
             node_name: self.opts.node_name.clone(),
             identities: desired.identities.clone(),

@@ -131,9 +131,10 @@ impl Datapath {
         Ok(())
     }
 
-    /// Unpins links of interfaces that are no longer local pods (the link goes with
-    /// its last reference).
-    pub fn detach_others(&mut self, keep: &BTreeSet<(u32, String)>) -> Result<()> {
+    /// Unpins links of interfaces that are gone (the link goes with its last reference).
+    /// An interface that still exists keeps its hook even when no known pod uses it any
+    /// more: its traffic then fails closed as an unknown endpoint, never open.
+    pub fn detach_gone(&mut self, keep: &BTreeSet<(u32, String)>) -> Result<()> {
         let dir = link_dir(&self.bpffs_root);
         for entry in std::fs::read_dir(&dir)? {
             let entry = entry?;
@@ -141,7 +142,8 @@ impl Datapath {
             let Some((idx, rest)) = name.split_once('-') else { continue };
             let Some((ifname, _side)) = rest.rsplit_once('-') else { continue };
             let Ok(idx) = idx.parse::<u32>() else { continue };
-            if !keep.contains(&(idx, ifname.to_owned())) {
+            let exists = crate::net::ifindex(ifname).is_ok_and(|i| i == idx);
+            if !keep.contains(&(idx, ifname.to_owned())) && !exists {
                 std::fs::remove_file(entry.path())?;
                 self.attached.remove(&(idx, ifname.to_owned()));
             }

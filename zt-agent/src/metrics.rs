@@ -27,7 +27,6 @@ pub struct AgentMetrics {
     pub compile_count: u64,
     pub apply_seconds_sum: f64,
     pub apply_count: u64,
-    pub last_apply_entries: u64,
     pub applied_entries_total: u64,
     pub policy_errors_total: u64,
     pub policy_last_load_ok: bool,
@@ -91,6 +90,8 @@ pub fn render(m: &AgentMetrics, maps: Option<&PinnedMaps>) -> String {
     let _ = writeln!(o, "zt_endpoints{{scope=\"local\"}} {}\nzt_endpoints{{scope=\"remote\"}} {}", m.endpoints_local, m.endpoints_remote);
     line(&mut o, "Policy epoch (bumped when an allow is withdrawn; tracked flows re-verify).", "gauge", "zt_policy_epoch");
     let _ = writeln!(o, "zt_policy_epoch {}", m.policy_epoch);
+    line(&mut o, "Datapath events the agent forwarded to admin-socket subscribers.", "counter", "zt_agent_events_forwarded_total");
+    let _ = writeln!(o, "zt_agent_events_forwarded_total {}", m.events_forwarded_total);
     line(&mut o, "1 once the datapath holds the first full state.", "gauge", "zt_agent_ready");
     let _ = writeln!(o, "zt_agent_ready {}", m.ready as u8);
     o
@@ -110,8 +111,14 @@ pub async fn serve(addr: String, shared: Shared, bpffs_root: PathBuf) -> Result<
             let req = String::from_utf8_lossy(&buf[..n]);
             let (status, body) = if req.starts_with("GET /metrics") {
                 let snapshot = shared.lock().unwrap().clone();
-                let maps = PinnedMaps::open(&root).ok();
-                ("200 OK", render(&snapshot, maps.as_ref()))
+                // Map reads are syscalls (and a walk of the conntrack map): off the runtime.
+                let body = tokio::task::spawn_blocking(move || {
+                    let maps = PinnedMaps::open(&root).ok();
+                    render(&snapshot, maps.as_ref())
+                })
+                .await
+                .unwrap_or_default();
+                ("200 OK", body)
             } else if req.starts_with("GET /healthz") {
                 let ready = shared.lock().unwrap().ready;
                 if ready { ("200 OK", "ok\n".to_string()) } else { ("503 Service Unavailable", "not ready\n".to_string()) }

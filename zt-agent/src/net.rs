@@ -37,18 +37,20 @@ struct RouteGet {
     dev: Option<String>,
     #[serde(rename = "type")]
     kind: Option<String>,
+    gateway: Option<String>,
 }
 
 /// The interface the node routes `ip` through (the pod's host-side interface), if the
-/// route is a unicast route through a device other than loopback.
+/// route is a direct (no gateway) unicast route through a device other than loopback:
+/// a pod IP that only matches the default route is not on this node yet.
 pub fn route_interface(ip: IpAddr) -> Result<Option<String>> {
     let out = Command::new("ip").args(["-j", "route", "get", &ip.to_string()]).output().context("running ip route get")?;
     if !out.status.success() {
         return Ok(None);
     }
     let routes: Vec<RouteGet> = serde_json::from_slice(&out.stdout).context("parsing ip -j route get")?;
-    Ok(routes.into_iter().next().and_then(|r| match (r.dev, r.kind.as_deref()) {
-        (Some(dev), None | Some("unicast")) if dev != "lo" => Some(dev),
+    Ok(routes.into_iter().next().and_then(|r| match (r.dev, r.kind.as_deref(), r.gateway) {
+        (Some(dev), None | Some("unicast"), None) if dev != "lo" => Some(dev),
         _ => None,
     }))
 }

@@ -323,3 +323,77 @@ fn icmp_errors_pass_only_for_tracked_flows() {
     assert_eq!(dp.run(TO, &ipv6_ext(PEER6, POD6, ICMPV6, &ptb, &[], 64)), TC_PASS);
     assert_eq!(dp.counter(DIR_INGRESS, Reason::AllowRelated), 2);
 }
+
+#[test]
+fn another_pod_cannot_join_a_tracked_flow_by_forging_its_tuple() {
+    let mut dp = Dp::new("spoofct");
+    in_private_netns(|if_a, if_c| {
+        // Pod A behind one interface, pod C behind another, both isolated.
+        dp.endpoint(POD, ID_POD, EP_LOCAL | EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS, if_a);
+        dp.endpoint("10.0.0.11", 302, EP_LOCAL | EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS, if_c);
+        dp.endpoint(PEER, ID_PEER, 0, 0);
+        dp.policy(POLICY_PREFIX_FULL, pk(ID_POD, ID_PEER, DIR_EGRESS, UDP, 53), VERDICT_ALLOW, 1);
+        let out = ipv4(POD, PEER, UDP, 5353, 53);
+        assert_eq!(dp.run_on(FROM, &out, if_a), TC_PASS);
+        assert_eq!(dp.run_on(FROM, &out, if_a), TC_PASS);
+        assert_eq!(dp.counter(DIR_EGRESS, Reason::AllowEstablished), 1);
+        // C sends the very same bytes (A's source, A's tracked tuple): a new flow at C's
+        // hook, whose source is not C's address.
+        assert_eq!(dp.run_on(FROM, &out, if_c), TC_DROP);
+        assert_eq!(dp.counter(DIR_EGRESS, Reason::DropUnknownEndpoint), 1);
+        // Nor can C inject a "reply" into A's flow towards the peer... at A's ingress the
+        // reply is A's to receive; C's hook sees it as C's ingress for an address not C's.
+        let reply = ipv4(PEER, POD, UDP, 53, 5353);
+        assert_eq!(dp.run_on(TO, &reply, if_c), TC_DROP);
+        assert_eq!(dp.run_on(TO, &reply, if_a), TC_PASS);
+    });
+}
+
+#[test]
+fn icmp_errors_must_go_back_to_the_quoted_sender() {
+    let mut dp = dp_with_pods("related-dst");
+    dp.policy(POLICY_PREFIX_FULL, pk(ID_POD, ID_PEER, DIR_INGRESS, UDP, 53), VERDICT_ALLOW, 1);
+    let req = ipv4(PEER, POD, UDP, 5000, 53);
+    assert_eq!(dp.run(TO, &req), TC_PASS);
+    // The pod quotes the tracked flow but sends the "error" elsewhere: not related.
+    assert_eq!(dp.run(FROM, &icmp4_error(POD, "203.0.113.9", 3, &req)), TC_DROP);
+    assert_eq!(dp.counter(DIR_EGRESS, Reason::AllowRelated), 0);
+}
+
+#[test]
+fn explicit_deny_beats_host_probes() {
+    let mut dp = dp_with_pods("hostdeny");
+    dp.endpoint("10.255.0.1", IDENTITY_HOST, 0, 0);
+    assert_eq!(dp.run(TO, &ipv4("10.255.0.1", POD, TCP, 1000, 8080)), TC_PASS);
+    dp.policy(POLICY_PREFIX_ANY_PROTO, pk(ID_POD, IDENTITY_HOST, DIR_INGRESS, 0, 0), VERDICT_DENY, 5);
+    assert_eq!(dp.run(TO, &ipv4("10.255.0.1", POD, TCP, 1001, 8080)), TC_DROP);
+    assert_eq!(dp.counter(DIR_INGRESS, Reason::DropPolicyDeny), 1);
+}
+
+#[test]
+fn init_identity_fails_closed_even_unisolated() {
+    let mut dp = Dp::new("init");
+    dp.endpoint(POD, IDENTITY_INIT, EP_LOCAL, TEST_IFINDEX);
+    assert_eq!(dp.run(FROM, &ipv4(POD, PEER, TCP, 1000, 80)), TC_DROP);
+    assert_eq!(dp.counter(DIR_EGRESS, Reason::DropUnknownEndpoint), 1);
+}
+
+#[test]
+fn ndp_from_a_routable_source_is_policy() {
+    let mut dp = dp_with_pods("ndp-global");
+    // Hop limit 255 but global source and destination: could be forwarded, so judged.
+    let p = ipv6_ext(POD6, "2001:db8::1", ICMPV6, &l4(ICMPV6, 0, 135), &[], 255);
+    assert_eq!(dp.run(FROM, &p), TC_DROP);
+    assert_eq!(dp.counter(DIR_EGRESS, Reason::AllowNdp), 0);
+    // Link-local source to the pod's global address (neighbour unreachability detection).
+    let nud = ipv6_ext("fe80::1", POD6, ICMPV6, &l4(ICMPV6, 0, 135), &[], 255);
+    assert_eq!(dp.run(TO, &nud), TC_PASS);
+}
+
+#[test]
+fn six_extension_headers_are_walked() {
+    let mut dp = dp_with_pods("ext6");
+    dp.policy(POLICY_PREFIX_ANY_PROTO, pk(ID_POD, ID_PEER, DIR_INGRESS, 0, 0), VERDICT_ALLOW, 1);
+    let six = ipv6_ext(PEER6, POD6, TCP, &l4(TCP, 1, 80), &[60, 60, 60, 60, 60, 60], 64);
+    assert_eq!(dp.run(TO, &six), TC_PASS);
+}

@@ -6,7 +6,7 @@ use common::*;
 use zt_agent::{
     loader::MapSizes,
     net::to_key,
-    sync::{apply, Capacities, Contents},
+    sync::{apply, withdraws, Capacities, Contents},
 };
 use zt_common::*;
 
@@ -31,7 +31,8 @@ fn diff_apply_then_noop_then_withdraw() {
     let mut dp = Dp::with_sizes("sync-diff", &s);
     let mut have = Contents::default();
     let st = apply(&mut dp.maps, &mut have, &want(10), &caps(&s)).unwrap();
-    assert_eq!((st.written, st.removed, st.withdrew), (13, 0, false));
+    // New endpoints count as a withdrawal: an address may now resolve to another identity.
+    assert_eq!((st.written, st.removed, st.withdrew), (13, 0, true));
     assert_eq!(Contents::read(&dp.maps).unwrap(), want(10), "maps hold exactly the desired state");
     let st = apply(&mut dp.maps, &mut have, &want(10), &caps(&s)).unwrap();
     assert_eq!((st.written, st.removed), (0, 0), "unchanged state writes nothing");
@@ -72,4 +73,36 @@ fn a_restarted_writer_reads_back_the_state_and_writes_nothing() {
     let mut reread = Contents::read(&dp.maps).unwrap();
     let st = apply(&mut dp.maps, &mut reread, &want(20), &caps(&s)).unwrap();
     assert_eq!((st.written, st.removed), (0, 0));
+}
+
+#[test]
+fn new_denies_endpoints_and_cidrs_withdraw() {
+    let s = MapSizes::default();
+    let mut dp = Dp::with_sizes("sync-withdraw", &s);
+    let mut have = Contents::default();
+    apply(&mut dp.maps, &mut have, &want(2), &caps(&s)).unwrap();
+    let mut w = want(2);
+    w.policy.insert((POLICY_PREFIX_FULL, PolicyKey::new(300, 301, DIR_INGRESS, 6, 22)), PolicyValue { verdict: VERDICT_DENY, _pad: [0; 3], rule_id: 2 });
+    assert!(withdraws(&have, &w), "a new deny may cover what an allow admitted");
+    let mut w = want(2);
+    w.endpoints.insert(to_key("192.0.2.7".parse().unwrap()), EndpointValue { identity: 305, flags: 0, ifindex: 0, _pad: 0 });
+    assert!(withdraws(&have, &w), "an address that resolved to a CIDR now resolves to a pod");
+    let mut w = want(2);
+    w.cidrs.insert((96 + 28, to_key("192.0.2.0".parse().unwrap())), CidrValue { identity: IDENTITY_CIDR_FLAG | 2 });
+    assert!(withdraws(&have, &w));
+    assert!(!withdraws(&have, &want(3)), "a new allow takes nothing away");
+}
+
+#[test]
+fn short_ipv6_prefixes_never_cover_ipv4() {
+    use std::collections::BTreeMap;
+    use zt_agent::state::{Cidr, Desired};
+    let mut d = Desired::default();
+    d.cidrs.insert(Cidr { addr: "::".parse().unwrap(), prefix: 0 }, IDENTITY_CIDR_FLAG | 1);
+    let c = Contents::from_desired(&d, &BTreeMap::new());
+    assert_eq!(c.cidrs.get(&(96, to_key("0.0.0.0".parse().unwrap()))), Some(&CidrValue { identity: IDENTITY_WORLD }));
+    // With an IPv4 /0 rule, that rule owns the block.
+    d.cidrs.insert(Cidr { addr: "0.0.0.0".parse().unwrap(), prefix: 0 }, IDENTITY_CIDR_FLAG | 2);
+    let c = Contents::from_desired(&d, &BTreeMap::new());
+    assert_eq!(c.cidrs.get(&(96, to_key("0.0.0.0".parse().unwrap()))), Some(&CidrValue { identity: IDENTITY_CIDR_FLAG | 2 }));
 }

@@ -317,7 +317,9 @@ pub struct PolicyValue {
 // ---------------------------------------------------------------------------
 
 /// A flow as first seen at a hook, in its original direction. `dir` is the direction
-/// of the check that admitted it (a flow between two local pods has one entry per side).
+/// of the check that admitted it (a flow between two local pods has one entry per side)
+/// and `ifindex` the hook's interface, so that only the pod behind that interface can
+/// match it (another pod forging the tuple is judged as a new flow, and fails).
 /// ICMP echo uses the echo identifier as both ports.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -329,6 +331,7 @@ pub struct CtKey {
     pub proto: u8,
     pub dir: u8,
     pub _pad: [u8; 2],
+    pub ifindex: u32,
 }
 
 #[repr(C)]
@@ -360,6 +363,8 @@ pub struct FragKey {
     pub proto: u8,
     pub dir: u8,
     pub _pad: [u8; 2],
+    /// The hook's interface, as in `CtKey`.
+    pub ifindex: u32,
 }
 
 #[repr(C)]
@@ -415,9 +420,9 @@ const _: () = {
     assert!(core::mem::size_of::<CidrValue>() == 4);
     assert!(core::mem::size_of::<PolicyKey>() == 12);
     assert!(core::mem::size_of::<PolicyValue>() == 8);
-    assert!(core::mem::size_of::<CtKey>() == 40);
+    assert!(core::mem::size_of::<CtKey>() == 44);
     assert!(core::mem::size_of::<CtValue>() == 40);
-    assert!(core::mem::size_of::<FragKey>() == 40);
+    assert!(core::mem::size_of::<FragKey>() == 44);
     assert!(core::mem::size_of::<FragValue>() == 8);
     assert!(core::mem::size_of::<Event>() == 64);
     assert!(core::mem::size_of::<RateLimit>() == 16);

@@ -7,25 +7,26 @@ use zt_common::*;
 
 use crate::{
     maps::CT,
-    parse::{Flow, Quoted, IPPROTO_TCP},
-    policy::Decision,
+    parse::{Flow, IPPROTO_TCP},
+    policy::{Decision, Hook},
 };
 
 #[inline(always)]
-pub fn forward_key(f: &Flow, dir: u8) -> CtKey {
-    CtKey { saddr: f.saddr, daddr: f.daddr, sport: f.sport, dport: f.dport, proto: f.proto, dir, _pad: [0; 2] }
+pub fn forward_key(f: &Flow, hook: &Hook) -> CtKey {
+    CtKey { saddr: f.saddr, daddr: f.daddr, sport: f.sport, dport: f.dport, proto: f.proto, dir: hook.dir, _pad: [0; 2], ifindex: hook.ifindex }
 }
 
 #[inline(always)]
-fn reply_key(f: &Flow, dir: u8) -> CtKey {
+fn reply_key(f: &Flow, hook: &Hook) -> CtKey {
     CtKey {
         saddr: f.daddr,
         daddr: f.saddr,
         sport: f.dport,
         dport: f.sport,
         proto: f.proto,
-        dir: dir ^ 1,
+        dir: hook.dir ^ 1,
         _pad: [0; 2],
+        ifindex: hook.ifindex,
     }
 }
 
@@ -39,8 +40,8 @@ fn fresh(cfg: &Config, proto: u8, v: *mut CtValue, now: u64) -> bool {
 /// The tracked flow of this packet (null if none), forward first, then as a reply
 /// (`reply` set). Expired entries are removed on the way.
 #[inline(never)]
-pub fn lookup(cfg: &Config, f: &Flow, dir: u8, now: u64, reply: &mut bool) -> *mut CtValue {
-    let fk = forward_key(f, dir);
+pub fn lookup(cfg: &Config, f: &Flow, hook: &Hook, now: u64, reply: &mut bool) -> *mut CtValue {
+    let fk = forward_key(f, hook);
     if let Some(v) = CT.get_ptr_mut(&fk) {
         if fresh(cfg, f.proto, v, now) {
             *reply = false;
@@ -48,7 +49,7 @@ pub fn lookup(cfg: &Config, f: &Flow, dir: u8, now: u64, reply: &mut bool) -> *m
         }
         let _ = CT.remove(&fk);
     }
-    let rk = reply_key(f, dir);
+    let rk = reply_key(f, hook);
     if let Some(v) = CT.get_ptr_mut(&rk) {
         if fresh(cfg, f.proto, v, now) {
             *reply = true;
@@ -59,23 +60,41 @@ pub fn lookup(cfg: &Config, f: &Flow, dir: u8, now: u64, reply: &mut bool) -> *m
     core::ptr::null_mut()
 }
 
-/// Is this ICMP error about a tracked flow? The quoted packet travelled the other way,
-/// so it is that flow forward as seen at the opposite hook, or its reply at this one.
+/// Is this ICMP error about a flow tracked at this interface? An error goes back to the
+/// sender of the packet it quotes, so the quoted source must be the error's destination;
+/// the quoted packet is then the flow forward as seen at this pod's other hook, or its
+/// reply at this one.
 #[inline(never)]
-pub fn related(q: &Quoted, dir: u8) -> bool {
-    let fwd = CtKey { saddr: q.saddr, daddr: q.daddr, sport: q.sport, dport: q.dport, proto: q.proto, dir: dir ^ 1, _pad: [0; 2] };
+pub fn related(f: &Flow, hook: &Hook) -> bool {
+    let q = &f.quoted;
+    if q.saddr != f.daddr {
+        return false;
+    }
+    let fwd = CtKey { saddr: q.saddr, daddr: q.daddr, sport: q.sport, dport: q.dport, proto: q.proto, dir: hook.dir ^ 1, _pad: [0; 2], ifindex: hook.ifindex };
     if CT.get_ptr(&fwd).is_some() {
         return true;
     }
-    let rev = CtKey { saddr: q.daddr, daddr: q.saddr, sport: q.dport, dport: q.sport, proto: q.proto, dir, _pad: [0; 2] };
+    let rev = CtKey { saddr: q.daddr, daddr: q.saddr, sport: q.dport, dport: q.sport, proto: q.proto, dir: hook.dir, _pad: [0; 2], ifindex: hook.ifindex };
     CT.get_ptr(&rev).is_some()
 }
 
 /// Forgets a flow whose allow was withdrawn.
 #[inline(never)]
-pub fn remove(f: &Flow, dir: u8, reply: bool) {
-    let k = if reply { reply_key(f, dir) } else { forward_key(f, dir) };
+pub fn remove(f: &Flow, hook: &Hook, reply: bool) {
+    let k = if reply { reply_key(f, hook) } else { forward_key(f, hook) };
     let _ = CT.remove(&k);
+}
+
+/// After a re-verification under a new epoch: the flow's identities and rule may have
+/// changed (a relabelled pod keeps its flow if the new identity is allowed too).
+#[inline(always)]
+pub fn reverified(v: *mut CtValue, epoch: u32, d: &Decision) {
+    unsafe {
+        (*v).epoch = epoch;
+        (*v).local_id = d.local_id;
+        (*v).peer_id = d.peer_id;
+        (*v).rule_id = d.rule_id;
+    }
 }
 
 /// Refreshes last-seen at most once a second to keep writes off the hot path.
@@ -89,7 +108,7 @@ pub fn touch(v: *mut CtValue, now: u64) {
 }
 
 #[inline(never)]
-pub fn create(f: &Flow, dir: u8, epoch: u32, d: &Decision) {
+pub fn create(f: &Flow, hook: &Hook, epoch: u32, d: &Decision) {
     let now = unsafe { bpf_ktime_get_ns() };
     let v = CtValue {
         created_ns: now,
@@ -104,5 +123,5 @@ pub fn create(f: &Flow, dir: u8, epoch: u32, d: &Decision) {
     };
     // LRU: inserting evicts the oldest entry when full. Should it still fail, the
     // flow's replies are judged as new flows: fail closed.
-    let _ = CT.insert(&forward_key(f, dir), &v, 0);
+    let _ = CT.insert(&forward_key(f, hook), &v, 0);
 }

@@ -50,7 +50,7 @@ fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow) -> i32 {
     }
     let dir = hook.dir;
     if f.related {
-        if conntrack::related(&f.quoted, dir) {
+        if conntrack::related(f, hook) {
             verdict::count(dir, Reason::AllowRelated);
             return TC_PASS;
         }
@@ -58,7 +58,7 @@ fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow) -> i32 {
     let now = unsafe { bpf_ktime_get_ns() };
     let mut d = Decision { allow: false, reason: Reason::DropPolicyDefault, local_id: 0, peer_id: 0, rule_id: 0 };
     let mut reply = false;
-    let ct = conntrack::lookup(cfg, f, dir, now, &mut reply);
+    let ct = conntrack::lookup(cfg, f, hook, now, &mut reply);
     if !ct.is_null() {
         if unsafe { (*ct).epoch } != cfg.policy_epoch {
             // The policy changed since this flow was admitted: judge it again as the
@@ -66,14 +66,14 @@ fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow) -> i32 {
             let (odir, port) = if reply { (dir ^ 1, unsafe { (*ct).policy_port }) } else { (dir, f.policy_port) };
             policy::decide(cfg, hook, f, &Judged { dir: odir, port }, &mut d);
             if !d.allow {
-                conntrack::remove(f, dir, reply);
+                conntrack::remove(f, hook, reply);
                 d.reason = Reason::DropRevoked;
                 return drop_judged(cfg, hook, f, &d);
             }
-            unsafe { (*ct).epoch = cfg.policy_epoch };
+            conntrack::reverified(ct, cfg.policy_epoch, &d);
         }
         conntrack::touch(ct, now);
-        note_first_fragment(f, dir, now);
+        note_first_fragment(f, hook, now);
         verdict::count(dir, if reply { Reason::AllowReply } else { Reason::AllowEstablished });
         return TC_PASS;
     }
@@ -81,8 +81,8 @@ fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow) -> i32 {
     if !d.allow {
         return drop_judged(cfg, hook, f, &d);
     }
-    conntrack::create(f, dir, cfg.policy_epoch, &d);
-    note_first_fragment(f, dir, now);
+    conntrack::create(f, hook, cfg.policy_epoch, &d);
+    note_first_fragment(f, hook, now);
     verdict::count(dir, d.reason);
     if cfg.flags & CONFIG_EVENTS_ALLOWED != 0 {
         verdict::emit(cfg, hook, f, &d);
@@ -92,16 +92,16 @@ fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow) -> i32 {
 
 /// Remembers an allowed first fragment so that its later fragments (no L4 header) pass.
 #[inline(always)]
-fn note_first_fragment(f: &Flow, dir: u8, now: u64) {
+fn note_first_fragment(f: &Flow, hook: &Hook, now: u64) {
     if let Frag::First = f.frag {
-        let _ = FRAGS.insert(&frag_key(f, dir), &FragValue { created_ns: now }, 0);
+        let _ = FRAGS.insert(&frag_key(f, hook), &FragValue { created_ns: now }, 0);
     }
 }
 
 #[inline(always)]
 fn later_fragment(cfg: &Config, hook: &Hook, f: &Flow) -> i32 {
     let now = unsafe { bpf_ktime_get_ns() };
-    if let Some(v) = unsafe { FRAGS.get(&frag_key(f, hook.dir)) } {
+    if let Some(v) = unsafe { FRAGS.get(&frag_key(f, hook)) } {
         if now.saturating_sub(v.created_ns) < cfg.frag_timeout_s as u64 * 1_000_000_000 {
             verdict::count(hook.dir, Reason::AllowFragment);
             return TC_PASS;
@@ -111,8 +111,8 @@ fn later_fragment(cfg: &Config, hook: &Hook, f: &Flow) -> i32 {
 }
 
 #[inline(always)]
-fn frag_key(f: &Flow, dir: u8) -> FragKey {
-    FragKey { saddr: f.saddr, daddr: f.daddr, id: f.frag_id, proto: f.proto, dir, _pad: [0; 2] }
+fn frag_key(f: &Flow, hook: &Hook) -> FragKey {
+    FragKey { saddr: f.saddr, daddr: f.daddr, id: f.frag_id, proto: f.proto, dir: hook.dir, _pad: [0; 2], ifindex: hook.ifindex }
 }
 
 /// A drop decided before identities were resolved.

@@ -85,10 +85,16 @@ fn load<T>(ctx: &TcContext, off: usize) -> Result<T, ()> {
 #[inline(never)]
 pub fn parse(skb: *mut aya_ebpf::bindings::__sk_buff, flow: &mut Flow) -> Parsed {
     let ctx = &TcContext::new(skb);
-    let proto: u16 = match load::<u16>(ctx, 12) {
-        Ok(p) => u16::from_be(p),
-        Err(_) => return Parsed::Malformed,
-    };
+    // The kernel's view of the protocol decides; a frame that disagrees (a device
+    // without an Ethernet header) is malformed here, never waved through as non-IP.
+    let proto = u16::from_be(unsafe { (*skb).protocol } as u16);
+    if proto != ETH_P_IP && proto != ETH_P_IPV6 {
+        return Parsed::NonIp;
+    }
+    match load::<u16>(ctx, 12) {
+        Ok(p) if u16::from_be(p) == proto => {}
+        _ => return Parsed::Malformed,
+    }
     let r = match proto {
         ETH_P_IP => parse_v4(ctx, flow),
         ETH_P_IPV6 => parse_v6(ctx, flow),
@@ -143,13 +149,20 @@ fn parse_v6(ctx: &TcContext, flow: &mut Flow) -> Result<Parsed, ()> {
         return Err(());
     }
     let mut next: u8 = load(ctx, ETH_HLEN + 6)?;
+    let link_scoped_src: bool;
     let hop_limit: u8 = load(ctx, ETH_HLEN + 7)?;
     flow.saddr = load(ctx, ETH_HLEN + 8)?;
     flow.daddr = load(ctx, ETH_HLEN + 24)?;
     flow.proto = next;
+    // Link-local or unspecified source, or a link-scope multicast destination: the
+    // packet cannot leave the pod's link (the node does not forward it).
+    link_scoped_src = (flow.saddr[0] == 0xfe && flow.saddr[1] & 0xc0 == 0x80) || flow.saddr == [0u8; 16];
+    let link_scoped = link_scoped_src || (flow.daddr[0] == 0xff && flow.daddr[1] & 0x0f == 0x02)
+        || (flow.daddr[0] == 0xfe && flow.daddr[1] & 0xc0 == 0x80);
     let mut off = ETH_HLEN + 40;
     let mut done = false;
-    for _ in 0..MAX_IPV6_EXT {
+    // One more round than headers allowed: the last one reads the upper protocol.
+    for _ in 0..MAX_IPV6_EXT + 1 {
         match next {
             // Hop-by-hop, routing, destination options: length in 8-octet units, first excluded.
             0 | 43 | 60 => {
@@ -173,7 +186,10 @@ fn parse_v6(ctx: &TcContext, flow: &mut Flow) -> Result<Parsed, ()> {
                 next = nh;
                 off += 8;
                 if offm >> 3 != 0 {
+                    // What follows is payload, not headers: key on this header's next.
                     flow.frag = Frag::Later;
+                    done = true;
+                    break;
                 } else if offm & 1 != 0 {
                     flow.frag = Frag::First;
                 }
@@ -197,7 +213,7 @@ fn parse_v6(ctx: &TcContext, flow: &mut Flow) -> Result<Parsed, ()> {
         // (RFC 4861 requires 255 for NDP; MLD is sent with 1 and is never forwarded).
         let ndp = (133..=137).contains(&ty) && hop_limit == 255;
         let mld = matches!(ty, 130 | 131 | 132 | 143) && hop_limit == 1;
-        if ndp || mld {
+        if (ndp || mld) && link_scoped {
             return Ok(Parsed::Ndp);
         }
     }

@@ -1,6 +1,7 @@
 //! Identity resolution and the policy decision for a new flow. Lookups, in order:
-//! ENDPOINTS[local], ENDPOINTS[peer] (else CIDRS[peer], else world),
-//! POLICY[(local, peer, ...)], POLICY[(local, any, ...)]. Deny in either wins.
+//! ENDPOINTS[peer] (else CIDRS[peer], else world), ENDPOINTS[local],
+//! POLICY[(local, peer, ...)], POLICY[(local, any, ...)]. Deny in either wins, also over
+//! the host-probe allowance.
 use aya_ebpf::maps::lpm_trie::Key;
 use zt_common::*;
 
@@ -58,16 +59,17 @@ fn decide_inner(cfg: &Config, hook: &Hook, f: &Flow, dir: u8, port: u16) -> Deci
     // The hook, not the judged direction, says which address is the local pod.
     let (local, peer) = if hook.dir == DIR_INGRESS { (&f.daddr, &f.saddr) } else { (&f.saddr, &f.daddr) };
     let peer_id = peer_identity(peer);
+    // The agent marks an address it cannot attribute (e.g. claimed by two pods) `init`.
     let ep = match unsafe { ENDPOINTS.get(&EndpointKey { addr: *local }) } {
-        Some(ep) if ep.flags & EP_LOCAL != 0 && ep.ifindex == ifindex => *ep,
+        Some(ep) if ep.flags & EP_LOCAL != 0 && ep.ifindex == ifindex && ep.identity != IDENTITY_INIT => *ep,
         _ => return deny(Reason::DropUnknownEndpoint, IDENTITY_INIT, peer_id, 0),
     };
     let local_id = ep.identity;
-    if dir == DIR_INGRESS && peer_id == IDENTITY_HOST && cfg.flags & CONFIG_ALLOW_HOST != 0 {
-        return allow(Reason::AllowHost, local_id, peer_id, 0);
-    }
+    let host_probe = dir == DIR_INGRESS && peer_id == IDENTITY_HOST && cfg.flags & CONFIG_ALLOW_HOST != 0;
     if ep.flags & enforce_flag(dir) == 0 {
-        return allow(Reason::AllowNoPolicy, local_id, peer_id, 0);
+        // Not isolated: no policy entries exist for this endpoint in this direction.
+        let reason = if host_probe { Reason::AllowHost } else { Reason::AllowNoPolicy };
+        return allow(reason, local_id, peer_id, 0);
     }
     let exact = POLICY.get(&Key::new(POLICY_PREFIX_FULL, PolicyKey::new(local_id, peer_id, dir, proto, port)));
     let any = POLICY.get(&Key::new(POLICY_PREFIX_FULL, PolicyKey::new(local_id, IDENTITY_ANY, dir, proto, port)));
@@ -84,6 +86,10 @@ fn decide_inner(cfg: &Config, hook: &Hook, f: &Flow, dir: u8, port: u16) -> Deci
     }
     if any_v == VERDICT_DENY {
         return deny(Reason::DropPolicyDeny, local_id, peer_id, any_r);
+    }
+    // Host probes pass unless a deny names the host (checked just above).
+    if host_probe {
+        return allow(Reason::AllowHost, local_id, peer_id, 0);
     }
     if exact_v == VERDICT_ALLOW {
         return allow(Reason::AllowPolicy, local_id, peer_id, exact_r);

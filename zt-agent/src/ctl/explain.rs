@@ -109,6 +109,27 @@ fn check(maps: &PinnedMaps, cfg: &Config, snap: &Snapshot, f: Flow) -> Option<Ch
     }
     let mut trace = vec![format!("ZT_ENDPOINTS[{local}] -> identity {} flags {:#x} ifindex {}", ep.identity, ep.flags, ep.ifindex)];
     let peer_id = peer_identity(maps, peer, &mut trace);
+    let fail_closed = |reason: Reason, why: &str, mut trace: Vec<String>| {
+        trace.push(why.to_string());
+        Some(Check {
+            hook: format!("{} of {local}", direction_name(dir)),
+            local: snap.identity_name(IDENTITY_INIT),
+            peer: snap.identity_name(peer_id),
+            verdict: "drop".into(),
+            reason: reason.name().into(),
+            rule: None,
+            trace,
+        })
+    };
+    if cfg.flags & CONFIG_READY == 0 {
+        return fail_closed(Reason::DropNotReady, "the datapath is not ready (the agent has not written a full state)", trace);
+    }
+    if ep.ifindex == 0 {
+        return fail_closed(Reason::DropUnknownEndpoint, "the pod's host interface is not hooked yet: its packets are dropped", trace);
+    }
+    if ep.identity == IDENTITY_INIT {
+        return fail_closed(Reason::DropUnknownEndpoint, "the address cannot be attributed to one pod (init): fail closed", trace);
+    }
     let mk = |verdict: &str, reason: Reason, rule: u32, trace: Vec<String>| Check {
         hook: format!("{} of {}", direction_name(dir), snap.identity_name(ep.identity)),
         local: snap.identity_name(ep.identity),
@@ -118,13 +139,11 @@ fn check(maps: &PinnedMaps, cfg: &Config, snap: &Snapshot, f: Flow) -> Option<Ch
         rule: snap.rule_name(rule),
         trace,
     };
-    if dir == DIR_INGRESS && peer_id == IDENTITY_HOST && cfg.flags & CONFIG_ALLOW_HOST != 0 {
-        trace.push("peer is the host and host probes are allowed (--allow-host-probes)".into());
-        return Some(mk("allow", Reason::AllowHost, 0, trace));
-    }
+    let host_probe = dir == DIR_INGRESS && peer_id == IDENTITY_HOST && cfg.flags & CONFIG_ALLOW_HOST != 0;
     if ep.flags & enforce_flag(dir) == 0 {
         trace.push(format!("no policy selects this endpoint for {}: not isolated", direction_name(dir)));
-        return Some(mk("allow", Reason::AllowNoPolicy, 0, trace));
+        let reason = if host_probe { Reason::AllowHost } else { Reason::AllowNoPolicy };
+        return Some(mk("allow", reason, 0, trace));
     }
     let mut found = [(0u8, 0u32); 2];
     for (i, pid) in [peer_id, IDENTITY_ANY].into_iter().enumerate() {
@@ -147,6 +166,10 @@ fn check(maps: &PinnedMaps, cfg: &Config, snap: &Snapshot, f: Flow) -> Option<Ch
     if let Some((_, r)) = found.iter().find(|(v, _)| *v == VERDICT_DENY) {
         return Some(mk("drop", Reason::DropPolicyDeny, *r, trace));
     }
+    if host_probe {
+        trace.push("peer is the host and host probes are allowed (--allow-host-probes), no deny names it".into());
+        return Some(mk("allow", Reason::AllowHost, 0, trace));
+    }
     if let Some((_, r)) = found.iter().find(|(v, _)| *v == VERDICT_ALLOW) {
         return Some(mk("allow", Reason::AllowPolicy, *r, trace));
     }
@@ -165,6 +188,12 @@ pub fn explain(maps: &PinnedMaps, snap: &Snapshot, src: &str, dst: &str, proto_p
     let mut checks = vec![];
     checks.extend(check(maps, &cfg, snap, Flow { local: s, peer: d, dir: DIR_EGRESS, proto, port }));
     checks.extend(check(maps, &cfg, snap, Flow { local: d, peer: s, dir: DIR_INGRESS, proto, port }));
-    let verdict = if checks.iter().all(|c| c.verdict == "allow") { "allow" } else { "drop" };
+    let verdict = if checks.is_empty() {
+        "not judged on this node"
+    } else if checks.iter().all(|c| c.verdict == "allow") {
+        "allow"
+    } else {
+        "drop"
+    };
     Ok(Explanation { src: format!("{src} ({s})"), dst: format!("{dst} ({d})"), proto: crate::events::proto_name(proto), port, verdict: verdict.into(), checks })
 }

@@ -117,6 +117,16 @@ impl Dp {
     pub fn run(&self, hook: &str, pkt: &[u8]) -> u32 {
         self.run_n(hook, pkt, 1).0
     }
+    /// Runs the program once as if the packet crossed interface `ifindex` (which must
+    /// exist in the calling thread's network namespace: see `in_private_netns`).
+    pub fn run_on(&self, hook: &str, pkt: &[u8], ifindex: u32) -> u32 {
+        // struct __sk_buff: 192 bytes, ifindex at offset 40; everything else zero.
+        let mut ctx = [0u8; 192];
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut out = vec![0u8; pkt.len() + 256];
+        let opts = TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ctx_in: Some(&ctx), repeat: 1, ..Default::default() };
+        self.prog(hook).test_run(opts).expect("BPF_PROG_TEST_RUN with ifindex").return_value
+    }
     /// Runs it `repeat` times in the kernel; returns (verdict, mean ns per run).
     pub fn run_n(&self, hook: &str, pkt: &[u8], repeat: u32) -> (u32, f64) {
         let mut out = vec![0u8; pkt.len() + 256];
@@ -137,6 +147,26 @@ impl Dp {
     pub fn ct_len(&self) -> usize {
         self.maps.ct.keys().count()
     }
+}
+
+/// Runs `f` on a thread inside a fresh network namespace holding a veth pair; `f` gets
+/// the two interface indexes. The namespace goes away with the thread.
+pub fn in_private_netns<R: Send>(f: impl FnOnce(u32, u32) -> R + Send) -> R {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare(CLONE_NEWNET)");
+            // Children inherit this thread's network namespace.
+            let st = Command::new("ip").args(["link", "add", "zta", "type", "veth", "peer", "name", "ztb"]).status().unwrap();
+            assert!(st.success());
+            let idx = |n: &str| {
+                let c = std::ffi::CString::new(n).unwrap();
+                unsafe { libc::if_nametoindex(c.as_ptr()) }
+            };
+            f(idx("zta"), idx("ztb"))
+        })
+        .join()
+        .unwrap()
+    })
 }
 
 // ---------------------------------------------------------------------------
