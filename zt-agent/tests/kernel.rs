@@ -380,7 +380,7 @@ fn init_identity_fails_closed_even_unisolated() {
 
 #[test]
 fn ndp_from_a_routable_source_is_policy() {
-    let mut dp = dp_with_pods("ndp-global");
+    let dp = dp_with_pods("ndp-global");
     // Hop limit 255 but global source and destination: could be forwarded, so judged.
     let p = ipv6_ext(POD6, "2001:db8::1", ICMPV6, &l4(ICMPV6, 0, 135), &[], 255);
     assert_eq!(dp.run(FROM, &p), TC_DROP);
