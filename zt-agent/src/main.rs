@@ -44,7 +44,8 @@ struct Flags {
     /// Also send events for newly allowed flows (drops are always sent).
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     events_allowed: bool,
-    /// Datapath event budget per CPU per second (burst is twice that).
+    /// Datapath event budget per second, per CPU (so the node's budget is this times the
+    /// number of CPUs); the burst is twice that.
     #[arg(long, default_value_t = 1000)]
     events_per_sec: u32,
     #[arg(long, default_value_t = zt_common::DEFAULT_ENDPOINTS_MAX)]
