@@ -64,32 +64,36 @@ pub fn ifindex(name: &str) -> Result<u32> {
     Ok(idx)
 }
 
-#[derive(Deserialize)]
-struct AddrInfo {
-    local: String,
-}
-
-#[derive(Deserialize)]
-struct Link {
-    #[serde(default)]
-    addr_info: Vec<AddrInfo>,
-}
-
 /// Every address of the node's network namespace except the loopback ranges (127/8,
 /// ::1): traffic from these is the `host` identity. Addresses on `lo` itself count (nodes
 /// that keep their /32 on the loopback, as routing-on-the-host setups do).
 pub fn host_addresses() -> Result<Vec<IpAddr>> {
-    let out = Command::new("ip").args(["-j", "addr", "show"]).output().context("running ip addr show")?;
-    if !out.status.success() {
-        bail!("ip addr show: {}", String::from_utf8_lossy(&out.stderr));
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
+        bail!("getifaddrs: {}", std::io::Error::last_os_error());
     }
-    let links: Vec<Link> = serde_json::from_slice(&out.stdout).context("parsing ip -j addr show")?;
-    let mut ips: Vec<IpAddr> = links
-        .into_iter()
-        .flat_map(|l| l.addr_info.into_iter())
-        .filter_map(|a| a.local.parse::<IpAddr>().ok())
-        .filter(|ip| !ip.is_loopback())
-        .collect();
+    let mut ips = vec![];
+    let mut cur = ifap;
+    while !cur.is_null() {
+        // SAFETY: getifaddrs returned a valid list; each ifa_addr is a sockaddr of its family.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            match unsafe { (*ifa.ifa_addr).sa_family } as i32 {
+                libc::AF_INET => {
+                    let sa = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                    ips.push(IpAddr::from(u32::from_be(sa.sin_addr.s_addr).to_be_bytes()));
+                }
+                libc::AF_INET6 => {
+                    let sa = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                    ips.push(IpAddr::from(sa.sin6_addr.s6_addr));
+                }
+                _ => {}
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    unsafe { libc::freeifaddrs(ifap) };
+    ips.retain(|ip| !ip.is_loopback());
     ips.sort();
     ips.dedup();
     Ok(ips)

@@ -195,6 +195,8 @@ fn icmp_echo_reply_only_for_tracked_request() {
     assert_eq!(dp.run(FROM, &ipv4(POD, PEER, ICMP, 77, 8)), TC_PASS);
     assert_eq!(dp.run(TO, &ipv4(PEER, POD, ICMP, 77, 0)), TC_PASS);
     assert_eq!(dp.counter(DIR_INGRESS, Reason::AllowReply), 1);
+    // A request the other way with the same identifier is not that reply.
+    assert_eq!(dp.run(TO, &ipv4(PEER, POD, ICMP, 77, 8)), TC_DROP);
     // ICMPv6 echo likewise, with its own type numbers.
     dp.policy(POLICY_PREFIX_FULL, pk(ID_POD, ID_PEER, DIR_EGRESS, ICMPV6, 128), VERDICT_ALLOW, 2);
     assert_eq!(dp.run(FROM, &ipv6(POD6, PEER6, ICMPV6, 5, 128)), TC_PASS);

@@ -29,7 +29,7 @@ pub enum Frag {
 pub struct Flow {
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
-    /// Host byte order. ICMP echo: both are the echo identifier; other ICMP: 0.
+    /// Host byte order. ICMP echo request: (id, 0), reply: (0, id); other ICMP: 0.
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
@@ -111,7 +111,8 @@ fn parse_v4(ctx: &TcContext, flow: &mut Flow) -> Result<Parsed, ()> {
         return Err(());
     }
     let tot_len = u16::from_be(load::<u16>(ctx, ETH_HLEN + 2)?) as usize;
-    if tot_len < ihl || ETH_HLEN + tot_len > ctx.len() as usize {
+    // 0 is how BIG TCP marks a GSO packet over 64 KiB: its length is the skb's.
+    if tot_len != 0 && (tot_len < ihl || ETH_HLEN + tot_len > ctx.len() as usize) {
         return Err(());
     }
     let id = u16::from_be(load::<u16>(ctx, ETH_HLEN + 4)?) as u32;
@@ -246,13 +247,11 @@ fn l4(ctx: &TcContext, off: usize, flow: &mut Flow, v6: bool) -> Result<(), ()> 
             }
             let ty: u8 = load(ctx, off)?;
             flow.policy_port = ty as u16;
-            // Echo request/reply: the identifier ties a reply to its request.
-            let echo = if v6 { ty == 128 || ty == 129 } else { ty == 8 || ty == 0 };
-            if echo {
-                let id = u16::from_be(load::<u16>(ctx, off + 4)?);
-                flow.sport = id;
-                flow.dport = id;
-            }
+            // Echo: the identifier ties a reply to its request, on the side that says which
+            // it is, so that a request never matches as the reply of one going the other way.
+            let (sport, dport) = echo_ports(ty, v6, u16::from_be(load::<u16>(ctx, off + 4)?));
+            flow.sport = sport;
+            flow.dport = dport;
             // Errors: v4 unreachable / time exceeded / parameter problem; v6 unreachable,
             // packet too big, time exceeded, parameter problem. A quote we cannot read is
             // just not related to anything (judged by policy like any ICMP).
@@ -264,6 +263,20 @@ fn l4(ctx: &TcContext, off: usize, flow: &mut Flow, v6: bool) -> Result<(), ()> 
         _ => {}
     }
     Ok(())
+}
+
+/// Conntrack ports of an ICMP message: echo request (id, 0), echo reply (0, id), so a
+/// reply's reversed tuple is its request's; any other type (0, 0).
+#[inline(always)]
+fn echo_ports(ty: u8, v6: bool, id: u16) -> (u16, u16) {
+    let (request, reply) = if v6 { (128, 129) } else { (8, 0) };
+    if ty == request {
+        (id, 0)
+    } else if ty == reply {
+        (0, id)
+    } else {
+        (0, 0)
+    }
 }
 
 /// Reads the IP header and first L4 bytes quoted by an ICMP error at `off`; false if
@@ -297,9 +310,10 @@ fn quoted_inner(ctx: &TcContext, off: usize, v6: bool, q: &mut Quoted) -> Result
             q.dport = u16::from_be(load::<u16>(ctx, l4off + 2)?);
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
-            let id = u16::from_be(load::<u16>(ctx, l4off + 4)?);
-            q.sport = id;
-            q.dport = id;
+            let ty: u8 = load(ctx, l4off)?;
+            let (sport, dport) = echo_ports(ty, q.proto == IPPROTO_ICMPV6, u16::from_be(load::<u16>(ctx, l4off + 4)?));
+            q.sport = sport;
+            q.dport = dport;
         }
         _ => return Err(()),
     }

@@ -32,14 +32,19 @@ fn take_token(cfg: &Config, now: u64) -> bool {
     let elapsed = now.saturating_sub(rl.last_ns);
     let burst = cfg.events_burst as u64;
     // Cap the interval first so that the multiplication cannot overflow.
-    let refill = if elapsed >= 1_000_000_000 {
-        burst
-    } else {
-        elapsed * cfg.events_per_sec as u64 / 1_000_000_000
-    };
-    if refill > 0 {
-        rl.tokens = core::cmp::min(burst, rl.tokens + refill);
+    let rate = cfg.events_per_sec as u64;
+    if elapsed >= 1_000_000_000 {
+        rl.tokens = burst;
         rl.last_ns = now;
+    } else {
+        let refill = elapsed * rate / 1_000_000_000;
+        if refill > 0 {
+            rl.tokens = core::cmp::min(burst, rl.tokens + refill);
+            // Advance only by the time the granted tokens stand for: the remainder
+            // carries over instead of being lost at every refill.
+            // (checked: a division that could panic has no place in a BPF program)
+            rl.last_ns += (refill * 1_000_000_000).checked_div(rate).unwrap_or(elapsed);
+        }
     }
     if rl.tokens == 0 {
         return false;
