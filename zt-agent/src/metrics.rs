@@ -97,14 +97,15 @@ pub fn render(m: &AgentMetrics, maps: Option<&PinnedMaps>) -> String {
     o
 }
 
-/// Serves `/metrics` until the task is dropped.
+/// Serves `/metrics` until the task is dropped. The pinned maps are opened once.
 pub async fn serve(addr: String, shared: Shared, bpffs_root: PathBuf) -> Result<()> {
+    let maps = std::sync::Arc::new(PinnedMaps::open(&bpffs_root)?);
     let listener = TcpListener::bind(&addr).await?;
     log::info!("metrics on http://{addr}/metrics");
     loop {
         let (mut sock, _) = listener.accept().await?;
         let shared = shared.clone();
-        let root = bpffs_root.clone();
+        let maps = maps.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 2048];
             let n = sock.read(&mut buf).await.unwrap_or(0);
@@ -112,10 +113,7 @@ pub async fn serve(addr: String, shared: Shared, bpffs_root: PathBuf) -> Result<
             let (status, body) = if req.starts_with("GET /metrics") {
                 let snapshot = shared.lock().unwrap().clone();
                 // Map reads are syscalls (and a walk of the conntrack map): off the runtime.
-                let body = tokio::task::spawn_blocking(move || {
-                    let maps = PinnedMaps::open(&root).ok();
-                    render(&snapshot, maps.as_ref())
-                })
+                let body = tokio::task::spawn_blocking(move || render(&snapshot, Some(&maps)))
                 .await
                 .unwrap_or_default();
                 ("200 OK", body)
