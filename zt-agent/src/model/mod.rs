@@ -12,11 +12,11 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 pub use error::{FieldError, SourceError};
-pub use k8s::{Namespace, NetworkPolicy, ObjectMeta, Pod, ServiceAccount};
+pub use k8s::{Namespace, NetworkPolicy, Node, ObjectMeta, Pod, ServiceAccount};
 pub use source_dir::{IgnoredObject, LoadedDir};
 pub use ztp::ZeroTrustPolicy;
 
-/// (namespace, name). Cluster-scoped objects (Namespace) use "" as namespace.
+/// (namespace, name). Cluster-scoped objects (Namespace, Node) use "" as namespace.
 pub type ObjectKey = (String, String);
 
 /// The kinds the agent understands. Ordered by name: the compiler numbers rules in
@@ -25,16 +25,27 @@ pub type ObjectKey = (String, String);
 pub enum ObjectKind {
     Namespace,
     NetworkPolicy,
+    Node,
     Pod,
     ServiceAccount,
     ZeroTrustPolicy,
 }
 
 impl ObjectKind {
+    pub const ALL: [ObjectKind; 6] = [
+        ObjectKind::Namespace,
+        ObjectKind::NetworkPolicy,
+        ObjectKind::Node,
+        ObjectKind::Pod,
+        ObjectKind::ServiceAccount,
+        ObjectKind::ZeroTrustPolicy,
+    ];
+
     pub const fn name(self) -> &'static str {
         match self {
             ObjectKind::Namespace => "Namespace",
             ObjectKind::NetworkPolicy => "NetworkPolicy",
+            ObjectKind::Node => "Node",
             ObjectKind::Pod => "Pod",
             ObjectKind::ServiceAccount => "ServiceAccount",
             ObjectKind::ZeroTrustPolicy => "ZeroTrustPolicy",
@@ -42,7 +53,7 @@ impl ObjectKind {
     }
 
     pub const fn namespaced(self) -> bool {
-        !matches!(self, ObjectKind::Namespace)
+        !matches!(self, ObjectKind::Namespace | ObjectKind::Node)
     }
 
     /// `Kind ns/name`, or `Kind name` for cluster-scoped kinds.
@@ -71,6 +82,7 @@ pub enum ClusterObject {
     Pod(Pod),
     NetworkPolicy(NetworkPolicy),
     ZeroTrustPolicy(ZeroTrustPolicy),
+    Node(Node),
 }
 
 impl ClusterObject {
@@ -81,6 +93,7 @@ impl ClusterObject {
             ClusterObject::Pod(_) => ObjectKind::Pod,
             ClusterObject::NetworkPolicy(_) => ObjectKind::NetworkPolicy,
             ClusterObject::ZeroTrustPolicy(_) => ObjectKind::ZeroTrustPolicy,
+            ClusterObject::Node(_) => ObjectKind::Node,
         }
     }
 
@@ -91,6 +104,7 @@ impl ClusterObject {
             ClusterObject::Pod(o) => &o.metadata,
             ClusterObject::NetworkPolicy(o) => &o.metadata,
             ClusterObject::ZeroTrustPolicy(o) => &o.metadata,
+            ClusterObject::Node(o) => &o.metadata,
         }
     }
 
@@ -101,6 +115,7 @@ impl ClusterObject {
             ClusterObject::Pod(o) => &mut o.metadata,
             ClusterObject::NetworkPolicy(o) => &mut o.metadata,
             ClusterObject::ZeroTrustPolicy(o) => &mut o.metadata,
+            ClusterObject::Node(o) => &mut o.metadata,
         }
     }
 
@@ -139,6 +154,7 @@ impl ClusterObject {
             ClusterObject::Pod(o) => k8s::validate_pod(o),
             ClusterObject::NetworkPolicy(o) => k8s::validate_network_policy(o),
             ClusterObject::ZeroTrustPolicy(o) => ztp::validate_ztp(o),
+            ClusterObject::Node(o) => k8s::validate_node(o),
         }
     }
 }
@@ -151,6 +167,8 @@ pub struct ClusterState {
     pub pods: BTreeMap<ObjectKey, Pod>,
     pub network_policies: BTreeMap<ObjectKey, NetworkPolicy>,
     pub zero_trust_policies: BTreeMap<ObjectKey, ZeroTrustPolicy>,
+    /// Nodes by name: their addresses are the host / remote-node endpoints.
+    pub nodes: BTreeMap<String, Node>,
 }
 
 impl ClusterState {
@@ -173,10 +191,11 @@ impl ClusterState {
             ClusterObject::ZeroTrustPolicy(o) => {
                 self.zero_trust_policies.insert((ns, name), o).is_some()
             }
+            ClusterObject::Node(o) => self.nodes.insert(name, o).is_some(),
         }
     }
 
-    /// Remove an object; true if it was there. `namespace` is ignored for Namespaces.
+    /// Remove an object; true if it was there. `namespace` is ignored for cluster-scoped kinds.
     pub fn remove(&mut self, kind: ObjectKind, namespace: &str, name: &str) -> bool {
         let key = (namespace.to_string(), name.to_string());
         match kind {
@@ -185,6 +204,7 @@ impl ClusterState {
             ObjectKind::Pod => self.pods.remove(&key).is_some(),
             ObjectKind::NetworkPolicy => self.network_policies.remove(&key).is_some(),
             ObjectKind::ZeroTrustPolicy => self.zero_trust_policies.remove(&key).is_some(),
+            ObjectKind::Node => self.nodes.remove(name).is_some(),
         }
     }
 
@@ -196,6 +216,7 @@ impl ClusterState {
             ObjectKind::Pod => self.pods.contains_key(&key),
             ObjectKind::NetworkPolicy => self.network_policies.contains_key(&key),
             ObjectKind::ZeroTrustPolicy => self.zero_trust_policies.contains_key(&key),
+            ObjectKind::Node => self.nodes.contains_key(name),
         }
     }
 
