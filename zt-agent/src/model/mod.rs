@@ -75,7 +75,7 @@ impl fmt::Display for ObjectKind {
 /// One object of a kind the agent understands. (Unboxed: objects are moved a few
 /// times per load, the size difference costs nothing that matters.)
 #[allow(clippy::large_enum_variant)]
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum ClusterObject {
     Namespace(Namespace),
     ServiceAccount(ServiceAccount),
@@ -108,7 +108,7 @@ impl ClusterObject {
         }
     }
 
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+    pub(crate) fn metadata_mut(&mut self) -> &mut ObjectMeta {
         match self {
             ClusterObject::Namespace(o) => &mut o.metadata,
             ClusterObject::ServiceAccount(o) => &mut o.metadata,
@@ -135,10 +135,9 @@ impl ClusterObject {
         self.kind().describe(&ns, &name)
     }
 
-    /// Fill in what the API server would default (namespace "default" for namespaced
-    /// objects; none for cluster-scoped ones), then validate. Sources must call this
-    /// before `ClusterState::upsert`: the compiler assumes validated objects.
-    pub fn normalize_and_validate(&mut self) -> Result<(), FieldError> {
+    /// The defaulting half of `normalize_and_validate` (for keys of objects being
+    /// deleted or rejected).
+    pub fn normalize(&mut self) {
         let namespaced = self.kind().namespaced();
         let meta = self.metadata_mut();
         if namespaced {
@@ -148,6 +147,13 @@ impl ClusterObject {
         } else {
             meta.namespace = None;
         }
+    }
+
+    /// Fill in what the API server would default (namespace "default" for namespaced
+    /// objects; none for cluster-scoped ones), then validate. Sources must call this
+    /// before `ClusterState::upsert`: the compiler assumes validated objects.
+    pub fn normalize_and_validate(&mut self) -> Result<(), FieldError> {
+        self.normalize();
         match self {
             ClusterObject::Namespace(o) => k8s::validate_namespace(o),
             ClusterObject::ServiceAccount(o) => k8s::validate_service_account(o),
@@ -217,6 +223,50 @@ impl ClusterState {
             ObjectKind::NetworkPolicy => self.network_policies.contains_key(&key),
             ObjectKind::ZeroTrustPolicy => self.zero_trust_policies.contains_key(&key),
             ObjectKind::Node => self.nodes.contains_key(name),
+        }
+    }
+
+    /// Every object of one kind, in key order (cloned).
+    pub fn objects(&self, kind: ObjectKind) -> Vec<ClusterObject> {
+        fn all<K, T: Clone>(m: &BTreeMap<K, T>, f: fn(T) -> ClusterObject) -> Vec<ClusterObject> {
+            m.values().cloned().map(f).collect()
+        }
+        match kind {
+            ObjectKind::Namespace => all(&self.namespaces, ClusterObject::Namespace),
+            ObjectKind::ServiceAccount => all(&self.service_accounts, ClusterObject::ServiceAccount),
+            ObjectKind::Pod => all(&self.pods, ClusterObject::Pod),
+            ObjectKind::NetworkPolicy => all(&self.network_policies, ClusterObject::NetworkPolicy),
+            ObjectKind::ZeroTrustPolicy => all(&self.zero_trust_policies, ClusterObject::ZeroTrustPolicy),
+            ObjectKind::Node => all(&self.nodes, ClusterObject::Node),
+        }
+    }
+
+    /// One object (cloned). `namespace` is ignored for cluster-scoped kinds.
+    pub fn get(&self, kind: ObjectKind, namespace: &str, name: &str) -> Option<ClusterObject> {
+        let key = (namespace.to_string(), name.to_string());
+        match kind {
+            ObjectKind::Namespace => self.namespaces.get(name).cloned().map(ClusterObject::Namespace),
+            ObjectKind::ServiceAccount => self.service_accounts.get(&key).cloned().map(ClusterObject::ServiceAccount),
+            ObjectKind::Pod => self.pods.get(&key).cloned().map(ClusterObject::Pod),
+            ObjectKind::NetworkPolicy => self.network_policies.get(&key).cloned().map(ClusterObject::NetworkPolicy),
+            ObjectKind::ZeroTrustPolicy => self.zero_trust_policies.get(&key).cloned().map(ClusterObject::ZeroTrustPolicy),
+            ObjectKind::Node => self.nodes.get(name).cloned().map(ClusterObject::Node),
+        }
+    }
+
+    /// Replace every object of `kind` with `objects` (normalized, validated, all of `kind`).
+    pub fn replace_kind(&mut self, kind: ObjectKind, objects: Vec<ClusterObject>) {
+        match kind {
+            ObjectKind::Namespace => self.namespaces.clear(),
+            ObjectKind::ServiceAccount => self.service_accounts.clear(),
+            ObjectKind::Pod => self.pods.clear(),
+            ObjectKind::NetworkPolicy => self.network_policies.clear(),
+            ObjectKind::ZeroTrustPolicy => self.zero_trust_policies.clear(),
+            ObjectKind::Node => self.nodes.clear(),
+        }
+        for o in objects {
+            debug_assert_eq!(o.kind(), kind);
+            self.upsert(o);
         }
     }
 
