@@ -105,6 +105,9 @@ where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let mut backoff = Backoff(Backoff::FIRST);
+    // Relists after 410 slow down while no watch event arrives in between, so an API
+    // server that keeps expiring what it just listed is not hammered.
+    let mut gone_backoff = Backoff(Backoff::FIRST);
     // Whether the last report for this kind was a failure.
     let mut down = false;
     'fresh: loop {
@@ -136,10 +139,16 @@ where
                 Some(Ok(ev)) => ev,
                 Some(Err(e)) if stream_gone(&e) => {
                     log::info!("{kind}: watch expired (410 Gone), relisting");
+                    tokio::time::sleep(gone_backoff.next()).await;
                     continue;
                 }
                 Some(Err(e)) => {
-                    log::warn!("{kind}: {e}; the last known state stays enforced");
+                    // Once per outage at warn level; the retries below at debug.
+                    if down {
+                        log::debug!("{kind}: {e}");
+                    } else {
+                        log::warn!("{kind}: {e}; the last known state stays enforced, retrying");
+                    }
                     down = true;
                     if tx.send(SourceEvent::Health(kind, Some(e.to_string()))).await.is_err() {
                         return;
@@ -163,8 +172,14 @@ where
                 Event::Init => SourceEvent::Init(kind),
                 Event::InitApply(o) => SourceEvent::InitApply(wrap(o)),
                 Event::InitDone => SourceEvent::InitDone(kind),
-                Event::Apply(o) => SourceEvent::Apply(wrap(o)),
-                Event::Delete(o) => SourceEvent::Delete(wrap(o)),
+                Event::Apply(o) => {
+                    gone_backoff.reset();
+                    SourceEvent::Apply(wrap(o))
+                }
+                Event::Delete(o) => {
+                    gone_backoff.reset();
+                    SourceEvent::Delete(wrap(o))
+                }
             };
             if tx.send(ev).await.is_err() {
                 return; // the agent is stopping
