@@ -130,7 +130,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let watch = match &opts.source {
         PolicySource::Kube(config) => {
             crate::source::kube::spawn(config.clone(), source_tx.clone())?;
-            Some(WatchCache::new())
+            Some(WatchCache::new().with_trust_domain(&opts.trust_domain))
         }
         PolicySource::Dir(_) => None,
     };

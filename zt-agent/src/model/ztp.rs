@@ -402,6 +402,33 @@ fn validate_rule(path: &str, r: &RuleView<'_>) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// Every SPIFFE ID of the policy names `trust_domain` (the compiler fails on any other;
+/// the Kubernetes source checks it per object so one such policy cannot block the rest).
+pub fn check_trust_domain(p: &ZeroTrustPolicy, trust_domain: &str) -> Result<(), FieldError> {
+    let mut ids: Vec<(String, &Option<String>)> = Vec::new();
+    for (i, s) in p.spec.subjects.iter().enumerate() {
+        ids.push((format!("spec.subjects[{i}].spiffeId"), &s.spiffe_id));
+    }
+    let ingress = p.spec.ingress.iter().flatten().map(|r| ("ingress", "from", r.from.as_deref()));
+    let egress = p.spec.egress.iter().flatten().map(|r| ("egress", "to", r.to.as_deref()));
+    let mut index = BTreeMap::new();
+    for (dir, field, peers) in ingress.chain(egress) {
+        let i: &mut usize = index.entry(dir).or_default();
+        for (j, peer) in peers.unwrap_or(&[]).iter().enumerate() {
+            ids.push((format!("spec.{dir}[{i}].{field}[{j}].spiffeId"), &peer.spiffe_id));
+        }
+        *i += 1;
+    }
+    for (path, id) in ids {
+        let Some(id) = id else { continue };
+        let sp = SpiffePattern::parse(id).map_err(|m| FieldError::new(&path, m))?;
+        if sp.trust_domain != trust_domain {
+            return Err(FieldError::new(path, format!("SPIFFE ID {id:?} is not of trust domain {trust_domain:?}")));
+        }
+    }
+    Ok(())
+}
+
 fn validate_peer(path: &str, peer: &Peer) -> Result<(), FieldError> {
     if peer.fqdn.is_some() {
         return Err(FieldError::new(

@@ -47,6 +47,8 @@ pub struct WatchCache {
     rejected: BTreeMap<Key, String>,
     /// Kinds whose watch is failing, with the last error.
     down: BTreeMap<ObjectKind, String>,
+    /// The agent's trust domain: policies naming another one are rejected per object.
+    trust_domain: Option<String>,
     /// Counters for metrics: events by (kind, type), completed relists, watch errors.
     pub events: BTreeMap<(ObjectKind, &'static str), u64>,
     pub relists: BTreeMap<ObjectKind, u64>,
@@ -84,6 +86,13 @@ pub const MAX_BATCH: usize = 100_000;
 impl WatchCache {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Also reject ZeroTrustPolicies whose SPIFFE IDs are of another trust domain
+    /// (which would otherwise fail the whole compile).
+    pub fn with_trust_domain(mut self, trust_domain: &str) -> Self {
+        self.trust_domain = Some(trust_domain.to_string());
+        self
     }
 
     /// Applies `first` and everything already queued behind it: the caller compiles
@@ -211,7 +220,11 @@ impl WatchCache {
     /// good version when it is rejected, or nothing) and the rejection message.
     fn admit(&mut self, mut obj: ClusterObject) -> (Option<ClusterObject>, Option<String>) {
         let kind = obj.kind();
-        match obj.normalize_and_validate() {
+        let checked = obj.normalize_and_validate().and_then(|()| match (&obj, &self.trust_domain) {
+            (ClusterObject::ZeroTrustPolicy(p), Some(td)) => crate::model::ztp::check_trust_domain(p, td),
+            _ => Ok(()),
+        });
+        match checked {
             Ok(()) => {
                 let (ns, name) = obj.key();
                 self.rejected.remove(&(kind, ns, name));

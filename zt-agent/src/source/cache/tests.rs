@@ -275,3 +275,36 @@ async fn a_burst_is_applied_as_one_batch() {
     let first = rx.recv().await.unwrap();
     assert_eq!(c.apply_pending(first, &mut rx).events, 1);
 }
+
+#[test]
+fn foreign_trust_domain_is_rejected_per_object() {
+    use crate::model::ztp::Subject;
+    let mut c = listed(vec![]).with_trust_domain("cluster.local");
+    let mut p = ztp("prod", "web", 80);
+    if let ClusterObject::ZeroTrustPolicy(z) = &mut p {
+        z.spec.subjects = vec![Subject {
+            spiffe_id: Some("spiffe://other.domain/ns/prod/sa/web".into()),
+            pod_selector: None,
+        }];
+    }
+    let a = c.apply(SourceEvent::Apply(p));
+    assert_eq!(
+        a.rejected.as_deref(),
+        Some("ZeroTrustPolicy prod/web: spec.subjects[0].spiffeId: SPIFFE ID \"spiffe://other.domain/ns/prod/sa/web\" is not of trust domain \"cluster.local\" (it is ignored)")
+    );
+    assert!(c.apply(SourceEvent::Apply(ztp("prod", "ok", 80))).changed);
+    // Peers too, with their path.
+    let mut p = ztp("prod", "peer", 80);
+    if let ClusterObject::ZeroTrustPolicy(z) = &mut p {
+        let rules = z.spec.ingress.get_or_insert_with(Vec::new);
+        rules.push(IngressRule {
+            from: Some(vec![crate::model::ztp::Peer {
+                spiffe_id: Some("spiffe://x.y/ns/a/*".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+    }
+    let msg = c.apply(SourceEvent::Apply(p)).rejected.unwrap();
+    assert!(msg.starts_with("ZeroTrustPolicy prod/peer: spec.ingress[1].from[0].spiffeId: SPIFFE ID"), "{msg}");
+}
