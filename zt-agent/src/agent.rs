@@ -129,7 +129,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let (source_tx, mut source_rx) = mpsc::channel::<SourceEvent>(8192);
     let watch = match &opts.source {
         PolicySource::Kube(config) => {
-            crate::source::kube::spawn(config.clone(), source_tx.clone())?;
+            crate::source::kube::spawn((**config).clone(), source_tx.clone())?;
             Some(WatchCache::new().with_trust_domain(&opts.trust_domain))
         }
         PolicySource::Dir(_) => None,

@@ -101,7 +101,7 @@ async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let source = match f.manifests {
         Some(dir) => PolicySource::Dir(dir),
-        None => PolicySource::Kube(zt_agent::source::kube::load_config(f.kubeconfig.as_deref()).await?),
+        None => PolicySource::Kube(Box::new(zt_agent::source::kube::load_config(f.kubeconfig.as_deref()).await?)),
     };
     let opts = AgentOptions {
         node_name,

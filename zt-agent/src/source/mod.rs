@@ -15,5 +15,5 @@ pub enum PolicySource {
     /// Every `*.yaml` of a directory, re-read when it changes.
     Dir(PathBuf),
     /// List/watch the API server (in-cluster config, `$KUBECONFIG` or `--kubeconfig`).
-    Kube(::kube::Config),
+    Kube(Box<::kube::Config>),
 }
