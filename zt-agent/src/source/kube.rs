@@ -187,3 +187,52 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::core::Status;
+
+    #[test]
+    fn watcher_lists_in_pages_then_watches_with_bookmarks() {
+        let c = watcher_config();
+        assert!(c.bookmarks);
+        assert_eq!(c.page_size, Some(500));
+        assert_eq!(c.initial_list_strategy, watcher::InitialListStrategy::ListWatch);
+        assert!(c.label_selector.is_none() && c.field_selector.is_none());
+    }
+
+    #[test]
+    fn gone_is_told_apart_from_failures() {
+        let status = |code| {
+            let mut s = Status::default();
+            s.code = code;
+            Box::new(s)
+        };
+        assert!(stream_gone(&watcher::Error::WatchError(status(410))));
+        assert!(!stream_gone(&watcher::Error::WatchError(status(500))));
+        assert!(start_gone(&watcher::Error::WatchStartFailed(kube::Error::Api(status(410)))));
+        assert!(!start_gone(&watcher::Error::WatchStartFailed(kube::Error::Api(status(403)))));
+        assert!(!start_gone(&watcher::Error::InitialListFailed(kube::Error::Api(status(410)))));
+    }
+
+    #[test]
+    fn backoff_doubles_to_a_cap_and_resets() {
+        let mut b = Backoff(Backoff::FIRST);
+        let seq: Vec<u128> = (0..7).map(|_| b.next().as_millis()).collect();
+        assert_eq!(seq, [250, 500, 1000, 2000, 4000, 8000, 8000]);
+        b.reset();
+        assert_eq!(b.next(), Backoff::FIRST);
+    }
+
+    #[tokio::test]
+    async fn kubeconfig_with_ca_data_and_token() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kubeconfig-stub.yaml");
+        let c = load_config(Some(&path)).await.unwrap();
+        assert_eq!(c.cluster_url.to_string(), "https://127.0.0.1:18443/");
+        assert_eq!(c.root_cert.as_ref().map(Vec::len), Some(1));
+        assert!(c.auth_info.token.is_some());
+        let e = load_config(Some(Path::new("/nonexistent/kubeconfig"))).await.unwrap_err();
+        assert!(format!("{e:#}").starts_with("--kubeconfig /nonexistent/kubeconfig: "), "{e:#}");
+    }
+}
