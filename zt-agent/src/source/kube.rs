@@ -88,6 +88,20 @@ impl Backoff {
     }
 }
 
+/// What to check when the API server refuses a list or watch.
+fn hint(e: &watcher::Error) -> &'static str {
+    let status = match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s)) | watcher::Error::WatchStartFailed(kube::Error::Api(s)) => s.code,
+        _ => 0,
+    };
+    match status {
+        401 => " (the credentials are not accepted)",
+        403 => " (not allowed: the ClusterRole of deploy/rbac.yaml grants get/list/watch)",
+        404 => " (unknown resource: for ZeroTrustPolicy, apply deploy/crd-zerotrustpolicy.yaml)",
+        _ => "",
+    }
+}
+
 /// A 410 (the resourceVersion the watch would resume from is gone) returned as the
 /// HTTP status of the watch request itself: kube-runtime would retry the same stale
 /// version forever, so the stream is replaced by a fresh one (a relist).
@@ -147,7 +161,7 @@ where
                     if down {
                         log::debug!("{kind}: {e}");
                     } else {
-                        log::warn!("{kind}: {e}; the last known state stays enforced, retrying");
+                        log::warn!("{kind}: {e}{}; the last known state stays enforced, retrying", hint(&e));
                     }
                     down = true;
                     if tx.send(SourceEvent::Health(kind, Some(e.to_string()))).await.is_err() {
@@ -204,11 +218,7 @@ mod tests {
 
     #[test]
     fn gone_is_told_apart_from_failures() {
-        let status = |code| {
-            let mut s = Status::default();
-            s.code = code;
-            Box::new(s)
-        };
+        let status = |code| Box::new(Status { code, ..Default::default() });
         assert!(stream_gone(&watcher::Error::WatchError(status(410))));
         assert!(!stream_gone(&watcher::Error::WatchError(status(500))));
         assert!(start_gone(&watcher::Error::WatchStartFailed(kube::Error::Api(status(410)))));
