@@ -358,3 +358,61 @@ pub async fn forward(json: &str, to_loop: &tokio::sync::mpsc::Sender<CniCall>, m
     s.push('\n');
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::EndpointEntry;
+
+    fn att(ips: &[&str]) -> Attachments {
+        let a = Attachment {
+            container_id: "c1".into(),
+            pod: PodRef { namespace: "default".into(), name: "d".into() },
+            pod_uid: "u".into(),
+            netns: None,
+            ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
+            ifname: "veth1".into(),
+            ifindex: 42,
+        };
+        Attachments { path: PathBuf::new(), by_container: BTreeMap::from([("c1".into(), a)]) }
+    }
+
+    fn desired(ip: &str, pod: &str, identity: u32) -> Desired {
+        let mut d = Desired::default();
+        d.endpoints.insert(
+            ip.parse().unwrap(),
+            EndpointEntry { identity, flags: EP_LOCAL | EP_ENFORCE_INGRESS, pod: Some(PodRef { namespace: "default".into(), name: pod.into() }) },
+        );
+        d
+    }
+
+    #[test]
+    fn unknown_pod_is_init_on_its_interface() {
+        let a = att(&["10.0.0.4", "fd00::4"]);
+        let mut want = Contents::default();
+        a.overlay(&mut want, None);
+        assert_eq!(want.endpoints.len(), 2);
+        for v in want.endpoints.values() {
+            assert_eq!((v.identity, v.flags, v.ifindex), (IDENTITY_INIT, EP_LOCAL, 42));
+        }
+    }
+
+    #[test]
+    fn known_pod_keeps_its_identity_with_the_attachment_ifindex() {
+        let a = att(&["10.0.0.4"]);
+        let d = desired("10.0.0.4", "d", 300);
+        let mut want = Contents::from_desired(&d, &BTreeMap::new());
+        a.overlay(&mut want, Some(&d));
+        let v = want.endpoints[&to_key("10.0.0.4".parse().unwrap())];
+        assert_eq!((v.identity, v.flags, v.ifindex), (300, EP_LOCAL | EP_ENFORCE_INGRESS, 42));
+    }
+
+    #[test]
+    fn address_of_another_pod_fails_closed() {
+        let a = att(&["10.0.0.4"]);
+        let d = desired("10.0.0.4", "old", 300);
+        let mut want = Contents::from_desired(&d, &BTreeMap::new());
+        a.overlay(&mut want, Some(&d));
+        assert_eq!(want.endpoints[&to_key("10.0.0.4".parse().unwrap())].identity, IDENTITY_INIT);
+    }
+}

@@ -12,6 +12,24 @@ use input::*;
 use serde_json::{json, Value};
 
 fn main() -> ExitCode {
+    // Not a CNI call: the DaemonSet's init container installs the binary on the node.
+    let argv: Vec<String> = std::env::args().collect();
+    if std::env::var_os("CNI_COMMAND").is_none() && argv.get(1).map(String::as_str) == Some("install") {
+        return match argv.get(2).map(|d| install(std::path::Path::new(d))) {
+            Some(Ok(p)) => {
+                eprintln!("zt-cni: installed {}", p.display());
+                ExitCode::SUCCESS
+            }
+            Some(Err(e)) => {
+                eprintln!("zt-cni install: {e}");
+                ExitCode::FAILURE
+            }
+            None => {
+                eprintln!("usage: zt-cni install <cni-bin-dir>   (e.g. /opt/cni/bin)");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let get = |k: &str| std::env::var(k).ok();
     let mut stdin = vec![];
     let read = std::io::stdin().read_to_end(&mut stdin);
@@ -105,4 +123,18 @@ fn run(get: &dyn Fn(&str) -> Option<String>, stdin: &[u8]) -> Result<Option<Valu
         )),
         _ => Ok(None),
     }
+}
+
+/// Copies this binary to `<dir>/zt-cni` beside and renames it into place: a runtime
+/// running the old binary meanwhile keeps a whole file, never half of one.
+fn install(dir: &std::path::Path) -> std::io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let me = std::env::current_exe()?;
+    let dst = dir.join("zt-cni");
+    let tmp = dir.join(".zt-cni.tmp");
+    std::fs::copy(&me, &tmp)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, &dst)?;
+    Ok(dst)
 }
