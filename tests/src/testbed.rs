@@ -36,6 +36,9 @@ pub fn fabric_ips(k: u32) -> (Ipv4Addr, Ipv6Addr) {
     )
 }
 
+/// What [`Testbed::add_pod_with`] runs between a pod's network setup and its server.
+type BeforeStart<'a> = Box<dyn FnOnce(&PodInfo) -> Result<()> + 'a>;
+
 /// Options for [`Testbed::up`].
 #[derive(Clone, Debug)]
 pub struct TestbedOptions {
@@ -552,7 +555,7 @@ impl Testbed {
         &self,
         info: &PodInfo,
         node: &NodeInfo,
-        before_start: Box<dyn FnOnce(&PodInfo) -> Result<()> + '_>,
+        before_start: BeforeStart<'_>,
     ) -> Result<u32> {
         let (pns, nns, hv) = (
             info.netns.as_str(),

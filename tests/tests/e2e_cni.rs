@@ -321,6 +321,52 @@ fn add_known_pod_and_restart() {
     assert!(!bed.agent.log().contains("ERROR"), "agent errors:\n{}", tail(&bed.agent.log(), 20));
 }
 
+/// ADD while the agent has no good state yet (its first policy load failed): the
+/// attachment is written and hooked anyway, and the pod stays closed through the first
+/// good load until its Pod object arrives.
+#[test]
+fn add_before_the_first_good_state() {
+    let tb = testbed("basic");
+    let dir = tb.tmp_dir().join("agent-manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(lab("basic")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+    }
+    let bad = "apiVersion: zt.dev/v1alpha1\nkind: ZeroTrustPolicy\nmetadata: {name: x, namespace: default}\nspec: {bogus: 1}\n";
+    std::fs::write(dir.join("30-bad.yaml"), bad).unwrap();
+    let d = new_pod("d", "10.200.0.4", "fd00:200::4");
+    tb.add_pod(d.clone()).unwrap();
+    let agent = tb.start_agent("node1", &bins::find("zt-agent").unwrap(), &dir, &["--poll-ms", "100"]).unwrap();
+    let bed = Bed { agent, dir, ztctl: bins::find("ztctl").unwrap(), tb };
+    bed.wait_until("the policy error", || std::fs::read_to_string(bed.agent.state_dir.join("last-error")).is_ok());
+    assert!(!bed.agent.state_dir.join("ready").exists(), "a bad first load must not make the agent ready");
+    let sock = bed.agent.admin_socket.clone();
+    let sb = Sandbox::of(&bed, &d);
+    let add = sb.call("ADD", &sock, 3000);
+    add.assert_ok();
+    sb.call("CHECK", &sock, 3000).assert_ok();
+    let (a, dp) = (pod("default", "a"), pod("default", "d"));
+    for f in FAMILIES {
+        assert_eq!(bed.probe(&a, &tgt("default", "d", f), Proto::Tcp, 80), ProbeResult::Timeout, "a -> d@{f} before any good state");
+        assert_eq!(bed.probe(&dp, &tgt("default", "a", f), Proto::Tcp, 80), ProbeResult::Timeout, "d -> a@{f} before any good state");
+    }
+    // The first good load: d is still unknown to the source, so it stays init.
+    bed.remove("30-bad.yaml");
+    bed.agent.wait_ready(DEADLINE).unwrap();
+    let before = unknown_endpoint_drops(&bed);
+    for f in FAMILIES {
+        assert_eq!(bed.probe(&a, &tgt("default", "d", f), Proto::Tcp, 80), ProbeResult::Timeout, "a -> d@{f} after the first load");
+        assert_eq!(bed.probe(&dp, &tgt("default", "a", f), Proto::Tcp, 80), ProbeResult::Timeout, "d -> a@{f} after the first load");
+    }
+    let after = unknown_endpoint_drops(&bed);
+    assert!(after.0 > before.0 && after.1 > before.1, "init drops: {before:?} -> {after:?}");
+    sb.call("CHECK", &sock, 3000).assert_ok();
+    bed.write("05-pod-d.yaml", &d.to_yaml());
+    bed.wait_probe(&a, &tgt("default", "d", Family::V6), Proto::Tcp, 80, &ok("default/d"));
+    assert_eq!(bed.tb.probe(&dp, &tgt("default", "a", Family::V4), Proto::Tcp, 80, ALLOWED), ok("default/a"));
+}
+
 /// Removes its directory on drop (also on panic).
 struct TmpDir(PathBuf);
 impl Drop for TmpDir {
@@ -422,7 +468,9 @@ fn version_and_bad_input() {
 
     let good = netconf(&sock, 500, Some(&prev));
     let without = |k: &str| -> Vec<(String, String)> { env.iter().filter(|(n, _)| n != k).cloned().collect() };
-    let cases: Vec<(&str, Vec<(String, String)>, String, u64, &str)> = vec![
+    // (what, environment, stdin, expected code, what the message must name)
+    type Case<'a> = (&'a str, Vec<(String, String)>, String, u64, &'a str);
+    let cases: Vec<Case> = vec![
         ("no CNI_COMMAND", without("CNI_COMMAND"), good.clone(), 4, "CNI_COMMAND"),
         ("unknown command", with_cmd(&env, "FROB"), good.clone(), 4, "CNI_COMMAND"),
         ("no CNI_CONTAINERID", without("CNI_CONTAINERID"), good.clone(), 4, "CNI_CONTAINERID"),

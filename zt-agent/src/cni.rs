@@ -101,9 +101,20 @@ pub struct Attachments {
 }
 
 impl Attachments {
+    /// A file that cannot be parsed is set aside and the agent starts without
+    /// attachments: that is still fail closed, since the hooks stay on every existing
+    /// interface and an address missing from the maps is an unknown endpoint there.
     pub fn load(path: PathBuf) -> Result<Self> {
         let by_container = match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).with_context(|| format!("parsing {}", path.display()))?,
+            Ok(b) => match serde_json::from_slice(&b) {
+                Ok(m) => m,
+                Err(e) => {
+                    let aside = path.with_extension("json.bad");
+                    log::error!("cni: {} is unreadable ({e}); moved to {}, starting without attachments", path.display(), aside.display());
+                    std::fs::rename(&path, &aside).with_context(|| format!("moving {} aside", path.display()))?;
+                    BTreeMap::new()
+                }
+            },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
