@@ -339,9 +339,13 @@ impl Agent {
     }
 
     /// Hooks every attachment's interface (links are pinned; already hooked is a no-op).
+    /// One failure (an interface removed a moment ago) does not keep the others
+    /// unhooked; ADD checks its own link before answering.
     pub(super) fn attach_cni(&mut self) -> Result<()> {
         for a in self.cni.by_container.values() {
-            self.datapath.ensure_attached(a.ifindex, &a.ifname)?;
+            if let Err(e) = self.datapath.ensure_attached(a.ifindex, &a.ifname) {
+                log::error!("cni: hooking {} for {}/{}: {e:#}", a.ifname, a.pod.namespace, a.pod.name);
+            }
         }
         Ok(())
     }
