@@ -36,6 +36,9 @@ pub fn fabric_ips(k: u32) -> (Ipv4Addr, Ipv6Addr) {
     )
 }
 
+/// What [`Testbed::add_pod_with`] runs between a pod's network setup and its server.
+type BeforeStart<'a> = Box<dyn FnOnce(&PodInfo) -> Result<()> + 'a>;
+
 /// Options for [`Testbed::up`].
 #[derive(Clone, Debug)]
 pub struct TestbedOptions {
@@ -478,6 +481,17 @@ impl Testbed {
     /// Add a pod at runtime (netns, veth, routes, cgroup, server). Its node netns is
     /// created if new. The pod must have at least one IP.
     pub fn add_pod(&self, pod: Pod) -> Result<PodInfo> {
+        self.add_pod_with(pod, |_| Ok(()))
+    }
+
+    /// [`Testbed::add_pod`] that runs `before_start` once the pod's network is set up
+    /// and before its server starts (where a container runtime runs the CNI plugins).
+    /// An error from it fails (and removes) the pod.
+    pub fn add_pod_with(
+        &self,
+        pod: Pod,
+        before_start: impl FnOnce(&PodInfo) -> Result<()>,
+    ) -> Result<PodInfo> {
         if pod.ips().is_empty() {
             bail!("pod {} has no IP", pod.key());
         }
@@ -517,7 +531,7 @@ impl Testbed {
         }
         // Register before creating anything so a failure is cleaned up by remove/drop.
         self.lock().topo.pods.push(info.clone());
-        match self.setup_pod(&info, &node) {
+        match self.setup_pod(&info, &node, Box::new(before_start)) {
             Ok(pid) => {
                 let mut g = self.lock();
                 let mut out = info.clone();
@@ -537,7 +551,12 @@ impl Testbed {
         }
     }
 
-    fn setup_pod(&self, info: &PodInfo, node: &NodeInfo) -> Result<u32> {
+    fn setup_pod(
+        &self,
+        info: &PodInfo,
+        node: &NodeInfo,
+        before_start: BeforeStart<'_>,
+    ) -> Result<u32> {
         let (pns, nns, hv) = (
             info.netns.as_str(),
             node.netns.as_str(),
@@ -601,6 +620,7 @@ impl Testbed {
         }
         std::fs::create_dir_all(&info.cgroup)
             .with_context(|| format!("creating cgroup {}", info.cgroup.display()))?;
+        before_start(info)?;
         if !self.opts.start_servers {
             return Ok(0);
         }

@@ -13,6 +13,10 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{broadcast, mpsc};
 use zt_common::*;
 
+// Requests of the CNI plugin (a child module: it handles them on the agent's state).
+#[path = "cni.rs"]
+pub mod cni;
+
 use crate::{
     compile::{compile, CompileConfig, EnforcementMode},
     events::{EventRecord, Snapshot},
@@ -76,6 +80,8 @@ struct Agent {
     shared_warned: BTreeSet<u32>,
     metrics: Shared,
     snapshot: std::sync::Arc<std::sync::RwLock<Snapshot>>,
+    /// Pod interfaces the CNI plugin asked to enforce.
+    cni: cni::Attachments,
 }
 
 pub async fn run(opts: AgentOptions) -> Result<()> {
@@ -123,7 +129,9 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let ring = datapath.take_events()?;
     tokio::spawn(forward_events(ring, events_tx.clone(), snapshot.clone(), metrics.clone()));
     tokio::spawn(log_err("metrics", metrics::serve(opts.metrics_addr.clone(), metrics.clone(), opts.bpffs_root.clone())));
-    tokio::spawn(log_err("admin socket", crate::admin::serve(opts.admin_socket.clone(), events_tx.clone(), metrics.clone())));
+    let cni_attachments = cni::Attachments::load(opts.state_dir.join("cni-attachments.json"))?;
+    let (cni_tx, mut cni_rx) = tokio::sync::mpsc::channel::<cni::CniCall>(256);
+    tokio::spawn(log_err("admin socket", crate::admin::serve(opts.admin_socket.clone(), events_tx.clone(), metrics.clone(), cni_tx)));
 
     // Kubernetes source events; the sender stays here with the directory source.
     let (source_tx, mut source_rx) = mpsc::channel::<SourceEvent>(8192);
@@ -159,6 +167,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         shared_warned: BTreeSet::new(),
         metrics,
         snapshot,
+        cni: cni_attachments,
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -171,6 +180,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             Some(ev) = source_rx.recv() => agent.apply_source(ev, &mut source_rx),
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
+            Some(call) = cni_rx.recv() => agent.handle_cni(call),
         }
     }
     // Links and maps stay pinned: enforcement continues while the agent is away.
@@ -336,8 +346,12 @@ impl Agent {
         }
         let t = Instant::now();
         let mut stats = crate::sync::ApplyStats::default();
+        if self.cni.prune_gone()? {
+            self.dirty = true;
+        }
         if self.dirty {
-            let want = Contents::from_desired(desired, &self.ifindex);
+            let mut want = Contents::from_desired(desired, &self.ifindex);
+            self.cni.overlay(&mut want, Some(desired));
             // Remembered until the epoch is written, even if this apply fails halfway.
             self.pending_bump |= withdraws(&self.have, &want);
             stats = match apply(&mut self.maps, &mut self.have, &want, &self.caps) {
@@ -371,6 +385,7 @@ impl Agent {
                 keep.insert((*idx, name.clone()));
             }
         }
+        self.attach_cni()?;
         self.datapath.detach_gone(&keep)?;
         self.publish(desired, &stats, apply_time)?;
         Ok(())

@@ -45,6 +45,8 @@ pub struct AgentMetrics {
     pub source_errors: BTreeMap<ObjectKind, u64>,
     /// Last turn of the agent's loop (liveness).
     pub heartbeat: Option<Instant>,
+    /// CNI plugin requests by (command, outcome).
+    pub cni_requests: BTreeMap<(String, String), u64>,
 }
 
 impl AgentMetrics {
@@ -119,6 +121,10 @@ pub fn render(m: &AgentMetrics, maps: Option<&PinnedMaps>) -> String {
     let _ = writeln!(o, "zt_policy_epoch {}", m.policy_epoch);
     line(&mut o, "Datapath events the agent forwarded to admin-socket subscribers.", "counter", "zt_agent_events_forwarded_total");
     let _ = writeln!(o, "zt_agent_events_forwarded_total {}", m.events_forwarded_total);
+    line(&mut o, "Requests of the zt-cni plugin, by command and outcome.", "counter", "zt_cni_requests_total");
+    for ((cmd, outcome), n) in &m.cni_requests {
+        let _ = writeln!(o, "zt_cni_requests_total{{command=\"{cmd}\",outcome=\"{outcome}\"}} {n}");
+    }
     line(&mut o, "1 once the datapath holds the first full state.", "gauge", "zt_agent_ready");
     let _ = writeln!(o, "zt_agent_ready {}", m.ready as u8);
     line(&mut o, "1 while the policy source reaches its input (0: Kubernetes API unreachable; the last state stays enforced).", "gauge", "zt_source_up");
