@@ -1,0 +1,313 @@
+//! Runs the cases: one test bed for the whole suite, the agent(s) started through
+//! [`AgentInput`], each step's cluster state written to the agent's input, then the
+//! matrix probed until it matches the oracle or a short deadline passes.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use zt_testbed::{bins, AgentHandle, Endpoint, Family, Matrix, ProbeResult, ProbeSpec, Proto, Target, Testbed, TestbedOptions};
+
+use super::cases::{self, Act, Case};
+use super::common::{lab, tail};
+use super::model::{Cluster, ModelPod};
+use super::oracle;
+
+pub const LAB: &str = "netpol-matrix";
+/// Probe timeout (the test bed's short default; a denied probe costs this much).
+const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
+/// How long the agent may take to pick up a change (it polls every 100 ms here).
+const APPLY_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a step may take to converge after the agent applied it.
+const MATCH_DEADLINE: Duration = Duration::from_secs(3);
+const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
+
+/// How the agents get the cluster state. Every variant reads what [`Input::write`]
+/// puts into the bed's manifests dir.
+#[derive(Clone, Copy, Debug)]
+pub enum AgentInput {
+    /// `zt-agent --manifests <dir>` (the directory source).
+    ManifestsDir,
+}
+
+/// The running agents and where the cluster state goes.
+pub struct Input {
+    pub dir: PathBuf,
+    pub agents: Vec<AgentHandle>,
+}
+
+impl AgentInput {
+    /// Start one agent per node of the bed, fed from `dir`; returns once all are ready.
+    pub fn start(self, tb: &Testbed, dir: &Path) -> Input {
+        let bin = bins::find("zt-agent").expect("zt-agent binary (cargo build -p zt-agent)");
+        let agents = match self {
+            AgentInput::ManifestsDir => tb
+                .nodes()
+                .iter()
+                .map(|n| tb.start_agent(&n.name, &bin, dir, &["--poll-ms", "100"]).unwrap())
+                .collect::<Vec<_>>(),
+        };
+        for a in &agents {
+            if let Err(e) = a.wait_ready(Duration::from_secs(30)) {
+                panic!("agent not ready: {e:#}\n{}", tail(&a.log(), 30));
+            }
+        }
+        Input { dir: dir.to_path_buf(), agents }
+    }
+}
+
+impl Input {
+    fn compile_counts(&self) -> Vec<Option<f64>> {
+        self.agents.iter().map(|a| a.metrics().ok().and_then(|m| metric(&m, "zt_policy_compile_seconds_count"))).collect()
+    }
+
+    /// Replace the cluster state (one file, renamed into place) and wait until every
+    /// agent compiled it. Returns false if an agent did not within [`APPLY_DEADLINE`].
+    pub fn write(&self, c: &Cluster) -> bool {
+        let before = self.compile_counts();
+        let tmp = self.dir.join(".cluster.yaml.tmp");
+        std::fs::write(&tmp, c.to_yaml()).unwrap();
+        std::fs::rename(&tmp, self.dir.join("cluster.yaml")).unwrap();
+        let start = Instant::now();
+        while start.elapsed() < APPLY_DEADLINE {
+            let now = self.compile_counts();
+            if now.iter().zip(&before).all(|(n, b)| matches!((n, b), (Some(n), Some(b)) if n > b)) {
+                let ok = self.agents.iter().all(|a| a.metrics().ok().and_then(|m| metric(&m, "zt_policy_last_load_ok")) == Some(1.0));
+                if !ok {
+                    for a in &self.agents {
+                        eprintln!("agent rejected the cluster state:\n{}", tail(&a.log(), 10));
+                    }
+                }
+                return ok;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Fill `{ip:ns/pod}` (the pod's IPv4 /32) and `{big:ns/pod}` (the /4 around it).
+pub fn substitute(text: &str, pods: &[ModelPod]) -> String {
+    let mut out = text.to_string();
+    for p in pods {
+        let IpAddr::V4(v4) = p.ip(true).unwrap() else { unreachable!() };
+        let big = std::net::Ipv4Addr::from(u32::from(v4) & 0xf000_0000);
+        out = out.replace(&format!("{{ip:{}}}", p.key()), &format!("{v4}/32"));
+        out = out.replace(&format!("{{big:{}}}", p.key()), &format!("{big}/4"));
+    }
+    assert!(!out.contains("{ip:") && !out.contains("{big:"), "unknown placeholder in {text}");
+    out
+}
+
+/// Apply a step's changes to the model.
+pub fn apply(c: &mut Cluster, acts: &[Act], pods: &[ModelPod]) {
+    for a in acts {
+        match a {
+            Act::Put(y) => {
+                let np: NetworkPolicy = serde_yaml::from_str(&substitute(y, pods)).unwrap_or_else(|e| panic!("bad policy YAML ({e}):\n{y}"));
+                c.put_policy(np);
+            }
+            Act::Delete(ns, name) => {
+                assert!(c.policies.remove(&(ns.to_string(), name.to_string())).is_some(), "no policy {ns}/{name} to delete");
+            }
+            Act::DeleteAll => c.policies.clear(),
+            Act::PodLabel(p, k, v) => c.label_pod(p, k, *v),
+            Act::NsLabel(ns, k, v) => c.label_namespace(ns, k, *v),
+        }
+    }
+}
+
+/// The probes of a step (9x9 incl. each pod to itself, both families) and the expected
+/// result of each.
+pub fn expected(c: &Cluster, probes: &[(Proto, u16)]) -> Vec<(ProbeSpec, bool)> {
+    let pods = c.model_pods();
+    let mut out = vec![];
+    for &(proto, port) in probes {
+        for fam in FAMILIES {
+            for from in &pods {
+                for to in &pods {
+                    let spec = ProbeSpec::new(
+                        Endpoint::pod(&from.namespace, &from.name),
+                        Target::pod(&to.namespace, &to.name, fam),
+                        proto,
+                        port,
+                    );
+                    let ok = oracle::allowed(c, from, to, proto.as_str(), port as i32, fam == Family::V4);
+                    out.push((spec, ok));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn reached(spec: &ProbeSpec, r: &ProbeResult) -> bool {
+    match (&spec.to, r) {
+        (Target::Pod { namespace, name, .. }, ProbeResult::Ok(text)) => *text == format!("{namespace}/{name}"),
+        _ => false,
+    }
+}
+
+/// Upstream-style tables for every (protocol, port, family) with a difference:
+/// expected, observed, and the comparison ("." agree, "X" differ).
+pub fn diff_tables(want: &[(ProbeSpec, bool)], got: &Matrix) -> String {
+    let mut groups: BTreeMap<(Proto, u16, Family), Vec<(&ProbeSpec, bool, &ProbeResult)>> = BTreeMap::new();
+    for ((spec, w), (_, r)) in want.iter().zip(&got.results) {
+        groups.entry((spec.proto, spec.port, spec.to.family())).or_default().push((spec, *w, r));
+    }
+    let mut s = String::new();
+    for ((proto, port, fam), cells) in groups {
+        if cells.iter().all(|(sp, w, r)| reached(sp, r) == *w) {
+            continue;
+        }
+        let cols: Vec<String> = {
+            let mut v: Vec<String> = cells.iter().map(|(sp, _, _)| sp.to.short_label()).collect();
+            v.dedup();
+            v.sort();
+            v.dedup();
+            v
+        };
+        let rows: Vec<String> = {
+            let mut v: Vec<String> = cells.iter().map(|(sp, _, _)| sp.from.to_string()).collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        let cell = |row: &str, col: &str, f: &dyn Fn(bool, &ProbeSpec, &ProbeResult) -> String| -> String {
+            cells
+                .iter()
+                .find(|(sp, _, _)| sp.from.to_string() == row && sp.to.short_label() == col)
+                .map(|(sp, w, r)| f(*w, sp, r))
+                .unwrap_or_else(|| "-".into())
+        };
+        let table = |title: &str, f: &dyn Fn(bool, &ProbeSpec, &ProbeResult) -> String| -> String {
+            let mut t = format!("{title} ({proto}/{port} {fam}):\n-\t{}\n", cols.join("\t"));
+            for r in &rows {
+                let line: Vec<String> = cols.iter().map(|c| cell(r, c, f)).collect();
+                t.push_str(&format!("{r}\t{}\n", line.join("\t")));
+            }
+            t
+        };
+        let mark = |b: bool| if b { ".".to_string() } else { "X".to_string() };
+        s.push_str(&table("Expected", &|w, _, _| mark(w)));
+        s.push_str(&table("Observed", &|_, sp, r| if reached(sp, r) { ".".into() } else { r.cell().into() }));
+        s.push_str(&table("Comparison", &|w, sp, r| mark(reached(sp, r) == w)));
+    }
+    s
+}
+
+/// Probe until the matrix matches or [`MATCH_DEADLINE`] passes; returns the mismatch
+/// report (None = pass) and the number of probe rounds.
+fn check_step(tb: &Testbed, want: &[(ProbeSpec, bool)]) -> (Option<String>, usize) {
+    let specs: Vec<ProbeSpec> = want.iter().map(|(s, _)| s.clone()).collect();
+    let start = Instant::now();
+    let mut rounds = 0;
+    loop {
+        rounds += 1;
+        let m = tb.probe_matrix(&specs, PROBE_TIMEOUT);
+        let bad = want.iter().zip(&m.results).filter(|((s, w), (_, r))| reached(s, r) != *w).count();
+        if bad == 0 {
+            return (None, rounds);
+        }
+        if start.elapsed() >= MATCH_DEADLINE {
+            return (Some(format!("{bad} of {} probes differ from the oracle:\n{}", want.len(), diff_tables(want, &m))), rounds);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+struct Outcome {
+    family: &'static str,
+    name: String,
+    failure: Option<String>,
+    /// Probe rounds over all steps (more than one per step: the state converged late).
+    rounds: usize,
+}
+
+fn run_case(tb: &Testbed, input: &Input, base: &Cluster, case: &Case) -> Outcome {
+    let pods = base.model_pods();
+    let mut c = base.clone();
+    let mut failure = None;
+    let mut total_rounds = 0;
+    for (i, st) in case.steps.iter().enumerate() {
+        apply(&mut c, &st.acts, &pods);
+        if !input.write(&c) {
+            failure = Some(format!("step {}: the agent did not apply the cluster state within {APPLY_DEADLINE:?}", i + 1));
+            break;
+        }
+        let want = expected(&c, &st.probes);
+        let (bad, rounds) = check_step(tb, &want);
+        total_rounds += rounds;
+        if let Some(report) = bad {
+            let probes: Vec<String> = st.probes.iter().map(|(p, n)| format!("{p}/{n}")).collect();
+            failure = Some(format!("step {} ({}) after {rounds} probe rounds: {report}", i + 1, probes.join(", ")));
+            break;
+        }
+    }
+    Outcome { family: case.family, name: case.name.clone(), failure, rounds: total_rounds }
+}
+
+/// Bring up the lab once, start the agents through `how`, run every case, print
+/// `<family>: N passed, M failed` and the total, and fail if any case failed.
+pub fn run_suite(how: AgentInput) {
+    let t0 = Instant::now();
+    let filter = std::env::var("ZT_CONFORMANCE_FILTER").ok();
+    let all: Vec<Case> = cases::all()
+        .into_iter()
+        .filter(|c| filter.as_deref().is_none_or(|f| c.family.contains(f) || c.name.contains(f)))
+        .collect();
+    assert_eq!(unsafe { libc::geteuid() }, 0, "the conformance matrix needs root");
+    let opts = TestbedOptions::default().serve_bin(env!("CARGO_BIN_EXE_zt-testbed"));
+    let tb = Testbed::up(&lab(LAB), opts).unwrap_or_else(|e| panic!("test bed {LAB}: {e:#}"));
+    let base = Cluster::load(&lab(LAB));
+    let dir = tb.tmp_dir().join("agent-manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    // Nodes stay in their own file (the test bed's input; the agent may use them too).
+    for e in std::fs::read_dir(lab(LAB)).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "yaml") {
+            let text = std::fs::read_to_string(&p).unwrap();
+            let nodes: Vec<&str> = text.split("\n---\n").filter(|d| d.contains("kind: Node\n")).collect();
+            std::fs::write(dir.join("00-nodes.yaml"), nodes.join("\n---\n")).unwrap();
+        }
+    }
+    std::fs::write(dir.join("cluster.yaml"), base.to_yaml()).unwrap();
+    let input = how.start(&tb, &dir);
+    println!("conformance ({how:?}): {} cases on {} nodes, bed up in {:.1?}", all.len(), tb.nodes().len(), t0.elapsed());
+
+    let mut outcomes = vec![];
+    for case in &all {
+        let t = Instant::now();
+        let o = run_case(&tb, &input, &base, case);
+        match &o.failure {
+            None => println!("PASS [{}] {} ({} steps, {} probe rounds, {:.1?})", o.family, o.name, case.steps.len(), o.rounds, t.elapsed()),
+            Some(f) => println!("FAIL [{}] {} ({:.1?}): {f}", o.family, o.name, t.elapsed()),
+        }
+        outcomes.push(o);
+    }
+    // Leave the agents with the base state (no policies) before the bed goes down.
+    input.write(&base);
+
+    let mut families: Vec<&str> = outcomes.iter().map(|o| o.family).collect();
+    families.dedup();
+    println!("\nconformance summary ({how:?}):");
+    for f in &families {
+        let (p, m) = outcomes.iter().filter(|o| o.family == *f).fold((0, 0), |(p, m), o| if o.failure.is_none() { (p + 1, m) } else { (p, m + 1) });
+        println!("{f}: {p} passed, {m} failed");
+    }
+    let failed: Vec<&Outcome> = outcomes.iter().filter(|o| o.failure.is_some()).collect();
+    println!("total: {} passed, {} failed", outcomes.len() - failed.len(), failed.len());
+    println!("elapsed: {:.1?}", t0.elapsed());
+    if !failed.is_empty() {
+        for a in &input.agents {
+            println!("agent log tail:\n{}", tail(&a.log(), 20));
+        }
+    }
+    assert!(failed.is_empty(), "failed cases:\n{}", failed.iter().map(|o| format!("  [{}] {}", o.family, o.name)).collect::<Vec<_>>().join("\n"));
+}
