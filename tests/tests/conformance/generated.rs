@@ -79,6 +79,15 @@ fn ports() -> Vec<Case> {
         ("several: TCP 80, UDP 81, named serve-80-sctp", "[{port: 80}, {protocol: UDP, port: 81}, {protocol: SCTP, port: serve-80-sctp}]"),
     ];
     let mut out = vec![];
+    for (ingress, d) in dirs() {
+        // "alt" is TCP 82 on pods a, 83 on pods b, absent on pods c: it must resolve on
+        // the destination (x/a itself for ingress, each peer for egress).
+        out.push(case(
+            "gen-ports",
+            format!("{d}: named port alt, different per pod (a 82, b 83, c none)"),
+            vec![step(vec![rule_policy("ports", ingress, None, Some("[{port: alt}]"))], &[(Proto::Tcp, 82), (Proto::Tcp, 83)])],
+        ));
+    }
     for (desc, p) in ports {
         for (ingress, d) in dirs() {
             out.push(case(

@@ -26,6 +26,10 @@ impl ModelPod {
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+    /// Does the pod declare (and the test bed serve) this container port?
+    pub fn serves(&self, proto: &str, port: i32) -> bool {
+        self.ports.iter().any(|(_, p, n)| p == proto && *n == port)
+    }
     /// The pod's address of the family of `v4`.
     pub fn ip(&self, v4: bool) -> Option<IpAddr> {
         self.ips.iter().copied().find(|ip| ip.is_ipv4() == v4)

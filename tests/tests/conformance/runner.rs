@@ -20,6 +20,8 @@ pub const LAB: &str = "netpol-matrix";
 const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
 /// How long the agent may take to pick up a change (it polls every 100 ms here).
 const APPLY_DEADLINE: Duration = Duration::from_secs(5);
+/// After a compile that changes no map entry: how long to let the same pass finish.
+const APPLY_GRACE: Duration = Duration::from_millis(300);
 /// How long a step may take to converge after the agent applied it.
 const MATCH_DEADLINE: Duration = Duration::from_secs(3);
 const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
@@ -59,32 +61,41 @@ impl AgentInput {
 }
 
 impl Input {
-    fn compile_counts(&self) -> Vec<Option<f64>> {
-        self.agents.iter().map(|a| a.metrics().ok().and_then(|m| metric(&m, "zt_policy_compile_seconds_count"))).collect()
+    fn scrape(&self, name: &str) -> Vec<Option<f64>> {
+        self.agents.iter().map(|a| a.metrics().ok().and_then(|m| metric(&m, name))).collect()
     }
 
     /// Replace the cluster state (one file, renamed into place) and wait until every
-    /// agent compiled it. Returns false if an agent did not within [`APPLY_DEADLINE`].
-    pub fn write(&self, c: &Cluster) -> bool {
-        let before = self.compile_counts();
+    /// agent compiled it and wrote the maps: its compile count grew, then its map
+    /// update count grew (or, for a state that changes no map entry, a grace of
+    /// [`APPLY_GRACE`]: the write follows the compile within the same reconcile pass).
+    pub fn write(&self, c: &Cluster) -> Result<(), String> {
+        let compiles = self.scrape("zt_policy_compile_seconds_count");
+        let updates = self.scrape("zt_map_updates_total");
         let tmp = self.dir.join(".cluster.yaml.tmp");
         std::fs::write(&tmp, c.to_yaml()).unwrap();
         std::fs::rename(&tmp, self.dir.join("cluster.yaml")).unwrap();
+        let grew = |before: &[Option<f64>], now: &[Option<f64>]| {
+            now.iter().zip(before).all(|(n, b)| matches!((n, b), (Some(n), Some(b)) if n > b))
+        };
         let start = Instant::now();
-        while start.elapsed() < APPLY_DEADLINE {
-            let now = self.compile_counts();
-            if now.iter().zip(&before).all(|(n, b)| matches!((n, b), (Some(n), Some(b)) if n > b)) {
-                let ok = self.agents.iter().all(|a| a.metrics().ok().and_then(|m| metric(&m, "zt_policy_last_load_ok")) == Some(1.0));
-                if !ok {
-                    for a in &self.agents {
-                        eprintln!("agent rejected the cluster state:\n{}", tail(&a.log(), 10));
-                    }
-                }
-                return ok;
+        while !grew(&compiles, &self.scrape("zt_policy_compile_seconds_count")) {
+            if start.elapsed() > APPLY_DEADLINE {
+                return Err(format!("an agent did not compile the new state within {APPLY_DEADLINE:?}"));
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(10));
         }
-        false
+        if self.scrape("zt_policy_last_load_ok").iter().any(|v| *v != Some(1.0)) {
+            return Err(format!("an agent rejected the state:\n{}", self.agents.iter().map(|a| tail(&a.log(), 5)).collect::<Vec<_>>().join("\n")));
+        }
+        let compiled = Instant::now();
+        while !grew(&updates, &self.scrape("zt_map_updates_total")) && compiled.elapsed() < APPLY_GRACE {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if self.scrape("zt_map_errors_total").iter().any(|v| *v != Some(0.0)) {
+            return Err("an agent failed to write its maps (zt_map_errors_total > 0)".into());
+        }
+        Ok(())
     }
 }
 
@@ -123,9 +134,30 @@ pub fn apply(c: &mut Cluster, acts: &[Act], pods: &[ModelPod]) {
     }
 }
 
-/// The probes of a step (9x9 incl. each pod to itself, both families) and the expected
-/// result of each.
-pub fn expected(c: &Cluster, probes: &[(Proto, u16)]) -> Vec<(ProbeSpec, bool)> {
+/// What a probe must find.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Want {
+    /// Allowed and served: the server's reply.
+    Reached,
+    /// Allowed, nothing serves the port: RST / ICMP port unreachable / ABORT.
+    Refused,
+    /// Denied: a silent drop (a timeout; a policy never answers with an error).
+    Dropped,
+}
+
+impl Want {
+    fn cell(self) -> &'static str {
+        match self {
+            Want::Reached => ".",
+            Want::Refused => "R",
+            Want::Dropped => "X",
+        }
+    }
+}
+
+/// The probes of a step (9x9 incl. each pod to itself, both families) and what each
+/// must find.
+pub fn expected(c: &Cluster, probes: &[(Proto, u16)]) -> Vec<(ProbeSpec, Want)> {
     let pods = c.model_pods();
     let mut out = vec![];
     for &(proto, port) in probes {
@@ -138,8 +170,14 @@ pub fn expected(c: &Cluster, probes: &[(Proto, u16)]) -> Vec<(ProbeSpec, bool)> 
                         proto,
                         port,
                     );
-                    let ok = oracle::allowed(c, from, to, proto.as_str(), port as i32, fam == Family::V4);
-                    out.push((spec, ok));
+                    let want = if !oracle::allowed(c, from, to, proto.as_str(), port as i32, fam == Family::V4) {
+                        Want::Dropped
+                    } else if to.serves(proto.as_str(), port as i32) {
+                        Want::Reached
+                    } else {
+                        Want::Refused
+                    };
+                    out.push((spec, want));
                 }
             }
         }
@@ -147,46 +185,43 @@ pub fn expected(c: &Cluster, probes: &[(Proto, u16)]) -> Vec<(ProbeSpec, bool)> 
     out
 }
 
-fn reached(spec: &ProbeSpec, r: &ProbeResult) -> bool {
-    match (&spec.to, r) {
-        (Target::Pod { namespace, name, .. }, ProbeResult::Ok(text)) => *text == format!("{namespace}/{name}"),
+/// Did the probe find what was wanted? (Reached also checks who answered.)
+fn found(spec: &ProbeSpec, want: Want, r: &ProbeResult) -> bool {
+    match (want, &spec.to, r) {
+        (Want::Reached, Target::Pod { namespace, name, .. }, ProbeResult::Ok(text)) => *text == format!("{namespace}/{name}"),
+        (Want::Refused, _, ProbeResult::Refused) => true,
+        (Want::Dropped, _, ProbeResult::Timeout) => true,
         _ => false,
     }
 }
 
 /// Upstream-style tables for every (protocol, port, family) with a difference:
-/// expected, observed, and the comparison ("." agree, "X" differ).
-pub fn diff_tables(want: &[(ProbeSpec, bool)], got: &Matrix) -> String {
-    let mut groups: BTreeMap<(Proto, u16, Family), Vec<(&ProbeSpec, bool, &ProbeResult)>> = BTreeMap::new();
+/// expected, observed, and the comparison ("." agree, "X" differ). Cells: "." reached,
+/// "X" dropped (timeout), "R" refused, "E" error.
+pub fn diff_tables(want: &[(ProbeSpec, Want)], got: &Matrix) -> String {
+    let mut groups: BTreeMap<(Proto, u16, Family), Vec<(&ProbeSpec, Want, &ProbeResult)>> = BTreeMap::new();
     for ((spec, w), (_, r)) in want.iter().zip(&got.results) {
         groups.entry((spec.proto, spec.port, spec.to.family())).or_default().push((spec, *w, r));
     }
     let mut s = String::new();
     for ((proto, port, fam), cells) in groups {
-        if cells.iter().all(|(sp, w, r)| reached(sp, r) == *w) {
+        if cells.iter().all(|(sp, w, r)| found(sp, *w, r)) {
             continue;
         }
-        let cols: Vec<String> = {
-            let mut v: Vec<String> = cells.iter().map(|(sp, _, _)| sp.to.short_label()).collect();
-            v.dedup();
-            v.sort();
-            v.dedup();
-            v
-        };
-        let rows: Vec<String> = {
-            let mut v: Vec<String> = cells.iter().map(|(sp, _, _)| sp.from.to_string()).collect();
-            v.sort();
-            v.dedup();
-            v
-        };
-        let cell = |row: &str, col: &str, f: &dyn Fn(bool, &ProbeSpec, &ProbeResult) -> String| -> String {
+        let mut cols: Vec<String> = cells.iter().map(|(sp, _, _)| sp.to.short_label()).collect();
+        cols.sort();
+        cols.dedup();
+        let mut rows: Vec<String> = cells.iter().map(|(sp, _, _)| sp.from.to_string()).collect();
+        rows.sort();
+        rows.dedup();
+        let cell = |row: &str, col: &str, f: &dyn Fn(Want, &ProbeSpec, &ProbeResult) -> String| -> String {
             cells
                 .iter()
                 .find(|(sp, _, _)| sp.from.to_string() == row && sp.to.short_label() == col)
                 .map(|(sp, w, r)| f(*w, sp, r))
                 .unwrap_or_else(|| "-".into())
         };
-        let table = |title: &str, f: &dyn Fn(bool, &ProbeSpec, &ProbeResult) -> String| -> String {
+        let table = |title: &str, f: &dyn Fn(Want, &ProbeSpec, &ProbeResult) -> String| -> String {
             let mut t = format!("{title} ({proto}/{port} {fam}):\n-\t{}\n", cols.join("\t"));
             for r in &rows {
                 let line: Vec<String> = cols.iter().map(|c| cell(r, c, f)).collect();
@@ -194,26 +229,38 @@ pub fn diff_tables(want: &[(ProbeSpec, bool)], got: &Matrix) -> String {
             }
             t
         };
-        let mark = |b: bool| if b { ".".to_string() } else { "X".to_string() };
-        s.push_str(&table("Expected", &|w, _, _| mark(w)));
-        s.push_str(&table("Observed", &|_, sp, r| if reached(sp, r) { ".".into() } else { r.cell().into() }));
-        s.push_str(&table("Comparison", &|w, sp, r| mark(reached(sp, r) == w)));
+        s.push_str(&table("Expected", &|w, _, _| w.cell().into()));
+        s.push_str(&table("Observed", &|_, sp, r| {
+            let wrong_server = matches!(r, ProbeResult::Ok(_)) && !found(sp, Want::Reached, r);
+            if wrong_server { "?".into() } else { r.cell().into() }
+        }));
+        s.push_str(&table("Comparison", &|w, sp, r| if found(sp, w, r) { ".".into() } else { "X".into() }));
     }
     s
 }
 
 /// Probe until the matrix matches or [`MATCH_DEADLINE`] passes; returns the mismatch
 /// report (None = pass) and the number of probe rounds.
-fn check_step(tb: &Testbed, want: &[(ProbeSpec, bool)]) -> (Option<String>, usize) {
+fn check_step(tb: &Testbed, want: &[(ProbeSpec, Want)]) -> (Option<String>, usize) {
     let specs: Vec<ProbeSpec> = want.iter().map(|(s, _)| s.clone()).collect();
     let start = Instant::now();
     let mut rounds = 0;
     loop {
         rounds += 1;
         let m = tb.probe_matrix(&specs, PROBE_TIMEOUT);
-        let bad = want.iter().zip(&m.results).filter(|((s, w), (_, r))| reached(s, r) != *w).count();
+        let bad = want.iter().zip(&m.results).filter(|((s, w), (_, r))| !found(s, *w, r)).count();
         if bad == 0 {
             return (None, rounds);
+        }
+        if rounds == 1 && std::env::var_os("ZT_CONFORMANCE_VERBOSE").is_some() {
+            let first: Vec<String> = want
+                .iter()
+                .zip(&m.results)
+                .filter(|((s, w), (_, r))| !found(s, *w, r))
+                .take(6)
+                .map(|((s, w), (_, r))| format!("{s}: want {w:?}, got {r}"))
+                .collect();
+            println!("  first round: {bad} differ, e.g. {}", first.join("; "));
         }
         if start.elapsed() >= MATCH_DEADLINE {
             return (Some(format!("{bad} of {} probes differ from the oracle:\n{}", want.len(), diff_tables(want, &m))), rounds);
@@ -237,8 +284,8 @@ fn run_case(tb: &Testbed, input: &Input, base: &Cluster, case: &Case) -> Outcome
     let mut total_rounds = 0;
     for (i, st) in case.steps.iter().enumerate() {
         apply(&mut c, &st.acts, &pods);
-        if !input.write(&c) {
-            failure = Some(format!("step {}: the agent did not apply the cluster state within {APPLY_DEADLINE:?}", i + 1));
+        if let Err(e) = input.write(&c) {
+            failure = Some(format!("step {}: {e}", i + 1));
             break;
         }
         let want = expected(&c, &st.probes);
@@ -292,7 +339,7 @@ pub fn run_suite(how: AgentInput) {
         outcomes.push(o);
     }
     // Leave the agents with the base state (no policies) before the bed goes down.
-    input.write(&base);
+    let _ = input.write(&base);
 
     let mut families: Vec<&str> = outcomes.iter().map(|o| o.family).collect();
     families.dedup();
