@@ -113,18 +113,21 @@ fn port_matches(p: &NetworkPolicyPort, proto: &str, port: i32, dst: &ModelPod) -
     }
 }
 
-/// Does `pod`'s side allow the connection in `dir` with `peer` (its IP `peer_ip`)?
-/// `dst` is the pod that serves the port (named ports resolve there).
-pub fn side_allows(
-    c: &Cluster,
-    pod: &ModelPod,
-    dir: Dir,
-    peer: &ModelPod,
-    peer_ip: IpAddr,
-    dst: &ModelPod,
-    proto: &str,
-    port: i32,
-) -> bool {
+/// A connection as one side sees it: the other pod and its address, the pod that
+/// serves the port (named ports resolve there), protocol and port.
+pub struct Conn<'a> {
+    pub peer: &'a ModelPod,
+    pub peer_ip: IpAddr,
+    pub dst: &'a ModelPod,
+    pub proto: &'a str,
+    pub port: i32,
+}
+
+/// A rule in either direction: peers and ports (None = absent).
+type AnyRule = (Option<Vec<NetworkPolicyPeer>>, Option<Vec<NetworkPolicyPort>>);
+
+/// Does `pod`'s side allow `conn` in `dir`?
+pub fn side_allows(c: &Cluster, pod: &ModelPod, dir: Dir, conn: &Conn<'_>) -> bool {
     let tname = match dir {
         Dir::Ingress => "Ingress",
         Dir::Egress => "Egress",
@@ -139,7 +142,7 @@ pub fn side_allows(
             continue;
         }
         isolated = true;
-        let rules: Vec<(Option<Vec<NetworkPolicyPeer>>, Option<Vec<NetworkPolicyPort>>)> = match dir {
+        let rules: Vec<AnyRule> = match dir {
             Dir::Ingress => spec.ingress.iter().flatten().map(|r| (r.from.clone(), r.ports.clone())).collect(),
             Dir::Egress => spec.egress.iter().flatten().map(|r| (r.to.clone(), r.ports.clone())).collect(),
         };
@@ -147,12 +150,12 @@ pub fn side_allows(
             let peer_ok = match &peers {
                 None => true,
                 Some(v) if v.is_empty() => true,
-                Some(v) => v.iter().any(|p| peer_matches(c, ns, p, peer, peer_ip)),
+                Some(v) => v.iter().any(|p| peer_matches(c, ns, p, conn.peer, conn.peer_ip)),
             };
             let port_ok = match &ports {
                 None => true,
                 Some(v) if v.is_empty() => true,
-                Some(v) => v.iter().any(|p| port_matches(p, proto, port, dst)),
+                Some(v) => v.iter().any(|p| port_matches(p, conn.proto, conn.port, conn.dst)),
             };
             if peer_ok && port_ok {
                 return true;
@@ -170,6 +173,7 @@ pub fn allowed(c: &Cluster, from: &ModelPod, to: &ModelPod, proto: &str, port: i
     let (Some(src_ip), Some(dst_ip)) = (from.ip(v4), to.ip(v4)) else {
         return false;
     };
-    side_allows(c, from, Dir::Egress, to, dst_ip, to, proto, port)
-        && side_allows(c, to, Dir::Ingress, from, src_ip, to, proto, port)
+    let egress = Conn { peer: to, peer_ip: dst_ip, dst: to, proto, port };
+    let ingress = Conn { peer: from, peer_ip: src_ip, dst: to, proto, port };
+    side_allows(c, from, Dir::Egress, &egress) && side_allows(c, to, Dir::Ingress, &ingress)
 }

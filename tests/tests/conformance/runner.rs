@@ -199,7 +199,8 @@ fn found(spec: &ProbeSpec, want: Want, r: &ProbeResult) -> bool {
 /// expected, observed, and the comparison ("." agree, "X" differ). Cells: "." reached,
 /// "X" dropped (timeout), "R" refused, "E" error.
 pub fn diff_tables(want: &[(ProbeSpec, Want)], got: &Matrix) -> String {
-    let mut groups: BTreeMap<(Proto, u16, Family), Vec<(&ProbeSpec, Want, &ProbeResult)>> = BTreeMap::new();
+    type Cells<'a> = Vec<(&'a ProbeSpec, Want, &'a ProbeResult)>;
+    let mut groups: BTreeMap<(Proto, u16, Family), Cells<'_>> = BTreeMap::new();
     for ((spec, w), (_, r)) in want.iter().zip(&got.results) {
         groups.entry((spec.proto, spec.port, spec.to.family())).or_default().push((spec, *w, r));
     }
