@@ -20,6 +20,11 @@ pub enum Act {
     PodLabel(&'static str, &'static str, Option<&'static str>),
     /// Set (Some) or remove (None) a label of a namespace.
     NsLabel(&'static str, &'static str, Option<&'static str>),
+    /// Create pod `ns/name` on a node (the lab's pod of that name, or a copy of
+    /// `<ns>/a` labelled `pod: <name>` with new addresses); the test bed starts it first.
+    AddPod(&'static str, &'static str),
+    /// Delete pod `ns/name` (the test bed removes it after the agents saw the change).
+    RemovePod(&'static str),
 }
 
 /// Changes, then the full matrix probed on each (protocol, port).

@@ -203,10 +203,43 @@ fn actions() -> Vec<Case> {
     ]
 }
 
+/// Pods created and deleted while policies are in place (the matrix grows and
+/// shrinks with them).
+fn pods() -> Vec<Case> {
+    let a_from_d = "  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Ingress]\n  ingress:\n  - from: [{podSelector: {matchLabels: {pod: d}}}]\n";
+    let c = |name: &str, steps: Vec<Step>| case("gen-pods", name.to_string(), steps);
+    vec![
+        c("create a pod that a peer selector waits for, then delete it", vec![
+            step(vec![put("x", "a-from-d", a_from_d)], &[TCP80]),
+            step(vec![Act::AddPod("x/d", "node2")], &[TCP80, UDP81]),
+            step(vec![Act::RemovePod("x/d")], &[TCP80]),
+        ]),
+        c("create a pod in a namespace isolated both ways (on the other node)", vec![
+            step(vec![put("z", "deny-all", "  podSelector: {}\n  policyTypes: [Ingress, Egress]\n")], &[TCP80]),
+            step(vec![Act::AddPod("z/d", "node1")], &[TCP80, SCTP80]),
+        ]),
+        c("delete an isolated pod and create it again with the same address", vec![
+            step(vec![put("y", "b-from-c", "  podSelector: {matchLabels: {pod: b}}\n  policyTypes: [Ingress]\n  ingress:\n  - from: [{podSelector: {matchLabels: {pod: c}}}]\n")], &[TCP80]),
+            step(vec![Act::RemovePod("y/b")], &[TCP80]),
+            step(vec![Act::AddPod("y/b", "node2")], &[TCP80, UDP80]),
+        ]),
+        c("move a pod to the other node (delete, create on node1)", vec![
+            step(vec![put("x", "egress-to-y-b", "  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - to: [{namespaceSelector: {matchLabels: {ns: y}}, podSelector: {matchLabels: {pod: b}}}]\n")], &[TCP80]),
+            step(vec![Act::RemovePod("y/b")], &[TCP80]),
+            step(vec![Act::AddPod("y/b", "node1")], &[TCP80, TCP81]),
+        ]),
+        c("a new pod inside an ipBlock gets the block's verdict", vec![
+            step(vec![put("x", "a-from-block", "  podSelector: {matchLabels: {pod: a}}\n  policyTypes: [Ingress]\n  ingress:\n  - from: [{ipBlock: {cidr: 10.210.3.0/24, except: [10.210.3.1/32]}}]\n")], &[TCP80]),
+            step(vec![Act::AddPod("z/d", "node2")], &[TCP80]),
+        ]),
+    ]
+}
+
 pub fn all() -> Vec<Case> {
     let mut v = peers();
     v.extend(ports());
     v.extend(conflicts());
     v.extend(actions());
+    v.extend(pods());
     v
 }

@@ -203,7 +203,7 @@ pub fn check_oracle_against_upstream() {
         let case = all.iter().find(|c| c.family == "upstream-tcp" && c.name == name).unwrap_or_else(|| panic!("no upstream case {name:?}"));
         let mut c = base.clone();
         for st in &case.steps[..=step] {
-            apply(&mut c, &st.acts, &pods);
+            apply(&mut c, &st.acts, &base);
         }
         assert!(case.steps[step].probes.contains(&(proto, port)), "{name}: step {step} does not probe {proto}/{port}");
         let mut bad = vec![];

@@ -145,6 +145,63 @@ impl Cluster {
         };
     }
 
+    /// Add pod `ns/name` on `node`: the base pod of that name if there is one (same
+    /// uid and addresses), else a copy of `<ns>/a` (same ports) with label `pod: <name>`
+    /// and the next free addresses of the namespace.
+    pub fn add_pod(&mut self, key: &str, node: &str, base: &Cluster) {
+        let (ns, name) = key.split_once('/').unwrap();
+        assert!(!self.model_pods().iter().any(|p| p.key() == key), "pod {key} exists");
+        if let Some(p) = base.pods.iter().find(|p| p.metadata.namespace.as_deref() == Some(ns) && p.metadata.name.as_deref() == Some(name)) {
+            let mut p = p.clone();
+            p.spec.as_mut().unwrap().node_name = Some(node.into());
+            self.pods.push(p);
+            return;
+        }
+        let mut p = self.pod_mut(&format!("{ns}/a")).clone();
+        p.metadata.name = Some(name.into());
+        p.metadata.uid = Some(format!("0c0f0000-0000-4000-8000-0000{:08x}", u32::from_be_bytes({
+            let mut b = [0u8; 4];
+            for (i, c) in key.bytes().enumerate() {
+                b[i % 4] ^= c;
+            }
+            b
+        })));
+        p.metadata.labels = Some(BTreeMap::from([("pod".to_string(), name.to_string())]));
+        p.spec.as_mut().unwrap().node_name = Some(node.into());
+        let used: Vec<IpAddr> = self.model_pods().iter().chain(base.model_pods().iter()).flat_map(|p| p.ips.clone()).collect();
+        let status = p.status.as_mut().unwrap();
+        let ips: Vec<IpAddr> = status.pod_ips.iter().flatten().map(|i| i.ip.parse().unwrap()).collect();
+        let mut new = vec![];
+        for ip in ips {
+            let mut n = 10u8;
+            let bump = |ip: IpAddr, n: u8| match ip {
+                IpAddr::V4(a) => IpAddr::V4(std::net::Ipv4Addr::from((u32::from(a) & !0xff) | n as u32)),
+                IpAddr::V6(a) => IpAddr::V6(std::net::Ipv6Addr::from((u128::from(a) & !0xffff) | n as u128)),
+            };
+            while used.contains(&bump(ip, n)) {
+                n += 1;
+            }
+            new.push(bump(ip, n));
+        }
+        status.pod_ip = Some(new[0].to_string());
+        status.pod_ips = Some(new.iter().map(|ip| k8s_openapi::api::core::v1::PodIP { ip: ip.to_string() }).collect());
+        self.pods.push(p);
+    }
+
+    /// Remove pod `ns/name`.
+    pub fn remove_pod(&mut self, key: &str) {
+        let before = self.pods.len();
+        self.pods.retain(|p| format!("{}/{}", p.metadata.namespace.as_deref().unwrap_or("default"), p.metadata.name.as_deref().unwrap_or("")) != key);
+        assert_eq!(self.pods.len() + 1, before, "no pod {key} to remove");
+    }
+
+    /// A pod of the model as the test bed's Pod (to create its netns and server).
+    pub fn bed_pod(&self, key: &str) -> zt_testbed::Pod {
+        let p = self.pods.iter().find(|p| format!("{}/{}", p.metadata.namespace.as_deref().unwrap_or("default"), p.metadata.name.as_deref().unwrap_or("")) == key).unwrap();
+        let m = zt_testbed::Manifests::parse_str(&serde_yaml::to_string(p).unwrap(), key).unwrap();
+        m.pods.into_iter().next().unwrap()
+    }
+
     /// Create or replace a policy.
     pub fn put_policy(&mut self, np: NetworkPolicy) {
         let ns = np.metadata.namespace.clone().unwrap_or_else(|| "default".into());

@@ -116,8 +116,10 @@ pub fn substitute(text: &str, pods: &[ModelPod]) -> String {
     out
 }
 
-/// Apply a step's changes to the model.
-pub fn apply(c: &mut Cluster, acts: &[Act], pods: &[ModelPod]) {
+/// Apply a step's changes to the model (`base`: the lab's state).
+pub fn apply(c: &mut Cluster, acts: &[Act], base: &Cluster) {
+    let pods = base.model_pods();
+    let pods = &pods[..];
     for a in acts {
         match a {
             Act::Put(y) => {
@@ -130,6 +132,8 @@ pub fn apply(c: &mut Cluster, acts: &[Act], pods: &[ModelPod]) {
             Act::DeleteAll => c.policies.clear(),
             Act::PodLabel(p, k, v) => c.label_pod(p, k, *v),
             Act::NsLabel(ns, k, v) => c.label_namespace(ns, k, *v),
+            Act::AddPod(key, node) => c.add_pod(key, node, base),
+            Act::RemovePod(key) => c.remove_pod(key),
         }
     }
 }
@@ -278,14 +282,56 @@ struct Outcome {
     rounds: usize,
 }
 
+/// Pods as the test bed has them: `ns/name@node` (a pod moved to another node is
+/// another pod).
+fn pod_keys(c: &Cluster) -> Vec<String> {
+    c.pods
+        .iter()
+        .map(|p| {
+            let node = p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
+            format!("{}/{}@{node}", p.metadata.namespace.as_deref().unwrap_or("default"), p.metadata.name.as_deref().unwrap_or(""))
+        })
+        .collect()
+}
+
+fn key_of(k: &str) -> &str {
+    k.split_once('@').map_or(k, |(key, _)| key)
+}
+
+/// Make the test bed's pods those of `want` (before the agents see a state with new
+/// pods: start them first; removed pods go after the agents saw them leave).
+fn add_bed_pods(tb: &Testbed, have: &Cluster, want: &Cluster) -> Result<(), String> {
+    let have = pod_keys(have);
+    for k in pod_keys(want).into_iter().filter(|k| !have.contains(k)) {
+        tb.add_pod(want.bed_pod(key_of(&k))).map_err(|e| format!("adding pod {k} to the test bed: {e:#}"))?;
+    }
+    Ok(())
+}
+
+fn remove_bed_pods(tb: &Testbed, have: &Cluster, want: &Cluster) -> Result<(), String> {
+    let want = pod_keys(want);
+    for k in pod_keys(have).into_iter().filter(|k| !want.contains(k)) {
+        let (ns, name) = key_of(&k).split_once('/').unwrap();
+        tb.remove_pod(ns, name).map_err(|e| format!("removing pod {k} from the test bed: {e:#}"))?;
+    }
+    Ok(())
+}
+
+/// Bring the bed from `from` to `to`'s pods and write `to` to the agents.
+fn transition(tb: &Testbed, input: &Input, from: &Cluster, to: &Cluster) -> Result<(), String> {
+    add_bed_pods(tb, from, to)?;
+    input.write(to)?;
+    remove_bed_pods(tb, from, to)
+}
+
 fn run_case(tb: &Testbed, input: &Input, base: &Cluster, case: &Case) -> Outcome {
-    let pods = base.model_pods();
     let mut c = base.clone();
     let mut failure = None;
     let mut total_rounds = 0;
     for (i, st) in case.steps.iter().enumerate() {
-        apply(&mut c, &st.acts, &pods);
-        if let Err(e) = input.write(&c) {
+        let before = c.clone();
+        apply(&mut c, &st.acts, base);
+        if let Err(e) = transition(tb, input, &before, &c) {
             failure = Some(format!("step {}: {e}", i + 1));
             break;
         }
@@ -296,6 +342,19 @@ fn run_case(tb: &Testbed, input: &Input, base: &Cluster, case: &Case) -> Outcome
             let probes: Vec<String> = st.probes.iter().map(|(p, n)| format!("{p}/{n}")).collect();
             failure = Some(format!("step {} ({}) after {rounds} probe rounds: {report}", i + 1, probes.join(", ")));
             break;
+        }
+    }
+    // Back to the lab's pods (policies and labels are reset by the next case's write).
+    let (mut now, mut lab) = (pod_keys(&c), pod_keys(base));
+    now.sort();
+    lab.sort();
+    if now != lab {
+        let mut back = base.clone();
+        back.policies = c.policies.clone();
+        // Removals first: a moved pod keeps its name and addresses.
+        let restored = remove_bed_pods(tb, &c, &back).and_then(|_| add_bed_pods(tb, &c, &back)).and_then(|_| input.write(&back));
+        if let Err(e) = restored {
+            panic!("restoring the lab's pods after [{}] {}: {e}", case.family, case.name);
         }
     }
     Outcome { family: case.family, name: case.name.clone(), failure, rounds: total_rounds }
