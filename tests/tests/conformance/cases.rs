@@ -32,6 +32,9 @@ pub enum Act {
 pub struct Step {
     pub acts: Vec<Act>,
     pub probes: Vec<(Proto, u16)>,
+    /// The changes are invalid: every agent must reject them and keep enforcing the
+    /// previous state (which the probes then check).
+    pub rejected: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -61,7 +64,12 @@ pub fn put(ns: &str, name: &str, spec: &str) -> Act {
 }
 
 pub fn step(acts: Vec<Act>, probes: &[(Proto, u16)]) -> Step {
-    Step { acts, probes: probes.to_vec() }
+    Step { acts, probes: probes.to_vec(), rejected: false }
+}
+
+/// A step whose changes the agents must reject (the previous state stays).
+pub fn rejected(acts: Vec<Act>, probes: &[(Proto, u16)]) -> Step {
+    Step { acts, probes: probes.to_vec(), rejected: true }
 }
 
 fn up(family: &'static str, it: &'static str, steps: Vec<Step>) -> Case {
@@ -272,6 +280,18 @@ pub fn upstream() -> Vec<Case> {
             )],
             &[TCP80],
         )]),
+        // network_policy_api.go: the API server's endPort validation, which the agent
+        // does itself for its inputs (a rejected change keeps the last good state).
+        up("upstream-api", "should support creating NetworkPolicy API with endport field", {
+            let egress = |ports: &str| put("x", "e2e-example-netpol-endport-validate", &format!("{pod_a}  policyTypes: [Egress]\n  egress:\n  - ports: {ports}\n"));
+            vec![
+                step(vec![egress("[{port: 80, endPort: 80}]")], &[TCP80, TCP81]),
+                rejected(vec![egress("[{endPort: 20000}]")], &[TCP80, TCP81]),
+                rejected(vec![egress("[{port: serve-80-tcp, endPort: 20000}]")], &[TCP80, TCP81]),
+                rejected(vec![egress("[{port: 30000, endPort: 20000}]")], &[TCP80, TCP81]),
+                step(vec![egress("[{port: 80, endPort: 81}]")], &[TCP80, TCP81, UDP80]),
+            ]
+        }),
         // "NetworkPolicy between server and client using UDP"
         up("upstream-udp", "should support a 'default-deny-ingress' policy", vec![step(vec![put("x", "deny-all", DENY_INGRESS)], &[UDP80])]),
         up("upstream-udp", "should enforce policy based on Ports", vec![step(vec![put("x", "allow-ingress-on-port-81-ns-x", &port81("UDP"))], &[UDP81])]),

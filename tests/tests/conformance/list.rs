@@ -15,7 +15,6 @@ use super::runner::{apply, LAB};
 /// Upstream tests this suite cannot run, with the reason (kept in CASES.md).
 pub const NOT_PORTED: &[(&str, &str, &str)] = &[
     ("network_policy_api.go", "should support creating NetworkPolicy API operations", "API-server-only test (create/get/list/watch/patch/delete of the object); no traffic"),
-    ("network_policy_api.go", "should support creating NetworkPolicy API with endport field", "API-server-only test (endPort field round trip); endPort traffic is covered by gen-ports"),
     ("network_legacy.go", "every `It` of the legacy suite (NetworkPolicyLegacy)", "the older suite: one server pod behind a Service, a new client pod per check, probes through the Service (kube-proxy); its cases are covered by the network_policy.go ports"),
     ("network_policy.go", "(how every case probes)", "upstream probes each pod through its own Service (`QualifiedServiceAddress`, kube-proxy); here the probes go to the pod IPs directly, over both families"),
 ];
@@ -28,7 +27,10 @@ fn probes_text(c: &Case) -> String {
     let steps: Vec<String> = c
         .steps
         .iter()
-        .map(|s| s.probes.iter().map(|(p, n)| format!("{p}/{n}")).collect::<Vec<_>>().join(" "))
+        .map(|s| {
+            let p = s.probes.iter().map(|(p, n)| format!("{p}/{n}")).collect::<Vec<_>>().join(" ");
+            if s.rejected { format!("(rejected) {p}") } else { p }
+        })
         .collect();
     steps.join(" ; ")
 }

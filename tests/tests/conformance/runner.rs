@@ -99,6 +99,32 @@ impl Input {
     }
 }
 
+impl Input {
+    /// Write an invalid cluster state and wait until every agent rejected it
+    /// (`zt_policy_errors_total` grew, `zt_policy_last_load_ok` is 0).
+    pub fn write_rejected(&self, c: &Cluster) -> Result<(), String> {
+        let errors = self.scrape("zt_policy_errors_total");
+        let tmp = self.dir.join(".cluster.yaml.tmp");
+        std::fs::write(&tmp, c.to_yaml()).unwrap();
+        std::fs::rename(&tmp, self.dir.join("cluster.yaml")).unwrap();
+        let start = Instant::now();
+        loop {
+            let now = self.scrape("zt_policy_errors_total");
+            if now.iter().zip(&errors).all(|(n, b)| matches!((n, b), (Some(n), Some(b)) if n > b)) {
+                break;
+            }
+            if start.elapsed() > APPLY_DEADLINE {
+                return Err(format!("an agent did not reject the invalid state within {APPLY_DEADLINE:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if self.scrape("zt_policy_last_load_ok").iter().any(|v| *v != Some(0.0)) {
+            return Err("zt_policy_last_load_ok is not 0 after a rejected state".into());
+        }
+        Ok(())
+    }
+}
+
 fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
@@ -331,7 +357,14 @@ fn run_case(tb: &Testbed, input: &Input, base: &Cluster, case: &Case) -> Outcome
     for (i, st) in case.steps.iter().enumerate() {
         let before = c.clone();
         apply(&mut c, &st.acts, base);
-        if let Err(e) = transition(tb, input, &before, &c) {
+        let written = if st.rejected {
+            // The invalid state goes to the agents; the model keeps the previous one.
+            let invalid = std::mem::replace(&mut c, before);
+            input.write_rejected(&invalid)
+        } else {
+            transition(tb, input, &before, &c)
+        };
+        if let Err(e) = written {
             failure = Some(format!("step {}: {e}", i + 1));
             break;
         }
