@@ -61,6 +61,14 @@ impl AgentInput {
 }
 
 impl Input {
+    /// `cluster.yaml` in the manifests dir, written beside the dir and renamed into
+    /// place so that an agent never reads half of it.
+    fn put(&self, c: &Cluster) {
+        let tmp = self.dir.with_file_name(".cluster.yaml.tmp");
+        std::fs::write(&tmp, c.to_yaml()).unwrap();
+        std::fs::rename(&tmp, self.dir.join("cluster.yaml")).unwrap();
+    }
+
     fn scrape(&self, name: &str) -> Vec<Option<f64>> {
         self.agents.iter().map(|a| a.metrics().ok().and_then(|m| metric(&m, name))).collect()
     }
@@ -72,9 +80,7 @@ impl Input {
     pub fn write(&self, c: &Cluster) -> Result<(), String> {
         let compiles = self.scrape("zt_policy_compile_seconds_count");
         let updates = self.scrape("zt_map_updates_total");
-        let tmp = self.dir.join(".cluster.yaml.tmp");
-        std::fs::write(&tmp, c.to_yaml()).unwrap();
-        std::fs::rename(&tmp, self.dir.join("cluster.yaml")).unwrap();
+        self.put(c);
         let grew = |before: &[Option<f64>], now: &[Option<f64>]| {
             now.iter().zip(before).all(|(n, b)| matches!((n, b), (Some(n), Some(b)) if n > b))
         };
@@ -104,9 +110,7 @@ impl Input {
     /// (`zt_policy_errors_total` grew, `zt_policy_last_load_ok` is 0).
     pub fn write_rejected(&self, c: &Cluster) -> Result<(), String> {
         let errors = self.scrape("zt_policy_errors_total");
-        let tmp = self.dir.join(".cluster.yaml.tmp");
-        std::fs::write(&tmp, c.to_yaml()).unwrap();
-        std::fs::rename(&tmp, self.dir.join("cluster.yaml")).unwrap();
+        self.put(c);
         let start = Instant::now();
         loop {
             let now = self.scrape("zt_policy_errors_total");
