@@ -455,15 +455,64 @@ fn ip_block_with_except() {
             .map(|e| e.0 .2)
             .collect()
     };
-    // Rule 0: 10/8 minus 10.1/16 (and what is inside it).
-    assert_eq!(peers_of(0, 0), BTreeSet::from([ten]));
+    // Rule 0: 10/8 minus 10.1/16 (and what is inside it), and every pod (all in
+    // 10.0/16) by its workload identity.
+    let pods: BTreeSet<u32> = ["web", "client", "db", "api", "worker"].iter().map(|n| id(&d, n)).collect();
+    assert_eq!(peers_of(0, 0), &BTreeSet::from([ten]) | &pods);
     // Rule 1: everything IPv4 but 10/8: the /0 identity; no WORLD (it would let IPv6 in).
     assert_eq!(peers_of(6, 443), BTreeSet::from([all]));
     // Rule 2: 10.1.2/24 only.
     assert_eq!(peers_of(17, 53), BTreeSet::from([ten12]));
     assert!(!peers_of(0, 0).contains(&ten1));
-    // Pod IPs stay pod identities even inside an ipBlock.
+    // Pod IPs keep workload identities inside an ipBlock (never a CIDR identity).
     assert_eq!(d.endpoints[&ip("10.0.0.3")].identity, id(&d, "db"));
+    assert!(pods.iter().all(|p| p & IDENTITY_CIDR_FLAG == 0));
+}
+
+/// NetworkPolicy ipBlocks match pod IPs per address (upstream's e2e "should allow
+/// egress access to server in CIDR block" and the except cases): a pod's IPv4 address
+/// inside the block is allowed, its IPv6 address is not, and pod selectors still see
+/// both addresses of the pod.
+#[test]
+fn ip_block_matches_pod_addresses() {
+    let dual = "---\napiVersion: v1\nkind: Pod\nmetadata: {name: dual, namespace: default, labels: {app: dual}}\n\
+                spec:\n  nodeName: node-b\n  containers: [{name: c}]\n\
+                status: {phase: Running, podIPs: [{ip: 10.9.0.1}, {ip: 'fd00::9'}]}\n";
+    let d = run(&(dual.to_string()
+        + &np(
+            "default",
+            "cidr",
+            "  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Egress]\n  egress:\n  \
+             - to: [{ipBlock: {cidr: 10.9.0.1/32}}]\n  \
+             - to: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.0.0.3/32]}}]\n    ports: [{port: 81}]\n",
+        )
+        + &np("default", "sel", "  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Ingress]\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: dual}}}]\n")));
+    let (v4, v6) = (d.endpoints[&ip("10.9.0.1")].identity, d.endpoints[&ip("fd00::9")].identity);
+    assert_ne!(v4, v6, "the addresses differ in ipBlock membership");
+    assert!(d.identities[&v4].labels.contains_key("ip-block:10.9.0.1/32"));
+    assert!(!d.identities[&v6].labels.keys().any(|k| k.starts_with("ip-block:")));
+    let web = id(&d, "web");
+    let peers_of = |dir: u8, port: u16| -> BTreeSet<u32> {
+        entries_of(&d, web)
+            .into_iter()
+            .filter(|e| e.0 .3 == dir && e.0 .5 == port)
+            .map(|e| e.0 .2)
+            .collect()
+    };
+    // Egress rule 0 (any port): the /32 and the v4 address of dual only.
+    let any = peers_of(DIR_EGRESS, 0);
+    assert!(any.contains(&v4) && !any.contains(&v6), "{any:?}");
+    assert!(!any.contains(&id(&d, "db")));
+    // Rule 1 (port 81): 10/8 except db's /32: every 10.x pod but db.
+    let p81 = peers_of(DIR_EGRESS, 81);
+    for n in ["web", "client", "api", "worker"] {
+        assert!(p81.contains(&id(&d, n)), "{n} in 10/8: {p81:?}");
+    }
+    assert!(!p81.contains(&id(&d, "db")), "db is excepted");
+    assert!(p81.contains(&v4) && !p81.contains(&v6));
+    // A pod selector still selects both addresses of dual.
+    let ing = peers_of(DIR_INGRESS, 0);
+    assert!(ing.contains(&v4) && ing.contains(&v6), "{ing:?}");
 }
 
 #[test]
