@@ -43,6 +43,8 @@ pub struct AgentOptions {
     pub ct_other_timeout_s: u32,
     pub frag_timeout_s: u32,
     pub poll_interval: Duration,
+    /// Root of the pods' cgroup hierarchy for the cgroup programs; None: no cgroup programs.
+    pub cgroup_root: Option<PathBuf>,
 }
 
 struct Agent {
@@ -67,6 +69,8 @@ struct Agent {
     /// What ZT_CONFIG holds (read once at start).
     config: Config,
     shared_warned: BTreeSet<u32>,
+    /// The cgroup programs are attached (or, with no cgroup root, removed).
+    cgroup_done: bool,
     metrics: Shared,
     snapshot: std::sync::Arc<std::sync::RwLock<Snapshot>>,
 }
@@ -74,6 +78,9 @@ struct Agent {
 pub async fn run(opts: AgentOptions) -> Result<()> {
     std::fs::create_dir_all(&opts.state_dir).with_context(|| format!("creating {}", opts.state_dir.display()))?;
     let _ = std::fs::remove_file(opts.state_dir.join("ready"));
+    if let Some(root) = &opts.cgroup_root {
+        crate::cgroup_link::open_cgroup2_dir(root)?;
+    }
     let mut datapath = Datapath::load(&opts.bpffs_root, &opts.sizes)?;
     let maps = PinnedMaps::open(&opts.bpffs_root)?;
     let have = Contents::read(&maps).context("reading the pinned maps")?;
@@ -137,6 +144,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         pending_bump: false,
         config,
         shared_warned: BTreeSet::new(),
+        cgroup_done: false,
         metrics,
         snapshot,
     };
@@ -278,44 +286,72 @@ impl Agent {
         }
         let t = Instant::now();
         let mut stats = crate::sync::ApplyStats::default();
-        if self.dirty {
-            let want = Contents::from_desired(desired, &self.ifindex);
-            // Remembered until the epoch is written, even if this apply fails halfway.
-            self.pending_bump |= withdraws(&self.have, &want);
-            stats = match apply(&mut self.maps, &mut self.have, &want, &self.caps) {
-                Ok(s) => {
-                    self.last_apply_error = None;
-                    s
-                }
-                Err(e) => {
-                    // Once per distinct failure: the loop retries every poll.
-                    let msg = format!("{e:#}");
-                    if self.last_apply_error.as_deref() != Some(&msg) {
-                        self.metrics.lock().unwrap().map_errors_total += 1;
-                        log::error!("applying the policy to the maps failed, the previous state stays enforced: {msg}");
-                        self.last_apply_error = Some(msg);
+        // An endpoint's interface is written only once its hook is attached: the cgroup
+        // programs leave a local endpoint with an interface to its TC hook, so there must
+        // be no moment where that hook is missing. A new pod goes in with interface 0
+        // (judged by the cgroup programs), its hook is attached, then a second round
+        // writes its interface.
+        for _round in 0..2 {
+            if self.dirty {
+                let hooked = self.hooked_interfaces();
+                let want = Contents::from_desired(desired, &hooked);
+                // Remembered until the epoch is written, even if this apply fails halfway.
+                self.pending_bump |= withdraws(&self.have, &want);
+                match apply(&mut self.maps, &mut self.have, &want, &self.caps) {
+                    Ok(s) => {
+                        self.last_apply_error = None;
+                        stats.written += s.written;
+                        stats.removed += s.removed;
                     }
-                    return Ok(());
+                    Err(e) => {
+                        // Once per distinct failure: the loop retries every poll.
+                        let msg = format!("{e:#}");
+                        if self.last_apply_error.as_deref() != Some(&msg) {
+                            self.metrics.lock().unwrap().map_errors_total += 1;
+                            log::error!("applying the policy to the maps failed, the previous state stays enforced: {msg}");
+                            self.last_apply_error = Some(msg);
+                        }
+                        return Ok(());
+                    }
+                };
+                self.dirty = false;
+            }
+            self.write_config()?;
+            // Once the maps hold the full state (READY): no not-ready blackout for pods.
+            if !self.cgroup_done {
+                self.datapath.ensure_cgroup(self.opts.cgroup_root.as_deref())?;
+                self.cgroup_done = true;
+            }
+            let mut keep = BTreeSet::new();
+            let mut newly_hooked = false;
+            for (ip, idx) in &self.ifindex {
+                if let Some(name) = self.ifnames.get(ip) {
+                    newly_hooked |= !self.datapath.is_hooked(*idx, name);
+                    self.datapath.ensure_attached(*idx, name)?;
+                    keep.insert((*idx, name.clone()));
                 }
-            };
-            self.dirty = false;
+            }
+            self.datapath.detach_gone(&keep)?;
+            if !newly_hooked {
+                break;
+            }
+            self.dirty = true;
         }
-        self.write_config()?;
         if stats.written + stats.removed > 0 {
             log::info!("applied {} writes, {} removals (epoch {})", stats.written, stats.removed, self.config.policy_epoch);
         }
         let apply_time = t.elapsed();
-        // Attach only once the maps hold the full state.
-        let mut keep = BTreeSet::new();
-        for (ip, idx) in &self.ifindex {
-            if let Some(name) = self.ifnames.get(ip) {
-                self.datapath.ensure_attached(*idx, name)?;
-                keep.insert((*idx, name.clone()));
-            }
-        }
-        self.datapath.detach_gone(&keep)?;
         self.publish(desired, &stats, apply_time)?;
         Ok(())
+    }
+
+    /// Local pods' interfaces that carry a zt hook now.
+    fn hooked_interfaces(&self) -> BTreeMap<IpAddr, u32> {
+        self.ifindex
+            .iter()
+            .filter(|(ip, idx)| self.ifnames.get(*ip).is_some_and(|n| self.datapath.is_hooked(**idx, n)))
+            .map(|(ip, idx)| (*ip, *idx))
+            .collect()
     }
 
     /// Writes ZT_CONFIG when it changes; the epoch lives here after the first read so that

@@ -37,6 +37,11 @@ pub const DIR_INGRESS: u8 = 0;
 pub const DIR_EGRESS: u8 = 1;
 pub const DIR_COUNT: u32 = 2;
 
+/// The hook interface the cgroup programs judge as: no interface. Conntrack, fragment
+/// and event records of packets judged there carry it; a local endpoint whose ifindex
+/// is 0 (known, not hooked yet) is judged there by its policy.
+pub const CGROUP_HOOK_IFINDEX: u32 = 0;
+
 pub const VERDICT_ALLOW: u8 = 1;
 pub const VERDICT_DENY: u8 = 2;
 
@@ -68,7 +73,8 @@ pub enum Reason {
     DropPolicyDeny = 16,
     /// No allow rule matched an isolated endpoint (default deny).
     DropPolicyDefault = 17,
-    /// The local endpoint has no identity yet (initialising): fail closed.
+    /// At a TC hook: the local address is no endpoint of this interface (spoofed, an
+    /// address the agent no longer knows or cannot attribute, `init`): fail closed.
     DropUnknownEndpoint = 18,
     /// Truncated or inconsistent L3/L4 header.
     DropMalformed = 19,
@@ -80,6 +86,9 @@ pub enum Reason {
     DropNotReady = 22,
     /// Too many IPv6 extension headers to parse within the verifier's bound.
     DropIpv6ExtHeaders = 23,
+    /// Seen by the cgroup programs: a pod's own traffic whose address the agent does not
+    /// know yet (initialising); fails closed except for what the host is allowed.
+    DropInitialising = 24,
 }
 
 pub const REASON_FIRST_DROP: u8 = 16;
@@ -89,7 +98,7 @@ pub const REASON_SLOTS: u32 = 32;
 pub const COUNTER_SLOTS: u32 = DIR_COUNT * REASON_SLOTS;
 
 impl Reason {
-    pub const ALL: [Reason; 17] = [
+    pub const ALL: [Reason; 18] = [
         Reason::AllowPolicy,
         Reason::AllowEstablished,
         Reason::AllowReply,
@@ -107,6 +116,7 @@ impl Reason {
         Reason::DropRevoked,
         Reason::DropNotReady,
         Reason::DropIpv6ExtHeaders,
+        Reason::DropInitialising,
     ];
 
     pub const fn is_drop(self) -> bool {
@@ -137,6 +147,7 @@ impl Reason {
             Reason::DropRevoked => "revoked",
             Reason::DropNotReady => "not-ready",
             Reason::DropIpv6ExtHeaders => "ipv6-ext-headers",
+            Reason::DropInitialising => "initialising",
         }
     }
 }
