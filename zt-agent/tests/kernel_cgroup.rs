@@ -36,6 +36,16 @@ fn node(tag: &str, hooked_if: u32) -> Dp {
     dp
 }
 
+/// The cgroup v2 id of this process's cgroup: the inode number of its directory.
+fn own_cgroup_id() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let root = mounts.lines().map(|l| l.split(' ').collect::<Vec<_>>()).find(|f| f[2] == "cgroup2").map(|f| f[1].to_string()).expect("a cgroup2 mount");
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let path = own.lines().find_map(|l| l.strip_prefix("0::")).expect("cgroup v2 membership").trim().to_string();
+    std::fs::metadata(format!("{root}{path}")).unwrap().ino()
+}
+
 #[test]
 fn loopback_passes_uncounted() {
     let mut dp = node("cg-lo", 7);
@@ -92,7 +102,8 @@ fn known_unhooked_pod_is_judged_by_its_policy() {
         assert_eq!(dp.counter(DIR_INGRESS, Reason::AllowReply), 1);
         let ct: Vec<CtKey> = dp.maps.ct.keys().map(|k| k.unwrap()).collect();
         assert_eq!(ct.len(), 1);
-        assert_eq!((ct[0].ifindex, ct[0].dir), (CGROUP_HOOK_IFINDEX, DIR_EGRESS));
+        // Tracked per socket cgroup (BPF_PROG_TEST_RUN's socket is in this process's cgroup).
+        assert_eq!((ct[0].ifindex, ct[0].dir), (cgroup_scope(own_cgroup_id()), DIR_EGRESS));
         // Another port: default deny (its policy, not `initialising`).
         assert_eq!(dp.run_cgroup(EGRESS, &ipv4(NEW_POD, PEER, TCP, 40001, 80), Some(dev)), DROP);
         assert_eq!(dp.run_cgroup(INGRESS, &ipv4(PEER, NEW_POD, TCP, 40002, 80), Some(dev)), DROP);

@@ -41,6 +41,15 @@ pub const DIR_COUNT: u32 = 2;
 /// and event records of packets judged there carry it; a local endpoint whose ifindex
 /// is 0 (known, not hooked yet) is judged there by its policy.
 pub const CGROUP_HOOK_IFINDEX: u32 = 0;
+/// Conntrack and fragment keys made by the cgroup programs carry, instead of an
+/// interface, the socket's cgroup id folded to 32 bits with this bit set.
+pub const CGROUP_SCOPE_FLAG: u32 = 1 << 31;
+
+/// The `ifindex` field of a CtKey/FragKey made by the cgroup programs for a socket in
+/// cgroup `id` (same fold as the kernel side).
+pub const fn cgroup_scope(id: u64) -> u32 {
+    ((id ^ (id >> 32)) as u32) | CGROUP_SCOPE_FLAG
+}
 
 pub const VERDICT_ALLOW: u8 = 1;
 pub const VERDICT_DENY: u8 = 2;
@@ -330,7 +339,8 @@ pub struct PolicyValue {
 /// A flow as first seen at a hook, in its original direction. `dir` is the direction
 /// of the check that admitted it (a flow between two local pods has one entry per side)
 /// and `ifindex` the hook's interface, so that only the pod behind that interface can
-/// match it (another pod forging the tuple is judged as a new flow, and fails).
+/// match it (another pod forging the tuple is judged as a new flow, and fails). Entries
+/// of the cgroup programs carry `cgroup_scope(socket's cgroup id)` there instead.
 /// ICMP echo uses the echo identifier as both ports.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -374,7 +384,7 @@ pub struct FragKey {
     pub proto: u8,
     pub dir: u8,
     pub _pad: [u8; 2],
-    /// The hook's interface, as in `CtKey`.
+    /// The hook's interface (or cgroup scope), as in `CtKey`.
     pub ifindex: u32,
 }
 

@@ -8,7 +8,7 @@
 //! - anything else is judged by the shared datapath as hook ifindex 0: a known pod not
 //!   hooked yet by its policy, an unknown address as `initialising` (fails closed
 //!   except for host probes).
-use aya_ebpf::programs::SkBuffContext;
+use aya_ebpf::{helpers::bpf_skb_cgroup_id, programs::SkBuffContext};
 use zt_common::*;
 
 use crate::{
@@ -38,7 +38,11 @@ pub fn handle(ctx: &SkBuffContext, dir: u8) -> i32 {
     if judged_elsewhere(local) {
         return CG_PASS;
     }
-    let hook = Hook { ifindex: CGROUP_HOOK_IFINDEX, dir };
+    // Flows judged here are tracked per socket cgroup, not per (absent) interface: a pod
+    // that starts later with a recycled address, or forges a tuple, cannot ride another
+    // pod's tracked flow.
+    let scope = cgroup_scope(unsafe { bpf_skb_cgroup_id(skb) });
+    let hook = Hook { ifindex: CGROUP_HOOK_IFINDEX, dir, scope };
     if datapath::judge(&hook, &f, parsed) {
         CG_PASS
     } else {

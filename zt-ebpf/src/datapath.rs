@@ -18,7 +18,8 @@ pub const TC_DROP: i32 = 2; // TC_ACT_SHOT / TCX_DROP
 /// A TC hook: the interface is the pod's host-side veth, the frame has Ethernet.
 #[inline(always)]
 pub fn handle(ctx: &TcContext, dir: u8) -> i32 {
-    let hook = Hook { ifindex: unsafe { (*ctx.skb.skb).ifindex }, dir };
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let hook = Hook { ifindex, dir, scope: ifindex };
     let mut f = Flow::zeroed();
     let parsed = parse::parse(ctx.skb.skb, &mut f, parse::L3_AFTER_ETH);
     if judge(&hook, &f, parsed) {
@@ -125,7 +126,7 @@ fn later_fragment(cfg: &Config, hook: &Hook, f: &Flow) -> bool {
 
 #[inline(always)]
 fn frag_key(f: &Flow, hook: &Hook) -> FragKey {
-    FragKey { saddr: f.saddr, daddr: f.daddr, id: f.frag_id, proto: f.proto, dir: hook.dir, _pad: [0; 2], ifindex: hook.ifindex }
+    FragKey { saddr: f.saddr, daddr: f.daddr, id: f.frag_id, proto: f.proto, dir: hook.dir, _pad: [0; 2], ifindex: hook.scope }
 }
 
 /// A drop decided before identities were resolved.

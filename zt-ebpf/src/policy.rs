@@ -12,8 +12,13 @@ use crate::{
 
 /// The hook a packet is judged at.
 pub struct Hook {
+    /// The pod interface of a TC hook; `CGROUP_HOOK_IFINDEX` at the cgroup programs.
     pub ifindex: u32,
     pub dir: u8,
+    /// What conntrack and fragment entries are bound to, so that only the traffic that
+    /// created an entry can match it: the interface at TC, the socket's cgroup at the
+    /// cgroup programs (`cgroup_scope`).
+    pub scope: u32,
 }
 
 pub struct Decision {
