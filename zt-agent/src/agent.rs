@@ -71,6 +71,8 @@ struct Agent {
     shared_warned: BTreeSet<u32>,
     /// The cgroup programs are attached (or, with no cgroup root, removed).
     cgroup_done: bool,
+    /// An error the agent must exit on.
+    fatal: Option<anyhow::Error>,
     metrics: Shared,
     snapshot: std::sync::Arc<std::sync::RwLock<Snapshot>>,
 }
@@ -145,6 +147,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         config,
         shared_warned: BTreeSet::new(),
         cgroup_done: false,
+        fatal: None,
         metrics,
         snapshot,
     };
@@ -152,6 +155,9 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     loop {
         if let Err(e) = agent.reconcile() {
             log::error!("reconcile: {e:#}");
+        }
+        if let Some(e) = agent.fatal.take() {
+            return Err(e);
         }
         tokio::select! {
             _ = tokio::time::sleep(agent.opts.poll_interval) => {}
@@ -319,8 +325,13 @@ impl Agent {
             self.write_config()?;
             // Once the maps hold the full state (READY): no not-ready blackout for pods.
             if !self.cgroup_done {
-                self.datapath.ensure_cgroup(self.opts.cgroup_root.as_deref())?;
                 self.cgroup_done = true;
+                if let Err(e) = self.datapath.ensure_cgroup(self.opts.cgroup_root.as_deref()) {
+                    // Fatal: the agent exits (its pinned hooks and maps keep enforcing) so
+                    // that the failure shows instead of a node silently without them.
+                    self.fatal = Some(e.context("cgroup programs"));
+                    return Ok(());
+                }
             }
             let mut keep = BTreeSet::new();
             let mut newly_hooked = false;

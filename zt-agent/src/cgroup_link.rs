@@ -2,8 +2,8 @@
 //! cgroup v2): attached once through pinned links `<bpffs>/v1/links/cgroup-<ino>-{egress,ingress}`
 //! (`<ino>`: the cgroup directory's inode, so that another root gets its own links).
 //! A restarted agent swaps its programs into the pinned links (BPF_LINK_UPDATE), so the
-//! pods' traffic is never without a program. Links are multi-attach: other programs on
-//! that cgroup (the CNI's, systemd's) keep running.
+//! pods' traffic is never without a program. cgroup links always have multi-attach
+//! semantics: other programs on that cgroup (the CNI's, systemd's) keep running.
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
@@ -47,7 +47,10 @@ pub fn ensure_attached(ebpf: &mut Ebpf, bpffs_root: &Path, root: &Path) -> Resul
         };
         if !swapped {
             let id = prog
-                .attach(&dir, attach_type, CgroupAttachMode::AllowMultiple)
+                // A link (kernel >= 5.7) always coexists with other programs on the cgroup
+                // (multi-attach semantics); BPF_LINK_CREATE takes no ALLOW_MULTI flag
+                // (EINVAL), so the mode must be the flag-less one.
+                .attach(&dir, attach_type, CgroupAttachMode::Single)
                 .with_context(|| format!("attaching {prog_name} to cgroup {}", root.display()))?;
             let link: FdLink = prog.take_link(id)?.try_into()?;
             // The new link runs before the old pin goes: never a moment without a program.
