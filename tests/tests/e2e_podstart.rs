@@ -204,3 +204,73 @@ fn pod_start_race_control_without_cgroup_programs_sees_the_gap() {
     assert!(t.denied > 0, "without the cgroup programs the race must show denied deliveries (else the test cannot fail)");
     assert!(t.allowed > 0);
 }
+
+/// (program ids, link ids) attached to the cgroup `dir` for `attach_type`
+/// (BPF_CGROUP_INET_INGRESS 0, EGRESS 1), by BPF_PROG_QUERY.
+fn cgroup_progs(dir: &std::path::Path, attach_type: u32) -> (Vec<u32>, Vec<u32>) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(dir).unwrap();
+    let mut progs = [0u32; 16];
+    let mut links = [0u32; 16];
+    let mut attr = [0u64; 8];
+    attr[0] = f.as_raw_fd() as u32 as u64 | ((attach_type as u64) << 32);
+    attr[2] = progs.as_mut_ptr() as u64;
+    attr[3] = progs.len() as u64; // prog_cnt (in: capacity, out: count)
+    attr[5] = links.as_mut_ptr() as u64;
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, attr.as_mut_ptr(), std::mem::size_of_val(&attr)) };
+    assert!(r == 0, "BPF_PROG_QUERY on {}: {}", dir.display(), std::io::Error::last_os_error());
+    let n = (attr[3] & 0xffff_ffff) as usize;
+    (progs[..n].to_vec(), links[..n].to_vec())
+}
+
+/// The cgroup programs are one link per direction; a restarted agent swaps its programs
+/// into the same links, and while no agent runs a new pod still fails closed.
+#[test]
+fn cgroup_links_survive_restart_and_enforce_while_agent_is_down() {
+    let bed = bed("basic", &[("10-racers.yaml", ISOLATE_RACERS)], &[]);
+    let root = bed.cgroup_base().join("kubepods");
+    let before: Vec<_> = [0, 1].iter().map(|t| cgroup_progs(&root, *t)).collect();
+    for (progs, links) in &before {
+        assert_eq!((progs.len(), links.len()), (1, 1), "one zt link per direction: {before:?}");
+    }
+    let pins: Vec<String> = std::fs::read_dir(bed.agent.bpffs_root.join("v1/links"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("cgroup-"))
+        .collect();
+    assert_eq!(pins.len(), 2, "pinned cgroup links: {pins:?}");
+
+    // Agent down: a pod starts, its manifest appears, it sends and listens.
+    assert!(bed.agent.stop().unwrap().success());
+    let p = {
+        let mut p = Pod::new("default", "late", "node1", &["10.200.2.1".parse().unwrap(), "fd00:200::2:1".parse().unwrap()], &[]);
+        p.labels.insert("role".into(), "racer".into());
+        p
+    };
+    bed.add_pod(p.clone()).unwrap();
+    bed.write("50-late.yaml", &p.to_yaml());
+    let to: Vec<IpAddr> = ["a", "b", "c"].iter().flat_map(|n| [ip(&bed, "default", n, Family::V4), ip(&bed, "default", n, Family::V6)]).collect();
+    let late = spray_cmd(&bed, &pod("default", "late"), &to, 600).spawn().unwrap();
+    let a = spray_cmd(&bed, &pod("default", "a"), &p.ips(), 600).spawn().unwrap();
+    let (late_r, a_r, ) = (report(late, "late"), report(a, "a"));
+    println!("agent down: late sent {} (refused {}), received {:?}; a received {:?}", late_r.sent, late_r.failed, late_r.received, a_r.received);
+    assert!(late_r.received.is_empty(), "nothing reaches a pod no agent knows: {:?}", late_r.received);
+    assert!(a_r.received.is_empty(), "nothing leaves a pod no agent knows: {:?}", a_r.received);
+    assert!(late_r.failed > 0, "its sends are refused at the cgroup");
+
+    // Agent back: same links, new programs; the pod is known and its allowed pairs work.
+    bed.agent.start().unwrap();
+    bed.agent.wait_ready(Duration::from_secs(20)).unwrap();
+    let after: Vec<_> = [0, 1].iter().map(|t| cgroup_progs(&root, *t)).collect();
+    for (b, a) in before.iter().zip(&after) {
+        assert_eq!(a.1, b.1, "the same link");
+        assert_eq!(a.0.len(), 1);
+        assert_ne!(a.0, b.0, "the restarted agent's program swapped in");
+    }
+    let late = spray_cmd(&bed, &pod("default", "late"), &to, 1500).spawn().unwrap();
+    let b = spray_cmd(&bed, &pod("default", "b"), &[], 1500).spawn().unwrap();
+    let (late_r, b_r) = (report(late, "late"), report(b, "b"));
+    assert!(p.ips().iter().any(|ip| b_r.received.contains_key(ip)), "late -> b is allowed: b got {:?}", b_r.received);
+    assert!(late_r.received.is_empty());
+}
