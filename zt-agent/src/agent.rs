@@ -440,7 +440,7 @@ impl Agent {
         for (idx, pods) in pods_per_if.iter().filter(|(_, p)| p.len() > 1) {
             let name = ifindex.iter().find(|(_, i)| *i == idx).and_then(|(ip, _)| ifnames.get(ip)).cloned().unwrap_or_default();
             if self.shared_warned.insert(*idx) {
-                log::error!("interface {name} carries {} pods: not a pod's own interface, not hooking it (these pods stay unknown endpoints)", pods.len());
+                log::error!("interface {name} carries {} pods: not a pod's own interface, not hooking it (only the cgroup programs enforce these pods)", pods.len());
             }
             ifindex.retain(|_, i| i != idx);
         }
