@@ -274,3 +274,34 @@ fn cgroup_links_survive_restart_and_enforce_while_agent_is_down() {
     assert!(p.ips().iter().any(|ip| b_r.received.contains_key(ip)), "late -> b is allowed: b got {:?}", b_r.received);
     assert!(late_r.received.is_empty());
 }
+
+/// A wrong `--cgroup-root` stops the agent at start with an error naming the problem.
+#[test]
+fn bad_cgroup_root_is_a_clear_error() {
+    struct Dir(std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let dir = Dir(std::env::temp_dir().join(format!("zt-cgroot-{}", std::process::id())));
+    let tmp = &dir.0;
+    std::fs::create_dir_all(tmp.join("manifests")).unwrap();
+    let agent = zt_testbed::bins::find("zt-agent").unwrap();
+    for (root, want) in [
+        ("/nonexistent/kubepods.slice", "does not exist"),
+        (tmp.to_str().unwrap(), "not on a cgroup v2 file system"),
+    ] {
+        let out = Command::new(&agent)
+            .args(["--node-name", "n", "--manifests"])
+            .arg(tmp.join("manifests"))
+            .arg("--state-dir")
+            .arg(tmp.join("state"))
+            .args(["--cgroup-root", root])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "agent must refuse --cgroup-root {root}");
+        assert!(err.contains(want) && err.contains(root), "--cgroup-root {root}: {err}");
+    }
+}
