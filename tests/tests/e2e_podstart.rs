@@ -36,8 +36,12 @@ spec:
     ports: [{protocol: UDP, port: 5000}]
 ";
 
+/// Rounds of the race (`ZT_RACE_ROUNDS`, default 10); each round's pods get fresh
+/// addresses in 10.200.1.0/24.
 fn rounds() -> usize {
-    std::env::var("ZT_RACE_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(10)
+    let n = std::env::var("ZT_RACE_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    assert!((1..=254 / RACERS).contains(&n), "ZT_RACE_ROUNDS must be 1..={}", 254 / RACERS);
+    n
 }
 
 #[derive(Default, Debug)]
@@ -97,7 +101,7 @@ fn race(bed: &Bed, rounds: usize, tag: &str) -> Tally {
         let racer_ips: Vec<IpAddr> = racers.iter().flat_map(ips).collect();
         // Existing pods spray the new pods' addresses before those even exist.
         let mut old: Vec<(String, Child)> =
-            ["a", "b", "c"].iter().map(|n| (n.to_string(), spray_cmd(bed, &pod("default", n), &racer_ips, 1800).spawn().unwrap())).collect();
+            ["a", "b", "c"].iter().map(|n| (n.to_string(), spray_cmd(bed, &pod("default", n), &racer_ips, 2300).spawn().unwrap())).collect();
         // The new pods' sandboxes (netns, veth, cgroup, an idle pod process), as a CNI
         // would make them; nothing of theirs sends or listens yet.
         for p in &racers {
@@ -115,7 +119,7 @@ fn race(bed: &Bed, rounds: usize, tag: &str) -> Tally {
                     s.spawn(move || {
                         let mut to = to_old.clone();
                         to.extend(racer_ips.iter().filter(|a| !p.ips().contains(a)));
-                        let mut cmd = spray_cmd(bed, &pod("default", &p.name), &to, 1000);
+                        let mut cmd = spray_cmd(bed, &pod("default", &p.name), &to, 1500);
                         go.wait();
                         bed.write(&format!("50-{}.yaml", p.name), &p.to_yaml());
                         let child = cmd.spawn().unwrap();
@@ -253,7 +257,7 @@ fn cgroup_links_survive_restart_and_enforce_while_agent_is_down() {
     let to: Vec<IpAddr> = ["a", "b", "c"].iter().flat_map(|n| [ip(&bed, "default", n, Family::V4), ip(&bed, "default", n, Family::V6)]).collect();
     let late = spray_cmd(&bed, &pod("default", "late"), &to, 600).spawn().unwrap();
     let a = spray_cmd(&bed, &pod("default", "a"), &p.ips(), 600).spawn().unwrap();
-    let (late_r, a_r, ) = (report(late, "late"), report(a, "a"));
+    let (late_r, a_r) = (report(late, "late"), report(a, "a"));
     println!("agent down: late sent {} (refused {}), received {:?}; a received {:?}", late_r.sent, late_r.failed, late_r.received, a_r.received);
     assert!(late_r.received.is_empty(), "nothing reaches a pod no agent knows: {:?}", late_r.received);
     assert!(a_r.received.is_empty(), "nothing leaves a pod no agent knows: {:?}", a_r.received);
