@@ -403,7 +403,8 @@ impl Agent {
     }
 
     /// Host interface of every local pod, by route. Re-resolved when the desired state
-    /// changes, for pods still without an interface, and every 10 s. A host interface
+    /// changes, for pods still without an interface or whose interface is gone, and every
+    /// 10 s. A host interface
     /// that more than one pod resolves to (a bridge, the uplink) is not a pod's own and is
     /// never hooked. Returns whether the result changed.
     fn resolve_interfaces(&mut self, desired: &Desired) -> Result<bool> {
@@ -415,10 +416,15 @@ impl Agent {
                 continue;
             }
             if !stale {
+                // Cached, unless the interface went away (a recreated pod sandbox, an
+                // address reused by a new pod): an endpoint must never keep pointing the
+                // cgroup programs at a hook that no longer exists.
                 if let (Some(i), Some(n)) = (self.ifindex.get(ip), self.ifnames.get(ip)) {
-                    ifindex.insert(*ip, *i);
-                    ifnames.insert(*ip, n.clone());
-                    continue;
+                    if net::ifindex(n).is_ok_and(|now| now == *i) {
+                        ifindex.insert(*ip, *i);
+                        ifnames.insert(*ip, n.clone());
+                        continue;
+                    }
                 }
             }
             if let Some(name) = net::route_interface(*ip)? {
