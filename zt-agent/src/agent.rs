@@ -11,6 +11,10 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::broadcast;
 use zt_common::*;
 
+// Requests of the CNI plugin (a child module: it handles them on the agent's state).
+#[path = "cni.rs"]
+pub mod cni;
+
 use crate::{
     compile::{compile, CompileConfig, EnforcementMode},
     events::{EventRecord, Snapshot},
@@ -75,6 +79,8 @@ struct Agent {
     fatal: Option<anyhow::Error>,
     metrics: Shared,
     snapshot: std::sync::Arc<std::sync::RwLock<Snapshot>>,
+    /// Pod interfaces the CNI plugin asked to enforce.
+    cni: cni::Attachments,
 }
 
 pub async fn run(opts: AgentOptions) -> Result<()> {
@@ -125,7 +131,9 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let ring = datapath.take_events()?;
     tokio::spawn(forward_events(ring, events_tx.clone(), snapshot.clone(), metrics.clone()));
     tokio::spawn(log_err("metrics", metrics::serve(opts.metrics_addr.clone(), metrics.clone(), opts.bpffs_root.clone())));
-    tokio::spawn(log_err("admin socket", crate::admin::serve(opts.admin_socket.clone(), events_tx.clone(), metrics.clone())));
+    let cni_attachments = cni::Attachments::load(opts.state_dir.join("cni-attachments.json"))?;
+    let (cni_tx, mut cni_rx) = tokio::sync::mpsc::channel::<cni::CniCall>(256);
+    tokio::spawn(log_err("admin socket", crate::admin::serve(opts.admin_socket.clone(), events_tx.clone(), metrics.clone(), cni_tx)));
 
     let mut agent = Agent {
         opts,
@@ -150,6 +158,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         fatal: None,
         metrics,
         snapshot,
+        cni: cni_attachments,
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -163,6 +172,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             _ = tokio::time::sleep(agent.opts.poll_interval) => {}
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
+            Some(call) = cni_rx.recv() => agent.handle_cni(call),
         }
     }
     // Links and maps stay pinned: enforcement continues while the agent is away.
@@ -292,15 +302,19 @@ impl Agent {
         }
         let t = Instant::now();
         let mut stats = crate::sync::ApplyStats::default();
-        // An endpoint's interface is written only once its hook is attached: the cgroup
-        // programs leave a local endpoint with an interface to its TC hook, so there must
-        // be no moment where that hook is missing. A new pod goes in with interface 0
-        // (judged by the cgroup programs), its hook is attached, then a second round
-        // writes its interface.
+        if self.cni.prune_gone()? {
+            self.dirty = true;
+        }
+        // An endpoint's interface is written only once both its hooks are attached: the
+        // cgroup programs leave a local endpoint with an interface to its TC hook, so
+        // there must be no moment where that hook is missing. A new pod goes in with
+        // interface 0 (judged by the cgroup programs), its hook is attached, then a second
+        // round writes its interface.
         for _round in 0..2 {
             if self.dirty {
-                let hooked = self.hooked_interfaces();
-                let want = Contents::from_desired(desired, &hooked);
+                let mut want = Contents::from_desired(desired, &self.ifindex);
+                self.cni.overlay(&mut want, Some(desired));
+                self.only_hooked(&mut want);
                 // Remembered until the epoch is written, even if this apply fails halfway.
                 self.pending_bump |= withdraws(&self.have, &want);
                 match apply(&mut self.maps, &mut self.have, &want, &self.caps) {
@@ -333,15 +347,16 @@ impl Agent {
                     return Ok(());
                 }
             }
+            let hooked_before = self.datapath.hooked_ifindexes();
             let mut keep = BTreeSet::new();
-            let mut newly_hooked = false;
             for (ip, idx) in &self.ifindex {
                 if let Some(name) = self.ifnames.get(ip) {
-                    newly_hooked |= !self.datapath.is_hooked(*idx, name);
                     self.datapath.ensure_attached(*idx, name)?;
                     keep.insert((*idx, name.clone()));
                 }
             }
+            self.attach_cni()?;
+            let newly_hooked = !self.datapath.hooked_ifindexes().is_subset(&hooked_before);
             self.datapath.detach_gone(&keep)?;
             if !newly_hooked {
                 break;
@@ -356,13 +371,15 @@ impl Agent {
         Ok(())
     }
 
-    /// Local pods' interfaces that carry a zt hook now.
-    fn hooked_interfaces(&self) -> BTreeMap<IpAddr, u32> {
-        self.ifindex
-            .iter()
-            .filter(|(ip, idx)| self.ifnames.get(*ip).is_some_and(|n| self.datapath.is_hooked(**idx, n)))
-            .map(|(ip, idx)| (*ip, *idx))
-            .collect()
+    /// An endpoint names its interface only once that interface carries both hooks;
+    /// until then it has 0 and the cgroup programs judge the pod's own traffic.
+    fn only_hooked(&self, want: &mut Contents) {
+        let hooked = self.datapath.hooked_ifindexes();
+        for v in want.endpoints.values_mut() {
+            if v.ifindex != 0 && !hooked.contains(&v.ifindex) {
+                v.ifindex = 0;
+            }
+        }
     }
 
     /// Writes ZT_CONFIG when it changes; the epoch lives here after the first read so that

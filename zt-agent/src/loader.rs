@@ -141,11 +141,21 @@ impl Datapath {
         Ok(())
     }
 
-    /// Is the interface hooked: attached by this process, or pinned by an earlier agent
-    /// (whose links keep running until this process swaps its programs in)?
-    pub fn is_hooked(&self, ifindex: u32, ifname: &str) -> bool {
-        self.attached.contains(&(ifindex, ifname.to_owned()))
-            || [PROG_FROM_POD, PROG_TO_POD].iter().all(|p| self.link_pin(ifindex, ifname, p).exists())
+    /// Interfaces that carry both zt hooks: attached by this process, or pinned by an
+    /// earlier agent (whose links keep running until this process swaps its programs in).
+    pub fn hooked_ifindexes(&self) -> BTreeSet<u32> {
+        let mut set: BTreeSet<u32> = self.attached.iter().map(|(i, _)| *i).collect();
+        let Ok(dir) = std::fs::read_dir(link_dir(&self.bpffs_root)) else { return set };
+        let names: BTreeSet<String> = dir.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        for name in &names {
+            let Some(base) = name.strip_suffix("-from") else { continue };
+            if names.contains(&format!("{base}-to")) {
+                if let Some(idx) = base.split_once('-').and_then(|(i, _)| i.parse().ok()) {
+                    set.insert(idx);
+                }
+            }
+        }
+        set
     }
 
     /// Attaches the cgroup programs at the root of the pods' cgroup hierarchy, or with

@@ -33,6 +33,8 @@ pub struct AgentMetrics {
     pub map_errors_total: u64,
     pub policy_epoch: u32,
     pub events_forwarded_total: u64,
+    /// CNI plugin requests by (command, outcome).
+    pub cni_requests: std::collections::BTreeMap<(String, String), u64>,
 }
 
 pub type Shared = Arc<Mutex<AgentMetrics>>;
@@ -92,6 +94,10 @@ pub fn render(m: &AgentMetrics, maps: Option<&PinnedMaps>) -> String {
     let _ = writeln!(o, "zt_policy_epoch {}", m.policy_epoch);
     line(&mut o, "Datapath events the agent forwarded to admin-socket subscribers.", "counter", "zt_agent_events_forwarded_total");
     let _ = writeln!(o, "zt_agent_events_forwarded_total {}", m.events_forwarded_total);
+    line(&mut o, "Requests of the zt-cni plugin, by command and outcome.", "counter", "zt_cni_requests_total");
+    for ((cmd, outcome), n) in &m.cni_requests {
+        let _ = writeln!(o, "zt_cni_requests_total{{command=\"{cmd}\",outcome=\"{outcome}\"}} {n}");
+    }
     line(&mut o, "1 once the datapath holds the first full state.", "gauge", "zt_agent_ready");
     let _ = writeln!(o, "zt_agent_ready {}", m.ready as u8);
     o

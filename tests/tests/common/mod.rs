@@ -54,24 +54,12 @@ pub fn bed(lab_name: &str, files: &[(&str, &str)], extra_args: &[&str]) -> Bed {
         std::fs::write(dir.join(name), text).unwrap();
     }
     let mut args = vec!["--poll-ms", "100"];
-    // The cgroup programs at the bed's pod cgroup root, as on a node (unless the test says).
-    let cgroup_root = agent_cgroup_root(&tb);
-    if !extra_args.contains(&"--cgroup-root") {
-        args.extend_from_slice(&["--cgroup-root", &cgroup_root]);
-    }
     args.extend_from_slice(extra_args);
     let agent = tb
         .start_agent("node1", &bins::find("zt-agent").unwrap(), &dir, &args)
         .unwrap();
     agent.wait_ready(Duration::from_secs(20)).unwrap();
     Bed { agent, dir, ztctl: bins::find("ztctl").unwrap(), tb }
-}
-
-/// The bed's pod cgroup root as the agent must name it: the agent runs under
-/// `ip netns exec`, which mounts a fresh /sys (hiding the cgroup2 mount below it), so
-/// the path goes through this process's root (`/proc/<pid>/root`, our mount namespace).
-pub fn agent_cgroup_root(tb: &Testbed) -> String {
-    format!("/proc/{}/root{}", std::process::id(), tb.cgroup_base().join("kubepods").display())
 }
 
 impl Bed {
