@@ -1,6 +1,8 @@
 //! The agent's reconcile loop: policy source -> cluster state -> compile -> diff into
 //! the pinned maps -> attach to local pod interfaces. A bad input keeps the last good
-//! state enforced; a restart starts from what the maps already hold.
+//! state enforced; a restart starts from what the maps already hold. The directory
+//! source is polled here; the Kubernetes source's watchers send events over a channel
+//! that the loop drains in batches (`apply_source`).
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -8,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use tokio::io::unix::AsyncFd;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 use zt_common::*;
 
 // Requests of the CNI plugin (a child module: it handles them on the agent's state).
@@ -24,6 +26,7 @@ use crate::{
     model::ClusterState,
     net,
     pins::{capacity, PinnedMaps},
+    source::{PolicySource, SourceEvent, WatchCache},
     state::Desired,
     sync::{apply, withdraws, Capacities, Contents},
 };
@@ -31,7 +34,7 @@ use crate::{
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
     pub node_name: String,
-    pub manifests: PathBuf,
+    pub source: PolicySource,
     pub bpffs_root: PathBuf,
     pub state_dir: PathBuf,
     pub admin_socket: PathBuf,
@@ -59,6 +62,10 @@ struct Agent {
     caps: Capacities,
     ids: IdentityAllocator,
     cluster: Option<ClusterState>,
+    /// The Kubernetes source's objects (None with the directory source).
+    watch: Option<WatchCache>,
+    /// `cluster` was replaced by the Kubernetes source since the last compile.
+    source_changed: bool,
     desired: Option<Desired>,
     manifests_fingerprint: Option<Vec<(PathBuf, u64, SystemTime)>>,
     host_ips: Vec<IpAddr>,
@@ -135,6 +142,17 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let (cni_tx, mut cni_rx) = tokio::sync::mpsc::channel::<cni::CniCall>(256);
     tokio::spawn(log_err("admin socket", crate::admin::serve(opts.admin_socket.clone(), events_tx.clone(), metrics.clone(), cni_tx)));
 
+    // Kubernetes source events; the sender stays here with the directory source.
+    let (source_tx, mut source_rx) = mpsc::channel::<SourceEvent>(8192);
+    let watch = match &opts.source {
+        PolicySource::Kube(config) => {
+            crate::source::kube::spawn((**config).clone(), source_tx.clone())?;
+            Some(WatchCache::new().with_trust_domain(&opts.trust_domain))
+        }
+        PolicySource::Dir(_) => None,
+    };
+    metrics.lock().unwrap().source_up = true;
+
     let mut agent = Agent {
         opts,
         datapath,
@@ -143,6 +161,8 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         caps,
         ids,
         cluster: None,
+        watch,
+        source_changed: false,
         desired: None,
         manifests_fingerprint: None,
         host_ips: vec![],
@@ -168,8 +188,10 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         if let Some(e) = agent.fatal.take() {
             return Err(e);
         }
+        agent.metrics.lock().unwrap().heartbeat = Some(Instant::now());
         tokio::select! {
             _ = tokio::time::sleep(agent.opts.poll_interval) => {}
+            Some(ev) = source_rx.recv() => agent.apply_source(ev, &mut source_rx),
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
             Some(call) = cni_rx.recv() => agent.handle_cni(call),
@@ -178,6 +200,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     // Links and maps stay pinned: enforcement continues while the agent is away.
     log::info!("stopping; the datapath keeps enforcing the last state");
     let _ = std::fs::remove_file(agent.opts.state_dir.join("ready"));
+    drop(source_tx);
     Ok(())
 }
 
@@ -240,21 +263,56 @@ fn fingerprint(dir: &Path) -> Result<Vec<(PathBuf, u64, SystemTime)>> {
 }
 
 impl Agent {
+    /// Applies the Kubernetes source's pending events in one batch; the next reconcile
+    /// compiles once if the state changed and every kind has been listed.
+    fn apply_source(&mut self, first: SourceEvent, rx: &mut mpsc::Receiver<SourceEvent>) {
+        let Some(watch) = self.watch.as_mut() else { return };
+        let batch = watch.apply_pending(first, rx);
+        let was_synced = self.metrics.lock().unwrap().source_synced;
+        if watch.synced() && (batch.changed || !was_synced) {
+            if !was_synced {
+                let s = watch.state();
+                log::info!(
+                    "initial list complete: {} namespaces, {} pods, {} nodes, {} service accounts, {} network policies, {} zero-trust policies",
+                    s.namespaces.len(), s.pods.len(), s.nodes.len(), s.service_accounts.len(), s.network_policies.len(), s.zero_trust_policies.len()
+                );
+            }
+            self.cluster = Some(watch.state().clone());
+            self.source_changed = true;
+        }
+        let mut m = self.metrics.lock().unwrap();
+        m.source_synced = watch.synced();
+        m.source_up = watch.up();
+        m.source_events = watch.events.clone();
+        m.source_relists = watch.relists.clone();
+        m.source_errors = watch.errors.clone();
+        m.policy_last_load_ok = watch.rejected().is_empty();
+        drop(m);
+        for msg in batch.rejected {
+            self.reject(&msg);
+        }
+    }
+
     fn reconcile(&mut self) -> Result<()> {
-        let mut changed = false;
-        let fp = fingerprint(&self.opts.manifests)?;
-        if self.manifests_fingerprint.as_ref() != Some(&fp) {
-            self.manifests_fingerprint = Some(fp);
-            match ClusterState::load_dir(&self.opts.manifests) {
-                Ok(loaded) => {
-                    for o in &loaded.ignored {
-                        log::warn!("{}: ignoring {} {} (not a kind zt reads)", o.location, o.api_version, o.kind);
+        let mut changed = std::mem::take(&mut self.source_changed);
+        if let PolicySource::Dir(dir) = &self.opts.source {
+            let dir = dir.clone();
+            let fp = fingerprint(&dir)?;
+            if self.manifests_fingerprint.as_ref() != Some(&fp) {
+                self.manifests_fingerprint = Some(fp);
+                match ClusterState::load_dir(&dir) {
+                    Ok(loaded) => {
+                        for o in &loaded.ignored {
+                            log::warn!("{}: ignoring {} {} (not a kind zt reads)", o.location, o.api_version, o.kind);
+                        }
+                        self.cluster = Some(loaded.state);
+                        let mut m = self.metrics.lock().unwrap();
+                        m.policy_last_load_ok = true;
+                        m.source_synced = true;
+                        changed = true;
                     }
-                    self.cluster = Some(loaded.state);
-                    self.metrics.lock().unwrap().policy_last_load_ok = true;
-                    changed = true;
+                    Err(e) => self.reject(&format!("{e}")),
                 }
-                Err(e) => self.reject(&format!("{e}")),
             }
         }
         let host_ips = net::host_addresses()?;

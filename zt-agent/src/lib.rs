@@ -12,3 +12,4 @@ pub mod identity;
 pub mod model;
 pub mod ctl;
 pub mod agent;
+pub mod source;

@@ -915,3 +915,81 @@ fn fixture_directory_compiles() {
     assert_eq!(d.policy.len(), 4);
     assert_eq!(d.rules[&1].source, "NetworkPolicy default/allow-sleep");
 }
+
+// ---------------------------------------------------------------------------
+// Nodes
+// ---------------------------------------------------------------------------
+
+fn node(name: &str, addresses: &str) -> String {
+    format!("---\napiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\nstatus:\n  addresses: {addresses}\n")
+}
+
+#[test]
+fn node_addresses_are_host_and_remote_node() {
+    let extra = node(
+        NODE,
+        "[{type: InternalIP, address: 172.16.0.1}, {type: ExternalIP, address: \"2001:db8::1\"}, {type: Hostname, address: node-a}]",
+    ) + &node(
+        "node-b",
+        "[{type: InternalIP, address: 172.16.0.2}, {type: InternalDNS, address: node-b.internal}]",
+    ) + &node("node-c.example", "[{type: ExternalIP, address: \"::ffff:198.51.100.3\"}]");
+    let d = run(&extra);
+    // 5 pods + interface address + node-a x2 + node-b + node-c.
+    assert_eq!(d.endpoints.len(), 10);
+    for (addr, want) in [
+        ("192.168.0.10", IDENTITY_HOST),
+        ("172.16.0.1", IDENTITY_HOST),
+        ("2001:db8::1", IDENTITY_HOST),
+        ("172.16.0.2", IDENTITY_REMOTE_NODE),
+        // IPv4-mapped addresses are stored in their IPv4 form.
+        ("198.51.100.3", IDENTITY_REMOTE_NODE),
+    ] {
+        let e = &d.endpoints[&ip(addr)];
+        assert_eq!((e.identity, e.flags, e.pod.clone()), (want, 0, None), "{addr}");
+    }
+    // Pods keep their identities.
+    assert!(id(&d, "db") >= IDENTITY_FIRST_WORKLOAD);
+}
+
+#[test]
+fn node_address_beats_a_pod_claiming_it() {
+    // db's IP (10.0.0.3) is also listed by node-b: the node wins, as for host addresses.
+    let d = run(&node("node-b", "[{type: InternalIP, address: 10.0.0.3}]"));
+    assert_eq!(d.endpoints[&ip("10.0.0.3")].identity, IDENTITY_REMOTE_NODE);
+    // This node's Node object names the host even without interface addresses.
+    let mut c = cfg();
+    c.host_ips.clear();
+    let d = try_run(&node(NODE, "[{type: InternalIP, address: 10.0.0.1}]"), &c).unwrap();
+    assert_eq!(d.endpoints[&ip("10.0.0.1")].identity, IDENTITY_HOST);
+}
+
+#[test]
+fn remote_node_entity_selects_other_nodes() {
+    let extra = node("node-b", "[{type: InternalIP, address: 172.16.0.2}]")
+        + &ztp(
+            "default",
+            "from-nodes",
+            "  subjects: [{podSelector: {matchLabels: {app: web}}}]\n  ingress: [{from: [{entity: remote-node}], ports: [{port: 8080}]}]\n",
+        );
+    let d = run(&extra);
+    assert_eq!(d.endpoints[&ip("172.16.0.2")].identity, IDENTITY_REMOTE_NODE);
+    let web = id(&d, "web");
+    assert_eq!(get(&d, 96, web, IDENTITY_REMOTE_NODE, I, 6, 8080), Some(A));
+}
+
+#[test]
+fn node_validation_names_the_field() {
+    let mut ignored = Vec::new();
+    let e = parse_manifests(
+        "n.yaml",
+        &node("node-b", "[{type: Hostname, address: not-an-ip}, {type: InternalIP, address: 10.0.0.300}]"),
+        &mut ignored,
+    )
+    .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "n.yaml doc 1: Node node-b: status.addresses[1].address: invalid IP address \"10.0.0.300\""
+    );
+    let e = parse_manifests("n.yaml", &node("Node_B", "[]"), &mut ignored).unwrap_err();
+    assert!(e.to_string().starts_with("n.yaml doc 1: Node Node_B: metadata.name: invalid name"), "{e}");
+}

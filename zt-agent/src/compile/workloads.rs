@@ -1,14 +1,14 @@
 //! Pods -> workload identities and the endpoint map (every pod IP of the cluster,
-//! plus the node's own addresses).
+//! the addresses of the other nodes, plus this node's own addresses).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use zt_common::{EP_LOCAL, IDENTITY_HOST, IDENTITY_INIT};
+use zt_common::{EP_LOCAL, IDENTITY_HOST, IDENTITY_INIT, IDENTITY_REMOTE_NODE};
 
 use super::{CompileConfig, CompileError};
 use crate::identity::{self, IdentityAllocator, NAMESPACE_LABEL_PREFIX};
-use crate::model::{ClusterState, Pod};
+use crate::model::{k8s, ClusterState, Node, Pod};
 use crate::state::{EndpointEntry, PodRef};
 
 /// One workload identity and the pods that carry it.
@@ -60,6 +60,19 @@ pub(crate) fn pod_ips(pod: &Pod) -> Result<Vec<IpAddr>, String> {
                 .map(|ip| ip.to_canonical())
                 .map_err(|_| format!("invalid IP address {s:?}"))
         })
+        .collect()
+}
+
+/// InternalIP / ExternalIP addresses of a (validated) node, canonical form.
+pub(crate) fn node_ips(node: &Node) -> Vec<IpAddr> {
+    node.status
+        .as_ref()
+        .and_then(|s| s.addresses.as_deref())
+        .unwrap_or(&[])
+        .iter()
+        .filter(|a| k8s::is_ip_address_type(&a.type_))
+        .filter_map(|a| a.address.parse::<IpAddr>().ok())
+        .map(|ip| ip.to_canonical())
         .collect()
 }
 
@@ -142,16 +155,40 @@ pub(crate) fn build<'a>(
         e.identity = IDENTITY_INIT;
     }
 
-    for ip in &cfg.host_ips {
+    // Other nodes' addresses are remote-node; this node's (from its Node object and
+    // its interfaces) are the host. Node addresses win over a pod claiming them.
+    let mut host_ips: Vec<IpAddr> = cfg.host_ips.clone();
+    for (name, node) in &cluster.nodes {
+        let ips = node_ips(node);
+        if *name == cfg.node_name {
+            host_ips.extend(ips);
+            continue;
+        }
+        for ip in ips {
+            let prev = endpoints.insert(
+                ip,
+                EndpointEntry {
+                    identity: IDENTITY_REMOTE_NODE,
+                    flags: 0,
+                    pod: None,
+                },
+            );
+            if let Some(prev) = prev.filter(|p| p.pod.is_some()) {
+                log::warn!("IP {ip} of node {name} is also the IP of pod {:?}: treated as the node", prev.pod);
+            }
+        }
+    }
+    for ip in &host_ips {
         let ip = ip.to_canonical();
-        if let Some(prev) = endpoints.insert(
+        let prev = endpoints.insert(
             ip,
             EndpointEntry {
                 identity: IDENTITY_HOST,
                 flags: 0,
                 pod: None,
             },
-        ) {
+        );
+        if let Some(prev) = prev.filter(|p| p.pod.is_some()) {
             log::warn!(
                 "host IP {ip} is also the IP of pod {:?}: treated as the host",
                 prev.pod
