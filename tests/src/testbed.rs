@@ -235,6 +235,15 @@ impl Testbed {
     pub fn manifests_dir(&self) -> &Path {
         &self.manifests_dir
     }
+    /// The pods' cgroup root (`<cgroup_base>/kubepods`) as an agent must name it: agents
+    /// run under `ip netns exec`, whose fresh /sys hides the cgroup2 mount, so the path
+    /// goes through this process's root, `/proc/<pid>/root/...` (our mount namespace).
+    pub fn agent_cgroup_root(&self) -> PathBuf {
+        let inner = self.kubepods_dir();
+        let rel = inner.strip_prefix("/").unwrap_or(&inner);
+        PathBuf::from(format!("/proc/{}/root", std::process::id())).join(rel)
+    }
+
     /// `<cgroup root>/zt-test-<run>`; pods live in `<this>/kubepods/pod<uid>`.
     pub fn cgroup_base(&self) -> &Path {
         &self.cgroup_base
@@ -806,7 +815,8 @@ impl Testbed {
     /// `<tmp>/node-<node>/bpffs`, reused across agents of the same node) and the args
     /// `--bpffs-root <bpffs>/zt --state-dir <tmp>/node-<node>/state --admin-socket
     /// <state>/admin.sock --metrics-addr 127.0.0.1:<port> --node-name <node>
-    /// --manifests <dir>` followed by `extra_args`. Output goes to `<tmp>/agent-<n>.log`.
+    /// --manifests <dir> --cgroup-root <agent_cgroup_root>` (unless `extra_args` names
+    /// one) followed by `extra_args`. Output goes to `<tmp>/agent-<n>.log`.
     pub fn start_agent(
         &self,
         node: &str,
@@ -844,6 +854,11 @@ impl Testbed {
             "--manifests".into(),
             manifests_dir.display().to_string(),
         ];
+        // The bed's pod cgroup root for the agent's cgroup programs, unless named.
+        if !extra_args.contains(&"--cgroup-root") {
+            args.push("--cgroup-root".into());
+            args.push(self.agent_cgroup_root().display().to_string());
+        }
         args.extend(extra_args.iter().map(|s| s.to_string()));
         let bin = std::fs::canonicalize(agent_bin)
             .with_context(|| format!("agent binary {}", agent_bin.display()))?;

@@ -181,7 +181,8 @@ fn endpoints_of(bed: &Bed, ips: &[std::net::IpAddr]) -> Vec<Value> {
 /// CHECK follows the attachment; DEL is idempotent and leaves a known pod enforced.
 #[test]
 fn add_unknown_pod_fails_closed_until_known() {
-    let bed = bed("basic", &[], &[]);
+    // Without the cgroup programs, to show the window the plugin closes on its own.
+    let bed = bed("basic", &[], &["--cgroup-root", "none"]);
     let sock = bed.agent.admin_socket.clone();
     let (a, c) = (pod("default", "a"), pod("default", "c"));
     let d = new_pod("d", "10.200.0.4", "fd00:200::4");

@@ -50,6 +50,8 @@ pub struct AgentOptions {
     pub ct_other_timeout_s: u32,
     pub frag_timeout_s: u32,
     pub poll_interval: Duration,
+    /// Root of the pods' cgroup hierarchy for the cgroup programs; None: no cgroup programs.
+    pub cgroup_root: Option<PathBuf>,
 }
 
 struct Agent {
@@ -78,6 +80,10 @@ struct Agent {
     /// What ZT_CONFIG holds (read once at start).
     config: Config,
     shared_warned: BTreeSet<u32>,
+    /// The cgroup programs are attached (or, with no cgroup root, removed).
+    cgroup_done: bool,
+    /// An error the agent must exit on.
+    fatal: Option<anyhow::Error>,
     metrics: Shared,
     snapshot: std::sync::Arc<std::sync::RwLock<Snapshot>>,
     /// Pod interfaces the CNI plugin asked to enforce.
@@ -87,6 +93,9 @@ struct Agent {
 pub async fn run(opts: AgentOptions) -> Result<()> {
     std::fs::create_dir_all(&opts.state_dir).with_context(|| format!("creating {}", opts.state_dir.display()))?;
     let _ = std::fs::remove_file(opts.state_dir.join("ready"));
+    if let Some(root) = &opts.cgroup_root {
+        crate::cgroup_link::open_cgroup2_dir(root)?;
+    }
     let mut datapath = Datapath::load(&opts.bpffs_root, &opts.sizes)?;
     let maps = PinnedMaps::open(&opts.bpffs_root)?;
     let have = Contents::read(&maps).context("reading the pinned maps")?;
@@ -165,6 +174,8 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         pending_bump: false,
         config,
         shared_warned: BTreeSet::new(),
+        cgroup_done: false,
+        fatal: None,
         metrics,
         snapshot,
         cni: cni_attachments,
@@ -173,6 +184,9 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     loop {
         if let Err(e) = agent.reconcile() {
             log::error!("reconcile: {e:#}");
+        }
+        if let Some(e) = agent.fatal.take() {
+            return Err(e);
         }
         agent.metrics.lock().unwrap().heartbeat = Some(Instant::now());
         tokio::select! {
@@ -349,46 +363,81 @@ impl Agent {
         if self.cni.prune_gone()? {
             self.dirty = true;
         }
-        if self.dirty {
-            let mut want = Contents::from_desired(desired, &self.ifindex);
-            self.cni.overlay(&mut want, Some(desired));
-            // Remembered until the epoch is written, even if this apply fails halfway.
-            self.pending_bump |= withdraws(&self.have, &want);
-            stats = match apply(&mut self.maps, &mut self.have, &want, &self.caps) {
-                Ok(s) => {
-                    self.last_apply_error = None;
-                    s
-                }
-                Err(e) => {
-                    // Once per distinct failure: the loop retries every poll.
-                    let msg = format!("{e:#}");
-                    if self.last_apply_error.as_deref() != Some(&msg) {
-                        self.metrics.lock().unwrap().map_errors_total += 1;
-                        log::error!("applying the policy to the maps failed, the previous state stays enforced: {msg}");
-                        self.last_apply_error = Some(msg);
+        // An endpoint's interface is written only once both its hooks are attached: the
+        // cgroup programs leave a local endpoint with an interface to its TC hook, so
+        // there must be no moment where that hook is missing. A new pod goes in with
+        // interface 0 (judged by the cgroup programs), its hook is attached, then a second
+        // round writes its interface.
+        for _round in 0..2 {
+            if self.dirty {
+                let mut want = Contents::from_desired(desired, &self.ifindex);
+                self.cni.overlay(&mut want, Some(desired));
+                self.only_hooked(&mut want);
+                // Remembered until the epoch is written, even if this apply fails halfway.
+                self.pending_bump |= withdraws(&self.have, &want);
+                match apply(&mut self.maps, &mut self.have, &want, &self.caps) {
+                    Ok(s) => {
+                        self.last_apply_error = None;
+                        stats.written += s.written;
+                        stats.removed += s.removed;
                     }
+                    Err(e) => {
+                        // Once per distinct failure: the loop retries every poll.
+                        let msg = format!("{e:#}");
+                        if self.last_apply_error.as_deref() != Some(&msg) {
+                            self.metrics.lock().unwrap().map_errors_total += 1;
+                            log::error!("applying the policy to the maps failed, the previous state stays enforced: {msg}");
+                            self.last_apply_error = Some(msg);
+                        }
+                        return Ok(());
+                    }
+                };
+                self.dirty = false;
+            }
+            self.write_config()?;
+            // Once the maps hold the full state (READY): no not-ready blackout for pods.
+            if !self.cgroup_done {
+                self.cgroup_done = true;
+                if let Err(e) = self.datapath.ensure_cgroup(self.opts.cgroup_root.as_deref()) {
+                    // Fatal: the agent exits (its pinned hooks and maps keep enforcing) so
+                    // that the failure shows instead of a node silently without them.
+                    self.fatal = Some(e.context("cgroup programs"));
                     return Ok(());
                 }
-            };
-            self.dirty = false;
+            }
+            let hooked_before = self.datapath.hooked_ifindexes();
+            let mut keep = BTreeSet::new();
+            for (ip, idx) in &self.ifindex {
+                if let Some(name) = self.ifnames.get(ip) {
+                    self.datapath.ensure_attached(*idx, name)?;
+                    keep.insert((*idx, name.clone()));
+                }
+            }
+            self.attach_cni()?;
+            let newly_hooked = !self.datapath.hooked_ifindexes().is_subset(&hooked_before);
+            self.datapath.detach_gone(&keep)?;
+            if !newly_hooked {
+                break;
+            }
+            self.dirty = true;
         }
-        self.write_config()?;
         if stats.written + stats.removed > 0 {
             log::info!("applied {} writes, {} removals (epoch {})", stats.written, stats.removed, self.config.policy_epoch);
         }
         let apply_time = t.elapsed();
-        // Attach only once the maps hold the full state.
-        let mut keep = BTreeSet::new();
-        for (ip, idx) in &self.ifindex {
-            if let Some(name) = self.ifnames.get(ip) {
-                self.datapath.ensure_attached(*idx, name)?;
-                keep.insert((*idx, name.clone()));
-            }
-        }
-        self.attach_cni()?;
-        self.datapath.detach_gone(&keep)?;
         self.publish(desired, &stats, apply_time)?;
         Ok(())
+    }
+
+    /// An endpoint names its interface only once that interface carries both hooks;
+    /// until then it has 0 and the cgroup programs judge the pod's own traffic.
+    fn only_hooked(&self, want: &mut Contents) {
+        let hooked = self.datapath.hooked_ifindexes();
+        for v in want.endpoints.values_mut() {
+            if v.ifindex != 0 && !hooked.contains(&v.ifindex) {
+                v.ifindex = 0;
+            }
+        }
     }
 
     /// Writes ZT_CONFIG when it changes; the epoch lives here after the first read so that
@@ -429,7 +478,8 @@ impl Agent {
     }
 
     /// Host interface of every local pod, by route. Re-resolved when the desired state
-    /// changes, for pods still without an interface, and every 10 s. A host interface
+    /// changes, for pods still without an interface or whose interface is gone, and every
+    /// 10 s. A host interface
     /// that more than one pod resolves to (a bridge, the uplink) is not a pod's own and is
     /// never hooked. Returns whether the result changed.
     fn resolve_interfaces(&mut self, desired: &Desired) -> Result<bool> {
@@ -441,10 +491,15 @@ impl Agent {
                 continue;
             }
             if !stale {
+                // Cached, unless the interface went away (a recreated pod sandbox, an
+                // address reused by a new pod): an endpoint must never keep pointing the
+                // cgroup programs at a hook that no longer exists.
                 if let (Some(i), Some(n)) = (self.ifindex.get(ip), self.ifnames.get(ip)) {
-                    ifindex.insert(*ip, *i);
-                    ifnames.insert(*ip, n.clone());
-                    continue;
+                    if net::ifindex(n).is_ok_and(|now| now == *i) {
+                        ifindex.insert(*ip, *i);
+                        ifnames.insert(*ip, n.clone());
+                        continue;
+                    }
                 }
             }
             if let Some(name) = net::route_interface(*ip)? {
@@ -466,7 +521,7 @@ impl Agent {
         for (idx, pods) in pods_per_if.iter().filter(|(_, p)| p.len() > 1) {
             let name = ifindex.iter().find(|(_, i)| *i == idx).and_then(|(ip, _)| ifnames.get(ip)).cloned().unwrap_or_default();
             if self.shared_warned.insert(*idx) {
-                log::error!("interface {name} carries {} pods: not a pod's own interface, not hooking it (these pods stay unknown endpoints)", pods.len());
+                log::error!("interface {name} carries {} pods: not a pod's own interface, not hooking it (only the cgroup programs enforce these pods)", pods.len());
             }
             ifindex.retain(|_, i| i != idx);
         }

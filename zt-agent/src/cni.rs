@@ -324,18 +324,21 @@ impl Agent {
             self.desired = Some(desired);
             return r;
         }
-        // No good state loaded yet: write only the attachments' entries (nothing else
-        // of the pinned state is touched) and hook the interfaces. Until the first full
-        // state ZT_CONFIG is not ready and hooked interfaces drop everything anyway.
+        // No good state loaded yet: hook the interfaces, then write only the attachments'
+        // entries (nothing else of the pinned state is touched). Hooks first: the cgroup
+        // programs (still running from an earlier agent) leave an endpoint that names an
+        // interface to that interface's hook.
+        self.attach_cni()?;
         let mut want = Contents { endpoints: BTreeMap::new(), ..Default::default() };
         self.cni.overlay(&mut want, None);
+        self.only_hooked(&mut want);
         for (k, v) in want.endpoints {
             if self.have.endpoints.get(&k) != Some(&v) {
                 self.maps.endpoints.insert(EndpointKey { addr: k }, v, 0).with_context(|| format!("writing {MAP_ENDPOINTS}"))?;
                 self.have.endpoints.insert(k, v);
             }
         }
-        self.attach_cni()
+        Ok(())
     }
 
     /// Hooks every attachment's interface (links are pinned; already hooked is a no-op).

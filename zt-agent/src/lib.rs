@@ -2,6 +2,7 @@ pub mod state;
 pub mod admin;
 pub mod events;
 pub mod loader;
+pub mod cgroup_link;
 pub mod metrics;
 pub mod net;
 pub mod pins;

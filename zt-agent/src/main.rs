@@ -78,6 +78,10 @@ struct Flags {
     /// How often the manifests and interfaces are re-read, milliseconds.
     #[arg(long, default_value_t = 500)]
     poll_ms: u64,
+    /// Root of the pods' cgroup hierarchy (cgroup v2), where the cgroup programs enforce
+    /// a pod's own traffic from its first packet; `none`: no cgroup programs.
+    #[arg(long, default_value = zt_agent::cgroup_link::DEFAULT_CGROUP_ROOT)]
+    cgroup_root: PathBuf,
 }
 
 #[derive(Subcommand, Debug)]
@@ -121,6 +125,7 @@ async fn main() -> anyhow::Result<()> {
         ct_other_timeout_s: f.ct_other_timeout,
         frag_timeout_s: f.frag_timeout,
         poll_interval: Duration::from_millis(f.poll_ms),
+        cgroup_root: if f.cgroup_root.as_os_str() == "none" { None } else { Some(f.cgroup_root) },
     };
     run(opts).await
 }
