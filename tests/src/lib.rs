@@ -27,6 +27,7 @@
 
 pub mod agent;
 pub mod bins;
+pub mod dns;
 pub mod manifest;
 pub mod probe;
 pub mod sctp;
