@@ -4,6 +4,9 @@
 //! agree on the layout byte for byte.
 #![no_std]
 
+pub mod fqdn;
+pub use fqdn::*;
+
 /// Map pin directory name under the bpffs root. Bump on any layout change so that an
 /// upgraded agent never reads maps written with another layout.
 pub const MAP_VERSION_DIR: &str = "v1";
@@ -77,6 +80,9 @@ pub enum Reason {
     /// An ICMP error (unreachable, packet too big, time exceeded, parameter problem)
     /// about a tracked flow.
     AllowRelated = 9,
+    /// A new egress flow to a world/CIDR address learned from a DNS answer for a name
+    /// an FQDN rule of the local identity allows.
+    AllowFqdn = 10,
 
     /// An explicit deny rule matched.
     DropPolicyDeny = 16,
@@ -107,7 +113,7 @@ pub const REASON_SLOTS: u32 = 32;
 pub const COUNTER_SLOTS: u32 = DIR_COUNT * REASON_SLOTS;
 
 impl Reason {
-    pub const ALL: [Reason; 18] = [
+    pub const ALL: [Reason; 19] = [
         Reason::AllowPolicy,
         Reason::AllowEstablished,
         Reason::AllowReply,
@@ -117,6 +123,7 @@ impl Reason {
         Reason::AllowNonIp,
         Reason::AllowFragment,
         Reason::AllowRelated,
+        Reason::AllowFqdn,
         Reason::DropPolicyDeny,
         Reason::DropPolicyDefault,
         Reason::DropUnknownEndpoint,
@@ -148,6 +155,7 @@ impl Reason {
             Reason::AllowNonIp => "non-ip",
             Reason::AllowFragment => "fragment",
             Reason::AllowRelated => "related",
+            Reason::AllowFqdn => "fqdn",
             Reason::DropPolicyDeny => "policy-deny",
             Reason::DropPolicyDefault => "policy-default-deny",
             Reason::DropUnknownEndpoint => "unknown-endpoint",
@@ -452,7 +460,9 @@ const _: () = {
 /// IPv4-mapped IPv6 form of an IPv4 address (network-order bytes in).
 #[inline(always)]
 pub const fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+    ]
 }
 
 #[cfg(feature = "user")]
