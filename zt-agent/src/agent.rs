@@ -138,6 +138,14 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let ring = datapath.take_events()?;
     tokio::spawn(forward_events(ring, events_tx.clone(), snapshot.clone(), metrics.clone()));
     tokio::spawn(log_err("metrics", metrics::serve(opts.metrics_addr.clone(), metrics.clone(), opts.bpffs_root.clone())));
+    // FQDN rules: name the addresses the kernel learns from DNS answers (cache, GC).
+    let fqdn = match crate::fqdn::Runtime::start(&opts.bpffs_root, &opts.state_dir, opts.ct_tcp_timeout_s, metrics.clone()) {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            log::warn!("fqdn runtime not started: {e:#}");
+            None
+        }
+    };
     let cni_attachments = cni::Attachments::load(opts.state_dir.join("cni-attachments.json"))?;
     let (cni_tx, mut cni_rx) = tokio::sync::mpsc::channel::<cni::CniCall>(256);
     tokio::spawn(log_err("admin socket", crate::admin::serve(opts.admin_socket.clone(), events_tx.clone(), metrics.clone(), cni_tx)));
@@ -199,6 +207,9 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     }
     // Links and maps stay pinned: enforcement continues while the agent is away.
     log::info!("stopping; the datapath keeps enforcing the last state");
+    if let Some(rt) = &fqdn {
+        rt.save();
+    }
     let _ = std::fs::remove_file(agent.opts.state_dir.join("ready"));
     drop(source_tx);
     Ok(())

@@ -12,4 +12,5 @@ pub mod identity;
 pub mod model;
 pub mod ctl;
 pub mod agent;
+pub mod fqdn;
 pub mod source;

@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use zt_common::*;
 
-use crate::{events::direction_name, model::ObjectKind, pins::PinnedMaps};
+use crate::{events::direction_name, fqdn::FqdnMaps, model::ObjectKind, pins::PinnedMaps};
 
 #[derive(Clone, Debug, Default)]
 pub struct AgentMetrics {
@@ -47,6 +47,12 @@ pub struct AgentMetrics {
     pub heartbeat: Option<Instant>,
     /// CNI plugin requests by (command, outcome).
     pub cni_requests: BTreeMap<(String, String), u64>,
+    /// FQDN runtime: DNS events read from the ring, those that did not decode, names in
+    /// the cache, learned entries removed by GC.
+    pub fqdn_events_read: u64,
+    pub fqdn_events_undecodable: u64,
+    pub fqdn_cache_names: usize,
+    pub fqdn_gc_removed: u64,
 }
 
 impl AgentMetrics {
@@ -71,6 +77,11 @@ fn line(out: &mut String, help: &str, kind: &str, name: &str) {
 }
 
 pub fn render(m: &AgentMetrics, maps: Option<&PinnedMaps>) -> String {
+    render_with(m, maps, None)
+}
+
+/// [`render`] plus the FQDN maps (DNS capture counters, learned entries) when they exist.
+pub fn render_with(m: &AgentMetrics, maps: Option<&PinnedMaps>, fqdn: Option<&FqdnMaps>) -> String {
     let mut o = String::new();
     line(&mut o, "Packets judged by the datapath, by direction, verdict and reason.", "counter", "zt_verdicts_total");
     if let Some(c) = maps.and_then(|m| m.counters().ok()) {
@@ -92,6 +103,9 @@ pub fn render(m: &AgentMetrics, maps: Option<&PinnedMaps>) -> String {
     if let Some(maps) = maps {
         all.push((MAP_CT, maps.ct.keys().count(), m.ct_capacity));
         all.push((MAP_FRAGS, maps.frags.keys().count(), m.frags_capacity));
+    }
+    if let Some(f) = fqdn {
+        all.push((MAP_FQDN_LEARNED, f.learned.keys().count(), f.learned_capacity));
     }
     line(&mut o, "Entries in each map.", "gauge", "zt_map_entries");
     for (name, n, _) in &all {
@@ -143,6 +157,7 @@ pub fn render(m: &AgentMetrics, maps: Option<&PinnedMaps>) -> String {
     for (kind, n) in &m.source_errors {
         let _ = writeln!(o, "zt_source_errors_total{{kind=\"{kind}\"}} {n}");
     }
+    crate::fqdn::render_metrics(&mut o, m, fqdn);
     o
 }
 
@@ -155,6 +170,7 @@ pub async fn serve(addr: String, shared: Shared, bpffs_root: PathBuf) -> Result<
         let (mut sock, _) = listener.accept().await?;
         let shared = shared.clone();
         let maps = maps.clone();
+        let fqdn_root = bpffs_root.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 2048];
             let n = sock.read(&mut buf).await.unwrap_or(0);
@@ -162,7 +178,9 @@ pub async fn serve(addr: String, shared: Shared, bpffs_root: PathBuf) -> Result<
             let (status, body) = if req.starts_with("GET /metrics") {
                 let snapshot = shared.lock().unwrap().clone();
                 // Map reads are syscalls (and a walk of the conntrack map): off the runtime.
-                let body = tokio::task::spawn_blocking(move || render(&snapshot, Some(&maps)))
+                let root = fqdn_root.clone();
+                // The FQDN maps are opened per scrape: they appear with a newer datapath.
+                let body = tokio::task::spawn_blocking(move || render_with(&snapshot, Some(&maps), FqdnMaps::open(&root).ok().as_ref()))
                 .await
                 .unwrap_or_default();
                 ("200 OK", body)

@@ -76,6 +76,19 @@ enum Cmd {
     /// Why is a flow allowed or denied? SRC and DST: IP, namespace/pod or SPIFFE ID;
     /// PROTO/PORT: tcp/80, udp/53, sctp/9000, icmp/8.
     Explain { src: String, dst: String, proto_port: String },
+    /// Addresses learned from DNS answers for FQDN rules: identity, name, IP, time to
+    /// expiry, rules. Works with the agent down (names learned meanwhile show `-`).
+    Fqdn {
+        /// Only this local identity (number or part of a SPIFFE ID).
+        #[arg(long)]
+        identity: Option<String>,
+        /// Only names matching this glob (`*.example.com`).
+        #[arg(long)]
+        name: Option<String>,
+        /// Capture counters by outcome instead (why an answer learned nothing).
+        #[arg(long)]
+        stats: bool,
+    },
 }
 
 fn main() {
@@ -143,6 +156,16 @@ fn run() -> Result<()> {
             let timeout = timeout.map(Duration::from_secs_f64);
             ctl::follow(&cli.admin_socket, &filter, json, count, timeout, &mut std::io::stdout().lock())?;
             Ok(())
+        }
+        Cmd::Fqdn { identity, name, stats } => {
+            let fq = zt_agent::fqdn::FqdnMaps::open(&cli.bpffs_root)?;
+            if stats {
+                let s = fq.stats()?;
+                let rows: Vec<(String, u64)> = zt_common::DnsStat::ALL.iter().map(|st| (st.name().to_string(), s[*st as usize])).collect();
+                return ctl::print(json, &rows, |(n, v)| format!("{n:<22} {v}"), &format!("{:<22} ANSWERS", "OUTCOME"));
+            }
+            let rows = ctl::fqdn::rows(&maps()?, &fq, &snap()?, &cli.state_dir, identity.as_deref(), name.as_deref())?;
+            ctl::print(json, &rows, ctl::fqdn::table_row, &ctl::fqdn::table_header())
         }
         Cmd::Explain { src, dst, proto_port } => {
             let e = explain(&maps()?, &snap()?, &src, &dst, &proto_port)?;
