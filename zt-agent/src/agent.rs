@@ -329,6 +329,7 @@ impl Agent {
                 trust_domain: self.opts.trust_domain.clone(),
                 enforcement_mode: self.opts.enforcement_mode,
                 host_ips: self.host_ips.clone(),
+                ..Default::default()
             };
             let t = Instant::now();
             match compile(cluster, &cfg, &mut self.ids) {

@@ -96,6 +96,7 @@ fn cfg() -> CompileConfig {
         trust_domain: "cluster.local".into(),
         enforcement_mode: EnforcementMode::Default,
         host_ips: vec!["192.168.0.10".parse().unwrap()],
+        ..Default::default()
     }
 }
 
