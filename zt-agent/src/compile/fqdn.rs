@@ -42,11 +42,14 @@ pub(crate) struct FqdnRule {
 }
 
 impl FqdnRule {
-    /// What a slot stands for: the rule and its names (other names, another slot).
+    /// What a slot stands for: the names a policy learns addresses under. Not the
+    /// rule's index: inserting a rule above must not move the others to new slots
+    /// (that would revoke their live flows). Rules of one policy with the same names
+    /// share a slot (their ports add up); other names take another slot.
     fn slot_key(&self) -> Option<String> {
         let names: Vec<String> =
             self.matches.iter().filter(|m| **m != FqdnMatch::Any).map(|m| m.to_string()).collect();
-        (!names.is_empty()).then(|| format!("{} {} {}", self.source, self.path, names.join(",")))
+        (!names.is_empty()).then(|| format!("{} {}", self.source, names.join(",")))
     }
 }
 
