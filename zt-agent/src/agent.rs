@@ -18,18 +18,28 @@ use zt_common::*;
 pub mod cni;
 
 use crate::{
-    compile::{compile, CompileConfig, EnforcementMode},
+    compile::{compile_with_slots, CompileConfig, EnforcementMode, FqdnSlots},
     events::{EventRecord, Snapshot},
     identity::IdentityAllocator,
-    loader::{Datapath, MapSizes},
+    loader::{ensure_fqdn_config, Datapath, FqdnSettings, MapSizes},
     metrics::{self, Shared},
     model::ClusterState,
     net,
     pins::{capacity, PinnedMaps},
     source::{PolicySource, SourceEvent, WatchCache},
     state::Desired,
-    sync::{apply, withdraws, Capacities, Contents},
+    sync::{apply, clear_learned, withdraws, Capacities, Contents},
 };
+
+/// FQDN policy settings of the node (flags `--fqdn-*`).
+#[derive(Clone, Debug, Default)]
+pub struct FqdnOptions {
+    pub settings: FqdnSettings,
+    /// Trusted resolvers by SPIFFE ID pattern.
+    pub dns_servers: Vec<crate::model::ztp::SpiffePattern>,
+    /// Resolver addresses that are no pod (identity `dns`).
+    pub dns_addresses: Vec<IpAddr>,
+}
 
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
@@ -52,6 +62,7 @@ pub struct AgentOptions {
     pub poll_interval: Duration,
     /// Root of the pods' cgroup hierarchy for the cgroup programs; None: no cgroup programs.
     pub cgroup_root: Option<PathBuf>,
+    pub fqdn: FqdnOptions,
 }
 
 struct Agent {
@@ -61,6 +72,14 @@ struct Agent {
     have: Contents,
     caps: Capacities,
     ids: IdentityAllocator,
+    /// FQDN slots (persisted beside the identities).
+    slots: FqdnSlots,
+    /// Key of the FQDN name hashes (ZT_FQDN_CONFIG).
+    fqdn_hash_key: [u64; 2],
+    /// The last compile's warnings (written to last-error once).
+    warnings: Vec<String>,
+    /// ZT_FQDN_LEARNED was checked against the slots since the start.
+    learned_checked: bool,
     cluster: Option<ClusterState>,
     /// The Kubernetes source's objects (None with the directory source).
     watch: Option<WatchCache>,
@@ -110,7 +129,12 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         endpoints: capacity(&opts.bpffs_root, MAP_ENDPOINTS)?,
         cidrs: capacity(&opts.bpffs_root, MAP_CIDRS)?,
         policy: capacity(&opts.bpffs_root, MAP_POLICY)?,
+        fqdn_names: capacity(&opts.bpffs_root, MAP_FQDN_NAMES)?,
+        fqdn_ports: capacity(&opts.bpffs_root, MAP_FQDN_PORTS)?,
+        dns_servers: capacity(&opts.bpffs_root, MAP_DNS_SERVERS)?,
     };
+    let mut maps = maps;
+    let fqdn_config = ensure_fqdn_config(&mut maps.fqdn_config, &opts.fqdn.settings)?;
     // Pinned maps are reused as they are: a changed size flag applies once the pins are
     // gone (a new map version directory, or removed by hand on a drained node).
     for (name, flag) in [
@@ -119,6 +143,9 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         (MAP_POLICY, opts.sizes.policy),
         (MAP_CT, opts.sizes.ct),
         (MAP_FRAGS, opts.sizes.frags),
+        (MAP_FQDN_NAMES, opts.sizes.fqdn_names),
+        (MAP_FQDN_PORTS, opts.sizes.fqdn_ports),
+        (MAP_FQDN_LEARNED, opts.sizes.fqdn_learned),
     ] {
         let pinned = capacity(&opts.bpffs_root, name)?;
         if pinned != flag {
@@ -126,6 +153,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         }
     }
     let ids = IdentityAllocator::load(opts.state_dir.join("identities.json")).context("loading identities")?;
+    let slots = FqdnSlots::load(opts.state_dir.join("fqdn-slots.json")).map_err(anyhow::Error::msg).context("loading FQDN slots")?;
     let metrics: Shared = Default::default();
     {
         let mut m = metrics.lock().unwrap();
@@ -168,6 +196,10 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         have,
         caps,
         ids,
+        slots,
+        fqdn_hash_key: fqdn_config.hash_key,
+        warnings: Vec::new(),
+        learned_checked: false,
         cluster: None,
         watch,
         source_changed: false,
@@ -340,15 +372,29 @@ impl Agent {
                 trust_domain: self.opts.trust_domain.clone(),
                 enforcement_mode: self.opts.enforcement_mode,
                 host_ips: self.host_ips.clone(),
+                fqdn_hash_key: self.fqdn_hash_key,
+                dns_servers: self.opts.fqdn.dns_servers.clone(),
+                dns_addresses: self.opts.fqdn.dns_addresses.clone(),
             };
             let t = Instant::now();
-            match compile(cluster, &cfg, &mut self.ids) {
+            match compile_with_slots(cluster, &cfg, &mut self.ids, &mut self.slots) {
                 Ok(d) => {
                     let mut m = self.metrics.lock().unwrap();
                     m.compile_seconds_sum += t.elapsed().as_secs_f64();
                     m.compile_count += 1;
                     drop(m);
                     self.ids.save(self.opts.state_dir.join("identities.json"))?;
+                    self.slots.save(self.opts.state_dir.join("fqdn-slots.json")).map_err(anyhow::Error::msg)?;
+                    if d.warnings != self.warnings {
+                        for w in &d.warnings {
+                            log::warn!("policy: {w}");
+                        }
+                        if !d.warnings.is_empty() {
+                            let text: String = d.warnings.iter().map(|w| format!("warning: {w}\n")).collect();
+                            let _ = std::fs::write(self.opts.state_dir.join("last-error"), text);
+                        }
+                        self.warnings = d.warnings.clone();
+                    }
                     self.desired = Some(d);
                     self.last_resolve = None;
                     self.dirty = true;
@@ -404,6 +450,7 @@ impl Agent {
                     }
                 };
                 self.dirty = false;
+                self.clear_freed_slots()?;
             }
             self.write_config()?;
             // Once the maps hold the full state (READY): no not-ready blackout for pods.
@@ -437,6 +484,28 @@ impl Agent {
         }
         let apply_time = t.elapsed();
         self.publish(desired, &stats, apply_time)?;
+        Ok(())
+    }
+
+    /// Once the maps hold the new FQDN rules: clears the bits of freed slots (and of
+    /// identities without FQDN rules) from ZT_FQDN_LEARNED, then lets the slots be
+    /// reused. Also runs once after a start, for what an earlier agent left.
+    fn clear_freed_slots(&mut self) -> Result<()> {
+        if self.slots.pending().is_empty() && self.learned_checked {
+            return Ok(());
+        }
+        let freed = self.slots.pending().clone();
+        let c = clear_learned(&mut self.maps, &self.slots.active_masks())?;
+        self.learned_checked = true;
+        if !freed.is_empty() || c.rewritten + c.deleted > 0 {
+            // Tracked flows allowed through a cleared slot are re-judged.
+            self.pending_bump = true;
+            log::info!("FQDN slots freed {freed:?}: {} learned entries rewritten, {} deleted", c.rewritten, c.deleted);
+        }
+        if !freed.is_empty() {
+            self.slots.release_cleared();
+            self.slots.save(self.opts.state_dir.join("fqdn-slots.json")).map_err(anyhow::Error::msg)?;
+        }
         Ok(())
     }
 

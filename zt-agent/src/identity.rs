@@ -33,6 +33,7 @@ pub fn reserved_identities() -> Vec<IdentityInfo> {
         (IDENTITY_WORLD, "world"),
         (IDENTITY_INIT, "init"),
         (IDENTITY_REMOTE_NODE, "remote-node"),
+        (zt_common::IDENTITY_DNS, "dns"),
     ]
     .into_iter()
     .map(|(id, name)| IdentityInfo {
@@ -418,7 +419,8 @@ mod tests {
     #[test]
     fn reserved_and_labels() {
         let r = reserved_identities();
-        assert_eq!(r.len(), 4);
+        assert_eq!(r.len(), 5);
+        assert_eq!(r[4].spiffe_id, "reserved:dns");
         assert_eq!(r[0].spiffe_id, "reserved:host");
         assert_eq!(r[3].id, IDENTITY_REMOTE_NODE);
         let l = identity_labels(&labels(&[("app", "x")]), &labels(&[("team", "a")]));

@@ -36,6 +36,9 @@ pub struct MapSizes {
     pub policy: u32,
     pub ct: u32,
     pub frags: u32,
+    pub fqdn_names: u32,
+    pub fqdn_ports: u32,
+    pub fqdn_learned: u32,
 }
 
 impl Default for MapSizes {
@@ -46,8 +49,57 @@ impl Default for MapSizes {
             policy: DEFAULT_POLICY_MAX,
             ct: DEFAULT_CT_MAX,
             frags: DEFAULT_FRAGS_MAX,
+            fqdn_names: DEFAULT_FQDN_NAMES_MAX,
+            fqdn_ports: DEFAULT_FQDN_PORTS_MAX,
+            fqdn_learned: DEFAULT_FQDN_LEARNED_MAX,
         }
     }
+}
+
+/// The FQDN settings of ZT_FQDN_CONFIG that come from flags (the hash key does not).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FqdnSettings {
+    pub min_ttl_s: u32,
+    pub max_ttl_s: u32,
+    pub grace_s: u32,
+    pub events_per_sec: u32,
+}
+
+impl Default for FqdnSettings {
+    fn default() -> Self {
+        FqdnSettings { min_ttl_s: 30, max_ttl_s: 86400, grace_s: 60, events_per_sec: 1000 }
+    }
+}
+
+/// Writes ZT_FQDN_CONFIG from the flags, keeping the hash key the pinned map holds:
+/// the name entries and learned state were made with it. A new map (all zero) gets 16
+/// random bytes. Returns what the map holds now.
+pub fn ensure_fqdn_config(map: &mut crate::pins::FqdnConfigMap, s: &FqdnSettings) -> Result<FqdnConfig> {
+    if s.min_ttl_s > s.max_ttl_s {
+        bail!("--fqdn-min-ttl ({}) is above --fqdn-max-ttl ({})", s.min_ttl_s, s.max_ttl_s);
+    }
+    let before = map.get(&0, 0).context("reading ZT_FQDN_CONFIG")?;
+    let mut cfg = before;
+    if cfg.hash_key == [0, 0] {
+        cfg.hash_key = random_key()?;
+    }
+    cfg.min_ttl_s = s.min_ttl_s;
+    cfg.max_ttl_s = s.max_ttl_s;
+    cfg.grace_s = s.grace_s;
+    cfg.events_per_sec = s.events_per_sec;
+    if cfg != before {
+        map.set(0, cfg, 0).context("writing ZT_FQDN_CONFIG")?;
+    }
+    Ok(cfg)
+}
+
+fn random_key() -> Result<[u64; 2]> {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).context("reading /dev/urandom")?;
+    let k = [u64::from_le_bytes(b[..8].try_into()?), u64::from_le_bytes(b[8..].try_into()?)];
+    // All zero means "no key yet": never keep it (a 2^-128 chance).
+    Ok(if k == [0, 0] { [1, 0] } else { k })
 }
 
 pub struct Datapath {
@@ -71,7 +123,10 @@ pub fn load_object(bpffs_root: &Path, sizes: &MapSizes) -> Result<Ebpf> {
         .map_max_entries(MAP_CIDRS, sizes.cidrs)
         .map_max_entries(MAP_POLICY, sizes.policy)
         .map_max_entries(MAP_CT, sizes.ct)
-        .map_max_entries(MAP_FRAGS, sizes.frags);
+        .map_max_entries(MAP_FRAGS, sizes.frags)
+        .map_max_entries(MAP_FQDN_NAMES, sizes.fqdn_names)
+        .map_max_entries(MAP_FQDN_PORTS, sizes.fqdn_ports)
+        .map_max_entries(MAP_FQDN_LEARNED, sizes.fqdn_learned);
     let mut ebpf = loader.load(OBJECT).context("loading the zt kernel object")?;
     for name in [PROG_FROM_POD, PROG_TO_POD, PROG_NOOP] {
         let prog: &mut SchedClassifier = ebpf

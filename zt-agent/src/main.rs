@@ -5,9 +5,10 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use zt_agent::{
-    agent::{run, AgentOptions},
+    agent::{run, AgentOptions, FqdnOptions},
     compile::EnforcementMode,
-    loader::MapSizes,
+    loader::{FqdnSettings, MapSizes},
+    model::ztp::SpiffePattern,
     source::PolicySource,
 };
 
@@ -82,6 +83,48 @@ struct Flags {
     /// a pod's own traffic from its first packet; `none`: no cgroup programs.
     #[arg(long, default_value = zt_agent::cgroup_link::DEFAULT_CGROUP_ROOT)]
     cgroup_root: PathBuf,
+    /// Trusted DNS resolver by SPIFFE ID (`spiffe://<td>/ns/<ns>/sa/<sa>` or
+    /// `.../ns/<ns>/*`), repeatable; only their answers teach FQDN rules addresses.
+    /// Default: the kube-system service accounts coredns and node-local-dns.
+    #[arg(long = "fqdn-dns-server", value_name = "SPIFFE_ID")]
+    fqdn_dns_server: Vec<String>,
+    /// Resolver address that is no pod (the kube-dns ClusterIP, 169.254.20.10 with
+    /// node-local-dns), repeatable: identity `dns`, trusted like --fqdn-dns-server.
+    #[arg(long = "fqdn-dns-address", value_name = "IP")]
+    fqdn_dns_address: Vec<std::net::IpAddr>,
+    /// A learned FQDN address stays valid at least this long after its answer, seconds.
+    #[arg(long, default_value_t = 30)]
+    fqdn_min_ttl: u32,
+    /// ... and at most this long, seconds.
+    #[arg(long, default_value_t = 86400)]
+    fqdn_max_ttl: u32,
+    /// New flows to an expired learned address are still allowed this long, seconds.
+    #[arg(long, default_value_t = 60)]
+    fqdn_grace: u32,
+    /// DNS answer events to the agent per second, per CPU.
+    #[arg(long, default_value_t = 1000)]
+    fqdn_events_per_sec: u32,
+    #[arg(long, default_value_t = zt_common::DEFAULT_FQDN_NAMES_MAX)]
+    fqdn_names_max: u32,
+    #[arg(long, default_value_t = zt_common::DEFAULT_FQDN_PORTS_MAX)]
+    fqdn_ports_max: u32,
+    /// Learned (identity, address) entries (LRU, shared by all pods of the node).
+    #[arg(long, default_value_t = zt_common::DEFAULT_FQDN_LEARNED_MAX)]
+    fqdn_learned_max: u32,
+}
+
+/// The trusted resolver patterns: the flags, or the defaults of the trust domain.
+fn dns_servers(flags: &[String], trust_domain: &str) -> anyhow::Result<Vec<SpiffePattern>> {
+    let list = if flags.is_empty() { zt_agent::compile::default_dns_servers(trust_domain) } else { flags.to_vec() };
+    list.iter()
+        .map(|s| {
+            let p = SpiffePattern::parse(s).map_err(|e| anyhow::anyhow!("--fqdn-dns-server: {e}"))?;
+            if p.trust_domain != trust_domain {
+                anyhow::bail!("--fqdn-dns-server {s:?}: not of trust domain {trust_domain:?} (--trust-domain)");
+            }
+            Ok(p)
+        })
+        .collect()
 }
 
 #[derive(Subcommand, Debug)]
@@ -101,6 +144,19 @@ async fn main() -> anyhow::Result<()> {
     let Some(node_name) = f.node_name.filter(|n| !n.is_empty()) else {
         anyhow::bail!("--node-name (or $NODE_NAME) is required");
     };
+    let fqdn = FqdnOptions {
+        settings: FqdnSettings {
+            min_ttl_s: f.fqdn_min_ttl,
+            max_ttl_s: f.fqdn_max_ttl,
+            grace_s: f.fqdn_grace,
+            events_per_sec: f.fqdn_events_per_sec,
+        },
+        dns_servers: dns_servers(&f.fqdn_dns_server, &f.trust_domain)?,
+        dns_addresses: f.fqdn_dns_address.iter().map(|a| a.to_canonical()).collect(),
+    };
+    if f.fqdn_min_ttl > f.fqdn_max_ttl {
+        anyhow::bail!("--fqdn-min-ttl ({}) is above --fqdn-max-ttl ({})", f.fqdn_min_ttl, f.fqdn_max_ttl);
+    }
     // TLS to the API server: rustls with ring, nothing else.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let source = match f.manifests {
@@ -120,12 +176,22 @@ async fn main() -> anyhow::Result<()> {
         events_allowed: f.events_allowed,
         events_per_sec: f.events_per_sec,
         events_burst: f.events_per_sec.saturating_mul(2),
-        sizes: MapSizes { endpoints: f.endpoints_max, cidrs: f.cidrs_max, policy: f.policy_max, ct: f.ct_max, frags: f.frags_max },
+        sizes: MapSizes {
+            endpoints: f.endpoints_max,
+            cidrs: f.cidrs_max,
+            policy: f.policy_max,
+            ct: f.ct_max,
+            frags: f.frags_max,
+            fqdn_names: f.fqdn_names_max,
+            fqdn_ports: f.fqdn_ports_max,
+            fqdn_learned: f.fqdn_learned_max,
+        },
         ct_tcp_timeout_s: f.ct_tcp_timeout,
         ct_other_timeout_s: f.ct_other_timeout,
         frag_timeout_s: f.frag_timeout,
         poll_interval: Duration::from_millis(f.poll_ms),
         cgroup_root: if f.cgroup_root.as_os_str() == "none" { None } else { Some(f.cgroup_root) },
+        fqdn,
     };
     run(opts).await
 }

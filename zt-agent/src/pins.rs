@@ -31,6 +31,11 @@ pub type CtMap = HashMap<MapData, CtKey, CtValue>;
 pub type FragsMap = HashMap<MapData, FragKey, FragValue>;
 pub type ConfigMap = Array<MapData, Config>;
 pub type CounterMap = PerCpuArray<MapData, u64>;
+pub type FqdnConfigMap = Array<MapData, FqdnConfig>;
+pub type FqdnNamesMap = HashMap<MapData, FqdnNameKey, FqdnNameValue>;
+pub type FqdnPortsMap = LpmTrie<MapData, PolicyKey, FqdnPortsValue>;
+pub type FqdnLearnedMap = HashMap<MapData, FqdnLearnedKey, FqdnLearnedValue>;
+pub type DnsServersMap = HashMap<MapData, u32, u32>;
 
 /// The pinned maps user space reads and writes.
 pub struct PinnedMaps {
@@ -42,6 +47,13 @@ pub struct PinnedMaps {
     pub frags: FragsMap,
     pub counters: CounterMap,
     pub evstats: CounterMap,
+    pub fqdn_config: FqdnConfigMap,
+    pub fqdn_names: FqdnNamesMap,
+    pub fqdn_ports: FqdnPortsMap,
+    /// Written by the kernel; the agent clears freed slots and collects expired entries.
+    pub fqdn_learned: FqdnLearnedMap,
+    pub dns_servers: DnsServersMap,
+    pub dns_stats: CounterMap,
 }
 
 impl PinnedMaps {
@@ -56,6 +68,12 @@ impl PinnedMaps {
             frags: lru_map(open(MAP_FRAGS)?)?,
             counters: open(MAP_COUNTERS)?.try_into()?,
             evstats: open(MAP_EVENT_STATS)?.try_into()?,
+            fqdn_config: open(MAP_FQDN_CONFIG)?.try_into()?,
+            fqdn_names: open(MAP_FQDN_NAMES)?.try_into()?,
+            fqdn_ports: open(MAP_FQDN_PORTS)?.try_into()?,
+            fqdn_learned: lru_map(open(MAP_FQDN_LEARNED)?)?,
+            dns_servers: open(MAP_DNS_SERVERS)?.try_into()?,
+            dns_stats: open(MAP_DNS_STATS)?.try_into()?,
         })
     }
 
@@ -70,6 +88,15 @@ impl PinnedMaps {
 
     pub fn event_stats(&self) -> Result<Vec<u64>> {
         sum_per_cpu(&self.evstats, EVSTAT_SLOTS)
+    }
+
+    pub fn read_fqdn_config(&self) -> Result<FqdnConfig> {
+        Ok(self.fqdn_config.get(&0, 0)?)
+    }
+
+    /// DNS capture counters summed over CPUs, indexed by `DnsStat`.
+    pub fn dns_stats(&self) -> Result<Vec<u64>> {
+        sum_per_cpu(&self.dns_stats, DNS_STAT_SLOTS)
     }
 }
 

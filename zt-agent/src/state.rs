@@ -2,11 +2,11 @@
 //! cluster state and what the map writer makes the pinned maps equal to.
 //! Every policy source (manifest directory, Kubernetes API) ends here.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
-use zt_common::{PolicyKey, PolicyValue};
+use zt_common::{FqdnNameKey, FqdnPortsValue, PolicyKey, PolicyValue};
 
 /// An IP prefix (ipBlock CIDR). `prefix` counts bits of the family's own length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -65,6 +65,9 @@ pub struct RuleInfo {
     /// e.g. "spec.ingress[0]".
     pub path: String,
     pub action: Action,
+    /// The FQDN patterns of the rule (`api.example.com`, `*.example.com`), if any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fqdn: Vec<String>,
 }
 
 /// Everything the datapath maps must hold, minus interface indexes (the runtime adds them).
@@ -75,4 +78,14 @@ pub struct Desired {
     pub cidrs: BTreeMap<Cidr, u32>,
     pub policy: BTreeMap<PolicyEntryKey, PolicyValue>,
     pub rules: BTreeMap<u32, RuleInfo>,
+    /// ZT_FQDN_NAMES: (local identity, exact/suffix, name hash) -> slots.
+    pub fqdn_names: BTreeMap<FqdnNameKey, u32>,
+    /// ZT_FQDN_PORTS (peer 0, egress), folded: each entry includes its shorter covers.
+    pub fqdn_ports: BTreeMap<PolicyEntryKey, FqdnPortsValue>,
+    /// ZT_DNS_SERVERS: trusted resolver identities.
+    pub dns_servers: BTreeSet<u32>,
+    /// Local identity -> FQDN slot -> rule id (the slots a learned entry may carry).
+    pub fqdn_slots: BTreeMap<u32, BTreeMap<u8, u32>>,
+    /// Problems that do not fail the compile (e.g. FQDN rules without a DNS allow).
+    pub warnings: Vec<String>,
 }

@@ -20,6 +20,9 @@ pub struct Contents {
     pub endpoints: BTreeMap<[u8; 16], EndpointValue>,
     pub cidrs: BTreeMap<(u32, [u8; 16]), CidrValue>,
     pub policy: BTreeMap<(u32, PolicyKey), PolicyValue>,
+    pub fqdn_names: BTreeMap<FqdnNameKey, FqdnNameValue>,
+    pub fqdn_ports: BTreeMap<(u32, PolicyKey), FqdnPortsValue>,
+    pub dns_servers: BTreeMap<u32, u32>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -27,6 +30,9 @@ pub struct Capacities {
     pub endpoints: u32,
     pub cidrs: u32,
     pub policy: u32,
+    pub fqdn_names: u32,
+    pub fqdn_ports: u32,
+    pub dns_servers: u32,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -53,6 +59,18 @@ impl Contents {
             let (k, v) = item?;
             c.policy.insert((k.prefix_len(), k.data()), v);
         }
+        for item in maps.fqdn_names.iter() {
+            let (k, v) = item?;
+            c.fqdn_names.insert(k, v);
+        }
+        for item in maps.fqdn_ports.iter() {
+            let (k, v) = item?;
+            c.fqdn_ports.insert((k.prefix_len(), k.data()), v);
+        }
+        for item in maps.dns_servers.iter() {
+            let (k, v) = item?;
+            c.dns_servers.insert(k, v);
+        }
         Ok(c)
     }
 
@@ -74,6 +92,15 @@ impl Contents {
         for (k, v) in &d.policy {
             c.policy.insert((k.prefix_len, k.key), *v);
         }
+        for (k, slots) in &d.fqdn_names {
+            c.fqdn_names.insert(*k, FqdnNameValue { slots: *slots, _pad: 0 });
+        }
+        for (k, v) in &d.fqdn_ports {
+            c.fqdn_ports.insert((k.prefix_len, k.key), *v);
+        }
+        for id in &d.dns_servers {
+            c.dns_servers.insert(*id, 1);
+        }
         c
     }
 }
@@ -84,11 +111,23 @@ fn diff<K: Ord + Copy, V: PartialEq + Copy>(have: &BTreeMap<K, V>, want: &BTreeM
     (writes, removes)
 }
 
+/// Is any entry of `have` removed or changed in `want`?
+fn changes<K: Ord, V: PartialEq>(have: &BTreeMap<K, V>, want: &BTreeMap<K, V>) -> bool {
+    have.iter().any(|(k, v)| want.get(k) != Some(v))
+}
+
 /// Does going from `have` to `want` take anything away from a tracked flow? Every
 /// change does except new allow entries: a removal or changed value, a new deny (it may
 /// cover a port an existing allow admitted), and a new endpoint or CIDR (a peer address
-/// may now resolve to another identity).
+/// may now resolve to another identity). For the FQDN maps, any removal or change.
 pub fn withdraws(have: &Contents, want: &Contents) -> bool {
+    changes(&have.fqdn_names, &want.fqdn_names)
+        || changes(&have.fqdn_ports, &want.fqdn_ports)
+        || changes(&have.dns_servers, &want.dns_servers)
+        || withdraws_policy(have, want)
+}
+
+fn withdraws_policy(have: &Contents, want: &Contents) -> bool {
     have.endpoints.iter().any(|(k, v)| want.endpoints.get(k) != Some(v))
         || want.endpoints.keys().any(|k| !have.endpoints.contains_key(k))
         || have.cidrs.iter().any(|(k, v)| want.cidrs.get(k) != Some(v))
@@ -112,6 +151,9 @@ pub fn apply(maps: &mut PinnedMaps, have: &mut Contents, want: &Contents, caps: 
         (MAP_ENDPOINTS, want.endpoints.len(), peak(&have.endpoints, &want.endpoints), caps.endpoints),
         (MAP_CIDRS, want.cidrs.len(), peak(&have.cidrs, &want.cidrs), caps.cidrs),
         (MAP_POLICY, want.policy.len(), peak(&have.policy, &want.policy), caps.policy),
+        (MAP_FQDN_NAMES, want.fqdn_names.len(), peak(&have.fqdn_names, &want.fqdn_names), caps.fqdn_names),
+        (MAP_FQDN_PORTS, want.fqdn_ports.len(), peak(&have.fqdn_ports, &want.fqdn_ports), caps.fqdn_ports),
+        (MAP_DNS_SERVERS, want.dns_servers.len(), peak(&have.dns_servers, &want.dns_servers), caps.dns_servers),
     ] {
         if n > cap as usize {
             bail!("map {name} full: the policy needs {n} entries, capacity is {cap} (raise the map size flag)");
@@ -124,9 +166,13 @@ pub fn apply(maps: &mut PinnedMaps, have: &mut Contents, want: &Contents, caps: 
     let (ep_w, ep_r) = diff(&have.endpoints, &want.endpoints);
     let (ci_w, ci_r) = diff(&have.cidrs, &want.cidrs);
     let (po_w, po_r) = diff(&have.policy, &want.policy);
+    let (na_w, na_r) = diff(&have.fqdn_names, &want.fqdn_names);
+    let (fp_w, fp_r) = diff(&have.fqdn_ports, &want.fqdn_ports);
+    let (dn_w, dn_r) = diff(&have.dns_servers, &want.dns_servers);
+    let stale = Stale { ep: ep_r, ci: ci_r, po: po_r, names: na_r, ports: fp_r, dns: dn_r };
     let mut stats = ApplyStats { withdrew: withdraws(have, want), ..Default::default() };
     if removals_first {
-        remove_stale(maps, have, &ep_r, &ci_r, &po_r, &mut stats)?;
+        remove_stale(maps, have, &stale, &mut stats)?;
     }
 
     // Identities first (a new peer resolves before policy mentions it), then policy.
@@ -140,29 +186,65 @@ pub fn apply(maps: &mut PinnedMaps, have: &mut Contents, want: &Contents, caps: 
         have.cidrs.insert((p, a), v);
         stats.written += 1;
     }
+    for (k, v) in dn_w {
+        maps.dns_servers.insert(k, v, 0).with_context(|| format!("writing {MAP_DNS_SERVERS}"))?;
+        have.dns_servers.insert(k, v);
+        stats.written += 1;
+    }
     for ((p, k), v) in po_w {
         maps.policy.insert(&Key::new(p, k), v, 0).with_context(|| format!("writing {MAP_POLICY}"))?;
         have.policy.insert((p, k), v);
         stats.written += 1;
     }
+    // Ports before names: once a name entry makes the kernel learn, the ports are there.
+    for ((p, k), v) in fp_w {
+        maps.fqdn_ports.insert(&Key::new(p, k), v, 0).with_context(|| format!("writing {MAP_FQDN_PORTS}"))?;
+        have.fqdn_ports.insert((p, k), v);
+        stats.written += 1;
+    }
+    for (k, v) in na_w {
+        maps.fqdn_names.insert(k, v, 0).with_context(|| format!("writing {MAP_FQDN_NAMES}"))?;
+        have.fqdn_names.insert(k, v);
+        stats.written += 1;
+    }
     if !removals_first {
-        remove_stale(maps, have, &ep_r, &ci_r, &po_r, &mut stats)?;
+        remove_stale(maps, have, &stale, &mut stats)?;
     }
     Ok(stats)
 }
 
-/// Removals, policy before the identities it refers to.
-fn remove_stale(
-    maps: &mut PinnedMaps,
-    have: &mut Contents,
-    ep_r: &[[u8; 16]],
-    ci_r: &[(u32, [u8; 16])],
-    po_r: &[(u32, PolicyKey)],
-    stats: &mut ApplyStats,
-) -> Result<()> {
+/// Keys to remove, per map.
+struct Stale {
+    ep: Vec<[u8; 16]>,
+    ci: Vec<(u32, [u8; 16])>,
+    po: Vec<(u32, PolicyKey)>,
+    names: Vec<FqdnNameKey>,
+    ports: Vec<(u32, PolicyKey)>,
+    dns: Vec<u32>,
+}
+
+/// Removals: names first (the kernel stops learning them), then ports and policy, then
+/// the identities they refer to.
+fn remove_stale(maps: &mut PinnedMaps, have: &mut Contents, stale: &Stale, stats: &mut ApplyStats) -> Result<()> {
+    let Stale { ep: ep_r, ci: ci_r, po: po_r, names, ports, dns } = stale;
+    for k in names {
+        maps.fqdn_names.remove(k).with_context(|| format!("removing from {MAP_FQDN_NAMES}"))?;
+        have.fqdn_names.remove(k);
+        stats.removed += 1;
+    }
+    for &(p, k) in ports {
+        maps.fqdn_ports.remove(&Key::new(p, k)).with_context(|| format!("removing from {MAP_FQDN_PORTS}"))?;
+        have.fqdn_ports.remove(&(p, k));
+        stats.removed += 1;
+    }
     for &(p, k) in po_r {
         maps.policy.remove(&Key::new(p, k)).with_context(|| format!("removing from {MAP_POLICY}"))?;
         have.policy.remove(&(p, k));
+        stats.removed += 1;
+    }
+    for k in dns {
+        maps.dns_servers.remove(k).with_context(|| format!("removing from {MAP_DNS_SERVERS}"))?;
+        have.dns_servers.remove(k);
         stats.removed += 1;
     }
     for &(p, a) in ci_r {
@@ -170,10 +252,48 @@ fn remove_stale(
         have.cidrs.remove(&(p, a));
         stats.removed += 1;
     }
-    for &k in ep_r {
+    for &k in ep_r.iter() {
         maps.endpoints.remove(&EndpointKey { addr: k }).with_context(|| format!("removing from {MAP_ENDPOINTS}"))?;
         have.endpoints.remove(&k);
         stats.removed += 1;
     }
     Ok(())
+}
+
+/// What clearing freed FQDN slots did to ZT_FQDN_LEARNED.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LearnedCleared {
+    pub rewritten: usize,
+    pub deleted: usize,
+}
+
+/// Makes every ZT_FQDN_LEARNED entry carry only slots its identity still has
+/// (`active`: local identity -> slot mask): other bits are cleared, entries left with
+/// none (and entries of identities without FQDN rules) are deleted. Run before freed
+/// slots are reused, so a stale bit never grants a later rule's ports. An entry the
+/// kernel re-learns meanwhile is re-read just before it is rewritten; a race can at
+/// worst drop a fresh expiry or bit, which fails closed.
+pub fn clear_learned(maps: &mut PinnedMaps, active: &BTreeMap<u32, u32>) -> Result<LearnedCleared> {
+    let mut out = LearnedCleared::default();
+    let keys: Vec<FqdnLearnedKey> = maps.fqdn_learned.keys().collect::<Result<_, _>>().with_context(|| format!("reading {MAP_FQDN_LEARNED}"))?;
+    for k in keys {
+        let Ok(mut v) = maps.fqdn_learned.get(&k, 0) else { continue };
+        let keep = active.get(&k.local_id).copied().unwrap_or(0);
+        if v.slots & !keep == 0 {
+            continue;
+        }
+        v.slots &= keep;
+        if v.slots == 0 {
+            match maps.fqdn_learned.remove(&k) {
+                Ok(()) => out.deleted += 1,
+                // Evicted by the LRU meanwhile.
+                Err(aya::maps::MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("removing from {MAP_FQDN_LEARNED}")),
+            }
+        } else {
+            maps.fqdn_learned.insert(k, v, 0).with_context(|| format!("writing {MAP_FQDN_LEARNED}"))?;
+            out.rewritten += 1;
+        }
+    }
+    Ok(out)
 }

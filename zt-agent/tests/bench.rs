@@ -43,7 +43,7 @@ fn sizes(peers: u32, entries: u32) -> MapSizes {
 }
 
 fn caps(s: &MapSizes) -> Capacities {
-    Capacities { endpoints: s.endpoints, cidrs: s.cidrs, policy: s.policy }
+    Capacities { endpoints: s.endpoints, cidrs: s.cidrs, policy: s.policy, fqdn_names: s.fqdn_names, fqdn_ports: s.fqdn_ports, dns_servers: DNS_SERVERS_MAX }
 }
 
 /// Median of 5 runs of `repeat` iterations, ns per run.

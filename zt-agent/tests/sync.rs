@@ -22,7 +22,7 @@ fn want(n_policy: u16) -> Contents {
 }
 
 fn caps(s: &MapSizes) -> Capacities {
-    Capacities { endpoints: s.endpoints, cidrs: s.cidrs, policy: s.policy }
+    Capacities { endpoints: s.endpoints, cidrs: s.cidrs, policy: s.policy, fqdn_names: s.fqdn_names, fqdn_ports: s.fqdn_ports, dns_servers: DNS_SERVERS_MAX }
 }
 
 #[test]

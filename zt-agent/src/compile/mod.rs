@@ -7,6 +7,8 @@
 //! compile and leaves the identity allocator untouched.
 
 pub mod cidr;
+pub(crate) mod fqdn;
+pub mod fqdn_slots;
 mod netpol;
 mod policy;
 pub mod ports;
@@ -18,12 +20,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 
-use zt_common::{DIR_EGRESS, DIR_INGRESS, EP_ENFORCE_EGRESS, EP_ENFORCE_INGRESS, EP_LOCAL};
+use zt_common::{
+    DIR_EGRESS, DIR_INGRESS, EP_ENFORCE_EGRESS, EP_ENFORCE_INGRESS, EP_LOCAL, IDENTITY_DNS,
+};
 
 use crate::identity::{self, IdentityAllocator};
 use crate::model::k8s::LabelSelector;
+use crate::model::ztp::SpiffePattern;
 use crate::model::ClusterState;
-use crate::state::{Action, Cidr, Desired, RuleInfo};
+use crate::state::{Action, Cidr, Desired, EndpointEntry, RuleInfo};
+pub use fqdn::default_dns_servers;
+pub use fqdn_slots::FqdnSlots;
 use ports::PortMatch;
 use workloads::Workload;
 
@@ -38,7 +45,7 @@ pub enum EnforcementMode {
     Always,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CompileConfig {
     /// This node's name (pods with `spec.nodeName` equal to it are local).
     pub node_name: String,
@@ -47,6 +54,14 @@ pub struct CompileConfig {
     pub enforcement_mode: EnforcementMode,
     /// The node's own addresses (mapped to IDENTITY_HOST).
     pub host_ips: Vec<IpAddr>,
+    /// Key of the FQDN name hashes (what ZT_FQDN_CONFIG holds).
+    pub fqdn_hash_key: [u64; 2],
+    /// Trusted resolvers by SPIFFE ID (`--fqdn-dns-server`): node configuration, never
+    /// policy, so that no namespace can name its own pod a resolver.
+    pub dns_servers: Vec<SpiffePattern>,
+    /// Resolver addresses that are no pod (`--fqdn-dns-address`: the kube-dns ClusterIP,
+    /// node-local-dns), given the identity IDENTITY_DNS.
+    pub dns_addresses: Vec<IpAddr>,
 }
 
 /// Why a compile failed: the object and field at fault when there is one.
@@ -96,13 +111,24 @@ impl From<identity::IdentityError> for CompileError {
     }
 }
 
-/// Compile the cluster state into the datapath's desired state. On success `ids`
-/// holds exactly the identities in use (new ones allocated, unused ones released);
-/// on error it is unchanged.
+/// `compile_with_slots` with FQDN slots that start empty (tests, one-shot tools).
 pub fn compile(
     cluster: &ClusterState,
     cfg: &CompileConfig,
     ids: &mut IdentityAllocator,
+) -> Result<Desired, CompileError> {
+    compile_with_slots(cluster, cfg, ids, &mut FqdnSlots::new())
+}
+
+/// Compile the cluster state into the datapath's desired state. On success `ids`
+/// holds exactly the identities in use (new ones allocated, unused ones released)
+/// and `slots` the FQDN slots (freed ones pending until cleared); on error both are
+/// unchanged.
+pub fn compile_with_slots(
+    cluster: &ClusterState,
+    cfg: &CompileConfig,
+    ids: &mut IdentityAllocator,
+    slots: &mut FqdnSlots,
 ) -> Result<Desired, CompileError> {
     crate::model::ztp::SpiffePattern::parse(&identity::spiffe_id(&cfg.trust_domain, "ns", "sa"))
         .map_err(|_| CompileError::new(format!("invalid trust domain {:?}", cfg.trust_domain)))?;
@@ -122,10 +148,24 @@ pub fn compile(
         cidrs.insert(c, alloc.cidr(c)?);
     }
 
+    // Trusted resolvers: the configured addresses' identity plus every workload whose
+    // SPIFFE ID a --fqdn-dns-server pattern matches.
+    let mut dns_servers: BTreeSet<u32> = workloads
+        .iter()
+        .filter(|(_, w)| cfg.dns_servers.iter().any(|p| p.trust_domain == cfg.trust_domain && p.matches(&w.namespace, &w.service_account)))
+        .map(|(id, _)| *id)
+        .collect();
+    dns_servers.insert(IDENTITY_DNS);
+    for ip in &cfg.dns_addresses {
+        // A pod's own address keeps its pod identity.
+        endpoints.entry(ip.to_canonical()).or_insert(EndpointEntry { identity: IDENTITY_DNS, flags: 0, pod: None });
+    }
+
     let ctx = Ctx {
         cfg,
         workloads,
         cidrs,
+        dns_servers,
     };
     let mut out = Rules::default();
     netpol::compile(cluster, &ctx, &mut out)?;
@@ -135,12 +175,21 @@ pub fn compile(
         out.isolate(&ctx.local_ids(), DIR_EGRESS);
     }
 
+    let mut fqdn_slots = slots.clone();
+    let fq = fqdn::build(&ctx, &out.fqdn, cfg.fqdn_hash_key, &mut fqdn_slots)?;
     for e in endpoints.values_mut() {
         if e.flags & EP_LOCAL != 0 {
             e.flags |= out.isolated.get(&e.identity).copied().unwrap_or(0);
+            e.flags |= fq.flags.get(&e.identity).copied().unwrap_or(0);
         }
     }
     let policy = policy::entries(&ctx, &out.rules);
+    let warnings = fqdn::unreachable_dns(&policy, fq.slots.keys().copied(), &ctx.dns_servers)
+        .into_iter()
+        .map(|id| {
+            format!("identity {id} has FQDN rules but no egress allow to a trusted DNS server (entity: dns) on port 53: its names never resolve, nothing is learned")
+        })
+        .collect();
 
     let keep: BTreeSet<u32> = ctx
         .workloads
@@ -159,8 +208,14 @@ pub fn compile(
         cidrs: ctx.cidrs,
         policy,
         rules: out.infos,
+        fqdn_names: fq.names,
+        fqdn_ports: fq.ports,
+        dns_servers: ctx.dns_servers,
+        fqdn_slots: fq.slots,
+        warnings,
     };
     *ids = alloc;
+    *slots = fqdn_slots;
     Ok(desired)
 }
 
@@ -170,6 +225,8 @@ pub(crate) struct Ctx<'a> {
     /// Workload identities of the cluster's pods.
     pub workloads: BTreeMap<u32, Workload<'a>>,
     pub cidrs: BTreeMap<Cidr, u32>,
+    /// Trusted resolver identities (`entity: dns`, ZT_DNS_SERVERS).
+    pub dns_servers: BTreeSet<u32>,
 }
 
 impl Ctx<'_> {
@@ -253,6 +310,8 @@ pub(crate) struct Rules {
     pub infos: BTreeMap<u32, RuleInfo>,
     /// Local identity -> EP_ENFORCE_* flags.
     pub isolated: BTreeMap<u32, u32>,
+    /// The FQDN parts of egress rules (compiled by fqdn.rs).
+    pub fqdn: Vec<fqdn::FqdnRule>,
 }
 
 impl Rules {
@@ -266,6 +325,7 @@ impl Rules {
                 source: source.to_string(),
                 path,
                 action: rule.action,
+                fqdn: Vec::new(),
             },
         );
         self.rules.push(rule);

@@ -96,6 +96,7 @@ fn cfg() -> CompileConfig {
         trust_domain: "cluster.local".into(),
         enforcement_mode: EnforcementMode::Default,
         host_ips: vec!["192.168.0.10".parse().unwrap()],
+        ..Default::default()
     }
 }
 
@@ -1041,4 +1042,240 @@ fn node_validation_names_the_field() {
     );
     let e = parse_manifests("n.yaml", &node("Node_B", "[]"), &mut ignored).unwrap_err();
     assert!(e.to_string().starts_with("n.yaml doc 1: Node Node_B: metadata.name: invalid name"), "{e}");
+}
+
+// ---------------------------------------------------------------------------
+// FQDN rules (compile/fqdn.rs)
+// ---------------------------------------------------------------------------
+
+mod fqdn_rules {
+    use super::*;
+    use crate::model::ztp::SpiffePattern;
+    use std::collections::BTreeMap;
+
+    const KEY: [u64; 2] = [0x1111, 0x2222];
+
+    fn fcfg() -> CompileConfig {
+        CompileConfig {
+            fqdn_hash_key: KEY,
+            dns_servers: crate::compile::default_dns_servers("cluster.local")
+                .iter()
+                .map(|s| SpiffePattern::parse(s).unwrap())
+                .collect(),
+            dns_addresses: vec![ip("10.96.0.10"), ip("::ffff:169.254.20.10")],
+            ..cfg()
+        }
+    }
+
+    fn frun(extra: &str) -> Desired {
+        fcompile(extra, &mut FqdnSlots::new()).unwrap()
+    }
+
+    fn fcompile(extra: &str, slots: &mut FqdnSlots) -> Result<Desired, CompileError> {
+        compile_with_slots(&state(&(base() + extra)), &fcfg(), &mut IdentityAllocator::new(), slots)
+    }
+
+    fn h(name: &str) -> u64 {
+        name_hashes(KEY, name).0
+    }
+
+    fn name_slots(d: &Desired, local: u32, kind: u8, name: &str) -> Option<u32> {
+        d.fqdn_names.get(&FqdnNameKey::new(local, kind, h(name))).copied()
+    }
+
+    /// (prefix, proto, port) -> (slots, rule ids of the set slots)
+    fn ports_of(d: &Desired, local: u32) -> Vec<((u32, u8, u16), (u32, Vec<u32>))> {
+        d.fqdn_ports
+            .iter()
+            .filter(|(k, _)| k.key.local_id() == local)
+            .map(|(k, v)| {
+                assert_eq!((k.key.peer_id(), k.key.dir), (IDENTITY_ANY, DIR_EGRESS));
+                let ids = (0..32).filter(|s| v.slots & (1 << s) != 0).map(|s| v.rule_ids[s]).collect();
+                ((k.prefix_len, k.key.proto, k.key.port()), (v.slots, ids))
+            })
+            .collect()
+    }
+
+    const DNS_ALLOW: &str = "    - to: [{entity: dns}]\n      ports: [{protocol: UDP, port: 53}, {protocol: TCP, port: 53}]\n";
+
+    fn web_policy(egress: &str) -> String {
+        ztp("default", "web-out", &format!("  subjects: [{{podSelector: {{matchLabels: {{app: web}}}}}}]\n  egress:\n{egress}"))
+    }
+
+    #[test]
+    fn names_suffixes_ports_and_flags() {
+        let d = frun(&(web_policy(
+            "    - to: [{fqdn: {matchName: API.Example.com.}}, {fqdn: {matchPattern: \"*.example.org\"}}]\n      ports: [{protocol: TCP, port: 443}]\n",
+        ) + &web_policy_dns()));
+        let web = id(&d, "web");
+        assert_eq!(name_slots(&d, web, NAME_EXACT, "api.example.com"), Some(1));
+        assert_eq!(name_slots(&d, web, NAME_SUFFIX, "example.org"), Some(1));
+        assert_eq!(name_slots(&d, web, NAME_EXACT, "example.org"), None, "*.S does not match S itself");
+        assert_eq!(d.fqdn_names.len(), 2);
+        let rule = d.rules.values().find(|r| !r.fqdn.is_empty()).unwrap();
+        assert_eq!(rule.fqdn, vec!["api.example.com".to_string(), "*.example.org".to_string()]);
+        assert_eq!(rule.path, "spec.egress[0]");
+        assert_eq!(ports_of(&d, web), vec![((96, 6, 443), (1, vec![rule.id]))]);
+        assert_eq!(d.fqdn_slots[&web], BTreeMap::from([(0u8, rule.id)]));
+        assert_eq!(flags(&d, "web"), EP_LOCAL | EP_ENFORCE_EGRESS | EP_FQDN);
+        assert_eq!(flags(&d, "client"), EP_LOCAL, "not a subject");
+        // The fqdn peers add no identity-keyed policy entries: only the DNS allow.
+        assert!(entries_of(&d, web).iter().all(|e| e.0 .4 == 17 || e.0 .4 == 6 && e.0 .5 == 53), "{:?}", entries_of(&d, web));
+        assert!(d.warnings.is_empty(), "{:?}", d.warnings);
+    }
+
+    fn web_policy_dns() -> String {
+        ztp("default", "web-dns", &format!("  subjects: [{{podSelector: {{matchLabels: {{app: web}}}}}}]\n  egress:\n{DNS_ALLOW}"))
+    }
+
+    #[test]
+    fn ports_fold_shorter_prefixes_in() {
+        let d = frun(&(web_policy(
+            "    - to: [{fqdn: {matchName: a.example.com}}]\n      ports: [{protocol: TCP, port: 443}]\n\
+             \x20   - to: [{fqdn: {matchName: b.example.com}}]\n\
+             \x20   - to: [{fqdn: {matchName: c.example.com}}]\n      ports: [{protocol: TCP, port: 440, endPort: 447}]\n\
+             \x20   - to: [{fqdn: {matchName: d.example.com}}]\n      ports: [{protocol: UDP}]\n",
+        ) + &web_policy_dns()));
+        let web = id(&d, "web");
+        let rid = |n: &str| d.rules.values().find(|r| r.fqdn == vec![n.to_string()]).unwrap().id;
+        let (a, b, c, dd) = (rid("a.example.com"), rid("b.example.com"), rid("c.example.com"), rid("d.example.com"));
+        assert_eq!(
+            ports_of(&d, web),
+            vec![
+                ((72, 0, 0), (0b0010, vec![b])),
+                ((80, 17, 0), (0b1010, vec![b, dd])),
+                ((93, 6, 440), (0b0110, vec![b, c])),
+                ((96, 6, 443), (0b0111, vec![a, b, c])),
+            ]
+        );
+        // Each rule's names carry its own slot only.
+        assert_eq!(name_slots(&d, web, NAME_EXACT, "a.example.com"), Some(0b0001));
+        assert_eq!(name_slots(&d, web, NAME_EXACT, "d.example.com"), Some(0b1000));
+    }
+
+    #[test]
+    fn same_name_in_two_rules_ors_slots_and_subjects_are_separate() {
+        let d = frun(&(ztp("default", "all", "  egress:\n    - to: [{fqdn: {matchName: x.example.com}}]\n      ports: [{port: 80}]\n")
+            + &ztp(
+                "default",
+                "all2",
+                "  egress:\n    - to: [{fqdn: {matchName: x.example.com}}, {podSelector: {matchLabels: {app: db}}}]\n      ports: [{port: 81}]\n",
+            )
+            + &ztp("default", "dns", &format!("  egress:\n{DNS_ALLOW}"))));
+        let (web, client) = (id(&d, "web"), id(&d, "client"));
+        for local in [web, client] {
+            assert_eq!(name_slots(&d, local, NAME_EXACT, "x.example.com"), Some(0b11));
+            assert_eq!(ports_of(&d, local).iter().map(|p| (p.0, p.1 .0)).collect::<Vec<_>>(), vec![((96, 6, 80), 0b01), ((96, 6, 81), 0b10)]);
+        }
+        // The mixed rule's pod peer compiles as usual.
+        assert_eq!(get(&d, 96, web, id(&d, "db"), E, 6, 81), Some(A));
+        assert_eq!(get(&d, 96, web, id(&d, "db"), E, 6, 80), None);
+        // The same names twice in one policy: one slot, the ports add up.
+        let d = frun(&ztp(
+            "default",
+            "all",
+            "  egress:\n    - to: [{fqdn: {matchName: x.example.com}}]\n      ports: [{port: 80}]\n    - to: [{fqdn: {matchName: X.example.com}}]\n      ports: [{port: 81}]\n",
+        ));
+        let web = id(&d, "web");
+        assert_eq!(name_slots(&d, web, NAME_EXACT, "x.example.com"), Some(0b1));
+        let rule_ids: Vec<u32> = d.rules.values().map(|r| r.id).collect();
+        assert_eq!(ports_of(&d, web), vec![((96, 6, 80), (1, vec![rule_ids[0]])), ((96, 6, 81), (1, vec![rule_ids[1]]))]);
+    }
+
+    #[test]
+    fn visibility_pattern_grants_nothing() {
+        let d = frun(&web_policy("    - to: [{fqdn: {matchPattern: \"*\"}}]\n"));
+        let web = id(&d, "web");
+        assert_eq!(flags(&d, "web"), EP_LOCAL | EP_ENFORCE_EGRESS | EP_DNS_VISIBILITY, "egress isolated, nothing allowed");
+        assert!(d.fqdn_names.is_empty() && d.fqdn_ports.is_empty() && d.fqdn_slots.is_empty());
+        assert!(entries_of(&d, web).is_empty());
+        let d = frun(&web_policy("    - to: [{fqdn: {matchPattern: \"*\"}}, {fqdn: {matchName: a.example.com}}]\n"));
+        assert_eq!(flags(&d, "web"), EP_LOCAL | EP_ENFORCE_EGRESS | EP_DNS_VISIBILITY | EP_FQDN);
+        assert_eq!(d.fqdn_names.len(), 1);
+        assert_eq!(ports_of(&d, web).len(), 1);
+    }
+
+    #[test]
+    fn entity_dns_addresses_and_trusted_servers() {
+        let coredns = "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: kube-system}\n".to_string()
+            + &pod("kube-system", "coredns", "{k8s-app: kube-dns}", "node-b", "10.0.9.1", "coredns", "[]")
+            + &pod("kube-system", "other", "{k8s-app: other}", "node-b", "10.0.9.2", "other", "[]");
+        let d = frun(&(coredns + &web_policy_dns()));
+        let (web, core, other) = (id(&d, "web"), id(&d, "coredns"), id(&d, "other"));
+        assert_eq!(d.dns_servers, BTreeSet::from([IDENTITY_DNS, core]));
+        assert!(!d.dns_servers.contains(&other));
+        for a in ["10.96.0.10", "169.254.20.10"] {
+            let e = &d.endpoints[&ip(a)];
+            assert_eq!((e.identity, e.flags, e.pod.clone()), (IDENTITY_DNS, 0, None), "{a}");
+        }
+        assert_eq!(d.identities[&IDENTITY_DNS].spiffe_id, "reserved:dns");
+        for peer in [IDENTITY_DNS, core] {
+            assert_eq!(get(&d, 96, web, peer, E, 17, 53), Some(A));
+            assert_eq!(get(&d, 96, web, peer, E, 6, 53), Some(A));
+        }
+        assert_eq!(get(&d, 96, web, other, E, 17, 53), None);
+        // No trusted patterns: only the configured addresses.
+        let c = CompileConfig { dns_servers: vec![], ..fcfg() };
+        let d = compile(&state(&base()), &c, &mut IdentityAllocator::new()).unwrap();
+        assert_eq!(d.dns_servers, BTreeSet::from([IDENTITY_DNS]));
+    }
+
+    #[test]
+    fn warning_without_a_dns_allow() {
+        let d = frun(&web_policy("    - to: [{fqdn: {matchName: a.example.com}}]\n"));
+        assert_eq!(d.warnings.len(), 1);
+        assert!(d.warnings[0].contains(&format!("identity {}", id(&d, "web"))) && d.warnings[0].contains("port 53"), "{:?}", d.warnings);
+        // An allow to any peer on UDP 53 counts too.
+        let d = frun(&web_policy("    - to: [{fqdn: {matchName: a.example.com}}]\n    - ports: [{protocol: UDP, port: 53}]\n"));
+        assert!(d.warnings.is_empty(), "{:?}", d.warnings);
+    }
+
+    #[test]
+    fn slots_stable_across_restarts_and_freed_only_after_clearing() {
+        let dir = std::env::temp_dir().join(format!("zt-fqdn-compile-{}", std::process::id()));
+        let path = dir.join("fqdn-slots.json");
+        let rules = |names: &[&str]| {
+            let egress: String = names.iter().map(|n| format!("    - to: [{{fqdn: {{matchName: {n}}}}}]\n")).collect();
+            web_policy(&egress)
+        };
+        let mut slots = FqdnSlots::new();
+        let d1 = fcompile(&rules(&["a.x.com", "b.x.com", "c.x.com"]), &mut slots).unwrap();
+        let web = id(&d1, "web");
+        let slot_of = |d: &Desired, n: &str| name_slots(d, web, NAME_EXACT, n).unwrap().trailing_zeros();
+        assert_eq!([slot_of(&d1, "a.x.com"), slot_of(&d1, "b.x.com"), slot_of(&d1, "c.x.com")], [0, 1, 2]);
+        slots.save(&path).unwrap();
+
+        // A restart, and a rule inserted first: the others keep their slots, b's is pending.
+        let mut slots = FqdnSlots::load(&path).unwrap();
+        let d2 = fcompile(&rules(&["new.x.com", "a.x.com", "c.x.com"]), &mut slots).unwrap();
+        assert_eq!([slot_of(&d2, "a.x.com"), slot_of(&d2, "c.x.com")], [0, 2]);
+        assert_eq!(slot_of(&d2, "new.x.com"), 3, "slot 1 is not reused before it is cleared");
+        assert_eq!(slots.pending(), &BTreeMap::from([(web, 0b10)]));
+        assert_eq!(slots.active_masks(), BTreeMap::from([(web, 0b1101)]));
+        // Renaming a rule's name makes it another rule: a new slot.
+        slots.release_cleared();
+        let d3 = fcompile(&rules(&["new.x.com", "a.x.com", "c2.x.com"]), &mut slots).unwrap();
+        assert_eq!(slot_of(&d3, "c2.x.com"), 1);
+        assert_eq!(slots.pending(), &BTreeMap::from([(web, 0b100)]));
+        // A failed compile leaves the slots untouched.
+        let before = slots.clone();
+        assert!(fcompile(&(rules(&["z.x.com"]) + &ztp("default", "bad", "  subjects: [{spiffeId: spiffe://other/ns/default/sa/x}]\n")), &mut slots).is_err());
+        assert_eq!(slots, before);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn thirty_third_fqdn_rule_is_an_error_naming_the_policy() {
+        let egress = |n: usize| -> String { (0..n).map(|i| format!("    - to: [{{fqdn: {{matchName: n{i}.x.com}}}}]\n")).collect() };
+        let d = frun(&web_policy(&egress(32)));
+        assert_eq!(d.fqdn_slots[&id(&d, "web")].len(), 32);
+        let e = fcompile(&web_policy(&egress(33)), &mut FqdnSlots::new()).unwrap_err();
+        assert_eq!(e.object.as_deref(), Some("ZeroTrustPolicy default/web-out"));
+        assert_eq!(e.field.as_deref(), Some("spec.egress[32]"));
+        assert!(e.message.contains("is subject to more than 32 FQDN rules") && e.message.contains("service account web"), "{e}");
+        // Slots are per identity: 32 rules for each of two identities compile.
+        let two = ztp("default", "all", &format!("  egress:\n{}", egress(32)));
+        let d = frun(&two);
+        assert_eq!(d.fqdn_slots.len(), 2);
+    }
 }

@@ -10,9 +10,13 @@ use zt_common::{DIR_EGRESS, DIR_INGRESS, IDENTITY_HOST, IDENTITY_REMOTE_NODE, ID
 use super::cidr;
 use super::netpol::port_match_of;
 use super::ports::{PortMatch, PROTO_ICMP, PROTO_ICMPV6};
+use super::fqdn::FqdnRule;
 use super::{CompileError, Ctx, Peers, Rule, Rules};
 use crate::model::k8s::LabelSelector;
-use crate::model::ztp::{Entity, IcmpFamily, Peer, PolicyEnforcementMode, RuleView, SpiffePattern};
+use crate::model::ztp::{
+    Entity, FqdnMatch, IcmpFamily, Peer, PolicyEnforcementMode, RuleView, SpiffePattern,
+};
+use crate::state::Action;
 use crate::model::{ClusterState, ObjectKind};
 use crate::state::Cidr;
 
@@ -108,18 +112,42 @@ pub(crate) fn compile(
                     icmp_type: ic.icmp_type,
                 });
             }
+            let matches = fqdn_matches(&source, &path, dir, &r)?;
             let rule = Rule {
                 id: 0,
                 dir,
                 action: r.action,
                 subjects: subjects.clone(),
                 peers,
-                ports,
+                ports: ports.clone(),
             };
-            out.add(&source, path, rule);
+            out.add(&source, path.clone(), rule);
+            if !matches.is_empty() {
+                let rule_id = out.infos.len() as u32;
+                if let Some(info) = out.infos.get_mut(&rule_id) {
+                    info.fqdn = matches.iter().map(|m| m.to_string()).collect();
+                }
+                out.fqdn.push(FqdnRule { rule_id, source: source.clone(), path, subjects: subjects.clone(), matches, ports });
+            }
         }
     }
     Ok(())
+}
+
+/// The rule's FQDN peers, normalised. Validation has rejected them outside egress
+/// allow rules without ICMP already; checked again here because a wrong place would
+/// grant or deny more than written.
+fn fqdn_matches(source: &str, path: &str, dir: u8, r: &RuleView<'_>) -> Result<BTreeSet<FqdnMatch>, CompileError> {
+    let mut out = BTreeSet::new();
+    for (j, peer) in r.peers.into_iter().flatten().enumerate() {
+        let Some(f) = &peer.fqdn else { continue };
+        let at = format!("{path}.{}[{j}].fqdn", r.peers_field);
+        if dir != DIR_EGRESS || r.action != Action::Allow || r.icmp.is_some_and(|i| !i.is_empty()) {
+            return Err(CompileError::at(source, at, "fqdn peers are allowed in egress allow rules without icmp only"));
+        }
+        out.insert(f.parse(&at).map_err(|e| CompileError::at(source, e.path, e.message))?);
+    }
+    Ok(out)
 }
 
 /// Parse a SPIFFE ID of a policy and check it is of our trust domain.
@@ -210,8 +238,13 @@ fn peer_ids(
             .collect::<Result<Vec<_>, _>>()?;
         return Ok(Peers::Ids(cidr::block_peers(&ctx.cidrs, &c, &ex)));
     }
+    // FQDN peers compile separately (fqdn.rs): they add no identity-keyed entries.
+    if peer.fqdn.is_some() {
+        return Ok(Peers::Ids(BTreeSet::new()));
+    }
     let ids = match peer.entity {
         Some(Entity::All) => return Ok(Peers::Any),
+        Some(Entity::Dns) => ctx.dns_servers.clone(),
         Some(Entity::Host) => BTreeSet::from([IDENTITY_HOST]),
         Some(Entity::RemoteNode) => BTreeSet::from([IDENTITY_REMOTE_NODE]),
         // Outside the cluster: no CIDR matched (WORLD) or some ipBlock prefix did.

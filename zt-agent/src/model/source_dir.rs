@@ -378,8 +378,8 @@ mod tests {
                 "policies.yaml doc 1: ZeroTrustPolicy prod/z: spec.ingress[0].from[0].podSelector.matchLabel: unknown field `matchLabel`",
             ),
             (
-                "apiVersion: zt.dev/v1alpha1\nkind: ZeroTrustPolicy\nmetadata: {name: z}\nspec:\n  egress: [{to: [{fqdn: example.com}]}]\n".to_string(),
-                "policies.yaml doc 1: ZeroTrustPolicy default/z: spec.egress[0].to[0].fqdn: FQDN peers are not supported yet",
+                "apiVersion: zt.dev/v1alpha1\nkind: ZeroTrustPolicy\nmetadata: {name: z}\nspec:\n  egress: [{to: [{fqdn: {matchPattern: \"a*.example.com\"}}]}]\n".to_string(),
+                "policies.yaml doc 1: ZeroTrustPolicy default/z: spec.egress[0].to[0].fqdn.matchPattern: \"a*.example.com\": only a leading `*.` label is supported",
             ),
             ("kind: Pod\n".to_string(), "policies.yaml doc 1: apiVersion: missing"),
             ("a: [\n".to_string(), "policies.yaml doc 1: "),

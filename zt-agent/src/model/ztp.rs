@@ -1,8 +1,9 @@
 //! The ZeroTrustPolicy custom resource (`zt.dev/v1alpha1`). Unknown fields are
 //! rejected everywhere (a misspelt `matchLabel` must not silently select everything),
 //! which is why the selector and ipBlock shapes are our own and not k8s-openapi's.
-//! Reserved fields (`fqdn`, `toFQDNs`, `authentication`) parse, and are then rejected
-//! as "not supported yet" so that a policy relying on them never half-applies.
+//! Reserved fields (`toFQDNs`, `authentication`) parse, and are then rejected so that a
+//! policy relying on them never half-applies. `fqdn` peers select egress destinations by
+//! DNS name (learned from trusted DNS answers in the kernel, see compile/fqdn.rs).
 
 use std::collections::BTreeMap;
 
@@ -153,7 +154,7 @@ impl EgressRule {
     }
 }
 
-/// One of: spiffeId, podSelector and/or namespaceSelector (AND), ipBlock, entity.
+/// One of: spiffeId, podSelector and/or namespaceSelector (AND), ipBlock, entity, fqdn.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Peer {
@@ -167,11 +168,10 @@ pub struct Peer {
     pub ip_block: Option<IpBlock>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entity: Option<Entity>,
-    /// Reserved.
+    /// Egress only: destinations whose addresses trusted DNS answers gave for this name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "reserved_schema")]
-    pub fqdn: Option<serde_json::Value>,
-    /// Reserved.
+    pub fqdn: Option<FqdnSelector>,
+    /// Reserved (use `fqdn`).
     #[serde(default, rename = "toFQDNs", skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "reserved_schema")]
     pub to_fqdns: Option<serde_json::Value>,
@@ -190,6 +190,99 @@ pub enum Entity {
     Cluster,
     /// Any peer.
     All,
+    /// The trusted DNS resolvers (node configuration: `--fqdn-dns-server`/`--fqdn-dns-address`).
+    Dns,
+}
+
+/// A DNS name (`matchName`) or a pattern (`matchPattern`): exactly one.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FqdnSelector {
+    /// An exact name, e.g. `api.example.com` (case-insensitive, one trailing dot allowed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub match_name: Option<String>,
+    /// `*.example.com` (one or more labels before `example.com`), or `*` alone: DNS
+    /// visibility only, which allows nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub match_pattern: Option<String>,
+}
+
+/// A validated, normalised FQDN selector.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FqdnMatch {
+    /// This name exactly (lowercase, no trailing dot).
+    Name(String),
+    /// Any name with one or more labels before this suffix.
+    Suffix(String),
+    /// `*`: visibility only.
+    Any,
+}
+
+impl std::fmt::Display for FqdnMatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FqdnMatch::Name(n) => f.write_str(n),
+            FqdnMatch::Suffix(s) => write!(f, "*.{s}"),
+            FqdnMatch::Any => f.write_str("*"),
+        }
+    }
+}
+
+impl FqdnSelector {
+    /// Checks and normalises; errors name the field under `path` (the peer's `.fqdn`).
+    pub fn parse(&self, path: &str) -> Result<FqdnMatch, FieldError> {
+        match (&self.match_name, &self.match_pattern) {
+            (Some(n), None) => {
+                let at = format!("{path}.matchName");
+                if n.contains('*') {
+                    return Err(FieldError::new(at, format!("{n:?}: a name has no `*` (use matchPattern)")));
+                }
+                let name = normalize_name(n).map_err(|m| FieldError::new(&at, format!("{n:?}: {m}")))?;
+                if name.split('.').count() < 2 {
+                    return Err(FieldError::new(at, format!("{n:?}: a name has at least 2 labels")));
+                }
+                Ok(FqdnMatch::Name(name))
+            }
+            (None, Some(p)) => {
+                let at = format!("{path}.matchPattern");
+                if p == "*" {
+                    return Ok(FqdnMatch::Any);
+                }
+                let rest = p.strip_prefix("*.").unwrap_or(p);
+                if rest.contains('*') || !p.starts_with("*.") {
+                    return Err(FieldError::new(
+                        at,
+                        format!("{p:?}: only a leading `*.` label is supported (`*.example.com`, or `*` alone); use matchName for an exact name"),
+                    ));
+                }
+                let suffix = normalize_name(rest).map_err(|m| FieldError::new(&at, format!("{p:?}: {m}")))?;
+                Ok(FqdnMatch::Suffix(suffix))
+            }
+            _ => Err(FieldError::new(path, "set exactly one of matchName or matchPattern")),
+        }
+    }
+}
+
+/// Lowercases, strips one trailing dot and checks the name: at most 253 characters,
+/// labels of 1-63 characters from `[a-z0-9_-]`.
+pub fn normalize_name(raw: &str) -> Result<String, String> {
+    let lower = raw.to_ascii_lowercase();
+    let name = lower.strip_suffix('.').unwrap_or(&lower);
+    if name.is_empty() {
+        return Err("empty name".into());
+    }
+    if name.len() > 253 {
+        return Err(format!("name of {} characters (at most 253)", name.len()));
+    }
+    for label in name.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err(format!("label {label:?} must have 1-63 characters"));
+        }
+        if let Some(c) = label.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-' || *c == '_')) {
+            return Err(format!("label {label:?} has {c:?} (allowed: a-z, 0-9, `-`, `_`)"));
+        }
+    }
+    Ok(name.to_string())
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -389,7 +482,11 @@ fn validate_rule(path: &str, r: &RuleView<'_>) -> Result<(), FieldError> {
         ));
     }
     for (j, peer) in r.peers.into_iter().flatten().enumerate() {
-        validate_peer(&format!("{path}.{}[{j}]", r.peers_field), peer)?;
+        let at = format!("{path}.{}[{j}]", r.peers_field);
+        validate_peer(&at, peer)?;
+        if peer.fqdn.is_some() {
+            validate_fqdn_rule(&at, path, r)?;
+        }
     }
     for (j, port) in r.ports.into_iter().flatten().enumerate() {
         k8s::validate_port(
@@ -429,17 +526,29 @@ pub fn check_trust_domain(p: &ZeroTrustPolicy, trust_domain: &str) -> Result<(),
     Ok(())
 }
 
-fn validate_peer(path: &str, peer: &Peer) -> Result<(), FieldError> {
-    if peer.fqdn.is_some() {
+/// Where an fqdn peer may stand: an egress allow rule without ICMP matches.
+fn validate_fqdn_rule(peer_path: &str, rule_path: &str, r: &RuleView<'_>) -> Result<(), FieldError> {
+    let at = format!("{peer_path}.fqdn");
+    if r.peers_field != "to" {
+        return Err(FieldError::new(at, "fqdn peers select destinations: use them in egress rules only"));
+    }
+    if r.action == Action::Deny {
         return Err(FieldError::new(
-            format!("{path}.fqdn"),
-            "FQDN peers are not supported yet",
+            at,
+            "fqdn peers cannot deny (a deny by name is bypassed by not resolving the name): use ipBlock",
         ));
     }
+    if r.icmp.is_some_and(|i| !i.is_empty()) {
+        return Err(FieldError::new(format!("{rule_path}.icmp"), "a rule with fqdn peers cannot match ICMP types"));
+    }
+    Ok(())
+}
+
+fn validate_peer(path: &str, peer: &Peer) -> Result<(), FieldError> {
     if peer.to_fqdns.is_some() {
         return Err(FieldError::new(
             format!("{path}.toFQDNs"),
-            "FQDN peers are not supported yet",
+            "not supported: use `fqdn: {matchName|matchPattern}`",
         ));
     }
     let selectors = peer.pod_selector.is_some() || peer.namespace_selector.is_some();
@@ -448,12 +557,16 @@ fn validate_peer(path: &str, peer: &Peer) -> Result<(), FieldError> {
         selectors,
         peer.ip_block.is_some(),
         peer.entity.is_some(),
+        peer.fqdn.is_some(),
     ];
     if kinds.iter().filter(|k| **k).count() != 1 {
         return Err(FieldError::new(
             path,
-            "set exactly one of spiffeId, podSelector/namespaceSelector, ipBlock or entity",
+            "set exactly one of spiffeId, podSelector/namespaceSelector, ipBlock, entity or fqdn",
         ));
+    }
+    if let Some(f) = &peer.fqdn {
+        f.parse(&format!("{path}.fqdn"))?;
     }
     if let Some(id) = &peer.spiffe_id {
         SpiffePattern::parse(id).map_err(|m| FieldError::new(format!("{path}.spiffeId"), m))?;
@@ -509,7 +622,10 @@ mod tests {
         let spec = &v["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
         let peer = &spec["ingress"]["items"]["properties"]["from"]["items"]["properties"];
         assert_eq!(peer["ipBlock"]["required"], serde_json::json!(["cidr"]));
-        assert_eq!(peer["fqdn"]["x-kubernetes-preserve-unknown-fields"], true);
+        assert_eq!(peer["toFQDNs"]["x-kubernetes-preserve-unknown-fields"], true);
+        let fqdn = &spec["egress"]["items"]["properties"]["to"]["items"]["properties"]["fqdn"]["properties"];
+        assert_eq!(fqdn["matchName"]["type"], "string");
+        assert_eq!(fqdn["matchPattern"]["type"], "string");
         let port = &spec["egress"]["items"]["properties"]["ports"]["items"]["properties"]["port"];
         assert_eq!(port["x-kubernetes-int-or-string"], true);
         assert_eq!(spec["enforcementMode"]["enum"], serde_json::json!(["default", "always"]));
@@ -591,14 +707,9 @@ mod tests {
             ),
             ("spec:\n  subjects: [{}]\n", "spec.subjects[0]", "exactly one"),
             (
-                "spec:\n  ingress: [{from: [{fqdn: example.com}]}]\n",
-                "spec.ingress[0].from[0].fqdn",
-                "not supported yet",
-            ),
-            (
                 "spec:\n  egress: [{to: [{toFQDNs: [{matchName: x}]}]}]\n",
                 "spec.egress[0].to[0].toFQDNs",
-                "not supported yet",
+                "use `fqdn: {matchName|matchPattern}`",
             ),
             (
                 "spec:\n  ingress: [{authentication: {mode: required}}]\n",
@@ -632,5 +743,71 @@ mod tests {
             assert_eq!(e.path, path, "{spec}: {e}");
             assert!(e.message.contains(msg), "{spec}: {e}");
         }
+    }
+
+    #[test]
+    fn fqdn_peers_parse_and_normalise() {
+        let p = parse(&format!(
+            "{HEAD}spec:
+  egress:
+    - to:
+        - fqdn: {{matchName: API.Example.COM.}}
+        - fqdn: {{matchPattern: \"*.example.com\"}}
+        - podSelector: {{}}
+      ports: [{{protocol: TCP, port: 443}}]
+    - to: [{{fqdn: {{matchPattern: \"*\"}}}}]
+    - to: [{{entity: dns}}]
+      ports: [{{protocol: UDP, port: 53}}, {{protocol: TCP, port: 53}}]
+"
+        ));
+        validate_ztp(&p).unwrap();
+        let eg = p.spec.egress.as_ref().unwrap();
+        let m = |r: usize, j: usize| eg[r].to.as_ref().unwrap()[j].fqdn.as_ref().unwrap().parse("x").unwrap();
+        assert_eq!(m(0, 0), FqdnMatch::Name("api.example.com".into()));
+        assert_eq!(m(0, 1), FqdnMatch::Suffix("example.com".into()));
+        assert_eq!(m(1, 0), FqdnMatch::Any);
+        assert_eq!(eg[2].to.as_ref().unwrap()[0].entity, Some(Entity::Dns));
+        assert_eq!(m(0, 1).to_string(), "*.example.com");
+        // Unknown fields inside fqdn are rejected at parse time.
+        let r: Result<ZeroTrustPolicy, _> =
+            serde_yaml::from_str(&format!("{HEAD}spec:\n  egress: [{{to: [{{fqdn: {{matchNames: x.com}}}}]}}]\n"));
+        assert!(r.unwrap_err().to_string().contains("matchNames"));
+    }
+
+    #[test]
+    fn fqdn_validation_errors_name_the_field() {
+        let long_label = "a".repeat(64);
+        let long_name = format!("{}.com", ["abcdefghi"; 26].join("."));
+        let cases = [
+            ("egress: [{to: [{fqdn: {matchPattern: \"a*.x.com\"}}]}]", "spec.egress[0].to[0].fqdn.matchPattern", "only a leading `*.` label"),
+            ("egress: [{to: [{fqdn: {matchPattern: \"*.*.x.com\"}}]}]", "spec.egress[0].to[0].fqdn.matchPattern", "only a leading `*.` label"),
+            ("egress: [{to: [{fqdn: {matchPattern: x.com}}]}]", "spec.egress[0].to[0].fqdn.matchPattern", "only a leading `*.` label"),
+            ("egress: [{to: [{fqdn: {matchPattern: \"*.\"}}]}]", "spec.egress[0].to[0].fqdn.matchPattern", "empty name"),
+            ("egress: [{to: [{fqdn: {matchName: \"*.x.com\"}}]}]", "spec.egress[0].to[0].fqdn.matchName", "no `*`"),
+            ("egress: [{to: [{fqdn: {matchName: localhost}}]}]", "spec.egress[0].to[0].fqdn.matchName", "at least 2 labels"),
+            ("egress: [{to: [{fqdn: {matchName: a..com}}]}]", "spec.egress[0].to[0].fqdn.matchName", "1-63 characters"),
+            ("egress: [{to: [{fqdn: {matchName: a b.com}}]}]", "spec.egress[0].to[0].fqdn.matchName", "allowed: a-z"),
+            (&*format!("egress: [{{to: [{{fqdn: {{matchName: {long_label}.com}}}}]}}]"), "spec.egress[0].to[0].fqdn.matchName", "1-63 characters"),
+            (&*format!("egress: [{{to: [{{fqdn: {{matchName: {long_name}}}}}]}}]"), "spec.egress[0].to[0].fqdn.matchName", "at most 253"),
+            ("egress: [{to: [{fqdn: {}}]}]", "spec.egress[0].to[0].fqdn", "exactly one of matchName or matchPattern"),
+            ("egress: [{to: [{fqdn: {matchName: a.com, matchPattern: \"*.a.com\"}}]}]", "spec.egress[0].to[0].fqdn", "exactly one of matchName"),
+            ("egress: [{to: [{fqdn: {matchName: a.com}, entity: world}]}]", "spec.egress[0].to[0]", "exactly one of"),
+            ("ingress: [{from: [{fqdn: {matchName: a.com}}]}]", "spec.ingress[0].from[0].fqdn", "select destinations"),
+            ("egress: [{action: deny, to: [{fqdn: {matchName: a.com}}]}]", "spec.egress[0].to[0].fqdn", "use ipBlock"),
+            ("egress: [{to: [{entity: dns}, {fqdn: {matchName: a.com}}], icmp: [{type: 8}]}]", "spec.egress[0].icmp", "ICMP"),
+            ("egress: [{}, {to: [{podSelector: {}}, {fqdn: {matchPattern: \"**\"}}]}]", "spec.egress[1].to[1].fqdn.matchPattern", "only a leading"),
+        ];
+        for (spec, path, msg) in cases {
+            let p = parse(&format!("{HEAD}spec:\n  {spec}\n"));
+            let e = validate_ztp(&p).unwrap_err();
+            assert_eq!(e.path, path, "{spec}: {e}");
+            assert!(e.message.contains(msg), "{spec}: {e}");
+        }
+        // The limits themselves are accepted.
+        let ok = format!("{}.{}.com", "a".repeat(63), ["b"; 93].join("."));
+        assert_eq!(ok.len(), 253);
+        assert!(normalize_name(&ok).is_ok());
+        assert!(normalize_name(&format!("{ok}.")).is_ok(), "one trailing dot is stripped");
+        assert!(normalize_name(&format!("{ok}..")).is_err());
     }
 }
