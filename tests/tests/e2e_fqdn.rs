@@ -6,14 +6,14 @@
 mod common;
 
 use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
 use hickory_proto::rr::RecordType;
-use zt_testbed::dns::{self, ExternalHost, Zone};
-use zt_testbed::Family;
+use zt_testbed::dns::{self, ext_v4, ext_v6, Dnsmasq, ExternalHost, Responder, Zone, EXT_ECHO, EXT_TCP};
+use zt_testbed::{Endpoint, Family, TcpFlow};
 
 fn serve_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_zt-testbed"))
@@ -87,4 +87,457 @@ fn testbed_dns_pieces() {
         assert_eq!(m.answers.len(), n, "{out}");
     }
     drop(ext);
+}
+
+// ---------------------------------------------------------------------------
+// With the agent
+// ---------------------------------------------------------------------------
+
+/// client: DNS to the trusted resolvers (entity dns) and to the fake resolver pod, and
+/// FQDN rules on the external host's ports. other: DNS and one name of its own.
+const POLICY: &str = "apiVersion: zt.dev/v1alpha1
+kind: ZeroTrustPolicy
+metadata: {name: client-egress, namespace: default}
+spec:
+  subjects: [{podSelector: {matchLabels: {app: client}}}]
+  egress:
+  - to: [{entity: dns}]
+    ports: [{protocol: UDP, port: 53}, {protocol: TCP, port: 53}]
+  - to: [{podSelector: {matchLabels: {app: fake}}}]
+    ports: [{protocol: UDP, port: 53}]
+  - to:
+    - fqdn: {matchName: api.example.test}
+    - fqdn: {matchPattern: \"*.wild.example.test\"}
+    - fqdn: {matchName: c1.example.test}
+    - fqdn: {matchName: many.example.test}
+    - fqdn: {matchPattern: \"*.race.test\"}
+    - fqdn: {matchPattern: \"*.crafted.test\"}
+    ports: [{protocol: TCP, port: 8443}, {protocol: TCP, port: 8444}]
+---
+apiVersion: zt.dev/v1alpha1
+kind: ZeroTrustPolicy
+metadata: {name: other-egress, namespace: default}
+spec:
+  subjects: [{podSelector: {matchLabels: {app: other}}}]
+  egress:
+  - to: [{entity: dns}]
+    ports: [{protocol: UDP, port: 53}, {protocol: TCP, port: 53}]
+  - to: [{fqdn: {matchName: other.example.test}}]
+    ports: [{protocol: TCP, port: 8443}]
+";
+
+/// The lab zone plus names the tests need: one outside every pattern, one for `other`.
+fn zone() -> Zone {
+    let mut z = Zone::lab();
+    z.hosts.push(("denied.example.test".into(), vec![ext_v4(4, 1)], Some(5)));
+    z.hosts.push(("other.example.test".into(), vec![ext_v4(4, 2)], Some(5)));
+    z
+}
+
+/// Drop order: the DNS servers and the external host go before the bed.
+#[allow(dead_code)] // held for their Drop
+struct Fqdn {
+    responder: Option<Responder>,
+    dnsmasq: Option<Dnsmasq>,
+    ext: ExternalHost,
+    bed: Bed,
+}
+
+impl std::ops::Deref for Fqdn {
+    type Target = Bed;
+    fn deref(&self) -> &Bed {
+        &self.bed
+    }
+}
+
+fn fqdn_bed(extra_args: &[&str]) -> Fqdn {
+    let bed = bed("fqdn", &[("10-fqdn.yaml", POLICY)], extra_args);
+    let ext = ExternalHost::add(&bed.tb, "node1", serve_bin()).unwrap();
+    let dnsmasq = Some(Dnsmasq::start(&bed.tb, &pod("kube-system", "dns"), &zone()).unwrap());
+    Fqdn { responder: None, dnsmasq, ext, bed }
+}
+
+impl Fqdn {
+    fn ns(&self, name: &str) -> PathBuf {
+        self.tb.pod("default", name).unwrap().netns_path()
+    }
+    fn dns(&self, f: Family) -> IpAddr {
+        self.tb.pod_ip("kube-system", "dns", f).unwrap()
+    }
+    fn dns2(&self) -> IpAddr {
+        self.tb.pod_ip("kube-system", "dns2", Family::V4).unwrap()
+    }
+    fn resolve(&self, who: &str, name: &str, qtype: RecordType) -> dns::Answer {
+        let server = self.dns(if qtype == RecordType::AAAA { Family::V6 } else { Family::V4 });
+        dns::resolve_in(&self.ns(who), server, name, qtype, Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("{who} resolving {name}: {e:#}"))
+    }
+    fn connects(&self, who: &str, ip: IpAddr) -> bool {
+        connect_in(&self.ns(who), ip, EXT_TCP, Duration::from_millis(900))
+    }
+    fn denied(&self, who: &str, ip: IpAddr) -> bool {
+        !connect_in(&self.ns(who), ip, EXT_TCP, DENIED)
+    }
+    fn stat(&self, outcome: &str) -> f64 {
+        self.metrics().get("zt_fqdn_answers_total", &[("outcome", outcome)]).unwrap_or(0.0)
+    }
+    fn egress_default_deny(&self) -> f64 {
+        self.metrics().verdicts("egress", "drop", "policy-default-deny")
+    }
+    fn fqdn_allows(&self) -> f64 {
+        self.metrics().verdicts("egress", "allow", "fqdn")
+    }
+    fn start_responder(&mut self, h: dns::Handler) {
+        let p = self.tb.pod("kube-system", "dns2").unwrap();
+        self.responder = Some(Responder::start(&p.netns_path(), &p.pod.ips(), h).unwrap());
+    }
+    /// Learned rows of `ztctl fqdn -o json` for the client.
+    fn learned(&self) -> Vec<serde_json::Value> {
+        self.ztctl_json(&["fqdn", "--identity", "sa/client"]).as_array().unwrap().clone()
+    }
+    fn open_echo(&self, who: &str, ip: IpAddr) -> TcpFlow {
+        self.tb
+            .open_tcp(&pod("default", who), &zt_testbed::Target::Ip(ip), EXT_ECHO, ALLOWED)
+            .unwrap_or_else(|e| panic!("{who} -> {ip}:{EXT_ECHO}: {e:#}"))
+    }
+}
+
+/// Resolve, then connect: v4 and v6, wildcard, CNAME chain (through the question name),
+/// an unresolved address of the same block stays denied, the pattern `*.wild` does not
+/// cover `wild` itself, and the 120-record answer learns at most 32 addresses.
+#[test]
+fn resolve_then_connect() {
+    let f = fqdn_bed(&[]);
+    // Before any answer, nothing of the external host is reachable.
+    assert!(f.denied("client", ext_v4(1, 1)), "not resolved yet: denied");
+    assert_eq!(f.resolve("client", "api.example.test", RecordType::A).addrs(), vec![ext_v4(1, 1)]);
+    assert!(f.connects("client", ext_v4(1, 1)), "api.example.test (v4) after resolving");
+    assert!(f.denied("client", ext_v4(1, 2)), "an address nobody answered");
+    assert!(f.denied("client", ext_v6(1, 1)), "the AAAA was not asked yet");
+    assert_eq!(f.resolve("client", "api.example.test", RecordType::AAAA).addrs(), vec![ext_v6(1, 1)]);
+    assert!(f.connects("client", ext_v6(1, 1)), "api.example.test (v6) after resolving");
+
+    assert_eq!(f.resolve("client", "x.wild.example.test", RecordType::A).addrs(), vec![ext_v4(2, 1)]);
+    assert!(f.connects("client", ext_v4(2, 1)), "a wildcard subdomain");
+
+    // wild.example.test itself (same address, fresh on another identity-free path):
+    // the `*.` pattern needs at least one label before it. Checked on the v6 address,
+    // which only the bare name resolves here.
+    assert_eq!(f.resolve("client", "wild.example.test", RecordType::AAAA).addrs(), vec![ext_v6(2, 1)]);
+    assert!(f.denied("client", ext_v6(2, 1)), "*.wild.example.test does not match wild.example.test");
+
+    let before = f.stat("no-match");
+    let a = f.resolve("client", "denied.example.test", RecordType::A);
+    assert_eq!(a.addrs(), vec![ext_v4(4, 1)]);
+    assert!(f.denied("client", ext_v4(4, 1)), "a name outside every rule");
+    assert!(f.stat("no-match") > before, "counted as no-match");
+
+    let a = f.resolve("client", "c1.example.test", RecordType::A);
+    assert_eq!(a.cnames.len(), 2);
+    // api's address is already learned; the chain must also learn under c1 (the
+    // question name): ztctl names it.
+    let rows = f.learned();
+    assert!(
+        rows.iter().any(|r| r["ip"] == "10.78.1.1" && r["names"].as_array().unwrap().iter().any(|n| n == "c1.example.test")),
+        "ztctl fqdn names 10.78.1.1 under c1.example.test: {rows:#?}"
+    );
+
+    let capped = f.stat("ips-capped") + f.stat("partial");
+    let a = f.resolve("client", "many.example.test", RecordType::A);
+    assert_eq!(a.ips.len(), 120);
+    let ok: Vec<IpAddr> = (1..=120u8).map(|i| ext_v4(3, i)).filter(|ip| f.connects("client", *ip)).collect();
+    println!("many.example.test: answer {} bytes (TCP: {}), {} of 120 addresses reachable", a.size, a.via_tcp, ok.len());
+    assert!(!ok.is_empty() && ok.len() <= 32, "at most 32 addresses learned per answer, got {}", ok.len());
+    assert!(f.stat("ips-capped") + f.stat("partial") > capped, "ips-capped or partial counted");
+    println!("{}", f.ztctl(&["fqdn", "--name", "*.example.test"]));
+}
+
+/// Names a pod is not allowed stay denied, also when another identity resolved them, and
+/// an address learned for another identity's name does not open it for this one.
+#[test]
+fn other_identities_names_stay_denied() {
+    let f = fqdn_bed(&[]);
+    assert_eq!(f.resolve("client", "api.example.test", RecordType::A).addrs(), vec![ext_v4(1, 1)]);
+    assert!(f.connects("client", ext_v4(1, 1)));
+    assert!(f.denied("other", ext_v4(1, 1)), "other has no rule for api.example.test, whoever resolved it");
+    f.resolve("other", "api.example.test", RecordType::A);
+    assert!(f.denied("other", ext_v4(1, 1)), "resolving a name outside its rules opens nothing");
+    f.resolve("other", "other.example.test", RecordType::A);
+    assert!(f.connects("other", ext_v4(4, 2)), "other's own name");
+    assert!(f.denied("client", ext_v4(4, 2)), "client did not learn other's name");
+    // A name of client's rules resolved by other opens nothing for other.
+    f.resolve("other", "y.wild.example.test", RecordType::A);
+    assert!(f.denied("other", ext_v4(2, 1)));
+}
+
+/// 1000 fresh names, each resolved and connected to at once (TTL 1): every connect
+/// succeeds within one SYN (900 ms, under the 1 s retransmit), no egress default-deny drop
+/// happens, and each one counts as an fqdn allow. Controls: unresolved addresses of the
+/// same block and a name outside the pattern are denied.
+#[test]
+fn race_resolve_connect_1000_fresh_names() {
+    let mut f = fqdn_bed(&[]);
+    f.start_responder(Arc::new(|q| {
+        let name = dns::qname(q)?;
+        let i: u32 = name.strip_prefix('n')?.strip_suffix(".race.test")?.parse().ok()?;
+        Some(dns::answer(q, &[ext_v4(10 + (i / 250) as u8, (i % 250) as u8)], 1))
+    }));
+    let (drops0, allows0) = (f.egress_default_deny(), f.fqdn_allows());
+    let (ns, server) = (f.ns("client"), f.dns2());
+    let (ok, failed) = zt_testbed::sys::in_netns(&ns, move || {
+        let (mut ok, mut failed) = (0u32, vec![]);
+        for i in 0..1000u32 {
+            let name = format!("n{i}.race.test");
+            let ip = match dns::query_here(server, &name, RecordType::A, Duration::from_secs(2)) {
+                Ok(a) if a.ips.len() == 1 => a.ips[0].0,
+                other => {
+                    failed.push(format!("{name}: {other:?}"));
+                    continue;
+                }
+            };
+            match TcpStream::connect_timeout(&SocketAddr::new(ip, EXT_TCP), Duration::from_millis(900)) {
+                Ok(_) => ok += 1,
+                Err(e) => failed.push(format!("{name} -> {ip}: {e}")),
+            }
+        }
+        (ok, failed)
+    })
+    .unwrap();
+    let (drops1, allows1) = (f.egress_default_deny(), f.fqdn_allows());
+    println!("race: {ok}/1000 connects OK; egress default-deny drops +{}; fqdn allows +{}", drops1 - drops0, allows1 - allows0);
+    assert!(failed.is_empty(), "{} failures, first: {:?}", failed.len(), &failed[..failed.len().min(5)]);
+    assert_eq!(ok, 1000);
+    assert_eq!(drops1 - drops0, 0.0, "no SYN may meet default deny");
+    assert!(allows1 - allows0 >= 1000.0, "each connect allowed by an fqdn rule");
+    // Controls: addresses of the same block that no answer named.
+    for j in 0..5u8 {
+        assert!(f.denied("client", ext_v4(14, 200 + j)), "10.78.14.{} was never answered", 200 + j);
+    }
+    let a = dns::resolve_in(&f.ns("client"), f.dns(Family::V4), "denied.example.test", RecordType::A, Duration::from_secs(2)).unwrap();
+    assert!(f.denied("client", a.ips[0].0), "a name outside the pattern");
+}
+
+/// TTL 1 with --fqdn-min-ttl 1 --fqdn-grace 1: a connect at once works; an echo flow
+/// opened then keeps working after expiry + grace, also across an unrelated policy change
+/// (epoch bump: the tracked re-judge needs only the entry); a new connect after 3 s is
+/// denied; removing the FQDN rule revokes the live flow.
+#[test]
+fn expiry_after_ttl_and_grace() {
+    let mut f = fqdn_bed(&["--fqdn-min-ttl", "1", "--fqdn-grace", "1"]);
+    f.start_responder(Arc::new(|q| {
+        let name = dns::qname(q)?;
+        (name == "exp.race.test").then(|| dns::answer(q, &[ext_v4(5, 1)], 1))
+    }));
+    let ip = ext_v4(5, 1);
+    let a = dns::resolve_in(&f.ns("client"), f.dns2(), "exp.race.test", RecordType::A, Duration::from_secs(2)).unwrap();
+    assert_eq!(a.addrs(), vec![ip]);
+    assert!(f.connects("client", ip), "at once");
+    let mut flow = f.open_echo("client", ip);
+    assert!(flow.roundtrip(ALLOWED));
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(f.denied("client", ip), "a new flow after TTL + grace");
+    assert!(flow.roundtrip(ALLOWED), "the live flow survives expiry");
+
+    let epoch0 = f.metrics().val("zt_policy_epoch", &[]);
+    f.write("30-unrelated.yaml", &allow_other_tcp(80));
+    std::thread::sleep(Duration::from_millis(400));
+    f.remove("30-unrelated.yaml");
+    f.wait_until("an epoch bump", || f.metrics().val("zt_policy_epoch", &[]) > epoch0);
+    assert!(flow.roundtrip(ALLOWED), "the tracked flow is re-judged after the bump and stays allowed");
+
+    let revoked0 = f.metrics().verdicts("egress", "drop", "revoked") + f.metrics().verdicts("ingress", "drop", "revoked");
+    f.write("10-fqdn.yaml", &POLICY.replace("    - fqdn: {matchPattern: \"*.race.test\"}\n", ""));
+    f.wait_until("the live flow to be revoked", || !flow.roundtrip(Duration::from_millis(300)));
+    let revoked1 = f.metrics().verdicts("egress", "drop", "revoked") + f.metrics().verdicts("ingress", "drop", "revoked");
+    assert!(revoked1 > revoked0, "counted as revoked");
+}
+
+fn allow_other_tcp(port: u16) -> String {
+    format!(
+        "apiVersion: zt.dev/v1alpha1
+kind: ZeroTrustPolicy
+metadata: {{name: unrelated, namespace: default}}
+spec:
+  subjects: [{{podSelector: {{matchLabels: {{app: other}}}}}}]
+  egress:
+  - to: [{{podSelector: {{matchLabels: {{app: fake}}}}}}]
+    ports: [{{protocol: TCP, port: {port}}}]
+"
+    )
+}
+
+/// Answers crafted with scapy: malformed ones from the trusted resolver's address to a
+/// real pending query, spoofed ones (untrusted resolver; another pod forging the
+/// resolver's address; unsolicited), oversized ones (40 records, 3000 bytes in IP
+/// fragments). None may allow anything it should not, and the agent, dnsmasq and the
+/// datapath keep working.
+#[test]
+fn crafted_answers_scapy() {
+    let f = fqdn_bed(&[]);
+    let client_ip = f.tb.pod_ip("default", "client", Family::V4).unwrap();
+    let dns2 = f.dns2();
+    let client_ns = f.ns("client");
+    let from_dns2 = pod("kube-system", "dns2");
+
+    // A crafted answer from `src` (sent in `from`'s netns) to a fresh query of the client.
+    let craft = |from: &Endpoint, src: IpAddr, kind: &str, qname: &str, ips: &[IpAddr], extra: serde_json::Value| -> String {
+        let pq = dns::open_query(&client_ns, dns2, qname, RecordType::A).unwrap();
+        let ips: Vec<String> = ips.iter().map(|i| i.to_string()).collect();
+        let mut p = serde_json::json!({"kind": kind, "id": pq.id, "qname": qname, "ips": ips, "ttl": 60,
+            "src": src.to_string(), "dst": client_ip.to_string(), "dport": pq.port});
+        for (k, v) in extra.as_object().unwrap() {
+            p[k] = v.clone();
+        }
+        dns::scapy_send(&f.tb, from, serde_json::json!([p])).unwrap()
+    };
+    let malformed: &[(&str, &str)] = &[
+        ("truncated", "truncated"),
+        ("nxdomain", "rcode"),
+        ("not-response", "not-response"),
+        ("qdcount2", "qdcount"),
+        ("qname-pointer", "qname-pointer"),
+        ("label64", "qname-bad"),
+        ("labels33", "qname-labels"),
+        ("short", "short"),
+    ];
+    let mut k = 0u8;
+    for (kind, outcome) in malformed {
+        k += 1;
+        let ip = ext_v4(20, k);
+        let before = f.stat(outcome);
+        let out = craft(&from_dns2, dns2, kind, &format!("m{k}.crafted.test"), &[ip], serde_json::json!({}));
+        f.wait_until(&format!("{kind}: counted as {outcome} ({out})"), || f.stat(outcome) > before);
+        assert!(f.denied("client", ip), "{kind}: nothing learned");
+    }
+    // Records before a bad one are learned, the rest are not.
+    let before = f.stat("answer-bad");
+    craft(&from_dns2, dns2, "rdlength", "rd.crafted.test", &[ext_v4(21, 1)], serde_json::json!({}));
+    f.wait_until("rdlength 5 counted as answer-bad", || f.stat("answer-bad") > before);
+    assert!(f.denied("client", ext_v4(21, 1)));
+    craft(&from_dns2, dns2, "overrun", "ov.crafted.test", &[ext_v4(21, 2)], serde_json::json!({}));
+    // An owner name pointer loop is skipped, never followed.
+    let before = f.stat("answers");
+    craft(&from_dns2, dns2, "owner-loop", "loop.crafted.test", &[ext_v4(21, 3)], serde_json::json!({}));
+    f.wait_until("the owner-loop answer parsed", || f.stat("answers") > before);
+    for seed in 0..20 {
+        craft(&from_dns2, dns2, "garbage", "g.crafted.test", &[], serde_json::json!({"seed": seed, "len": 20 + seed * 37}));
+    }
+
+    // Oversized: 40 records learn exactly 32; 3000 bytes arrive in IP fragments.
+    let forty: Vec<IpAddr> = (1..=40u8).map(|i| ext_v4(22, i)).collect();
+    let before = f.stat("ips-capped");
+    craft(&from_dns2, dns2, "valid", "forty.crafted.test", &forty, serde_json::json!({}));
+    f.wait_until("40 records: ips-capped", || f.stat("ips-capped") > before);
+    let ok = forty.iter().filter(|ip| f.connects("client", **ip)).count();
+    assert_eq!(ok, 32, "exactly 32 of 40 addresses learned");
+    let big: Vec<IpAddr> = (0..180u16).map(|i| ext_v4(23 + (i / 200) as u8, (i % 200) as u8 + 1)).collect();
+    let before = f.stat("partial");
+    let out = craft(&from_dns2, dns2, "valid", "big.crafted.test", &big, serde_json::json!({}));
+    f.wait_until(&format!("a fragmented answer counted as partial ({out})"), || f.stat("partial") > before);
+    assert!(f.denied("client", ext_v4(23, 180)), "a record beyond the first fragment is not learned");
+
+    // Spoofed: an untrusted resolver answering a query sent to it.
+    let fake = f.tb.pod_ip("default", "fake", Family::V4).unwrap();
+    let pq = dns::open_query(&client_ns, fake, "s1.crafted.test", RecordType::A).unwrap();
+    let before = f.stat("not-trusted");
+    dns::scapy_send(&f.tb, &pod("default", "fake"), serde_json::json!([{"kind": "valid", "id": pq.id, "qname": "s1.crafted.test",
+        "ips": ["10.78.24.1"], "src": fake.to_string(), "dst": client_ip.to_string(), "dport": pq.port}])).unwrap();
+    f.wait_until("the fake resolver's answer counted as not-trusted", || f.stat("not-trusted") > before);
+    assert!(f.denied("client", ext_v4(24, 1)));
+    // Another pod forging the trusted resolver's address: dropped at its own interface.
+    let pq = dns::open_query(&client_ns, dns2, "s2.crafted.test", RecordType::A).unwrap();
+    let unknown0 = f.metrics().verdicts("egress", "drop", "unknown-endpoint");
+    dns::scapy_send(&f.tb, &pod("default", "other"), serde_json::json!([{"kind": "valid", "id": pq.id, "qname": "s2.crafted.test",
+        "ips": ["10.78.24.2"], "src": dns2.to_string(), "dst": client_ip.to_string(), "dport": pq.port}])).unwrap();
+    f.wait_until("the forged answer dropped as unknown-endpoint", || f.metrics().verdicts("egress", "drop", "unknown-endpoint") > unknown0);
+    assert!(f.denied("client", ext_v4(24, 2)));
+    // Unsolicited: from the trusted resolver to a port the client never used.
+    let before = f.stat("untracked");
+    dns::scapy_send(&f.tb, &from_dns2, serde_json::json!([{"kind": "valid", "id": 1, "qname": "s3.crafted.test",
+        "ips": ["10.78.24.3"], "src": dns2.to_string(), "dst": client_ip.to_string(), "dport": 40999}])).unwrap();
+    f.wait_until("the unsolicited answer counted as untracked", || f.stat("untracked") > before);
+    assert!(f.denied("client", ext_v4(24, 3)));
+
+    // Nothing crashed or stalled: the agent is healthy and real DNS still teaches.
+    assert!(f.agent.is_running());
+    assert_eq!(f.metrics().val("zt_agent_ready", &[]), 1.0);
+    assert_eq!(f.resolve("client", "api.example.test", RecordType::A).addrs(), vec![ext_v4(1, 1)]);
+    assert!(f.connects("client", ext_v4(1, 1)));
+    // A valid crafted answer (same path) does teach: the crafted ones failed for their content.
+    craft(&from_dns2, dns2, "valid", "ok.crafted.test", &[ext_v4(25, 1)], serde_json::json!({}));
+    f.wait_until("a valid crafted answer learned", || f.connects("client", ext_v4(25, 1)));
+    println!("{}", f.ztctl(&["fqdn", "--stats"]));
+}
+
+/// With the agent stopped, DNS and allowed names keep working (the kernel learns alone);
+/// ztctl lists the address without a name; a restarted agent applies nothing and names
+/// the address after the next resolution.
+#[test]
+fn agent_stopped_dns_and_names_keep_working() {
+    let mut f = fqdn_bed(&[]);
+    f.start_responder(Arc::new(|q| {
+        let name = dns::qname(q)?;
+        (name == "down.race.test").then(|| dns::answer(q, &[ext_v4(6, 1)], 30))
+    }));
+    assert_eq!(f.resolve("client", "api.example.test", RecordType::A).addrs(), vec![ext_v4(1, 1)]);
+    assert!(f.connects("client", ext_v4(1, 1)));
+    f.wait_until("the cache file written", || f.agent.state_dir.join("fqdn-cache.json").exists());
+
+    let st = f.agent.stop().expect("agent was running");
+    assert!(st.success(), "agent exit on SIGTERM: {st}");
+    assert!(f.connects("client", ext_v4(1, 1)), "a learned name, agent down");
+    let a = dns::resolve_in(&f.ns("client"), f.dns2(), "down.race.test", RecordType::A, Duration::from_secs(2)).unwrap();
+    assert_eq!(a.addrs(), vec![ext_v4(6, 1)]);
+    assert!(f.connects("client", ext_v4(6, 1)), "a name resolved while the agent is down");
+    assert!(f.denied("client", ext_v4(6, 2)), "still fail closed for the rest");
+    let rows = f.learned();
+    let row = rows.iter().find(|r| r["ip"] == "10.78.6.1").unwrap_or_else(|| panic!("ztctl fqdn lists 10.78.6.1: {rows:#?}"));
+    assert!(row["names"].as_array().unwrap().is_empty(), "no name while the agent is down: {row}");
+    let api = rows.iter().find(|r| r["ip"] == "10.78.1.1").unwrap();
+    assert_eq!(api["names"][0], "api.example.test", "names from before the stop are kept");
+    println!("{}", f.ztctl(&["fqdn"]));
+
+    f.agent.start().unwrap();
+    f.agent.wait_ready(Duration::from_secs(20)).unwrap();
+    let log = f.log_of_start(2);
+    println!("restart log:\n{}", tail(&log, 15));
+    assert!(f.connects("client", ext_v4(6, 1)), "after the restart");
+    dns::resolve_in(&f.ns("client"), f.dns2(), "down.race.test", RecordType::A, Duration::from_secs(2)).unwrap();
+    f.wait_until("the name known after the next resolution", || {
+        f.learned().iter().any(|r| r["ip"] == "10.78.6.1" && r["names"][0] == "down.race.test")
+    });
+}
+
+/// Bad FQDN rules are rejected whole with the field path; the last good state (and what
+/// it learned) stays.
+#[test]
+fn bad_fqdn_rules_are_rejected() {
+    let f = fqdn_bed(&[]);
+    f.resolve("client", "api.example.test", RecordType::A);
+    assert!(f.connects("client", ext_v4(1, 1)));
+    let cases = [
+        ("a*.x.test", "matchPattern", POLICY.replace("*.race.test", "a*.race.test")),
+        ("ingress fqdn", "fqdn", POLICY.replace("  egress:\n  - to: [{entity: dns}]", "  ingress:\n  - from: [{fqdn: {matchName: a.example.test}}]\n  egress:\n  - to: [{entity: dns}]")),
+        ("deny fqdn", "deny", POLICY.replace("  - to:\n    - fqdn: {matchName: api.example.test}", "  - action: deny\n    to:\n    - fqdn: {matchName: api.example.test}")),
+    ];
+    for (what, needle, text) in cases {
+        let errs0 = f.metrics().val("zt_policy_errors_total", &[]);
+        f.write("10-fqdn.yaml", &text);
+        f.wait_until(&format!("{what} rejected"), || f.metrics().val("zt_policy_errors_total", &[]) > errs0);
+        let last = std::fs::read_to_string(f.agent.state_dir.join("last-error")).unwrap_or_default();
+        assert!(last.contains(needle) && last.contains("spec."), "{what}: the error names the field: {last}");
+        assert!(f.connects("client", ext_v4(1, 1)), "{what}: the last good state stays");
+    }
+    // 33 FQDN rules (33 names of one identity) exceed the 32 slots.
+    let mut many = String::from("apiVersion: zt.dev/v1alpha1\nkind: ZeroTrustPolicy\nmetadata: {name: many-fqdn, namespace: default}\nspec:\n  subjects: [{podSelector: {matchLabels: {app: other}}}]\n  egress:\n");
+    for i in 0..33 {
+        many.push_str(&format!("  - to: [{{fqdn: {{matchName: n{i}.example.test}}}}]\n    ports: [{{protocol: TCP, port: 8443}}]\n"));
+    }
+    f.write("10-fqdn.yaml", POLICY);
+    let errs0 = f.metrics().val("zt_policy_errors_total", &[]);
+    f.write("40-many.yaml", &many);
+    f.wait_until("33 FQDN rules rejected", || f.metrics().val("zt_policy_errors_total", &[]) > errs0);
+    let last = std::fs::read_to_string(f.agent.state_dir.join("last-error")).unwrap_or_default();
+    assert!(last.contains("32"), "the error says the limit: {last}");
+    assert!(f.connects("client", ext_v4(1, 1)));
 }
