@@ -32,12 +32,15 @@ enum Cmd {
     },
     /// Bring up a simulated node and replay the zero-trust lab.
     Demo,
-    /// Datapath ns/verdict against an empty program, and agent map-apply throughput.
+    /// Datapath ns/verdict against an empty program, agent map-apply throughput, and DNS
+    /// latency with the FQDN answer capture on and off.
     Bench,
 }
 
 /// iproute2: the agent and test bed drive interfaces and routes; prometheus: promtool checks /metrics.
-const APT_PACKAGES: &[&str] = &["iproute2", "prometheus", "mount"];
+// dnsmasq-base: the FQDN tests' resolver; python3-scapy: their crafted DNS answers
+// (run with /usr/bin/python3, Debian's interpreter).
+const APT_PACKAGES: &[&str] = &["iproute2", "prometheus", "mount", "dnsmasq-base", "python3-scapy"];
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -59,7 +62,12 @@ fn main() -> Result<()> {
             build()?;
             run_env(Command::new("cargo").args(["run", "-q", "-p", "zt-tests", "--bin", "zt-demo"]))
         }
-        Cmd::Bench => run_env(Command::new("cargo").args(["test", "--release", "-p", "zt-agent", "--test", "bench", "--", "--nocapture"])),
+        Cmd::Bench => {
+            run_env(Command::new("cargo").args(["test", "--release", "-p", "zt-agent", "--test", "bench", "--", "--nocapture"]))?;
+            // DNS latency with the FQDN capture on and off, in the netns test bed.
+            build()?;
+            run_env(Command::new("cargo").args(["test", "-p", "zt-tests", "--test", "bench_dns", "--", "--nocapture"]))
+        }
     }
 }
 
