@@ -389,9 +389,13 @@ impl Agent {
                         for w in &d.warnings {
                             log::warn!("policy: {w}");
                         }
+                        let path = self.opts.state_dir.join("last-error");
                         if !d.warnings.is_empty() {
                             let text: String = d.warnings.iter().map(|w| format!("warning: {w}\n")).collect();
-                            let _ = std::fs::write(self.opts.state_dir.join("last-error"), text);
+                            let _ = std::fs::write(&path, text);
+                        } else if std::fs::read_to_string(&path).is_ok_and(|t| t.starts_with("warning: ")) {
+                            // Only our own warnings go; a rejection stays until replaced.
+                            let _ = std::fs::remove_file(&path);
                         }
                         self.warnings = d.warnings.clone();
                     }
@@ -619,10 +623,11 @@ impl Agent {
             identities: desired.identities.clone(),
             pods: desired.endpoints.iter().filter_map(|(ip, e)| e.pod.clone().map(|p| (*ip, p))).collect(),
             rules: desired.rules.clone(),
+            fqdn_slots: desired.fqdn_slots.clone(),
         };
         let changed = {
             let cur = self.snapshot.read().unwrap();
-            cur.identities != snap.identities || cur.pods != snap.pods || cur.rules != snap.rules
+            cur.identities != snap.identities || cur.pods != snap.pods || cur.rules != snap.rules || cur.fqdn_slots != snap.fqdn_slots
         };
         if changed {
             let path = self.opts.state_dir.join("state.json");
@@ -645,6 +650,8 @@ impl Agent {
             (MAP_ENDPOINTS, self.have.endpoints.len(), self.caps.endpoints),
             (MAP_CIDRS, self.have.cidrs.len(), self.caps.cidrs),
             (MAP_POLICY, self.have.policy.len(), self.caps.policy),
+            (MAP_FQDN_NAMES, self.have.fqdn_names.len(), self.caps.fqdn_names),
+            (MAP_FQDN_PORTS, self.have.fqdn_ports.len(), self.caps.fqdn_ports),
         ];
         m.policy_epoch = epoch;
         if !m.ready {

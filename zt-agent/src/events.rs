@@ -20,6 +20,9 @@ pub struct Snapshot {
     pub identities: BTreeMap<u32, IdentityInfo>,
     pub pods: BTreeMap<IpAddr, PodRef>,
     pub rules: BTreeMap<u32, RuleInfo>,
+    /// Local identity -> FQDN slot -> rule id: which rules a learned entry's slots name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub fqdn_slots: BTreeMap<u32, BTreeMap<u8, u32>>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

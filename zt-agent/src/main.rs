@@ -195,3 +195,38 @@ async fn main() -> anyhow::Result<()> {
     };
     run(opts).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fqdn_flags_and_trusted_dns_servers() {
+        let f = Flags::try_parse_from(["zt-agent"]).unwrap();
+        assert_eq!((f.fqdn_min_ttl, f.fqdn_max_ttl, f.fqdn_grace, f.fqdn_events_per_sec), (30, 86400, 60, 1000));
+        assert_eq!(f.fqdn_learned_max, zt_common::DEFAULT_FQDN_LEARNED_MAX);
+        let d = dns_servers(&f.fqdn_dns_server, "cluster.local").unwrap();
+        assert_eq!(d.iter().map(|p| p.service_account.clone().unwrap()).collect::<Vec<_>>(), ["coredns", "node-local-dns"]);
+        assert!(d.iter().all(|p| p.namespace == "kube-system"));
+
+        let f = Flags::try_parse_from([
+            "zt-agent",
+            "--fqdn-dns-server",
+            "spiffe://td/ns/dns/*",
+            "--fqdn-dns-server=spiffe://td/ns/kube-system/sa/coredns",
+            "--fqdn-dns-address",
+            "10.96.0.10",
+            "--fqdn-dns-address=fd00::a",
+        ])
+        .unwrap();
+        assert_eq!(f.fqdn_dns_address.len(), 2);
+        let d = dns_servers(&f.fqdn_dns_server, "td").unwrap();
+        assert_eq!(d.len(), 2);
+        assert!(d[0].service_account.is_none() && d[0].namespace == "dns");
+        let e = dns_servers(&f.fqdn_dns_server, "cluster.local").unwrap_err().to_string();
+        assert!(e.contains("--fqdn-dns-server") && e.contains("trust domain"), "{e}");
+        let e = dns_servers(&["spiffe://td/ns/x".to_string()], "td").unwrap_err().to_string();
+        assert!(e.contains("--fqdn-dns-server") && e.contains("invalid SPIFFE ID"), "{e}");
+        assert!(Flags::try_parse_from(["zt-agent", "--fqdn-dns-address", "kube-dns"]).is_err());
+    }
+}
