@@ -256,6 +256,14 @@ fn resolve_then_connect() {
     assert!(!ok.is_empty() && ok.len() <= 32, "at most 32 addresses learned per answer, got {}", ok.len());
     assert!(f.stat("ips-capped") + f.stat("partial") > capped, "ips-capped or partial counted");
     println!("{}", f.ztctl(&["fqdn", "--name", "*.example.test"]));
+    let e = f.ztctl(&["explain", "default/client", "10.78.1.1", "tcp/8443"]);
+    println!("{e}");
+    assert!(e.contains("ALLOW") && e.contains("allow (fqdn)") && e.contains("ZT_FQDN_LEARNED"), "explain names the fqdn step: {e}");
+    let e = f.ztctl(&["explain", "default/client", "10.78.1.1", "tcp/9999"]);
+    assert!(e.contains("DROP"), "another port: {e}");
+    let n = f.ztctl(&["fqdn", "names", "--identity", "sa/client"]);
+    println!("{n}");
+    assert!(n.contains("*.wild.example.test") && n.contains("api.example.test"), "ztctl fqdn names: {n}");
 }
 
 /// Names a pod is not allowed stay denied, also when another identity resolved them, and
@@ -512,6 +520,10 @@ fn agent_stopped_dns_and_names_keep_working() {
     f.agent.wait_ready(Duration::from_secs(20)).unwrap();
     let log = f.log_of_start(2);
     println!("restart log:\n{}", tail(&log, 15));
+    assert!(
+        !log.lines().any(|l| l.contains("applied ") && !l.contains("applied 0 writes, 0 removals")),
+        "the first diff after a restart is empty: {log}"
+    );
     assert!(f.connects("client", ext_v4(6, 1)), "after the restart");
     dns::resolve_in(&f.ns("client"), f.dns2(), "down.race.test", RecordType::A, Duration::from_secs(2)).unwrap();
     f.wait_until("the name known after the next resolution", || {

@@ -79,6 +79,8 @@ enum Cmd {
     /// Addresses learned from DNS answers for FQDN rules: identity, name, IP, time to
     /// expiry, rules. Works with the agent down (names learned meanwhile show `-`).
     Fqdn {
+        #[command(subcommand)]
+        what: Option<FqdnWhat>,
         /// Only this local identity (number or part of a SPIFFE ID).
         #[arg(long)]
         identity: Option<String>,
@@ -88,6 +90,16 @@ enum Cmd {
         /// Capture counters by outcome instead (why an answer learned nothing).
         #[arg(long)]
         stats: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum FqdnWhat {
+    /// The compiled FQDN rules per local identity: slot, rule, names and patterns.
+    Names {
+        /// Only this local identity (number or part of a SPIFFE ID).
+        #[arg(long)]
+        identity: Option<String>,
     },
 }
 
@@ -157,7 +169,11 @@ fn run() -> Result<()> {
             ctl::follow(&cli.admin_socket, &filter, json, count, timeout, &mut std::io::stdout().lock())?;
             Ok(())
         }
-        Cmd::Fqdn { identity, name, stats } => {
+        Cmd::Fqdn { what: Some(FqdnWhat::Names { identity }), identity: outer, .. } => {
+            let rows = ctl::fqdn::names(&snap()?, identity.or(outer).as_deref());
+            ctl::print(json, &rows, |r| format!("{:<50} {:<5} {:<56} {}", r.spiffe_id, r.slot, r.rule, r.names.join(", ")), &format!("{:<50} {:<5} {:<56} NAMES", "IDENTITY", "SLOT", "RULE"))
+        }
+        Cmd::Fqdn { what: None, identity, name, stats } => {
             let fq = zt_agent::fqdn::FqdnMaps::open(&cli.bpffs_root)?;
             if stats {
                 let s = fq.stats()?;

@@ -178,6 +178,11 @@ fn check(maps: &PinnedMaps, cfg: &Config, snap: &Snapshot, f: Flow) -> Option<Ch
     if let Some((_, r)) = found.iter().find(|(v, _)| *v == VERDICT_ALLOW) {
         return Some(mk("allow", Reason::AllowPolicy, *r, trace));
     }
+    if dir == DIR_EGRESS && ep.flags & EP_FQDN != 0 && (peer_id == IDENTITY_WORLD || peer_id & IDENTITY_CIDR_FLAG != 0) {
+        if let Some(rule) = crate::ctl::fqdn::explain_step(maps, snap, ep.identity, peer, (proto, port), &mut trace) {
+            return Some(mk("allow", Reason::AllowFqdn, rule, trace));
+        }
+    }
     trace.push("no rule allows it: default deny".into());
     Some(mk("drop", Reason::DropPolicyDefault, 0, trace))
 }

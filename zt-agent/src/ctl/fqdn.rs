@@ -11,7 +11,7 @@ use serde::Serialize;
 use zt_common::*;
 
 use crate::events::Snapshot;
-use crate::net::from_key;
+use crate::net::{from_key, to_key};
 use crate::pins::PinnedMaps;
 use crate::fqdn::{cache_path, monotonic_ns, FqdnCache, FqdnMaps};
 
@@ -111,6 +111,68 @@ fn local_pods(pinned: &PinnedMaps, snap: &Snapshot) -> BTreeMap<u32, BTreeSet<St
         }
         if let Some(p) = snap.pods.get(&from_key(k.addr)) {
             out.entry(v.identity).or_default().insert(format!("{}/{}", p.namespace, p.name));
+        }
+    }
+    out
+}
+
+/// `ztctl explain`'s FQDN step, as the kernel's `fqdn::allowed` for a new flow: the
+/// learned entry of (peer address, local identity), not past expiry + grace, and a slot
+/// shared with the port entry. Returns the rule of the lowest shared slot.
+pub fn explain_step(maps: &PinnedMaps, snap: &Snapshot, local: u32, peer: IpAddr, (proto, port): (u8, u16), trace: &mut Vec<String>) -> Option<u32> {
+    let Ok(v) = maps.fqdn_learned.get(&FqdnLearnedKey { addr: to_key(peer), local_id: local }, 0) else {
+        trace.push(format!("ZT_FQDN_LEARNED[{peer}, {local}] -> none: no DNS answer taught this address"));
+        return None;
+    };
+    let grace = maps.read_fqdn_config().map(|c| c.grace_s).unwrap_or(0) as i128;
+    let left = (v.expires_ns as i128 - monotonic_ns() as i128) / 1_000_000_000;
+    trace.push(format!("ZT_FQDN_LEARNED[{peer}, {local}] -> slots {:#x}, expires in {left}s (+{grace}s grace)", v.slots));
+    if left + grace <= 0 {
+        trace.push("expired (new flows; tracked flows keep it)".into());
+        return None;
+    }
+    let k = aya::maps::lpm_trie::Key::new(POLICY_PREFIX_FULL, PolicyKey::new(local, 0, DIR_EGRESS, proto, port));
+    let Ok(p) = maps.fqdn_ports.get(&k, 0) else {
+        trace.push(format!("ZT_FQDN_PORTS[{local}, proto {proto}, port {port}] -> none"));
+        return None;
+    };
+    let shared = v.slots & p.slots;
+    trace.push(format!("ZT_FQDN_PORTS[{local}, proto {proto}, port {port}] -> slots {:#x}; shared {shared:#x}", p.slots));
+    if shared == 0 {
+        return None;
+    }
+    let rule = p.rule_ids[shared.trailing_zeros() as usize & 31];
+    if let Some(r) = snap.rules.get(&rule) {
+        trace.push(format!("fqdn rule for {}", r.fqdn.join(", ")));
+    }
+    Some(rule)
+}
+
+#[derive(Serialize, Debug, Clone)]
+pub struct NamesRow {
+    pub identity: u32,
+    pub spiffe_id: String,
+    pub slot: u8,
+    pub rule: String,
+    pub names: Vec<String>,
+}
+
+/// `ztctl fqdn names`: what each slot of each local identity stands for (state.json).
+pub fn names(snap: &Snapshot, identity: Option<&str>) -> Vec<NamesRow> {
+    let mut out = vec![];
+    for (id, slots) in &snap.fqdn_slots {
+        let spiffe_id = snap.identity_name(*id);
+        if identity.is_some_and(|f| !(spiffe_id.contains(f) || id.to_string() == f)) {
+            continue;
+        }
+        for (slot, rule) in slots {
+            out.push(NamesRow {
+                identity: *id,
+                spiffe_id: spiffe_id.clone(),
+                slot: *slot,
+                rule: snap.rule_name(*rule).unwrap_or_else(|| format!("rule {rule}")),
+                names: snap.rules.get(rule).map(|r| r.fqdn.clone()).unwrap_or_default(),
+            });
         }
     }
     out
