@@ -353,6 +353,22 @@ pub fn query_here(server: IpAddr, name: &str, qtype: RecordType, timeout: Durati
     decode(&msg, id, true)
 }
 
+/// Ask `server` over TCP only (DNS over TCP, RFC 7766 framing), from this thread's netns.
+pub fn query_tcp_here(server: IpAddr, name: &str, qtype: RecordType, timeout: Duration) -> Result<Answer> {
+    let q = query_message(name, qtype)?;
+    let (id, wire) = (q.metadata.id, q.to_vec()?);
+    let mut t = TcpStream::connect_timeout(&SocketAddr::new(server, 53), timeout)?;
+    t.set_read_timeout(Some(timeout))?;
+    let mut framed = (wire.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&wire);
+    t.write_all(&framed)?;
+    let mut len = [0u8; 2];
+    t.read_exact(&mut len)?;
+    let mut msg = vec![0u8; u16::from_be_bytes(len) as usize];
+    t.read_exact(&mut msg)?;
+    decode(&msg, id, true)
+}
+
 /// [`query_here`] from the netns at `netns` (a setns thread).
 pub fn resolve_in(netns: &Path, server: IpAddr, name: &str, qtype: RecordType, timeout: Duration) -> Result<Answer> {
     let name = name.to_string();

@@ -248,6 +248,15 @@ fn resolve_then_connect() {
         f.learned().iter().any(|r| r["ip"] == "10.78.1.1" && r["names"].as_array().unwrap().iter().any(|n| n == "c1.example.test"))
     });
 
+    // DNS over TCP: an answer in one segment is learned like a UDP one.
+    let (ns, server) = (f.ns("client"), f.dns(Family::V4));
+    let a = zt_testbed::sys::in_netns(&ns, move || dns::query_tcp_here(server, "tcp.wild.example.test", RecordType::AAAA, Duration::from_secs(2)))
+        .unwrap()
+        .unwrap();
+    assert_eq!(a.addrs(), vec![ext_v6(2, 1)]);
+    println!("DNS over TCP: tcp-partial {}", f.stat("tcp-partial"));
+    assert!(f.connects("client", ext_v6(2, 1)), "learned from a TCP answer");
+
     let capped = f.stat("ips-capped") + f.stat("partial");
     let a = f.resolve("client", "many.example.test", RecordType::A);
     assert_eq!(a.ips.len(), 120);
