@@ -264,6 +264,20 @@ fn resolve_then_connect() {
     println!("many.example.test: answer {} bytes (TCP: {}), {} of 120 addresses reachable", a.size, a.via_tcp, ok.len());
     assert!(!ok.is_empty() && ok.len() <= 32, "at most 32 addresses learned per answer, got {}", ok.len());
     assert!(f.stat("ips-capped") + f.stat("partial") > capped, "ips-capped or partial counted");
+    // The same 1966-byte answer over TCP is more than one 1500-byte segment on the wire,
+    // but the resolver's socket hands it to the veth as one GSO skb: the capture sees the
+    // whole message and learns (or, if it were split, counts tcp-partial and learns
+    // nothing: fail closed). Either way the capture must have seen it.
+    let ips_learned = || f.metrics().get("zt_fqdn_ips_learned_total", &[]).unwrap_or(0.0);
+    let before = (f.stat("tcp-partial"), ips_learned());
+    let (ns, server) = (f.ns("client"), f.dns(Family::V4));
+    let a = zt_testbed::sys::in_netns(&ns, move || dns::query_tcp_here(server, "many.example.test", RecordType::A, Duration::from_secs(2)))
+        .unwrap()
+        .unwrap();
+    assert_eq!(a.ips.len(), 120);
+    let after = (f.stat("tcp-partial"), ips_learned());
+    println!("many.example.test over TCP: tcp-partial {} -> {}, ips-learned {} -> {}", before.0, after.0, before.1, after.1);
+    assert!(after.0 > before.0 || after.1 >= before.1 + 32.0, "the TCP answer was captured");
     println!("{}", f.ztctl(&["fqdn", "--name", "*.example.test"]));
     let e = f.ztctl(&["explain", "default/client", "10.78.1.1", "tcp/8443"]);
     println!("{e}");
