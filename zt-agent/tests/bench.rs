@@ -3,6 +3,8 @@
 //! (this machine is noisy), at growing policy and identity counts; and the agent's
 //! map-apply throughput. Prints a table; no timed assertions.
 mod common;
+#[path = "common/dns_packets.rs"]
+mod dns_packets;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Instant;
@@ -97,6 +99,8 @@ fn main() {
     }
     println!("* new-allow: one run after a policy-epoch bump (full policy re-check of a tracked flow); single runs, so noisier.");
 
+    dns_answer_cost();
+
     println!("\nagent map-apply throughput (sync::apply into pinned maps)");
     for entries in [10_000u32, 100_000] {
         let s = sizes(1_000, entries);
@@ -121,3 +125,81 @@ fn main() {
         );
     }
 }
+
+/// The kernel DNS parser: ns per answer through zt_to_pod (a tracked DNS reply to a pod
+/// with FQDN rules, so every run parses, matches and re-learns), against the same packet
+/// to a pod without `EP_FQDN` (the gate only) and against `zt_noop`. Events are
+/// rate-limited to zero so that the ring never fills during the repeats (the token
+/// check is still paid).
+fn dns_answer_cost() {
+    use aya::maps::{lpm_trie::Key, lpm_trie::LpmTrie, Array, HashMap, MapData};
+    use dns_packets::{a, answer, msg, question, udp, T_A};
+    const REPEAT_DNS: u32 = 100_000;
+    const FQDN_POD: &str = "10.0.0.10";
+    const PLAIN_POD: &str = "10.0.0.11";
+    const SERVER: &str = "10.0.0.53";
+    const ID_SERVER: u32 = 400;
+    let key = [0x1234_5678, 0x9abc_def0];
+    let mut dp = Dp::new("bench-dns");
+    let enforce = EP_LOCAL | EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS;
+    dp.endpoint(FQDN_POD, ID_LOCAL, enforce | EP_FQDN, TEST_IFINDEX);
+    dp.endpoint(PLAIN_POD, ID_LOCAL + 1, enforce, TEST_IFINDEX);
+    dp.endpoint(SERVER, ID_SERVER, 0, 0);
+    for local in [ID_LOCAL, ID_LOCAL + 1] {
+        dp.policy(POLICY_PREFIX_FULL, PolicyKey::new(local, ID_SERVER, DIR_EGRESS, UDP, 53), VERDICT_ALLOW, 1);
+    }
+    dp.set_config(Config { events_per_sec: 0, events_burst: 0, ..config() });
+    let root = dp._fs.root();
+    let open = |n: &str| zt_agent::pins::open_map(&root, n).unwrap();
+    let mut fcfg: Array<MapData, FqdnConfig> = Array::try_from(open(MAP_FQDN_CONFIG)).unwrap();
+    fcfg.set(0, FqdnConfig { hash_key: key, min_ttl_s: 30, max_ttl_s: 86400, grace_s: 60, events_per_sec: 0 }, 0).unwrap();
+    let mut servers: HashMap<MapData, u32, u32> = HashMap::try_from(open(MAP_DNS_SERVERS)).unwrap();
+    servers.insert(ID_SERVER, 1, 0).unwrap();
+    let mut names: HashMap<MapData, FqdnNameKey, FqdnNameValue> = HashMap::try_from(open(MAP_FQDN_NAMES)).unwrap();
+    names.insert(FqdnNameKey::new(ID_LOCAL, NAME_EXACT, name_hashes(key, "api.example.com").0), FqdnNameValue { slots: 1, _pad: 0 }, 0).unwrap();
+    names.insert(FqdnNameKey::new(ID_LOCAL, NAME_SUFFIX, name_hashes(key, "example.com").0), FqdnNameValue { slots: 2, _pad: 0 }, 0).unwrap();
+    let mut ports: LpmTrie<MapData, PolicyKey, FqdnPortsValue> = LpmTrie::try_from(open(MAP_FQDN_PORTS)).unwrap();
+    let mut pv = FqdnPortsValue { slots: 3, ..Default::default() };
+    pv.rule_ids[0] = 7;
+    pv.rule_ids[1] = 8;
+    ports.insert(&Key::new(POLICY_PREFIX_FULL, PolicyKey::new(ID_LOCAL, 0, DIR_EGRESS, TCP, 443)), pv, 0).unwrap();
+    // The queries: conntrack entries for both pods.
+    let q = msg(0x0100, 1, 0, 0, &question("api.example.com", T_A));
+    for pod in [FQDN_POD, PLAIN_POD] {
+        assert_eq!(dp.run("zt_from_pod", &udp(pod, SERVER, 40000, 53, &q)), TC_PASS);
+    }
+    println!("\nkernel DNS parser: ns per answer through zt_to_pod (BPF_PROG_TEST_RUN, {REPEAT_DNS} runs x 5, median)");
+    println!("{:>8} {:>6} | {:>8} | {:>10} {:>6} | {:>10} {:>6} | {:>8} {:>8}", "records", "bytes", "noop ns", "no-fqdn", "ratio", "capture", "ratio", "cap/gate", "ns/rec");
+    let ns_dns = |prog: &str, pkt: &[u8]| {
+        let mut v: Vec<(u32, f64)> = (0..5).map(|_| dp.run_n(prog, pkt, REPEAT_DNS)).collect();
+        v.sort_by(|a, b| a.1.partial_cmp(&b.1).unwrap());
+        v[2]
+    };
+    for n in [1u32, 8, 32] {
+        let records: Vec<Vec<u8>> = (0..n).map(|i| a(300, &format!("93.184.{}.{}", 216 + i / 250, i % 250))).collect();
+        let m = answer("api.example.com", T_A, &records);
+        let to_fqdn = udp(SERVER, FQDN_POD, 53, 40000, &m);
+        let to_plain = udp(SERVER, PLAIN_POD, 53, 40000, &m);
+        let (v0, noop) = ns_dns("zt_noop", &to_fqdn);
+        let (v1, plain) = ns_dns("zt_to_pod", &to_plain);
+        let (v2, cap) = ns_dns("zt_to_pod", &to_fqdn);
+        assert_eq!((v0, v1, v2), (TC_PASS, TC_PASS, TC_PASS));
+        println!(
+            "{:>8} {:>6} | {:>8.1} | {:>10.1} {:>6.2} | {:>10.1} {:>6.2} | {:>8.2} {:>8.1}",
+            n,
+            m.len(),
+            noop,
+            plain,
+            plain / noop,
+            cap,
+            cap / noop,
+            cap / plain,
+            (cap - plain) / n as f64
+        );
+    }
+    let stats: PerCpuArrayU64 = aya::maps::PerCpuArray::try_from(open(MAP_DNS_STATS)).unwrap();
+    let learned: u64 = stats.get(&(DnsStat::Learned as u32), 0).unwrap().iter().sum();
+    assert!(learned >= 3 * 5 * REPEAT_DNS as u64, "every capture run learned ({learned})");
+}
+
+type PerCpuArrayU64 = aya::maps::PerCpuArray<aya::maps::MapData, u64>;

@@ -725,3 +725,62 @@ fn verifier_processed_instructions() {
         println!("verifier: {name}: processed {} insns", info.verified_instruction_count().unwrap_or(0));
     }
 }
+
+// ---------------------------------------------------------------------------
+// cgroup programs: capture when they are the judge, never twice
+// ---------------------------------------------------------------------------
+
+#[test]
+fn cgroup_ingress_captures_for_a_pod_not_hooked_yet_and_tc_hooked_pods_once() {
+    const CG_PASS: u32 = 1;
+    in_private_netns(|dev, _| {
+        let mut fx = Fx::new("dns-cgroup");
+        // Known to the agent, interface not hooked yet: the cgroup programs judge it.
+        let starting = "10.0.0.12";
+        let enforce = EP_LOCAL | EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS | EP_FQDN;
+        fx.dp.endpoint(starting, ID_POD, enforce, 0);
+        let q = msg(0x0100, 1, 0, 0, &question("api.example.com", T_A));
+        assert_eq!(fx.dp.run_cgroup("zt_cgroup_egress", &udp(starting, DNS, CPORT, 53, &q), Some(dev)), CG_PASS);
+        let m = answer("api.example.com", T_A, &[a(60, IP1)]);
+        assert_eq!(fx.dp.run_cgroup("zt_cgroup_ingress", &udp(DNS, starting, 53, CPORT, &m), Some(dev)), CG_PASS);
+        expect(&fx, TC_PASS, &[("learned", 1), ("ips-learned", 1)]);
+        assert!(fx.learned(ID_POD, IP1).is_some());
+        let ev = fx.dns_events();
+        assert_eq!((ev.len(), ev[0].ifindex), (1, CGROUP_HOOK_IFINDEX));
+        // A hooked pod's answer is captured at its TC hook; the cgroup program leaves it.
+        fx.answer(&answer("api.example.com", T_A, &[a(60, IP2)]));
+        assert_eq!(fx.stat(DnsStat::Answers), 2);
+        assert_eq!(fx.dp.run_cgroup("zt_cgroup_ingress", &udp(DNS, POD, 53, CPORT, &m), Some(dev)), CG_PASS);
+        assert_eq!(fx.stat(DnsStat::Answers), 2);
+    });
+}
+
+#[test]
+fn full_event_ring_is_counted_and_learning_goes_on() {
+    let fx = Fx::new("dns-ring");
+    let m = answer("api.example.com", T_A, &[a(60, IP1)]);
+    fx.query(POD, DNS, UDP);
+    // Nobody reads the 1 MiB ring: about 950 events fit.
+    let (v, _) = fx.dp.run_n(TO, &udp(DNS, POD, 53, CPORT, &m), 1500);
+    assert_eq!(v, TC_PASS);
+    let sent = fx.stat(DnsStat::EventSent);
+    let full = fx.stat(DnsStat::EventRingFull);
+    assert!(sent > 0 && full > 0 && sent + full == 1500, "sent {sent}, ring full {full}");
+    assert_eq!(fx.stat(DnsStat::Learned), 1500);
+}
+
+#[test]
+fn visibility_only_endpoint_gets_events_and_learns_nothing() {
+    let mut fx = Fx::new("dns-visibility");
+    let enforce = EP_LOCAL | EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS;
+    fx.dp.endpoint(PLAIN, ID_PLAIN, enforce | EP_DNS_VISIBILITY, TEST_IFINDEX);
+    fx.query(PLAIN, DNS, UDP);
+    let m = answer("api.example.com", T_A, &[a(60, IP1)]);
+    assert_eq!(fx.dp.run(TO, &udp(DNS, PLAIN, 53, CPORT, &m)), TC_PASS);
+    expect(&fx, TC_PASS, &[("no-match", 1)]);
+    assert_eq!(fx.learned_len(), 0);
+    let ev = fx.dns_events();
+    assert_eq!(ev.len(), 1);
+    assert_eq!((ev[0].local_id, ev[0].slots, ev[0].outcome), (ID_PLAIN, 0, DnsStat::NoMatch as u8));
+    assert_eq!(&ev[0].data[..m.len()], &m[..]);
+}

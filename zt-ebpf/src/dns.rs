@@ -61,6 +61,8 @@ pub struct State {
     client: [u8; 16],
     server: [u8; 16],
     local: u32,
+    /// 1 when the endpoint has FQDN rules (else only visibility).
+    learn: u32,
     peer: u32,
     ifindex: u32,
     l4_off: u32,
@@ -178,8 +180,9 @@ pub fn note(f: &Flow, hook: &Hook, ids: &Ids) -> bool {
         (*s).st.client = f.daddr;
         (*s).st.server = f.saddr;
     }
-    // Visibility only: no identity to learn for.
-    put(st!(s, local), if flags & EP_FQDN != 0 { ids.local } else { 0 });
+    put(st!(s, local), ids.local);
+    // Visibility only: nothing to learn.
+    put(st!(s, learn), (flags & EP_FQDN != 0) as u32);
     put(st!(s, peer), ids.peer);
     put(st!(s, ifindex), hook.ifindex);
     put(st!(s, l4_off), f.l4_off as u32);
@@ -197,7 +200,8 @@ pub fn capture(skb: *mut __sk_buff) {
         return;
     }
     stat(DnsStat::Answers);
-    let outcome = parse(s, cfg, get(st!(s, local)));
+    let learn_for = if get(st!(s, learn)) != 0 { get(st!(s, local)) } else { 0 };
+    let outcome = parse(s, cfg, learn_for);
     put(st!(s, outcome), outcome);
     event(skb, s);
 }
@@ -273,7 +277,8 @@ fn locate(skb: *mut __sk_buff, s: *mut Scratch) -> bool {
     true
 }
 
-/// Parses the loaded message, learns, counts; returns the outcome for the event.
+/// Parses the loaded message, learns for identity `local` (0: learn nothing, the
+/// endpoint only wants visibility), counts; returns the outcome for the event.
 #[inline(never)]
 fn parse(s: *mut Scratch, cfg: &FqdnConfig, local: u32) -> u32 {
     let r = header(s);
