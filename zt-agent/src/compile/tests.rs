@@ -1084,7 +1084,9 @@ mod fqdn_rules {
     }
 
     /// (prefix, proto, port) -> (slots, rule ids of the set slots)
-    fn ports_of(d: &Desired, local: u32) -> Vec<((u32, u8, u16), (u32, Vec<u32>))> {
+    type PortsEntry = ((u32, u8, u16), (u32, Vec<u32>));
+
+    fn ports_of(d: &Desired, local: u32) -> Vec<PortsEntry> {
         d.fqdn_ports
             .iter()
             .filter(|(k, _)| k.key.local_id() == local)
