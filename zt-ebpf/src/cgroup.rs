@@ -12,7 +12,7 @@ use aya_ebpf::{helpers::bpf_skb_cgroup_id, programs::SkBuffContext};
 use zt_common::*;
 
 use crate::{
-    datapath,
+    datapath, dns,
     maps::ENDPOINTS,
     parse::{self, Flow, Parsed},
     policy::Hook,
@@ -43,11 +43,14 @@ pub fn handle(ctx: &SkBuffContext, dir: u8) -> i32 {
     // pod's tracked flow.
     let scope = cgroup_scope(unsafe { bpf_skb_cgroup_id(skb) });
     let hook = Hook { ifindex: CGROUP_HOOK_IFINDEX, dir, scope };
-    if datapath::judge(&hook, &f, parsed) {
-        CG_PASS
-    } else {
-        CG_DROP
+    let mut dns_answer = false;
+    if !datapath::judge(&hook, &f, parsed, &mut dns_answer) {
+        return CG_DROP;
     }
+    if dns_answer {
+        dns::capture(skb);
+    }
+    CG_PASS
 }
 
 /// A hooked local pod (its TC programs judge it) or the node itself.

@@ -4,9 +4,9 @@ use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
 use zt_common::*;
 
 use crate::{
-    conntrack,
+    conntrack, dns,
     maps::{CONFIG, FRAGS},
-    parse::{self, Flow, Frag, Parsed},
+    parse::{self, Flow, Frag, Parsed, IPPROTO_TCP, IPPROTO_UDP},
     policy::{self, Decision, Hook, Judged},
     verdict,
 };
@@ -22,17 +22,23 @@ pub fn handle(ctx: &TcContext, dir: u8) -> i32 {
     let hook = Hook { ifindex, dir, scope: ifindex };
     let mut f = Flow::zeroed();
     let parsed = parse::parse(ctx.skb.skb, &mut f, parse::L3_AFTER_ETH);
-    if judge(&hook, &f, parsed) {
-        TC_PASS
-    } else {
-        TC_DROP
+    let mut dns_answer = false;
+    if !judge(&hook, &f, parsed, &mut dns_answer) {
+        return TC_DROP;
     }
+    if dns_answer {
+        dns::capture(ctx.skb.skb);
+    }
+    TC_PASS
 }
 
 /// The verdict for a parsed packet at `hook` (true = pass), counted and reported.
 /// Shared by the TC hooks and the cgroup programs (which judge as hook ifindex 0).
+/// `dns_answer` is set for a DNS answer to capture (`dns::note` holds its details): the
+/// caller runs `dns::capture` last, from one call site, so that the verifier checks the
+/// parser once rather than once per path through the datapath.
 #[inline(always)]
-pub fn judge(hook: &Hook, f: &Flow, parsed: Parsed) -> bool {
+pub fn judge(hook: &Hook, f: &Flow, parsed: Parsed, dns_answer: &mut bool) -> bool {
     let dir = hook.dir;
     if parsed == Parsed::NonIp {
         verdict::count(dir, Reason::AllowNonIp);
@@ -53,12 +59,12 @@ pub fn judge(hook: &Hook, f: &Flow, parsed: Parsed) -> bool {
         }
         Parsed::Malformed => drop_unjudged(cfg, hook, f, Reason::DropMalformed),
         Parsed::TooManyExtHeaders => drop_unjudged(cfg, hook, f, Reason::DropIpv6ExtHeaders),
-        Parsed::Flow => handle_flow(cfg, hook, f),
+        Parsed::Flow => handle_flow(cfg, hook, f, dns_answer),
     }
 }
 
 #[inline(always)]
-fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow) -> bool {
+fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow, dns_answer: &mut bool) -> bool {
     if let Frag::Later = f.frag {
         return later_fragment(cfg, hook, f);
     }
@@ -78,7 +84,7 @@ fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow) -> bool {
             // The policy changed since this flow was admitted: judge it again as the
             // flow it is (its original direction and port).
             let (odir, port) = if reply { (dir ^ 1, unsafe { (*ct).policy_port }) } else { (dir, f.policy_port) };
-            policy::decide(cfg, hook, f, &Judged { dir: odir, port }, &mut d);
+            policy::decide(cfg, hook, f, &Judged { dir: odir, port, tracked: true }, &mut d);
             if !d.allow {
                 conntrack::remove(f, hook, reply);
                 d.reason = Reason::DropRevoked;
@@ -88,10 +94,18 @@ fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow) -> bool {
         }
         conntrack::touch(ct, now);
         note_first_fragment(f, hook, now);
+        // A DNS answer to a query this pod sent: learn from it before the pod reads it.
+        if reply && dir == DIR_INGRESS && f.sport == 53 && (f.proto == IPPROTO_UDP || f.proto == IPPROTO_TCP) {
+            let ids = dns::Ids { local: unsafe { (*ct).local_id }, peer: unsafe { (*ct).peer_id } };
+            *dns_answer = dns::note(f, hook, &ids);
+        }
         verdict::count(dir, if reply { Reason::AllowReply } else { Reason::AllowEstablished });
         return true;
     }
-    policy::decide(cfg, hook, f, &Judged { dir, port: f.policy_port }, &mut d);
+    if dir == DIR_INGRESS && f.sport == 53 && (f.proto == IPPROTO_UDP || f.proto == IPPROTO_TCP) {
+        dns::untracked(f);
+    }
+    policy::decide(cfg, hook, f, &Judged { dir, port: f.policy_port, tracked: false }, &mut d);
     if !d.allow {
         return drop_judged(cfg, hook, f, &d);
     }

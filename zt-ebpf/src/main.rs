@@ -15,6 +15,10 @@ mod conntrack;
 #[cfg(target_arch = "bpf")]
 mod datapath;
 #[cfg(target_arch = "bpf")]
+mod dns;
+#[cfg(target_arch = "bpf")]
+mod fqdn;
+#[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod parse;

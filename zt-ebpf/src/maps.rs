@@ -46,3 +46,46 @@ pub static RATELIMIT: PerCpuArray<RateLimit> = PerCpuArray::pinned(1, 0);
 /// Drop (and optionally allow) events for the agent.
 #[map(name = "ZT_EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
+
+// ---------------------------------------------------------------------------
+// FQDN policy (issue 4): see dns.rs (capture) and fqdn.rs (decision)
+// ---------------------------------------------------------------------------
+
+/// Hash key, TTL bounds, grace and event budget of the DNS capture.
+#[map(name = "ZT_FQDN_CONFIG")]
+pub static FQDN_CONFIG: Array<FqdnConfig> = Array::pinned(1, 0);
+
+/// (local identity, exact/suffix, name hash) -> slots: the names each identity may reach.
+#[map(name = "ZT_FQDN_NAMES")]
+pub static FQDN_NAMES: aya_ebpf::maps::HashMap<FqdnNameKey, FqdnNameValue> =
+    aya_ebpf::maps::HashMap::pinned(DEFAULT_FQDN_NAMES_MAX, 0);
+
+/// (local, proto, port) -> slots allowing it and their rule ids.
+#[map(name = "ZT_FQDN_PORTS")]
+pub static FQDN_PORTS: LpmTrie<PolicyKey, FqdnPortsValue> = LpmTrie::pinned(DEFAULT_FQDN_PORTS_MAX, 0);
+
+/// (address, local identity) -> expiry and slots, learned from DNS answers. LRU so that
+/// learning goes on (evicting the oldest) when full, also with the agent down.
+#[map(name = "ZT_FQDN_LEARNED")]
+pub static FQDN_LEARNED: LruHashMap<FqdnLearnedKey, FqdnLearnedValue> =
+    LruHashMap::pinned(DEFAULT_FQDN_LEARNED_MAX, 0);
+
+/// Identities whose DNS answers are trusted.
+#[map(name = "ZT_DNS_SERVERS")]
+pub static DNS_SERVERS: aya_ebpf::maps::HashMap<u32, u32> = aya_ebpf::maps::HashMap::pinned(DNS_SERVERS_MAX, 0);
+
+/// Capture outcome counters, indexed by `DnsStat`.
+#[map(name = "ZT_DNS_STATS")]
+pub static DNS_STATS: PerCpuArray<u64> = PerCpuArray::pinned(DNS_STAT_SLOTS, 0);
+
+/// Copies of captured answers for the agent.
+#[map(name = "ZT_DNS_EVENTS")]
+pub static DNS_EVENTS: RingBuf = RingBuf::pinned(DNS_EVENTS_RING_BYTES, 0);
+
+/// Per-CPU token bucket of DNS events.
+#[map(name = "ZT_DNS_RATELIMIT")]
+pub static DNS_RATELIMIT: PerCpuArray<RateLimit> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU working memory of the DNS parser (not pinned: nothing outlives a packet).
+#[map(name = "ZT_DNS_SCRATCH")]
+pub static DNS_SCRATCH_MAP: PerCpuArray<crate::dns::Scratch> = PerCpuArray::with_max_entries(1, 0);

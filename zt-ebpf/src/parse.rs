@@ -42,6 +42,10 @@ pub struct Flow {
     /// ICMP errors: `quoted` holds the flow the error is about, as quoted in its payload.
     pub related: bool,
     pub quoted: Quoted,
+    /// Absolute offset of the L4 header in the skb (whichever L3 start the hook uses).
+    pub l4_off: u16,
+    /// Absolute end of the IP datagram in the skb (excludes link-layer padding).
+    pub ip_end: u32,
 }
 
 /// The header an ICMP error quotes: the offending packet, in its own direction.
@@ -73,7 +77,7 @@ pub enum Parsed {
 
 impl Flow {
     pub const fn zeroed() -> Flow {
-        Flow { saddr: [0; 16], daddr: [0; 16], sport: 0, dport: 0, proto: 0, policy_port: 0, frag: Frag::None, frag_id: 0, related: false, quoted: Quoted::zeroed() }
+        Flow { saddr: [0; 16], daddr: [0; 16], sport: 0, dport: 0, proto: 0, policy_port: 0, frag: Frag::None, frag_id: 0, related: false, quoted: Quoted::zeroed(), l4_off: 0, ip_end: 0 }
     }
 }
 
@@ -119,6 +123,7 @@ fn parse_v4(ctx: &TcContext, flow: &mut Flow, l3: usize) -> Result<Parsed, ()> {
     if tot_len != 0 && (tot_len < ihl || l3 + tot_len > ctx.len() as usize) {
         return Err(());
     }
+    flow.ip_end = if tot_len == 0 { ctx.len() } else { (l3 + tot_len) as u32 };
     let id = u16::from_be(load::<u16>(ctx, l3 + 4)?) as u32;
     let frag_off = u16::from_be(load::<u16>(ctx, l3 + 6)?);
     let proto: u8 = load(ctx, l3 + 9)?;
@@ -153,6 +158,8 @@ fn parse_v6(ctx: &TcContext, flow: &mut Flow, l3: usize) -> Result<Parsed, ()> {
     if l3 + 40 + payload_len > ctx.len() as usize {
         return Err(());
     }
+    // 0 is a jumbogram (hop-by-hop length): the datagram is the rest of the skb.
+    flow.ip_end = if payload_len == 0 { ctx.len() } else { (l3 + 40 + payload_len) as u32 };
     let mut next: u8 = load(ctx, l3 + 6)?;
     let link_scoped_src: bool;
     let hop_limit: u8 = load(ctx, l3 + 7)?;
@@ -231,6 +238,7 @@ fn parse_v6(ctx: &TcContext, flow: &mut Flow, l3: usize) -> Result<Parsed, ()> {
 #[inline(always)]
 fn l4(ctx: &TcContext, off: usize, flow: &mut Flow, v6: bool) -> Result<(), ()> {
     let len = ctx.len() as usize;
+    flow.l4_off = off as u16;
     match flow.proto {
         IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
             let min = match flow.proto {

@@ -6,6 +6,7 @@ use aya_ebpf::maps::lpm_trie::Key;
 use zt_common::*;
 
 use crate::{
+    fqdn,
     maps::{CIDRS, ENDPOINTS, POLICY},
     parse::Flow,
 };
@@ -49,16 +50,19 @@ pub fn peer_identity(addr: &[u8; 16]) -> u32 {
 pub struct Judged {
     pub dir: u8,
     pub port: u16,
+    /// Re-verification of a tracked flow (after a policy epoch bump).
+    pub tracked: bool,
 }
 
 /// Not inlined: its own BPF function and stack frame (BPF calls take 5 arguments).
 #[inline(never)]
 pub fn decide(cfg: &Config, hook: &Hook, f: &Flow, j: &Judged, out: &mut Decision) {
-    *out = decide_inner(cfg, hook, f, j.dir, j.port);
+    *out = decide_inner(cfg, hook, f, j);
 }
 
 #[inline(always)]
-fn decide_inner(cfg: &Config, hook: &Hook, f: &Flow, dir: u8, port: u16) -> Decision {
+fn decide_inner(cfg: &Config, hook: &Hook, f: &Flow, j: &Judged) -> Decision {
+    let (dir, port) = (j.dir, j.port);
     let proto = f.proto;
     let ifindex = hook.ifindex;
     // The hook, not the judged direction, says which address is the local pod.
@@ -101,6 +105,14 @@ fn decide_inner(cfg: &Config, hook: &Hook, f: &Flow, dir: u8, port: u16) -> Deci
     }
     if any_v == VERDICT_ALLOW {
         return allow(Reason::AllowPolicy, local_id, peer_id, any_r);
+    }
+    // Names learned from DNS answers: only for peers outside the cluster (a pod keeps
+    // its pod identity whatever name resolved to it). Denies were checked above.
+    if dir == DIR_EGRESS && ep.flags & EP_FQDN != 0 && (peer_id == IDENTITY_WORLD || peer_id & IDENTITY_CIDR_FLAG != 0) {
+        let rule = fqdn::allowed(local_id, peer, proto, port, j.tracked);
+        if rule != 0 {
+            return allow(Reason::AllowFqdn, local_id, peer_id, rule);
+        }
     }
     deny(Reason::DropPolicyDefault, local_id, peer_id, 0)
 }
