@@ -119,12 +119,17 @@ fn changes<K: Ord, V: PartialEq>(have: &BTreeMap<K, V>, want: &BTreeMap<K, V>) -
 /// Does going from `have` to `want` take anything away from a tracked flow? Every
 /// change does except new allow entries: a removal or changed value, a new deny (it may
 /// cover a port an existing allow admitted), and a new endpoint or CIDR (a peer address
-/// may now resolve to another identity). For the FQDN maps, any removal or change.
+/// may now resolve to another identity). For the FQDN maps, a removal or a lost slot.
 pub fn withdraws(have: &Contents, want: &Contents) -> bool {
-    changes(&have.fqdn_names, &want.fqdn_names)
-        || changes(&have.fqdn_ports, &want.fqdn_ports)
-        || changes(&have.dns_servers, &want.dns_servers)
-        || withdraws_policy(have, want)
+    // FQDN entries that only gain slots (a new rule for the same name or port) take
+    // nothing away.
+    let names = have.fqdn_names.iter().any(|(k, v)| want.fqdn_names.get(k).is_none_or(|w| v.slots & !w.slots != 0));
+    let ports = have.fqdn_ports.iter().any(|(k, v)| {
+        want.fqdn_ports.get(k).is_none_or(|w| {
+            v.slots & !w.slots != 0 || (0..32).any(|s| v.slots & (1 << s) != 0 && v.rule_ids[s] != w.rule_ids[s])
+        })
+    });
+    names || ports || changes(&have.dns_servers, &want.dns_servers) || withdraws_policy(have, want)
 }
 
 fn withdraws_policy(have: &Contents, want: &Contents) -> bool {

@@ -14,7 +14,7 @@ use zt_agent::{
     loader::{ensure_fqdn_config, FqdnSettings, MapSizes},
     model::{source_dir::parse_manifests, ClusterState},
     net::to_key,
-    sync::{apply, clear_learned, Capacities, Contents},
+    sync::{apply, clear_learned, withdraws, Capacities, Contents},
 };
 use zt_common::*;
 
@@ -69,6 +69,18 @@ fn fqdn_maps_diff_noop_and_withdraw() {
     let mut reread = Contents::read(&dp.maps).unwrap();
     let st = apply(&mut dp.maps, &mut reread, &want(3), &caps(&s)).unwrap();
     assert_eq!((st.written, st.removed), (0, 0));
+    // A name or port entry that only gains a slot takes nothing away.
+    let mut more = want(3);
+    more.fqdn_names.values_mut().next().unwrap().slots = 0b11;
+    more.fqdn_ports.values_mut().next().unwrap().slots |= 0b100;
+    more.fqdn_ports.values_mut().next().unwrap().rule_ids[2] = 9;
+    assert!(!withdraws(&have, &more));
+    let mut lost = more.clone();
+    lost.fqdn_names.values_mut().next().unwrap().slots = 0b10;
+    assert!(withdraws(&have, &lost), "a name lost slot 0");
+    let mut renamed = more.clone();
+    renamed.fqdn_ports.values_mut().next().unwrap().rule_ids[1] ^= 1; // the any-protocol entry: slot 1
+    assert!(withdraws(&have, &renamed), "another rule behind a slot");
     // A removed name withdraws; so does a changed port value and a removed server.
     let st = apply(&mut dp.maps, &mut have, &want(2), &caps(&s)).unwrap();
     assert_eq!((st.written, st.removed, st.withdrew), (0, 1, true));

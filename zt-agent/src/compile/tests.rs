@@ -1084,7 +1084,9 @@ mod fqdn_rules {
     }
 
     /// (prefix, proto, port) -> (slots, rule ids of the set slots)
-    fn ports_of(d: &Desired, local: u32) -> Vec<((u32, u8, u16), (u32, Vec<u32>))> {
+    type PortsEntry = ((u32, u8, u16), (u32, Vec<u32>));
+
+    fn ports_of(d: &Desired, local: u32) -> Vec<PortsEntry> {
         d.fqdn_ports
             .iter()
             .filter(|(k, _)| k.key.local_id() == local)
@@ -1266,15 +1268,20 @@ mod fqdn_rules {
 
     #[test]
     fn thirty_third_fqdn_rule_is_an_error_naming_the_policy() {
-        let egress = |n: usize| -> String { (0..n).map(|i| format!("    - to: [{{fqdn: {{matchName: n{i}.x.com}}}}]\n")).collect() };
-        let d = frun(&web_policy(&egress(32)));
+        let egress = |from: usize, n: usize| -> String {
+            (from..from + n).map(|i| format!("    - to: [{{fqdn: {{matchName: n{i}.x.com}}}}]\n")).collect()
+        };
+        let d = frun(&web_policy(&egress(0, 32)));
         assert_eq!(d.fqdn_slots[&id(&d, "web")].len(), 32);
-        let e = fcompile(&web_policy(&egress(33)), &mut FqdnSlots::new()).unwrap_err();
-        assert_eq!(e.object.as_deref(), Some("ZeroTrustPolicy default/web-out"));
-        assert_eq!(e.field.as_deref(), Some("spec.egress[32]"));
+        // One policy over the limit is a validation error (see model::ztp); two policies
+        // together exceed it at compile time, naming the policy where it happened.
+        let second = ztp("default", "web-second", &format!("  subjects: [{{podSelector: {{matchLabels: {{app: web}}}}}}]\n  egress:\n{}", egress(20, 13)));
+        let e = fcompile(&(web_policy(&egress(0, 20)) + &second), &mut FqdnSlots::new()).unwrap_err();
+        assert_eq!(e.object.as_deref(), Some("ZeroTrustPolicy default/web-second"));
+        assert_eq!(e.field.as_deref(), Some("spec.egress[12]"));
         assert!(e.message.contains("is subject to more than 32 FQDN rules") && e.message.contains("service account web"), "{e}");
         // Slots are per identity: 32 rules for each of two identities compile.
-        let two = ztp("default", "all", &format!("  egress:\n{}", egress(32)));
+        let two = ztp("default", "all", &format!("  egress:\n{}", egress(0, 32)));
         let d = frun(&two);
         assert_eq!(d.fqdn_slots.len(), 2);
     }

@@ -468,8 +468,30 @@ pub fn validate_ztp(p: &ZeroTrustPolicy) -> Result<(), FieldError> {
     for (i, r) in p.spec.ingress.iter().flatten().enumerate() {
         validate_rule(&format!("spec.ingress[{i}]"), &r.view())?;
     }
+    // Each distinct set of fqdn names takes one of an identity's 32 FQDN slots. Checked
+    // per policy here, so that one policy over the limit is rejected alone; several
+    // policies together can still exceed it for one identity (a compile error).
+    let mut name_sets = std::collections::BTreeSet::new();
     for (i, r) in p.spec.egress.iter().flatten().enumerate() {
-        validate_rule(&format!("spec.egress[{i}]"), &r.view())?;
+        let path = format!("spec.egress[{i}]");
+        validate_rule(&path, &r.view())?;
+        let names: std::collections::BTreeSet<FqdnMatch> = r
+            .to
+            .iter()
+            .flatten()
+            .filter_map(|peer| peer.fqdn.as_ref()?.parse("").ok())
+            .filter(|m| *m != FqdnMatch::Any)
+            .collect();
+        if !names.is_empty() && name_sets.insert(names) && name_sets.len() > zt_common::FQDN_MAX_SLOTS as usize {
+            return Err(FieldError::new(
+                path,
+                format!(
+                    "more than {} FQDN rules (distinct sets of fqdn names) in one policy: an identity can be subject to at most {}",
+                    zt_common::FQDN_MAX_SLOTS,
+                    zt_common::FQDN_MAX_SLOTS
+                ),
+            ));
+        }
     }
     Ok(())
 }
@@ -803,6 +825,15 @@ mod tests {
             assert_eq!(e.path, path, "{spec}: {e}");
             assert!(e.message.contains(msg), "{spec}: {e}");
         }
+        // 33 distinct name sets in one policy; 32, or repeated sets, are fine.
+        let rules = |n: usize, distinct: bool| -> String {
+            (0..n).map(|i| format!("{{to: [{{fqdn: {{matchName: n{}.x.com}}}}]}}", if distinct { i } else { 0 })).collect::<Vec<_>>().join(", ")
+        };
+        let e = validate_ztp(&parse(&format!("{HEAD}spec:\n  egress: [{}]\n", rules(33, true)))).unwrap_err();
+        assert_eq!(e.path, "spec.egress[32]");
+        assert!(e.message.contains("at most 32"), "{e}");
+        validate_ztp(&parse(&format!("{HEAD}spec:\n  egress: [{}]\n", rules(32, true)))).unwrap();
+        validate_ztp(&parse(&format!("{HEAD}spec:\n  egress: [{}]\n", rules(40, false)))).unwrap();
         // The limits themselves are accepted.
         let ok = format!("{}.{}.com", "a".repeat(63), ["b"; 93].join("."));
         assert_eq!(ok.len(), 253);
