@@ -376,8 +376,9 @@ fn expiry_after_ttl_and_grace() {
     assert!(flow.roundtrip(ALLOWED), "the live flow survives expiry");
 
     let epoch0 = f.metrics().val("zt_policy_epoch", &[]);
+    let updates0 = f.metrics().val("zt_map_updates_total", &[]);
     f.write("30-unrelated.yaml", &allow_other_tcp(80));
-    std::thread::sleep(Duration::from_millis(400));
+    f.wait_until("the unrelated allow applied", || f.metrics().val("zt_map_updates_total", &[]) > updates0);
     f.remove("30-unrelated.yaml");
     f.wait_until("an epoch bump", || f.metrics().val("zt_policy_epoch", &[]) > epoch0);
     assert!(flow.roundtrip(ALLOWED), "the tracked flow is re-judged after the bump and stays allowed");
