@@ -588,3 +588,25 @@ fn bad_fqdn_rules_are_rejected() {
     assert!(last.contains("32"), "the error says the limit: {last}");
     assert!(f.connects("client", ext_v4(1, 1)));
 }
+
+/// The agent's GC removes learned entries past expiry + grace + the TCP conntrack timeout
+/// (all 1 s here) within its 10 s period, and the name leaves ztctl with them.
+#[test]
+fn gc_removes_expired_entries() {
+    let mut f = fqdn_bed(&["--fqdn-min-ttl", "1", "--fqdn-grace", "1", "--ct-tcp-timeout", "1"]);
+    f.start_responder(Arc::new(|q| {
+        let name = dns::qname(q)?;
+        (name == "gc.race.test").then(|| dns::answer(q, &[ext_v4(7, 1)], 1))
+    }));
+    dns::resolve_in(&f.ns("client"), f.dns2(), "gc.race.test", RecordType::A, Duration::from_secs(2)).unwrap();
+    assert!(f.connects("client", ext_v4(7, 1)));
+    assert!(f.learned().iter().any(|r| r["ip"] == "10.78.7.1"), "listed while learned");
+    let start = std::time::Instant::now();
+    while f.learned().iter().any(|r| r["ip"] == "10.78.7.1") {
+        assert!(start.elapsed() < Duration::from_secs(20), "GC did not remove 10.78.7.1 within 20 s");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    println!("removed by GC after {:?}", start.elapsed());
+    assert!(f.metrics().val("zt_fqdn_gc_removed_total", &[]) >= 1.0);
+    assert!(f.denied("client", ext_v4(7, 1)));
+}
