@@ -1165,6 +1165,12 @@ pub fn sweep_stale() -> Result<Vec<String>> {
             }
         }
     }
+    // A run created after the listing above is live too: its run dir exists before any
+    // of its netns, temp dir or cgroup (parallel tests sweep while others start).
+    let live_now = |run: &str| {
+        live.iter().any(|r| r == run)
+            || (!stale.iter().any(|s| s.0 == run) && Path::new(RUN_ROOT).join(run).exists())
+    };
     let is_run_ns = |ns: &str| {
         ns.len() > 9
             && ns.starts_with("zt")
@@ -1183,7 +1189,7 @@ pub fn sweep_stale() -> Result<Vec<String>> {
         }
     }
     for ns in sys::netns_list() {
-        if is_run_ns(&ns) && !live.iter().any(|r| ns[2..8] == *r) {
+        if is_run_ns(&ns) && !live_now(&ns[2..8]) {
             match sys::netns_del(&ns) {
                 Ok(()) => removed.push(format!("netns {ns}")),
                 Err(e) => eprintln!("sweep: {e:#}"),
@@ -1197,7 +1203,7 @@ pub fn sweep_stale() -> Result<Vec<String>> {
         for e in rd.flatten() {
             let n = e.file_name().to_string_lossy().to_string();
             if let Some(run) = n.strip_prefix("zt-testbed-") {
-                if run.len() == 6 && !live.iter().any(|r| r == run) && !tmps.contains(&e.path()) {
+                if run.len() == 6 && !live_now(run) && !tmps.contains(&e.path()) {
                     tmps.push(e.path());
                 }
             }
@@ -1214,7 +1220,7 @@ pub fn sweep_stale() -> Result<Vec<String>> {
         let s = m.display().to_string();
         if let Some(pos) = s.find("zt-testbed-") {
             let run = &s[pos + 11..(pos + 17).min(s.len())];
-            if !live.iter().any(|r| r == run) {
+            if !live_now(run) {
                 sys::umount_below(&m);
                 removed.push(format!("mount {s}"));
             }
@@ -1227,7 +1233,7 @@ pub fn sweep_stale() -> Result<Vec<String>> {
             for e in rd.flatten() {
                 let n = e.file_name().to_string_lossy().to_string();
                 if let Some(run) = n.strip_prefix("zt-test-") {
-                    if !live.iter().any(|r| r == run) && !cgs.contains(&e.path()) {
+                    if !live_now(run) && !cgs.contains(&e.path()) {
                         cgs.push(e.path());
                     }
                 }
