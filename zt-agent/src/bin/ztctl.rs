@@ -177,8 +177,8 @@ fn run() -> Result<()> {
             let fq = zt_agent::fqdn::FqdnMaps::open(&cli.bpffs_root)?;
             if stats {
                 let s = fq.stats()?;
-                let rows: Vec<(String, u64)> = zt_common::DnsStat::ALL.iter().map(|st| (st.name().to_string(), s[*st as usize])).collect();
-                return ctl::print(json, &rows, |(n, v)| format!("{n:<22} {v}"), &format!("{:<22} ANSWERS", "OUTCOME"));
+                let rows: Vec<ctl::fqdn::StatRow> = zt_common::DnsStat::ALL.iter().map(|st| ctl::fqdn::StatRow { outcome: st.name().to_string(), answers: s[*st as usize] }).collect();
+                return ctl::print(json, &rows, |r| format!("{:<22} {}", r.outcome, r.answers), &format!("{:<22} ANSWERS", "OUTCOME"));
             }
             let rows = ctl::fqdn::rows(&maps()?, &fq, &snap()?, &cli.state_dir, identity.as_deref(), name.as_deref())?;
             ctl::print(json, &rows, ctl::fqdn::table_row, &ctl::fqdn::table_header())

@@ -148,6 +148,13 @@ pub fn explain_step(maps: &PinnedMaps, snap: &Snapshot, local: u32, peer: IpAddr
     Some(rule)
 }
 
+/// `ztctl fqdn --stats`: one `ZT_DNS_STATS` counter (summed over CPUs).
+#[derive(Serialize, Debug, Clone)]
+pub struct StatRow {
+    pub outcome: String,
+    pub answers: u64,
+}
+
 #[derive(Serialize, Debug, Clone)]
 pub struct NamesRow {
     pub identity: u32,
