@@ -26,6 +26,7 @@
 //! ```
 
 pub mod agent;
+pub mod apiserver;
 pub mod bins;
 pub mod manifest;
 pub mod probe;
@@ -39,6 +40,7 @@ pub mod topology;
 mod selftest;
 
 pub use agent::AgentHandle;
+pub use apiserver::{ApiServer, Listener as ApiListener, Verb};
 pub use manifest::{Manifests, NodeObj, Pod, Port, Proto};
 pub use probe::{probe_here, Matrix, ProbeResult, ProbeSpec, DEFAULT_TIMEOUT};
 pub use testbed::{pod_pairs, probe_in, run_matrix, sweep_stale, TcpFlow, Testbed, TestbedOptions};
