@@ -794,6 +794,34 @@ impl Testbed {
         manifests_dir: &Path,
         extra_args: &[&str],
     ) -> Result<AgentHandle> {
+        let source = ["--manifests".into(), manifests_dir.display().to_string()];
+        self.spawn_agent(node, agent_bin, source, extra_args)
+    }
+
+    /// Like [`Testbed::start_agent`], but the agent watches the Kubernetes API
+    /// stand-in `api`: a listener is opened in `node`'s netns and the agent gets
+    /// `--kubeconfig <file>` instead of `--manifests <dir>`.
+    pub fn start_agent_kube(
+        &self,
+        node: &str,
+        agent_bin: &Path,
+        api: &crate::ApiServer,
+        extra_args: &[&str],
+    ) -> Result<AgentHandle> {
+        let ni = self.node(node).ok_or_else(|| anyhow!("no node {node}"))?;
+        let listener = api.listen_in(Some(&ni.netns_path()))?;
+        let kubeconfig = api.kubeconfig(&listener)?;
+        let source = ["--kubeconfig".into(), kubeconfig.display().to_string()];
+        self.spawn_agent(node, agent_bin, source, extra_args)
+    }
+
+    fn spawn_agent(
+        &self,
+        node: &str,
+        agent_bin: &Path,
+        source: [String; 2],
+        extra_args: &[&str],
+    ) -> Result<AgentHandle> {
         let ni = self.node(node).ok_or_else(|| anyhow!("no node {node}"))?;
         let (bpffs, state_dir, admin) = agent_paths(&self.tmp_dir, node);
         if !sys::mount_points().contains(&bpffs) {
@@ -821,9 +849,8 @@ impl Testbed {
             metrics_addr.to_string(),
             "--node-name".into(),
             node.to_string(),
-            "--manifests".into(),
-            manifests_dir.display().to_string(),
         ];
+        args.extend(source);
         args.extend(extra_args.iter().map(|s| s.to_string()));
         let bin = std::fs::canonicalize(agent_bin)
             .with_context(|| format!("agent binary {}", agent_bin.display()))?;

@@ -71,12 +71,22 @@ fn error_response(e: &ApiError) -> Response<Body> {
     json_response(e.code, &e.status())
 }
 
-/// Accept TLS connections on `listener` until the runtime shuts down. A connection
-/// is cut when the server is made unavailable (its open watches end abruptly).
+/// Accept TLS connections on `listener` until the server is made unavailable: then
+/// the listening socket closes (connections are refused, as from an unreachable API
+/// server) and every open connection is cut (open watches end abruptly).
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let _running = AcceptLoop::start(&shared);
     let acceptor = TlsAcceptor::from(shared.creds.server_config.clone());
+    let mut outage = shared.outage.subscribe();
     loop {
-        let Ok((tcp, _)) = listener.accept().await else {
+        if !shared.available.load(Ordering::SeqCst) {
+            return;
+        }
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = outage.changed() => return,
+        };
+        let Ok((tcp, _)) = accepted else {
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
@@ -96,6 +106,22 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 _ = outage.changed() => {}
             }
         });
+    }
+}
+
+/// Counts running accept loops, so that going down can wait for the sockets to close.
+struct AcceptLoop(Arc<Shared>);
+
+impl AcceptLoop {
+    fn start(shared: &Arc<Shared>) -> AcceptLoop {
+        shared.accept_loops.fetch_add(1, Ordering::SeqCst);
+        AcceptLoop(shared.clone())
+    }
+}
+
+impl Drop for AcceptLoop {
+    fn drop(&mut self) {
+        self.0.accept_loops.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

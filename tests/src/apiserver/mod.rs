@@ -25,7 +25,7 @@ mod tls;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
@@ -60,8 +60,10 @@ pub(crate) struct Shared {
     /// Bumped (to the store's rv) after every change, to wake watches.
     changed: tokio::sync::watch::Sender<u64>,
     available: AtomicBool,
-    /// Bumped when the server goes down: every open connection is cut.
+    /// Bumped when the server goes down: listeners close, open connections are cut.
     outage: tokio::sync::watch::Sender<u64>,
+    accept_loops: AtomicUsize,
+    listeners: Mutex<Vec<Listener>>,
     bookmark_interval: Mutex<Duration>,
     counters: Mutex<BTreeMap<(String, Verb), u64>>,
     log: Mutex<Vec<String>>,
@@ -143,6 +145,8 @@ impl ApiServer {
             changed: tokio::sync::watch::channel(0).0,
             available: AtomicBool::new(true),
             outage: tokio::sync::watch::channel(0).0,
+            accept_loops: AtomicUsize::new(0),
+            listeners: Mutex::new(vec![]),
             bookmark_interval: Mutex::new(DEFAULT_BOOKMARK_INTERVAL),
             counters: Mutex::new(BTreeMap::new()),
             log: Mutex::new(vec![]),
@@ -189,27 +193,42 @@ impl ApiServer {
     /// Listen on 127.0.0.1:<random port> in the netns at `netns_path` (None: the
     /// test process's own netns). The listener serves until the server is dropped.
     pub fn listen_in(&self, netns_path: Option<&Path>) -> Result<Listener> {
-        let bind = || -> Result<std::net::TcpListener> {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
-            l.set_nonblocking(true)?;
-            Ok(l)
+        let l = Listener {
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            netns: netns_path.map(Path::to_path_buf),
+        };
+        let addr = self.open(&l)?;
+        let l = Listener { addr, ..l };
+        self.shared
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(l.clone());
+        Ok(l)
+    }
+
+    /// Bind `l` (in its netns) and serve it; returns the bound address.
+    fn open(&self, l: &Listener) -> Result<SocketAddr> {
+        let addr = l.addr;
+        let bind = move || -> Result<std::net::TcpListener> {
+            // std sets SO_REUSEADDR, so the same port binds again after an outage.
+            let s = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+            s.set_nonblocking(true)?;
+            Ok(s)
         };
         // A socket stays in the netns it was created in.
-        let std_listener = match netns_path {
+        let std_listener = match &l.netns {
             Some(p) => sys::in_netns(p, bind)??,
             None => bind()?,
         };
-        let addr = std_listener.local_addr()?;
+        let bound = std_listener.local_addr()?;
         let rt = self.rt.as_ref().expect("runtime lives until drop");
         let listener = {
             let _g = rt.enter();
             tokio::net::TcpListener::from_std(std_listener)?
         };
         rt.spawn(http::serve(listener, self.shared.clone()));
-        Ok(Listener {
-            addr,
-            netns: netns_path.map(Path::to_path_buf),
-        })
+        Ok(bound)
     }
 
     /// Write a kubeconfig for `listener` (server https://127.0.0.1:<port>, the CA,
@@ -247,13 +266,26 @@ impl ApiServer {
         self.shared.changed.send_replace(rv);
     }
 
-    /// false: cut every open connection (watches end abruptly) and answer new
-    /// requests with 503; true: serve again.
-    pub fn set_available(&self, up: bool) {
+    /// false: the API becomes unreachable: every listening socket closes (new
+    /// connections are refused) and every open connection is cut (watches end
+    /// abruptly). true: listen again on the same addresses.
+    pub fn set_available(&self, up: bool) -> Result<()> {
         let was = self.shared.available.swap(up, Ordering::SeqCst);
         if was && !up {
             self.shared.outage.send_modify(|n| *n += 1);
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while self.shared.accept_loops.load(Ordering::SeqCst) > 0 {
+                anyhow::ensure!(std::time::Instant::now() < deadline, "listeners did not close");
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
+        if !was && up {
+            let ls = self.shared.listeners.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            for l in &ls {
+                self.open(l)?;
+            }
+        }
+        Ok(())
     }
 
     /// Interval between BOOKMARK events, for watches started after the call.
