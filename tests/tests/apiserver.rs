@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, WatchEvent, WatchParams};
+use kube::api::{
+    Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, WatchEvent, WatchParams,
+};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Config, ResourceExt};
@@ -44,7 +46,8 @@ impl Drop for RemoveDir {
 
 impl Cluster {
     fn new(name: &str) -> Cluster {
-        let dir = std::env::temp_dir().join(format!("zt-apiserver-test-{}-{name}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("zt-apiserver-test-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let mut docs = vec![];
@@ -65,7 +68,13 @@ impl Cluster {
         let api = ApiServer::start(&dir).unwrap();
         let l = api.listen_in(None).unwrap();
         let kubeconfig = api.kubeconfig(&l).unwrap();
-        Cluster { api, addr: l.addr, kubeconfig, _cleanup: RemoveDir(dir.clone()), dir }
+        Cluster {
+            api,
+            addr: l.addr,
+            kubeconfig,
+            _cleanup: RemoveDir(dir.clone()),
+            dir,
+        }
     }
 
     /// Replace a manifest atomically (a hidden temp file is not read).
@@ -86,7 +95,9 @@ impl Cluster {
 
 async fn config_from(kubeconfig: &Path) -> Config {
     let kc = Kubeconfig::read_from(kubeconfig).unwrap();
-    Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.unwrap()
+    Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .unwrap()
 }
 
 async fn client_from(kubeconfig: &Path) -> Client {
@@ -165,59 +176,129 @@ async fn lists_gets_selectors_and_errors() {
         pages += 1;
         assert!(page.items.len() <= 2);
         let rv = page.metadata.resource_version.clone().unwrap();
-        assert_eq!(*first_rv.get_or_insert(rv.clone()), rv, "all pages are one snapshot");
-        names.extend(page.items.iter().map(|p| format!("{}/{}", p.namespace().unwrap(), p.name_any())));
+        assert_eq!(
+            *first_rv.get_or_insert(rv.clone()),
+            rv,
+            "all pages are one snapshot"
+        );
+        names.extend(
+            page.items
+                .iter()
+                .map(|p| format!("{}/{}", p.namespace().unwrap(), p.name_any())),
+        );
         match page.metadata.continue_.filter(|t| !t.is_empty()) {
             Some(t) => lp = lp.continue_token(&t),
             None => break,
         }
     }
-    assert_eq!(names, ["x/a1", "x/a2", "x/a3", "x/a4", "x/a5", "y/b1", "y/b2"]);
+    assert_eq!(
+        names,
+        ["x/a1", "x/a2", "x/a3", "x/a4", "x/a5", "y/b1", "y/b2"]
+    );
     assert_eq!(pages, 4);
     assert_eq!(c.api.requests("pods", Verb::List), 4);
 
     // Namespaced list, single get, server-filled fields.
     let y: Api<Pod> = Api::namespaced(client.clone(), "y");
     assert_eq!(y.list(&ListParams::default()).await.unwrap().items.len(), 2);
-    let a1 = Api::<Pod>::namespaced(client.clone(), "x").get("a1").await.unwrap();
-    assert_eq!(a1.metadata.uid.as_deref(), Some(zt_testbed::manifest::fake_uid("x", "a1").as_str()));
+    let a1 = Api::<Pod>::namespaced(client.clone(), "x")
+        .get("a1")
+        .await
+        .unwrap();
+    assert_eq!(
+        a1.metadata.uid.as_deref(),
+        Some(zt_testbed::manifest::fake_uid("x", "a1").as_str())
+    );
     assert!(a1.metadata.creation_timestamp.is_some());
     assert!(a1.metadata.resource_version.is_some());
-    let e = Api::<Pod>::namespaced(client.clone(), "x").get("nope").await.unwrap_err();
+    let e = Api::<Pod>::namespaced(client.clone(), "x")
+        .get("nope")
+        .await
+        .unwrap_err();
     assert_eq!(api_code(&e), 404);
 
     // Namespaces exist for every namespace in use, with the name label.
-    let nss = Api::<Namespace>::all(client.clone()).list(&ListParams::default()).await.unwrap();
+    let nss = Api::<Namespace>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap();
     let ns_names: Vec<String> = nss.items.iter().map(|n| n.name_any()).collect();
     assert_eq!(ns_names, ["default", "kube-system", "x", "y"]);
     for n in &nss.items {
-        assert_eq!(n.labels().get("kubernetes.io/metadata.name"), Some(&n.name_any()));
+        assert_eq!(
+            n.labels().get("kubernetes.io/metadata.name"),
+            Some(&n.name_any())
+        );
     }
-    assert_eq!(Api::<Node>::all(client.clone()).list(&ListParams::default()).await.unwrap().items.len(), 1);
-    let nps = Api::<NetworkPolicy>::all(client.clone()).list(&ListParams::default()).await.unwrap();
+    assert_eq!(
+        Api::<Node>::all(client.clone())
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
+    let nps = Api::<NetworkPolicy>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap();
     assert_eq!(nps.items[0].name_any(), "np");
-    let ztp = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("zt.dev", "v1alpha1", "ZeroTrustPolicy"), "zerotrustpolicies");
+    let ztp = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("zt.dev", "v1alpha1", "ZeroTrustPolicy"),
+        "zerotrustpolicies",
+    );
     let ztps: Api<DynamicObject> = Api::all_with(client.clone(), &ztp);
     let z = ztps.list(&ListParams::default()).await.unwrap();
     assert_eq!(z.items.len(), 1);
     assert_eq!(z.items[0].namespace().as_deref(), Some("y"));
 
+    // rv=0 ("any") lists; /version; unknown paths are 404 Status.
+    let any = pods.list(&ListParams::default().match_any()).await.unwrap();
+    assert_eq!(any.items.len(), 7);
+    assert_eq!(client.apiserver_version().await.unwrap().major, "1");
+    let req = http::Request::get("/api/v1/services").body(vec![]).unwrap();
+    assert_eq!(api_code(&client.request_text(req).await.unwrap_err()), 404);
+    let req = http::Request::get("/api/v1/namespaces/x/nodes")
+        .body(vec![])
+        .unwrap();
+    assert_eq!(api_code(&client.request_text(req).await.unwrap_err()), 404);
+
     // Selectors: equality ones work, others are rejected naming the parameter.
-    let web = pods.list(&ListParams::default().labels("tier=web,app!=a2")).await.unwrap();
+    let web = pods
+        .list(&ListParams::default().labels("tier=web,app!=a2"))
+        .await
+        .unwrap();
     assert_eq!(web.items.len(), 4);
-    let on_n1 = pods.list(&ListParams::default().fields("spec.nodeName=n1")).await.unwrap();
+    let on_n1 = pods
+        .list(&ListParams::default().fields("spec.nodeName=n1"))
+        .await
+        .unwrap();
     assert_eq!(on_n1.items.len(), 7);
-    let e = pods.list(&ListParams::default().labels("app in (a1)")).await.unwrap_err();
+    let e = pods
+        .list(&ListParams::default().labels("app in (a1)"))
+        .await
+        .unwrap_err();
     assert_eq!(api_code(&e), 400);
     assert!(e.to_string().contains("labelSelector"), "{e}");
-    let e = pods.list(&ListParams::default().fields("spec.hostname=x")).await.unwrap_err();
-    assert!(e.to_string().contains("fieldSelector") && e.to_string().contains("spec.hostname"), "{e}");
+    let e = pods
+        .list(&ListParams::default().fields("spec.hostname=x"))
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("fieldSelector") && e.to_string().contains("spec.hostname"),
+        "{e}"
+    );
 
     // An expired continue token is 410 (after compaction), like etcd's.
     let page = pods.list(&ListParams::default().limit(3)).await.unwrap();
     c.api.compact();
     let e = pods
-        .list(&ListParams::default().limit(3).continue_token(page.metadata.continue_.as_deref().unwrap()))
+        .list(
+            &ListParams::default()
+                .limit(3)
+                .continue_token(page.metadata.continue_.as_deref().unwrap()),
+        )
         .await
         .unwrap_err();
     assert_eq!(api_code(&e), 410);
@@ -226,12 +307,18 @@ async fn lists_gets_selectors_and_errors() {
     let mut cfg = config_from(&c.kubeconfig).await;
     cfg.auth_info.token = Some("wrong".to_string().into());
     let bad: Api<Pod> = Api::all(Client::try_from(cfg).unwrap());
-    assert_eq!(api_code(&bad.list(&ListParams::default()).await.unwrap_err()), 401);
+    assert_eq!(
+        api_code(&bad.list(&ListParams::default()).await.unwrap_err()),
+        401
+    );
     let before = c.api.request_log().len();
     let mut cfg = config_from(&c.kubeconfig).await;
     cfg.auth_info.token = None;
     let anon: Api<Pod> = Api::all(Client::try_from(cfg).unwrap());
-    assert_eq!(api_code(&anon.list(&ListParams::default()).await.unwrap_err()), 401);
+    assert_eq!(
+        api_code(&anon.list(&ListParams::default()).await.unwrap_err()),
+        401
+    );
     assert_eq!(c.api.request_log().len(), before + 1);
 }
 
@@ -239,7 +326,9 @@ async fn lists_gets_selectors_and_errors() {
 async fn watcher_follows_manifest_edits() {
     let c = Cluster::new("edits");
     let pods: Api<Pod> = Api::all(c.client().await);
-    let mut w = watcher(pods, watcher::Config::default().page_size(3)).default_backoff().boxed();
+    let mut w = watcher(pods, watcher::Config::default().page_size(3))
+        .default_backoff()
+        .boxed();
     let init = until(&mut w, "InitDone").await;
     assert_eq!(init.len(), 1 + 7 + 1, "{init:#?}");
     assert_eq!(init[0], "Init");
@@ -259,8 +348,15 @@ async fn watcher_follows_manifest_edits() {
     let text = std::fs::read_to_string(c.dir.join("pods.yaml")).unwrap();
     c.write("pods.yaml", &text);
     c.write("broken.yaml", "apiVersion: v1\nkind: Pod\nmetadata: [\n");
-    assert_eq!(quiet(&mut w, Duration::from_millis(400)).await, Vec::<String>::new());
-    assert!(c.api.last_load_error().unwrap().contains("broken.yaml doc 1"));
+    assert_eq!(
+        quiet(&mut w, Duration::from_millis(400)).await,
+        Vec::<String>::new()
+    );
+    assert!(c
+        .api
+        .last_load_error()
+        .unwrap()
+        .contains("broken.yaml doc 1"));
     c.remove("broken.yaml");
     c.api.sync_now().unwrap();
 
@@ -268,6 +364,46 @@ async fn watcher_follows_manifest_edits() {
     assert_eq!(c.api.requests("pods", Verb::List), 3);
     assert_eq!(c.api.requests("pods", Verb::Watch), 1);
     assert_eq!(c.api.open_watches(), 1);
+}
+
+/// A watch with a label selector sees an object enter (ADDED) and leave (DELETED)
+/// the selection when its labels change, as the real server reports it.
+#[tokio::test]
+async fn selector_watch_sees_objects_enter_and_leave() {
+    let c = Cluster::new("selector");
+    let pods: Api<Pod> = Api::all(c.client().await);
+    let rv = c.api.resource_version().to_string();
+    let wp = WatchParams::default().labels("tier=db").disable_bookmarks();
+    let mut s = pods.watch(&wp, &rv).await.unwrap().boxed();
+    let mut next = async || match tokio::time::timeout(WAIT, s.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+    {
+        WatchEvent::Added(p) => format!("ADDED {} {:?}", p.name_any(), p.labels().get("app")),
+        WatchEvent::Modified(p) => format!("MODIFIED {} {:?}", p.name_any(), p.labels().get("app")),
+        WatchEvent::Deleted(p) => format!("DELETED {} {:?}", p.name_any(), p.labels().get("app")),
+        other => format!("{other:?}"),
+    };
+    c.write("db.yaml", &pod("x", "d", "app: other, tier: web"));
+    c.api.sync_now().unwrap();
+    c.write("db.yaml", &pod("x", "d", "app: d1, tier: db"));
+    assert_eq!(next().await, r#"ADDED d Some("d1")"#);
+    c.write("db.yaml", &pod("x", "d", "app: d2, tier: db"));
+    assert_eq!(next().await, r#"MODIFIED d Some("d2")"#);
+    c.write("db.yaml", &pod("x", "d", "app: d3, tier: web"));
+    assert_eq!(next().await, r#"DELETED d Some("d3")"#);
+    c.write("db.yaml", &pod("x", "d", "app: d4, tier: db"));
+    assert_eq!(next().await, r#"ADDED d Some("d4")"#);
+    c.remove("db.yaml");
+    assert_eq!(next().await, r#"DELETED d Some("d4")"#);
+    assert!(c
+        .api
+        .request_log()
+        .last()
+        .unwrap()
+        .contains("labelSelector=tier%3Ddb"));
 }
 
 #[tokio::test]
@@ -282,7 +418,10 @@ async fn watcher_relists_after_compaction() {
     assert_eq!(c.api.requests("pods", Verb::List), 1);
 
     // Resuming without compaction: no relist. (The watcher only works while polled.)
-    assert_eq!(quiet(&mut w, Duration::from_millis(2500)).await, Vec::<String>::new());
+    assert_eq!(
+        quiet(&mut w, Duration::from_millis(2500)).await,
+        Vec::<String>::new()
+    );
     assert!(c.api.requests("pods", Verb::Watch) >= 2);
     assert_eq!(c.api.requests("pods", Verb::List), 1);
 
@@ -294,7 +433,11 @@ async fn watcher_relists_after_compaction() {
     c.api.sync_now().unwrap();
     c.api.set_available(true).unwrap();
     let seen = until(&mut w, "InitDone").await;
-    assert!(seen.iter().any(|s| s.contains("410") || s.contains("Expired")), "{seen:#?}");
+    assert!(
+        seen.iter()
+            .any(|s| s.contains("410") || s.contains("Expired")),
+        "{seen:#?}"
+    );
     assert!(seen.contains(&"InitApply x/late".to_string()), "{seen:#?}");
     assert_eq!(c.api.requests("pods", Verb::List), 2);
 }
@@ -308,22 +451,51 @@ async fn bookmarks_and_streaming_lists() {
 
     // Raw watch from the current rv: bookmarks carry the current rv.
     let rv = c.api.resource_version().to_string();
-    let mut s = pods.watch(&WatchParams::default().timeout(5), &rv).await.unwrap().boxed();
-    match tokio::time::timeout(WAIT, s.next()).await.unwrap().unwrap().unwrap() {
+    let mut s = pods
+        .watch(&WatchParams::default().timeout(5), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    match tokio::time::timeout(WAIT, s.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+    {
         WatchEvent::Bookmark(b) => assert_eq!(b.metadata.resource_version, rv),
         other => panic!("expected a bookmark, got {other:?}"),
     }
     drop(s);
-    assert!(c.api.request_log().last().unwrap().contains("allowWatchBookmarks=true"));
+    assert!(c
+        .api
+        .request_log()
+        .last()
+        .unwrap()
+        .contains("allowWatchBookmarks=true"));
 
     // A watch from an rv older than the history gets an in-stream 410.
     c.api.compact();
-    let mut s = pods.watch(&WatchParams::default(), &rv).await.unwrap().boxed();
-    match tokio::time::timeout(WAIT, s.next()).await.unwrap().unwrap().unwrap() {
+    let mut s = pods
+        .watch(&WatchParams::default(), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    match tokio::time::timeout(WAIT, s.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+    {
         WatchEvent::Error(e) => assert_eq!((e.code, e.reason.as_str()), (410, "Expired")),
         other => panic!("expected 410, got {other:?}"),
     }
-    assert!(tokio::time::timeout(WAIT, s.next()).await.unwrap().is_none(), "the stream ends after the error");
+    assert!(
+        tokio::time::timeout(WAIT, s.next())
+            .await
+            .unwrap()
+            .is_none(),
+        "the stream ends after the error"
+    );
     drop(s);
 
     // With bookmarks, a watcher resumes after compaction without relisting.
@@ -331,7 +503,10 @@ async fn bookmarks_and_streaming_lists() {
     let mut w = watcher(pods.clone(), cfg).default_backoff().boxed();
     until(&mut w, "InitDone").await;
     // Let the watch start (after InitDone), then compact under it.
-    assert_eq!(quiet(&mut w, Duration::from_millis(300)).await, Vec::<String>::new());
+    assert_eq!(
+        quiet(&mut w, Duration::from_millis(300)).await,
+        Vec::<String>::new()
+    );
     assert_eq!(c.api.open_watches(), 1);
     c.api.compact();
     let seen = quiet(&mut w, Duration::from_millis(2500)).await;
@@ -347,7 +522,10 @@ async fn bookmarks_and_streaming_lists() {
     let mut seen = vec![];
     while let Some(ev) = tokio::time::timeout(WAIT, w.next()).await.unwrap() {
         let done = matches!(ev, Ok(watcher::Event::InitDone));
-        seen.push(format!("{:?}", ev.map(|e| matches!(e, watcher::Event::InitApply(_)))));
+        seen.push(format!(
+            "{:?}",
+            ev.map(|e| matches!(e, watcher::Event::InitApply(_)))
+        ));
         if done {
             break;
         }
@@ -360,9 +538,14 @@ async fn bookmarks_and_streaming_lists() {
 async fn watcher_recovers_after_outage() {
     let c = Cluster::new("outage");
     let pods: Api<Pod> = Api::all(c.client().await);
-    let mut w = watcher(pods.clone(), watcher::Config::default()).default_backoff().boxed();
+    let mut w = watcher(pods.clone(), watcher::Config::default())
+        .default_backoff()
+        .boxed();
     until(&mut w, "InitDone").await;
-    assert_eq!(quiet(&mut w, Duration::from_millis(300)).await, Vec::<String>::new());
+    assert_eq!(
+        quiet(&mut w, Duration::from_millis(300)).await,
+        Vec::<String>::new()
+    );
     assert_eq!(c.api.open_watches(), 1);
 
     // Down: connections are refused, the open watch is cut.
@@ -419,7 +602,13 @@ fn listener_in_node_netns() {
         .map(PathBuf::from)
         .unwrap_or_else(|| panic!("no --kubeconfig in {args}"));
     let kc = Kubeconfig::read_from(&kubeconfig).unwrap();
-    let server = kc.clusters[0].cluster.as_ref().unwrap().server.clone().unwrap();
+    let server = kc.clusters[0]
+        .cluster
+        .as_ref()
+        .unwrap()
+        .server
+        .clone()
+        .unwrap();
     let addr: std::net::SocketAddr = server.trim_start_matches("https://").parse().unwrap();
 
     // Not reachable from the test process's netns.
@@ -428,15 +617,24 @@ fn listener_in_node_netns() {
     // A kube client in the node netns lists and watches.
     let netns = tb.node("node1").unwrap().netns_path();
     let (nodes, pods) = zt_testbed::sys::in_netns(&netns, move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async move {
             let client = client_from(&kubeconfig).await;
-            let nodes = Api::<Node>::all(client.clone()).list(&ListParams::default()).await.unwrap();
+            let nodes = Api::<Node>::all(client.clone())
+                .list(&ListParams::default())
+                .await
+                .unwrap();
             let pods: Api<Pod> = Api::all(client);
             let mut w = watcher(pods, watcher::Config::default()).boxed();
             let seen = until(&mut w, "InitDone").await;
             // The watch starts when the stream is polled after InitDone.
-            assert_eq!(quiet(&mut w, Duration::from_millis(300)).await, Vec::<String>::new());
+            assert_eq!(
+                quiet(&mut w, Duration::from_millis(300)).await,
+                Vec::<String>::new()
+            );
             (nodes.items.len(), seen.len() - 2)
         })
     })

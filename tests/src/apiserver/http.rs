@@ -39,7 +39,10 @@ impl hyper::body::Body for Body {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         match self.get_mut() {
             Body::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Body::Stream(rx) => rx.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b)))),
@@ -94,7 +97,9 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let mut outage = shared.outage.subscribe();
-            let Ok(tls) = acceptor.accept(tcp).await else { return };
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                return;
+            };
             let svc_shared = shared.clone();
             let svc = service_fn(move |req| {
                 let s = svc_shared.clone();
@@ -129,15 +134,26 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> 
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     shared.log_request(&format!("{} {path}?{query}", req.method()));
-    let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok());
+    let auth = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok());
     if auth != Some(&format!("Bearer {}", shared.creds.token)) {
         return error_response(&ApiError::new(401, "Unauthorized", "Unauthorized"));
     }
     if req.method() != Method::GET {
-        return error_response(&ApiError::new(405, "MethodNotAllowed", "the stand-in serves GET only"));
+        return error_response(&ApiError::new(
+            405,
+            "MethodNotAllowed",
+            "the stand-in serves GET only",
+        ));
     }
     if !shared.available.load(Ordering::SeqCst) {
-        return error_response(&ApiError::new(503, "ServiceUnavailable", "the API server is unavailable (test fault)"));
+        return error_response(&ApiError::new(
+            503,
+            "ServiceUnavailable",
+            "the API server is unavailable (test fault)",
+        ));
     }
     match serve_route(shared, &path, &query) {
         Ok(r) => r,
@@ -147,15 +163,26 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> 
 
 fn serve_route(shared: &Arc<Shared>, path: &str, query: &str) -> Result<Response<Body>, ApiError> {
     match protocol::route(path)? {
-        Route::Version => Ok(json_response(200, &json!({
-            "major": "1", "minor": "35", "gitVersion": "v1.35.0-zt-standin", "platform": "linux/amd64"
-        }))),
-        Route::Object { kind, namespace, name } => {
+        Route::Version => Ok(json_response(
+            200,
+            &json!({
+                "major": "1", "minor": "35", "gitVersion": "v1.35.0-zt-standin", "platform": "linux/amd64"
+            }),
+        )),
+        Route::Object {
+            kind,
+            namespace,
+            name,
+        } => {
             shared.count(kind.plural, Verb::Get);
             let store = shared.lock_store();
             match store.get(kind.plural, namespace.as_deref().unwrap_or(""), &name) {
                 Some(o) => Ok(json_response(200, &o)),
-                None => Err(ApiError::new(404, "NotFound", format!("{} \"{name}\" not found", kind.plural))),
+                None => Err(ApiError::new(
+                    404,
+                    "NotFound",
+                    format!("{} \"{name}\" not found", kind.plural),
+                )),
             }
         }
         Route::Collection { kind, namespace } => {
@@ -176,10 +203,16 @@ fn in_namespace(obj: &Value, ns: Option<&str>) -> bool {
 }
 
 fn parse_rv(s: &str) -> Result<u64, ApiError> {
-    s.parse().map_err(|_| ApiError::bad_request(format!("resourceVersion: invalid value {s:?}")))
+    s.parse()
+        .map_err(|_| ApiError::bad_request(format!("resourceVersion: invalid value {s:?}")))
 }
 
-fn list(shared: &Shared, kind: &'static KindInfo, ns: Option<&str>, p: &Params) -> Result<Value, ApiError> {
+fn list(
+    shared: &Shared,
+    kind: &'static KindInfo,
+    ns: Option<&str>,
+    p: &Params,
+) -> Result<Value, ApiError> {
     let mut store = shared.lock_store();
     let current = store.rv();
     let (objects, rv, start) = if let Some(tok) = &p.continue_token {
@@ -189,18 +222,27 @@ fn list(shared: &Shared, kind: &'static KindInfo, ns: Option<&str>, p: &Params) 
         })?;
         (snap, rv, Some(start))
     } else {
-        match (p.resource_version.as_deref(), p.resource_version_match.as_deref()) {
+        match (
+            p.resource_version.as_deref(),
+            p.resource_version_match.as_deref(),
+        ) {
             (None, _) | (Some("0"), _) => {}
             (Some(r), Some("Exact")) => {
                 let r = parse_rv(r)?;
                 if r != current {
-                    return Err(ApiError::expired(format!("too old resource version: {r} ({current})")));
+                    return Err(ApiError::expired(format!(
+                        "too old resource version: {r} ({current})"
+                    )));
                 }
             }
             (Some(r), _) => {
                 let r = parse_rv(r)?;
                 if r > current {
-                    return Err(ApiError::new(504, "Timeout", format!("Too large resource version: {r}, current: {current}")));
+                    return Err(ApiError::new(
+                        504,
+                        "Timeout",
+                        format!("Too large resource version: {r}, current: {current}"),
+                    ));
                 }
             }
         }
@@ -222,7 +264,9 @@ fn list(shared: &Shared, kind: &'static KindInfo, ns: Option<&str>, p: &Params) 
         .filter(|o| {
             let k = object_key(o);
             let (a, b) = k.split_once('/').unwrap_or(("", &k));
-            start_key.as_ref().is_none_or(|(sa, sb)| (a, b) > (sa.as_str(), sb.as_str()))
+            start_key
+                .as_ref()
+                .is_none_or(|(sa, sb)| (a, b) > (sa.as_str(), sb.as_str()))
         })
         .collect();
     let n = p.limit.unwrap_or(usize::MAX).min(matching.len());
@@ -249,9 +293,16 @@ fn line(v: &Value) -> Bytes {
     Bytes::from(s)
 }
 
-fn watch(shared: &Arc<Shared>, kind: &'static KindInfo, ns: Option<String>, p: Params) -> Result<Response<Body>, ApiError> {
+fn watch(
+    shared: &Arc<Shared>,
+    kind: &'static KindInfo,
+    ns: Option<String>,
+    p: Params,
+) -> Result<Response<Body>, ApiError> {
     if p.send_initial_events && !p.allow_bookmarks {
-        return Err(ApiError::bad_request("sendInitialEvents requires allowWatchBookmarks=true"));
+        return Err(ApiError::bad_request(
+            "sendInitialEvents requires allowWatchBookmarks=true",
+        ));
     }
     let mut initial = vec![];
     let mut expired = None;
@@ -275,7 +326,10 @@ fn watch(shared: &Arc<Shared>, kind: &'static KindInfo, ns: Option<String>, p: P
             }
             Some(r) => {
                 if r < store.compacted_rv() {
-                    expired = Some(ApiError::expired(format!("too old resource version: {r} ({})", store.compacted_rv())));
+                    expired = Some(ApiError::expired(format!(
+                        "too old resource version: {r} ({})",
+                        store.compacted_rv()
+                    )));
                 }
                 r
             }
@@ -288,9 +342,14 @@ fn watch(shared: &Arc<Shared>, kind: &'static KindInfo, ns: Option<String>, p: P
     let (tx, rx) = mpsc::channel::<Bytes>(256);
     let shared = shared.clone();
     tokio::spawn(async move {
-        let _guard = WatchGuard { shared: shared.clone(), id };
+        let _guard = WatchGuard {
+            shared: shared.clone(),
+            id,
+        };
         if let Some(e) = expired {
-            let _ = tx.send(line(&json!({"type": "ERROR", "object": e.status()}))).await;
+            let _ = tx
+                .send(line(&json!({"type": "ERROR", "object": e.status()})))
+                .await;
             return;
         }
         for l in initial {
@@ -298,17 +357,25 @@ fn watch(shared: &Arc<Shared>, kind: &'static KindInfo, ns: Option<String>, p: P
                 return;
             }
         }
-        let timeout = p.timeout_seconds.map(Duration::from_secs).unwrap_or(DEFAULT_WATCH_TIMEOUT);
+        let timeout = p
+            .timeout_seconds
+            .map(Duration::from_secs)
+            .unwrap_or(DEFAULT_WATCH_TIMEOUT);
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
-        let every = *shared.bookmark_interval.lock().unwrap_or_else(|e| e.into_inner());
+        let every = *shared
+            .bookmark_interval
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let mut bookmarks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         let mut changed = shared.changed.subscribe();
         loop {
             let (lines, rv) = match drain(&shared, id, kind, ns.as_deref(), &p) {
                 Ok(x) => x,
                 Err(e) => {
-                    let _ = tx.send(line(&json!({"type": "ERROR", "object": e.status()}))).await;
+                    let _ = tx
+                        .send(line(&json!({"type": "ERROR", "object": e.status()})))
+                        .await;
                     return;
                 }
             };
@@ -341,7 +408,13 @@ fn watch(shared: &Arc<Shared>, kind: &'static KindInfo, ns: Option<String>, p: P
 /// The watch's events since its position, filtered and retyped for its namespace
 /// and selectors (an object that starts matching is ADDED, one that stops matching
 /// is DELETED). Moves the position to the store's rv, which it returns.
-fn drain(shared: &Shared, id: u64, kind: &KindInfo, ns: Option<&str>, p: &Params) -> Result<(Vec<Bytes>, u64), ApiError> {
+fn drain(
+    shared: &Shared,
+    id: u64,
+    kind: &KindInfo,
+    ns: Option<&str>,
+    p: &Params,
+) -> Result<(Vec<Bytes>, u64), ApiError> {
     let mut store = shared.lock_store();
     let from = store.watch_position(id);
     let events = store

@@ -234,7 +234,9 @@ impl ApiServer {
     /// Write a kubeconfig for `listener` (server https://127.0.0.1:<port>, the CA,
     /// the bearer token); the file lives until the server is dropped.
     pub fn kubeconfig(&self, listener: &Listener) -> Result<PathBuf> {
-        let p = self.tmp.join(format!("kubeconfig-{}", listener.addr.port()));
+        let p = self
+            .tmp
+            .join(format!("kubeconfig-{}", listener.addr.port()));
         self.shared.creds.write_kubeconfig(&p, listener.addr)?;
         Ok(p)
     }
@@ -275,12 +277,20 @@ impl ApiServer {
             self.shared.outage.send_modify(|n| *n += 1);
             let deadline = std::time::Instant::now() + Duration::from_secs(5);
             while self.shared.accept_loops.load(Ordering::SeqCst) > 0 {
-                anyhow::ensure!(std::time::Instant::now() < deadline, "listeners did not close");
+                anyhow::ensure!(
+                    std::time::Instant::now() < deadline,
+                    "listeners did not close"
+                );
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
         if !was && up {
-            let ls = self.shared.listeners.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let ls = self
+                .shared
+                .listeners
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
             for l in &ls {
                 self.open(l)?;
             }
@@ -317,7 +327,11 @@ impl ApiServer {
 
     /// Every request received, as `GET /path?query` (also unauthorized/refused ones).
     pub fn request_log(&self) -> Vec<String> {
-        self.shared.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.shared
+            .log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Number of watch streams open now.

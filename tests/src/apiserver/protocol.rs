@@ -19,7 +19,11 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(code: u16, reason: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { code, reason, message: message.into() }
+        ApiError {
+            code,
+            reason,
+            message: message.into(),
+        }
     }
 
     pub fn bad_request(message: impl Into<String>) -> ApiError {
@@ -47,14 +51,27 @@ impl ApiError {
 #[derive(Debug, PartialEq)]
 pub enum Route {
     /// A collection; `namespace` None = all namespaces (or a cluster-scoped kind).
-    Collection { kind: &'static KindInfo, namespace: Option<String> },
-    Object { kind: &'static KindInfo, namespace: Option<String>, name: String },
+    Collection {
+        kind: &'static KindInfo,
+        namespace: Option<String>,
+    },
+    Object {
+        kind: &'static KindInfo,
+        namespace: Option<String>,
+        name: String,
+    },
     Version,
 }
 
 /// Map a URL path to a route (404 for anything the stand-in does not serve).
 pub fn route(path: &str) -> Result<Route, ApiError> {
-    let not_found = || ApiError::new(404, "NotFound", "the server could not find the requested resource");
+    let not_found = || {
+        ApiError::new(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        )
+    };
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     if segs == ["version"] {
         return Ok(Route::Version);
@@ -66,27 +83,41 @@ pub fn route(path: &str) -> Result<Route, ApiError> {
     };
     let kind = |plural: &str| kind_by_plural(&api_version, plural).ok_or_else(not_found);
     match rest {
-        [plural] => Ok(Route::Collection { kind: kind(plural)?, namespace: None }),
+        [plural] => Ok(Route::Collection {
+            kind: kind(plural)?,
+            namespace: None,
+        }),
         ["namespaces", ns, plural] => {
             let k = kind(plural)?;
             if !k.namespaced {
                 return Err(not_found());
             }
-            Ok(Route::Collection { kind: k, namespace: Some(ns.to_string()) })
+            Ok(Route::Collection {
+                kind: k,
+                namespace: Some(ns.to_string()),
+            })
         }
         ["namespaces", ns, plural, name] => {
             let k = kind(plural)?;
             if !k.namespaced {
                 return Err(not_found());
             }
-            Ok(Route::Object { kind: k, namespace: Some(ns.to_string()), name: name.to_string() })
+            Ok(Route::Object {
+                kind: k,
+                namespace: Some(ns.to_string()),
+                name: name.to_string(),
+            })
         }
         [plural, name] => {
             let k = kind(plural)?;
             if k.namespaced {
                 return Err(not_found());
             }
-            Ok(Route::Object { kind: k, namespace: None, name: name.to_string() })
+            Ok(Route::Object {
+                kind: k,
+                namespace: None,
+                name: name.to_string(),
+            })
         }
         _ => Err(not_found()),
     }
@@ -161,24 +192,38 @@ impl Params {
         let num = |name: &str| -> Result<Option<u64>, ApiError> {
             q.get(name)
                 .filter(|v| !v.is_empty())
-                .map(|v| v.parse::<u64>().map_err(|_| ApiError::bad_request(format!("{name}: invalid value {v:?}"))))
+                .map(|v| {
+                    v.parse::<u64>()
+                        .map_err(|_| ApiError::bad_request(format!("{name}: invalid value {v:?}")))
+                })
                 .transpose()
         };
         let p = Params {
             watch: q.get("watch").is_some_and(|v| truthy(v)),
             resource_version: q.get("resourceVersion").filter(|v| !v.is_empty()).cloned(),
-            resource_version_match: q.get("resourceVersionMatch").filter(|v| !v.is_empty()).cloned(),
+            resource_version_match: q
+                .get("resourceVersionMatch")
+                .filter(|v| !v.is_empty())
+                .cloned(),
             limit: num("limit")?.filter(|&l| l > 0).map(|l| l as usize),
             continue_token: q.get("continue").filter(|v| !v.is_empty()).cloned(),
             timeout_seconds: num("timeoutSeconds")?,
             allow_bookmarks: q.get("allowWatchBookmarks").is_some_and(|v| truthy(v)),
             send_initial_events: q.get("sendInitialEvents").is_some_and(|v| truthy(v)),
-            labels: parse_selector(q.get("labelSelector").map(String::as_str).unwrap_or(""), "labelSelector")?,
-            fields: parse_selector(q.get("fieldSelector").map(String::as_str).unwrap_or(""), "fieldSelector")?,
+            labels: parse_selector(
+                q.get("labelSelector").map(String::as_str).unwrap_or(""),
+                "labelSelector",
+            )?,
+            fields: parse_selector(
+                q.get("fieldSelector").map(String::as_str).unwrap_or(""),
+                "fieldSelector",
+            )?,
         };
         for r in &p.fields {
             let (Requirement::Eq(f, _) | Requirement::NotEq(f, _)) = r else {
-                return Err(ApiError::bad_request(format!("fieldSelector: invalid selector {r:?}: only =, ==, != are supported")));
+                return Err(ApiError::bad_request(format!(
+                    "fieldSelector: invalid selector {r:?}: only =, ==, != are supported"
+                )));
             };
             if !field_supported(kind, f) {
                 return Err(ApiError::bad_request(format!(
@@ -188,20 +233,30 @@ impl Params {
         }
         if let Some(m) = &p.resource_version_match {
             if !matches!(m.as_str(), "NotOlderThan" | "Exact") {
-                return Err(ApiError::bad_request(format!("resourceVersionMatch: unsupported value {m:?}")));
+                return Err(ApiError::bad_request(format!(
+                    "resourceVersionMatch: unsupported value {m:?}"
+                )));
             }
             if p.resource_version.is_none() {
-                return Err(ApiError::bad_request("resourceVersionMatch is forbidden unless resourceVersion is provided"));
+                return Err(ApiError::bad_request(
+                    "resourceVersionMatch is forbidden unless resourceVersion is provided",
+                ));
             }
         }
         if p.send_initial_events && !p.watch {
-            return Err(ApiError::bad_request("sendInitialEvents is forbidden for list"));
+            return Err(ApiError::bad_request(
+                "sendInitialEvents is forbidden for list",
+            ));
         }
         if p.send_initial_events && p.resource_version_match.as_deref() != Some("NotOlderThan") {
-            return Err(ApiError::bad_request("sendInitialEvents requires resourceVersionMatch=NotOlderThan"));
+            return Err(ApiError::bad_request(
+                "sendInitialEvents requires resourceVersionMatch=NotOlderThan",
+            ));
         }
         if p.continue_token.is_some() && p.resource_version.as_deref().is_some_and(|rv| rv != "0") {
-            return Err(ApiError::bad_request("specifying resource version is not allowed when using continue"));
+            return Err(ApiError::bad_request(
+                "specifying resource version is not allowed when using continue",
+            ));
         }
         Ok(p)
     }
@@ -238,8 +293,13 @@ fn field_supported(kind: &KindInfo, f: &str) -> bool {
         || (kind.kind == "Pod"
             && matches!(
                 f,
-                "spec.nodeName" | "spec.serviceAccountName" | "spec.restartPolicy" | "spec.schedulerName"
-                    | "status.phase" | "status.podIP" | "status.nominatedNodeName"
+                "spec.nodeName"
+                    | "spec.serviceAccountName"
+                    | "spec.restartPolicy"
+                    | "spec.schedulerName"
+                    | "status.phase"
+                    | "status.podIP"
+                    | "status.nominatedNodeName"
             ))
         || (kind.kind == "Namespace" && f == "status.phase")
 }
@@ -269,7 +329,10 @@ pub fn parse_selector(s: &str, param: &str) -> Result<Vec<Requirement>, ApiError
             Requirement::Exists(term.into())
         };
         let key = match &r {
-            Requirement::Eq(k, _) | Requirement::NotEq(k, _) | Requirement::Exists(k) | Requirement::NotExists(k) => k,
+            Requirement::Eq(k, _)
+            | Requirement::NotEq(k, _)
+            | Requirement::Exists(k)
+            | Requirement::NotExists(k) => k,
         };
         if key.is_empty() || key.contains(['=', '!', '<', '>']) {
             return Err(bad());
@@ -287,7 +350,9 @@ pub fn encode_continue(rv: u64, ns: &str, name: &str) -> String {
 
 pub fn decode_continue(token: &str) -> Result<(u64, String), ApiError> {
     let bad = || ApiError::bad_request(format!("continue: invalid token {token:?}"));
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| bad())?;
     let v: Value = serde_json::from_slice(&raw).map_err(|_| bad())?;
     let rv = v.get("rv").and_then(Value::as_u64).ok_or_else(bad)?;
     let start = v.get("start").and_then(Value::as_str).ok_or_else(bad)?;
@@ -296,7 +361,12 @@ pub fn decode_continue(token: &str) -> Result<(u64, String), ApiError> {
 
 /// `ns/name` of an object (ns empty for cluster-scoped).
 pub fn object_key(obj: &Value) -> String {
-    let s = |p: &str| obj.pointer(p).and_then(Value::as_str).unwrap_or("").to_string();
+    let s = |p: &str| {
+        obj.pointer(p)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
     format!("{}/{}", s("/metadata/namespace"), s("/metadata/name"))
 }
 
@@ -330,20 +400,46 @@ mod tests {
     #[test]
     fn routes() {
         let pods = kind_by_plural("v1", "pods").unwrap();
-        assert_eq!(route("/api/v1/pods").unwrap(), Route::Collection { kind: pods, namespace: None });
+        assert_eq!(
+            route("/api/v1/pods").unwrap(),
+            Route::Collection {
+                kind: pods,
+                namespace: None
+            }
+        );
         assert_eq!(
             route("/api/v1/namespaces/x/pods/a").unwrap(),
-            Route::Object { kind: pods, namespace: Some("x".into()), name: "a".into() }
+            Route::Object {
+                kind: pods,
+                namespace: Some("x".into()),
+                name: "a".into()
+            }
         );
         let ns = kind_by_plural("v1", "namespaces").unwrap();
-        assert_eq!(route("/api/v1/namespaces/x").unwrap(), Route::Object { kind: ns, namespace: None, name: "x".into() });
+        assert_eq!(
+            route("/api/v1/namespaces/x").unwrap(),
+            Route::Object {
+                kind: ns,
+                namespace: None,
+                name: "x".into()
+            }
+        );
         let np = kind_by_plural("networking.k8s.io/v1", "networkpolicies").unwrap();
         assert_eq!(
             route("/apis/networking.k8s.io/v1/namespaces/y/networkpolicies").unwrap(),
-            Route::Collection { kind: np, namespace: Some("y".into()) }
+            Route::Collection {
+                kind: np,
+                namespace: Some("y".into())
+            }
         );
         assert!(route("/apis/zt.dev/v1alpha1/zerotrustpolicies").is_ok());
-        for p in ["/api/v1/services", "/api/v1/namespaces/x/nodes", "/apis/apps/v1/deployments", "/", "/api/v1/pods/a"] {
+        for p in [
+            "/api/v1/services",
+            "/api/v1/namespaces/x/nodes",
+            "/apis/apps/v1/deployments",
+            "/",
+            "/api/v1/pods/a",
+        ] {
             assert_eq!(route(p).unwrap_err().code, 404, "{p}");
         }
         assert_eq!(KINDS.len(), 6);
@@ -365,10 +461,18 @@ mod tests {
         assert_eq!(e.code, 400);
         assert!(e.message.starts_with("labelSelector:"), "{}", e.message);
         let e = Params::parse(&parse_query("fieldSelector=spec.hostname%3Dx"), pods).unwrap_err();
-        assert!(e.message.contains("field label not supported: spec.hostname"), "{}", e.message);
+        assert!(
+            e.message
+                .contains("field label not supported: spec.hostname"),
+            "{}",
+            e.message
+        );
         let nodes = kind_by_plural("v1", "nodes").unwrap();
         assert!(Params::parse(&parse_query("fieldSelector=spec.nodeName%3Dx"), nodes).is_err());
-        assert!(Params::parse(&parse_query("limit=x"), pods).unwrap_err().message.starts_with("limit"));
+        assert!(Params::parse(&parse_query("limit=x"), pods)
+            .unwrap_err()
+            .message
+            .starts_with("limit"));
     }
 
     #[test]

@@ -28,20 +28,60 @@ pub struct KindInfo {
 
 /// Every kind zt-agent watches.
 pub const KINDS: &[KindInfo] = &[
-    KindInfo { kind: "Namespace", api_version: "v1", plural: "namespaces", namespaced: false, custom: false },
-    KindInfo { kind: "Pod", api_version: "v1", plural: "pods", namespaced: true, custom: false },
-    KindInfo { kind: "ServiceAccount", api_version: "v1", plural: "serviceaccounts", namespaced: true, custom: false },
-    KindInfo { kind: "Node", api_version: "v1", plural: "nodes", namespaced: false, custom: false },
-    KindInfo { kind: "NetworkPolicy", api_version: "networking.k8s.io/v1", plural: "networkpolicies", namespaced: true, custom: false },
-    KindInfo { kind: "ZeroTrustPolicy", api_version: "zt.dev/v1alpha1", plural: "zerotrustpolicies", namespaced: true, custom: true },
+    KindInfo {
+        kind: "Namespace",
+        api_version: "v1",
+        plural: "namespaces",
+        namespaced: false,
+        custom: false,
+    },
+    KindInfo {
+        kind: "Pod",
+        api_version: "v1",
+        plural: "pods",
+        namespaced: true,
+        custom: false,
+    },
+    KindInfo {
+        kind: "ServiceAccount",
+        api_version: "v1",
+        plural: "serviceaccounts",
+        namespaced: true,
+        custom: false,
+    },
+    KindInfo {
+        kind: "Node",
+        api_version: "v1",
+        plural: "nodes",
+        namespaced: false,
+        custom: false,
+    },
+    KindInfo {
+        kind: "NetworkPolicy",
+        api_version: "networking.k8s.io/v1",
+        plural: "networkpolicies",
+        namespaced: true,
+        custom: false,
+    },
+    KindInfo {
+        kind: "ZeroTrustPolicy",
+        api_version: "zt.dev/v1alpha1",
+        plural: "zerotrustpolicies",
+        namespaced: true,
+        custom: true,
+    },
 ];
 
 pub fn kind_by_plural(api_version: &str, plural: &str) -> Option<&'static KindInfo> {
-    KINDS.iter().find(|k| k.api_version == api_version && k.plural == plural)
+    KINDS
+        .iter()
+        .find(|k| k.api_version == api_version && k.plural == plural)
 }
 
 fn kind_of(api_version: &str, kind: &str) -> Option<&'static KindInfo> {
-    KINDS.iter().find(|k| k.api_version == api_version && k.kind == kind)
+    KINDS
+        .iter()
+        .find(|k| k.api_version == api_version && k.kind == kind)
 }
 
 /// Namespaces every cluster has, even when no manifest declares them.
@@ -209,8 +249,18 @@ impl Store {
             return Err(self.compacted_rv);
         }
         // History is in rv order; skip from the back.
-        let n = self.history.iter().rev().take_while(|e| e.rv > after).count();
-        Ok(self.history.iter().skip(self.history.len() - n).cloned().collect())
+        let n = self
+            .history
+            .iter()
+            .rev()
+            .take_while(|e| e.rv > after)
+            .count();
+        Ok(self
+            .history
+            .iter()
+            .skip(self.history.len() - n)
+            .cloned()
+            .collect())
     }
 
     /// Make the store hold exactly `desired` (from the manifests), recording one
@@ -229,17 +279,26 @@ impl Store {
                 self.implicit_ns.insert(ns.clone());
             }
         }
-        self.implicit_ns.extend(BUILTIN_NAMESPACES.iter().map(|s| s.to_string()));
+        self.implicit_ns
+            .extend(BUILTIN_NAMESPACES.iter().map(|s| s.to_string()));
         let ns_kind = &KINDS[0];
         for ns in &self.implicit_ns {
             let key: Key = ("namespaces", String::new(), ns.clone());
             want.entry(key).or_insert_with(|| {
-                (ns_kind, json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}))
+                (
+                    ns_kind,
+                    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+                )
             });
         }
 
         let mut events = 0;
-        let gone: Vec<Key> = self.objects.keys().filter(|k| !want.contains_key(*k)).cloned().collect();
+        let gone: Vec<Key> = self
+            .objects
+            .keys()
+            .filter(|k| !want.contains_key(*k))
+            .cloned()
+            .collect();
         for key in gone {
             let old = self.objects.remove(&key).expect("present").object;
             self.rv += 1;
@@ -265,15 +324,33 @@ impl Store {
                 Some(p) => (EventType::Modified, Some(p.object.clone())),
                 None => (EventType::Added, None),
             };
-            self.objects.insert(key.clone(), Stored { source: src, object: obj.clone() });
+            self.objects.insert(
+                key.clone(),
+                Stored {
+                    source: src,
+                    object: obj.clone(),
+                },
+            );
             self.record(key.0, typ, obj, old);
             events += 1;
         }
         events
     }
 
-    fn record(&mut self, plural: &'static str, typ: EventType, object: Arc<Value>, old: Option<Arc<Value>>) {
-        self.history.push_back(Arc::new(Event { rv: self.rv, plural, typ, object, old }));
+    fn record(
+        &mut self,
+        plural: &'static str,
+        typ: EventType,
+        object: Arc<Value>,
+        old: Option<Arc<Value>>,
+    ) {
+        self.history.push_back(Arc::new(Event {
+            rv: self.rv,
+            plural,
+            typ,
+            object,
+            old,
+        }));
         while self.history.len() > self.history_cap {
             let e = self.history.pop_front().expect("non-empty");
             self.compacted_rv = e.rv;
@@ -287,11 +364,18 @@ fn str_at<'a>(v: &'a Value, field: &str) -> &'a str {
 
 fn key_of(k: &'static KindInfo, src: &Value) -> Key {
     let ns = if k.namespaced {
-        src.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("").to_string()
+        src.pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
     } else {
         String::new()
     };
-    let name = src.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("").to_string();
+    let name = src
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
     (k.plural, ns, name)
 }
 
@@ -303,7 +387,14 @@ fn set_rv(obj: &mut Value, rv: u64) {
 
 /// The object as the API serves it: the fields the API server (and, for a pod's
 /// node, the scheduler) fill in.
-fn server_fill(k: &KindInfo, src: &Value, key: &Key, created: Value, uid: Option<Value>, rv: u64) -> Value {
+fn server_fill(
+    k: &KindInfo,
+    src: &Value,
+    key: &Key,
+    created: Value,
+    uid: Option<Value>,
+    rv: u64,
+) -> Value {
     let mut obj = src.clone();
     let (_, ns, name) = key;
     let meta = obj
@@ -332,7 +423,10 @@ fn server_fill(k: &KindInfo, src: &Value, key: &Key, created: Value, uid: Option
                 .entry("labels")
                 .or_insert_with(|| Value::Object(Map::new()));
             if let Some(l) = labels.as_object_mut() {
-                l.insert("kubernetes.io/metadata.name".into(), Value::String(name.clone()));
+                l.insert(
+                    "kubernetes.io/metadata.name".into(),
+                    Value::String(name.clone()),
+                );
             }
             obj["spec"] = json!({"finalizers": ["kubernetes"]});
             obj["status"] = json!({"phase": "Active"});
@@ -374,7 +468,10 @@ fn server_fill(k: &KindInfo, src: &Value, key: &Key, created: Value, uid: Option
 
 /// `2026-11-24T11:44:06Z` (the API's RFC 3339 form, seconds precision).
 pub fn rfc3339(t: SystemTime) -> String {
-    let secs = t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as i64;
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0) as i64;
     let (days, sod) = (secs.div_euclid(86400), secs.rem_euclid(86400));
     // Civil from days (Howard Hinnant's algorithm).
     let z = days + 719_468;
@@ -403,7 +500,10 @@ pub fn load_dir(dir: &Path) -> Result<Vec<Value>> {
     for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let path = e?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if (name.ends_with(".yaml") || name.ends_with(".yml")) && !name.starts_with('.') && path.is_file() {
+        if (name.ends_with(".yaml") || name.ends_with(".yml"))
+            && !name.starts_with('.')
+            && path.is_file()
+        {
             files.push(path);
         }
     }
@@ -411,19 +511,31 @@ pub fn load_dir(dir: &Path) -> Result<Vec<Value>> {
     let mut out = vec![];
     let mut seen: BTreeMap<Key, String> = BTreeMap::new();
     for f in files {
-        let label = f.file_name().unwrap_or_default().to_string_lossy().into_owned();
-        let text = std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
+        let label = f
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let text =
+            std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
         for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
             let loc = format!("{label} doc {}", i + 1);
-            let v = serde_yaml::Value::deserialize(doc).with_context(|| format!("{loc}: bad YAML"))?;
-            let v: Value = serde_json::to_value(v).with_context(|| format!("{loc}: not JSON-compatible"))?;
+            let v =
+                serde_yaml::Value::deserialize(doc).with_context(|| format!("{loc}: bad YAML"))?;
+            let v: Value =
+                serde_json::to_value(v).with_context(|| format!("{loc}: not JSON-compatible"))?;
             collect_objects(v, &loc, &mut out, &mut seen)?;
         }
     }
     Ok(out)
 }
 
-fn collect_objects(v: Value, loc: &str, out: &mut Vec<Value>, seen: &mut BTreeMap<Key, String>) -> Result<()> {
+fn collect_objects(
+    v: Value,
+    loc: &str,
+    out: &mut Vec<Value>,
+    seen: &mut BTreeMap<Key, String>,
+) -> Result<()> {
     if v.is_null() {
         return Ok(());
     }
@@ -452,7 +564,11 @@ fn collect_objects(v: Value, loc: &str, out: &mut Vec<Value>, seen: &mut BTreeMa
         _ => bail!("{loc}: {}: metadata.name missing", k.kind),
     }
     if k.namespaced {
-        if meta.get("namespace").and_then(Value::as_str).is_none_or(str::is_empty) {
+        if meta
+            .get("namespace")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+        {
             meta.insert("namespace".into(), Value::String("default".into()));
         }
     } else {
@@ -464,7 +580,12 @@ fn collect_objects(v: Value, loc: &str, out: &mut Vec<Value>, seen: &mut BTreeMa
     meta.remove("creationTimestamp");
     let key = key_of(k, &v);
     if let Some(first) = seen.insert(key.clone(), loc.to_string()) {
-        bail!("{loc}: {} {}/{} defined twice (first in {first})", k.kind, key.1, key.2);
+        bail!(
+            "{loc}: {} {}/{} defined twice (first in {first})",
+            k.kind,
+            key.1,
+            key.2
+        );
     }
     out.push(v);
     Ok(())
@@ -499,7 +620,10 @@ mod tests {
         let ev = s.events_after(rv1).unwrap();
         assert_eq!(ev.len(), 1);
         assert_eq!(ev[0].typ, EventType::Modified);
-        assert_eq!(ev[0].object["metadata"]["resourceVersion"], (rv1 + 1).to_string());
+        assert_eq!(
+            ev[0].object["metadata"]["resourceVersion"],
+            (rv1 + 1).to_string()
+        );
         assert_eq!(s.apply(vec![], t), 1);
         let ev = s.events_after(rv1 + 1).unwrap();
         assert_eq!((ev[0].typ, ev[0].plural), (EventType::Deleted, "pods"));
@@ -541,12 +665,26 @@ mod tests {
         let v = load_dir(&d).unwrap();
         assert_eq!(v.len(), 1);
         assert_eq!(v[0]["metadata"]["namespace"], "default");
-        std::fs::write(d.join("b.yml"), "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: default}\n").unwrap();
+        std::fs::write(
+            d.join("b.yml"),
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: default}\n",
+        )
+        .unwrap();
         let e = load_dir(&d).unwrap_err().to_string();
-        assert!(e.contains("b.yml doc 1: Pod default/a defined twice (first in a.yaml doc 1)"), "{e}");
-        std::fs::write(d.join("b.yml"), "apiVersion: v1\nkind: Node\nmetadata: {labels: {}}\n").unwrap();
+        assert!(
+            e.contains("b.yml doc 1: Pod default/a defined twice (first in a.yaml doc 1)"),
+            "{e}"
+        );
+        std::fs::write(
+            d.join("b.yml"),
+            "apiVersion: v1\nkind: Node\nmetadata: {labels: {}}\n",
+        )
+        .unwrap();
         let e = load_dir(&d).unwrap_err().to_string();
-        assert!(e.contains("b.yml doc 1: Node: metadata.name missing"), "{e}");
+        assert!(
+            e.contains("b.yml doc 1: Node: metadata.name missing"),
+            "{e}"
+        );
         std::fs::remove_dir_all(&d).unwrap();
     }
 }
