@@ -440,6 +440,17 @@ async fn watcher_relists_after_compaction() {
     );
     assert!(seen.contains(&"InitApply x/late".to_string()), "{seen:#?}");
     assert_eq!(c.api.requests("pods", Verb::List), 2);
+
+    // Same without an outage: compaction, then the watch ends (as on its timeout).
+    assert_eq!(
+        quiet(&mut w, Duration::from_millis(300)).await,
+        Vec::<String>::new()
+    );
+    c.api.compact();
+    c.api.end_watches();
+    let seen = until(&mut w, "InitDone").await;
+    assert!(seen[0].contains("Expired"), "{seen:#?}");
+    assert_eq!(c.api.requests("pods", Verb::List), 3);
 }
 
 #[tokio::test]

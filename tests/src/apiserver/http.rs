@@ -369,6 +369,7 @@ fn watch(
             .unwrap_or_else(|e| e.into_inner());
         let mut bookmarks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         let mut changed = shared.changed.subscribe();
+        let mut end = shared.end_watches.subscribe();
         loop {
             let (lines, rv) = match drain(&shared, id, kind, ns.as_deref(), &p) {
                 Ok(x) => x,
@@ -387,6 +388,7 @@ fn watch(
             tokio::select! {
                 r = changed.changed() => if r.is_err() { return },
                 _ = &mut deadline => return,
+                _ = end.changed() => return,
                 _ = tx.closed() => return,
                 _ = bookmarks.tick(), if p.allow_bookmarks => {
                     // Events up to `rv` were sent (or filtered out) by the drain above;

@@ -62,6 +62,8 @@ pub(crate) struct Shared {
     available: AtomicBool,
     /// Bumped when the server goes down: listeners close, open connections are cut.
     outage: tokio::sync::watch::Sender<u64>,
+    /// Bumped to end every open watch stream cleanly.
+    end_watches: tokio::sync::watch::Sender<u64>,
     accept_loops: AtomicUsize,
     listeners: Mutex<Vec<Listener>>,
     bookmark_interval: Mutex<Duration>,
@@ -145,6 +147,7 @@ impl ApiServer {
             changed: tokio::sync::watch::channel(0).0,
             available: AtomicBool::new(true),
             outage: tokio::sync::watch::channel(0).0,
+            end_watches: tokio::sync::watch::channel(0).0,
             accept_loops: AtomicUsize::new(0),
             listeners: Mutex::new(vec![]),
             bookmark_interval: Mutex::new(DEFAULT_BOOKMARK_INTERVAL),
@@ -298,6 +301,12 @@ impl ApiServer {
         Ok(())
     }
 
+    /// End every open watch stream cleanly, as their timeouts would: clients resume
+    /// from the last resourceVersion they saw (after [`ApiServer::compact`]: into a 410).
+    pub fn end_watches(&self) {
+        self.shared.end_watches.send_modify(|n| *n += 1);
+    }
+
     /// Interval between BOOKMARK events, for watches started after the call.
     pub fn set_bookmark_interval(&self, every: Duration) {
         *self
@@ -343,6 +352,13 @@ impl ApiServer {
     pub fn last_load_error(&self) -> Option<String> {
         self.shared.lock_store().last_error.clone()
     }
+}
+
+#[cfg(test)]
+#[test]
+fn api_server_is_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<ApiServer>();
 }
 
 impl Drop for ApiServer {

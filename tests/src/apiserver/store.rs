@@ -319,7 +319,20 @@ impl Store {
             let uid = prev
                 .and_then(|p| p.object.pointer("/metadata/uid").cloned())
                 .filter(|_| src.pointer("/metadata/uid").is_none());
-            let obj = Arc::new(server_fill(kind, &src, &key, created, uid, self.rv));
+            // metadata.generation moves on when the spec changes.
+            let generation = prev.map_or(1, |p| {
+                let g = p
+                    .object
+                    .pointer("/metadata/generation")
+                    .and_then(Value::as_u64);
+                g.unwrap_or(1) + u64::from(p.source.get("spec") != src.get("spec"))
+            });
+            let kept = Kept {
+                created,
+                uid,
+                generation,
+            };
+            let obj = Arc::new(server_fill(kind, &src, &key, kept, self.rv));
             let (typ, old) = match prev {
                 Some(p) => (EventType::Modified, Some(p.object.clone())),
                 None => (EventType::Added, None),
@@ -387,14 +400,19 @@ fn set_rv(obj: &mut Value, rv: u64) {
 
 /// The object as the API serves it: the fields the API server (and, for a pod's
 /// node, the scheduler) fill in.
-fn server_fill(
-    k: &KindInfo,
-    src: &Value,
-    key: &Key,
+/// Server-set metadata carried over from the previous version of an object.
+struct Kept {
     created: Value,
     uid: Option<Value>,
-    rv: u64,
-) -> Value {
+    generation: u64,
+}
+
+fn server_fill(k: &KindInfo, src: &Value, key: &Key, kept: Kept, rv: u64) -> Value {
+    let Kept {
+        created,
+        uid,
+        generation,
+    } = kept;
     let mut obj = src.clone();
     let (_, ns, name) = key;
     let meta = obj
@@ -417,6 +435,9 @@ fn server_fill(
     }
     meta.insert("creationTimestamp".into(), created);
     meta.insert("resourceVersion".into(), Value::String(rv.to_string()));
+    if matches!(k.kind, "Pod" | "NetworkPolicy" | "ZeroTrustPolicy") {
+        meta.insert("generation".into(), Value::from(generation));
+    }
     match k.kind {
         "Namespace" => {
             let labels = meta
@@ -578,6 +599,7 @@ fn collect_objects(
     // Server-owned fields in a manifest are not the user's to set.
     meta.remove("resourceVersion");
     meta.remove("creationTimestamp");
+    meta.remove("generation");
     let key = key_of(k, &v);
     if let Some(first) = seen.insert(key.clone(), loc.to_string()) {
         bail!(
@@ -615,17 +637,31 @@ mod tests {
         assert_eq!(ns["metadata"]["labels"]["kubernetes.io/metadata.name"], "x");
         // Same content: no event.
         assert_eq!(s.apply(vec![pod("a", "1")], t), 0);
+        assert_eq!(a["metadata"]["generation"], 1);
         // Modified, then deleted; the implicit namespace stays.
         assert_eq!(s.apply(vec![pod("a", "2")], t), 1);
+        assert_eq!(
+            s.get("pods", "x", "a").unwrap()["metadata"]["generation"],
+            1,
+            "labels only"
+        );
+        let mut with_spec = pod("a", "2");
+        with_spec["spec"] = json!({"nodeName": "n2"});
+        assert_eq!(s.apply(vec![with_spec], t), 1);
+        assert_eq!(
+            s.get("pods", "x", "a").unwrap()["metadata"]["generation"],
+            2
+        );
+        assert_eq!(s.apply(vec![pod("a", "2")], t), 1);
         let ev = s.events_after(rv1).unwrap();
-        assert_eq!(ev.len(), 1);
+        assert_eq!(ev.len(), 3);
         assert_eq!(ev[0].typ, EventType::Modified);
         assert_eq!(
             ev[0].object["metadata"]["resourceVersion"],
             (rv1 + 1).to_string()
         );
         assert_eq!(s.apply(vec![], t), 1);
-        let ev = s.events_after(rv1 + 1).unwrap();
+        let ev = s.events_after(rv1 + 3).unwrap();
         assert_eq!((ev[0].typ, ev[0].plural), (EventType::Deleted, "pods"));
         assert!(s.get("namespaces", "", "x").is_some());
         // Compaction expires every rv seen so far.
