@@ -257,6 +257,23 @@ async fn lists_gets_selectors_and_errors() {
     let any = pods.list(&ListParams::default().match_any()).await.unwrap();
     assert_eq!(any.items.len(), 7);
     assert_eq!(client.apiserver_version().await.unwrap().major, "1");
+    // Discovery: the CRD's group is served.
+    let d = kube::discovery::Discovery::new(client.clone())
+        .run()
+        .await
+        .unwrap();
+    let (ar, caps) = d
+        .resolve_gvk(&GroupVersionKind::gvk(
+            "zt.dev",
+            "v1alpha1",
+            "ZeroTrustPolicy",
+        ))
+        .unwrap();
+    assert_eq!(
+        (ar.plural.as_str(), caps.scope),
+        ("zerotrustpolicies", kube::discovery::Scope::Namespaced)
+    );
+    assert!(d.has_group("networking.k8s.io"));
     let req = http::Request::get("/api/v1/services").body(vec![]).unwrap();
     assert_eq!(api_code(&client.request_text(req).await.unwrap_err()), 404);
     let req = http::Request::get("/api/v1/namespaces/x/nodes")

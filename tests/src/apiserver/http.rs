@@ -4,7 +4,7 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -78,7 +78,7 @@ fn error_response(e: &ApiError) -> Response<Body> {
 /// the listening socket closes (connections are refused, as from an unreachable API
 /// server) and every open connection is cut (open watches end abruptly).
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    let _running = AcceptLoop::start(&shared);
+    let _running = Counted::new(&shared, |s| &s.accept_loops);
     let acceptor = TlsAcceptor::from(shared.creds.server_config.clone());
     let mut outage = shared.outage.subscribe();
     loop {
@@ -96,37 +96,48 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         let shared = shared.clone();
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
+            let _open = Counted::new(&shared, |s| &s.connections);
             let mut outage = shared.outage.subscribe();
-            let Ok(tls) = acceptor.accept(tcp).await else {
+            // Going down clears `available` before bumping `outage`: one of the two
+            // is seen, so no connection outlives an outage.
+            if !shared.available.load(Ordering::SeqCst) {
                 return;
-            };
+            }
             let svc_shared = shared.clone();
-            let svc = service_fn(move |req| {
-                let s = svc_shared.clone();
-                async move { Ok::<_, Infallible>(handle(&s, req).await) }
-            });
-            let conn = http1::Builder::new().serve_connection(TokioIo::new(tls), svc);
+            let serve = async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = service_fn(move |req| {
+                    let s = svc_shared.clone();
+                    async move { Ok::<_, Infallible>(handle(&s, req).await) }
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            };
             tokio::select! {
-                _ = conn => {}
+                _ = serve => {}
                 _ = outage.changed() => {}
             }
         });
     }
 }
 
-/// Counts running accept loops, so that going down can wait for the sockets to close.
-struct AcceptLoop(Arc<Shared>);
+/// Counts running accept loops / open connections while alive, so that going down
+/// can wait until every socket is closed.
+struct Counted(Arc<Shared>, fn(&Shared) -> &AtomicUsize);
 
-impl AcceptLoop {
-    fn start(shared: &Arc<Shared>) -> AcceptLoop {
-        shared.accept_loops.fetch_add(1, Ordering::SeqCst);
-        AcceptLoop(shared.clone())
+impl Counted {
+    fn new(shared: &Arc<Shared>, which: fn(&Shared) -> &AtomicUsize) -> Counted {
+        which(shared).fetch_add(1, Ordering::SeqCst);
+        Counted(shared.clone(), which)
     }
 }
 
-impl Drop for AcceptLoop {
+impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.accept_loops.fetch_sub(1, Ordering::SeqCst);
+        (self.1)(&self.0).fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -134,6 +145,7 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> 
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     shared.log_request(&format!("{} {path}?{query}", req.method()));
+
     let auth = req
         .headers()
         .get("authorization")
@@ -169,6 +181,7 @@ fn serve_route(shared: &Arc<Shared>, path: &str, query: &str) -> Result<Response
                 "major": "1", "minor": "35", "gitVersion": "v1.35.0-zt-standin", "platform": "linux/amd64"
             }),
         )),
+        Route::Discovery(d) => Ok(json_response(200, &d)),
         Route::Object {
             kind,
             namespace,

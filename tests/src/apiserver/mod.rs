@@ -65,6 +65,7 @@ pub(crate) struct Shared {
     /// Bumped to end every open watch stream cleanly.
     end_watches: tokio::sync::watch::Sender<u64>,
     accept_loops: AtomicUsize,
+    connections: AtomicUsize,
     listeners: Mutex<Vec<Listener>>,
     bookmark_interval: Mutex<Duration>,
     counters: Mutex<BTreeMap<(String, Verb), u64>>,
@@ -149,6 +150,7 @@ impl ApiServer {
             outage: tokio::sync::watch::channel(0).0,
             end_watches: tokio::sync::watch::channel(0).0,
             accept_loops: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
             listeners: Mutex::new(vec![]),
             bookmark_interval: Mutex::new(DEFAULT_BOOKMARK_INTERVAL),
             counters: Mutex::new(BTreeMap::new()),
@@ -279,10 +281,14 @@ impl ApiServer {
         if was && !up {
             self.shared.outage.send_modify(|n| *n += 1);
             let deadline = std::time::Instant::now() + Duration::from_secs(5);
-            while self.shared.accept_loops.load(Ordering::SeqCst) > 0 {
+            // Nothing reaches a client after this returns.
+            while self.shared.accept_loops.load(Ordering::SeqCst) > 0
+                || self.shared.connections.load(Ordering::SeqCst) > 0
+                || self.open_watches() > 0
+            {
                 anyhow::ensure!(
                     std::time::Instant::now() < deadline,
-                    "listeners did not close"
+                    "listeners, connections or watches did not close"
                 );
                 std::thread::sleep(Duration::from_millis(5));
             }

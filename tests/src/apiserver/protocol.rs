@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use base64::Engine as _;
 use serde_json::{json, Value};
 
-use super::store::{kind_by_plural, KindInfo};
+use super::store::{kind_by_plural, KindInfo, KINDS};
 
 /// A `Status` failure as the API returns it (body and HTTP code).
 #[derive(Debug, Clone, PartialEq)]
@@ -61,6 +61,8 @@ pub enum Route {
         name: String,
     },
     Version,
+    /// A discovery document (`/api`, `/apis`, `/api/v1`, `/apis/<group>/<version>`).
+    Discovery(Value),
 }
 
 /// Map a URL path to a route (404 for anything the stand-in does not serve).
@@ -75,6 +77,9 @@ pub fn route(path: &str) -> Result<Route, ApiError> {
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     if segs == ["version"] {
         return Ok(Route::Version);
+    }
+    if let Some(d) = discovery(&segs) {
+        return Ok(Route::Discovery(d));
     }
     let (api_version, rest) = match segs.as_slice() {
         ["api", "v1", rest @ ..] => ("v1".to_string(), rest),
@@ -120,6 +125,44 @@ pub fn route(path: &str) -> Result<Route, ApiError> {
             })
         }
         _ => Err(not_found()),
+    }
+}
+
+/// The discovery documents of the served groups (for clients that check that a
+/// resource, e.g. the ZeroTrustPolicy CRD, is installed).
+fn discovery(segs: &[&str]) -> Option<Value> {
+    let groups = ["networking.k8s.io/v1", "zt.dev/v1alpha1"];
+    let resources = |gv: &str| {
+        let rs: Vec<Value> = KINDS
+            .iter()
+            .filter(|k| k.api_version == gv)
+            .map(|k| {
+                json!({"name": k.plural, "singularName": k.kind.to_ascii_lowercase(),
+                       "namespaced": k.namespaced, "kind": k.kind, "verbs": ["get", "list", "watch"]})
+            })
+            .collect();
+        json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": rs})
+    };
+    match segs {
+        ["api"] => Some(
+            json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}),
+        ),
+        ["api", "v1"] => Some(resources("v1")),
+        ["apis"] => {
+            let gs: Vec<Value> = groups
+                .iter()
+                .map(|gv| {
+                    let (g, v) = gv.split_once('/').expect("group/version");
+                    let ver = json!({"groupVersion": gv, "version": v});
+                    json!({"name": g, "versions": [ver.clone()], "preferredVersion": ver})
+                })
+                .collect();
+            Some(json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": gs}))
+        }
+        ["apis", g, v] if groups.contains(&format!("{g}/{v}").as_str()) => {
+            Some(resources(&format!("{g}/{v}")))
+        }
+        _ => None,
     }
 }
 
@@ -395,7 +438,6 @@ pub fn bookmark(kind: &KindInfo, rv: u64, initial_end: bool) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::apiserver::store::KINDS;
 
     #[test]
     fn routes() {
