@@ -32,6 +32,7 @@ pub mod manifest;
 pub mod probe;
 pub mod sctp;
 pub mod serve;
+pub mod spray;
 pub mod sys;
 pub mod testbed;
 pub mod topology;

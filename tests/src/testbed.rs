@@ -36,6 +36,9 @@ pub fn fabric_ips(k: u32) -> (Ipv4Addr, Ipv6Addr) {
     )
 }
 
+/// What [`Testbed::add_pod_with`] runs between a pod's network setup and its server.
+type BeforeStart<'a> = Box<dyn FnOnce(&PodInfo) -> Result<()> + 'a>;
+
 /// Options for [`Testbed::up`].
 #[derive(Clone, Debug)]
 pub struct TestbedOptions {
@@ -232,6 +235,15 @@ impl Testbed {
     pub fn manifests_dir(&self) -> &Path {
         &self.manifests_dir
     }
+    /// The pods' cgroup root (`<cgroup_base>/kubepods`) as an agent must name it: agents
+    /// run under `ip netns exec`, whose fresh /sys hides the cgroup2 mount, so the path
+    /// goes through this process's root, `/proc/<pid>/root/...` (our mount namespace).
+    pub fn agent_cgroup_root(&self) -> PathBuf {
+        let inner = self.kubepods_dir();
+        let rel = inner.strip_prefix("/").unwrap_or(&inner);
+        PathBuf::from(format!("/proc/{}/root", std::process::id())).join(rel)
+    }
+
     /// `<cgroup root>/zt-test-<run>`; pods live in `<this>/kubepods/pod<uid>`.
     pub fn cgroup_base(&self) -> &Path {
         &self.cgroup_base
@@ -478,6 +490,17 @@ impl Testbed {
     /// Add a pod at runtime (netns, veth, routes, cgroup, server). Its node netns is
     /// created if new. The pod must have at least one IP.
     pub fn add_pod(&self, pod: Pod) -> Result<PodInfo> {
+        self.add_pod_with(pod, |_| Ok(()))
+    }
+
+    /// [`Testbed::add_pod`] that runs `before_start` once the pod's network is set up
+    /// and before its server starts (where a container runtime runs the CNI plugins).
+    /// An error from it fails (and removes) the pod.
+    pub fn add_pod_with(
+        &self,
+        pod: Pod,
+        before_start: impl FnOnce(&PodInfo) -> Result<()>,
+    ) -> Result<PodInfo> {
         if pod.ips().is_empty() {
             bail!("pod {} has no IP", pod.key());
         }
@@ -517,7 +540,7 @@ impl Testbed {
         }
         // Register before creating anything so a failure is cleaned up by remove/drop.
         self.lock().topo.pods.push(info.clone());
-        match self.setup_pod(&info, &node) {
+        match self.setup_pod(&info, &node, Box::new(before_start)) {
             Ok(pid) => {
                 let mut g = self.lock();
                 let mut out = info.clone();
@@ -537,7 +560,12 @@ impl Testbed {
         }
     }
 
-    fn setup_pod(&self, info: &PodInfo, node: &NodeInfo) -> Result<u32> {
+    fn setup_pod(
+        &self,
+        info: &PodInfo,
+        node: &NodeInfo,
+        before_start: BeforeStart<'_>,
+    ) -> Result<u32> {
         let (pns, nns, hv) = (
             info.netns.as_str(),
             node.netns.as_str(),
@@ -601,6 +629,7 @@ impl Testbed {
         }
         std::fs::create_dir_all(&info.cgroup)
             .with_context(|| format!("creating cgroup {}", info.cgroup.display()))?;
+        before_start(info)?;
         if !self.opts.start_servers {
             return Ok(0);
         }
@@ -786,7 +815,8 @@ impl Testbed {
     /// `<tmp>/node-<node>/bpffs`, reused across agents of the same node) and the args
     /// `--bpffs-root <bpffs>/zt --state-dir <tmp>/node-<node>/state --admin-socket
     /// <state>/admin.sock --metrics-addr 127.0.0.1:<port> --node-name <node>
-    /// --manifests <dir>` followed by `extra_args`. Output goes to `<tmp>/agent-<n>.log`.
+    /// --manifests <dir> --cgroup-root <agent_cgroup_root>` (unless `extra_args` names
+    /// one) followed by `extra_args`. Output goes to `<tmp>/agent-<n>.log`.
     pub fn start_agent(
         &self,
         node: &str,
@@ -851,6 +881,11 @@ impl Testbed {
             node.to_string(),
         ];
         args.extend(source);
+        // The bed's pod cgroup root for the agent's cgroup programs, unless named.
+        if !extra_args.contains(&"--cgroup-root") {
+            args.push("--cgroup-root".into());
+            args.push(self.agent_cgroup_root().display().to_string());
+        }
         args.extend(extra_args.iter().map(|s| s.to_string()));
         let bin = std::fs::canonicalize(agent_bin)
             .with_context(|| format!("agent binary {}", agent_bin.display()))?;

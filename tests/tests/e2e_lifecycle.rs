@@ -261,10 +261,12 @@ fn pod_churn_is_enforced_and_cleaned_up() {
         &[(Proto::Tcp, 80)],
     );
     bed.add_pod(d.clone()).unwrap();
-    // Not in the agent's manifests yet: nothing enforces d's interface.
+    // Not in the agent's manifests yet: d's interface is not hooked, but its server (in
+    // the pods' cgroup hierarchy) is `initialising` for the cgroup programs: fails closed.
     for f in FAMILIES {
-        assert_eq!(bed.tb.probe(&c, &tgt("default", "d", f), Proto::Tcp, 80, ALLOWED), ok("default/d"), "unknown pod d@{f}");
+        assert_eq!(bed.probe(&c, &tgt("default", "d", f), Proto::Tcp, 80), ProbeResult::Timeout, "unknown pod d@{f}");
     }
+    assert!(bed.metrics().verdicts("ingress", "drop", "initialising") >= 2.0);
     bed.write("05-pod-d.yaml", &d.to_yaml());
     bed.wait_probe(&c, &tgt("default", "d", Family::V4), Proto::Tcp, 80, &ProbeResult::Timeout);
     for f in FAMILIES {

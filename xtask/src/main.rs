@@ -78,7 +78,7 @@ fn project_root() -> PathBuf {
 }
 
 fn build() -> Result<()> {
-    run(Command::new("cargo").args(["build", "-p", "zt-agent", "-p", "zt-tests", "--bins"]))
+    run(Command::new("cargo").args(["build", "-p", "zt-agent", "-p", "zt-cni", "-p", "zt-tests", "--bins"]))
 }
 
 /// Tests and the demo find the binaries through these.
@@ -86,6 +86,7 @@ fn run_env(cmd: &mut Command) -> Result<()> {
     let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| project_root().join("target"));
     cmd.env("ZT_AGENT_BIN", target.join("debug/zt-agent"));
     cmd.env("ZTCTL_BIN", target.join("debug/ztctl"));
+    cmd.env("ZT_CNI_BIN", target.join("debug/zt-cni"));
     run(cmd)
 }
 

@@ -1,15 +1,16 @@
 //! The node-local admin socket ztctl talks to. One request line per connection:
-//! `events` streams live datapath events as JSON lines; `status` answers once.
+//! `events` streams live datapath events as JSON lines; `status` answers once;
+//! `cni <json>` is a request of the CNI plugin, answered by the agent's loop.
 use std::path::PathBuf;
 
 use anyhow::Result;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 
-use crate::{events::EventRecord, metrics::Shared};
+use crate::{agent::cni::CniCall, events::EventRecord, metrics::Shared};
 
-pub async fn serve(path: PathBuf, events: broadcast::Sender<EventRecord>, metrics: Shared) -> Result<()> {
+pub async fn serve(path: PathBuf, events: broadcast::Sender<EventRecord>, metrics: Shared, cni: mpsc::Sender<CniCall>) -> Result<()> {
     let _ = std::fs::remove_file(&path);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -21,6 +22,7 @@ pub async fn serve(path: PathBuf, events: broadcast::Sender<EventRecord>, metric
         let (sock, _) = listener.accept().await?;
         let mut rx = events.subscribe();
         let metrics = metrics.clone();
+        let cni = cni.clone();
         tokio::spawn(async move {
             let (r, mut w) = sock.into_split();
             let mut line = String::new();
@@ -53,6 +55,10 @@ pub async fn serve(path: PathBuf, events: broadcast::Sender<EventRecord>, metric
                         m.ready, m.identities, m.endpoints_local, m.policy_errors_total, m.policy_epoch
                     );
                     let _ = w.write_all(s.as_bytes()).await;
+                }
+                cmd if cmd.starts_with("cni ") => {
+                    let reply = crate::agent::cni::forward(&cmd[4..], &cni, &metrics).await;
+                    let _ = w.write_all(reply.as_bytes()).await;
                 }
                 other => {
                     let _ = w.write_all(format!("{{\"error\":\"unknown request {other:?}\"}}\n").as_bytes()).await;

@@ -1,6 +1,8 @@
 //! The agent's reconcile loop: policy source -> cluster state -> compile -> diff into
 //! the pinned maps -> attach to local pod interfaces. A bad input keeps the last good
-//! state enforced; a restart starts from what the maps already hold.
+//! state enforced; a restart starts from what the maps already hold. The directory
+//! source is polled here; the Kubernetes source's watchers send events over a channel
+//! that the loop drains in batches (`apply_source`).
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -8,8 +10,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use tokio::io::unix::AsyncFd;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 use zt_common::*;
+
+// Requests of the CNI plugin (a child module: it handles them on the agent's state).
+#[path = "cni.rs"]
+pub mod cni;
 
 use crate::{
     compile::{compile, CompileConfig, EnforcementMode},
@@ -20,6 +26,7 @@ use crate::{
     model::ClusterState,
     net,
     pins::{capacity, PinnedMaps},
+    source::{PolicySource, SourceEvent, WatchCache},
     state::Desired,
     sync::{apply, withdraws, Capacities, Contents},
 };
@@ -27,7 +34,7 @@ use crate::{
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
     pub node_name: String,
-    pub manifests: PathBuf,
+    pub source: PolicySource,
     pub bpffs_root: PathBuf,
     pub state_dir: PathBuf,
     pub admin_socket: PathBuf,
@@ -43,6 +50,8 @@ pub struct AgentOptions {
     pub ct_other_timeout_s: u32,
     pub frag_timeout_s: u32,
     pub poll_interval: Duration,
+    /// Root of the pods' cgroup hierarchy for the cgroup programs; None: no cgroup programs.
+    pub cgroup_root: Option<PathBuf>,
 }
 
 struct Agent {
@@ -53,6 +62,10 @@ struct Agent {
     caps: Capacities,
     ids: IdentityAllocator,
     cluster: Option<ClusterState>,
+    /// The Kubernetes source's objects (None with the directory source).
+    watch: Option<WatchCache>,
+    /// `cluster` was replaced by the Kubernetes source since the last compile.
+    source_changed: bool,
     desired: Option<Desired>,
     manifests_fingerprint: Option<Vec<(PathBuf, u64, SystemTime)>>,
     host_ips: Vec<IpAddr>,
@@ -67,13 +80,22 @@ struct Agent {
     /// What ZT_CONFIG holds (read once at start).
     config: Config,
     shared_warned: BTreeSet<u32>,
+    /// The cgroup programs are attached (or, with no cgroup root, removed).
+    cgroup_done: bool,
+    /// An error the agent must exit on.
+    fatal: Option<anyhow::Error>,
     metrics: Shared,
     snapshot: std::sync::Arc<std::sync::RwLock<Snapshot>>,
+    /// Pod interfaces the CNI plugin asked to enforce.
+    cni: cni::Attachments,
 }
 
 pub async fn run(opts: AgentOptions) -> Result<()> {
     std::fs::create_dir_all(&opts.state_dir).with_context(|| format!("creating {}", opts.state_dir.display()))?;
     let _ = std::fs::remove_file(opts.state_dir.join("ready"));
+    if let Some(root) = &opts.cgroup_root {
+        crate::cgroup_link::open_cgroup2_dir(root)?;
+    }
     let mut datapath = Datapath::load(&opts.bpffs_root, &opts.sizes)?;
     let maps = PinnedMaps::open(&opts.bpffs_root)?;
     let have = Contents::read(&maps).context("reading the pinned maps")?;
@@ -116,7 +138,20 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let ring = datapath.take_events()?;
     tokio::spawn(forward_events(ring, events_tx.clone(), snapshot.clone(), metrics.clone()));
     tokio::spawn(log_err("metrics", metrics::serve(opts.metrics_addr.clone(), metrics.clone(), opts.bpffs_root.clone())));
-    tokio::spawn(log_err("admin socket", crate::admin::serve(opts.admin_socket.clone(), events_tx.clone(), metrics.clone())));
+    let cni_attachments = cni::Attachments::load(opts.state_dir.join("cni-attachments.json"))?;
+    let (cni_tx, mut cni_rx) = tokio::sync::mpsc::channel::<cni::CniCall>(256);
+    tokio::spawn(log_err("admin socket", crate::admin::serve(opts.admin_socket.clone(), events_tx.clone(), metrics.clone(), cni_tx)));
+
+    // Kubernetes source events; the sender stays here with the directory source.
+    let (source_tx, mut source_rx) = mpsc::channel::<SourceEvent>(8192);
+    let watch = match &opts.source {
+        PolicySource::Kube(config) => {
+            crate::source::kube::spawn((**config).clone(), source_tx.clone())?;
+            Some(WatchCache::new().with_trust_domain(&opts.trust_domain))
+        }
+        PolicySource::Dir(_) => None,
+    };
+    metrics.lock().unwrap().source_up = true;
 
     let mut agent = Agent {
         opts,
@@ -126,6 +161,8 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         caps,
         ids,
         cluster: None,
+        watch,
+        source_changed: false,
         desired: None,
         manifests_fingerprint: None,
         host_ips: vec![],
@@ -137,23 +174,33 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         pending_bump: false,
         config,
         shared_warned: BTreeSet::new(),
+        cgroup_done: false,
+        fatal: None,
         metrics,
         snapshot,
+        cni: cni_attachments,
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         if let Err(e) = agent.reconcile() {
             log::error!("reconcile: {e:#}");
         }
+        if let Some(e) = agent.fatal.take() {
+            return Err(e);
+        }
+        agent.metrics.lock().unwrap().heartbeat = Some(Instant::now());
         tokio::select! {
             _ = tokio::time::sleep(agent.opts.poll_interval) => {}
+            Some(ev) = source_rx.recv() => agent.apply_source(ev, &mut source_rx),
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
+            Some(call) = cni_rx.recv() => agent.handle_cni(call),
         }
     }
     // Links and maps stay pinned: enforcement continues while the agent is away.
     log::info!("stopping; the datapath keeps enforcing the last state");
     let _ = std::fs::remove_file(agent.opts.state_dir.join("ready"));
+    drop(source_tx);
     Ok(())
 }
 
@@ -216,21 +263,56 @@ fn fingerprint(dir: &Path) -> Result<Vec<(PathBuf, u64, SystemTime)>> {
 }
 
 impl Agent {
+    /// Applies the Kubernetes source's pending events in one batch; the next reconcile
+    /// compiles once if the state changed and every kind has been listed.
+    fn apply_source(&mut self, first: SourceEvent, rx: &mut mpsc::Receiver<SourceEvent>) {
+        let Some(watch) = self.watch.as_mut() else { return };
+        let batch = watch.apply_pending(first, rx);
+        let was_synced = self.metrics.lock().unwrap().source_synced;
+        if watch.synced() && (batch.changed || !was_synced) {
+            if !was_synced {
+                let s = watch.state();
+                log::info!(
+                    "initial list complete: {} namespaces, {} pods, {} nodes, {} service accounts, {} network policies, {} zero-trust policies",
+                    s.namespaces.len(), s.pods.len(), s.nodes.len(), s.service_accounts.len(), s.network_policies.len(), s.zero_trust_policies.len()
+                );
+            }
+            self.cluster = Some(watch.state().clone());
+            self.source_changed = true;
+        }
+        let mut m = self.metrics.lock().unwrap();
+        m.source_synced = watch.synced();
+        m.source_up = watch.up();
+        m.source_events = watch.events.clone();
+        m.source_relists = watch.relists.clone();
+        m.source_errors = watch.errors.clone();
+        m.policy_last_load_ok = watch.rejected().is_empty();
+        drop(m);
+        for msg in batch.rejected {
+            self.reject(&msg);
+        }
+    }
+
     fn reconcile(&mut self) -> Result<()> {
-        let mut changed = false;
-        let fp = fingerprint(&self.opts.manifests)?;
-        if self.manifests_fingerprint.as_ref() != Some(&fp) {
-            self.manifests_fingerprint = Some(fp);
-            match ClusterState::load_dir(&self.opts.manifests) {
-                Ok(loaded) => {
-                    for o in &loaded.ignored {
-                        log::warn!("{}: ignoring {} {} (not a kind zt reads)", o.location, o.api_version, o.kind);
+        let mut changed = std::mem::take(&mut self.source_changed);
+        if let PolicySource::Dir(dir) = &self.opts.source {
+            let dir = dir.clone();
+            let fp = fingerprint(&dir)?;
+            if self.manifests_fingerprint.as_ref() != Some(&fp) {
+                self.manifests_fingerprint = Some(fp);
+                match ClusterState::load_dir(&dir) {
+                    Ok(loaded) => {
+                        for o in &loaded.ignored {
+                            log::warn!("{}: ignoring {} {} (not a kind zt reads)", o.location, o.api_version, o.kind);
+                        }
+                        self.cluster = Some(loaded.state);
+                        let mut m = self.metrics.lock().unwrap();
+                        m.policy_last_load_ok = true;
+                        m.source_synced = true;
+                        changed = true;
                     }
-                    self.cluster = Some(loaded.state);
-                    self.metrics.lock().unwrap().policy_last_load_ok = true;
-                    changed = true;
+                    Err(e) => self.reject(&format!("{e}")),
                 }
-                Err(e) => self.reject(&format!("{e}")),
             }
         }
         let host_ips = net::host_addresses()?;
@@ -278,44 +360,84 @@ impl Agent {
         }
         let t = Instant::now();
         let mut stats = crate::sync::ApplyStats::default();
-        if self.dirty {
-            let want = Contents::from_desired(desired, &self.ifindex);
-            // Remembered until the epoch is written, even if this apply fails halfway.
-            self.pending_bump |= withdraws(&self.have, &want);
-            stats = match apply(&mut self.maps, &mut self.have, &want, &self.caps) {
-                Ok(s) => {
-                    self.last_apply_error = None;
-                    s
-                }
-                Err(e) => {
-                    // Once per distinct failure: the loop retries every poll.
-                    let msg = format!("{e:#}");
-                    if self.last_apply_error.as_deref() != Some(&msg) {
-                        self.metrics.lock().unwrap().map_errors_total += 1;
-                        log::error!("applying the policy to the maps failed, the previous state stays enforced: {msg}");
-                        self.last_apply_error = Some(msg);
+        if self.cni.prune_gone()? {
+            self.dirty = true;
+        }
+        // An endpoint's interface is written only once both its hooks are attached: the
+        // cgroup programs leave a local endpoint with an interface to its TC hook, so
+        // there must be no moment where that hook is missing. A new pod goes in with
+        // interface 0 (judged by the cgroup programs), its hook is attached, then a second
+        // round writes its interface.
+        for _round in 0..2 {
+            if self.dirty {
+                let mut want = Contents::from_desired(desired, &self.ifindex);
+                self.cni.overlay(&mut want, Some(desired));
+                self.only_hooked(&mut want);
+                // Remembered until the epoch is written, even if this apply fails halfway.
+                self.pending_bump |= withdraws(&self.have, &want);
+                match apply(&mut self.maps, &mut self.have, &want, &self.caps) {
+                    Ok(s) => {
+                        self.last_apply_error = None;
+                        stats.written += s.written;
+                        stats.removed += s.removed;
                     }
+                    Err(e) => {
+                        // Once per distinct failure: the loop retries every poll.
+                        let msg = format!("{e:#}");
+                        if self.last_apply_error.as_deref() != Some(&msg) {
+                            self.metrics.lock().unwrap().map_errors_total += 1;
+                            log::error!("applying the policy to the maps failed, the previous state stays enforced: {msg}");
+                            self.last_apply_error = Some(msg);
+                        }
+                        return Ok(());
+                    }
+                };
+                self.dirty = false;
+            }
+            self.write_config()?;
+            // Once the maps hold the full state (READY): no not-ready blackout for pods.
+            if !self.cgroup_done {
+                self.cgroup_done = true;
+                if let Err(e) = self.datapath.ensure_cgroup(self.opts.cgroup_root.as_deref()) {
+                    // Fatal: the agent exits (its pinned hooks and maps keep enforcing) so
+                    // that the failure shows instead of a node silently without them.
+                    self.fatal = Some(e.context("cgroup programs"));
                     return Ok(());
                 }
-            };
-            self.dirty = false;
+            }
+            let hooked_before = self.datapath.hooked_ifindexes();
+            let mut keep = BTreeSet::new();
+            for (ip, idx) in &self.ifindex {
+                if let Some(name) = self.ifnames.get(ip) {
+                    self.datapath.ensure_attached(*idx, name)?;
+                    keep.insert((*idx, name.clone()));
+                }
+            }
+            self.attach_cni()?;
+            let newly_hooked = !self.datapath.hooked_ifindexes().is_subset(&hooked_before);
+            self.datapath.detach_gone(&keep)?;
+            if !newly_hooked {
+                break;
+            }
+            self.dirty = true;
         }
-        self.write_config()?;
         if stats.written + stats.removed > 0 {
             log::info!("applied {} writes, {} removals (epoch {})", stats.written, stats.removed, self.config.policy_epoch);
         }
         let apply_time = t.elapsed();
-        // Attach only once the maps hold the full state.
-        let mut keep = BTreeSet::new();
-        for (ip, idx) in &self.ifindex {
-            if let Some(name) = self.ifnames.get(ip) {
-                self.datapath.ensure_attached(*idx, name)?;
-                keep.insert((*idx, name.clone()));
-            }
-        }
-        self.datapath.detach_gone(&keep)?;
         self.publish(desired, &stats, apply_time)?;
         Ok(())
+    }
+
+    /// An endpoint names its interface only once that interface carries both hooks;
+    /// until then it has 0 and the cgroup programs judge the pod's own traffic.
+    fn only_hooked(&self, want: &mut Contents) {
+        let hooked = self.datapath.hooked_ifindexes();
+        for v in want.endpoints.values_mut() {
+            if v.ifindex != 0 && !hooked.contains(&v.ifindex) {
+                v.ifindex = 0;
+            }
+        }
     }
 
     /// Writes ZT_CONFIG when it changes; the epoch lives here after the first read so that
@@ -356,7 +478,8 @@ impl Agent {
     }
 
     /// Host interface of every local pod, by route. Re-resolved when the desired state
-    /// changes, for pods still without an interface, and every 10 s. A host interface
+    /// changes, for pods still without an interface or whose interface is gone, and every
+    /// 10 s. A host interface
     /// that more than one pod resolves to (a bridge, the uplink) is not a pod's own and is
     /// never hooked. Returns whether the result changed.
     fn resolve_interfaces(&mut self, desired: &Desired) -> Result<bool> {
@@ -368,10 +491,15 @@ impl Agent {
                 continue;
             }
             if !stale {
+                // Cached, unless the interface went away (a recreated pod sandbox, an
+                // address reused by a new pod): an endpoint must never keep pointing the
+                // cgroup programs at a hook that no longer exists.
                 if let (Some(i), Some(n)) = (self.ifindex.get(ip), self.ifnames.get(ip)) {
-                    ifindex.insert(*ip, *i);
-                    ifnames.insert(*ip, n.clone());
-                    continue;
+                    if net::ifindex(n).is_ok_and(|now| now == *i) {
+                        ifindex.insert(*ip, *i);
+                        ifnames.insert(*ip, n.clone());
+                        continue;
+                    }
                 }
             }
             if let Some(name) = net::route_interface(*ip)? {
@@ -393,7 +521,7 @@ impl Agent {
         for (idx, pods) in pods_per_if.iter().filter(|(_, p)| p.len() > 1) {
             let name = ifindex.iter().find(|(_, i)| *i == idx).and_then(|(ip, _)| ifnames.get(ip)).cloned().unwrap_or_default();
             if self.shared_warned.insert(*idx) {
-                log::error!("interface {name} carries {} pods: not a pod's own interface, not hooking it (these pods stay unknown endpoints)", pods.len());
+                log::error!("interface {name} carries {} pods: not a pod's own interface, not hooking it (only the cgroup programs enforce these pods)", pods.len());
             }
             ifindex.retain(|_, i| i != idx);
         }

@@ -11,7 +11,7 @@ use aya::{
     programs::{
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
-        LinkOrder, SchedClassifier, TcAttachType,
+        CgroupSkb, LinkOrder, SchedClassifier, TcAttachType,
     },
     Ebpf, EbpfLoader,
 };
@@ -25,6 +25,9 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 pub const PROG_FROM_POD: &str = "zt_from_pod";
 pub const PROG_TO_POD: &str = "zt_to_pod";
 pub const PROG_NOOP: &str = "zt_noop";
+/// cgroup skb programs for the root of the pods' cgroup hierarchy (see cgroup_link.rs).
+pub const PROG_CGROUP_EGRESS: &str = "zt_cgroup_egress";
+pub const PROG_CGROUP_INGRESS: &str = "zt_cgroup_ingress";
 
 #[derive(Clone, Copy, Debug)]
 pub struct MapSizes {
@@ -72,6 +75,13 @@ pub fn load_object(bpffs_root: &Path, sizes: &MapSizes) -> Result<Ebpf> {
     let mut ebpf = loader.load(OBJECT).context("loading the zt kernel object")?;
     for name in [PROG_FROM_POD, PROG_TO_POD, PROG_NOOP] {
         let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the object"))?
+            .try_into()?;
+        prog.load().with_context(|| format!("verifier rejected {name}"))?;
+    }
+    for name in [PROG_CGROUP_EGRESS, PROG_CGROUP_INGRESS] {
+        let prog: &mut CgroupSkb = ebpf
             .program_mut(name)
             .with_context(|| format!("program {name} missing from the object"))?
             .try_into()?;
@@ -129,6 +139,32 @@ impl Datapath {
         }
         self.attached.insert((ifindex, ifname.to_owned()));
         Ok(())
+    }
+
+    /// Interfaces that carry both zt hooks: attached by this process, or pinned by an
+    /// earlier agent (whose links keep running until this process swaps its programs in).
+    pub fn hooked_ifindexes(&self) -> BTreeSet<u32> {
+        let mut set: BTreeSet<u32> = self.attached.iter().map(|(i, _)| *i).collect();
+        let Ok(dir) = std::fs::read_dir(link_dir(&self.bpffs_root)) else { return set };
+        let names: BTreeSet<String> = dir.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        for name in &names {
+            let Some(base) = name.strip_suffix("-from") else { continue };
+            if names.contains(&format!("{base}-to")) {
+                if let Some(idx) = base.split_once('-').and_then(|(i, _)| i.parse().ok()) {
+                    set.insert(idx);
+                }
+            }
+        }
+        set
+    }
+
+    /// Attaches the cgroup programs at the root of the pods' cgroup hierarchy, or with
+    /// `None` removes any an earlier agent pinned.
+    pub fn ensure_cgroup(&mut self, root: Option<&Path>) -> Result<()> {
+        match root {
+            Some(root) => crate::cgroup_link::ensure_attached(&mut self.ebpf, &self.bpffs_root, root),
+            None => crate::cgroup_link::detach_all(&self.bpffs_root),
+        }
     }
 
     /// Unpins links of interfaces that are gone (the link goes with its last reference).

@@ -3,23 +3,31 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use zt_agent::{
     agent::{run, AgentOptions},
     compile::EnforcementMode,
     loader::MapSizes,
+    source::PolicySource,
 };
 
 #[derive(Parser, Debug)]
 #[command(name = "zt-agent", about = "zt node agent: identity-keyed default-deny in the kernel")]
 struct Flags {
-    /// This node's name (pods with this spec.nodeName are local).
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// This node's name (pods with this spec.nodeName are local). Required to run the agent.
     #[arg(long, env = "NODE_NAME")]
-    node_name: String,
-    /// Directory of Kubernetes YAML (Namespaces, ServiceAccounts, Pods, NetworkPolicies,
-    /// ZeroTrustPolicies), watched for changes.
+    node_name: Option<String>,
+    /// Directory of Kubernetes YAML (Namespaces, ServiceAccounts, Pods, Nodes,
+    /// NetworkPolicies, ZeroTrustPolicies), watched for changes. Without it the agent
+    /// watches the Kubernetes API.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    manifests: Option<PathBuf>,
+    /// Kubeconfig for the Kubernetes API source (default: in-cluster service account,
+    /// else $KUBECONFIG or ~/.kube/config).
     #[arg(long)]
-    manifests: PathBuf,
+    kubeconfig: Option<PathBuf>,
     /// bpffs directory for zt's pinned maps and links.
     #[arg(long, default_value = "/sys/fs/bpf/zt")]
     bpffs_root: PathBuf,
@@ -70,15 +78,38 @@ struct Flags {
     /// How often the manifests and interfaces are re-read, milliseconds.
     #[arg(long, default_value_t = 500)]
     poll_ms: u64,
+    /// Root of the pods' cgroup hierarchy (cgroup v2), where the cgroup programs enforce
+    /// a pod's own traffic from its first packet; `none`: no cgroup programs.
+    #[arg(long, default_value = zt_agent::cgroup_link::DEFAULT_CGROUP_ROOT)]
+    cgroup_root: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the ZeroTrustPolicy CustomResourceDefinition (deploy/crd-zerotrustpolicy.yaml).
+    Crd,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let f = Flags::parse();
+    if let Some(Command::Crd) = f.command {
+        print!("{}", zt_agent::model::ztp::crd_yaml());
+        return Ok(());
+    }
+    let Some(node_name) = f.node_name.filter(|n| !n.is_empty()) else {
+        anyhow::bail!("--node-name (or $NODE_NAME) is required");
+    };
+    // TLS to the API server: rustls with ring, nothing else.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let source = match f.manifests {
+        Some(dir) => PolicySource::Dir(dir),
+        None => PolicySource::Kube(Box::new(zt_agent::source::kube::load_config(f.kubeconfig.as_deref()).await?)),
+    };
     let opts = AgentOptions {
-        node_name: f.node_name,
-        manifests: f.manifests,
+        node_name,
+        source,
         bpffs_root: f.bpffs_root,
         state_dir: f.state_dir,
         admin_socket: f.admin_socket,
@@ -94,6 +125,7 @@ async fn main() -> anyhow::Result<()> {
         ct_other_timeout_s: f.ct_other_timeout,
         frag_timeout_s: f.frag_timeout,
         poll_interval: Duration::from_millis(f.poll_ms),
+        cgroup_root: if f.cgroup_root.as_os_str() == "none" { None } else { Some(f.cgroup_root) },
     };
     run(opts).await
 }

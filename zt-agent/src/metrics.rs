@@ -1,15 +1,17 @@
 //! Prometheus text exposition on `/metrics`. Verdict counters are read from the pinned
 //! per-CPU map at scrape time; everything else is kept by the agent's loop.
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use zt_common::*;
 
-use crate::{events::direction_name, pins::PinnedMaps};
+use crate::{events::direction_name, model::ObjectKind, pins::PinnedMaps};
 
 #[derive(Clone, Debug, Default)]
 pub struct AgentMetrics {
@@ -33,7 +35,34 @@ pub struct AgentMetrics {
     pub map_errors_total: u64,
     pub policy_epoch: u32,
     pub events_forwarded_total: u64,
+    /// The policy source reaches its input (always true for the directory source).
+    pub source_up: bool,
+    /// The policy source delivered a complete state at least once.
+    pub source_synced: bool,
+    /// Kubernetes source: events by (kind, type), relists and watch errors by kind.
+    pub source_events: BTreeMap<(ObjectKind, &'static str), u64>,
+    pub source_relists: BTreeMap<ObjectKind, u64>,
+    pub source_errors: BTreeMap<ObjectKind, u64>,
+    /// Last turn of the agent's loop (liveness).
+    pub heartbeat: Option<Instant>,
+    /// CNI plugin requests by (command, outcome).
+    pub cni_requests: BTreeMap<(String, String), u64>,
 }
+
+impl AgentMetrics {
+    /// Ready for traffic: the datapath holds a full state, the source is synced and up.
+    pub fn serving(&self) -> bool {
+        self.ready && self.source_synced && self.source_up
+    }
+
+    /// Alive: the loop turned recently (it turns at least every poll interval).
+    pub fn alive(&self) -> bool {
+        self.heartbeat.is_none_or(|t| t.elapsed() < LIVENESS_WINDOW)
+    }
+}
+
+/// A loop that has not turned for this long is stuck.
+const LIVENESS_WINDOW: Duration = Duration::from_secs(60);
 
 pub type Shared = Arc<Mutex<AgentMetrics>>;
 
@@ -92,8 +121,28 @@ pub fn render(m: &AgentMetrics, maps: Option<&PinnedMaps>) -> String {
     let _ = writeln!(o, "zt_policy_epoch {}", m.policy_epoch);
     line(&mut o, "Datapath events the agent forwarded to admin-socket subscribers.", "counter", "zt_agent_events_forwarded_total");
     let _ = writeln!(o, "zt_agent_events_forwarded_total {}", m.events_forwarded_total);
+    line(&mut o, "Requests of the zt-cni plugin, by command and outcome.", "counter", "zt_cni_requests_total");
+    for ((cmd, outcome), n) in &m.cni_requests {
+        let _ = writeln!(o, "zt_cni_requests_total{{command=\"{cmd}\",outcome=\"{outcome}\"}} {n}");
+    }
     line(&mut o, "1 once the datapath holds the first full state.", "gauge", "zt_agent_ready");
     let _ = writeln!(o, "zt_agent_ready {}", m.ready as u8);
+    line(&mut o, "1 while the policy source reaches its input (0: Kubernetes API unreachable; the last state stays enforced).", "gauge", "zt_source_up");
+    let _ = writeln!(o, "zt_source_up {}", m.source_up as u8);
+    line(&mut o, "1 once the policy source delivered a complete state (every kind listed).", "gauge", "zt_source_synced");
+    let _ = writeln!(o, "zt_source_synced {}", m.source_synced as u8);
+    line(&mut o, "Kubernetes watch events by kind and type (list, apply, delete).", "counter", "zt_source_events_total");
+    for ((kind, ty), n) in &m.source_events {
+        let _ = writeln!(o, "zt_source_events_total{{kind=\"{kind}\",type=\"{ty}\"}} {n}");
+    }
+    line(&mut o, "Completed relists by kind (after 410 Gone or a restarted watch).", "counter", "zt_source_relists_total");
+    for (kind, n) in &m.source_relists {
+        let _ = writeln!(o, "zt_source_relists_total{{kind=\"{kind}\"}} {n}");
+    }
+    line(&mut o, "Failed Kubernetes list/watch calls by kind.", "counter", "zt_source_errors_total");
+    for (kind, n) in &m.source_errors {
+        let _ = writeln!(o, "zt_source_errors_total{{kind=\"{kind}\"}} {n}");
+    }
     o
 }
 
@@ -118,8 +167,23 @@ pub async fn serve(addr: String, shared: Shared, bpffs_root: PathBuf) -> Result<
                 .unwrap_or_default();
                 ("200 OK", body)
             } else if req.starts_with("GET /healthz") {
-                let ready = shared.lock().unwrap().ready;
-                if ready { ("200 OK", "ok\n".to_string()) } else { ("503 Service Unavailable", "not ready\n".to_string()) }
+                // Liveness: the loop turns (also while the API server is unreachable).
+                let alive = shared.lock().unwrap().alive();
+                if alive { ("200 OK", "ok\n".to_string()) } else { ("503 Service Unavailable", "agent loop stuck\n".to_string()) }
+            } else if req.starts_with("GET /readyz") {
+                let m = shared.lock().unwrap().clone();
+                if m.serving() {
+                    ("200 OK", "ready\n".to_string())
+                } else {
+                    let why = if !m.source_synced {
+                        "policy source not synced"
+                    } else if !m.source_up {
+                        "policy source unreachable"
+                    } else {
+                        "datapath not ready"
+                    };
+                    ("503 Service Unavailable", format!("not ready: {why}\n"))
+                }
             } else {
                 ("404 Not Found", "try /metrics\n".to_string())
             };

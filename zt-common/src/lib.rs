@@ -37,6 +37,20 @@ pub const DIR_INGRESS: u8 = 0;
 pub const DIR_EGRESS: u8 = 1;
 pub const DIR_COUNT: u32 = 2;
 
+/// The hook interface the cgroup programs judge as: no interface. Conntrack, fragment
+/// and event records of packets judged there carry it; a local endpoint whose ifindex
+/// is 0 (known, not hooked yet) is judged there by its policy.
+pub const CGROUP_HOOK_IFINDEX: u32 = 0;
+/// Conntrack and fragment keys made by the cgroup programs carry, instead of an
+/// interface, the socket's cgroup id folded to 32 bits with this bit set.
+pub const CGROUP_SCOPE_FLAG: u32 = 1 << 31;
+
+/// The `ifindex` field of a CtKey/FragKey made by the cgroup programs for a socket in
+/// cgroup `id` (same fold as the kernel side).
+pub const fn cgroup_scope(id: u64) -> u32 {
+    ((id ^ (id >> 32)) as u32) | CGROUP_SCOPE_FLAG
+}
+
 pub const VERDICT_ALLOW: u8 = 1;
 pub const VERDICT_DENY: u8 = 2;
 
@@ -68,7 +82,8 @@ pub enum Reason {
     DropPolicyDeny = 16,
     /// No allow rule matched an isolated endpoint (default deny).
     DropPolicyDefault = 17,
-    /// The local endpoint has no identity yet (initialising): fail closed.
+    /// At a TC hook: the local address is no endpoint of this interface (spoofed, an
+    /// address the agent no longer knows or cannot attribute, `init`): fail closed.
     DropUnknownEndpoint = 18,
     /// Truncated or inconsistent L3/L4 header.
     DropMalformed = 19,
@@ -80,6 +95,9 @@ pub enum Reason {
     DropNotReady = 22,
     /// Too many IPv6 extension headers to parse within the verifier's bound.
     DropIpv6ExtHeaders = 23,
+    /// Seen by the cgroup programs: a pod's own traffic whose address the agent does not
+    /// know yet (initialising); fails closed except for what the host is allowed.
+    DropInitialising = 24,
 }
 
 pub const REASON_FIRST_DROP: u8 = 16;
@@ -89,7 +107,7 @@ pub const REASON_SLOTS: u32 = 32;
 pub const COUNTER_SLOTS: u32 = DIR_COUNT * REASON_SLOTS;
 
 impl Reason {
-    pub const ALL: [Reason; 17] = [
+    pub const ALL: [Reason; 18] = [
         Reason::AllowPolicy,
         Reason::AllowEstablished,
         Reason::AllowReply,
@@ -107,6 +125,7 @@ impl Reason {
         Reason::DropRevoked,
         Reason::DropNotReady,
         Reason::DropIpv6ExtHeaders,
+        Reason::DropInitialising,
     ];
 
     pub const fn is_drop(self) -> bool {
@@ -137,6 +156,7 @@ impl Reason {
             Reason::DropRevoked => "revoked",
             Reason::DropNotReady => "not-ready",
             Reason::DropIpv6ExtHeaders => "ipv6-ext-headers",
+            Reason::DropInitialising => "initialising",
         }
     }
 }
@@ -319,7 +339,8 @@ pub struct PolicyValue {
 /// A flow as first seen at a hook, in its original direction. `dir` is the direction
 /// of the check that admitted it (a flow between two local pods has one entry per side)
 /// and `ifindex` the hook's interface, so that only the pod behind that interface can
-/// match it (another pod forging the tuple is judged as a new flow, and fails).
+/// match it (another pod forging the tuple is judged as a new flow, and fails). Entries
+/// of the cgroup programs carry `cgroup_scope(socket's cgroup id)` there instead.
 /// ICMP echo uses the echo identifier as both ports.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -363,7 +384,7 @@ pub struct FragKey {
     pub proto: u8,
     pub dir: u8,
     pub _pad: [u8; 2],
-    /// The hook's interface, as in `CtKey`.
+    /// The hook's interface (or cgroup scope), as in `CtKey`.
     pub ifindex: u32,
 }
 

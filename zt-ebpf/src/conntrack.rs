@@ -13,7 +13,7 @@ use crate::{
 
 #[inline(always)]
 pub fn forward_key(f: &Flow, hook: &Hook) -> CtKey {
-    CtKey { saddr: f.saddr, daddr: f.daddr, sport: f.sport, dport: f.dport, proto: f.proto, dir: hook.dir, _pad: [0; 2], ifindex: hook.ifindex }
+    CtKey { saddr: f.saddr, daddr: f.daddr, sport: f.sport, dport: f.dport, proto: f.proto, dir: hook.dir, _pad: [0; 2], ifindex: hook.scope }
 }
 
 #[inline(always)]
@@ -26,7 +26,7 @@ fn reply_key(f: &Flow, hook: &Hook) -> CtKey {
         proto: f.proto,
         dir: hook.dir ^ 1,
         _pad: [0; 2],
-        ifindex: hook.ifindex,
+        ifindex: hook.scope,
     }
 }
 
@@ -70,11 +70,11 @@ pub fn related(f: &Flow, hook: &Hook) -> bool {
     if q.saddr != f.daddr {
         return false;
     }
-    let fwd = CtKey { saddr: q.saddr, daddr: q.daddr, sport: q.sport, dport: q.dport, proto: q.proto, dir: hook.dir ^ 1, _pad: [0; 2], ifindex: hook.ifindex };
+    let fwd = CtKey { saddr: q.saddr, daddr: q.daddr, sport: q.sport, dport: q.dport, proto: q.proto, dir: hook.dir ^ 1, _pad: [0; 2], ifindex: hook.scope };
     if CT.get_ptr(&fwd).is_some() {
         return true;
     }
-    let rev = CtKey { saddr: q.daddr, daddr: q.saddr, sport: q.dport, dport: q.sport, proto: q.proto, dir: hook.dir, _pad: [0; 2], ifindex: hook.ifindex };
+    let rev = CtKey { saddr: q.daddr, daddr: q.saddr, sport: q.dport, dport: q.sport, proto: q.proto, dir: hook.dir, _pad: [0; 2], ifindex: hook.scope };
     CT.get_ptr(&rev).is_some()
 }
 

@@ -15,36 +15,50 @@ use crate::{
 pub const TC_PASS: i32 = -1; // TC_ACT_UNSPEC / TCX_NEXT
 pub const TC_DROP: i32 = 2; // TC_ACT_SHOT / TCX_DROP
 
+/// A TC hook: the interface is the pod's host-side veth, the frame has Ethernet.
 #[inline(always)]
 pub fn handle(ctx: &TcContext, dir: u8) -> i32 {
-    let hook = Hook { ifindex: unsafe { (*ctx.skb.skb).ifindex }, dir };
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let hook = Hook { ifindex, dir, scope: ifindex };
     let mut f = Flow::zeroed();
-    let parsed = parse::parse(ctx.skb.skb, &mut f);
+    let parsed = parse::parse(ctx.skb.skb, &mut f, parse::L3_AFTER_ETH);
+    if judge(&hook, &f, parsed) {
+        TC_PASS
+    } else {
+        TC_DROP
+    }
+}
+
+/// The verdict for a parsed packet at `hook` (true = pass), counted and reported.
+/// Shared by the TC hooks and the cgroup programs (which judge as hook ifindex 0).
+#[inline(always)]
+pub fn judge(hook: &Hook, f: &Flow, parsed: Parsed) -> bool {
+    let dir = hook.dir;
     if parsed == Parsed::NonIp {
         verdict::count(dir, Reason::AllowNonIp);
-        return TC_PASS;
+        return true;
     }
     let cfg = match CONFIG.get(0) {
         Some(c) if c.flags & CONFIG_READY != 0 => c,
         _ => {
             verdict::count(dir, Reason::DropNotReady);
-            return TC_DROP;
+            return false;
         }
     };
     match parsed {
-        Parsed::NonIp => TC_PASS,
+        Parsed::NonIp => true,
         Parsed::Ndp => {
             verdict::count(dir, Reason::AllowNdp);
-            TC_PASS
+            true
         }
-        Parsed::Malformed => drop_unjudged(cfg, &hook, &f, Reason::DropMalformed),
-        Parsed::TooManyExtHeaders => drop_unjudged(cfg, &hook, &f, Reason::DropIpv6ExtHeaders),
-        Parsed::Flow => handle_flow(cfg, &hook, &f),
+        Parsed::Malformed => drop_unjudged(cfg, hook, f, Reason::DropMalformed),
+        Parsed::TooManyExtHeaders => drop_unjudged(cfg, hook, f, Reason::DropIpv6ExtHeaders),
+        Parsed::Flow => handle_flow(cfg, hook, f),
     }
 }
 
 #[inline(always)]
-fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow) -> i32 {
+fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow) -> bool {
     if let Frag::Later = f.frag {
         return later_fragment(cfg, hook, f);
     }
@@ -52,7 +66,7 @@ fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow) -> i32 {
     if f.related {
         if conntrack::related(f, hook) {
             verdict::count(dir, Reason::AllowRelated);
-            return TC_PASS;
+            return true;
         }
     }
     let now = unsafe { bpf_ktime_get_ns() };
@@ -75,7 +89,7 @@ fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow) -> i32 {
         conntrack::touch(ct, now);
         note_first_fragment(f, hook, now);
         verdict::count(dir, if reply { Reason::AllowReply } else { Reason::AllowEstablished });
-        return TC_PASS;
+        return true;
     }
     policy::decide(cfg, hook, f, &Judged { dir, port: f.policy_port }, &mut d);
     if !d.allow {
@@ -87,7 +101,7 @@ fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow) -> i32 {
     if cfg.flags & CONFIG_EVENTS_ALLOWED != 0 {
         verdict::emit(cfg, hook, f, &d);
     }
-    TC_PASS
+    true
 }
 
 /// Remembers an allowed first fragment so that its later fragments (no L4 header) pass.
@@ -99,12 +113,12 @@ fn note_first_fragment(f: &Flow, hook: &Hook, now: u64) {
 }
 
 #[inline(always)]
-fn later_fragment(cfg: &Config, hook: &Hook, f: &Flow) -> i32 {
+fn later_fragment(cfg: &Config, hook: &Hook, f: &Flow) -> bool {
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(v) = unsafe { FRAGS.get(&frag_key(f, hook)) } {
         if now.saturating_sub(v.created_ns) < cfg.frag_timeout_s as u64 * 1_000_000_000 {
             verdict::count(hook.dir, Reason::AllowFragment);
-            return TC_PASS;
+            return true;
         }
     }
     drop_unjudged(cfg, hook, f, Reason::DropFragment)
@@ -112,19 +126,19 @@ fn later_fragment(cfg: &Config, hook: &Hook, f: &Flow) -> i32 {
 
 #[inline(always)]
 fn frag_key(f: &Flow, hook: &Hook) -> FragKey {
-    FragKey { saddr: f.saddr, daddr: f.daddr, id: f.frag_id, proto: f.proto, dir: hook.dir, _pad: [0; 2], ifindex: hook.ifindex }
+    FragKey { saddr: f.saddr, daddr: f.daddr, id: f.frag_id, proto: f.proto, dir: hook.dir, _pad: [0; 2], ifindex: hook.scope }
 }
 
 /// A drop decided before identities were resolved.
 #[inline(always)]
-fn drop_unjudged(cfg: &Config, hook: &Hook, f: &Flow, reason: Reason) -> i32 {
+fn drop_unjudged(cfg: &Config, hook: &Hook, f: &Flow, reason: Reason) -> bool {
     let d = Decision { allow: false, reason, local_id: 0, peer_id: 0, rule_id: 0 };
     drop_judged(cfg, hook, f, &d)
 }
 
 #[inline(always)]
-fn drop_judged(cfg: &Config, hook: &Hook, f: &Flow, d: &Decision) -> i32 {
+fn drop_judged(cfg: &Config, hook: &Hook, f: &Flow, d: &Decision) -> bool {
     verdict::count(hook.dir, d.reason);
     verdict::emit(cfg, hook, f, d);
-    TC_DROP
+    false
 }

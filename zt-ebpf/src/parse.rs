@@ -1,10 +1,12 @@
-//! Packet parsing: Ethernet, IPv4 / IPv6 (with a bounded walk of extension headers),
+//! Packet parsing: Ethernet (TC) or bare IP (cgroup skb), IPv4 / IPv6 (with a bounded walk of extension headers),
 //! and the L4 fields policy needs. Reads go through bpf_skb_load_bytes, so a short
 //! packet is a failed load (counted as malformed), never an out-of-bounds access.
 use aya_ebpf::programs::TcContext;
 use zt_common::v4_mapped;
 
-const ETH_HLEN: usize = 14;
+/// Offset of the IP header: after Ethernet at TC, 0 in cgroup skb programs.
+pub const L3_AFTER_ETH: usize = 14;
+pub const L3_AT_START: usize = 0;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 
@@ -83,7 +85,7 @@ fn load<T>(ctx: &TcContext, off: usize) -> Result<T, ()> {
 /// Fills `flow` and says what the packet is. Not inlined: its own BPF function keeps
 /// the caller's stack frame small.
 #[inline(never)]
-pub fn parse(skb: *mut aya_ebpf::bindings::__sk_buff, flow: &mut Flow) -> Parsed {
+pub fn parse(skb: *mut aya_ebpf::bindings::__sk_buff, flow: &mut Flow, l3: usize) -> Parsed {
     let ctx = &TcContext::new(skb);
     // The kernel's view of the protocol decides; a frame that disagrees (a device
     // without an Ethernet header) is malformed here, never waved through as non-IP.
@@ -91,35 +93,37 @@ pub fn parse(skb: *mut aya_ebpf::bindings::__sk_buff, flow: &mut Flow) -> Parsed
     if proto != ETH_P_IP && proto != ETH_P_IPV6 {
         return Parsed::NonIp;
     }
-    match load::<u16>(ctx, 12) {
-        Ok(p) if u16::from_be(p) == proto => {}
-        _ => return Parsed::Malformed,
+    if l3 == L3_AFTER_ETH {
+        match load::<u16>(ctx, 12) {
+            Ok(p) if u16::from_be(p) == proto => {}
+            _ => return Parsed::Malformed,
+        }
     }
     let r = match proto {
-        ETH_P_IP => parse_v4(ctx, flow),
-        ETH_P_IPV6 => parse_v6(ctx, flow),
+        ETH_P_IP => parse_v4(ctx, flow, l3),
+        ETH_P_IPV6 => parse_v6(ctx, flow, l3),
         _ => return Parsed::NonIp,
     };
     r.unwrap_or(Parsed::Malformed)
 }
 
 #[inline(always)]
-fn parse_v4(ctx: &TcContext, flow: &mut Flow) -> Result<Parsed, ()> {
-    let ver_ihl: u8 = load(ctx, ETH_HLEN)?;
+fn parse_v4(ctx: &TcContext, flow: &mut Flow, l3: usize) -> Result<Parsed, ()> {
+    let ver_ihl: u8 = load(ctx, l3)?;
     let ihl = (ver_ihl & 0x0f) as usize * 4;
     if ver_ihl >> 4 != 4 || ihl < 20 {
         return Err(());
     }
-    let tot_len = u16::from_be(load::<u16>(ctx, ETH_HLEN + 2)?) as usize;
+    let tot_len = u16::from_be(load::<u16>(ctx, l3 + 2)?) as usize;
     // 0 is how BIG TCP marks a GSO packet over 64 KiB: its length is the skb's.
-    if tot_len != 0 && (tot_len < ihl || ETH_HLEN + tot_len > ctx.len() as usize) {
+    if tot_len != 0 && (tot_len < ihl || l3 + tot_len > ctx.len() as usize) {
         return Err(());
     }
-    let id = u16::from_be(load::<u16>(ctx, ETH_HLEN + 4)?) as u32;
-    let frag_off = u16::from_be(load::<u16>(ctx, ETH_HLEN + 6)?);
-    let proto: u8 = load(ctx, ETH_HLEN + 9)?;
-    let saddr = v4_mapped(load::<[u8; 4]>(ctx, ETH_HLEN + 12)?);
-    let daddr = v4_mapped(load::<[u8; 4]>(ctx, ETH_HLEN + 16)?);
+    let id = u16::from_be(load::<u16>(ctx, l3 + 4)?) as u32;
+    let frag_off = u16::from_be(load::<u16>(ctx, l3 + 6)?);
+    let proto: u8 = load(ctx, l3 + 9)?;
+    let saddr = v4_mapped(load::<[u8; 4]>(ctx, l3 + 12)?);
+    let daddr = v4_mapped(load::<[u8; 4]>(ctx, l3 + 16)?);
     let frag = if frag_off & 0x1fff != 0 {
         Frag::Later
     } else if frag_off & 0x2000 != 0 {
@@ -135,32 +139,32 @@ fn parse_v4(ctx: &TcContext, flow: &mut Flow) -> Result<Parsed, ()> {
     if let Frag::Later = flow.frag {
         return Ok(Parsed::Flow);
     }
-    l4(ctx, ETH_HLEN + ihl, flow, false)?;
+    l4(ctx, l3 + ihl, flow, false)?;
     Ok(Parsed::Flow)
 }
 
 #[inline(always)]
-fn parse_v6(ctx: &TcContext, flow: &mut Flow) -> Result<Parsed, ()> {
-    let ver: u8 = load(ctx, ETH_HLEN)?;
+fn parse_v6(ctx: &TcContext, flow: &mut Flow, l3: usize) -> Result<Parsed, ()> {
+    let ver: u8 = load(ctx, l3)?;
     if ver >> 4 != 6 {
         return Err(());
     }
-    let payload_len = u16::from_be(load::<u16>(ctx, ETH_HLEN + 4)?) as usize;
-    if ETH_HLEN + 40 + payload_len > ctx.len() as usize {
+    let payload_len = u16::from_be(load::<u16>(ctx, l3 + 4)?) as usize;
+    if l3 + 40 + payload_len > ctx.len() as usize {
         return Err(());
     }
-    let mut next: u8 = load(ctx, ETH_HLEN + 6)?;
+    let mut next: u8 = load(ctx, l3 + 6)?;
     let link_scoped_src: bool;
-    let hop_limit: u8 = load(ctx, ETH_HLEN + 7)?;
-    flow.saddr = load(ctx, ETH_HLEN + 8)?;
-    flow.daddr = load(ctx, ETH_HLEN + 24)?;
+    let hop_limit: u8 = load(ctx, l3 + 7)?;
+    flow.saddr = load(ctx, l3 + 8)?;
+    flow.daddr = load(ctx, l3 + 24)?;
     flow.proto = next;
     // Link-local or unspecified source, or a link-scope multicast destination: the
     // packet cannot leave the pod's link (the node does not forward it).
     link_scoped_src = (flow.saddr[0] == 0xfe && flow.saddr[1] & 0xc0 == 0x80) || flow.saddr == [0u8; 16];
     let link_scoped = link_scoped_src || (flow.daddr[0] == 0xff && flow.daddr[1] & 0x0f == 0x02)
         || (flow.daddr[0] == 0xfe && flow.daddr[1] & 0xc0 == 0x80);
-    let mut off = ETH_HLEN + 40;
+    let mut off = l3 + 40;
     let mut done = false;
     // One more round than headers allowed: the last one reads the upper protocol.
     for _ in 0..MAX_IPV6_EXT + 1 {

@@ -12,8 +12,13 @@ use crate::{
 
 /// The hook a packet is judged at.
 pub struct Hook {
+    /// The pod interface of a TC hook; `CGROUP_HOOK_IFINDEX` at the cgroup programs.
     pub ifindex: u32,
     pub dir: u8,
+    /// What conntrack and fragment entries are bound to, so that only the traffic that
+    /// created an entry can match it: the interface at TC, the socket's cgroup at the
+    /// cgroup programs (`cgroup_scope`).
+    pub scope: u32,
 }
 
 pub struct Decision {
@@ -62,10 +67,10 @@ fn decide_inner(cfg: &Config, hook: &Hook, f: &Flow, dir: u8, port: u16) -> Deci
     // The agent marks an address it cannot attribute (e.g. claimed by two pods) `init`.
     let ep = match unsafe { ENDPOINTS.get(&EndpointKey { addr: *local }) } {
         Some(ep) if ep.flags & EP_LOCAL != 0 && ep.ifindex == ifindex && ep.identity != IDENTITY_INIT => *ep,
-        _ => return deny(Reason::DropUnknownEndpoint, IDENTITY_INIT, peer_id, 0),
+        _ => return unknown_local(cfg, hook, dir, peer_id),
     };
     let local_id = ep.identity;
-    let host_probe = dir == DIR_INGRESS && peer_id == IDENTITY_HOST && cfg.flags & CONFIG_ALLOW_HOST != 0;
+    let host_probe = is_host_probe(cfg, dir, peer_id);
     if ep.flags & enforce_flag(dir) == 0 {
         // Not isolated: no policy entries exist for this endpoint in this direction.
         let reason = if host_probe { Reason::AllowHost } else { Reason::AllowNoPolicy };
@@ -98,6 +103,27 @@ fn decide_inner(cfg: &Config, hook: &Hook, f: &Flow, dir: u8, port: u16) -> Deci
         return allow(Reason::AllowPolicy, local_id, peer_id, any_r);
     }
     deny(Reason::DropPolicyDefault, local_id, peer_id, 0)
+}
+
+#[inline(always)]
+fn is_host_probe(cfg: &Config, dir: u8, peer_id: u32) -> bool {
+    dir == DIR_INGRESS && peer_id == IDENTITY_HOST && cfg.flags & CONFIG_ALLOW_HOST != 0
+}
+
+/// The local address is no endpoint of this hook. At a TC hook that is spoofing or a pod
+/// the agent no longer knows: fail closed. At the cgroup programs (hook ifindex 0) it is
+/// a pod the agent does not know yet, `initialising`: it fails closed too, except for
+/// what the host is allowed (kubelet probes reach a starting pod; their replies pass
+/// through conntrack under hook ifindex 0).
+#[inline(always)]
+fn unknown_local(cfg: &Config, hook: &Hook, dir: u8, peer_id: u32) -> Decision {
+    if hook.ifindex != CGROUP_HOOK_IFINDEX {
+        return deny(Reason::DropUnknownEndpoint, IDENTITY_INIT, peer_id, 0);
+    }
+    if is_host_probe(cfg, dir, peer_id) {
+        return allow(Reason::AllowHost, IDENTITY_INIT, peer_id, 0);
+    }
+    deny(Reason::DropInitialising, IDENTITY_INIT, peer_id, 0)
 }
 
 #[inline(always)]

@@ -68,6 +68,20 @@ enum Cmd {
     },
     /// Remove leftovers of crashed test beds.
     Sweep,
+    /// Sends to and receives from peers, reporting every source (pod-start race test).
+    #[command(hide = true)]
+    Spray {
+        #[arg(long)]
+        listen: u16,
+        #[arg(long)]
+        to: Vec<std::net::IpAddr>,
+        #[arg(long, default_value_t = 1000)]
+        ms: u64,
+        #[arg(long, default_value_t = 1000)]
+        interval_us: u64,
+        #[arg(long, default_value_t = 300)]
+        linger_ms: u64,
+    },
     /// Pod server (used by the test bed).
     #[command(hide = true)]
     Serve {
@@ -169,6 +183,9 @@ fn main() -> Result<()> {
             sctp,
             echo,
         }),
+        Cmd::Spray { listen, to, ms, interval_us, linger_ms } => {
+            zt_testbed::spray::spray(zt_testbed::spray::SprayConfig { listen, to, ms, interval_us, linger_ms })
+        }
         Cmd::Sweep => {
             for r in sweep_stale()? {
                 println!("removed {r}");

@@ -1,10 +1,11 @@
 //! IP prefixes of ipBlock peers and how an ipBlock becomes a set of CIDR identities.
 //!
 //! The datapath resolves a peer address by exact endpoint (pods, host) first, then by
-//! longest-prefix match in the CIDR map, then falls back to WORLD. So ipBlock only
-//! ever matches cluster-external peers: a pod's address resolves to the pod's
-//! identity even if an ipBlock covers it (as in Cilium; Kubernetes leaves this
-//! implementation-defined and pod IPs are ephemeral anyway).
+//! longest-prefix match in the CIDR map, then falls back to WORLD. So CIDR identities
+//! only ever stand for cluster-external peers: a pod's address resolves to the pod's
+//! identity even if an ipBlock covers it. NetworkPolicy ipBlocks reach pod addresses
+//! through the workload identities instead (see workloads.rs); ZeroTrustPolicy
+//! ipBlocks stay cluster-external.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};

@@ -108,12 +108,15 @@ pub fn compile(
         .map_err(|_| CompileError::new(format!("invalid trust domain {:?}", cfg.trust_domain)))?;
     let mut alloc = ids.clone();
 
-    let (workloads, mut endpoints) = workloads::build(cluster, cfg, &mut alloc)?;
+    // NetworkPolicy ipBlocks also match pod IPs: workload identities record them.
+    let netpol_blocks: BTreeSet<Cidr> = netpol::ip_block_prefixes(cluster)?.into_iter().collect();
+    let (workloads, mut endpoints) = workloads::build(cluster, cfg, &mut alloc, &netpol_blocks)?;
 
     // One CIDR identity per distinct prefix of any ipBlock, cidr or except.
     let mut cidrs = BTreeMap::new();
-    let prefixes = netpol::ip_block_prefixes(cluster)?
-        .into_iter()
+    let prefixes = netpol_blocks
+        .iter()
+        .copied()
         .chain(ztp::ip_block_prefixes(cluster)?);
     for c in prefixes.collect::<BTreeSet<Cidr>>() {
         cidrs.insert(c, alloc.cidr(c)?);

@@ -6,7 +6,10 @@
 //!   nothing, while a rule `{}` allows everything;
 //! - absent or empty `from`/`to` = any peer; several peers = OR; a peer with pod and
 //!   namespace selectors = AND; absent or empty `ports` = every protocol and port;
-//! - policies add up (any allow allows); all NetworkPolicy rules are allows.
+//! - policies add up (any allow allows); all NetworkPolicy rules are allows;
+//! - ipBlock matches any address inside cidr and outside the excepts, pod IPs
+//!   included (the cluster-external ones by CIDR identity, pod IPs by the
+//!   `ip-block:` membership their workload identity carries, see workloads.rs).
 
 use std::collections::BTreeSet;
 
@@ -141,6 +144,10 @@ fn rule(
                         .map(|e| parse(source, "ipBlock".into(), e))
                         .collect::<Result<Vec<_>, _>>()?;
                     ids.extend(block_peers(&ctx.cidrs, &c, &ex));
+                    // Pod addresses inside the block (see workloads.rs).
+                    ids.extend(ctx.select(|w| {
+                        w.ip_blocks.contains(&c) && !ex.iter().any(|e| w.ip_blocks.contains(e))
+                    }));
                 } else {
                     ids.extend(ctx.select_peers(
                         ns,

@@ -455,15 +455,64 @@ fn ip_block_with_except() {
             .map(|e| e.0 .2)
             .collect()
     };
-    // Rule 0: 10/8 minus 10.1/16 (and what is inside it).
-    assert_eq!(peers_of(0, 0), BTreeSet::from([ten]));
+    // Rule 0: 10/8 minus 10.1/16 (and what is inside it), and every pod (all in
+    // 10.0/16) by its workload identity.
+    let pods: BTreeSet<u32> = ["web", "client", "db", "api", "worker"].iter().map(|n| id(&d, n)).collect();
+    assert_eq!(peers_of(0, 0), &BTreeSet::from([ten]) | &pods);
     // Rule 1: everything IPv4 but 10/8: the /0 identity; no WORLD (it would let IPv6 in).
     assert_eq!(peers_of(6, 443), BTreeSet::from([all]));
     // Rule 2: 10.1.2/24 only.
     assert_eq!(peers_of(17, 53), BTreeSet::from([ten12]));
     assert!(!peers_of(0, 0).contains(&ten1));
-    // Pod IPs stay pod identities even inside an ipBlock.
+    // Pod IPs keep workload identities inside an ipBlock (never a CIDR identity).
     assert_eq!(d.endpoints[&ip("10.0.0.3")].identity, id(&d, "db"));
+    assert!(pods.iter().all(|p| p & IDENTITY_CIDR_FLAG == 0));
+}
+
+/// NetworkPolicy ipBlocks match pod IPs per address (upstream's e2e "should allow
+/// egress access to server in CIDR block" and the except cases): a pod's IPv4 address
+/// inside the block is allowed, its IPv6 address is not, and pod selectors still see
+/// both addresses of the pod.
+#[test]
+fn ip_block_matches_pod_addresses() {
+    let dual = "---\napiVersion: v1\nkind: Pod\nmetadata: {name: dual, namespace: default, labels: {app: dual}}\n\
+                spec:\n  nodeName: node-b\n  containers: [{name: c}]\n\
+                status: {phase: Running, podIPs: [{ip: 10.9.0.1}, {ip: 'fd00::9'}]}\n";
+    let d = run(&(dual.to_string()
+        + &np(
+            "default",
+            "cidr",
+            "  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Egress]\n  egress:\n  \
+             - to: [{ipBlock: {cidr: 10.9.0.1/32}}]\n  \
+             - to: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.0.0.3/32]}}]\n    ports: [{port: 81}]\n",
+        )
+        + &np("default", "sel", "  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Ingress]\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: dual}}}]\n")));
+    let (v4, v6) = (d.endpoints[&ip("10.9.0.1")].identity, d.endpoints[&ip("fd00::9")].identity);
+    assert_ne!(v4, v6, "the addresses differ in ipBlock membership");
+    assert!(d.identities[&v4].labels.contains_key("ip-block:10.9.0.1/32"));
+    assert!(!d.identities[&v6].labels.keys().any(|k| k.starts_with("ip-block:")));
+    let web = id(&d, "web");
+    let peers_of = |dir: u8, port: u16| -> BTreeSet<u32> {
+        entries_of(&d, web)
+            .into_iter()
+            .filter(|e| e.0 .3 == dir && e.0 .5 == port)
+            .map(|e| e.0 .2)
+            .collect()
+    };
+    // Egress rule 0 (any port): the /32 and the v4 address of dual only.
+    let any = peers_of(DIR_EGRESS, 0);
+    assert!(any.contains(&v4) && !any.contains(&v6), "{any:?}");
+    assert!(!any.contains(&id(&d, "db")));
+    // Rule 1 (port 81): 10/8 except db's /32: every 10.x pod but db.
+    let p81 = peers_of(DIR_EGRESS, 81);
+    for n in ["web", "client", "api", "worker"] {
+        assert!(p81.contains(&id(&d, n)), "{n} in 10/8: {p81:?}");
+    }
+    assert!(!p81.contains(&id(&d, "db")), "db is excepted");
+    assert!(p81.contains(&v4) && !p81.contains(&v6));
+    // A pod selector still selects both addresses of dual.
+    let ing = peers_of(DIR_INGRESS, 0);
+    assert!(ing.contains(&v4) && ing.contains(&v6), "{ing:?}");
 }
 
 #[test]
@@ -914,4 +963,82 @@ fn fixture_directory_compiles() {
     assert_eq!(get(&d, 96, h, IDENTITY_ANY, E, 1, 8), Some(A));
     assert_eq!(d.policy.len(), 4);
     assert_eq!(d.rules[&1].source, "NetworkPolicy default/allow-sleep");
+}
+
+// ---------------------------------------------------------------------------
+// Nodes
+// ---------------------------------------------------------------------------
+
+fn node(name: &str, addresses: &str) -> String {
+    format!("---\napiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\nstatus:\n  addresses: {addresses}\n")
+}
+
+#[test]
+fn node_addresses_are_host_and_remote_node() {
+    let extra = node(
+        NODE,
+        "[{type: InternalIP, address: 172.16.0.1}, {type: ExternalIP, address: \"2001:db8::1\"}, {type: Hostname, address: node-a}]",
+    ) + &node(
+        "node-b",
+        "[{type: InternalIP, address: 172.16.0.2}, {type: InternalDNS, address: node-b.internal}]",
+    ) + &node("node-c.example", "[{type: ExternalIP, address: \"::ffff:198.51.100.3\"}]");
+    let d = run(&extra);
+    // 5 pods + interface address + node-a x2 + node-b + node-c.
+    assert_eq!(d.endpoints.len(), 10);
+    for (addr, want) in [
+        ("192.168.0.10", IDENTITY_HOST),
+        ("172.16.0.1", IDENTITY_HOST),
+        ("2001:db8::1", IDENTITY_HOST),
+        ("172.16.0.2", IDENTITY_REMOTE_NODE),
+        // IPv4-mapped addresses are stored in their IPv4 form.
+        ("198.51.100.3", IDENTITY_REMOTE_NODE),
+    ] {
+        let e = &d.endpoints[&ip(addr)];
+        assert_eq!((e.identity, e.flags, e.pod.clone()), (want, 0, None), "{addr}");
+    }
+    // Pods keep their identities.
+    assert!(id(&d, "db") >= IDENTITY_FIRST_WORKLOAD);
+}
+
+#[test]
+fn node_address_beats_a_pod_claiming_it() {
+    // db's IP (10.0.0.3) is also listed by node-b: the node wins, as for host addresses.
+    let d = run(&node("node-b", "[{type: InternalIP, address: 10.0.0.3}]"));
+    assert_eq!(d.endpoints[&ip("10.0.0.3")].identity, IDENTITY_REMOTE_NODE);
+    // This node's Node object names the host even without interface addresses.
+    let mut c = cfg();
+    c.host_ips.clear();
+    let d = try_run(&node(NODE, "[{type: InternalIP, address: 10.0.0.1}]"), &c).unwrap();
+    assert_eq!(d.endpoints[&ip("10.0.0.1")].identity, IDENTITY_HOST);
+}
+
+#[test]
+fn remote_node_entity_selects_other_nodes() {
+    let extra = node("node-b", "[{type: InternalIP, address: 172.16.0.2}]")
+        + &ztp(
+            "default",
+            "from-nodes",
+            "  subjects: [{podSelector: {matchLabels: {app: web}}}]\n  ingress: [{from: [{entity: remote-node}], ports: [{port: 8080}]}]\n",
+        );
+    let d = run(&extra);
+    assert_eq!(d.endpoints[&ip("172.16.0.2")].identity, IDENTITY_REMOTE_NODE);
+    let web = id(&d, "web");
+    assert_eq!(get(&d, 96, web, IDENTITY_REMOTE_NODE, I, 6, 8080), Some(A));
+}
+
+#[test]
+fn node_validation_names_the_field() {
+    let mut ignored = Vec::new();
+    let e = parse_manifests(
+        "n.yaml",
+        &node("node-b", "[{type: Hostname, address: not-an-ip}, {type: InternalIP, address: 10.0.0.300}]"),
+        &mut ignored,
+    )
+    .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "n.yaml doc 1: Node node-b: status.addresses[1].address: invalid IP address \"10.0.0.300\""
+    );
+    let e = parse_manifests("n.yaml", &node("Node_B", "[]"), &mut ignored).unwrap_err();
+    assert!(e.to_string().starts_with("n.yaml doc 1: Node Node_B: metadata.name: invalid name"), "{e}");
 }

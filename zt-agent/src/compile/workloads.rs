@@ -1,15 +1,27 @@
 //! Pods -> workload identities and the endpoint map (every pod IP of the cluster,
-//! plus the node's own addresses).
+//! the addresses of the other nodes, plus this node's own addresses).
+//!
+//! NetworkPolicy ipBlocks match pod IPs too (Kubernetes semantics, checked by
+//! upstream's e2e suite), but the datapath resolves a pod IP to its workload identity,
+//! never to a CIDR identity. So a pod IP inside any NetworkPolicy ipBlock prefix gets
+//! an identity that also carries which of those prefixes hold it (pseudo-labels
+//! `ip-block:<prefix>`, not valid Kubernetes label keys): an ipBlock peer then selects
+//! exactly the identities whose addresses are inside its cidr and outside its excepts,
+//! per address (a pod's IPv4 and IPv6 addresses may differ).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use zt_common::{EP_LOCAL, IDENTITY_HOST, IDENTITY_INIT};
+use zt_common::{EP_LOCAL, IDENTITY_HOST, IDENTITY_INIT, IDENTITY_REMOTE_NODE};
 
+use super::cidr;
 use super::{CompileConfig, CompileError};
 use crate::identity::{self, IdentityAllocator, NAMESPACE_LABEL_PREFIX};
-use crate::model::{ClusterState, Pod};
-use crate::state::{EndpointEntry, PodRef};
+use crate::model::{k8s, ClusterState, Node, Pod};
+use crate::state::{Cidr, EndpointEntry, PodRef};
+
+/// Prefix of the pseudo-labels that record ipBlock membership in an identity.
+pub(crate) const IP_BLOCK_LABEL_PREFIX: &str = "ip-block:";
 
 /// One workload identity and the pods that carry it.
 pub(crate) struct Workload<'a> {
@@ -21,6 +33,9 @@ pub(crate) struct Workload<'a> {
     pub pods: Vec<&'a Pod>,
     /// At least one pod is on this node.
     pub local: bool,
+    /// The NetworkPolicy ipBlock prefixes (cidrs and excepts) that hold this
+    /// identity's addresses.
+    pub ip_blocks: BTreeSet<Cidr>,
 }
 
 /// The pod's addresses, or none if it takes no part in policy: host-network pods
@@ -63,13 +78,28 @@ pub(crate) fn pod_ips(pod: &Pod) -> Result<Vec<IpAddr>, String> {
         .collect()
 }
 
+/// InternalIP / ExternalIP addresses of a (validated) node, canonical form.
+pub(crate) fn node_ips(node: &Node) -> Vec<IpAddr> {
+    node.status
+        .as_ref()
+        .and_then(|s| s.addresses.as_deref())
+        .unwrap_or(&[])
+        .iter()
+        .filter(|a| k8s::is_ip_address_type(&a.type_))
+        .filter_map(|a| a.address.parse::<IpAddr>().ok())
+        .map(|ip| ip.to_canonical())
+        .collect()
+}
+
 /// Workloads by identity, and the endpoint map.
 pub(crate) type Built<'a> = (BTreeMap<u32, Workload<'a>>, BTreeMap<IpAddr, EndpointEntry>);
 
+/// `ip_blocks`: every prefix named in a NetworkPolicy ipBlock.
 pub(crate) fn build<'a>(
     cluster: &'a ClusterState,
     cfg: &CompileConfig,
     ids: &mut IdentityAllocator,
+    ip_blocks: &BTreeSet<Cidr>,
 ) -> Result<Built<'a>, CompileError> {
     let mut workloads: BTreeMap<u32, Workload<'a>> = BTreeMap::new();
     let mut endpoints: BTreeMap<IpAddr, EndpointEntry> = BTreeMap::new();
@@ -93,29 +123,45 @@ pub(crate) fn build<'a>(
         let pod_labels = pod.metadata.labels.clone().unwrap_or_default();
         let namespace_labels = cluster.namespace_labels(ns);
         let labels = identity::identity_labels(&pod_labels, &namespace_labels);
-        let id = ids.workload(&identity::spiffe_id(&cfg.trust_domain, ns, sa), &labels)?;
         let local = spec.and_then(|s| s.node_name.as_deref()) == Some(cfg.node_name.as_str());
-
-        let w = workloads.entry(id).or_insert_with(|| Workload {
-            namespace: ns.clone(),
-            service_account: sa.to_string(),
-            pod_labels: labels
-                .iter()
-                .filter(|(k, _)| !k.starts_with(NAMESPACE_LABEL_PREFIX))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            namespace_labels,
-            pods: Vec::new(),
-            local: false,
-        });
-        w.pods.push(pod);
-        w.local |= local;
-
+        let spiffe = identity::spiffe_id(&cfg.trust_domain, ns, sa);
         let pod_ref = PodRef {
             namespace: ns.clone(),
             name: name.clone(),
         };
         for ip in ips {
+            let host = Cidr {
+                addr: ip,
+                prefix: if ip.is_ipv4() { 32 } else { 128 },
+            };
+            let inside: BTreeSet<Cidr> = ip_blocks
+                .iter()
+                .filter(|b| cidr::contains(b, &host))
+                .copied()
+                .collect();
+            let mut id_labels = labels.clone();
+            for b in &inside {
+                id_labels.insert(format!("{IP_BLOCK_LABEL_PREFIX}{}", cidr::to_string(b)), String::new());
+            }
+            let id = ids.workload(&spiffe, &id_labels)?;
+            let w = workloads.entry(id).or_insert_with(|| Workload {
+                namespace: ns.clone(),
+                service_account: sa.to_string(),
+                pod_labels: labels
+                    .iter()
+                    .filter(|(k, _)| !k.starts_with(NAMESPACE_LABEL_PREFIX))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                namespace_labels: namespace_labels.clone(),
+                pods: Vec::new(),
+                local: false,
+                ip_blocks: inside,
+            });
+            if !w.pods.iter().any(|p| std::ptr::eq(*p, pod)) {
+                w.pods.push(pod);
+            }
+            w.local |= local;
+
             let entry = EndpointEntry {
                 identity: id,
                 flags: if local { EP_LOCAL } else { 0 },
@@ -142,16 +188,40 @@ pub(crate) fn build<'a>(
         e.identity = IDENTITY_INIT;
     }
 
-    for ip in &cfg.host_ips {
+    // Other nodes' addresses are remote-node; this node's (from its Node object and
+    // its interfaces) are the host. Node addresses win over a pod claiming them.
+    let mut host_ips: Vec<IpAddr> = cfg.host_ips.clone();
+    for (name, node) in &cluster.nodes {
+        let ips = node_ips(node);
+        if *name == cfg.node_name {
+            host_ips.extend(ips);
+            continue;
+        }
+        for ip in ips {
+            let prev = endpoints.insert(
+                ip,
+                EndpointEntry {
+                    identity: IDENTITY_REMOTE_NODE,
+                    flags: 0,
+                    pod: None,
+                },
+            );
+            if let Some(prev) = prev.filter(|p| p.pod.is_some()) {
+                log::warn!("IP {ip} of node {name} is also the IP of pod {:?}: treated as the node", prev.pod);
+            }
+        }
+    }
+    for ip in &host_ips {
         let ip = ip.to_canonical();
-        if let Some(prev) = endpoints.insert(
+        let prev = endpoints.insert(
             ip,
             EndpointEntry {
                 identity: IDENTITY_HOST,
                 flags: 0,
                 pod: None,
             },
-        ) {
+        );
+        if let Some(prev) = prev.filter(|p| p.pod.is_some()) {
             log::warn!(
                 "host IP {ip} is also the IP of pod {:?}: treated as the host",
                 prev.pod

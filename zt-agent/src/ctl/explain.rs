@@ -125,7 +125,12 @@ fn check(maps: &PinnedMaps, cfg: &Config, snap: &Snapshot, f: Flow) -> Option<Ch
         return fail_closed(Reason::DropNotReady, "the datapath is not ready (the agent has not written a full state)", trace);
     }
     if ep.ifindex == 0 {
-        return fail_closed(Reason::DropUnknownEndpoint, "the pod's host interface is not hooked yet: its packets are dropped", trace);
+        if ep.identity == IDENTITY_INIT {
+            return fail_closed(Reason::DropInitialising, "not hooked and not attributable (init): the cgroup programs drop it as initialising", trace);
+        }
+        // The cgroup programs (when attached) judge a known, not yet hooked pod's own
+        // traffic by its policy, as below.
+        trace.push("the pod's host interface is not hooked yet: its own traffic is judged by the cgroup programs".to_string());
     }
     if ep.identity == IDENTITY_INIT {
         return fail_closed(Reason::DropUnknownEndpoint, "the address cannot be attributed to one pod (init): fail closed", trace);

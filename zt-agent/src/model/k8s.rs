@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-pub use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+pub use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
 pub use k8s_openapi::api::networking::v1::{
     IPBlock, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort,
 };
@@ -30,6 +30,30 @@ type Result<T = ()> = std::result::Result<T, FieldError>;
 
 pub fn validate_namespace(ns: &Namespace) -> Result {
     validate_meta(&ns.metadata, false)
+}
+
+/// Node addresses become host / remote-node endpoints: the IP types must parse
+/// (Hostname and DNS entries are not addresses and are not used).
+pub fn validate_node(node: &Node) -> Result {
+    let name = node.metadata.name.as_deref().unwrap_or("");
+    if name.is_empty() {
+        return Err(FieldError::new("metadata.name", "missing"));
+    }
+    // Node names are DNS subdomains (`ip-10-0-0-1.ec2.internal`), unlike namespaces.
+    check_dns_subdomain(name).map_err(|m| FieldError::new("metadata.name", m))?;
+    validate_labels(node.metadata.labels.as_ref(), "metadata.labels")?;
+    let addresses = node.status.as_ref().and_then(|s| s.addresses.as_deref()).unwrap_or(&[]);
+    for (i, a) in addresses.iter().enumerate() {
+        if is_ip_address_type(&a.type_) {
+            check_ip(&a.address).map_err(|m| FieldError::new(format!("status.addresses[{i}].address"), m))?;
+        }
+    }
+    Ok(())
+}
+
+/// The node address types that hold an IP (the others are names).
+pub fn is_ip_address_type(t: &str) -> bool {
+    t == "InternalIP" || t == "ExternalIP"
 }
 
 pub fn validate_service_account(sa: &ServiceAccount) -> Result {

@@ -12,11 +12,11 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 pub use error::{FieldError, SourceError};
-pub use k8s::{Namespace, NetworkPolicy, ObjectMeta, Pod, ServiceAccount};
+pub use k8s::{Namespace, NetworkPolicy, Node, ObjectMeta, Pod, ServiceAccount};
 pub use source_dir::{IgnoredObject, LoadedDir};
 pub use ztp::ZeroTrustPolicy;
 
-/// (namespace, name). Cluster-scoped objects (Namespace) use "" as namespace.
+/// (namespace, name). Cluster-scoped objects (Namespace, Node) use "" as namespace.
 pub type ObjectKey = (String, String);
 
 /// The kinds the agent understands. Ordered by name: the compiler numbers rules in
@@ -25,16 +25,27 @@ pub type ObjectKey = (String, String);
 pub enum ObjectKind {
     Namespace,
     NetworkPolicy,
+    Node,
     Pod,
     ServiceAccount,
     ZeroTrustPolicy,
 }
 
 impl ObjectKind {
+    pub const ALL: [ObjectKind; 6] = [
+        ObjectKind::Namespace,
+        ObjectKind::NetworkPolicy,
+        ObjectKind::Node,
+        ObjectKind::Pod,
+        ObjectKind::ServiceAccount,
+        ObjectKind::ZeroTrustPolicy,
+    ];
+
     pub const fn name(self) -> &'static str {
         match self {
             ObjectKind::Namespace => "Namespace",
             ObjectKind::NetworkPolicy => "NetworkPolicy",
+            ObjectKind::Node => "Node",
             ObjectKind::Pod => "Pod",
             ObjectKind::ServiceAccount => "ServiceAccount",
             ObjectKind::ZeroTrustPolicy => "ZeroTrustPolicy",
@@ -42,7 +53,7 @@ impl ObjectKind {
     }
 
     pub const fn namespaced(self) -> bool {
-        !matches!(self, ObjectKind::Namespace)
+        !matches!(self, ObjectKind::Namespace | ObjectKind::Node)
     }
 
     /// `Kind ns/name`, or `Kind name` for cluster-scoped kinds.
@@ -64,13 +75,14 @@ impl fmt::Display for ObjectKind {
 /// One object of a kind the agent understands. (Unboxed: objects are moved a few
 /// times per load, the size difference costs nothing that matters.)
 #[allow(clippy::large_enum_variant)]
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum ClusterObject {
     Namespace(Namespace),
     ServiceAccount(ServiceAccount),
     Pod(Pod),
     NetworkPolicy(NetworkPolicy),
     ZeroTrustPolicy(ZeroTrustPolicy),
+    Node(Node),
 }
 
 impl ClusterObject {
@@ -81,6 +93,7 @@ impl ClusterObject {
             ClusterObject::Pod(_) => ObjectKind::Pod,
             ClusterObject::NetworkPolicy(_) => ObjectKind::NetworkPolicy,
             ClusterObject::ZeroTrustPolicy(_) => ObjectKind::ZeroTrustPolicy,
+            ClusterObject::Node(_) => ObjectKind::Node,
         }
     }
 
@@ -91,16 +104,18 @@ impl ClusterObject {
             ClusterObject::Pod(o) => &o.metadata,
             ClusterObject::NetworkPolicy(o) => &o.metadata,
             ClusterObject::ZeroTrustPolicy(o) => &o.metadata,
+            ClusterObject::Node(o) => &o.metadata,
         }
     }
 
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+    pub(crate) fn metadata_mut(&mut self) -> &mut ObjectMeta {
         match self {
             ClusterObject::Namespace(o) => &mut o.metadata,
             ClusterObject::ServiceAccount(o) => &mut o.metadata,
             ClusterObject::Pod(o) => &mut o.metadata,
             ClusterObject::NetworkPolicy(o) => &mut o.metadata,
             ClusterObject::ZeroTrustPolicy(o) => &mut o.metadata,
+            ClusterObject::Node(o) => &mut o.metadata,
         }
     }
 
@@ -120,10 +135,9 @@ impl ClusterObject {
         self.kind().describe(&ns, &name)
     }
 
-    /// Fill in what the API server would default (namespace "default" for namespaced
-    /// objects; none for cluster-scoped ones), then validate. Sources must call this
-    /// before `ClusterState::upsert`: the compiler assumes validated objects.
-    pub fn normalize_and_validate(&mut self) -> Result<(), FieldError> {
+    /// The defaulting half of `normalize_and_validate` (for keys of objects being
+    /// deleted or rejected).
+    pub fn normalize(&mut self) {
         let namespaced = self.kind().namespaced();
         let meta = self.metadata_mut();
         if namespaced {
@@ -133,12 +147,20 @@ impl ClusterObject {
         } else {
             meta.namespace = None;
         }
+    }
+
+    /// Fill in what the API server would default (namespace "default" for namespaced
+    /// objects; none for cluster-scoped ones), then validate. Sources must call this
+    /// before `ClusterState::upsert`: the compiler assumes validated objects.
+    pub fn normalize_and_validate(&mut self) -> Result<(), FieldError> {
+        self.normalize();
         match self {
             ClusterObject::Namespace(o) => k8s::validate_namespace(o),
             ClusterObject::ServiceAccount(o) => k8s::validate_service_account(o),
             ClusterObject::Pod(o) => k8s::validate_pod(o),
             ClusterObject::NetworkPolicy(o) => k8s::validate_network_policy(o),
             ClusterObject::ZeroTrustPolicy(o) => ztp::validate_ztp(o),
+            ClusterObject::Node(o) => k8s::validate_node(o),
         }
     }
 }
@@ -151,6 +173,8 @@ pub struct ClusterState {
     pub pods: BTreeMap<ObjectKey, Pod>,
     pub network_policies: BTreeMap<ObjectKey, NetworkPolicy>,
     pub zero_trust_policies: BTreeMap<ObjectKey, ZeroTrustPolicy>,
+    /// Nodes by name: their addresses are the host / remote-node endpoints.
+    pub nodes: BTreeMap<String, Node>,
 }
 
 impl ClusterState {
@@ -173,10 +197,11 @@ impl ClusterState {
             ClusterObject::ZeroTrustPolicy(o) => {
                 self.zero_trust_policies.insert((ns, name), o).is_some()
             }
+            ClusterObject::Node(o) => self.nodes.insert(name, o).is_some(),
         }
     }
 
-    /// Remove an object; true if it was there. `namespace` is ignored for Namespaces.
+    /// Remove an object; true if it was there. `namespace` is ignored for cluster-scoped kinds.
     pub fn remove(&mut self, kind: ObjectKind, namespace: &str, name: &str) -> bool {
         let key = (namespace.to_string(), name.to_string());
         match kind {
@@ -185,6 +210,7 @@ impl ClusterState {
             ObjectKind::Pod => self.pods.remove(&key).is_some(),
             ObjectKind::NetworkPolicy => self.network_policies.remove(&key).is_some(),
             ObjectKind::ZeroTrustPolicy => self.zero_trust_policies.remove(&key).is_some(),
+            ObjectKind::Node => self.nodes.remove(name).is_some(),
         }
     }
 
@@ -196,6 +222,51 @@ impl ClusterState {
             ObjectKind::Pod => self.pods.contains_key(&key),
             ObjectKind::NetworkPolicy => self.network_policies.contains_key(&key),
             ObjectKind::ZeroTrustPolicy => self.zero_trust_policies.contains_key(&key),
+            ObjectKind::Node => self.nodes.contains_key(name),
+        }
+    }
+
+    /// Every object of one kind, in key order (cloned).
+    pub fn objects(&self, kind: ObjectKind) -> Vec<ClusterObject> {
+        fn all<K, T: Clone>(m: &BTreeMap<K, T>, f: fn(T) -> ClusterObject) -> Vec<ClusterObject> {
+            m.values().cloned().map(f).collect()
+        }
+        match kind {
+            ObjectKind::Namespace => all(&self.namespaces, ClusterObject::Namespace),
+            ObjectKind::ServiceAccount => all(&self.service_accounts, ClusterObject::ServiceAccount),
+            ObjectKind::Pod => all(&self.pods, ClusterObject::Pod),
+            ObjectKind::NetworkPolicy => all(&self.network_policies, ClusterObject::NetworkPolicy),
+            ObjectKind::ZeroTrustPolicy => all(&self.zero_trust_policies, ClusterObject::ZeroTrustPolicy),
+            ObjectKind::Node => all(&self.nodes, ClusterObject::Node),
+        }
+    }
+
+    /// One object (cloned). `namespace` is ignored for cluster-scoped kinds.
+    pub fn get(&self, kind: ObjectKind, namespace: &str, name: &str) -> Option<ClusterObject> {
+        let key = (namespace.to_string(), name.to_string());
+        match kind {
+            ObjectKind::Namespace => self.namespaces.get(name).cloned().map(ClusterObject::Namespace),
+            ObjectKind::ServiceAccount => self.service_accounts.get(&key).cloned().map(ClusterObject::ServiceAccount),
+            ObjectKind::Pod => self.pods.get(&key).cloned().map(ClusterObject::Pod),
+            ObjectKind::NetworkPolicy => self.network_policies.get(&key).cloned().map(ClusterObject::NetworkPolicy),
+            ObjectKind::ZeroTrustPolicy => self.zero_trust_policies.get(&key).cloned().map(ClusterObject::ZeroTrustPolicy),
+            ObjectKind::Node => self.nodes.get(name).cloned().map(ClusterObject::Node),
+        }
+    }
+
+    /// Replace every object of `kind` with `objects` (normalized, validated, all of `kind`).
+    pub fn replace_kind(&mut self, kind: ObjectKind, objects: Vec<ClusterObject>) {
+        match kind {
+            ObjectKind::Namespace => self.namespaces.clear(),
+            ObjectKind::ServiceAccount => self.service_accounts.clear(),
+            ObjectKind::Pod => self.pods.clear(),
+            ObjectKind::NetworkPolicy => self.network_policies.clear(),
+            ObjectKind::ZeroTrustPolicy => self.zero_trust_policies.clear(),
+            ObjectKind::Node => self.nodes.clear(),
+        }
+        for o in objects {
+            debug_assert_eq!(o.kind(), kind);
+            self.upsert(o);
         }
     }
 

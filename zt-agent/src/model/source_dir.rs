@@ -119,6 +119,7 @@ fn parse_value(
         ("v1", "Namespace") => Some(ObjectKind::Namespace),
         ("v1", "ServiceAccount") => Some(ObjectKind::ServiceAccount),
         ("v1", "Pod") => Some(ObjectKind::Pod),
+        ("v1", "Node") => Some(ObjectKind::Node),
         ("networking.k8s.io/v1", "NetworkPolicy") => Some(ObjectKind::NetworkPolicy),
         (ZTP_API_VERSION, ZTP_KIND) => Some(ObjectKind::ZeroTrustPolicy),
         _ => None,
@@ -171,6 +172,7 @@ fn parse_value(
             ClusterObject::ServiceAccount(typed(location, &describe, value)?)
         }
         ObjectKind::Pod => ClusterObject::Pod(typed(location, &describe, value)?),
+        ObjectKind::Node => ClusterObject::Node(typed(location, &describe, value)?),
         ObjectKind::NetworkPolicy => {
             ClusterObject::NetworkPolicy(typed(location, &describe, value)?)
         }

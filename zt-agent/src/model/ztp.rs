@@ -6,26 +6,30 @@
 
 use std::collections::BTreeMap;
 
+use kube::CustomResource;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::error::FieldError;
-use super::k8s::{self, IntOrString, LabelSelector, LabelSelectorRequirement, ObjectMeta};
+use super::k8s::{self, IntOrString, LabelSelector, LabelSelectorRequirement};
 use crate::state::Action;
 
 pub const ZTP_API_VERSION: &str = "zt.dev/v1alpha1";
 pub const ZTP_KIND: &str = "ZeroTrustPolicy";
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ZeroTrustPolicy {
-    pub api_version: String,
-    pub kind: String,
-    #[serde(default)]
-    pub metadata: ObjectMeta,
-    pub spec: ZeroTrustPolicySpec,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+// `ZeroTrustPolicy` (metadata + spec) and its CRD (`deploy/crd-zerotrustpolicy.yaml`, written
+// by `zt-agent crd`) are derived from the spec, so the schema cannot drift from the parser.
+/// Whom the policy applies to and which traffic it allows or denies.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "zt.dev",
+    version = "v1alpha1",
+    kind = "ZeroTrustPolicy",
+    namespaced,
+    shortname = "ztp",
+    derive = "PartialEq",
+    doc = "Identity-based allow/deny policy for the pods of one namespace."
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ZeroTrustPolicySpec {
     /// Local endpoints the policy applies to (OR). Empty = every pod of the namespace.
@@ -39,9 +43,27 @@ pub struct ZeroTrustPolicySpec {
     pub egress: Option<Vec<EgressRule>>,
 }
 
+/// Reserved fields take any value in the schema; validation rejects them ("not supported yet").
+fn reserved_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "description": "Reserved: not supported yet (a policy setting it is rejected).",
+        "x-kubernetes-preserve-unknown-fields": true,
+    })
+}
+
+/// An ICMP type: 0-255 (no `uint8` format, which the API server does not know).
+fn icmp_type_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "description": "The ICMP type (the \"port\" of ICMP).",
+        "type": "integer",
+        "minimum": 0,
+        "maximum": 255,
+    })
+}
+
 /// `default`: a direction is isolated only if the policy has rules for it;
 /// `always`: the subjects are isolated in both directions.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum PolicyEnforcementMode {
     #[default]
@@ -50,7 +72,7 @@ pub enum PolicyEnforcementMode {
 }
 
 /// Exactly one of the fields.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Subject {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -59,7 +81,7 @@ pub struct Subject {
     pub pod_selector: Option<Selector>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IngressRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -72,10 +94,11 @@ pub struct IngressRule {
     pub icmp: Option<Vec<IcmpRule>>,
     /// Reserved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "reserved_schema")]
     pub authentication: Option<serde_json::Value>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EgressRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -88,6 +111,7 @@ pub struct EgressRule {
     pub icmp: Option<Vec<IcmpRule>>,
     /// Reserved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "reserved_schema")]
     pub authentication: Option<serde_json::Value>,
 }
 
@@ -130,7 +154,7 @@ impl EgressRule {
 }
 
 /// One of: spiffeId, podSelector and/or namespaceSelector (AND), ipBlock, entity.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Peer {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -145,13 +169,15 @@ pub struct Peer {
     pub entity: Option<Entity>,
     /// Reserved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "reserved_schema")]
     pub fqdn: Option<serde_json::Value>,
     /// Reserved.
     #[serde(default, rename = "toFQDNs", skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "reserved_schema")]
     pub to_fqdns: Option<serde_json::Value>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Entity {
     /// The node itself.
@@ -166,7 +192,7 @@ pub enum Entity {
     All,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IpBlock {
     pub cidr: String,
@@ -174,7 +200,7 @@ pub struct IpBlock {
     pub except: Vec<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PortRule {
     /// TCP (default), UDP or SCTP.
@@ -187,17 +213,18 @@ pub struct PortRule {
     pub end_port: Option<i32>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IcmpRule {
     #[serde(default)]
     pub family: IcmpFamily,
     /// The ICMP type (the "port" of ICMP).
     #[serde(rename = "type")]
+    #[schemars(schema_with = "icmp_type_schema")]
     pub icmp_type: u8,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum IcmpFamily {
     #[default]
     IPv4,
@@ -205,7 +232,7 @@ pub enum IcmpFamily {
 }
 
 /// A label selector with the same meaning as Kubernetes' LabelSelector.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Selector {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -214,7 +241,7 @@ pub struct Selector {
     pub match_expressions: Vec<SelectorRequirement>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SelectorRequirement {
     pub key: String,
@@ -240,6 +267,16 @@ impl Selector {
             ),
         }
     }
+}
+
+/// Where the generated CRD is committed (relative to the workspace root).
+pub const CRD_PATH: &str = "deploy/crd-zerotrustpolicy.yaml";
+
+/// The ZeroTrustPolicy CustomResourceDefinition as YAML (what `zt-agent crd` prints).
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    let body = serde_yaml::to_string(&ZeroTrustPolicy::crd()).expect("a CRD serializes");
+    format!("# Generated from zt-agent/src/model/ztp.rs by `zt-agent crd`: do not edit by hand.\n{body}")
 }
 
 // ---------------------------------------------------------------------------
@@ -306,15 +343,6 @@ impl SpiffePattern {
 // ---------------------------------------------------------------------------
 
 pub fn validate_ztp(p: &ZeroTrustPolicy) -> Result<(), FieldError> {
-    if p.api_version != ZTP_API_VERSION {
-        return Err(FieldError::new(
-            "apiVersion",
-            format!("expected {ZTP_API_VERSION}"),
-        ));
-    }
-    if p.kind != ZTP_KIND {
-        return Err(FieldError::new("kind", format!("expected {ZTP_KIND}")));
-    }
     k8s::validate_meta(&p.metadata, true)?;
     let ns = p.metadata.namespace.as_deref().unwrap_or_default();
     for (i, s) in p.spec.subjects.iter().enumerate() {
@@ -374,6 +402,33 @@ fn validate_rule(path: &str, r: &RuleView<'_>) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// Every SPIFFE ID of the policy names `trust_domain` (the compiler fails on any other;
+/// the Kubernetes source checks it per object so one such policy cannot block the rest).
+pub fn check_trust_domain(p: &ZeroTrustPolicy, trust_domain: &str) -> Result<(), FieldError> {
+    let mut ids: Vec<(String, &Option<String>)> = Vec::new();
+    for (i, s) in p.spec.subjects.iter().enumerate() {
+        ids.push((format!("spec.subjects[{i}].spiffeId"), &s.spiffe_id));
+    }
+    let ingress = p.spec.ingress.iter().flatten().map(|r| ("ingress", "from", r.from.as_deref()));
+    let egress = p.spec.egress.iter().flatten().map(|r| ("egress", "to", r.to.as_deref()));
+    let mut index = BTreeMap::new();
+    for (dir, field, peers) in ingress.chain(egress) {
+        let i: &mut usize = index.entry(dir).or_default();
+        for (j, peer) in peers.unwrap_or(&[]).iter().enumerate() {
+            ids.push((format!("spec.{dir}[{i}].{field}[{j}].spiffeId"), &peer.spiffe_id));
+        }
+        *i += 1;
+    }
+    for (path, id) in ids {
+        let Some(id) = id else { continue };
+        let sp = SpiffePattern::parse(id).map_err(|m| FieldError::new(&path, m))?;
+        if sp.trust_domain != trust_domain {
+            return Err(FieldError::new(path, format!("SPIFFE ID {id:?} is not of trust domain {trust_domain:?}")));
+        }
+    }
+    Ok(())
+}
+
 fn validate_peer(path: &str, peer: &Peer) -> Result<(), FieldError> {
     if peer.fqdn.is_some() {
         return Err(FieldError::new(
@@ -426,6 +481,41 @@ mod tests {
     }
 
     const HEAD: &str = "apiVersion: zt.dev/v1alpha1\nkind: ZeroTrustPolicy\nmetadata: {name: p}\n";
+
+    /// The committed CRD is the generated one (regenerate with
+    /// `cargo run -p zt-agent -- crd > deploy/crd-zerotrustpolicy.yaml`, or run this test
+    /// with ZT_UPDATE_CRD=1).
+    #[test]
+    fn committed_crd_is_generated() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(CRD_PATH);
+        let want = crd_yaml();
+        if std::env::var_os("ZT_UPDATE_CRD").is_some() {
+            std::fs::write(&path, &want).unwrap();
+        }
+        let have = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            have == want,
+            "{CRD_PATH} differs from the Rust types: run `cargo run -p zt-agent -- crd > {CRD_PATH}`"
+        );
+    }
+
+    #[test]
+    fn crd_schema_is_structural_where_it_matters() {
+        let crd: serde_json::Value = serde_yaml::from_str(&crd_yaml()).unwrap();
+        assert_eq!(crd["spec"]["group"], "zt.dev");
+        assert_eq!(crd["spec"]["scope"], "Namespaced");
+        let v = &crd["spec"]["versions"][0];
+        assert_eq!(v["name"], "v1alpha1");
+        let spec = &v["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+        let peer = &spec["ingress"]["items"]["properties"]["from"]["items"]["properties"];
+        assert_eq!(peer["ipBlock"]["required"], serde_json::json!(["cidr"]));
+        assert_eq!(peer["fqdn"]["x-kubernetes-preserve-unknown-fields"], true);
+        let port = &spec["egress"]["items"]["properties"]["ports"]["items"]["properties"]["port"];
+        assert_eq!(port["x-kubernetes-int-or-string"], true);
+        assert_eq!(spec["enforcementMode"]["enum"], serde_json::json!(["default", "always"]));
+        // Structural schemas forbid additionalProperties next to properties.
+        assert!(!crd_yaml().contains("additionalProperties: false"));
+    }
 
     #[test]
     fn spiffe_ids() {

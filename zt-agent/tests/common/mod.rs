@@ -7,7 +7,7 @@ use std::process::Command;
 
 use aya::{
     maps::{lpm_trie::Key, MapData, RingBuf},
-    programs::SchedClassifier,
+    programs::{CgroupSkb, SchedClassifier},
     Ebpf, TestRun, TestRunOptions,
 };
 use zt_agent::{
@@ -133,6 +133,30 @@ impl Dp {
         let opts = TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), repeat, ..Default::default() };
         let r = self.prog(hook).test_run(opts).expect("BPF_PROG_TEST_RUN");
         (r.return_value, r.duration.as_nanos() as f64)
+    }
+    /// Runs a cgroup skb program ("zt_cgroup_egress" / "zt_cgroup_ingress") once on `pkt`
+    /// (an Ethernet frame: the kernel strips the header, the program sees the IP header
+    /// first). `ifindex` None: the loopback device; else it must exist in the calling
+    /// thread's network namespace (see `in_private_netns`). Returns 1 pass, 0 drop.
+    pub fn run_cgroup(&self, prog: &str, pkt: &[u8], ifindex: Option<u32>) -> u32 {
+        let mut ctx = [0u8; 192];
+        if let Some(i) = ifindex {
+            ctx[40..44].copy_from_slice(&i.to_ne_bytes());
+        }
+        let mut out = vec![0u8; pkt.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(pkt),
+            data_out: Some(&mut out),
+            ctx_in: ifindex.map(|_| &ctx[..]),
+            repeat: 1,
+            ..Default::default()
+        };
+        let p: &CgroupSkb = self.ebpf.program(prog).unwrap().try_into().unwrap();
+        p.test_run(opts).expect("BPF_PROG_TEST_RUN (cgroup skb)").return_value
+    }
+    /// Every verdict counter summed (both directions, all reasons).
+    pub fn counted(&self) -> u64 {
+        self.maps.counters().unwrap().iter().sum()
     }
     pub fn counter(&self, dir: u8, reason: Reason) -> u64 {
         self.maps.counters().unwrap()[counter_index(dir, reason as u8) as usize]

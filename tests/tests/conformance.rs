@@ -1,0 +1,38 @@
+//! Upstream NetworkPolicy conformance in the test bed: the model of Kubernetes'
+//! test/e2e/network/netpol (namespaces x, y, z; pods a, b, c; ports 80/81 over TCP, UDP,
+//! SCTP), every runnable `It(...)` of network_policy.go and generated cyclonus-style
+//! cases, each step checked as a 9x9 reachability matrix (both IP families) against an
+//! oracle that implements the NetworkPolicy API semantics on its own.
+//!
+//! `cargo test -p zt-tests --test conformance -- --nocapture` (root for the matrix;
+//! the oracle and case-list checks run without). `ZT_CONFORMANCE_FILTER=<substring>`
+//! runs only the cases whose family or name contains it.
+mod common;
+#[path = "conformance/cases.rs"]
+mod cases;
+#[path = "conformance/generated.rs"]
+mod generated;
+#[path = "conformance/list.rs"]
+mod list;
+#[path = "conformance/model.rs"]
+mod model;
+#[path = "conformance/oracle.rs"]
+mod oracle;
+#[path = "conformance/runner.rs"]
+mod runner;
+
+/// The whole suite with the agent reading the manifests directory.
+#[test]
+fn conformance_matrix_manifests_dir() {
+    runner::run_suite(runner::AgentInput::ManifestsDir);
+}
+
+#[test]
+fn oracle_agrees_with_upstream_tables() {
+    list::check_oracle_against_upstream();
+}
+
+#[test]
+fn cases_md_lists_every_case() {
+    list::check_cases_md();
+}

@@ -1,0 +1,457 @@
+//! Runs the cases: one test bed for the whole suite, the agent(s) started through
+//! [`AgentInput`], each step's cluster state written to the agent's input, then the
+//! matrix probed until it matches the oracle or a short deadline passes.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use zt_testbed::{bins, AgentHandle, Endpoint, Family, Matrix, ProbeResult, ProbeSpec, Proto, Target, Testbed, TestbedOptions};
+
+use super::cases::{self, Act, Case};
+use super::common::{lab, tail};
+use super::model::{Cluster, ModelPod};
+use super::oracle;
+
+pub const LAB: &str = "netpol-matrix";
+/// Probe timeout (the test bed's short default; a denied probe costs this much).
+const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
+/// How long the agent may take to pick up a change (it polls every 100 ms here).
+const APPLY_DEADLINE: Duration = Duration::from_secs(5);
+/// After a compile that changes no map entry: how long to let the same pass finish.
+const APPLY_GRACE: Duration = Duration::from_millis(300);
+/// How long a step may take to converge after the agent applied it.
+const MATCH_DEADLINE: Duration = Duration::from_secs(3);
+const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
+
+/// How the agents get the cluster state. Every variant reads what [`Input::write`]
+/// puts into the bed's manifests dir.
+#[derive(Clone, Copy, Debug)]
+pub enum AgentInput {
+    /// `zt-agent --manifests <dir>` (the directory source).
+    ManifestsDir,
+}
+
+/// The running agents and where the cluster state goes.
+pub struct Input {
+    pub dir: PathBuf,
+    pub agents: Vec<AgentHandle>,
+}
+
+impl AgentInput {
+    /// Start one agent per node of the bed, fed from `dir`; returns once all are ready.
+    pub fn start(self, tb: &Testbed, dir: &Path) -> Input {
+        let bin = bins::find("zt-agent").expect("zt-agent binary (cargo build -p zt-agent)");
+        let agents = match self {
+            AgentInput::ManifestsDir => tb
+                .nodes()
+                .iter()
+                .map(|n| tb.start_agent(&n.name, &bin, dir, &["--poll-ms", "100"]).unwrap())
+                .collect::<Vec<_>>(),
+        };
+        for a in &agents {
+            if let Err(e) = a.wait_ready(Duration::from_secs(30)) {
+                panic!("agent not ready: {e:#}\n{}", tail(&a.log(), 30));
+            }
+        }
+        Input { dir: dir.to_path_buf(), agents }
+    }
+}
+
+impl Input {
+    /// `cluster.yaml` in the manifests dir, written beside the dir and renamed into
+    /// place so that an agent never reads half of it.
+    fn put(&self, c: &Cluster) {
+        let tmp = self.dir.with_file_name(".cluster.yaml.tmp");
+        std::fs::write(&tmp, c.to_yaml()).unwrap();
+        std::fs::rename(&tmp, self.dir.join("cluster.yaml")).unwrap();
+    }
+
+    fn scrape(&self, name: &str) -> Vec<Option<f64>> {
+        self.agents.iter().map(|a| a.metrics().ok().and_then(|m| metric(&m, name))).collect()
+    }
+
+    /// Replace the cluster state (one file, renamed into place) and wait until every
+    /// agent compiled it and wrote the maps: its compile count grew, then its map
+    /// update count grew (or, for a state that changes no map entry, a grace of
+    /// [`APPLY_GRACE`]: the write follows the compile within the same reconcile pass).
+    pub fn write(&self, c: &Cluster) -> Result<(), String> {
+        let compiles = self.scrape("zt_policy_compile_seconds_count");
+        let updates = self.scrape("zt_map_updates_total");
+        self.put(c);
+        let grew = |before: &[Option<f64>], now: &[Option<f64>]| {
+            now.iter().zip(before).all(|(n, b)| matches!((n, b), (Some(n), Some(b)) if n > b))
+        };
+        let start = Instant::now();
+        while !grew(&compiles, &self.scrape("zt_policy_compile_seconds_count")) {
+            if start.elapsed() > APPLY_DEADLINE {
+                return Err(format!("an agent did not compile the new state within {APPLY_DEADLINE:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if self.scrape("zt_policy_last_load_ok").iter().any(|v| *v != Some(1.0)) {
+            return Err(format!("an agent rejected the state:\n{}", self.agents.iter().map(|a| tail(&a.log(), 5)).collect::<Vec<_>>().join("\n")));
+        }
+        let compiled = Instant::now();
+        while !grew(&updates, &self.scrape("zt_map_updates_total")) && compiled.elapsed() < APPLY_GRACE {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if self.scrape("zt_map_errors_total").iter().any(|v| *v != Some(0.0)) {
+            return Err("an agent failed to write its maps (zt_map_errors_total > 0)".into());
+        }
+        Ok(())
+    }
+}
+
+impl Input {
+    /// Write an invalid cluster state and wait until every agent rejected it
+    /// (`zt_policy_errors_total` grew, `zt_policy_last_load_ok` is 0).
+    pub fn write_rejected(&self, c: &Cluster) -> Result<(), String> {
+        let errors = self.scrape("zt_policy_errors_total");
+        self.put(c);
+        let start = Instant::now();
+        loop {
+            let now = self.scrape("zt_policy_errors_total");
+            if now.iter().zip(&errors).all(|(n, b)| matches!((n, b), (Some(n), Some(b)) if n > b)) {
+                break;
+            }
+            if start.elapsed() > APPLY_DEADLINE {
+                return Err(format!("an agent did not reject the invalid state within {APPLY_DEADLINE:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if self.scrape("zt_policy_last_load_ok").iter().any(|v| *v != Some(0.0)) {
+            return Err("zt_policy_last_load_ok is not 0 after a rejected state".into());
+        }
+        Ok(())
+    }
+}
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Fill `{ip:ns/pod}` (the pod's IPv4 /32) and `{big:ns/pod}` (the /4 around it).
+pub fn substitute(text: &str, pods: &[ModelPod]) -> String {
+    let mut out = text.to_string();
+    for p in pods {
+        let IpAddr::V4(v4) = p.ip(true).unwrap() else { unreachable!() };
+        let big = std::net::Ipv4Addr::from(u32::from(v4) & 0xf000_0000);
+        out = out.replace(&format!("{{ip:{}}}", p.key()), &format!("{v4}/32"));
+        out = out.replace(&format!("{{big:{}}}", p.key()), &format!("{big}/4"));
+    }
+    assert!(!out.contains("{ip:") && !out.contains("{big:"), "unknown placeholder in {text}");
+    out
+}
+
+/// Apply a step's changes to the model (`base`: the lab's state).
+pub fn apply(c: &mut Cluster, acts: &[Act], base: &Cluster) {
+    let pods = base.model_pods();
+    let pods = &pods[..];
+    for a in acts {
+        match a {
+            Act::Put(y) => {
+                let np: NetworkPolicy = serde_yaml::from_str(&substitute(y, pods)).unwrap_or_else(|e| panic!("bad policy YAML ({e}):\n{y}"));
+                c.put_policy(np);
+            }
+            Act::Delete(ns, name) => {
+                assert!(c.policies.remove(&(ns.to_string(), name.to_string())).is_some(), "no policy {ns}/{name} to delete");
+            }
+            Act::DeleteAll => c.policies.clear(),
+            Act::PodLabel(p, k, v) => c.label_pod(p, k, *v),
+            Act::NsLabel(ns, k, v) => c.label_namespace(ns, k, *v),
+            Act::AddPod(key, node) => c.add_pod(key, node, base),
+            Act::RemovePod(key) => c.remove_pod(key),
+        }
+    }
+}
+
+/// What a probe must find.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Want {
+    /// Allowed and served: the server's reply.
+    Reached,
+    /// Allowed, nothing serves the port: RST / ICMP port unreachable / ABORT.
+    Refused,
+    /// Denied: a silent drop (a timeout; a policy never answers with an error).
+    Dropped,
+}
+
+impl Want {
+    fn cell(self) -> &'static str {
+        match self {
+            Want::Reached => ".",
+            Want::Refused => "R",
+            Want::Dropped => "X",
+        }
+    }
+}
+
+/// The probes of a step (9x9 incl. each pod to itself, both families) and what each
+/// must find.
+pub fn expected(c: &Cluster, probes: &[(Proto, u16)]) -> Vec<(ProbeSpec, Want)> {
+    let pods = c.model_pods();
+    let mut out = vec![];
+    for &(proto, port) in probes {
+        for fam in FAMILIES {
+            for from in &pods {
+                for to in &pods {
+                    let spec = ProbeSpec::new(
+                        Endpoint::pod(&from.namespace, &from.name),
+                        Target::pod(&to.namespace, &to.name, fam),
+                        proto,
+                        port,
+                    );
+                    let want = if !oracle::allowed(c, from, to, proto.as_str(), port as i32, fam == Family::V4) {
+                        Want::Dropped
+                    } else if to.serves(proto.as_str(), port as i32) {
+                        Want::Reached
+                    } else {
+                        Want::Refused
+                    };
+                    out.push((spec, want));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Did the probe find what was wanted? (Reached also checks who answered.)
+fn found(spec: &ProbeSpec, want: Want, r: &ProbeResult) -> bool {
+    match (want, &spec.to, r) {
+        (Want::Reached, Target::Pod { namespace, name, .. }, ProbeResult::Ok(text)) => *text == format!("{namespace}/{name}"),
+        (Want::Refused, _, ProbeResult::Refused) => true,
+        (Want::Dropped, _, ProbeResult::Timeout) => true,
+        _ => false,
+    }
+}
+
+/// Upstream-style tables for every (protocol, port, family) with a difference:
+/// expected, observed, and the comparison ("." agree, "X" differ). Cells: "." reached,
+/// "X" dropped (timeout), "R" refused, "E" error.
+pub fn diff_tables(want: &[(ProbeSpec, Want)], got: &Matrix) -> String {
+    type Cells<'a> = Vec<(&'a ProbeSpec, Want, &'a ProbeResult)>;
+    let mut groups: BTreeMap<(Proto, u16, Family), Cells<'_>> = BTreeMap::new();
+    for ((spec, w), (_, r)) in want.iter().zip(&got.results) {
+        groups.entry((spec.proto, spec.port, spec.to.family())).or_default().push((spec, *w, r));
+    }
+    let mut s = String::new();
+    for ((proto, port, fam), cells) in groups {
+        if cells.iter().all(|(sp, w, r)| found(sp, *w, r)) {
+            continue;
+        }
+        let mut cols: Vec<String> = cells.iter().map(|(sp, _, _)| sp.to.short_label()).collect();
+        cols.sort();
+        cols.dedup();
+        let mut rows: Vec<String> = cells.iter().map(|(sp, _, _)| sp.from.to_string()).collect();
+        rows.sort();
+        rows.dedup();
+        let cell = |row: &str, col: &str, f: &dyn Fn(Want, &ProbeSpec, &ProbeResult) -> String| -> String {
+            cells
+                .iter()
+                .find(|(sp, _, _)| sp.from.to_string() == row && sp.to.short_label() == col)
+                .map(|(sp, w, r)| f(*w, sp, r))
+                .unwrap_or_else(|| "-".into())
+        };
+        let table = |title: &str, f: &dyn Fn(Want, &ProbeSpec, &ProbeResult) -> String| -> String {
+            let mut t = format!("{title} ({proto}/{port} {fam}):\n-\t{}\n", cols.join("\t"));
+            for r in &rows {
+                let line: Vec<String> = cols.iter().map(|c| cell(r, c, f)).collect();
+                t.push_str(&format!("{r}\t{}\n", line.join("\t")));
+            }
+            t
+        };
+        s.push_str(&table("Expected", &|w, _, _| w.cell().into()));
+        s.push_str(&table("Observed", &|_, sp, r| {
+            let wrong_server = matches!(r, ProbeResult::Ok(_)) && !found(sp, Want::Reached, r);
+            if wrong_server { "?".into() } else { r.cell().into() }
+        }));
+        s.push_str(&table("Comparison", &|w, sp, r| if found(sp, w, r) { ".".into() } else { "X".into() }));
+    }
+    s
+}
+
+/// Probe until the matrix matches or [`MATCH_DEADLINE`] passes; returns the mismatch
+/// report (None = pass) and the number of probe rounds.
+fn check_step(tb: &Testbed, want: &[(ProbeSpec, Want)]) -> (Option<String>, usize) {
+    let specs: Vec<ProbeSpec> = want.iter().map(|(s, _)| s.clone()).collect();
+    let start = Instant::now();
+    let mut rounds = 0;
+    loop {
+        rounds += 1;
+        let m = tb.probe_matrix(&specs, PROBE_TIMEOUT);
+        let bad = want.iter().zip(&m.results).filter(|((s, w), (_, r))| !found(s, *w, r)).count();
+        if bad == 0 {
+            return (None, rounds);
+        }
+        if rounds == 1 && std::env::var_os("ZT_CONFORMANCE_VERBOSE").is_some() {
+            let first: Vec<String> = want
+                .iter()
+                .zip(&m.results)
+                .filter(|((s, w), (_, r))| !found(s, *w, r))
+                .take(6)
+                .map(|((s, w), (_, r))| format!("{s}: want {w:?}, got {r}"))
+                .collect();
+            println!("  first round: {bad} differ, e.g. {}", first.join("; "));
+        }
+        if start.elapsed() >= MATCH_DEADLINE {
+            return (Some(format!("{bad} of {} probes differ from the oracle:\n{}", want.len(), diff_tables(want, &m))), rounds);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+struct Outcome {
+    family: &'static str,
+    name: String,
+    failure: Option<String>,
+    /// Probe rounds over all steps (more than one per step: the state converged late).
+    rounds: usize,
+}
+
+/// Pods as the test bed has them: `ns/name@node` (a pod moved to another node is
+/// another pod).
+fn pod_keys(c: &Cluster) -> Vec<String> {
+    c.pods
+        .iter()
+        .map(|p| {
+            let node = p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
+            format!("{}/{}@{node}", p.metadata.namespace.as_deref().unwrap_or("default"), p.metadata.name.as_deref().unwrap_or(""))
+        })
+        .collect()
+}
+
+fn key_of(k: &str) -> &str {
+    k.split_once('@').map_or(k, |(key, _)| key)
+}
+
+/// Make the test bed's pods those of `want` (before the agents see a state with new
+/// pods: start them first; removed pods go after the agents saw them leave).
+fn add_bed_pods(tb: &Testbed, have: &Cluster, want: &Cluster) -> Result<(), String> {
+    let have = pod_keys(have);
+    for k in pod_keys(want).into_iter().filter(|k| !have.contains(k)) {
+        tb.add_pod(want.bed_pod(key_of(&k))).map_err(|e| format!("adding pod {k} to the test bed: {e:#}"))?;
+    }
+    Ok(())
+}
+
+fn remove_bed_pods(tb: &Testbed, have: &Cluster, want: &Cluster) -> Result<(), String> {
+    let want = pod_keys(want);
+    for k in pod_keys(have).into_iter().filter(|k| !want.contains(k)) {
+        let (ns, name) = key_of(&k).split_once('/').unwrap();
+        tb.remove_pod(ns, name).map_err(|e| format!("removing pod {k} from the test bed: {e:#}"))?;
+    }
+    Ok(())
+}
+
+/// Bring the bed from `from` to `to`'s pods and write `to` to the agents.
+fn transition(tb: &Testbed, input: &Input, from: &Cluster, to: &Cluster) -> Result<(), String> {
+    add_bed_pods(tb, from, to)?;
+    input.write(to)?;
+    remove_bed_pods(tb, from, to)
+}
+
+fn run_case(tb: &Testbed, input: &Input, base: &Cluster, case: &Case) -> Outcome {
+    let mut c = base.clone();
+    let mut failure = None;
+    let mut total_rounds = 0;
+    for (i, st) in case.steps.iter().enumerate() {
+        let before = c.clone();
+        apply(&mut c, &st.acts, base);
+        let written = if st.rejected {
+            // The invalid state goes to the agents; the model keeps the previous one.
+            let invalid = std::mem::replace(&mut c, before);
+            input.write_rejected(&invalid)
+        } else {
+            transition(tb, input, &before, &c)
+        };
+        if let Err(e) = written {
+            failure = Some(format!("step {}: {e}", i + 1));
+            break;
+        }
+        let want = expected(&c, &st.probes);
+        let (bad, rounds) = check_step(tb, &want);
+        total_rounds += rounds;
+        if let Some(report) = bad {
+            let probes: Vec<String> = st.probes.iter().map(|(p, n)| format!("{p}/{n}")).collect();
+            failure = Some(format!("step {} ({}) after {rounds} probe rounds: {report}", i + 1, probes.join(", ")));
+            break;
+        }
+    }
+    // Back to the lab's pods (policies and labels are reset by the next case's write).
+    let (mut now, mut lab) = (pod_keys(&c), pod_keys(base));
+    now.sort();
+    lab.sort();
+    if now != lab {
+        let mut back = base.clone();
+        back.policies = c.policies.clone();
+        // Removals first: a moved pod keeps its name and addresses.
+        let restored = remove_bed_pods(tb, &c, &back).and_then(|_| add_bed_pods(tb, &c, &back)).and_then(|_| input.write(&back));
+        if let Err(e) = restored {
+            panic!("restoring the lab's pods after [{}] {}: {e}", case.family, case.name);
+        }
+    }
+    Outcome { family: case.family, name: case.name.clone(), failure, rounds: total_rounds }
+}
+
+/// Bring up the lab once, start the agents through `how`, run every case, print
+/// `<family>: N passed, M failed` and the total, and fail if any case failed.
+pub fn run_suite(how: AgentInput) {
+    let t0 = Instant::now();
+    let filter = std::env::var("ZT_CONFORMANCE_FILTER").ok();
+    let all: Vec<Case> = cases::all()
+        .into_iter()
+        .filter(|c| filter.as_deref().is_none_or(|f| c.family.contains(f) || c.name.contains(f)))
+        .collect();
+    assert_eq!(unsafe { libc::geteuid() }, 0, "the conformance matrix needs root");
+    let opts = TestbedOptions::default().serve_bin(env!("CARGO_BIN_EXE_zt-testbed"));
+    let tb = Testbed::up(&lab(LAB), opts).unwrap_or_else(|e| panic!("test bed {LAB}: {e:#}"));
+    let base = Cluster::load(&lab(LAB));
+    let dir = tb.tmp_dir().join("agent-manifests");
+    std::fs::create_dir_all(&dir).unwrap();
+    // Nodes stay in their own file (the test bed's input; the agent may use them too).
+    for e in std::fs::read_dir(lab(LAB)).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "yaml") {
+            let text = std::fs::read_to_string(&p).unwrap();
+            let nodes: Vec<&str> = text.split("\n---\n").filter(|d| d.contains("kind: Node\n")).collect();
+            std::fs::write(dir.join("00-nodes.yaml"), nodes.join("\n---\n")).unwrap();
+        }
+    }
+    std::fs::write(dir.join("cluster.yaml"), base.to_yaml()).unwrap();
+    let input = how.start(&tb, &dir);
+    println!("conformance ({how:?}): {} cases on {} nodes, bed up in {:.1?}", all.len(), tb.nodes().len(), t0.elapsed());
+
+    let mut outcomes = vec![];
+    for case in &all {
+        let t = Instant::now();
+        let o = run_case(&tb, &input, &base, case);
+        match &o.failure {
+            None => println!("PASS [{}] {} ({} steps, {} probe rounds, {:.1?})", o.family, o.name, case.steps.len(), o.rounds, t.elapsed()),
+            Some(f) => println!("FAIL [{}] {} ({:.1?}): {f}", o.family, o.name, t.elapsed()),
+        }
+        outcomes.push(o);
+    }
+    // Leave the agents with the base state (no policies) before the bed goes down.
+    let _ = input.write(&base);
+
+    let mut families: Vec<&str> = outcomes.iter().map(|o| o.family).collect();
+    families.dedup();
+    println!("\nconformance summary ({how:?}):");
+    for f in &families {
+        let (p, m) = outcomes.iter().filter(|o| o.family == *f).fold((0, 0), |(p, m), o| if o.failure.is_none() { (p + 1, m) } else { (p, m + 1) });
+        println!("{f}: {p} passed, {m} failed");
+    }
+    let failed: Vec<&Outcome> = outcomes.iter().filter(|o| o.failure.is_some()).collect();
+    println!("total: {} passed, {} failed", outcomes.len() - failed.len(), failed.len());
+    println!("elapsed: {:.1?}", t0.elapsed());
+    if !failed.is_empty() {
+        for a in &input.agents {
+            println!("agent log tail:\n{}", tail(&a.log(), 20));
+        }
+    }
+    assert!(failed.is_empty(), "failed cases:\n{}", failed.iter().map(|o| format!("  [{}] {}", o.family, o.name)).collect::<Vec<_>>().join("\n"));
+}

@@ -1,0 +1,192 @@
+//! The cgroup skb programs (attached at the root of the pods' cgroup hierarchy) run
+//! through BPF_PROG_TEST_RUN: the kernel strips the Ethernet header of the test frame,
+//! so they see the IP header first, as at a real cgroup. Each test checks the verdict
+//! (1 pass, 0 drop), the counters and the events / CT entries left. Needs root.
+mod common;
+
+use common::*;
+use zt_common::*;
+
+const EGRESS: &str = "zt_cgroup_egress";
+const INGRESS: &str = "zt_cgroup_ingress";
+const FROM: &str = "zt_from_pod";
+const TO: &str = "zt_to_pod";
+const PASS: u32 = 1;
+const DROP: u32 = 0;
+
+const NEW_POD: &str = "10.0.0.50";
+const NEW_POD6: &str = "fd00::50";
+const HOOKED: &str = "10.0.0.10";
+const PEER: &str = "10.0.0.20";
+const PEER6: &str = "fd00::20";
+const HOST: &str = "10.255.0.1";
+const HOST6: &str = "fd00:255::1";
+const ID_POD: u32 = 300;
+const ID_PEER: u32 = 301;
+
+/// Maps of a node: a hooked local pod (its interface `hooked_if`), a remote peer and the
+/// node's own addresses.
+fn node(tag: &str, hooked_if: u32) -> Dp {
+    let mut dp = Dp::new(tag);
+    dp.endpoint(HOOKED, ID_POD, EP_LOCAL | EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS, hooked_if);
+    dp.endpoint(PEER, ID_PEER, 0, 0);
+    dp.endpoint(PEER6, ID_PEER, 0, 0);
+    dp.endpoint(HOST, IDENTITY_HOST, 0, 0);
+    dp.endpoint(HOST6, IDENTITY_HOST, 0, 0);
+    dp
+}
+
+/// The cgroup v2 id of this process's cgroup: the inode number of its directory.
+fn own_cgroup_id() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let root = mounts.lines().map(|l| l.split(' ').collect::<Vec<_>>()).find(|f| f[2] == "cgroup2").map(|f| f[1].to_string()).expect("a cgroup2 mount");
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let path = own.lines().find_map(|l| l.strip_prefix("0::")).expect("cgroup v2 membership").trim().to_string();
+    std::fs::metadata(format!("{root}{path}")).unwrap().ino()
+}
+
+#[test]
+fn loopback_passes_uncounted() {
+    let mut dp = node("cg-lo", 7);
+    // Unknown addresses both ways: on any other device this would be `initialising`.
+    assert_eq!(dp.run_cgroup(EGRESS, &ipv4(NEW_POD, PEER, TCP, 1000, 80), None), PASS);
+    assert_eq!(dp.run_cgroup(INGRESS, &ipv4(PEER, NEW_POD, TCP, 1000, 80), None), PASS);
+    assert_eq!(dp.counted(), 0);
+    assert!(dp.events().is_empty());
+}
+
+#[test]
+fn hooked_endpoint_and_host_pass_uncounted_and_unknown_fails_closed() {
+    in_private_netns(|dev, _| {
+        let mut dp = node("cg-defer", 7);
+        // The hooked pod's TC programs judge its traffic: the cgroup programs stay out,
+        // even for a flow its policy denies.
+        assert_eq!(dp.run_cgroup(EGRESS, &ipv4(HOOKED, PEER, TCP, 1000, 80), Some(dev)), PASS);
+        assert_eq!(dp.run_cgroup(INGRESS, &ipv4(PEER, HOOKED, TCP, 1000, 80), Some(dev)), PASS);
+        // Host-network pods: the node's addresses, both ways and both families.
+        assert_eq!(dp.run_cgroup(EGRESS, &ipv4(HOST, PEER, UDP, 1000, 53), Some(dev)), PASS);
+        assert_eq!(dp.run_cgroup(INGRESS, &ipv4(PEER, HOST, TCP, 1000, 22), Some(dev)), PASS);
+        assert_eq!(dp.run_cgroup(EGRESS, &ipv6(HOST6, PEER6, UDP, 1000, 53), Some(dev)), PASS);
+        // Non-IP passes.
+        assert_eq!(dp.run_cgroup(EGRESS, &eth(0x0806, &[0u8; 28]), Some(dev)), PASS);
+        assert_eq!(dp.counted(), 0, "nothing judged here");
+        assert!(dp.events().is_empty());
+        // The same device, an address the agent does not know: initialising, dropped.
+        assert_eq!(dp.run_cgroup(EGRESS, &ipv4(NEW_POD, PEER, TCP, 1000, 80), Some(dev)), DROP);
+        assert_eq!(dp.run_cgroup(INGRESS, &ipv4(PEER, NEW_POD, TCP, 1000, 80), Some(dev)), DROP);
+        assert_eq!(dp.run_cgroup(EGRESS, &ipv6(NEW_POD6, PEER6, UDP, 1000, 53), Some(dev)), DROP);
+        assert_eq!(dp.counter(DIR_EGRESS, Reason::DropInitialising), 2);
+        assert_eq!(dp.counter(DIR_INGRESS, Reason::DropInitialising), 1);
+        let ev = dp.events();
+        assert_eq!(ev.len(), 3);
+        for e in &ev {
+            assert_eq!((e.reason, e.verdict, e.local_id, e.peer_id), (Reason::DropInitialising as u8, VERDICT_DENY, IDENTITY_INIT, ID_PEER));
+            assert_eq!(e.ifindex, CGROUP_HOOK_IFINDEX);
+        }
+        assert_eq!(dp.ct_len(), 0);
+    });
+}
+
+#[test]
+fn known_unhooked_pod_is_judged_by_its_policy() {
+    in_private_netns(|dev, _| {
+        let mut dp = node("cg-known", 7);
+        // Known to the agent, interface not hooked yet: ifindex 0.
+        dp.endpoint(NEW_POD, ID_POD, EP_LOCAL | EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS, 0);
+        dp.policy(POLICY_PREFIX_FULL, pk(ID_POD, ID_PEER, DIR_EGRESS, TCP, 443), VERDICT_ALLOW, 9);
+        assert_eq!(dp.run_cgroup(EGRESS, &ipv4(NEW_POD, PEER, TCP, 40000, 443), Some(dev)), PASS);
+        assert_eq!(dp.counter(DIR_EGRESS, Reason::AllowPolicy), 1);
+        // Its reply comes back through conntrack under hook 0.
+        assert_eq!(dp.run_cgroup(INGRESS, &ipv4(PEER, NEW_POD, TCP, 443, 40000), Some(dev)), PASS);
+        assert_eq!(dp.counter(DIR_INGRESS, Reason::AllowReply), 1);
+        let ct: Vec<CtKey> = dp.maps.ct.keys().map(|k| k.unwrap()).collect();
+        assert_eq!(ct.len(), 1);
+        // Tracked per socket cgroup (BPF_PROG_TEST_RUN's socket is in this process's cgroup).
+        assert_eq!((ct[0].ifindex, ct[0].dir), (cgroup_scope(own_cgroup_id()), DIR_EGRESS));
+        // Another port: default deny (its policy, not `initialising`).
+        assert_eq!(dp.run_cgroup(EGRESS, &ipv4(NEW_POD, PEER, TCP, 40001, 80), Some(dev)), DROP);
+        assert_eq!(dp.run_cgroup(INGRESS, &ipv4(PEER, NEW_POD, TCP, 40002, 80), Some(dev)), DROP);
+        assert_eq!(dp.counter(DIR_EGRESS, Reason::DropPolicyDefault), 1);
+        assert_eq!(dp.counter(DIR_INGRESS, Reason::DropPolicyDefault), 1);
+        assert_eq!(dp.counter(DIR_EGRESS, Reason::DropInitialising), 0);
+        let ev = dp.events();
+        assert_eq!((ev[0].local_id, ev[0].rule_id), (ID_POD, 0));
+        // An `init` entry (an address the agent cannot attribute) is initialising here.
+        dp.endpoint(NEW_POD, IDENTITY_INIT, EP_LOCAL, 0);
+        assert_eq!(dp.run_cgroup(EGRESS, &ipv4(NEW_POD, PEER, TCP, 40003, 443), Some(dev)), DROP);
+        assert_eq!(dp.counter(DIR_EGRESS, Reason::DropInitialising), 1);
+        // A remote endpoint's address seen from a local socket is not that pod.
+        dp.endpoint(NEW_POD, ID_PEER, 0, 0);
+        assert_eq!(dp.run_cgroup(EGRESS, &ipv4(NEW_POD, PEER, TCP, 40004, 443), Some(dev)), DROP);
+        assert_eq!(dp.counter(DIR_EGRESS, Reason::DropInitialising), 2);
+    });
+}
+
+#[test]
+fn host_probe_reaches_an_initialising_pod_and_its_reply_passes() {
+    for (pod, host, peer, tag) in [(NEW_POD, HOST, PEER, "cg-probe4"), (NEW_POD6, HOST6, PEER6, "cg-probe6")] {
+        in_private_netns(|dev, _| {
+            let mut dp = node(tag, 7);
+            let pkt = |s: &str, d: &str, sp: u16, dpt: u16| if pod.contains(':') { ipv6(s, d, TCP, sp, dpt) } else { ipv4(s, d, TCP, sp, dpt) };
+            assert_eq!(dp.run_cgroup(INGRESS, &pkt(host, pod, 50000, 8080), Some(dev)), PASS, "{tag}");
+            assert_eq!(dp.counter(DIR_INGRESS, Reason::AllowHost), 1, "{tag}");
+            assert_eq!(dp.run_cgroup(EGRESS, &pkt(pod, host, 8080, 50000), Some(dev)), PASS, "{tag}");
+            assert_eq!(dp.counter(DIR_EGRESS, Reason::AllowReply), 1, "{tag}");
+            // The pod opening a flow to the host is not a reply: initialising.
+            assert_eq!(dp.run_cgroup(EGRESS, &pkt(pod, host, 8081, 50001), Some(dev)), DROP, "{tag}");
+            // Any other peer: initialising.
+            assert_eq!(dp.run_cgroup(INGRESS, &pkt(peer, pod, 50002, 8080), Some(dev)), DROP, "{tag}");
+            assert_eq!(dp.counter(DIR_EGRESS, Reason::DropInitialising), 1, "{tag}");
+            assert_eq!(dp.counter(DIR_INGRESS, Reason::DropInitialising), 1, "{tag}");
+            // Host probes turned off: the host is refused like anyone else.
+            dp.set_config(Config { flags: CONFIG_READY, policy_epoch: 2, ..config() });
+            assert_eq!(dp.run_cgroup(INGRESS, &pkt(host, pod, 50003, 8080), Some(dev)), DROP, "{tag}");
+            // ... and the tracked probe is re-judged under the new epoch and revoked.
+            assert_eq!(dp.run_cgroup(EGRESS, &pkt(pod, host, 8080, 50000), Some(dev)), DROP, "{tag}");
+            assert_eq!(dp.counter(DIR_EGRESS, Reason::DropRevoked), 1, "{tag}");
+            assert_eq!(dp.counter(DIR_INGRESS, Reason::DropInitialising), 2, "{tag}");
+        });
+    }
+}
+
+#[test]
+fn tc_hooks_keep_failing_closed_without_host_exception() {
+    let mut dp = node("cg-tc", 7);
+    // Unknown local address at a TC hook, probed from the host: unknown-endpoint, dropped.
+    assert_eq!(dp.run(TO, &ipv4(HOST, NEW_POD, TCP, 50000, 8080)), TC_DROP);
+    assert_eq!(dp.run(FROM, &ipv4(NEW_POD, HOST, TCP, 8080, 50000)), TC_DROP);
+    // A pod known but judged at hook 0 is no endpoint of a real interface.
+    dp.endpoint(NEW_POD, ID_POD, EP_LOCAL, 0);
+    assert_eq!(dp.run(FROM, &ipv4(NEW_POD, PEER, TCP, 1000, 80)), TC_DROP);
+    assert_eq!(dp.counter(DIR_INGRESS, Reason::DropUnknownEndpoint), 1);
+    assert_eq!(dp.counter(DIR_EGRESS, Reason::DropUnknownEndpoint), 2);
+    assert_eq!(dp.counter(DIR_INGRESS, Reason::AllowHost), 0);
+}
+
+#[test]
+fn not_ready_drops_what_the_cgroup_programs_judge() {
+    in_private_netns(|dev, _| {
+        let mut dp = node("cg-notready", 7);
+        dp.set_config(Config { flags: 0, ..config() });
+        assert_eq!(dp.run_cgroup(EGRESS, &ipv4(NEW_POD, PEER, TCP, 1000, 80), Some(dev)), DROP);
+        assert_eq!(dp.run_cgroup(INGRESS, &ipv4(HOST, NEW_POD, TCP, 1000, 80), Some(dev)), DROP);
+        assert_eq!(dp.counter(DIR_EGRESS, Reason::DropNotReady), 1);
+        assert_eq!(dp.counter(DIR_INGRESS, Reason::DropNotReady), 1);
+        // A hooked pod is its TC hook's business (which drops not-ready itself); loopback passes.
+        assert_eq!(dp.run_cgroup(EGRESS, &ipv4(HOOKED, PEER, TCP, 1000, 80), Some(dev)), PASS);
+        assert_eq!(dp.run_cgroup(EGRESS, &ipv4(NEW_POD, PEER, TCP, 1000, 80), None), PASS);
+        assert_eq!(dp.counted(), 2);
+    });
+}
+
+#[test]
+fn malformed_ip_is_dropped_not_waved_through() {
+    in_private_netns(|dev, _| {
+        let dp = node("cg-malformed", 7);
+        let mut p = ipv4(NEW_POD, PEER, TCP, 1000, 80);
+        p[14] = 0x44; // IHL 4
+        assert_eq!(dp.run_cgroup(EGRESS, &p, Some(dev)), DROP);
+        assert_eq!(dp.counter(DIR_EGRESS, Reason::DropMalformed), 1);
+    });
+}

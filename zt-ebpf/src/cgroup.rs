@@ -1,0 +1,60 @@
+//! The cgroup skb programs, attached once at the root of the pods' cgroup hierarchy:
+//! they see every pod's own socket traffic from its first packet, whatever its network
+//! namespace, before the agent has hooked (or even heard of) the pod. The data starts
+//! at the IP header. Per packet:
+//! - loopback (ifindex 1 in every netns) and non-IP pass;
+//! - a local endpoint with a TC hook (`ifindex != 0`) passes: its hook judges it (no
+//!   double counting); an address of the host identity (host-network pods) passes;
+//! - anything else is judged by the shared datapath as hook ifindex 0: a known pod not
+//!   hooked yet by its policy, an unknown address as `initialising` (fails closed
+//!   except for host probes).
+use aya_ebpf::{helpers::bpf_skb_cgroup_id, programs::SkBuffContext};
+use zt_common::*;
+
+use crate::{
+    datapath,
+    maps::ENDPOINTS,
+    parse::{self, Flow, Parsed},
+    policy::Hook,
+};
+
+pub const CG_PASS: i32 = 1;
+pub const CG_DROP: i32 = 0;
+/// The loopback device has this index in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+
+#[inline(always)]
+pub fn handle(ctx: &SkBuffContext, dir: u8) -> i32 {
+    let skb = ctx.skb.skb;
+    if unsafe { (*skb).ifindex } == LOOPBACK_IFINDEX {
+        return CG_PASS;
+    }
+    let mut f = Flow::zeroed();
+    let parsed = parse::parse(skb, &mut f, parse::L3_AT_START);
+    if parsed == Parsed::NonIp {
+        return CG_PASS;
+    }
+    let local = if dir == DIR_INGRESS { &f.daddr } else { &f.saddr };
+    if judged_elsewhere(local) {
+        return CG_PASS;
+    }
+    // Flows judged here are tracked per socket cgroup, not per (absent) interface: a pod
+    // that starts later with a recycled address, or forges a tuple, cannot ride another
+    // pod's tracked flow.
+    let scope = cgroup_scope(unsafe { bpf_skb_cgroup_id(skb) });
+    let hook = Hook { ifindex: CGROUP_HOOK_IFINDEX, dir, scope };
+    if datapath::judge(&hook, &f, parsed) {
+        CG_PASS
+    } else {
+        CG_DROP
+    }
+}
+
+/// A hooked local pod (its TC programs judge it) or the node itself.
+#[inline(always)]
+fn judged_elsewhere(addr: &[u8; 16]) -> bool {
+    match unsafe { ENDPOINTS.get(&EndpointKey { addr: *addr }) } {
+        Some(ep) => (ep.flags & EP_LOCAL != 0 && ep.ifindex != CGROUP_HOOK_IFINDEX) || ep.identity == IDENTITY_HOST,
+        None => false,
+    }
+}
