@@ -1209,8 +1209,16 @@ pub fn sweep_stale() -> Result<Vec<String>> {
             sys::cgroup_kill_all(&cg);
         }
     }
+    // A run that started after the scan above has a run dir (made before anything
+    // else, removed last): only runs known stale, or without a run dir, are orphans.
+    // Without this re-check a sweep in one test could delete another test's new bed.
+    let stale_ids: Vec<&str> = stale.iter().map(|s| s.0.as_str()).collect();
+    let orphan = |run: &str| {
+        !live.iter().any(|r| r == run)
+            && (stale_ids.contains(&run) || !Path::new(RUN_ROOT).join(run).exists())
+    };
     for ns in sys::netns_list() {
-        if is_run_ns(&ns) && !live.iter().any(|r| ns[2..8] == *r) {
+        if is_run_ns(&ns) && orphan(&ns[2..8]) {
             match sys::netns_del(&ns) {
                 Ok(()) => removed.push(format!("netns {ns}")),
                 Err(e) => eprintln!("sweep: {e:#}"),
@@ -1224,7 +1232,7 @@ pub fn sweep_stale() -> Result<Vec<String>> {
         for e in rd.flatten() {
             let n = e.file_name().to_string_lossy().to_string();
             if let Some(run) = n.strip_prefix("zt-testbed-") {
-                if run.len() == 6 && !live.iter().any(|r| r == run) && !tmps.contains(&e.path()) {
+                if run.len() == 6 && orphan(run) && !tmps.contains(&e.path()) {
                     tmps.push(e.path());
                 }
             }
@@ -1241,7 +1249,7 @@ pub fn sweep_stale() -> Result<Vec<String>> {
         let s = m.display().to_string();
         if let Some(pos) = s.find("zt-testbed-") {
             let run = &s[pos + 11..(pos + 17).min(s.len())];
-            if !live.iter().any(|r| r == run) {
+            if orphan(run) {
                 sys::umount_below(&m);
                 removed.push(format!("mount {s}"));
             }
@@ -1254,7 +1262,7 @@ pub fn sweep_stale() -> Result<Vec<String>> {
             for e in rd.flatten() {
                 let n = e.file_name().to_string_lossy().to_string();
                 if let Some(run) = n.strip_prefix("zt-test-") {
-                    if !live.iter().any(|r| r == run) && !cgs.contains(&e.path()) {
+                    if orphan(run) && !cgs.contains(&e.path()) {
                         cgs.push(e.path());
                     }
                 }
