@@ -42,7 +42,7 @@ type BeforeStart<'a> = Box<dyn FnOnce(&PodInfo) -> Result<()> + 'a>;
 /// Options for [`Testbed::up`].
 #[derive(Clone, Debug)]
 pub struct TestbedOptions {
-    /// cgroup v2 root under which `zt-test-<run>/kubepods/pod<uid>` is made
+    /// cgroup v2 root under which `zt-test-<run>/node-<node>/kubepods/pod<uid>` is made
     /// (default: the cgroup2 mount point from /proc/self/mounts).
     pub cgroup_root: Option<PathBuf>,
     /// The `zt-testbed` binary used for `serve` (default: $ZT_TESTBED_BIN, the current
@@ -190,8 +190,8 @@ impl Testbed {
         };
         // From here on, Drop cleans up on error.
         std::fs::create_dir_all(&tb.tmp_dir)?;
-        std::fs::create_dir_all(tb.kubepods_dir())
-            .with_context(|| format!("creating cgroup {}", tb.kubepods_dir().display()))?;
+        std::fs::create_dir_all(&tb.cgroup_base)
+            .with_context(|| format!("creating cgroup {}", tb.cgroup_base.display()))?;
         if tb.opts.start_servers && tb.serve_bin.as_ref().is_none_or(|b| !b.is_file()) {
             bail!("zt-testbed binary for pod servers not found (set TestbedOptions::serve_bin or ZT_TESTBED_BIN; got {:?})", tb.serve_bin);
         }
@@ -219,8 +219,13 @@ impl Testbed {
         t.save(&self.run_dir.join("topology.json"))
     }
 
-    fn kubepods_dir(&self) -> PathBuf {
-        self.cgroup_base.join("kubepods")
+    /// The pods' cgroup root of `node` (`<cgroup_base>/node-<node>/kubepods`): one per
+    /// node, as on a real node, so that each agent's cgroup programs see only its own
+    /// node's pods.
+    pub fn kubepods_dir(&self, node: &str) -> PathBuf {
+        self.cgroup_base
+            .join(format!("node-{}", sanitize(node)))
+            .join("kubepods")
     }
 
     /// The unique run id (6 hex chars) used in every name.
@@ -235,16 +240,16 @@ impl Testbed {
     pub fn manifests_dir(&self) -> &Path {
         &self.manifests_dir
     }
-    /// The pods' cgroup root (`<cgroup_base>/kubepods`) as an agent must name it: agents
-    /// run under `ip netns exec`, whose fresh /sys hides the cgroup2 mount, so the path
-    /// goes through this process's root, `/proc/<pid>/root/...` (our mount namespace).
-    pub fn agent_cgroup_root(&self) -> PathBuf {
-        let inner = self.kubepods_dir();
+    /// `node`'s pod cgroup root ([`Testbed::kubepods_dir`]) as its agent must name it:
+    /// agents run under `ip netns exec`, whose fresh /sys hides the cgroup2 mount, so the
+    /// path goes through this process's root, `/proc/<pid>/root/...` (our mount namespace).
+    pub fn agent_cgroup_root(&self, node: &str) -> PathBuf {
+        let inner = self.kubepods_dir(node);
         let rel = inner.strip_prefix("/").unwrap_or(&inner);
         PathBuf::from(format!("/proc/{}/root", std::process::id())).join(rel)
     }
 
-    /// `<cgroup root>/zt-test-<run>`; pods live in `<this>/kubepods/pod<uid>`.
+    /// `<cgroup root>/zt-test-<run>`; pods live in `<this>/node-<node>/kubepods/pod<uid>`.
     pub fn cgroup_base(&self) -> &Path {
         &self.cgroup_base
     }
@@ -531,7 +536,7 @@ impl Testbed {
             idx,
             netns: format!("zt{}-p{idx}", self.run_id),
             host_veth: format!("zth{}{idx}", self.run_id),
-            cgroup: self.kubepods_dir().join(format!("pod{}", pod.uid)),
+            cgroup: self.kubepods_dir(&node.name).join(format!("pod{}", pod.uid)),
             server_pid: 0,
             pod,
         };
@@ -884,7 +889,10 @@ impl Testbed {
         // The bed's pod cgroup root for the agent's cgroup programs, unless named.
         if !extra_args.contains(&"--cgroup-root") {
             args.push("--cgroup-root".into());
-            args.push(self.agent_cgroup_root().display().to_string());
+            let root = self.kubepods_dir(node);
+            std::fs::create_dir_all(&root)
+                .with_context(|| format!("creating cgroup {}", root.display()))?;
+            args.push(self.agent_cgroup_root(node).display().to_string());
         }
         args.extend(extra_args.iter().map(|s| s.to_string()));
         let bin = std::fs::canonicalize(agent_bin)
