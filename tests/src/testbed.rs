@@ -536,7 +536,9 @@ impl Testbed {
             idx,
             netns: format!("zt{}-p{idx}", self.run_id),
             host_veth: format!("zth{}{idx}", self.run_id),
-            cgroup: self.kubepods_dir(&node.name).join(format!("pod{}", pod.uid)),
+            cgroup: self
+                .kubepods_dir(&node.name)
+                .join(format!("pod{}", pod.uid)),
             server_pid: 0,
             pod,
         };
