@@ -886,6 +886,9 @@ impl Testbed {
         // The bed's pod cgroup root for the agent's cgroup programs, unless named.
         if !extra_args.contains(&"--cgroup-root") {
             args.push("--cgroup-root".into());
+            let root = self.kubepods_dir(node);
+            std::fs::create_dir_all(&root)
+                .with_context(|| format!("creating cgroup {}", root.display()))?;
             args.push(self.agent_cgroup_root(node).display().to_string());
         }
         args.extend(extra_args.iter().map(|s| s.to_string()));
