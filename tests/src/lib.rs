@@ -7,7 +7,7 @@
 //! - pod: netns `zt<run>-p<idx>`, `eth0` (pod IPs /32 /128) paired with host veth
 //!   `zth<run><idx>` in the node netns; pod routes via the node IP / fe80::1, host routes
 //!   `<podIP> dev <hostveth>`; so pod-to-pod traffic is routed through the node netns;
-//! - cgroup `<cgroup2 root>/zt-test-<run>/kubepods/pod<uid>` holding the pod's server
+//! - cgroup `<cgroup2 root>/zt-test-<run>/node-<node>/kubepods/pod<uid>` holding the pod's server
 //!   process (`zt-testbed serve`, see [`serve`]);
 //! - temp dir `<tmp>/zt-testbed-<run>` (logs, agent bpffs and state dirs) and run dir
 //!   `/run/zt-testbed/<run>` (owner pid, topology.json).
@@ -26,6 +26,7 @@
 //! ```
 
 pub mod agent;
+pub mod apiserver;
 pub mod bins;
 pub mod dns;
 pub mod manifest;
@@ -41,6 +42,7 @@ pub mod topology;
 mod selftest;
 
 pub use agent::AgentHandle;
+pub use apiserver::{ApiServer, Listener as ApiListener, Verb};
 pub use manifest::{Manifests, NodeObj, Pod, Port, Proto};
 pub use probe::{probe_here, Matrix, ProbeResult, ProbeSpec, DEFAULT_TIMEOUT};
 pub use testbed::{pod_pairs, probe_in, run_matrix, sweep_stale, TcpFlow, Testbed, TestbedOptions};

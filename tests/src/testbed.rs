@@ -42,7 +42,7 @@ type BeforeStart<'a> = Box<dyn FnOnce(&PodInfo) -> Result<()> + 'a>;
 /// Options for [`Testbed::up`].
 #[derive(Clone, Debug)]
 pub struct TestbedOptions {
-    /// cgroup v2 root under which `zt-test-<run>/kubepods/pod<uid>` is made
+    /// cgroup v2 root under which `zt-test-<run>/node-<node>/kubepods/pod<uid>` is made
     /// (default: the cgroup2 mount point from /proc/self/mounts).
     pub cgroup_root: Option<PathBuf>,
     /// The `zt-testbed` binary used for `serve` (default: $ZT_TESTBED_BIN, the current
@@ -190,8 +190,8 @@ impl Testbed {
         };
         // From here on, Drop cleans up on error.
         std::fs::create_dir_all(&tb.tmp_dir)?;
-        std::fs::create_dir_all(tb.kubepods_dir())
-            .with_context(|| format!("creating cgroup {}", tb.kubepods_dir().display()))?;
+        std::fs::create_dir_all(&tb.cgroup_base)
+            .with_context(|| format!("creating cgroup {}", tb.cgroup_base.display()))?;
         if tb.opts.start_servers && tb.serve_bin.as_ref().is_none_or(|b| !b.is_file()) {
             bail!("zt-testbed binary for pod servers not found (set TestbedOptions::serve_bin or ZT_TESTBED_BIN; got {:?})", tb.serve_bin);
         }
@@ -219,8 +219,10 @@ impl Testbed {
         t.save(&self.run_dir.join("topology.json"))
     }
 
-    fn kubepods_dir(&self) -> PathBuf {
-        self.cgroup_base.join("kubepods")
+    /// Each node has its own pods' cgroup root, as on real nodes: an agent's cgroup
+    /// programs must never see another node's pods (they would be unknown there).
+    pub fn kubepods_dir(&self, node: &str) -> PathBuf {
+        self.cgroup_base.join(format!("node-{}", sanitize(node))).join("kubepods")
     }
 
     /// The unique run id (6 hex chars) used in every name.
@@ -235,16 +237,16 @@ impl Testbed {
     pub fn manifests_dir(&self) -> &Path {
         &self.manifests_dir
     }
-    /// The pods' cgroup root (`<cgroup_base>/kubepods`) as an agent must name it: agents
+    /// A node's pods' cgroup root ([`Self::kubepods_dir`]) as its agent must name it: agents
     /// run under `ip netns exec`, whose fresh /sys hides the cgroup2 mount, so the path
     /// goes through this process's root, `/proc/<pid>/root/...` (our mount namespace).
-    pub fn agent_cgroup_root(&self) -> PathBuf {
-        let inner = self.kubepods_dir();
+    pub fn agent_cgroup_root(&self, node: &str) -> PathBuf {
+        let inner = self.kubepods_dir(node);
         let rel = inner.strip_prefix("/").unwrap_or(&inner);
         PathBuf::from(format!("/proc/{}/root", std::process::id())).join(rel)
     }
 
-    /// `<cgroup root>/zt-test-<run>`; pods live in `<this>/kubepods/pod<uid>`.
+    /// `<cgroup root>/zt-test-<run>`; pods live in `<this>/node-<node>/kubepods/pod<uid>`.
     pub fn cgroup_base(&self) -> &Path {
         &self.cgroup_base
     }
@@ -531,7 +533,7 @@ impl Testbed {
             idx,
             netns: format!("zt{}-p{idx}", self.run_id),
             host_veth: format!("zth{}{idx}", self.run_id),
-            cgroup: self.kubepods_dir().join(format!("pod{}", pod.uid)),
+            cgroup: self.kubepods_dir(&node.name).join(format!("pod{}", pod.uid)),
             server_pid: 0,
             pod,
         };
@@ -824,6 +826,34 @@ impl Testbed {
         manifests_dir: &Path,
         extra_args: &[&str],
     ) -> Result<AgentHandle> {
+        let source = ["--manifests".into(), manifests_dir.display().to_string()];
+        self.spawn_agent(node, agent_bin, source, extra_args)
+    }
+
+    /// Like [`Testbed::start_agent`], but the agent watches the Kubernetes API
+    /// stand-in `api`: a listener is opened in `node`'s netns and the agent gets
+    /// `--kubeconfig <file>` instead of `--manifests <dir>`.
+    pub fn start_agent_kube(
+        &self,
+        node: &str,
+        agent_bin: &Path,
+        api: &crate::ApiServer,
+        extra_args: &[&str],
+    ) -> Result<AgentHandle> {
+        let ni = self.node(node).ok_or_else(|| anyhow!("no node {node}"))?;
+        let listener = api.listen_in(Some(&ni.netns_path()))?;
+        let kubeconfig = api.kubeconfig(&listener)?;
+        let source = ["--kubeconfig".into(), kubeconfig.display().to_string()];
+        self.spawn_agent(node, agent_bin, source, extra_args)
+    }
+
+    fn spawn_agent(
+        &self,
+        node: &str,
+        agent_bin: &Path,
+        source: [String; 2],
+        extra_args: &[&str],
+    ) -> Result<AgentHandle> {
         let ni = self.node(node).ok_or_else(|| anyhow!("no node {node}"))?;
         let (bpffs, state_dir, admin) = agent_paths(&self.tmp_dir, node);
         if !sys::mount_points().contains(&bpffs) {
@@ -851,13 +881,15 @@ impl Testbed {
             metrics_addr.to_string(),
             "--node-name".into(),
             node.to_string(),
-            "--manifests".into(),
-            manifests_dir.display().to_string(),
         ];
+        args.extend(source);
         // The bed's pod cgroup root for the agent's cgroup programs, unless named.
         if !extra_args.contains(&"--cgroup-root") {
             args.push("--cgroup-root".into());
-            args.push(self.agent_cgroup_root().display().to_string());
+            let root = self.kubepods_dir(node);
+            std::fs::create_dir_all(&root)
+                .with_context(|| format!("creating cgroup {}", root.display()))?;
+            args.push(self.agent_cgroup_root(node).display().to_string());
         }
         args.extend(extra_args.iter().map(|s| s.to_string()));
         let bin = std::fs::canonicalize(agent_bin)
@@ -1165,12 +1197,6 @@ pub fn sweep_stale() -> Result<Vec<String>> {
             }
         }
     }
-    // A run created after the listing above is live too: its run dir exists before any
-    // of its netns, temp dir or cgroup (parallel tests sweep while others start).
-    let live_now = |run: &str| {
-        live.iter().any(|r| r == run)
-            || (!stale.iter().any(|s| s.0 == run) && Path::new(RUN_ROOT).join(run).exists())
-    };
     let is_run_ns = |ns: &str| {
         ns.len() > 9
             && ns.starts_with("zt")
@@ -1188,8 +1214,16 @@ pub fn sweep_stale() -> Result<Vec<String>> {
             sys::cgroup_kill_all(&cg);
         }
     }
+    // A run that started after the scan above has a run dir (made before anything
+    // else, removed last): only runs known stale, or without a run dir, are orphans.
+    // Without this re-check a sweep in one test could delete another test's new bed.
+    let stale_ids: Vec<&str> = stale.iter().map(|s| s.0.as_str()).collect();
+    let orphan = |run: &str| {
+        !live.iter().any(|r| r == run)
+            && (stale_ids.contains(&run) || !Path::new(RUN_ROOT).join(run).exists())
+    };
     for ns in sys::netns_list() {
-        if is_run_ns(&ns) && !live_now(&ns[2..8]) {
+        if is_run_ns(&ns) && orphan(&ns[2..8]) {
             match sys::netns_del(&ns) {
                 Ok(()) => removed.push(format!("netns {ns}")),
                 Err(e) => eprintln!("sweep: {e:#}"),
@@ -1203,7 +1237,7 @@ pub fn sweep_stale() -> Result<Vec<String>> {
         for e in rd.flatten() {
             let n = e.file_name().to_string_lossy().to_string();
             if let Some(run) = n.strip_prefix("zt-testbed-") {
-                if run.len() == 6 && !live_now(run) && !tmps.contains(&e.path()) {
+                if run.len() == 6 && orphan(run) && !tmps.contains(&e.path()) {
                     tmps.push(e.path());
                 }
             }
@@ -1220,7 +1254,7 @@ pub fn sweep_stale() -> Result<Vec<String>> {
         let s = m.display().to_string();
         if let Some(pos) = s.find("zt-testbed-") {
             let run = &s[pos + 11..(pos + 17).min(s.len())];
-            if !live_now(run) {
+            if orphan(run) {
                 sys::umount_below(&m);
                 removed.push(format!("mount {s}"));
             }
@@ -1233,7 +1267,7 @@ pub fn sweep_stale() -> Result<Vec<String>> {
             for e in rd.flatten() {
                 let n = e.file_name().to_string_lossy().to_string();
                 if let Some(run) = n.strip_prefix("zt-test-") {
-                    if !live_now(run) && !cgs.contains(&e.path()) {
+                    if orphan(run) && !cgs.contains(&e.path()) {
                         cgs.push(e.path());
                     }
                 }

@@ -6,7 +6,10 @@
 //!
 //! `cargo test -p zt-tests --test conformance -- --nocapture` (root for the matrix;
 //! the oracle and case-list checks run without). `ZT_CONFORMANCE_FILTER=<substring>`
-//! runs only the cases whose family or name contains it.
+//! runs only the cases whose family or name contains it. The matrix runs once per
+//! agent input (`conformance_matrix_manifests_dir`: `--manifests`;
+//! `conformance_matrix_api_server`: `--kubeconfig` against the API stand-in); the two
+//! tests run in parallel unless `--test-threads 1`.
 mod common;
 #[path = "conformance/cases.rs"]
 mod cases;
@@ -21,10 +24,17 @@ mod oracle;
 #[path = "conformance/runner.rs"]
 mod runner;
 
-/// The whole suite with the agent reading the manifests directory.
+/// The whole suite with the agents reading the manifests directory.
 #[test]
 fn conformance_matrix_manifests_dir() {
     runner::run_suite(runner::AgentInput::ManifestsDir);
+}
+
+/// The whole suite with the agents watching the API stand-in, which serves the same
+/// manifests directory: the Kubernetes source must enforce the same matrix.
+#[test]
+fn conformance_matrix_api_server() {
+    runner::run_suite(runner::AgentInput::ApiServer);
 }
 
 #[test]

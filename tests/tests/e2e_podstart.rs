@@ -233,7 +233,7 @@ fn cgroup_progs(dir: &std::path::Path, attach_type: u32) -> (Vec<u32>, Vec<u32>)
 #[test]
 fn cgroup_links_survive_restart_and_enforce_while_agent_is_down() {
     let bed = bed("basic", &[("10-racers.yaml", ISOLATE_RACERS)], &[]);
-    let root = bed.cgroup_base().join("kubepods");
+    let root = bed.kubepods_dir("node1");
     let before: Vec<_> = [0, 1].iter().map(|t| cgroup_progs(&root, *t)).collect();
     for (progs, links) in &before {
         assert_eq!((progs.len(), links.len()), (1, 1), "one zt link per direction: {before:?}");

@@ -8,18 +8,26 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use zt_testbed::{bins, AgentHandle, Endpoint, Family, ProbeResult, Proto, Target, Testbed, TestbedOptions};
+use zt_testbed::{
+    bins, AgentHandle, Endpoint, Family, ProbeResult, Proto, Target, Testbed, TestbedOptions,
+};
 
 pub const DENIED: Duration = Duration::from_millis(300);
 pub const ALLOWED: Duration = Duration::from_millis(1500);
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
 pub fn lab(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("labs").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("labs")
+        .join(name)
 }
 
 pub fn testbed(lab_name: &str) -> Testbed {
-    assert_eq!(unsafe { libc::geteuid() }, 0, "the end-to-end tests need root");
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the end-to-end tests need root"
+    );
     let opts = TestbedOptions::default().serve_bin(env!("CARGO_BIN_EXE_zt-testbed"));
     Testbed::up(&lab(lab_name), opts).unwrap_or_else(|e| panic!("test bed {lab_name}: {e:#}"))
 }
@@ -59,7 +67,12 @@ pub fn bed(lab_name: &str, files: &[(&str, &str)], extra_args: &[&str]) -> Bed {
         .start_agent("node1", &bins::find("zt-agent").unwrap(), &dir, &args)
         .unwrap();
     agent.wait_ready(Duration::from_secs(20)).unwrap();
-    Bed { agent, dir, ztctl: bins::find("ztctl").unwrap(), tb }
+    Bed {
+        agent,
+        dir,
+        ztctl: bins::find("ztctl").unwrap(),
+        tb,
+    }
 }
 
 impl Bed {
@@ -120,7 +133,14 @@ impl Bed {
     }
 
     /// Poll a probe until its outcome is `want` (compared by kind: Ok(_) matches any Ok).
-    pub fn wait_probe(&self, from: &Endpoint, to: &Target, proto: Proto, port: u16, want: &ProbeResult) {
+    pub fn wait_probe(
+        &self,
+        from: &Endpoint,
+        to: &Target,
+        proto: Proto,
+        port: u16,
+        want: &ProbeResult,
+    ) {
         let mut last = ProbeResult::Error("not run".into());
         let start = Instant::now();
         while start.elapsed() < DEADLINE {
@@ -152,7 +172,10 @@ pub fn wait_until(what: &str, agent: &AgentHandle, f: &mut dyn FnMut() -> bool) 
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    panic!("timed out waiting for {what}; agent log tail:\n{}", tail(&agent.log(), 30));
+    panic!(
+        "timed out waiting for {what}; agent log tail:\n{}",
+        tail(&agent.log(), 30)
+    );
 }
 
 pub fn tail(s: &str, n: usize) -> String {
@@ -196,7 +219,9 @@ impl Metrics {
             if l.starts_with('#') {
                 continue;
             }
-            let Some((series, value)) = l.rsplit_once(' ') else { continue };
+            let Some((series, value)) = l.rsplit_once(' ') else {
+                continue;
+            };
             let (n, ls) = match series.split_once('{') {
                 Some((n, rest)) => (n, rest.trim_end_matches('}')),
                 None => (series, ""),
@@ -211,7 +236,9 @@ impl Metrics {
                 .map(|(k, v)| (k, v.trim_matches('"')))
                 .collect();
             if labels.iter().all(|want| have.contains(want)) {
-                let v: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {l:?}"));
+                let v: f64 = value
+                    .parse()
+                    .unwrap_or_else(|_| panic!("bad value in {l:?}"));
                 *found.get_or_insert(0.0) += v;
             }
         }
@@ -224,7 +251,14 @@ impl Metrics {
     }
 
     pub fn verdicts(&self, direction: &str, verdict: &str, reason: &str) -> f64 {
-        self.val("zt_verdicts_total", &[("direction", direction), ("verdict", verdict), ("reason", reason)])
+        self.val(
+            "zt_verdicts_total",
+            &[
+                ("direction", direction),
+                ("verdict", verdict),
+                ("reason", reason),
+            ],
+        )
     }
 }
 
@@ -242,7 +276,10 @@ pub fn deny_all(ns: &str) -> String {
 /// Allow `from` (app label) to reach `to` (app label) on TCP ports, both halves
 /// (egress of `from`, ingress of `to`), as ZeroTrustPolicies in namespace default.
 pub fn allow_tcp(name: &str, from: &str, to: &str, ports: &[u16]) -> String {
-    let ports: Vec<String> = ports.iter().map(|p| format!("{{protocol: TCP, port: {p}}}")).collect();
+    let ports: Vec<String> = ports
+        .iter()
+        .map(|p| format!("{{protocol: TCP, port: {p}}}"))
+        .collect();
     let ports = ports.join(", ");
     format!(
         "apiVersion: zt.dev/v1alpha1

@@ -43,7 +43,7 @@ Generated from the cases in `tests/tests/conformance/{cases,generated}.rs`; the 
 `cases_md_lists_every_case` fails when this file and the code differ\n\
 (`ZT_UPDATE_CASES=1 cargo test -p zt-tests --test conformance cases_md` rewrites it).\n\
 Every step probes the full 9x9 matrix (x, y, z x a, b, c; each pod to itself too) over\n\
-IPv4 and IPv6 for the listed protocol/ports; the oracle gives the expected table.\n\n",
+IPv4 and IPv6 for the listed protocol/ports; the oracle gives the expected table.\nEvery case runs twice: agents reading the manifests dir (`--manifests`) and agents\nwatching the API stand-in (`--kubeconfig`), which serves the same objects.\n\n",
     );
     let mut families: Vec<&str> = all.iter().map(|c| c.family).collect();
     families.dedup();

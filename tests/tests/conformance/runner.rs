@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use zt_testbed::{bins, AgentHandle, Endpoint, Family, Matrix, ProbeResult, ProbeSpec, Proto, Target, Testbed, TestbedOptions};
+use zt_testbed::{bins, AgentHandle, ApiServer, Endpoint, Family, Matrix, ProbeResult, ProbeSpec, Proto, Target, Testbed, TestbedOptions};
 
 use super::cases::{self, Act, Case};
 use super::common::{lab, tail};
@@ -32,55 +32,117 @@ const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
 pub enum AgentInput {
     /// `zt-agent --manifests <dir>` (the directory source).
     ManifestsDir,
+    /// `zt-agent --kubeconfig <file>` (the Kubernetes source) against the API stand-in
+    /// ([`ApiServer`]), which serves the objects of the manifests dir.
+    ApiServer,
+}
+
+impl std::fmt::Display for AgentInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AgentInput::ManifestsDir => "manifests-dir",
+            AgentInput::ApiServer => "api-server",
+        })
+    }
 }
 
 /// The running agents and where the cluster state goes.
 pub struct Input {
     pub dir: PathBuf,
     pub agents: Vec<AgentHandle>,
+    /// The API stand-in the agents watch ([`AgentInput::ApiServer`]), fed from `dir`.
+    api: Option<ApiServer>,
 }
 
 impl AgentInput {
     /// Start one agent per node of the bed, fed from `dir`; returns once all are ready.
     pub fn start(self, tb: &Testbed, dir: &Path) -> Input {
         let bin = bins::find("zt-agent").expect("zt-agent binary (cargo build -p zt-agent)");
-        let agents = match self {
-            AgentInput::ManifestsDir => tb
-                .nodes()
-                .iter()
-                .map(|n| tb.start_agent(&n.name, &bin, dir, &["--poll-ms", "100"]).unwrap())
-                .collect::<Vec<_>>(),
+        // The agent loop's poll (the directory source's re-read; host addresses).
+        let args = ["--poll-ms", "100"];
+        let (agents, api) = match self {
+            AgentInput::ManifestsDir => {
+                (tb.nodes().iter().map(|n| tb.start_agent(&n.name, &bin, dir, &args).unwrap()).collect::<Vec<_>>(), None)
+            }
+            AgentInput::ApiServer => {
+                let api = ApiServer::start(dir).unwrap_or_else(|e| panic!("API stand-in on {}: {e:#}", dir.display()));
+                let agents = tb.nodes().iter().map(|n| tb.start_agent_kube(&n.name, &bin, &api, &args).unwrap()).collect::<Vec<_>>();
+                (agents, Some(api))
+            }
         };
         for a in &agents {
             if let Err(e) = a.wait_ready(Duration::from_secs(30)) {
                 panic!("agent not ready: {e:#}\n{}", tail(&a.log(), 30));
             }
         }
-        Input { dir: dir.to_path_buf(), agents }
+        Input { dir: dir.to_path_buf(), agents, api }
     }
+}
+
+/// What a write handed to the agents.
+enum Delivered {
+    /// The directory source re-reads the whole dir: one compile per agent follows.
+    Dir,
+    /// The API stand-in turned the write into this many watch events (one each, to every
+    /// agent: they watch every object of the six kinds). 0: no object changed, so the
+    /// agents have nothing to do.
+    Events(u64),
 }
 
 impl Input {
     /// `cluster.yaml` in the manifests dir, written beside the dir and renamed into
-    /// place so that an agent never reads half of it.
-    fn put(&self, c: &Cluster) {
+    /// place so that an agent (or the stand-in) never reads half of it. The stand-in
+    /// polls the dir too; `sync_now` turns the change into events at once.
+    fn put(&self, c: &Cluster) -> Result<Delivered, String> {
+        let rv = self.api.as_ref().map(|api| api.resource_version());
         let tmp = self.dir.with_file_name(".cluster.yaml.tmp");
         std::fs::write(&tmp, c.to_yaml()).unwrap();
         std::fs::rename(&tmp, self.dir.join("cluster.yaml")).unwrap();
+        let (Some(api), Some(rv)) = (&self.api, rv) else { return Ok(Delivered::Dir) };
+        api.sync_now().map_err(|e| format!("the API stand-in did not load the state: {e:#}"))?;
+        // One resourceVersion per event (also those its own poll made since `rv`).
+        Ok(Delivered::Events(api.resource_version() - rv))
     }
 
     fn scrape(&self, name: &str) -> Vec<Option<f64>> {
         self.agents.iter().map(|a| a.metrics().ok().and_then(|m| metric(&m, name))).collect()
     }
 
-    /// Replace the cluster state (one file, renamed into place) and wait until every
-    /// agent compiled it and wrote the maps: its compile count grew, then its map
-    /// update count grew (or, for a state that changes no map entry, a grace of
-    /// [`APPLY_GRACE`]: the write follows the compile within the same reconcile pass).
+    /// Watch events every agent's Kubernetes source has taken in (all kinds and types).
+    fn source_events(&self) -> Vec<Option<f64>> {
+        self.agents.iter().map(|a| a.metrics().ok().map(|m| metric_sum(&m, "zt_source_events_total"))).collect()
+    }
+
+    /// Wait until every agent took in `n` more watch events than `before`.
+    fn wait_events(&self, before: &[Option<f64>], n: u64) -> Result<(), String> {
+        let start = Instant::now();
+        loop {
+            let now = self.source_events();
+            if now.iter().zip(before).all(|(n2, b)| matches!((n2, b), (Some(x), Some(b)) if *x >= b + n as f64)) {
+                return Ok(());
+            }
+            if start.elapsed() > APPLY_DEADLINE {
+                return Err(format!("an agent did not receive the {n} watch events within {APPLY_DEADLINE:?} (before {before:?}, now {now:?})"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Replace the cluster state and wait until every agent compiled it and wrote the
+    /// maps: its compile count grew, then its map update count grew (or, for a state
+    /// that changes no map entry, a grace of [`APPLY_GRACE`]: the write follows the
+    /// compile within the same reconcile pass). Under the API source the agents first
+    /// take in every event the write made (a state that changes no object makes none:
+    /// nothing to wait for); their compile follows in the same loop pass.
     pub fn write(&self, c: &Cluster) -> Result<(), String> {
         let compiles = self.scrape("zt_policy_compile_seconds_count");
         let updates = self.scrape("zt_map_updates_total");
-        self.put(c);
+        let events = self.source_events();
+        match self.put(c)? {
+            Delivered::Dir => {}
+            Delivered::Events(0) => return Ok(()),
+            Delivered::Events(n) => self.wait_events(&events, n)?,
+        }
         let grew = |before: &[Option<f64>], now: &[Option<f64>]| {
             now.iter().zip(before).all(|(n, b)| matches!((n, b), (Some(n), Some(b)) if n > b))
         };
@@ -107,10 +169,16 @@ impl Input {
 
 impl Input {
     /// Write an invalid cluster state and wait until every agent rejected it
-    /// (`zt_policy_errors_total` grew, `zt_policy_last_load_ok` is 0).
+    /// (`zt_policy_errors_total` grew, `zt_policy_last_load_ok` is 0). The directory
+    /// source rejects the whole load and keeps the previous state; the Kubernetes source
+    /// rejects the invalid object and keeps its previous version (the rest of a change
+    /// would apply). A rejected step changes only the invalid object, so both keep
+    /// exactly the previous state, which the step's probes check.
     pub fn write_rejected(&self, c: &Cluster) -> Result<(), String> {
         let errors = self.scrape("zt_policy_errors_total");
-        self.put(c);
+        if let Delivered::Events(0) = self.put(c)? {
+            return Err("the invalid state changed no object of the API stand-in".into());
+        }
         let start = Instant::now();
         loop {
             let now = self.scrape("zt_policy_errors_total");
@@ -131,6 +199,17 @@ impl Input {
 
 fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Sum over every label set of `name` (0 if it has none yet).
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter_map(|l| {
+            let (series, v) = l.rsplit_once(' ')?;
+            let rest = series.strip_prefix(name)?;
+            (rest.is_empty() || rest.starts_with('{')).then(|| v.parse::<f64>().ok())?
+        })
+        .sum()
 }
 
 /// Fill `{ip:ns/pod}` (the pod's IPv4 /32) and `{big:ns/pod}` (the /4 around it).
@@ -423,15 +502,15 @@ pub fn run_suite(how: AgentInput) {
     }
     std::fs::write(dir.join("cluster.yaml"), base.to_yaml()).unwrap();
     let input = how.start(&tb, &dir);
-    println!("conformance ({how:?}): {} cases on {} nodes, bed up in {:.1?}", all.len(), tb.nodes().len(), t0.elapsed());
+    println!("conformance ({how}): {} cases on {} nodes, bed up in {:.1?}", all.len(), tb.nodes().len(), t0.elapsed());
 
     let mut outcomes = vec![];
     for case in &all {
         let t = Instant::now();
         let o = run_case(&tb, &input, &base, case);
         match &o.failure {
-            None => println!("PASS [{}] {} ({} steps, {} probe rounds, {:.1?})", o.family, o.name, case.steps.len(), o.rounds, t.elapsed()),
-            Some(f) => println!("FAIL [{}] {} ({:.1?}): {f}", o.family, o.name, t.elapsed()),
+            None => println!("PASS ({how}) [{}] {} ({} steps, {} probe rounds, {:.1?})", o.family, o.name, case.steps.len(), o.rounds, t.elapsed()),
+            Some(f) => println!("FAIL ({how}) [{}] {} ({:.1?}): {f}", o.family, o.name, t.elapsed()),
         }
         outcomes.push(o);
     }
@@ -440,18 +519,19 @@ pub fn run_suite(how: AgentInput) {
 
     let mut families: Vec<&str> = outcomes.iter().map(|o| o.family).collect();
     families.dedup();
-    println!("\nconformance summary ({how:?}):");
+    // One print: the suites of both sources may run at the same time.
+    let mut summary = format!("\nconformance summary ({how}):\n");
     for f in &families {
         let (p, m) = outcomes.iter().filter(|o| o.family == *f).fold((0, 0), |(p, m), o| if o.failure.is_none() { (p + 1, m) } else { (p, m + 1) });
-        println!("{f}: {p} passed, {m} failed");
+        summary.push_str(&format!("{f}: {p} passed, {m} failed\n"));
     }
     let failed: Vec<&Outcome> = outcomes.iter().filter(|o| o.failure.is_some()).collect();
-    println!("total: {} passed, {} failed", outcomes.len() - failed.len(), failed.len());
-    println!("elapsed: {:.1?}", t0.elapsed());
+    summary.push_str(&format!("total: {} passed, {} failed\nelapsed: {:.1?}", outcomes.len() - failed.len(), failed.len(), t0.elapsed()));
+    println!("{summary}");
     if !failed.is_empty() {
         for a in &input.agents {
-            println!("agent log tail:\n{}", tail(&a.log(), 20));
+            println!("agent log tail ({how}):\n{}", tail(&a.log(), 20));
         }
     }
-    assert!(failed.is_empty(), "failed cases:\n{}", failed.iter().map(|o| format!("  [{}] {}", o.family, o.name)).collect::<Vec<_>>().join("\n"));
+    assert!(failed.is_empty(), "failed cases ({how}):\n{}", failed.iter().map(|o| format!("  [{}] {}", o.family, o.name)).collect::<Vec<_>>().join("\n"));
 }

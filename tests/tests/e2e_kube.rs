@@ -1,0 +1,122 @@
+//! End to end with the Kubernetes source: zt-agent in node1's netns watches the API
+//! stand-in (HTTPS, list/watch) fed from the bed's YAML, enforces what it lists,
+//! follows edits, keeps enforcing while the API is unreachable and relists after 410.
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use zt_testbed::{bins, ApiServer, Family, ProbeResult, Proto, Verb};
+
+/// The lab's pods plus `files` in a private dir, served by a stand-in, and an agent on
+/// node1 watching it. The stand-in is dropped after the bed (the agent dies first).
+fn kube_bed(files: &[(&str, &str)]) -> (Bed, ApiServer) {
+    let tb = testbed("basic");
+    let dir = tb.tmp_dir().join("cluster");
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(lab("basic")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "yaml") {
+            std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    for (name, text) in files {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+    let api = ApiServer::start(&dir).unwrap();
+    api.set_bookmark_interval(Duration::from_millis(500));
+    let agent = tb
+        .start_agent_kube("node1", &bins::find("zt-agent").unwrap(), &api, &[])
+        .unwrap();
+    agent.wait_ready(Duration::from_secs(20)).unwrap();
+    let bed = Bed {
+        agent,
+        dir,
+        ztctl: bins::find("ztctl").unwrap(),
+        tb,
+    };
+    (bed, api)
+}
+
+#[test]
+fn agent_enforces_and_follows_the_api() {
+    let (bed, api) = kube_bed(&[("10-isolate-b.yaml", ISOLATE_B)]);
+    let (a, c) = (pod("default", "a"), pod("default", "c"));
+    let b4 = tgt("default", "b", Family::V4);
+    assert!(bed.agent.args().contains(&"--kubeconfig".to_string()));
+    // The agent listed every kind, then watched (it does not poll).
+    for kind in [
+        "pods",
+        "namespaces",
+        "serviceaccounts",
+        "nodes",
+        "networkpolicies",
+        "zerotrustpolicies",
+    ] {
+        assert!(
+            api.requests(kind, Verb::List) >= 1,
+            "{kind} listed: {:?}",
+            api.request_counts()
+        );
+    }
+    bed.wait_until("six open watches", || api.open_watches() == 6);
+
+    assert_eq!(
+        bed.tb.probe(&a, &b4, Proto::Tcp, 80, ALLOWED),
+        ok("default/b")
+    );
+    assert_eq!(bed.probe(&c, &b4, Proto::Tcp, 80), ProbeResult::Timeout);
+
+    // An edit reaches the agent through the watch.
+    bed.write(
+        "10-isolate-b.yaml",
+        &ISOLATE_B.replace("app: a}", "app: c}"),
+    );
+    bed.wait_probe(&c, &b4, Proto::Tcp, 80, &ok("default/b"));
+    assert_eq!(bed.probe(&a, &b4, Proto::Tcp, 80), ProbeResult::Timeout);
+
+    // API unreachable: the last state stays enforced, the source is reported down.
+    api.set_available(false).unwrap();
+    bed.wait_until("zt_source_up 0", || {
+        bed.metrics().val("zt_source_up", &[]) == 0.0
+    });
+    assert_eq!(
+        bed.tb.probe(&c, &b4, Proto::Tcp, 80, ALLOWED),
+        ok("default/b")
+    );
+    assert_eq!(bed.probe(&a, &b4, Proto::Tcp, 80), ProbeResult::Timeout);
+    // Changed while down, and the history compacted meanwhile: 410, relist.
+    bed.write("10-isolate-b.yaml", ISOLATE_B);
+    api.sync_now().unwrap();
+    api.compact();
+    let lists = api.requests("zerotrustpolicies", Verb::List);
+    let relists = bed
+        .metrics()
+        .get("zt_source_relists_total", &[])
+        .unwrap_or(0.0);
+    api.set_available(true).unwrap();
+    bed.wait_until("zt_source_up 1", || {
+        bed.metrics().val("zt_source_up", &[]) == 1.0
+    });
+    bed.wait_probe(&a, &b4, Proto::Tcp, 80, &ok("default/b"));
+    assert_eq!(bed.probe(&c, &b4, Proto::Tcp, 80), ProbeResult::Timeout);
+    assert!(
+        api.requests("zerotrustpolicies", Verb::List) > lists,
+        "relisted after 410: {:?}",
+        api.request_counts()
+    );
+    bed.wait_until("relists counted", || {
+        bed.metrics()
+            .get("zt_source_relists_total", &[])
+            .unwrap_or(0.0)
+            > relists
+    });
+    let log = bed.agent.log();
+    assert!(
+        log.contains("watching the Kubernetes API at https://127.0.0.1:"),
+        "{}",
+        tail(&log, 30)
+    );
+    drop(bed);
+    drop(api);
+}
