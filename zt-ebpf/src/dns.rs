@@ -555,26 +555,10 @@ fn learn(local: u32, addr: &[u8; 16], exp: u64, slots: u32) -> bool {
 /// Token bucket of DNS events: `events_per_sec` a second, as much banked.
 #[inline(always)]
 fn take_token(rate: u32, now: u64) -> bool {
-    let Some(rl) = DNS_RATELIMIT.get_ptr_mut(0) else { return false };
-    let rl = unsafe { &mut *rl };
-    let elapsed = now.saturating_sub(rl.last_ns);
-    let burst = rate as u64;
-    let rate = rate as u64;
-    if elapsed >= 1_000_000_000 {
-        rl.tokens = burst;
-        rl.last_ns = now;
-    } else {
-        let refill = elapsed * rate / 1_000_000_000;
-        if refill > 0 {
-            rl.tokens = core::cmp::min(burst, rl.tokens + refill);
-            rl.last_ns += (refill * 1_000_000_000).checked_div(rate).unwrap_or(elapsed);
-        }
+    match DNS_RATELIMIT.get_ptr_mut(0) {
+        Some(rl) => crate::verdict::take_token_from(unsafe { &mut *rl }, rate, rate, now),
+        None => false,
     }
-    if rl.tokens == 0 {
-        return false;
-    }
-    rl.tokens -= 1;
-    true
 }
 
 /// A copy of the answer (its first `DNS_EVENT_DATA` bytes) for user space.

@@ -27,12 +27,20 @@ fn evstat(slot: u32) {
 /// Token bucket: `events_per_sec` tokens a second, at most `events_burst` banked.
 #[inline(always)]
 fn take_token(cfg: &Config, now: u64) -> bool {
-    let Some(rl) = RATELIMIT.get_ptr_mut(0) else { return false };
-    let rl = unsafe { &mut *rl };
+    match RATELIMIT.get_ptr_mut(0) {
+        Some(rl) => take_token_from(unsafe { &mut *rl }, cfg.events_per_sec, cfg.events_burst, now),
+        None => false,
+    }
+}
+
+/// One token from the (per-CPU) bucket `rl`: `rate` tokens a second, at most `burst`
+/// banked. Shared by drop events and DNS answer copies.
+#[inline(always)]
+pub fn take_token_from(rl: &mut RateLimit, rate: u32, burst: u32, now: u64) -> bool {
     let elapsed = now.saturating_sub(rl.last_ns);
-    let burst = cfg.events_burst as u64;
+    let burst = burst as u64;
     // Cap the interval first so that the multiplication cannot overflow.
-    let rate = cfg.events_per_sec as u64;
+    let rate = rate as u64;
     if elapsed >= 1_000_000_000 {
         rl.tokens = burst;
         rl.last_ns = now;
