@@ -164,13 +164,15 @@ pub fn render_with(m: &AgentMetrics, maps: Option<&PinnedMaps>, fqdn: Option<&Fq
 /// Serves `/metrics` until the task is dropped. The pinned maps are opened once.
 pub async fn serve(addr: String, shared: Shared, bpffs_root: PathBuf) -> Result<()> {
     let maps = std::sync::Arc::new(PinnedMaps::open(&bpffs_root)?);
+    // PinnedMaps already requires the FQDN maps, so they exist now: open them once too.
+    let fqdn = std::sync::Arc::new(FqdnMaps::open(&bpffs_root)?);
     let listener = TcpListener::bind(&addr).await?;
     log::info!("metrics on http://{addr}/metrics");
     loop {
         let (mut sock, _) = listener.accept().await?;
         let shared = shared.clone();
         let maps = maps.clone();
-        let fqdn_root = bpffs_root.clone();
+        let fqdn = fqdn.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 2048];
             let n = sock.read(&mut buf).await.unwrap_or(0);
@@ -178,9 +180,7 @@ pub async fn serve(addr: String, shared: Shared, bpffs_root: PathBuf) -> Result<
             let (status, body) = if req.starts_with("GET /metrics") {
                 let snapshot = shared.lock().unwrap().clone();
                 // Map reads are syscalls (and a walk of the conntrack map): off the runtime.
-                let root = fqdn_root.clone();
-                // The FQDN maps are opened per scrape: they appear with a newer datapath.
-                let body = tokio::task::spawn_blocking(move || render_with(&snapshot, Some(&maps), FqdnMaps::open(&root).ok().as_ref()))
+                let body = tokio::task::spawn_blocking(move || render_with(&snapshot, Some(&maps), Some(&fqdn)))
                 .await
                 .unwrap_or_default();
                 ("200 OK", body)
