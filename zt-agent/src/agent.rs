@@ -63,6 +63,8 @@ pub struct AgentOptions {
     /// Root of the pods' cgroup hierarchy for the cgroup programs; None: no cgroup programs.
     pub cgroup_root: Option<PathBuf>,
     pub fqdn: FqdnOptions,
+    /// ZT_TUNNELS keys (`tunnels::parse`).
+    pub tunnels: Vec<u32>,
 }
 
 struct Agent {
@@ -119,12 +121,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let maps = PinnedMaps::open(&opts.bpffs_root)?;
     let have = Contents::read(&maps).context("reading the pinned maps")?;
     let config = maps.read_config().context("reading ZT_CONFIG")?;
-    log::info!(
-        "datapath loaded; pinned maps hold {} endpoints, {} cidrs, {} policy entries",
-        have.endpoints.len(),
-        have.cidrs.len(),
-        have.policy.len()
-    );
+    log::info!("datapath loaded; pinned maps hold {} endpoints, {} cidrs, {} policy entries", have.endpoints.len(), have.cidrs.len(), have.policy.len());
     let caps = Capacities {
         endpoints: capacity(&opts.bpffs_root, MAP_ENDPOINTS)?,
         cidrs: capacity(&opts.bpffs_root, MAP_CIDRS)?,
@@ -135,6 +132,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     };
     let mut maps = maps;
     let fqdn_config = ensure_fqdn_config(&mut maps.fqdn_config, &opts.fqdn.settings)?;
+    crate::tunnels::sync(&mut maps.tunnels, &opts.tunnels)?;
     // Pinned maps are reused as they are: a changed size flag applies once the pins are
     // gone (a new map version directory, or removed by hand on a drained node).
     for (name, flag) in [
@@ -309,7 +307,9 @@ impl Agent {
     /// Applies the Kubernetes source's pending events in one batch; the next reconcile
     /// compiles once if the state changed and every kind has been listed.
     fn apply_source(&mut self, first: SourceEvent, rx: &mut mpsc::Receiver<SourceEvent>) {
-        let Some(watch) = self.watch.as_mut() else { return };
+        let Some(watch) = self.watch.as_mut() else {
+            return;
+        };
         let batch = watch.apply_pending(first, rx);
         let was_synced = self.metrics.lock().unwrap().source_synced;
         if watch.synced() && (batch.changed || !was_synced) {
@@ -317,7 +317,12 @@ impl Agent {
                 let s = watch.state();
                 log::info!(
                     "initial list complete: {} namespaces, {} pods, {} nodes, {} service accounts, {} network policies, {} zero-trust policies",
-                    s.namespaces.len(), s.pods.len(), s.nodes.len(), s.service_accounts.len(), s.network_policies.len(), s.zero_trust_policies.len()
+                    s.namespaces.len(),
+                    s.pods.len(),
+                    s.nodes.len(),
+                    s.service_accounts.len(),
+                    s.network_policies.len(),
+                    s.zero_trust_policies.len()
                 );
             }
             self.cluster = Some(watch.state().clone());
@@ -529,9 +534,7 @@ impl Agent {
     fn write_config(&mut self) -> Result<()> {
         let before = self.config;
         let mut cfg = before;
-        cfg.flags = CONFIG_READY
-            | if self.opts.allow_host { CONFIG_ALLOW_HOST } else { 0 }
-            | if self.opts.events_allowed { CONFIG_EVENTS_ALLOWED } else { 0 };
+        cfg.flags = CONFIG_READY | if self.opts.allow_host { CONFIG_ALLOW_HOST } else { 0 } | if self.opts.events_allowed { CONFIG_EVENTS_ALLOWED } else { 0 };
         // A changed flag (host probes turned off) withdraws allows too.
         if before.flags & CONFIG_READY != 0 && before.flags != cfg.flags {
             self.pending_bump = true;
@@ -605,7 +608,10 @@ impl Agent {
         for (idx, pods) in pods_per_if.iter().filter(|(_, p)| p.len() > 1) {
             let name = ifindex.iter().find(|(_, i)| *i == idx).and_then(|(ip, _)| ifnames.get(ip)).cloned().unwrap_or_default();
             if self.shared_warned.insert(*idx) {
-                log::error!("interface {name} carries {} pods: not a pod's own interface, not hooking it (only the cgroup programs enforce these pods)", pods.len());
+                log::error!(
+                    "interface {name} carries {} pods: not a pod's own interface, not hooking it (only the cgroup programs enforce these pods)",
+                    pods.len()
+                );
             }
             ifindex.retain(|_, i| i != idx);
         }

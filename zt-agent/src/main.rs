@@ -50,6 +50,11 @@ struct Flags {
     /// Allow the node (kubelet probes) to reach local pods.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     allow_host_probes: bool,
+    /// Tunnel endpoints a pod may not send to on a node address unless a policy explicitly
+    /// allows it: comma-separated `udp/PORT`, `tcp/PORT`, `ipip`, `ipv6`, `gre`, `proto/N`
+    /// (empty: none).
+    #[arg(long, default_value = zt_agent::tunnels::DEFAULT_TUNNELS)]
+    tunnels: String,
     /// Also send events for newly allowed flows (drops are always sent).
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     events_allowed: bool,
@@ -145,12 +150,7 @@ async fn main() -> anyhow::Result<()> {
         anyhow::bail!("--node-name (or $NODE_NAME) is required");
     };
     let fqdn = FqdnOptions {
-        settings: FqdnSettings {
-            min_ttl_s: f.fqdn_min_ttl,
-            max_ttl_s: f.fqdn_max_ttl,
-            grace_s: f.fqdn_grace,
-            events_per_sec: f.fqdn_events_per_sec,
-        },
+        settings: FqdnSettings { min_ttl_s: f.fqdn_min_ttl, max_ttl_s: f.fqdn_max_ttl, grace_s: f.fqdn_grace, events_per_sec: f.fqdn_events_per_sec },
         dns_servers: dns_servers(&f.fqdn_dns_server, &f.trust_domain)?,
         dns_addresses: f.fqdn_dns_address.iter().map(|a| a.to_canonical()).collect(),
     };
@@ -192,6 +192,7 @@ async fn main() -> anyhow::Result<()> {
         poll_interval: Duration::from_millis(f.poll_ms),
         cgroup_root: if f.cgroup_root.as_os_str() == "none" { None } else { Some(f.cgroup_root) },
         fqdn,
+        tunnels: zt_agent::tunnels::parse(&f.tunnels)?,
     };
     run(opts).await
 }

@@ -54,6 +54,7 @@ pub struct PinnedMaps {
     pub fqdn_learned: FqdnLearnedMap,
     pub dns_servers: DnsServersMap,
     pub dns_stats: CounterMap,
+    pub tunnels: crate::tunnels::TunnelsMap,
 }
 
 impl PinnedMaps {
@@ -74,6 +75,7 @@ impl PinnedMaps {
             fqdn_learned: lru_map(open(MAP_FQDN_LEARNED)?)?,
             dns_servers: open(MAP_DNS_SERVERS)?.try_into()?,
             dns_stats: open(MAP_DNS_STATS)?.try_into()?,
+            tunnels: open(MAP_TUNNELS)?.try_into()?,
         })
     }
 

@@ -73,7 +73,8 @@ pub enum Reason {
     AllowHost = 5,
     /// IPv6 neighbour discovery on the pod's link.
     AllowNdp = 6,
-    /// Not IPv4/IPv6 (ARP): not policy-controlled.
+    /// ARP at a pod's interface (the only non-IP ethertype that passes), and anything
+    /// that is not IP at the cgroup programs (which only see IP): not policy-controlled.
     AllowNonIp = 7,
     /// A non-first IP fragment whose first fragment was allowed.
     AllowFragment = 8,
@@ -104,6 +105,19 @@ pub enum Reason {
     /// Seen by the cgroup programs: a pod's own traffic whose address the agent does not
     /// know yet (initialising); fails closed except for what the host is allowed.
     DropInitialising = 24,
+    /// At a pod's interface: a frame carrying a VLAN tag (in the skb or in the header,
+    /// 802.1Q or 802.1ad, stacked or not). zt cannot judge what the stack would do with
+    /// the inner frame, so it never passes, ready or not.
+    DropVlan = 25,
+    /// At a pod's interface: an ethertype other than IPv4, IPv6 and ARP.
+    DropEthertype = 26,
+    /// A local pod's address as the source of a packet that did not come in through that
+    /// pod's own interface (decapsulated, injected, forged): fail closed.
+    DropSpoofedSource = 27,
+    /// A pod sending to a node's tunnel port or protocol (VXLAN, Geneve, IPIP, GRE, ...)
+    /// that no policy explicitly allows: the node would decapsulate and route the inner
+    /// packet under a source address the pod chose.
+    DropTunnel = 28,
 }
 
 pub const REASON_FIRST_DROP: u8 = 16;
@@ -113,7 +127,7 @@ pub const REASON_SLOTS: u32 = 32;
 pub const COUNTER_SLOTS: u32 = DIR_COUNT * REASON_SLOTS;
 
 impl Reason {
-    pub const ALL: [Reason; 19] = [
+    pub const ALL: [Reason; 23] = [
         Reason::AllowPolicy,
         Reason::AllowEstablished,
         Reason::AllowReply,
@@ -133,6 +147,10 @@ impl Reason {
         Reason::DropNotReady,
         Reason::DropIpv6ExtHeaders,
         Reason::DropInitialising,
+        Reason::DropVlan,
+        Reason::DropEthertype,
+        Reason::DropSpoofedSource,
+        Reason::DropTunnel,
     ];
 
     pub const fn is_drop(self) -> bool {
@@ -165,6 +183,10 @@ impl Reason {
             Reason::DropNotReady => "not-ready",
             Reason::DropIpv6ExtHeaders => "ipv6-ext-headers",
             Reason::DropInitialising => "initialising",
+            Reason::DropVlan => "vlan",
+            Reason::DropEthertype => "ethertype",
+            Reason::DropSpoofedSource => "spoofed-source",
+            Reason::DropTunnel => "tunnel",
         }
     }
 }
@@ -189,6 +211,7 @@ pub const MAP_COUNTERS: &str = "ZT_COUNTERS";
 pub const MAP_EVENT_STATS: &str = "ZT_EVSTATS";
 pub const MAP_EVENTS: &str = "ZT_EVENTS";
 pub const MAP_RATELIMIT: &str = "ZT_RATELIMIT";
+pub const MAP_TUNNELS: &str = "ZT_TUNNELS";
 
 /// Default capacities; the agent overrides them from flags before loading.
 pub const DEFAULT_ENDPOINTS_MAX: u32 = 65536;
@@ -197,6 +220,18 @@ pub const DEFAULT_POLICY_MAX: u32 = 262144;
 pub const DEFAULT_CT_MAX: u32 = 262144;
 pub const DEFAULT_FRAGS_MAX: u32 = 8192;
 pub const EVENTS_RING_BYTES: u32 = 1 << 20;
+pub const TUNNELS_MAX: u32 = 64;
+
+// ---------------------------------------------------------------------------
+// Tunnels: what a pod may not send to a node unless a policy explicitly allows it
+// ---------------------------------------------------------------------------
+
+/// Key of ZT_TUNNELS (value: u32, unused): an IP protocol and a destination port, or
+/// port 0 for the whole protocol (IPIP, GRE, ...). `tunnel_key(17, 4789)` is VXLAN.
+#[inline(always)]
+pub const fn tunnel_key(proto: u8, port: u16) -> u32 {
+    ((proto as u32) << 16) | port as u32
+}
 
 // ---------------------------------------------------------------------------
 // Config (array of one)
@@ -312,13 +347,7 @@ pub const POLICY_PREFIX_FULL: u32 = 96;
 
 impl PolicyKey {
     pub const fn new(local_id: u32, peer_id: u32, dir: u8, proto: u8, port: u16) -> Self {
-        PolicyKey {
-            local_id_be: local_id.to_be(),
-            peer_id_be: peer_id.to_be(),
-            dir,
-            proto,
-            port_be: port.to_be(),
-        }
+        PolicyKey { local_id_be: local_id.to_be(), peer_id_be: peer_id.to_be(), dir, proto, port_be: port.to_be() }
     }
     pub const fn local_id(&self) -> u32 {
         u32::from_be(self.local_id_be)
@@ -349,7 +378,7 @@ pub struct PolicyValue {
 /// and `ifindex` the hook's interface, so that only the pod behind that interface can
 /// match it (another pod forging the tuple is judged as a new flow, and fails). Entries
 /// of the cgroup programs carry `cgroup_scope(socket's cgroup id)` there instead.
-/// ICMP echo uses the echo identifier as both ports.
+/// ICMP: see `icmp_ct_ports`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtKey {
@@ -359,8 +388,48 @@ pub struct CtKey {
     pub dport: u16,
     pub proto: u8,
     pub dir: u8,
-    pub _pad: [u8; 2],
+    /// ICMP other than echo: the type of the query (a reply carries its query's type),
+    /// so that a flow of one type never carries another. 0 for echo and non-ICMP.
+    pub icmp_tag: u8,
+    pub _pad: u8,
     pub ifindex: u32,
+}
+
+/// Conntrack ports and tag of an ICMP message of type `ty` (`id`: the echo identifier).
+/// - echo: tag 0, request (id, 0), reply (0, id): a reply's reversed tuple is its
+///   request's, and a request never matches as the reply of one going the other way;
+/// - a query with a reply type (v4 timestamp, information, address mask; v6 node
+///   information): tag = the query's type, query (1, 0), reply (0, 1);
+/// - any other type: tag = its type, (1, 0): it matches only itself, in its own
+///   direction, and never as a reply.
+/// Returns (sport, dport, tag).
+#[inline(always)]
+pub const fn icmp_ct_ports(ty: u8, v6: bool, id: u16) -> (u16, u16, u8) {
+    let (echo_req, echo_rep) = if v6 { (128, 129) } else { (8, 0) };
+    if ty == echo_req {
+        return (id, 0, 0);
+    }
+    if ty == echo_rep {
+        return (0, id, 0);
+    }
+    let reply_of = if v6 {
+        match ty {
+            140 => 139,
+            _ => 0,
+        }
+    } else {
+        match ty {
+            14 => 13,
+            16 => 15,
+            18 => 17,
+            _ => 0,
+        }
+    };
+    if reply_of != 0 {
+        (0, 1, reply_of)
+    } else {
+        (1, 0, ty)
+    }
 }
 
 #[repr(C)]
@@ -460,9 +529,7 @@ const _: () = {
 /// IPv4-mapped IPv6 form of an IPv4 address (network-order bytes in).
 #[inline(always)]
 pub const fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
-    ]
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
 }
 
 #[cfg(feature = "user")]

@@ -15,7 +15,7 @@ use crate::{
     datapath, dns,
     maps::ENDPOINTS,
     parse::{self, Flow, Parsed},
-    policy::Hook,
+    policy::{Hook, FROM_UNSEEN},
 };
 
 pub const CG_PASS: i32 = 1;
@@ -42,7 +42,7 @@ pub fn handle(ctx: &SkBuffContext, dir: u8) -> i32 {
     // that starts later with a recycled address, or forges a tuple, cannot ride another
     // pod's tracked flow.
     let scope = cgroup_scope(unsafe { bpf_skb_cgroup_id(skb) });
-    let hook = Hook { ifindex: CGROUP_HOOK_IFINDEX, dir, scope };
+    let hook = Hook { ifindex: CGROUP_HOOK_IFINDEX, dir, scope, from_ifindex: FROM_UNSEEN };
     let mut dns_answer = false;
     if !datapath::judge(&hook, &f, parsed, &mut dns_answer) {
         return CG_DROP;

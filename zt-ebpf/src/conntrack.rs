@@ -6,14 +6,14 @@ use aya_ebpf::helpers::bpf_ktime_get_ns;
 use zt_common::*;
 
 use crate::{
-    maps::CT,
+    maps::{CT, ENDPOINTS},
     parse::{Flow, IPPROTO_TCP},
     policy::{Decision, Hook},
 };
 
 #[inline(always)]
 pub fn forward_key(f: &Flow, hook: &Hook) -> CtKey {
-    CtKey { saddr: f.saddr, daddr: f.daddr, sport: f.sport, dport: f.dport, proto: f.proto, dir: hook.dir, _pad: [0; 2], ifindex: hook.scope }
+    CtKey { saddr: f.saddr, daddr: f.daddr, sport: f.sport, dport: f.dport, proto: f.proto, dir: hook.dir, icmp_tag: f.icmp_tag, _pad: 0, ifindex: hook.scope }
 }
 
 #[inline(always)]
@@ -25,7 +25,8 @@ fn reply_key(f: &Flow, hook: &Hook) -> CtKey {
         dport: f.sport,
         proto: f.proto,
         dir: hook.dir ^ 1,
-        _pad: [0; 2],
+        icmp_tag: f.icmp_tag,
+        _pad: 0,
         ifindex: hook.scope,
     }
 }
@@ -60,22 +61,65 @@ pub fn lookup(cfg: &Config, f: &Flow, hook: &Hook, now: u64, reply: &mut bool) -
     core::ptr::null_mut()
 }
 
-/// Is this ICMP error about a flow tracked at this interface? An error goes back to the
-/// sender of the packet it quotes, so the quoted source must be the error's destination;
-/// the quoted packet is then the flow forward as seen at this pod's other hook, or its
-/// reply at this one.
+/// Is this ICMP error about a live flow tracked at this hook, of the current policy
+/// epoch, and sent by someone entitled to speak for that flow's path?
+/// - An error goes back to the sender of the packet it quotes: the quoted source must be
+///   the error's destination. The quoted packet is then the flow forward as seen at this
+///   pod's other hook, or its reply at this one.
+/// - Leaving a pod, the error must come from the pod itself (the quoted destination); a
+///   pod is no router. Entering a pod, it must come from the flow's peer or from an
+///   address that is no pod (the node, a router on the path): a third pod cannot
+///   disturb another pod's flows.
+/// - A stale entry, or one not verified under the current epoch (a revoked flow whose
+///   next packet has not been judged yet), relates nothing.
 #[inline(never)]
-pub fn related(f: &Flow, hook: &Hook) -> bool {
+pub fn related(cfg: &Config, f: &Flow, hook: &Hook, now: u64) -> bool {
     let q = &f.quoted;
     if q.saddr != f.daddr {
         return false;
     }
-    let fwd = CtKey { saddr: q.saddr, daddr: q.daddr, sport: q.sport, dport: q.dport, proto: q.proto, dir: hook.dir ^ 1, _pad: [0; 2], ifindex: hook.scope };
-    if CT.get_ptr(&fwd).is_some() {
-        return true;
+    if f.saddr != q.daddr && (hook.dir == DIR_EGRESS || is_pod(&f.saddr)) {
+        return false;
     }
-    let rev = CtKey { saddr: q.daddr, daddr: q.saddr, sport: q.dport, dport: q.sport, proto: q.proto, dir: hook.dir, _pad: [0; 2], ifindex: hook.scope };
-    CT.get_ptr(&rev).is_some()
+    let fwd = CtKey {
+        saddr: q.saddr,
+        daddr: q.daddr,
+        sport: q.sport,
+        dport: q.dport,
+        proto: q.proto,
+        dir: hook.dir ^ 1,
+        icmp_tag: q.icmp_tag,
+        _pad: 0,
+        ifindex: hook.scope,
+    };
+    let rev = CtKey {
+        saddr: q.daddr,
+        daddr: q.saddr,
+        sport: q.dport,
+        dport: q.sport,
+        proto: q.proto,
+        dir: hook.dir,
+        icmp_tag: q.icmp_tag,
+        _pad: 0,
+        ifindex: hook.scope,
+    };
+    let v = match CT.get_ptr_mut(&fwd) {
+        Some(v) => v,
+        None => match CT.get_ptr_mut(&rev) {
+            Some(v) => v,
+            None => return false,
+        },
+    };
+    fresh(cfg, q.proto, v, now) && unsafe { (*v).epoch } == cfg.policy_epoch
+}
+
+/// An address the endpoint map knows as a workload (local or remote pod, or `init`).
+#[inline(always)]
+fn is_pod(addr: &[u8; 16]) -> bool {
+    match unsafe { ENDPOINTS.get(&EndpointKey { addr: *addr }) } {
+        Some(ep) => ep.identity >= IDENTITY_FIRST_WORKLOAD || ep.identity == IDENTITY_INIT,
+        None => false,
+    }
 }
 
 /// Forgets a flow whose allow was withdrawn.

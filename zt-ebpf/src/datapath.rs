@@ -5,9 +5,9 @@ use zt_common::*;
 
 use crate::{
     conntrack, dns,
-    maps::{CONFIG, FRAGS},
+    maps::{CONFIG, ENDPOINTS, FRAGS},
     parse::{self, Flow, Frag, Parsed, IPPROTO_TCP, IPPROTO_UDP},
-    policy::{self, Decision, Hook, Judged},
+    policy::{self, Decision, Hook, Judged, FROM_UNSEEN},
     verdict,
 };
 
@@ -19,7 +19,8 @@ pub const TC_DROP: i32 = 2; // TC_ACT_SHOT / TCX_DROP
 #[inline(always)]
 pub fn handle(ctx: &TcContext, dir: u8) -> i32 {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let hook = Hook { ifindex, dir, scope: ifindex };
+    let from_ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    let hook = Hook { ifindex, dir, scope: ifindex, from_ifindex };
     let mut f = Flow::zeroed();
     let parsed = parse::parse(ctx.skb.skb, &mut f, parse::L3_AFTER_ETH);
     let mut dns_answer = false;
@@ -40,9 +41,24 @@ pub fn handle(ctx: &TcContext, dir: u8) -> i32 {
 #[inline(always)]
 pub fn judge(hook: &Hook, f: &Flow, parsed: Parsed, dns_answer: &mut bool) -> bool {
     let dir = hook.dir;
-    if parsed == Parsed::NonIp {
-        verdict::count(dir, Reason::AllowNonIp);
-        return true;
+    match parsed {
+        Parsed::NonIp => {
+            verdict::count(dir, Reason::AllowNonIp);
+            return true;
+        }
+        // Never passes, whatever the agent's state: counted, and reported once the
+        // agent has configured the datapath.
+        Parsed::Vlan | Parsed::BadEthertype => {
+            let reason = if parsed == Parsed::Vlan { Reason::DropVlan } else { Reason::DropEthertype };
+            match CONFIG.get(0) {
+                Some(cfg) if cfg.flags & CONFIG_READY != 0 => return drop_unjudged(cfg, hook, f, reason),
+                _ => {
+                    verdict::count(dir, reason);
+                    return false;
+                }
+            }
+        }
+        _ => {}
     }
     let cfg = match CONFIG.get(0) {
         Some(c) if c.flags & CONFIG_READY != 0 => c,
@@ -52,7 +68,7 @@ pub fn judge(hook: &Hook, f: &Flow, parsed: Parsed, dns_answer: &mut bool) -> bo
         }
     };
     match parsed {
-        Parsed::NonIp => true,
+        Parsed::NonIp | Parsed::Vlan | Parsed::BadEthertype => false,
         Parsed::Ndp => {
             verdict::count(dir, Reason::AllowNdp);
             true
@@ -65,17 +81,20 @@ pub fn judge(hook: &Hook, f: &Flow, parsed: Parsed, dns_answer: &mut bool) -> bo
 
 #[inline(always)]
 fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow, dns_answer: &mut bool) -> bool {
+    if spoofed_local_source(hook, &f.saddr) {
+        return drop_unjudged(cfg, hook, f, Reason::DropSpoofedSource);
+    }
     if let Frag::Later = f.frag {
         return later_fragment(cfg, hook, f);
     }
     let dir = hook.dir;
+    let now = unsafe { bpf_ktime_get_ns() };
     if f.related {
-        if conntrack::related(f, hook) {
+        if conntrack::related(cfg, f, hook, now) {
             verdict::count(dir, Reason::AllowRelated);
             return true;
         }
     }
-    let now = unsafe { bpf_ktime_get_ns() };
     let mut d = Decision { allow: false, reason: Reason::DropPolicyDefault, local_id: 0, peer_id: 0, rule_id: 0 };
     let mut reply = false;
     let ct = conntrack::lookup(cfg, f, hook, now, &mut reply);
@@ -118,6 +137,22 @@ fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow, dns_answer: &mut bool) -> bo
     true
 }
 
+/// Entering a pod: a source address of a hooked local pod is genuine only if the packet
+/// came in through that pod's own interface. Anything else (a tunnel's decapsulated
+/// inner packet, a frame injected on another interface) claims an identity it has not
+/// proven. Pods judged by the cgroup programs only (no interface yet) cannot be checked
+/// this way; the cgroup programs cannot see where a packet came in at all.
+#[inline(always)]
+fn spoofed_local_source(hook: &Hook, saddr: &[u8; 16]) -> bool {
+    if hook.dir != DIR_INGRESS || hook.from_ifindex == FROM_UNSEEN {
+        return false;
+    }
+    match unsafe { ENDPOINTS.get(&EndpointKey { addr: *saddr }) } {
+        Some(ep) => ep.flags & EP_LOCAL != 0 && ep.ifindex != CGROUP_HOOK_IFINDEX && ep.ifindex != hook.from_ifindex,
+        None => false,
+    }
+}
+
 /// Remembers an allowed first fragment so that its later fragments (no L4 header) pass.
 #[inline(always)]
 fn note_first_fragment(f: &Flow, hook: &Hook, now: u64) {
@@ -140,7 +175,7 @@ fn later_fragment(cfg: &Config, hook: &Hook, f: &Flow) -> bool {
 
 #[inline(always)]
 fn frag_key(f: &Flow, hook: &Hook) -> FragKey {
-    FragKey { saddr: f.saddr, daddr: f.daddr, id: f.frag_id, proto: f.proto, dir: hook.dir, _pad: [0; 2], ifindex: hook.scope }
+    FragKey { saddr: f.saddr, daddr: f.daddr, id: f.frag_id, proto: f.frag_proto, dir: hook.dir, _pad: [0; 2], ifindex: hook.scope }
 }
 
 /// A drop decided before identities were resolved.

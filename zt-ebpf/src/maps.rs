@@ -12,8 +12,7 @@ pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 
 /// Exact IP -> identity: local pods, remote pods, node addresses.
 #[map(name = "ZT_ENDPOINTS")]
-pub static ENDPOINTS: aya_ebpf::maps::HashMap<EndpointKey, EndpointValue> =
-    aya_ebpf::maps::HashMap::pinned(DEFAULT_ENDPOINTS_MAX, 0);
+pub static ENDPOINTS: aya_ebpf::maps::HashMap<EndpointKey, EndpointValue> = aya_ebpf::maps::HashMap::pinned(DEFAULT_ENDPOINTS_MAX, 0);
 
 /// Prefix -> CIDR identity, for peers that are not endpoints.
 #[map(name = "ZT_CIDRS")]
@@ -22,6 +21,11 @@ pub static CIDRS: LpmTrie<CidrKey, CidrValue> = LpmTrie::pinned(DEFAULT_CIDRS_MA
 /// (local, peer, dir, proto, port) -> allow/deny, ports as prefixes for ranges.
 #[map(name = "ZT_POLICY")]
 pub static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(DEFAULT_POLICY_MAX, 0);
+
+/// Tunnel endpoints a pod may not send to a node without an explicit allow:
+/// `tunnel_key(proto, port)` (port 0: the whole protocol) -> unused.
+#[map(name = "ZT_TUNNELS")]
+pub static TUNNELS: aya_ebpf::maps::HashMap<u32, u32> = aya_ebpf::maps::HashMap::pinned(TUNNELS_MAX, 0);
 
 /// Tracked flows; LRU so that state stays bounded.
 #[map(name = "ZT_CT")]
@@ -57,8 +61,7 @@ pub static FQDN_CONFIG: Array<FqdnConfig> = Array::pinned(1, 0);
 
 /// (local identity, exact/suffix, name hash) -> slots: the names each identity may reach.
 #[map(name = "ZT_FQDN_NAMES")]
-pub static FQDN_NAMES: aya_ebpf::maps::HashMap<FqdnNameKey, FqdnNameValue> =
-    aya_ebpf::maps::HashMap::pinned(DEFAULT_FQDN_NAMES_MAX, 0);
+pub static FQDN_NAMES: aya_ebpf::maps::HashMap<FqdnNameKey, FqdnNameValue> = aya_ebpf::maps::HashMap::pinned(DEFAULT_FQDN_NAMES_MAX, 0);
 
 /// (local, proto, port) -> slots allowing it and their rule ids.
 #[map(name = "ZT_FQDN_PORTS")]
@@ -67,8 +70,7 @@ pub static FQDN_PORTS: LpmTrie<PolicyKey, FqdnPortsValue> = LpmTrie::pinned(DEFA
 /// (address, local identity) -> expiry and slots, learned from DNS answers. LRU so that
 /// learning goes on (evicting the oldest) when full, also with the agent down.
 #[map(name = "ZT_FQDN_LEARNED")]
-pub static FQDN_LEARNED: LruHashMap<FqdnLearnedKey, FqdnLearnedValue> =
-    LruHashMap::pinned(DEFAULT_FQDN_LEARNED_MAX, 0);
+pub static FQDN_LEARNED: LruHashMap<FqdnLearnedKey, FqdnLearnedValue> = LruHashMap::pinned(DEFAULT_FQDN_LEARNED_MAX, 0);
 
 /// Identities whose DNS answers are trusted.
 #[map(name = "ZT_DNS_SERVERS")]

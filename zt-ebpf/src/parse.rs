@@ -2,13 +2,18 @@
 //! and the L4 fields policy needs. Reads go through bpf_skb_load_bytes, so a short
 //! packet is a failed load (counted as malformed), never an out-of-bounds access.
 use aya_ebpf::programs::TcContext;
-use zt_common::v4_mapped;
+use zt_common::{icmp_ct_ports, v4_mapped};
 
 /// Offset of the IP header: after Ethernet at TC, 0 in cgroup skb programs.
 pub const L3_AFTER_ETH: usize = 14;
 pub const L3_AT_START: usize = 0;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_ARP: u16 = 0x0806;
+/// VLAN tag protocols: 802.1Q, 802.1ad (QinQ) and the pre-standard 0x9100.
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
+const ETH_P_QINQ1: u16 = 0x9100;
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
@@ -35,10 +40,16 @@ pub struct Flow {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
+    /// ICMP: see `zt_common::icmp_ct_ports` (0 otherwise).
+    pub icmp_tag: u8,
     /// What policy matches as the port: dport, or the ICMP type.
     pub policy_port: u16,
     pub frag: Frag,
     pub frag_id: u32,
+    /// The protocol fragment records are keyed on, the same for every fragment of a
+    /// datagram: IPv4's protocol field, IPv6's Fragment header's next header (whatever
+    /// headers follow it in the first fragment).
+    pub frag_proto: u8,
     /// ICMP errors: `quoted` holds the flow the error is about, as quoted in its payload.
     pub related: bool,
     pub quoted: Quoted,
@@ -56,17 +67,24 @@ pub struct Quoted {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
+    pub icmp_tag: u8,
 }
 
 impl Quoted {
     pub const fn zeroed() -> Quoted {
-        Quoted { saddr: [0; 16], daddr: [0; 16], sport: 0, dport: 0, proto: 0 }
+        Quoted { saddr: [0; 16], daddr: [0; 16], sport: 0, dport: 0, proto: 0, icmp_tag: 0 }
     }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Parsed {
+    /// ARP at a TC hook; anything not IP at the cgroup programs.
     NonIp,
+    /// A TC frame with a VLAN tag, in the skb (the kernel strips the outer tag before TC
+    /// ingress) or in the header (a second tag).
+    Vlan,
+    /// A TC frame of another ethertype than IPv4, IPv6, ARP.
+    BadEthertype,
     /// IPv6 neighbour discovery (hop limit 255) or MLD (hop limit 1): on-link control.
     Ndp,
     Malformed,
@@ -77,7 +95,22 @@ pub enum Parsed {
 
 impl Flow {
     pub const fn zeroed() -> Flow {
-        Flow { saddr: [0; 16], daddr: [0; 16], sport: 0, dport: 0, proto: 0, policy_port: 0, frag: Frag::None, frag_id: 0, related: false, quoted: Quoted::zeroed(), l4_off: 0, ip_end: 0 }
+        Flow {
+            saddr: [0; 16],
+            daddr: [0; 16],
+            sport: 0,
+            dport: 0,
+            proto: 0,
+            icmp_tag: 0,
+            policy_port: 0,
+            frag: Frag::None,
+            frag_id: 0,
+            frag_proto: 0,
+            related: false,
+            quoted: Quoted::zeroed(),
+            l4_off: 0,
+            ip_end: 0,
+        }
     }
 }
 
@@ -94,14 +127,31 @@ pub fn parse(skb: *mut aya_ebpf::bindings::__sk_buff, flow: &mut Flow, l3: usize
     // The kernel's view of the protocol decides; a frame that disagrees (a device
     // without an Ethernet header) is malformed here, never waved through as non-IP.
     let proto = u16::from_be(unsafe { (*skb).protocol } as u16);
-    if proto != ETH_P_IP && proto != ETH_P_IPV6 {
-        return Parsed::NonIp;
-    }
     if l3 == L3_AFTER_ETH {
-        match load::<u16>(ctx, 12) {
-            Ok(p) if u16::from_be(p) == proto => {}
-            _ => return Parsed::Malformed,
+        // A pod's interface carries IP and ARP, untagged. Anything else could reach the
+        // stack as a packet zt never judged (the stack strips a second VLAN tag and
+        // routes what is inside), so it is named here and dropped by the caller.
+        if unsafe { (*skb).vlan_present } != 0 || is_vlan(proto) {
+            return Parsed::Vlan;
         }
+        let hdr = match load::<u16>(ctx, 12) {
+            Ok(p) => u16::from_be(p),
+            Err(_) => return Parsed::Malformed,
+        };
+        if is_vlan(hdr) {
+            return Parsed::Vlan;
+        }
+        if proto != ETH_P_IP && proto != ETH_P_IPV6 && proto != ETH_P_ARP {
+            return Parsed::BadEthertype;
+        }
+        if hdr != proto {
+            return Parsed::Malformed;
+        }
+        if proto == ETH_P_ARP {
+            return Parsed::NonIp;
+        }
+    } else if proto != ETH_P_IP && proto != ETH_P_IPV6 {
+        return Parsed::NonIp;
     }
     let r = match proto {
         ETH_P_IP => parse_v4(ctx, flow, l3),
@@ -109,6 +159,11 @@ pub fn parse(skb: *mut aya_ebpf::bindings::__sk_buff, flow: &mut Flow, l3: usize
         _ => return Parsed::NonIp,
     };
     r.unwrap_or(Parsed::Malformed)
+}
+
+#[inline(always)]
+fn is_vlan(ethertype: u16) -> bool {
+    ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD || ethertype == ETH_P_QINQ1
 }
 
 #[inline(always)]
@@ -141,6 +196,7 @@ fn parse_v4(ctx: &TcContext, flow: &mut Flow, l3: usize) -> Result<Parsed, ()> {
     flow.proto = proto;
     flow.frag = frag;
     flow.frag_id = id;
+    flow.frag_proto = proto;
     if let Frag::Later = flow.frag {
         return Ok(Parsed::Flow);
     }
@@ -169,8 +225,7 @@ fn parse_v6(ctx: &TcContext, flow: &mut Flow, l3: usize) -> Result<Parsed, ()> {
     // Link-local or unspecified source, or a link-scope multicast destination: the
     // packet cannot leave the pod's link (the node does not forward it).
     link_scoped_src = (flow.saddr[0] == 0xfe && flow.saddr[1] & 0xc0 == 0x80) || flow.saddr == [0u8; 16];
-    let link_scoped = link_scoped_src || (flow.daddr[0] == 0xff && flow.daddr[1] & 0x0f == 0x02)
-        || (flow.daddr[0] == 0xfe && flow.daddr[1] & 0xc0 == 0x80);
+    let link_scoped = link_scoped_src || (flow.daddr[0] == 0xff && flow.daddr[1] & 0x0f == 0x02) || (flow.daddr[0] == 0xfe && flow.daddr[1] & 0xc0 == 0x80);
     let mut off = l3 + 40;
     let mut done = false;
     // One more round than headers allowed: the last one reads the upper protocol.
@@ -195,10 +250,11 @@ fn parse_v6(ctx: &TcContext, flow: &mut Flow, l3: usize) -> Result<Parsed, ()> {
                 let nh: u8 = load(ctx, off)?;
                 let offm = u16::from_be(load::<u16>(ctx, off + 2)?);
                 flow.frag_id = u32::from_be(load::<u32>(ctx, off + 4)?);
+                flow.frag_proto = nh;
                 next = nh;
                 off += 8;
                 if offm >> 3 != 0 {
-                    // What follows is payload, not headers: key on this header's next.
+                    // What follows is payload, not headers.
                     flow.frag = Frag::Later;
                     done = true;
                     break;
@@ -259,11 +315,10 @@ fn l4(ctx: &TcContext, off: usize, flow: &mut Flow, v6: bool) -> Result<(), ()> 
             }
             let ty: u8 = load(ctx, off)?;
             flow.policy_port = ty as u16;
-            // Echo: the identifier ties a reply to its request, on the side that says which
-            // it is, so that a request never matches as the reply of one going the other way.
-            let (sport, dport) = echo_ports(ty, v6, u16::from_be(load::<u16>(ctx, off + 4)?));
+            let (sport, dport, tag) = icmp_ct_ports(ty, v6, u16::from_be(load::<u16>(ctx, off + 4)?));
             flow.sport = sport;
             flow.dport = dport;
+            flow.icmp_tag = tag;
             // Errors: v4 unreachable / time exceeded / parameter problem; v6 unreachable,
             // packet too big, time exceeded, parameter problem. A quote we cannot read is
             // just not related to anything (judged by policy like any ICMP).
@@ -275,20 +330,6 @@ fn l4(ctx: &TcContext, off: usize, flow: &mut Flow, v6: bool) -> Result<(), ()> 
         _ => {}
     }
     Ok(())
-}
-
-/// Conntrack ports of an ICMP message: echo request (id, 0), echo reply (0, id), so a
-/// reply's reversed tuple is its request's; any other type (0, 0).
-#[inline(always)]
-fn echo_ports(ty: u8, v6: bool, id: u16) -> (u16, u16) {
-    let (request, reply) = if v6 { (128, 129) } else { (8, 0) };
-    if ty == request {
-        (id, 0)
-    } else if ty == reply {
-        (0, id)
-    } else {
-        (0, 0)
-    }
 }
 
 /// Reads the IP header and first L4 bytes quoted by an ICMP error at `off`; false if
@@ -323,9 +364,10 @@ fn quoted_inner(ctx: &TcContext, off: usize, v6: bool, q: &mut Quoted) -> Result
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
             let ty: u8 = load(ctx, l4off)?;
-            let (sport, dport) = echo_ports(ty, q.proto == IPPROTO_ICMPV6, u16::from_be(load::<u16>(ctx, l4off + 4)?));
+            let (sport, dport, tag) = icmp_ct_ports(ty, q.proto == IPPROTO_ICMPV6, u16::from_be(load::<u16>(ctx, l4off + 4)?));
             q.sport = sport;
             q.dport = dport;
+            q.icmp_tag = tag;
         }
         _ => return Err(()),
     }

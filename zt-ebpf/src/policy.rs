@@ -7,7 +7,7 @@ use zt_common::*;
 
 use crate::{
     fqdn,
-    maps::{CIDRS, ENDPOINTS, POLICY},
+    maps::{CIDRS, ENDPOINTS, POLICY, TUNNELS},
     parse::Flow,
 };
 
@@ -20,6 +20,21 @@ pub struct Hook {
     /// created an entry can match it: the interface at TC, the socket's cgroup at the
     /// cgroup programs (`cgroup_scope`).
     pub scope: u32,
+    /// Where the packet entered the node (the skb's ingress interface): 0 for the node's
+    /// own sockets, `FROM_UNSEEN` at the cgroup programs, which cannot tell.
+    pub from_ifindex: u32,
+}
+
+/// `Hook::from_ifindex` at the cgroup programs.
+pub const FROM_UNSEEN: u32 = u32::MAX;
+
+impl Hook {
+    /// A packet entering a pod that the node forwarded (from another interface) rather
+    /// than sent from its own sockets.
+    #[inline(always)]
+    fn forwarded_in(&self) -> bool {
+        self.dir == DIR_INGRESS && self.from_ifindex != 0 && self.from_ifindex != FROM_UNSEEN
+    }
 }
 
 pub struct Decision {
@@ -30,11 +45,16 @@ pub struct Decision {
     pub rule_id: u32,
 }
 
+/// The identity of a peer address. The node's addresses are `host` only for the node's
+/// own sockets: a packet the node forwarded with a node source (masqueraded, SNATed) is
+/// judged by the CIDR rules like any address outside the cluster.
 #[inline(always)]
-pub fn peer_identity(addr: &[u8; 16]) -> u32 {
+pub fn peer_identity(hook: &Hook, addr: &[u8; 16]) -> u32 {
     let key = EndpointKey { addr: *addr };
     if let Some(ep) = unsafe { ENDPOINTS.get(&key) } {
-        return ep.identity;
+        if !(ep.identity == IDENTITY_HOST && hook.forwarded_in()) {
+            return ep.identity;
+        }
     }
     match CIDRS.get(&Key::new(128, CidrKey { addr: *addr })) {
         Some(c) => c.identity,
@@ -67,7 +87,7 @@ fn decide_inner(cfg: &Config, hook: &Hook, f: &Flow, j: &Judged) -> Decision {
     let ifindex = hook.ifindex;
     // The hook, not the judged direction, says which address is the local pod.
     let (local, peer) = if hook.dir == DIR_INGRESS { (&f.daddr, &f.saddr) } else { (&f.saddr, &f.daddr) };
-    let peer_id = peer_identity(peer);
+    let peer_id = peer_identity(hook, peer);
     // The agent marks an address it cannot attribute (e.g. claimed by two pods) `init`.
     let ep = match unsafe { ENDPOINTS.get(&EndpointKey { addr: *local }) } {
         Some(ep) if ep.flags & EP_LOCAL != 0 && ep.ifindex == ifindex && ep.identity != IDENTITY_INIT => *ep,
@@ -75,6 +95,12 @@ fn decide_inner(cfg: &Config, hook: &Hook, f: &Flow, j: &Judged) -> Decision {
     };
     let local_id = ep.identity;
     let host_probe = is_host_probe(cfg, dir, peer_id);
+    // A pod sending to a node's tunnel endpoint: the node would decapsulate and route
+    // the inner packet with whatever source the pod wrote. Only an explicit allow (or a
+    // deny) decides, isolated or not.
+    if dir == DIR_EGRESS && (peer_id == IDENTITY_HOST || peer_id == IDENTITY_REMOTE_NODE) && is_tunnel(proto, port) {
+        return tunnel_decision(local_id, peer_id, proto, port);
+    }
     if ep.flags & enforce_flag(dir) == 0 {
         // Not isolated: no policy entries exist for this endpoint in this direction.
         let reason = if host_probe { Reason::AllowHost } else { Reason::AllowNoPolicy };
@@ -115,6 +141,31 @@ fn decide_inner(cfg: &Config, hook: &Hook, f: &Flow, j: &Judged) -> Decision {
         }
     }
     deny(Reason::DropPolicyDefault, local_id, peer_id, 0)
+}
+
+#[inline(always)]
+fn is_tunnel(proto: u8, port: u16) -> bool {
+    unsafe { TUNNELS.get(&tunnel_key(proto, port)).is_some() || TUNNELS.get(&tunnel_key(proto, 0)).is_some() }
+}
+
+/// Not inlined: only tunnel traffic pays for it.
+#[inline(never)]
+fn tunnel_decision(local_id: u32, peer_id: u32, proto: u8, port: u16) -> Decision {
+    let mut allowed: Option<u32> = None;
+    for pid in [peer_id, IDENTITY_ANY] {
+        if let Some(v) = POLICY.get(&Key::new(POLICY_PREFIX_FULL, PolicyKey::new(local_id, pid, DIR_EGRESS, proto, port))) {
+            if v.verdict == VERDICT_DENY {
+                return deny(Reason::DropPolicyDeny, local_id, peer_id, v.rule_id);
+            }
+            if allowed.is_none() && v.verdict == VERDICT_ALLOW {
+                allowed = Some(v.rule_id);
+            }
+        }
+    }
+    if let Some(rule) = allowed {
+        return allow(Reason::AllowPolicy, local_id, peer_id, rule);
+    }
+    deny(Reason::DropTunnel, local_id, peer_id, 0)
 }
 
 #[inline(always)]

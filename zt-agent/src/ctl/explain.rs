@@ -68,11 +68,7 @@ pub fn resolve(maps: &PinnedMaps, snap: &Snapshot, who: &str) -> Result<IpAddr> 
         bail!("{who:?}: no pod with this SPIFFE ID");
     }
     let (ns, name) = who.split_once('/').with_context(|| format!("{who:?}: expected an IP, namespace/pod or a SPIFFE ID"))?;
-    snap.pods
-        .iter()
-        .find(|(_, p)| p.namespace == ns && p.name == name)
-        .map(|(ip, _)| *ip)
-        .with_context(|| format!("{who:?}: no such pod with an IP"))
+    snap.pods.iter().find(|(_, p)| p.namespace == ns && p.name == name).map(|(ip, _)| *ip).with_context(|| format!("{who:?}: no such pod with an IP"))
 }
 
 fn peer_identity(maps: &PinnedMaps, ip: IpAddr, trace: &mut Vec<String>) -> u32 {
@@ -145,6 +141,29 @@ fn check(maps: &PinnedMaps, cfg: &Config, snap: &Snapshot, f: Flow) -> Option<Ch
         trace,
     };
     let host_probe = dir == DIR_INGRESS && peer_id == IDENTITY_HOST && cfg.flags & CONFIG_ALLOW_HOST != 0;
+    if dir == DIR_INGRESS && peer_id == IDENTITY_HOST {
+        trace.push("host only for the node's own sockets: if the node forwarded this (masquerade, SNAT), the peer is judged by CIDR rules instead".into());
+    }
+    if dir == DIR_EGRESS && (peer_id == IDENTITY_HOST || peer_id == IDENTITY_REMOTE_NODE) && is_tunnel(maps, proto, port) {
+        trace.push(format!("ZT_TUNNELS[proto {proto}, port {port}] -> a tunnel endpoint of a node: only an explicit allow passes"));
+        let mut allowed = None;
+        for pid in [peer_id, IDENTITY_ANY] {
+            if let Ok(v) = maps.policy.get(&Key::new(POLICY_PREFIX_FULL, PolicyKey::new(ep.identity, pid, dir, proto, port)), 0) {
+                trace.push(format!("ZT_POLICY[{} <- {pid}, egress, proto {proto}, port {port}] -> verdict {}", ep.identity, v.verdict));
+                if v.verdict == VERDICT_DENY {
+                    return Some(mk("drop", Reason::DropPolicyDeny, v.rule_id, trace));
+                }
+                if v.verdict == VERDICT_ALLOW {
+                    allowed = allowed.or(Some(v.rule_id));
+                }
+            }
+        }
+        if let Some(rule) = allowed {
+            return Some(mk("allow", Reason::AllowPolicy, rule, trace));
+        }
+        trace.push("no rule names it".into());
+        return Some(mk("drop", Reason::DropTunnel, 0, trace));
+    }
     if ep.flags & enforce_flag(dir) == 0 {
         trace.push(format!("no policy selects this endpoint for {}: not isolated", direction_name(dir)));
         let reason = if host_probe { Reason::AllowHost } else { Reason::AllowNoPolicy };
@@ -185,6 +204,10 @@ fn check(maps: &PinnedMaps, cfg: &Config, snap: &Snapshot, f: Flow) -> Option<Ch
     }
     trace.push("no rule allows it: default deny".into());
     Some(mk("drop", Reason::DropPolicyDefault, 0, trace))
+}
+
+fn is_tunnel(maps: &PinnedMaps, proto: u8, port: u16) -> bool {
+    maps.tunnels.get(&tunnel_key(proto, port), 0).is_ok() || maps.tunnels.get(&tunnel_key(proto, 0), 0).is_ok()
 }
 
 pub fn explain(maps: &PinnedMaps, snap: &Snapshot, src: &str, dst: &str, proto_port: &str) -> Result<Explanation> {

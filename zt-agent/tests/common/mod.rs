@@ -91,10 +91,7 @@ impl Dp {
     }
     pub fn endpoint(&mut self, ip: &str, identity: u32, flags: u32, ifindex: u32) {
         let ip: IpAddr = ip.parse().unwrap();
-        self.maps
-            .endpoints
-            .insert(EndpointKey { addr: to_key(ip) }, EndpointValue { identity, flags, ifindex, _pad: 0 }, 0)
-            .unwrap();
+        self.maps.endpoints.insert(EndpointKey { addr: to_key(ip) }, EndpointValue { identity, flags, ifindex, _pad: 0 }, 0).unwrap();
     }
     /// A local pod on the test device, isolated both ways.
     pub fn local_pod(&mut self, ip: &str, identity: u32) {
@@ -127,6 +124,18 @@ impl Dp {
         let opts = TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ctx_in: Some(&ctx), repeat: 1, ..Default::default() };
         self.prog(hook).test_run(opts).expect("BPF_PROG_TEST_RUN with ifindex").return_value
     }
+    /// Runs the program once on hook interface `ifindex` (0: the loopback device; else it
+    /// must exist in the calling thread's netns) for a packet that entered the node
+    /// through `ingress_ifindex` (0: sent by the node's own sockets).
+    pub fn run_from(&self, hook: &str, pkt: &[u8], ifindex: u32, ingress_ifindex: u32) -> u32 {
+        // struct __sk_buff: ingress_ifindex at offset 36, ifindex at 40.
+        let mut ctx = [0u8; 192];
+        ctx[36..40].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut out = vec![0u8; pkt.len() + 256];
+        let opts = TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ctx_in: Some(&ctx), repeat: 1, ..Default::default() };
+        self.prog(hook).test_run(opts).expect("BPF_PROG_TEST_RUN with ingress_ifindex").return_value
+    }
     /// Runs it `repeat` times in the kernel; returns (verdict, mean ns per run).
     pub fn run_n(&self, hook: &str, pkt: &[u8], repeat: u32) -> (u32, f64) {
         let mut out = vec![0u8; pkt.len() + 256];
@@ -144,13 +153,7 @@ impl Dp {
             ctx[40..44].copy_from_slice(&i.to_ne_bytes());
         }
         let mut out = vec![0u8; pkt.len() + 256];
-        let opts = TestRunOptions {
-            data_in: Some(pkt),
-            data_out: Some(&mut out),
-            ctx_in: ifindex.map(|_| &ctx[..]),
-            repeat: 1,
-            ..Default::default()
-        };
+        let opts = TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ctx_in: ifindex.map(|_| &ctx[..]), repeat: 1, ..Default::default() };
         let p: &CgroupSkb = self.ebpf.program(prog).unwrap().try_into().unwrap();
         p.test_run(opts).expect("BPF_PROG_TEST_RUN (cgroup skb)").return_value
     }
