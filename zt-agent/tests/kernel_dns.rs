@@ -46,6 +46,7 @@ const FROM: &str = "zt_from_pod";
 const TO: &str = "zt_to_pod";
 const IP1: &str = "93.184.216.34";
 const IP2: &str = "93.184.216.35";
+const IP3: &str = "93.184.216.36";
 const IP6: &str = "2606:2800:220:1::1";
 
 struct Fx {
@@ -139,7 +140,7 @@ impl Fx {
     fn outcomes(&self) -> Vec<(&'static str, u64)> {
         DnsStat::ALL
             .iter()
-            .filter(|s| !matches!(s, DnsStat::Answers | DnsStat::EventSent | DnsStat::EventRateLimited | DnsStat::EventRingFull))
+            .filter(|s| !matches!(s, DnsStat::Answers | DnsStat::Queries | DnsStat::EventSent | DnsStat::EventRateLimited | DnsStat::EventRingFull))
             .map(|s| (s.name(), self.stat(*s)))
             .filter(|(_, n)| *n != 0)
             .collect()
@@ -156,7 +157,10 @@ impl Fx {
     /// The pod at `client` queries `server` (creates the conntrack entry).
     fn query(&self, client: &str, server: &str, proto: u8) {
         let q = msg(0x0100, 1, 0, 0, &question("api.example.com", T_A));
-        let pkt = if proto == UDP { udp(client, server, CPORT, 53, &q) } else { ipv_syn(client, server, CPORT, 53) };
+        if proto == TCP {
+            assert_eq!(self.dp.run(FROM, &ipv_syn(client, server, CPORT, 53)), TC_PASS, "SYN {client} -> {server}");
+        }
+        let pkt = if proto == UDP { udp(client, server, CPORT, 53, &q) } else { tcp_dns(client, server, CPORT, 53, &q) };
         assert_eq!(self.dp.run(FROM, &pkt), TC_PASS, "query {client} -> {server}");
     }
 
@@ -637,11 +641,13 @@ fn learned_address_allows_the_first_packet_by_its_rule() {
     // A wildcard-only match uses the wildcard rule's id.
     fx.answer(&answer("www.example.com", T_A, &[a(300, IP2)]));
     assert_eq!(fx.dp.run(FROM, &ipv4(POD, IP2, TCP, 41004, 443)), TC_PASS);
-    let rules: Vec<u32> = fx.dp.maps.ct.iter().filter_map(|r| r.ok()).map(|(_, v)| v).filter(|v| v.reason == Reason::AllowFqdn as u8).map(|v| v.rule_id).collect();
+    let rules: Vec<u32> =
+        fx.dp.maps.ct.iter().filter_map(|r| r.ok()).map(|(_, v)| v).filter(|v| v.reason == Reason::AllowFqdn as u8).map(|v| v.rule_id).collect();
     assert!(rules.contains(&RULE_WILD), "{rules:?}");
     fx.answer(&answer("db.internal.test", T_A, &[a(300, "93.184.216.50")]));
     assert_eq!(fx.dp.run(FROM, &ipv4(POD, "93.184.216.50", TCP, 41005, 443)), TC_PASS);
-    let rules: Vec<u32> = fx.dp.maps.ct.iter().filter_map(|r| r.ok()).map(|(_, v)| v).filter(|v| v.reason == Reason::AllowFqdn as u8).map(|v| v.rule_id).collect();
+    let rules: Vec<u32> =
+        fx.dp.maps.ct.iter().filter_map(|r| r.ok()).map(|(_, v)| v).filter(|v| v.reason == Reason::AllowFqdn as u8).map(|v| v.rule_id).collect();
     assert!(rules.contains(&RULE_DB), "the slot's own rule id (bit 2): {rules:?}");
 }
 
@@ -766,7 +772,14 @@ fn full_event_ring_is_counted_and_learning_goes_on() {
     let sent = fx.stat(DnsStat::EventSent);
     let full = fx.stat(DnsStat::EventRingFull);
     assert!(sent > 0 && full > 0 && sent + full == 1500, "sent {sent}, ring full {full}");
-    assert_eq!(fx.stat(DnsStat::Learned), 1500);
+    // Only the first copy answered the query; the others are reported, not learned.
+    assert_eq!((fx.stat(DnsStat::Learned), fx.stat(DnsStat::NoQuery)), (1, 1499));
+    // The ring is still full: a new query's answer is learned all the same.
+    fx.query(POD, DNS, UDP);
+    let m2 = answer("api.example.com", T_A, &[a(60, IP2)]);
+    assert_eq!(fx.dp.run(TO, &udp(DNS, POD, 53, CPORT, &m2)), TC_PASS);
+    assert_eq!(fx.stat(DnsStat::EventRingFull), full + 1);
+    assert!(fx.learned(ID_POD, IP2).is_some());
 }
 
 #[test]
@@ -783,4 +796,78 @@ fn visibility_only_endpoint_gets_events_and_learns_nothing() {
     assert_eq!(ev.len(), 1);
     assert_eq!((ev[0].local_id, ev[0].slots, ev[0].outcome), (ID_PLAIN, 0, DnsStat::NoMatch as u8));
     assert_eq!(&ev[0].data[..m.len()], &m[..]);
+}
+
+// ---------------------------------------------------------------------------
+// Answers are bound to the pod's own queries (issue 8)
+// ---------------------------------------------------------------------------
+
+/// `m` with another transaction ID.
+fn with_txid(m: &[u8], txid: u16) -> Vec<u8> {
+    let mut m = m.to_vec();
+    m[..2].copy_from_slice(&txid.to_be_bytes());
+    m
+}
+
+#[test]
+fn an_answer_teaches_only_if_it_matches_a_query_of_the_pod() {
+    let mut fx = Fx::new("dns-bound");
+    let m = answer("api.example.com", T_A, &[a(60, IP1)]);
+    // A flow to the resolver exists (an earlier query was answered), then a forged
+    // answer arrives when no query is outstanding: reported, not learned.
+    fx.query(POD, DNS, UDP);
+    assert_eq!(fx.dp.run(TO, &udp(DNS, POD, 53, CPORT, &answer("api.example.com", T_A, &[a(60, IP2)]))), TC_PASS);
+    assert_eq!(fx.dp.run(TO, &udp(DNS, POD, 53, CPORT, &m)), TC_PASS);
+    assert_eq!((fx.stat(DnsStat::Learned), fx.stat(DnsStat::NoQuery)), (1, 1));
+    assert!(fx.learned(ID_POD, IP1).is_none(), "the unsolicited answer taught nothing");
+    // Another transaction ID, another client port: no match either.
+    fx.query(POD, DNS, UDP);
+    assert_eq!(fx.dp.run(TO, &udp(DNS, POD, 53, CPORT, &with_txid(&m, 0x4321))), TC_PASS);
+    // (another port has no flow at all: the pod's ingress policy drops it, untracked)
+    assert_eq!(fx.dp.run(TO, &udp(DNS, POD, 53, CPORT + 1, &m)), TC_DROP);
+    assert_eq!((fx.stat(DnsStat::NoQuery), fx.stat(DnsStat::Untracked)), (2, 1));
+    assert!(fx.learned(ID_POD, IP1).is_none());
+    // The matching answer teaches; a second copy of it does not.
+    assert_eq!(fx.dp.run(TO, &udp(DNS, POD, 53, CPORT, &m)), TC_PASS);
+    assert!(fx.learned(ID_POD, IP1).is_some());
+    let learned = fx.stat(DnsStat::Learned);
+    assert_eq!(fx.dp.run(TO, &udp(DNS, POD, 53, CPORT, &with_txid(&answer("api.example.com", T_A, &[a(60, IP3)]), 0x1234))), TC_PASS);
+    assert_eq!((fx.stat(DnsStat::Learned), fx.stat(DnsStat::NoQuery)), (learned, 3));
+    assert!(fx.learned(ID_POD, IP3).is_none());
+    let ev = fx.dns_events();
+    assert_eq!(ev.iter().filter(|e| e.outcome == DnsStat::NoQuery as u8).count(), 3);
+}
+
+#[test]
+fn a_packet_from_the_resolver_before_the_query_does_not_make_the_answer_unlearnable() {
+    let fx = Fx::new("dns-first-packet");
+    // The pod is not isolated for ingress: a packet from the resolver's address to the
+    // pod's port is admitted and tracked before the pod asks anything.
+    let mut fx = fx;
+    fx.dp.endpoint(POD, ID_POD, EP_LOCAL | EP_ENFORCE_EGRESS | EP_FQDN, TEST_IFINDEX);
+    let forged = answer("api.example.com", T_A, &[a(60, IP2)]);
+    assert_eq!(fx.dp.run(TO, &udp(DNS, POD, 53, CPORT, &forged)), TC_PASS);
+    assert!(fx.learned(ID_POD, IP2).is_none());
+    // The query now rides that entry as a reply; the real answer as established.
+    fx.query(POD, DNS, UDP);
+    assert_eq!(fx.dp.run(TO, &udp(DNS, POD, 53, CPORT, &answer("api.example.com", T_A, &[a(60, IP1)]))), TC_PASS);
+    assert!(fx.learned(ID_POD, IP1).is_some(), "the answer to the pod's query is learned");
+    assert!(fx.learned(ID_POD, IP2).is_none());
+}
+
+#[test]
+fn tcp_answer_must_start_the_response_stream() {
+    let fx = Fx::new("dns-tcp-seq");
+    let m = answer("api.example.com", T_A, &[a(60, IP1)]);
+    // The query segment acknowledges sequence 0 (the builder's): the response stream
+    // starts there. A whole message at another sequence number is not the first one.
+    fx.query(POD, DNS, TCP);
+    let mut off_stream = tcp_dns(DNS, POD, 53, CPORT, &m);
+    let tcp_at = off_stream.len() - (20 + 2 + m.len());
+    off_stream[tcp_at + 4..tcp_at + 8].copy_from_slice(&1000u32.to_be_bytes());
+    assert_eq!(fx.dp.run(TO, &off_stream), TC_PASS);
+    assert_eq!(fx.stat(DnsStat::NoQuery), 1);
+    assert!(fx.learned(ID_POD, IP1).is_none());
+    assert_eq!(fx.dp.run(TO, &tcp_dns(DNS, POD, 53, CPORT, &m)), TC_PASS);
+    assert!(fx.learned(ID_POD, IP1).is_some());
 }

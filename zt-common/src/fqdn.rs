@@ -31,12 +31,18 @@ pub const MAP_DNS_SERVERS: &str = "ZT_DNS_SERVERS";
 pub const MAP_DNS_STATS: &str = "ZT_DNS_STATS";
 /// Ring buffer of `DnsEvent`.
 pub const MAP_DNS_EVENTS: &str = "ZT_DNS_EVENTS";
+/// LRU hash `DnsQueryKey -> DnsQueryValue`: the queries capturing pods sent to trusted
+/// resolvers and that no answer has matched yet, written and consumed by the kernel.
+pub const MAP_DNS_QUERIES: &str = "ZT_DNS_QUERIES";
 
 pub const DEFAULT_FQDN_NAMES_MAX: u32 = 65536;
 pub const DEFAULT_FQDN_PORTS_MAX: u32 = 16384;
 pub const DEFAULT_FQDN_LEARNED_MAX: u32 = 65536;
 pub const DNS_SERVERS_MAX: u32 = 1024;
 pub const DNS_EVENTS_RING_BYTES: u32 = 1 << 20;
+pub const DEFAULT_DNS_QUERIES_MAX: u32 = 16384;
+/// An answer teaches only within this time of its query.
+pub const DNS_QUERY_TIMEOUT_NS: u64 = 30_000_000_000;
 
 /// FQDN rules per local identity (bits of the `slots` masks).
 pub const FQDN_MAX_SLOTS: u32 = 32;
@@ -84,12 +90,7 @@ pub struct FqdnNameKey {
 
 impl FqdnNameKey {
     pub const fn new(local_id: u32, kind: u8, name_hash: u64) -> Self {
-        FqdnNameKey {
-            name_hash,
-            local_id,
-            kind,
-            _pad: [0; 3],
-        }
+        FqdnNameKey { name_hash, local_id, kind, _pad: [0; 3] }
     }
 }
 
@@ -115,10 +116,7 @@ pub struct FqdnPortsValue {
 
 impl Default for FqdnPortsValue {
     fn default() -> Self {
-        FqdnPortsValue {
-            slots: 0,
-            rule_ids: [0; 32],
-        }
+        FqdnPortsValue { slots: 0, rule_ids: [0; 32] }
     }
 }
 
@@ -165,6 +163,31 @@ pub struct DnsEvent {
     pub data: [u8; DNS_EVENT_DATA],
 }
 
+/// A query a capturing pod sent to a trusted resolver, as its answer must match it:
+/// same addresses and client port, same transaction ID, same protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DnsQueryKey {
+    pub client: [u8; 16],
+    pub server: [u8; 16],
+    /// Host byte order.
+    pub client_port: u16,
+    /// The DNS transaction ID, as it appears on the wire (big-endian value).
+    pub txid: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsQueryValue {
+    pub created_ns: u64,
+    /// TCP: the sequence number the response stream starts at (the query segment's
+    /// acknowledgement number): only a segment starting there is a whole first message.
+    pub resp_seq: u32,
+    pub _pad: u32,
+}
+
 impl Default for DnsEvent {
     fn default() -> Self {
         DnsEvent {
@@ -193,6 +216,8 @@ const _: () = {
     assert!(core::mem::size_of::<FqdnLearnedKey>() == 20);
     assert!(core::mem::size_of::<FqdnLearnedValue>() == 16);
     assert!(core::mem::size_of::<DnsEvent>() == 1088);
+    assert!(core::mem::size_of::<DnsQueryKey>() == 40);
+    assert!(core::mem::size_of::<DnsQueryValue>() == 16);
     assert!(DNS_SCRATCH.is_power_of_two());
     assert!(DNS_EVENT_DATA.is_power_of_two());
     assert!((DnsStat::ALL.len() as u32) <= DNS_STAT_SLOTS);
@@ -256,10 +281,16 @@ pub enum DnsStat {
     EventSent = 21,
     EventRateLimited = 22,
     EventRingFull = 23,
+    /// An answer from a trusted resolver that matches no query the pod sent (addresses,
+    /// client port, transaction ID; over TCP, the start of the response stream), or not
+    /// the first answer to match it: nothing learned.
+    NoQuery = 24,
+    /// Queries recorded (a capturing pod to a trusted resolver).
+    Queries = 25,
 }
 
 impl DnsStat {
-    pub const ALL: [DnsStat; 24] = [
+    pub const ALL: [DnsStat; 26] = [
         DnsStat::Answers,
         DnsStat::Short,
         DnsStat::Learned,
@@ -284,6 +315,8 @@ impl DnsStat {
         DnsStat::EventSent,
         DnsStat::EventRateLimited,
         DnsStat::EventRingFull,
+        DnsStat::NoQuery,
+        DnsStat::Queries,
     ];
 
     pub fn from_u8(v: u8) -> Option<DnsStat> {
@@ -317,6 +350,8 @@ impl DnsStat {
             DnsStat::EventSent => "event-sent",
             DnsStat::EventRateLimited => "event-rate-limited",
             DnsStat::EventRingFull => "event-ring-full",
+            DnsStat::NoQuery => "no-query",
+            DnsStat::Queries => "queries",
         }
     }
 }
@@ -549,6 +584,8 @@ mod user {
     unsafe impl aya::Pod for FqdnLearnedKey {}
     unsafe impl aya::Pod for FqdnLearnedValue {}
     unsafe impl aya::Pod for DnsEvent {}
+    unsafe impl aya::Pod for DnsQueryKey {}
+    unsafe impl aya::Pod for DnsQueryValue {}
 }
 
 #[cfg(test)]
@@ -649,10 +686,7 @@ mod tests {
         }
         for b in 0..=255u8 {
             let w = u64::from_le_bytes([b, 0x41, b, 0x5a, b, 0x40, b, 0x5b]);
-            assert_eq!(
-                dns_lower_word(w),
-                u64::from_le_bytes(w.to_le_bytes().map(dns_lower))
-            );
+            assert_eq!(dns_lower_word(w), u64::from_le_bytes(w.to_le_bytes().map(dns_lower)));
         }
     }
 
@@ -660,9 +694,7 @@ mod tests {
     fn label_hash_words_matches_streaming() {
         let key = [0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210];
         for len in 0..=63usize {
-            let label: std::vec::Vec<u8> = (0..len)
-                .map(|i| b"AbCzZ-_09xyQ"[i % 12] ^ (i as u8 & 0x80))
-                .collect();
+            let label: std::vec::Vec<u8> = (0..len).map(|i| b"AbCzZ-_09xyQ"[i % 12] ^ (i as u8 & 0x80)).collect();
             // The stream as it sits in a message, with junk after it.
             let mut msg = std::vec![len as u8];
             msg.extend_from_slice(&label);
@@ -671,11 +703,7 @@ mod tests {
                 let i = i as usize;
                 u64::from_le_bytes(msg[i..i + 8].try_into().unwrap())
             };
-            assert_eq!(
-                label_hash_words(key, len as u32, load),
-                label_hash(key, &label),
-                "len {len}"
-            );
+            assert_eq!(label_hash_words(key, len as u32, load), label_hash(key, &label), "len {len}");
         }
     }
 
@@ -712,8 +740,7 @@ mod tests {
     #[test]
     fn name_hashes_many_labels() {
         let key = [7, 9];
-        let name: std::string::String =
-            (0..40).map(|_| "a.").collect::<std::string::String>() + "com";
+        let name: std::string::String = (0..40).map(|_| "a.").collect::<std::string::String>() + "com";
         let (exact, suf, n) = name_hashes(key, &name);
         assert_eq!(n, 32);
         assert_eq!(suf[0], exact);

@@ -43,13 +43,11 @@ pub fn handle(ctx: &SkBuffContext, dir: u8) -> i32 {
     // pod's tracked flow.
     let scope = cgroup_scope(unsafe { bpf_skb_cgroup_id(skb) });
     let hook = Hook { ifindex: CGROUP_HOOK_IFINDEX, dir, scope, from_ifindex: FROM_UNSEEN };
-    let mut dns_answer = false;
-    if !datapath::judge(&hook, &f, parsed, &mut dns_answer) {
+    let mut dns_work = dns::Work::None;
+    if !datapath::judge(&hook, &f, parsed, &mut dns_work) {
         return CG_DROP;
     }
-    if dns_answer {
-        dns::capture(skb);
-    }
+    dns::run(skb, dns_work);
     CG_PASS
 }
 

@@ -23,23 +23,22 @@ pub fn handle(ctx: &TcContext, dir: u8) -> i32 {
     let hook = Hook { ifindex, dir, scope: ifindex, from_ifindex };
     let mut f = Flow::zeroed();
     let parsed = parse::parse(ctx.skb.skb, &mut f, parse::L3_AFTER_ETH);
-    let mut dns_answer = false;
-    if !judge(&hook, &f, parsed, &mut dns_answer) {
+    let mut dns_work = dns::Work::None;
+    if !judge(&hook, &f, parsed, &mut dns_work) {
         return TC_DROP;
     }
-    if dns_answer {
-        dns::capture(ctx.skb.skb);
-    }
+    dns::run(ctx.skb.skb, dns_work);
     TC_PASS
 }
 
 /// The verdict for a parsed packet at `hook` (true = pass), counted and reported.
 /// Shared by the TC hooks and the cgroup programs (which judge as hook ifindex 0).
-/// `dns_answer` is set for a DNS answer to capture (`dns::note` holds its details): the
-/// caller runs `dns::capture` last, from one call site, so that the verifier checks the
-/// parser once rather than once per path through the datapath.
+/// `dns` is set for a DNS answer to capture or a query to record (`dns::note` and
+/// `dns::note_query` hold the details): the caller runs `dns::run` last, from one call
+/// site, so that the verifier checks the parser once rather than once per path through
+/// the datapath.
 #[inline(always)]
-pub fn judge(hook: &Hook, f: &Flow, parsed: Parsed, dns_answer: &mut bool) -> bool {
+pub fn judge(hook: &Hook, f: &Flow, parsed: Parsed, dns: &mut dns::Work) -> bool {
     let dir = hook.dir;
     match parsed {
         Parsed::NonIp => {
@@ -75,12 +74,12 @@ pub fn judge(hook: &Hook, f: &Flow, parsed: Parsed, dns_answer: &mut bool) -> bo
         }
         Parsed::Malformed => drop_unjudged(cfg, hook, f, Reason::DropMalformed),
         Parsed::TooManyExtHeaders => drop_unjudged(cfg, hook, f, Reason::DropIpv6ExtHeaders),
-        Parsed::Flow => handle_flow(cfg, hook, f, dns_answer),
+        Parsed::Flow => handle_flow(cfg, hook, f, dns),
     }
 }
 
 #[inline(always)]
-fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow, dns_answer: &mut bool) -> bool {
+fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow, dns_work: &mut dns::Work) -> bool {
     if spoofed_local_source(hook, &f.saddr) {
         return drop_unjudged(cfg, hook, f, Reason::DropSpoofedSource);
     }
@@ -113,10 +112,12 @@ fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow, dns_answer: &mut bool) -> bo
         }
         conntrack::touch(ct, now);
         note_first_fragment(f, hook, now);
-        // A DNS answer to a query this pod sent: learn from it before the pod reads it.
-        if reply && dir == DIR_INGRESS && f.sport == 53 && (f.proto == IPPROTO_UDP || f.proto == IPPROTO_TCP) {
+        // DNS on a tracked flow, whichever side opened it (a packet from the resolver's
+        // address before the query must not make the answer unlearnable): a query is
+        // recorded, an answer is learned from only if it matches one.
+        if is_dns(f) {
             let ids = dns::Ids { local: unsafe { (*ct).local_id }, peer: unsafe { (*ct).peer_id } };
-            *dns_answer = dns::note(f, hook, &ids);
+            *dns_work = dns_work_of(f, hook, &ids);
         }
         verdict::count(dir, if reply { Reason::AllowReply } else { Reason::AllowEstablished });
         return true;
@@ -130,11 +131,31 @@ fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow, dns_answer: &mut bool) -> bo
     }
     conntrack::create(f, hook, cfg.policy_epoch, &d);
     note_first_fragment(f, hook, now);
+    if dir == DIR_EGRESS && f.dport == 53 && (f.proto == IPPROTO_UDP || f.proto == IPPROTO_TCP) {
+        *dns_work = if dns::note_query(f, d.peer_id) { dns::Work::Query } else { dns::Work::None };
+    }
     verdict::count(dir, d.reason);
     if cfg.flags & CONFIG_EVENTS_ALLOWED != 0 {
         verdict::emit(cfg, hook, f, &d);
     }
     true
+}
+
+#[inline(always)]
+fn is_dns(f: &Flow) -> bool {
+    (f.sport == 53 || f.dport == 53) && (f.proto == IPPROTO_UDP || f.proto == IPPROTO_TCP)
+}
+
+/// An answer entering a pod from port 53, or a query leaving it to port 53.
+#[inline(always)]
+fn dns_work_of(f: &Flow, hook: &Hook, ids: &dns::Ids) -> dns::Work {
+    if hook.dir == DIR_INGRESS && f.sport == 53 && dns::note(f, hook, ids) {
+        dns::Work::Answer
+    } else if hook.dir == DIR_EGRESS && f.dport == 53 && dns::note_query(f, ids.peer) {
+        dns::Work::Query
+    } else {
+        dns::Work::None
+    }
 }
 
 /// Entering a pod: a source address of a hooked local pod is genuine only if the packet

@@ -25,7 +25,7 @@ use aya_ebpf::{
 use zt_common::*;
 
 use crate::{
-    maps::{DNS_EVENTS, DNS_RATELIMIT, DNS_SCRATCH_MAP, DNS_SERVERS, DNS_STATS, ENDPOINTS, FQDN_CONFIG, FQDN_LEARNED, FQDN_NAMES},
+    maps::{DNS_EVENTS, DNS_QUERIES, DNS_RATELIMIT, DNS_SCRATCH_MAP, DNS_SERVERS, DNS_STATS, ENDPOINTS, FQDN_CONFIG, FQDN_LEARNED, FQDN_NAMES},
     parse::{Flow, IPPROTO_TCP, IPPROTO_UDP},
     policy::Hook,
 };
@@ -38,6 +38,26 @@ const OK: u32 = 0xff;
 const TYPE_A: u32 = 1;
 const TYPE_AAAA: u32 = 28;
 const CLASS_IN: u32 = 1;
+
+/// What the datapath leaves to `run` once it has passed a packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    None,
+    /// `note` kept an answer: parse and learn (`capture`).
+    Answer,
+    /// `note_query` kept a query: record it (`record_query`).
+    Query,
+}
+
+/// The one call site of the capture and the query record.
+#[inline(always)]
+pub fn run(skb: *mut __sk_buff, work: Work) {
+    match work {
+        Work::Answer => capture(skb),
+        Work::Query => record_query(skb),
+        Work::None => {}
+    }
+}
 
 /// The identities of a tracked DNS flow (from its conntrack entry).
 pub struct Ids {
@@ -85,6 +105,10 @@ pub struct State {
     ips: u32,
     outcome: u32,
     proto: u32,
+    /// The pod's port.
+    client_port: u32,
+    /// TCP: the answer segment's sequence number.
+    seq: u32,
     /// The clamped TTL of the record being learned.
     ttl: u32,
 }
@@ -188,6 +212,82 @@ pub fn note(f: &Flow, hook: &Hook, ids: &Ids) -> bool {
     put(st!(s, l4_off), f.l4_off as u32);
     put(st!(s, ip_end), f.ip_end);
     put(st!(s, proto), f.proto as u32);
+    put(st!(s, client_port), f.dport as u32);
+    true
+}
+
+/// A packet `f` from a pod to port 53 that the datapath let out: if the pod captures
+/// answers and `peer` is a trusted resolver, keeps what `record_query` needs and says
+/// so (the datapath then calls `record_query` once it has passed the packet).
+#[inline(never)]
+pub fn note_query(f: &Flow, peer: u32) -> bool {
+    let flags = match unsafe { ENDPOINTS.get(&EndpointKey { addr: f.saddr }) } {
+        Some(ep) => ep.flags,
+        None => return false,
+    };
+    if flags & (EP_FQDN | EP_DNS_VISIBILITY) == 0 || unsafe { DNS_SERVERS.get(&peer) }.is_none() {
+        return false;
+    }
+    let Some(s) = DNS_SCRATCH_MAP.get_ptr_mut(0) else { return false };
+    unsafe {
+        (*s).st.client = f.saddr;
+        (*s).st.server = f.daddr;
+    }
+    put(st!(s, l4_off), f.l4_off as u32);
+    put(st!(s, ip_end), f.ip_end);
+    put(st!(s, proto), f.proto as u32);
+    put(st!(s, client_port), f.sport as u32);
+    true
+}
+
+/// Records the query `note_query` kept: its transaction ID (and over TCP the sequence
+/// number its response must start at). A segment without a whole DNS header records
+/// nothing; a TCP segment that continues a message records a key no answer will match.
+#[inline(never)]
+pub fn record_query(skb: *mut __sk_buff) {
+    let Some(s) = DNS_SCRATCH_MAP.get_ptr_mut(0) else { return };
+    let ctx = TcContext::new(skb);
+    let l4 = get(st!(s, l4_off)) & 0xffff;
+    let ip_end = get(st!(s, ip_end));
+    let proto = get(st!(s, proto));
+    let (txid_at, resp_seq) = if proto == IPPROTO_UDP as u32 {
+        (l4 + 8, 0)
+    } else {
+        let Ok(doff) = ctx.load::<u8>(l4 as usize + 12) else { return };
+        let Ok(ack) = ctx.load::<u32>(l4 as usize + 8) else { return };
+        // After the 2-byte length prefix.
+        (l4 + ((doff as u32) >> 4) * 4 + 2, u32::from_be(ack))
+    };
+    if txid_at + 12 > ip_end {
+        return;
+    }
+    let Ok(txid) = ctx.load::<u16>(txid_at as usize) else { return };
+    let key = query_key(s, u16::from_be(txid), proto);
+    let v = DnsQueryValue { created_ns: unsafe { bpf_ktime_get_ns() }, resp_seq, _pad: 0 };
+    if DNS_QUERIES.insert(&key, &v, 0).is_ok() {
+        stat(DnsStat::Queries);
+    }
+}
+
+#[inline(always)]
+fn query_key(s: *mut Scratch, txid: u16, proto: u32) -> DnsQueryKey {
+    let (client, server) = unsafe { ((*s).st.client, (*s).st.server) };
+    DnsQueryKey { client, server, client_port: get(st!(s, client_port)) as u16, txid, proto: proto as u8, _pad: [0; 3] }
+}
+
+/// Does the located answer match a recorded query of its pod (and is it the first to)?
+/// Consumes the record: a second answer to the same query teaches nothing.
+#[inline(never)]
+fn answers_a_query(s: *mut Scratch) -> bool {
+    let proto = get(st!(s, proto));
+    let key = query_key(s, be16(s, 0) as u16, proto);
+    let Some(v) = (unsafe { DNS_QUERIES.get(&key) }) else { return false };
+    let fresh = unsafe { bpf_ktime_get_ns() }.saturating_sub(v.created_ns) < DNS_QUERY_TIMEOUT_NS;
+    let starts_stream = proto != IPPROTO_TCP as u32 || v.resp_seq == get(st!(s, seq));
+    if !fresh || !starts_stream {
+        return false;
+    }
+    let _ = DNS_QUERIES.remove(&key);
     true
 }
 
@@ -201,6 +301,13 @@ pub fn capture(skb: *mut __sk_buff) {
     }
     stat(DnsStat::Answers);
     let learn_for = if get(st!(s, learn)) != 0 { get(st!(s, local)) } else { 0 };
+    // An answer no query of the pod asked for is still reported, never learned from.
+    if learn_for != 0 && !answers_a_query(s) {
+        stat(DnsStat::NoQuery);
+        put(st!(s, outcome), DnsStat::NoQuery as u32);
+        event(skb, s);
+        return;
+    }
     let outcome = parse(s, cfg, learn_for);
     put(st!(s, outcome), outcome);
     event(skb, s);
@@ -236,6 +343,8 @@ fn locate(skb: *mut __sk_buff, s: *mut Scratch) -> bool {
             return false; // a pure ACK
         }
         let payload = end - start;
+        let Ok(seq) = ctx.load::<u32>(l4 as usize + 4) else { return false };
+        put(st!(s, seq), u32::from_be(seq));
         let prefix = match ctx.load::<u16>(start as usize) {
             Ok(p) if payload >= 2 => u16::from_be(p) as u32,
             _ => {

@@ -76,6 +76,11 @@ pub static FQDN_LEARNED: LruHashMap<FqdnLearnedKey, FqdnLearnedValue> = LruHashM
 #[map(name = "ZT_DNS_SERVERS")]
 pub static DNS_SERVERS: aya_ebpf::maps::HashMap<u32, u32> = aya_ebpf::maps::HashMap::pinned(DNS_SERVERS_MAX, 0);
 
+/// Outstanding queries of capturing pods to trusted resolvers; an answer learns only if
+/// it matches one, and consumes it. LRU: a flood of queries evicts the oldest.
+#[map(name = "ZT_DNS_QUERIES")]
+pub static DNS_QUERIES: LruHashMap<DnsQueryKey, DnsQueryValue> = LruHashMap::pinned(DEFAULT_DNS_QUERIES_MAX, 0);
+
 /// Capture outcome counters, indexed by `DnsStat`.
 #[map(name = "ZT_DNS_STATS")]
 pub static DNS_STATS: PerCpuArray<u64> = PerCpuArray::pinned(DNS_STAT_SLOTS, 0);

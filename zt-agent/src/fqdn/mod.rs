@@ -156,9 +156,13 @@ pub fn render_metrics(o: &mut String, m: &crate::metrics::AgentMetrics, maps: Op
     let is_event = |s: DnsStat| s.name().starts_with("event-");
     let _ = writeln!(o, "# HELP zt_fqdn_answers_total DNS answers to pods with FQDN rules seen by the kernel, by outcome (answers counts every trusted answer parsed; learned and ips-learned add to it; the others say why nothing or not everything was learned).\n# TYPE zt_fqdn_answers_total counter");
     if let Some(s) = &stats {
-        for st in DnsStat::ALL.iter().copied().filter(|s| !is_event(*s) && *s != DnsStat::IpsLearned) {
+        for st in DnsStat::ALL.iter().copied().filter(|s| !is_event(*s) && !matches!(s, DnsStat::IpsLearned | DnsStat::Queries)) {
             let _ = writeln!(o, "zt_fqdn_answers_total{{outcome=\"{}\"}} {}", st.name(), s[st as usize]);
         }
+    }
+    let _ = writeln!(o, "# HELP zt_fqdn_queries_total DNS queries of pods with FQDN rules to trusted resolvers recorded by the kernel (an answer teaches only if it matches one: outcome no-query otherwise).\n# TYPE zt_fqdn_queries_total counter");
+    if let Some(s) = &stats {
+        let _ = writeln!(o, "zt_fqdn_queries_total {}", s[DnsStat::Queries as usize]);
     }
     let _ = writeln!(o, "# HELP zt_fqdn_ips_learned_total Addresses learned from DNS answers.\n# TYPE zt_fqdn_ips_learned_total counter");
     if let Some(s) = &stats {
