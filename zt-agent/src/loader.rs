@@ -11,7 +11,7 @@ use aya::{
     programs::{
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
-        CgroupSkb, LinkOrder, SchedClassifier, TcAttachType,
+        CgroupSkb, LinkOrder, ProgramError, SchedClassifier, TcAttachType,
     },
     Ebpf, EbpfLoader,
 };
@@ -129,20 +129,30 @@ pub fn load_object(bpffs_root: &Path, sizes: &MapSizes) -> Result<Ebpf> {
         .map_max_entries(MAP_FQDN_LEARNED, sizes.fqdn_learned);
     let mut ebpf = loader.load(OBJECT).context("loading the zt kernel object")?;
     for name in [PROG_FROM_POD, PROG_TO_POD, PROG_NOOP] {
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .with_context(|| format!("program {name} missing from the object"))?
-            .try_into()?;
-        prog.load().with_context(|| format!("verifier rejected {name}"))?;
+        let prog: &mut SchedClassifier = ebpf.program_mut(name).with_context(|| format!("program {name} missing from the object"))?.try_into()?;
+        load_retrying(|| prog.load()).with_context(|| format!("verifier rejected {name}"))?;
     }
     for name in [PROG_CGROUP_EGRESS, PROG_CGROUP_INGRESS] {
-        let prog: &mut CgroupSkb = ebpf
-            .program_mut(name)
-            .with_context(|| format!("program {name} missing from the object"))?
-            .try_into()?;
-        prog.load().with_context(|| format!("verifier rejected {name}"))?;
+        let prog: &mut CgroupSkb = ebpf.program_mut(name).with_context(|| format!("program {name} missing from the object"))?.try_into()?;
+        load_retrying(|| prog.load()).with_context(|| format!("verifier rejected {name}"))?;
     }
     Ok(ebpf)
+}
+
+/// The verifier gives up with EAGAIN when a signal arrives while it runs (it checks
+/// `signal_pending` as it goes; our largest programs take it a few hundred thousand
+/// steps). That says nothing about the program: try again, as libbpf does.
+fn load_retrying(mut load: impl FnMut() -> Result<(), ProgramError>) -> Result<(), ProgramError> {
+    let mut attempts = 5;
+    loop {
+        match load() {
+            Err(ProgramError::LoadError { io_error, .. }) if io_error.raw_os_error() == Some(libc::EAGAIN) && attempts > 1 => {
+                attempts -= 1;
+                log::debug!("BPF_PROG_LOAD interrupted (EAGAIN), retrying");
+            }
+            r => return r,
+        }
+    }
 }
 
 impl Datapath {
