@@ -127,7 +127,7 @@ fn node_ips_on_nic(bed: &Bed) {
 }
 
 #[test]
-fn host_probes_reach_isolated_pods() {
+fn host_probes_reach_isolated_pods_on_their_probe_ports_only() {
     let bed = host_probe_bed(&[]);
     node_ips_on_nic(&bed);
     let node = Endpoint::node("node1");
@@ -135,12 +135,32 @@ fn host_probes_reach_isolated_pods() {
     for f in FAMILIES {
         // Sanity: the pods are isolated from each other.
         assert_eq!(bed.probe(&pod("default", "a"), &tgt("default", "b", f), Proto::Tcp, 80), ProbeResult::Timeout, "a -> b@{f}");
-        // The kubelet (the node) still gets through, and gets the reply.
+        // The kubelet (the node) reaches the ports the probes name (a: httpGet on the
+        // named port http = 80; b: tcpSocket 7000), and gets the reply.
         assert_eq!(bed.tb.probe(&node, &tgt("default", "a", f), Proto::Tcp, 80, ALLOWED), ok("default/a"), "node -> a@{f} tcp/80");
         assert_eq!(bed.tb.probe(&node, &tgt("default", "b", f), Proto::Tcp, 7000, ALLOWED), ok("zt-probe"), "node -> b@{f} tcp/7000 (echo)");
+        // ... and nothing else (--host-access probes, the default).
+        assert_eq!(bed.probe(&node, &tgt("default", "a", f), Proto::Tcp, 7000), ProbeResult::Timeout, "node -> a@{f} tcp/7000");
+        assert_eq!(bed.probe(&node, &tgt("default", "b", f), Proto::Tcp, 80), ProbeResult::Timeout, "node -> b@{f} tcp/80");
     }
-    let host = bed.metrics().verdicts("ingress", "allow", "host") - m0.verdicts("ingress", "allow", "host");
-    assert!(host >= 4.0, "zt_verdicts_total{{reason=host}} grew by {host}, want >= 4 (4 SYNs)");
+    let m = bed.metrics();
+    let allowed = m.verdicts("ingress", "allow", "policy") - m0.verdicts("ingress", "allow", "policy");
+    assert!(allowed >= 4.0, "zt_verdicts_total{{reason=policy}} grew by {allowed}, want >= 4 (4 SYNs)");
+    assert_eq!(m.verdicts("ingress", "allow", "host"), 0.0, "no all-ports host allowance");
+    let ex = bed.ztctl_json(&["explain", "10.255.0.1", "default/a", "tcp/80"]);
+    assert_eq!(ex["verdict"], "allow", "{ex}");
+    assert!(ex.to_string().contains("kubelet probes"), "explain names the probe rule: {ex}");
+}
+
+#[test]
+fn host_access_all_reaches_every_port() {
+    let bed = host_probe_bed(&["--host-access", "all"]);
+    node_ips_on_nic(&bed);
+    let node = Endpoint::node("node1");
+    for f in FAMILIES {
+        assert_eq!(bed.tb.probe(&node, &tgt("default", "a", f), Proto::Tcp, 7000, ALLOWED), ok("zt-probe"), "node -> a@{f} tcp/7000");
+    }
+    assert!(bed.metrics().verdicts("ingress", "allow", "host") >= 2.0);
 }
 
 /// Bug: the agent skips every address on `lo` (net::host_addresses), so a node whose
@@ -162,7 +182,7 @@ fn host_probes_from_node_ip_on_loopback() {
 
 #[test]
 fn host_probes_denied_when_disabled() {
-    let bed = host_probe_bed(&["--allow-host-probes", "false"]);
+    let bed = host_probe_bed(&["--host-access", "none"]);
     node_ips_on_nic(&bed);
     let node = Endpoint::node("node1");
     for f in FAMILIES {

@@ -18,7 +18,7 @@ use zt_common::*;
 pub mod cni;
 
 use crate::{
-    compile::{compile_with_slots, CompileConfig, EnforcementMode, FqdnSlots},
+    compile::{compile_with_slots, CompileConfig, EnforcementMode, FqdnSlots, HostAccess},
     events::{EventRecord, Snapshot},
     identity::IdentityAllocator,
     loader::{ensure_fqdn_config, Datapath, FqdnSettings, MapSizes},
@@ -51,7 +51,8 @@ pub struct AgentOptions {
     pub metrics_addr: String,
     pub trust_domain: String,
     pub enforcement_mode: EnforcementMode,
-    pub allow_host: bool,
+    /// `--host-access`: `All` sets CONFIG_ALLOW_HOST; `Probes` compiles probe ports.
+    pub host_access: HostAccess,
     pub events_allowed: bool,
     pub events_per_sec: u32,
     pub events_burst: u32,
@@ -380,6 +381,7 @@ impl Agent {
                 fqdn_hash_key: self.fqdn_hash_key,
                 dns_servers: self.opts.fqdn.dns_servers.clone(),
                 dns_addresses: self.opts.fqdn.dns_addresses.clone(),
+                host_access: self.opts.host_access,
             };
             let t = Instant::now();
             match compile_with_slots(cluster, &cfg, &mut self.ids, &mut self.slots) {
@@ -534,7 +536,7 @@ impl Agent {
     fn write_config(&mut self) -> Result<()> {
         let before = self.config;
         let mut cfg = before;
-        cfg.flags = CONFIG_READY | if self.opts.allow_host { CONFIG_ALLOW_HOST } else { 0 } | if self.opts.events_allowed { CONFIG_EVENTS_ALLOWED } else { 0 };
+        cfg.flags = CONFIG_READY | if self.opts.host_access == HostAccess::All { CONFIG_ALLOW_HOST } else { 0 } | if self.opts.events_allowed { CONFIG_EVENTS_ALLOWED } else { 0 };
         // A changed flag (host probes turned off) withdraws allows too.
         if before.flags & CONFIG_READY != 0 && before.flags != cfg.flags {
             self.pending_bump = true;

@@ -47,9 +47,12 @@ struct Flags {
     /// `always`: every local endpoint is default-deny both ways.
     #[arg(long, default_value = "default", value_parser = ["default", "always"])]
     enforcement_mode: String,
-    /// Allow the node (kubelet probes) to reach local pods.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    allow_host_probes: bool,
+    /// What the node's own sockets may reach on an isolated local pod: `probes`, the TCP
+    /// ports its readiness, liveness and startup probes name; `all`, every port; `none`,
+    /// only what policy allows. Traffic the node forwards with a node source address
+    /// (masquerade, SNAT) is never `host`.
+    #[arg(long, default_value = "probes", value_parser = ["probes", "all", "none"])]
+    host_access: String,
     /// Tunnel endpoints a pod may not send to on a node address unless a policy explicitly
     /// allows it: comma-separated `udp/PORT`, `tcp/PORT`, `ipip`, `ipv6`, `gre`, `proto/N`
     /// (empty: none).
@@ -172,7 +175,7 @@ async fn main() -> anyhow::Result<()> {
         metrics_addr: f.metrics_addr,
         trust_domain: f.trust_domain,
         enforcement_mode: if f.enforcement_mode == "always" { EnforcementMode::Always } else { EnforcementMode::Default },
-        allow_host: f.allow_host_probes,
+        host_access: zt_agent::compile::HostAccess::parse(&f.host_access).map_err(anyhow::Error::msg)?,
         events_allowed: f.events_allowed,
         events_per_sec: f.events_per_sec,
         events_burst: f.events_per_sec.saturating_mul(2),

@@ -9,6 +9,7 @@
 pub mod cidr;
 pub(crate) mod fqdn;
 pub mod fqdn_slots;
+pub mod host_access;
 mod netpol;
 mod policy;
 pub mod ports;
@@ -31,6 +32,7 @@ use crate::model::ClusterState;
 use crate::state::{Action, Cidr, Desired, EndpointEntry, RuleInfo};
 pub use fqdn::default_dns_servers;
 pub use fqdn_slots::FqdnSlots;
+pub use host_access::HostAccess;
 use ports::PortMatch;
 use workloads::Workload;
 
@@ -62,6 +64,8 @@ pub struct CompileConfig {
     /// Resolver addresses that are no pod (`--fqdn-dns-address`: the kube-dns ClusterIP,
     /// node-local-dns), given the identity IDENTITY_DNS.
     pub dns_addresses: Vec<IpAddr>,
+    /// What `host` may reach on isolated local pods (`--host-access`).
+    pub host_access: HostAccess,
 }
 
 /// Why a compile failed: the object and field at fault when there is one.
@@ -170,6 +174,9 @@ pub fn compile_with_slots(
     let mut out = Rules::default();
     netpol::compile(cluster, &ctx, &mut out)?;
     ztp::compile(cluster, &ctx, &mut out)?;
+    if cfg.host_access == HostAccess::Probes {
+        host_access::compile(&ctx, &mut out);
+    }
     if cfg.enforcement_mode == EnforcementMode::Always {
         out.isolate(&ctx.local_ids(), DIR_INGRESS);
         out.isolate(&ctx.local_ids(), DIR_EGRESS);

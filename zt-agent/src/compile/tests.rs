@@ -1286,3 +1286,33 @@ mod fqdn_rules {
         assert_eq!(d.fqdn_slots.len(), 2);
     }
 }
+
+#[test]
+fn host_reaches_local_pods_on_their_probe_ports_only() {
+    let probed = "---\napiVersion: v1\nkind: Pod\nmetadata: {name: probed, namespace: default, labels: {app: probed}}\n\
+                  spec:\n  nodeName: node-a\n  serviceAccountName: probed\n  containers:\n  - name: c\n    ports: [{name: http, containerPort: 8080}]\n\
+                  \x20   readinessProbe: {httpGet: {port: http}}\n    livenessProbe: {tcpSocket: {port: 8081}}\n\
+                  status: {phase: Running, podIP: 10.0.0.9}\n";
+    let remote = probed.replace("name: probed,", "name: far,").replace("node-a", "node-b").replace("10.0.0.9", "10.0.0.19").replace("sa: probed", "sa: far").replace("serviceAccountName: probed", "serviceAccountName: far");
+    let deny_all = np("default", "deny", "  podSelector: {}\n  policyTypes: [Ingress]\n");
+    let d = run(&format!("{probed}{remote}{deny_all}"));
+    let p = id(&d, "probed");
+    let host: Vec<Entry> = entries_of(&d, p).into_iter().filter(|e| e.0 .2 == IDENTITY_HOST).collect();
+    let ports: Vec<(u8, u8, u16, u8)> = host.iter().map(|e| (e.0 .3, e.0 .4, e.0 .5, e.1 .0)).collect();
+    assert_eq!(ports, vec![(I, 6, 8080, A), (I, 6, 8081, A)]);
+    assert!(d.rules[&host[0].1 .1].source.contains("kubelet probes"));
+    // A remote pod's probes are its own node's business; pods without probes get nothing.
+    let far = id(&d, "far");
+    assert!(entries_of(&d, far).is_empty());
+    assert!(entries_of(&d, id(&d, "web")).iter().all(|e| e.0 .2 != IDENTITY_HOST));
+    // --host-access all / none: no probe entries (all is the kernel's flag).
+    for mode in [HostAccess::All, HostAccess::None] {
+        let d = try_run(&format!("{probed}{deny_all}"), &CompileConfig { host_access: mode, ..cfg() }).unwrap();
+        assert!(entries_of(&d, id(&d, "probed")).iter().all(|e| e.0 .2 != IDENTITY_HOST), "{mode:?}");
+    }
+    // A deny naming the host still wins over the probe allow.
+    let deny_host = ztp("default", "no-host", "  ingress:\n  - action: deny\n    from: [{entity: host}]\n");
+    let d = run(&format!("{probed}{deny_all}{deny_host}"));
+    let v = get(&d, POLICY_PREFIX_FULL, id(&d, "probed"), IDENTITY_HOST, I, 6, 8080);
+    assert_ne!(v, Some(A), "{:?}", entries_of(&d, id(&d, "probed")));
+}

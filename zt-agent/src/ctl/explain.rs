@@ -191,7 +191,7 @@ fn check(maps: &PinnedMaps, cfg: &Config, snap: &Snapshot, f: Flow) -> Option<Ch
         return Some(mk("drop", Reason::DropPolicyDeny, *r, trace));
     }
     if host_probe {
-        trace.push("peer is the host and host probes are allowed (--allow-host-probes), no deny names it".into());
+        trace.push("peer is the host and it may reach every port (--host-access all), no deny names it".into());
         return Some(mk("allow", Reason::AllowHost, 0, trace));
     }
     if let Some((_, r)) = found.iter().find(|(v, _)| *v == VERDICT_ALLOW) {
