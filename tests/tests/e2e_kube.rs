@@ -11,6 +11,12 @@ use zt_testbed::{bins, ApiServer, Family, ProbeResult, Proto, Verb};
 /// The lab's pods plus `files` in a private dir, served by a stand-in, and an agent on
 /// node1 watching it. The stand-in is dropped after the bed (the agent dies first).
 fn kube_bed(files: &[(&str, &str)]) -> (Bed, ApiServer) {
+    kube_bed_with(files, true)
+}
+
+/// `kube_bed`; `available`: whether the API answers when the agent starts (if not, the
+/// agent is not waited for).
+fn kube_bed_with(files: &[(&str, &str)], available: bool) -> (Bed, ApiServer) {
     let tb = testbed("basic");
     let dir = tb.tmp_dir().join("cluster");
     std::fs::create_dir_all(&dir).unwrap();
@@ -25,10 +31,13 @@ fn kube_bed(files: &[(&str, &str)]) -> (Bed, ApiServer) {
     }
     let api = ApiServer::start(&dir).unwrap();
     api.set_bookmark_interval(Duration::from_millis(500));
+    api.set_available(available).unwrap();
     let agent = tb
         .start_agent_kube("node1", &bins::find("zt-agent").unwrap(), &api, &[])
         .unwrap();
-    agent.wait_ready(Duration::from_secs(20)).unwrap();
+    if available {
+        agent.wait_ready(Duration::from_secs(20)).unwrap();
+    }
     let bed = Bed {
         agent,
         dir,
@@ -117,6 +126,33 @@ fn agent_enforces_and_follows_the_api() {
         "{}",
         tail(&log, 30)
     );
+    drop(bed);
+    drop(api);
+}
+
+/// A fresh node whose agent has no state yet (the API does not answer): the pods' own
+/// traffic is judged by the cgroup programs from the agent's first start and fails
+/// closed (`not-ready`), instead of running unenforced until the first full state.
+#[test]
+fn fresh_node_fails_closed_before_the_first_full_state() {
+    let (bed, api) = kube_bed_with(&[], false);
+    let (a, b4) = (pod("default", "a"), tgt("default", "b", Family::V4));
+    bed.wait_until("the agent serving metrics, not ready", || {
+        bed.agent.metrics().is_ok_and(|m| m.contains("zt_agent_ready 0"))
+    });
+    assert_eq!(bed.probe(&a, &b4, Proto::Tcp, 80), ProbeResult::Timeout);
+    assert_eq!(bed.probe(&a, &b4, Proto::Udp, 53), ProbeResult::Timeout);
+    let m = bed.metrics();
+    // (the probes' sockets are the test's; b's servers are in b's cgroup: its ingress)
+    assert!(
+        m.verdicts("ingress", "drop", "not-ready") >= 2.0,
+        "the cgroup programs dropped the packets to b as not-ready:\n{}",
+        bed.agent.metrics().unwrap().lines().filter(|l| l.starts_with("zt_verdicts")).collect::<Vec<_>>().join("\n")
+    );
+    // The API comes back: the first full state opens what no policy isolates.
+    api.set_available(true).unwrap();
+    bed.agent.wait_ready(Duration::from_secs(20)).unwrap();
+    bed.wait_probe(&a, &b4, Proto::Tcp, 80, &ok("default/b"));
     drop(bed);
     drop(api);
 }

@@ -102,14 +102,23 @@ struct Agent {
     /// What ZT_CONFIG holds (read once at start).
     config: Config,
     shared_warned: BTreeSet<u32>,
-    /// The cgroup programs are attached (or, with no cgroup root, removed).
-    cgroup_done: bool,
-    /// An error the agent must exit on.
-    fatal: Option<anyhow::Error>,
     metrics: Shared,
     snapshot: std::sync::Arc<std::sync::RwLock<Snapshot>>,
     /// Pod interfaces the CNI plugin asked to enforce.
     cni: cni::Attachments,
+}
+
+/// Before the first full state: the node's addresses as `host` endpoints, where nothing
+/// holds them yet (a fresh node). The first apply takes them over as they are.
+fn seed_host_endpoints(maps: &mut PinnedMaps) -> Result<()> {
+    for ip in net::host_addresses()? {
+        let key = EndpointKey { addr: net::to_key(ip) };
+        if maps.endpoints.get(&key, 0).is_err() {
+            let v = EndpointValue { identity: IDENTITY_HOST, flags: 0, ifindex: 0, _pad: 0 };
+            maps.endpoints.insert(key, v, 0).with_context(|| format!("writing host address {ip} to ZT_ENDPOINTS"))?;
+        }
+    }
+    Ok(())
 }
 
 pub async fn run(opts: AgentOptions) -> Result<()> {
@@ -119,7 +128,15 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         crate::cgroup_link::open_cgroup2_dir(root)?;
     }
     let mut datapath = Datapath::load(&opts.bpffs_root, &opts.sizes)?;
-    let maps = PinnedMaps::open(&opts.bpffs_root)?;
+    let mut maps = PinnedMaps::open(&opts.bpffs_root)?;
+    // The cgroup programs are in place from the first start, before any full state: a
+    // pod that starts now is judged (not-ready, fail closed) instead of running
+    // unenforced. The node's own addresses go in first, so that host-network pods (this
+    // agent among them, talking to the API) pass them as `host`.
+    if opts.cgroup_root.is_some() {
+        seed_host_endpoints(&mut maps)?;
+    }
+    datapath.ensure_cgroup(opts.cgroup_root.as_deref()).context("cgroup programs")?;
     let have = Contents::read(&maps).context("reading the pinned maps")?;
     let config = maps.read_config().context("reading ZT_CONFIG")?;
     log::info!("datapath loaded; pinned maps hold {} endpoints, {} cidrs, {} policy entries", have.endpoints.len(), have.cidrs.len(), have.policy.len());
@@ -131,7 +148,6 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         fqdn_ports: capacity(&opts.bpffs_root, MAP_FQDN_PORTS)?,
         dns_servers: capacity(&opts.bpffs_root, MAP_DNS_SERVERS)?,
     };
-    let mut maps = maps;
     let fqdn_config = ensure_fqdn_config(&mut maps.fqdn_config, &opts.fqdn.settings)?;
     crate::tunnels::sync(&mut maps.tunnels, &opts.tunnels)?;
     // Pinned maps are reused as they are: a changed size flag applies once the pins are
@@ -213,8 +229,6 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         pending_bump: false,
         config,
         shared_warned: BTreeSet::new(),
-        cgroup_done: false,
-        fatal: None,
         metrics,
         snapshot,
         cni: cni_attachments,
@@ -223,9 +237,6 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     loop {
         if let Err(e) = agent.reconcile() {
             log::error!("reconcile: {e:#}");
-        }
-        if let Some(e) = agent.fatal.take() {
-            return Err(e);
         }
         agent.metrics.lock().unwrap().heartbeat = Some(Instant::now());
         tokio::select! {
@@ -464,16 +475,6 @@ impl Agent {
                 self.clear_freed_slots()?;
             }
             self.write_config()?;
-            // Once the maps hold the full state (READY): no not-ready blackout for pods.
-            if !self.cgroup_done {
-                self.cgroup_done = true;
-                if let Err(e) = self.datapath.ensure_cgroup(self.opts.cgroup_root.as_deref()) {
-                    // Fatal: the agent exits (its pinned hooks and maps keep enforcing) so
-                    // that the failure shows instead of a node silently without them.
-                    self.fatal = Some(e.context("cgroup programs"));
-                    return Ok(());
-                }
-            }
             let hooked_before = self.datapath.hooked_ifindexes();
             let mut keep = BTreeSet::new();
             for (ip, idx) in &self.ifindex {
