@@ -452,3 +452,43 @@ fn forgotten_pod_with_live_interface_fails_closed() {
     }
     assert!(bed.metrics().verdicts("egress", "drop", "unknown-endpoint") >= 2.0);
 }
+
+/// An address reused while the agent is down: pod d is deleted and a new pod e (no CNI
+/// plugin) gets its addresses. The endpoint still names d's interface and d's pod cgroup;
+/// e's sockets are not in that cgroup, so the cgroup programs judge them and fail closed
+/// (`initialising`) instead of leaving them to a hook that went away with d's interface.
+#[test]
+fn address_reused_while_the_agent_is_down_fails_closed() {
+    let bed = bed("basic", &[], &[]);
+    let ips = ["10.200.0.4".parse().unwrap(), "fd00:200::4".parse().unwrap()];
+    let d = Pod::new("default", "d", "node1", &ips, &[(Proto::Tcp, 80)]);
+    bed.add_pod(d.clone()).unwrap();
+    bed.write("05-pod-d.yaml", &d.to_yaml());
+    let a = pod("default", "a");
+    bed.wait_until("d's endpoints", || endpoint_ips(&bed, "default/d").len() == 2);
+    for f in FAMILIES {
+        assert_eq!(bed.tb.probe(&a, &tgt("default", "d", f), Proto::Tcp, 80, ALLOWED), ok("default/d"), "a -> d@{f}");
+    }
+    bed.agent.kill();
+    bed.tb.remove_pod("default", "d").unwrap();
+    let e = Pod::new("default", "e", "node1", &ips, &[(Proto::Tcp, 80)]);
+    bed.add_pod(e.clone()).unwrap();
+    // ztctl reads the counters from the pinned maps: it works with the agent down.
+    let initialising = || -> u64 {
+        let c = bed.ztctl_json(&["counters"]);
+        c.as_array().unwrap().iter().filter(|r| r["reason"] == "initialising" && r["direction"] == "ingress").map(|r| r["packets"].as_u64().unwrap()).sum()
+    };
+    let before = initialising();
+    for f in FAMILIES {
+        assert_eq!(bed.probe(&a, &tgt("default", "e", f), Proto::Tcp, 80), ProbeResult::Timeout, "agent down: a -> e@{f} (d's address)");
+    }
+    // Dropped on the way in to e's sockets (a reply would also meet a's hook, which
+    // drops a local pod's address arriving from another interface: spoofed-source).
+    assert!(initialising() >= before + 2, "e's sockets judged as initialising: {} -> {}", before, initialising());
+    // The agent is back and the source says e: e is judged as itself (open, no policy).
+    bed.remove("05-pod-d.yaml");
+    bed.write("05-pod-e.yaml", &e.to_yaml());
+    bed.agent.start().unwrap();
+    bed.agent.wait_ready(Duration::from_secs(20)).unwrap();
+    bed.wait_probe(&a, &tgt("default", "e", Family::V4), Proto::Tcp, 80, &ok("default/e"));
+}

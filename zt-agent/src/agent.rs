@@ -102,6 +102,9 @@ struct Agent {
     /// What ZT_CONFIG holds (read once at start).
     config: Config,
     shared_warned: BTreeSet<u32>,
+    /// Local pods' cgroups by UID, and what the endpoints name (IP -> cgroup scope).
+    pod_cgroups: crate::pod_cgroup::PodCgroups,
+    cgroup_of: BTreeMap<IpAddr, u32>,
     metrics: Shared,
     snapshot: std::sync::Arc<std::sync::RwLock<Snapshot>>,
     /// Pod interfaces the CNI plugin asked to enforce.
@@ -114,7 +117,7 @@ fn seed_host_endpoints(maps: &mut PinnedMaps) -> Result<()> {
     for ip in net::host_addresses()? {
         let key = EndpointKey { addr: net::to_key(ip) };
         if maps.endpoints.get(&key, 0).is_err() {
-            let v = EndpointValue { identity: IDENTITY_HOST, flags: 0, ifindex: 0, _pad: 0 };
+            let v = EndpointValue { identity: IDENTITY_HOST, flags: 0, ifindex: 0, cgroup: 0 };
             maps.endpoints.insert(key, v, 0).with_context(|| format!("writing host address {ip} to ZT_ENDPOINTS"))?;
         }
     }
@@ -229,6 +232,8 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         pending_bump: false,
         config,
         shared_warned: BTreeSet::new(),
+        pod_cgroups: Default::default(),
+        cgroup_of: BTreeMap::new(),
         metrics,
         snapshot,
         cni: cni_attachments,
@@ -437,6 +442,9 @@ impl Agent {
         if self.resolve_interfaces(desired)? {
             self.dirty = true;
         }
+        if self.resolve_cgroups(desired) {
+            self.dirty = true;
+        }
         let t = Instant::now();
         let mut stats = crate::sync::ApplyStats::default();
         if self.cni.prune_gone()? {
@@ -450,6 +458,7 @@ impl Agent {
         for _round in 0..2 {
             if self.dirty {
                 let mut want = Contents::from_desired(desired, &self.ifindex);
+                want.set_cgroups(&self.cgroup_of);
                 self.cni.overlay(&mut want, Some(desired));
                 self.only_hooked(&mut want);
                 // Remembered until the epoch is written, even if this apply fails halfway.
@@ -623,6 +632,27 @@ impl Agent {
         self.ifindex = ifindex;
         self.ifnames = ifnames;
         Ok(changed)
+    }
+
+    /// The pod cgroup of every local endpoint (by the pod's UID under --cgroup-root);
+    /// true if that changed.
+    fn resolve_cgroups(&mut self, desired: &Desired) -> bool {
+        let (Some(root), Some(cluster)) = (&self.opts.cgroup_root, &self.cluster) else { return false };
+        let mut cgroup_of = BTreeMap::new();
+        let mut live = BTreeSet::new();
+        for (ip, ep) in &desired.endpoints {
+            let Some(pod) = ep.pod.as_ref().filter(|_| ep.flags & EP_LOCAL != 0) else { continue };
+            let Some(uid) = cluster.pods.get(&(pod.namespace.clone(), pod.name.clone())).and_then(|p| p.metadata.uid.clone()) else { continue };
+            let scope = self.pod_cgroups.get(root, &uid);
+            live.insert(uid);
+            if scope != 0 {
+                cgroup_of.insert(*ip, scope);
+            }
+        }
+        self.pod_cgroups.retain(|u| live.contains(u));
+        let changed = cgroup_of != self.cgroup_of;
+        self.cgroup_of = cgroup_of;
+        changed
     }
 
     fn publish(&mut self, desired: &Desired, stats: &crate::sync::ApplyStats, apply_time: Duration) -> Result<()> {

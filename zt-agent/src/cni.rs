@@ -160,7 +160,7 @@ impl Attachments {
                         continue;
                     }
                 }
-                want.endpoints.insert(key, EndpointValue { identity: IDENTITY_INIT, flags: EP_LOCAL, ifindex: a.ifindex, _pad: 0 });
+                want.endpoints.insert(key, EndpointValue { identity: IDENTITY_INIT, flags: EP_LOCAL, ifindex: a.ifindex, cgroup: 0 });
             }
         }
     }

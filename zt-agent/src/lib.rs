@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod pins;
+pub mod pod_cgroup;
 pub mod source;
 pub mod state;
 pub mod sync;

@@ -79,7 +79,7 @@ impl Contents {
         let mut c = Contents::default();
         for (ip, ep) in &d.endpoints {
             let idx = ifindex.get(ip).copied().unwrap_or(0);
-            c.endpoints.insert(to_key(*ip), EndpointValue { identity: ep.identity, flags: ep.flags, ifindex: idx, _pad: 0 });
+            c.endpoints.insert(to_key(*ip), EndpointValue { identity: ep.identity, flags: ep.flags, ifindex: idx, cgroup: 0 });
         }
         for (cidr, id) in &d.cidrs {
             c.cidrs.insert((key_prefix(cidr.addr, cidr.prefix), to_key(cidr.addr)), CidrValue { identity: *id });
@@ -102,6 +102,17 @@ impl Contents {
             c.dns_servers.insert(*id, 1);
         }
         c
+    }
+}
+
+impl Contents {
+    /// Names each local endpoint's pod cgroup (`cgroup_scope`), where known.
+    pub fn set_cgroups(&mut self, cgroups: &BTreeMap<std::net::IpAddr, u32>) {
+        for (ip, scope) in cgroups {
+            if let Some(v) = self.endpoints.get_mut(&to_key(*ip)) {
+                v.cgroup = *scope;
+            }
+        }
     }
 }
 

@@ -28,9 +28,9 @@ fn peer_ip(i: u32) -> Ipv4Addr {
 /// Map contents for `peers` peer identities and `entries` policy entries of the local pod.
 fn contents(peers: u32, entries: u32) -> Contents {
     let mut c = Contents::default();
-    c.endpoints.insert(to_key(LOCAL.parse().unwrap()), EndpointValue { identity: ID_LOCAL, flags: EP_LOCAL | EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS, ifindex: TEST_IFINDEX, _pad: 0 });
+    c.endpoints.insert(to_key(LOCAL.parse().unwrap()), EndpointValue { identity: ID_LOCAL, flags: EP_LOCAL | EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS, ifindex: TEST_IFINDEX, cgroup: 0 });
     for i in 0..peers {
-        c.endpoints.insert(to_key(IpAddr::V4(peer_ip(i))), EndpointValue { identity: 1000 + i, flags: 0, ifindex: 0, _pad: 0 });
+        c.endpoints.insert(to_key(IpAddr::V4(peer_ip(i))), EndpointValue { identity: 1000 + i, flags: 0, ifindex: 0, cgroup: 0 });
     }
     for j in 0..entries {
         let peer = 1000 + (j % peers);

@@ -190,3 +190,34 @@ fn malformed_ip_is_dropped_not_waved_through() {
         assert_eq!(dp.counter(DIR_EGRESS, Reason::DropMalformed), 1);
     });
 }
+
+/// A hooked pod's endpoint names its pod cgroup: only sockets in that cgroup are left to
+/// its TC hook. A socket elsewhere with its address (a new pod that got the address of a
+/// pod deleted while the agent was down) is judged here, and fails closed.
+#[test]
+fn a_hooked_address_is_left_to_its_hook_only_for_its_own_pods_sockets() {
+    let mut dp = node("cg-owner", 7);
+    let own = cgroup_scope(own_cgroup_id());
+    let set = |dp: &mut Dp, cgroup: u32| {
+        let ip: std::net::IpAddr = HOOKED.parse().unwrap();
+        let v = EndpointValue { identity: ID_POD, flags: EP_LOCAL | EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS, ifindex: 7, cgroup };
+        dp.maps.endpoints.insert(EndpointKey { addr: zt_agent::net::to_key(ip) }, v, 0).unwrap();
+    };
+    in_private_netns(|dev, _| {
+        let dev = Some(dev);
+        // The pod's own cgroup (this test's): its TC hook judges it, nothing counted here.
+        set(&mut dp, own);
+        assert_eq!(dp.run_cgroup(EGRESS, &ipv4(HOOKED, PEER, TCP, 1000, 80), dev), PASS);
+        assert_eq!(dp.run_cgroup(INGRESS, &ipv4(PEER, HOOKED, TCP, 1000, 80), dev), PASS);
+        assert_eq!(dp.counted(), 0);
+        // Another pod's cgroup: this socket is not that pod's, judged here and dropped.
+        set(&mut dp, own ^ 0x5a5a);
+        assert_eq!(dp.run_cgroup(EGRESS, &ipv4(HOOKED, PEER, TCP, 1001, 80), dev), DROP);
+        assert_eq!(dp.run_cgroup(INGRESS, &ipv4(PEER, HOOKED, TCP, 1001, 80), dev), DROP);
+        assert_eq!(dp.counter(DIR_EGRESS, Reason::DropInitialising) + dp.counter(DIR_INGRESS, Reason::DropInitialising), 2);
+        // Not known (an agent that could not find the pod's cgroup): left to the hook.
+        set(&mut dp, 0);
+        assert_eq!(dp.run_cgroup(EGRESS, &ipv4(HOOKED, PEER, TCP, 1002, 80), dev), PASS);
+        assert_eq!(dp.counted(), 2);
+    });
+}

@@ -12,8 +12,8 @@ use zt_common::*;
 
 fn want(n_policy: u16) -> Contents {
     let mut c = Contents::default();
-    c.endpoints.insert(to_key("10.0.0.1".parse().unwrap()), EndpointValue { identity: 300, flags: EP_LOCAL, ifindex: 1, _pad: 0 });
-    c.endpoints.insert(to_key("fd00::2".parse().unwrap()), EndpointValue { identity: 301, flags: 0, ifindex: 0, _pad: 0 });
+    c.endpoints.insert(to_key("10.0.0.1".parse().unwrap()), EndpointValue { identity: 300, flags: EP_LOCAL, ifindex: 1, cgroup: 0 });
+    c.endpoints.insert(to_key("fd00::2".parse().unwrap()), EndpointValue { identity: 301, flags: 0, ifindex: 0, cgroup: 0 });
     c.cidrs.insert((96 + 24, to_key("192.0.2.0".parse().unwrap())), CidrValue { identity: IDENTITY_CIDR_FLAG | 1 });
     for p in 0..n_policy {
         c.policy.insert((POLICY_PREFIX_FULL, PolicyKey::new(300, 301, DIR_INGRESS, 6, 1000 + p)), PolicyValue { verdict: VERDICT_ALLOW, _pad: [0; 3], rule_id: 1 });
@@ -85,7 +85,7 @@ fn new_denies_endpoints_and_cidrs_withdraw() {
     w.policy.insert((POLICY_PREFIX_FULL, PolicyKey::new(300, 301, DIR_INGRESS, 6, 22)), PolicyValue { verdict: VERDICT_DENY, _pad: [0; 3], rule_id: 2 });
     assert!(withdraws(&have, &w), "a new deny may cover what an allow admitted");
     let mut w = want(2);
-    w.endpoints.insert(to_key("192.0.2.7".parse().unwrap()), EndpointValue { identity: 305, flags: 0, ifindex: 0, _pad: 0 });
+    w.endpoints.insert(to_key("192.0.2.7".parse().unwrap()), EndpointValue { identity: 305, flags: 0, ifindex: 0, cgroup: 0 });
     assert!(withdraws(&have, &w), "an address that resolved to a CIDR now resolves to a pod");
     let mut w = want(2);
     w.cidrs.insert((96 + 28, to_key("192.0.2.0".parse().unwrap())), CidrValue { identity: IDENTITY_CIDR_FLAG | 2 });

@@ -289,7 +289,11 @@ pub struct EndpointValue {
     pub flags: u32,
     /// Host-side interface of a local pod (0 otherwise).
     pub ifindex: u32,
-    pub _pad: u32,
+    /// `cgroup_scope` of a local pod's own cgroup (kubelet's pod level), 0 if not known:
+    /// the cgroup programs leave a packet to the pod's TC hook only if its socket is in
+    /// that cgroup, so that a new pod reusing the address (while the agent is down) is
+    /// never taken for the old one.
+    pub cgroup: u32,
 }
 
 #[inline(always)]

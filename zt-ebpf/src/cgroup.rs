@@ -8,7 +8,11 @@
 //! - anything else is judged by the shared datapath as hook ifindex 0: a known pod not
 //!   hooked yet by its policy, an unknown address as `initialising` (fails closed
 //!   except for host probes).
-use aya_ebpf::{helpers::bpf_skb_cgroup_id, programs::SkBuffContext};
+use aya_ebpf::{
+    bindings::__sk_buff,
+    helpers::{bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
+    programs::SkBuffContext,
+};
 use zt_common::*;
 
 use crate::{
@@ -35,7 +39,7 @@ pub fn handle(ctx: &SkBuffContext, dir: u8) -> i32 {
         return CG_PASS;
     }
     let local = if dir == DIR_INGRESS { &f.daddr } else { &f.saddr };
-    if judged_elsewhere(local) {
+    if judged_elsewhere(skb, local) {
         return CG_PASS;
     }
     // Flows judged here are tracked per socket cgroup, not per (absent) interface: a pod
@@ -51,11 +55,34 @@ pub fn handle(ctx: &SkBuffContext, dir: u8) -> i32 {
     CG_PASS
 }
 
-/// A hooked local pod (its TC programs judge it) or the node itself.
+/// A hooked local pod whose socket this is (its TC programs judge it), or the node
+/// itself. A socket outside the endpoint's pod cgroup (a new pod that reuses the address
+/// of a pod deleted while the agent was down) is judged here: as a local endpoint of
+/// another hook, it fails closed (`initialising`).
 #[inline(always)]
-fn judged_elsewhere(addr: &[u8; 16]) -> bool {
+fn judged_elsewhere(skb: *mut __sk_buff, addr: &[u8; 16]) -> bool {
     match unsafe { ENDPOINTS.get(&EndpointKey { addr: *addr }) } {
-        Some(ep) => (ep.flags & EP_LOCAL != 0 && ep.ifindex != CGROUP_HOOK_IFINDEX) || ep.identity == IDENTITY_HOST,
-        None => false,
+        Some(ep) if ep.identity == IDENTITY_HOST => true,
+        Some(ep) if ep.flags & EP_LOCAL != 0 && ep.ifindex != CGROUP_HOOK_IFINDEX => ep.cgroup == 0 || in_cgroup(skb, ep.cgroup),
+        _ => false,
     }
+}
+
+/// Levels of the cgroup tree searched for a pod's cgroup at or above a socket's (kubelet
+/// puts pods at level 2 or 3 under the root, and their containers one below).
+const MAX_CGROUP_LEVEL: i32 = 8;
+
+/// Is the socket's cgroup the one of `scope` (`cgroup_scope`), or inside it?
+#[inline(never)]
+fn in_cgroup(skb: *mut __sk_buff, scope: u32) -> bool {
+    for level in 0..=MAX_CGROUP_LEVEL {
+        let id = unsafe { bpf_skb_ancestor_cgroup_id(skb, level) };
+        if id == 0 {
+            return false;
+        }
+        if cgroup_scope(id) == scope {
+            return true;
+        }
+    }
+    false
 }

@@ -91,7 +91,7 @@ impl Dp {
     }
     pub fn endpoint(&mut self, ip: &str, identity: u32, flags: u32, ifindex: u32) {
         let ip: IpAddr = ip.parse().unwrap();
-        self.maps.endpoints.insert(EndpointKey { addr: to_key(ip) }, EndpointValue { identity, flags, ifindex, _pad: 0 }, 0).unwrap();
+        self.maps.endpoints.insert(EndpointKey { addr: to_key(ip) }, EndpointValue { identity, flags, ifindex, cgroup: 0 }, 0).unwrap();
     }
     /// A local pod on the test device, isolated both ways.
     pub fn local_pod(&mut self, ip: &str, identity: u32) {
