@@ -66,6 +66,8 @@ pub struct AgentOptions {
     pub fqdn: FqdnOptions,
     /// ZT_TUNNELS keys (`tunnels::parse`).
     pub tunnels: Vec<u32>,
+    /// Translate Service frontends at the pods' sockets (`--service-translation`).
+    pub service_translation: bool,
 }
 
 struct Agent {
@@ -139,7 +141,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     if opts.cgroup_root.is_some() {
         seed_host_endpoints(&mut maps)?;
     }
-    datapath.ensure_cgroup(opts.cgroup_root.as_deref()).context("cgroup programs")?;
+    datapath.ensure_cgroup(opts.cgroup_root.as_deref(), opts.service_translation).context("cgroup programs")?;
     let have = Contents::read(&maps).context("reading the pinned maps")?;
     let config = maps.read_config().context("reading ZT_CONFIG")?;
     log::info!("datapath loaded; pinned maps hold {} endpoints, {} cidrs, {} policy entries", have.endpoints.len(), have.cidrs.len(), have.policy.len());

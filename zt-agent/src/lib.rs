@@ -14,5 +14,6 @@ pub mod pins;
 pub mod pod_cgroup;
 pub mod source;
 pub mod state;
+pub mod svc_maps;
 pub mod sync;
 pub mod tunnels;
