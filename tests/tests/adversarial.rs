@@ -276,10 +276,25 @@ fn vlan_tagged_and_non_ip_frames_from_a_pod_are_dropped() {
     ];
     let m0 = bed.metrics();
     let sent = run(&bed, &mut t, &a(), "vlan", &p);
+    // Control: a's own kernel sends to b:5301 (the neighbour resolution, ARP and NDP,
+    // must still pass a's hook).
+    for (i, to) in ips(&bed, "b").into_iter().enumerate() {
+        let s = udp_socket_in(&ns(&bed, &a()), to, 5301);
+        s.send(format!("ZTADV:{n}:control-socket/{};", FAMILIES[i]).as_bytes())
+            .unwrap();
+    }
     let [at_b, r5300, r5301, at_a] = stop_all(l, SETTLE).unwrap();
     let m1 = bed.metrics();
 
-    judge_target(&mut t, &sent, &seen(&[&at_b, &r5300, &r5301], &n), "b");
+    let got = seen(&[&at_b, &r5300, &r5301], &n);
+    judge_target(&mut t, &sent, &got, "b");
+    for f in FAMILIES {
+        if !got.contains_key(&format!("control-socket/{f}")) {
+            t.problem(format!(
+                "control: a's own datagram to b@{f}:5301 (ARP/NDP, then UDP) did not arrive"
+            ));
+        }
+    }
     judge_attacker(&mut t, &at_a, &ips(&bed, "b"), "a");
     expect_drops(
         &mut t,
