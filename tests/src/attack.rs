@@ -30,10 +30,7 @@ pub fn script() -> PathBuf {
 /// Fails (never skips) when scapy or the script cannot run here.
 pub fn require_scapy() -> Result<()> {
     let out = std::process::Command::new(SCAPY_PYTHON)
-        .args([
-            "-c",
-            "import scapy.all, scapy.contrib.geneve, scapy.layers.vxlan",
-        ])
+        .args(["-c", "import scapy.all, scapy.contrib.geneve, scapy.layers.vxlan"])
         .output()
         .with_context(|| format!("running {SCAPY_PYTHON}"))?;
     if !out.status.success() {
@@ -73,31 +70,17 @@ impl Sent {
 }
 
 /// Run `attack.py <scenario> <params>` in `from`'s netns (a pod: also its cgroup).
-pub fn run(
-    tb: &Testbed,
-    from: &Endpoint,
-    scenario: &str,
-    params: &serde_json::Value,
-) -> Result<Sent> {
+pub fn run(tb: &Testbed, from: &Endpoint, scenario: &str, params: &serde_json::Value) -> Result<Sent> {
     let script = script().display().to_string();
-    let out = tb.exec_in(
-        from,
-        &[SCAPY_PYTHON, &script, scenario, &params.to_string()],
-    )?;
+    let out = tb.exec_in(from, &[SCAPY_PYTHON, &script, scenario, &params.to_string()])?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
-        bail!(
-            "attack.py {scenario} in {from} failed ({}): {stdout}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("attack.py {scenario} in {from} failed ({}): {stdout}{}", out.status, String::from_utf8_lossy(&out.stderr));
     }
     let mut sent = Sent::default();
     for l in stdout.lines() {
         if let Some(rest) = l.strip_prefix("ATTACK ") {
-            let (label, n) = rest
-                .rsplit_once(' ')
-                .ok_or_else(|| anyhow!("bad line {l:?}"))?;
+            let (label, n) = rest.rsplit_once(' ').ok_or_else(|| anyhow!("bad line {l:?}"))?;
             sent.attacks.push((label.to_string(), n.parse()?));
         }
     }
@@ -115,23 +98,14 @@ pub fn mac_of(tb: &Testbed, ep: &Endpoint, ifname: &str) -> Result<String> {
         .skip_while(|w| *w != "link/ether")
         .nth(1)
         .map(str::to_string)
-        .ok_or_else(|| {
-            anyhow!(
-                "no MAC for {ifname} in {ep}: {s}{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
+        .ok_or_else(|| anyhow!("no MAC for {ifname} in {ep}: {s}{}", String::from_utf8_lossy(&out.stderr)))
 }
 
 /// Run a shell script in a pod's or node's netns; an error carries its stderr.
 pub fn sh(tb: &Testbed, ep: &Endpoint, script: &str) -> Result<String> {
     let out = tb.sh_in(ep, script)?;
     if !out.status.success() {
-        bail!(
-            "{script:?} in {ep} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("{script:?} in {ep} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -181,12 +155,7 @@ impl Frame {
             0x86dd if d.len() >= 54 => {
                 let s: [u8; 16] = d[22..38].try_into().ok()?;
                 let t: [u8; 16] = d[38..54].try_into().ok()?;
-                Some((
-                    Ipv6Addr::from(s).into(),
-                    Ipv6Addr::from(t).into(),
-                    d[20],
-                    54,
-                ))
+                Some((Ipv6Addr::from(s).into(), Ipv6Addr::from(t).into(), d[20], 54))
             }
             _ => None,
         }
@@ -197,10 +166,7 @@ impl Frame {
         match self.ethertype() {
             0x0806 => true,
             0x86dd => match self.ip() {
-                Some((_, IpAddr::V6(dst), nh, off)) => {
-                    dst.segments()[0] == 0xff02
-                        || (nh == 58 && self.data.get(off).is_some_and(|t| (130..=143).contains(t)))
-                }
+                Some((_, IpAddr::V6(dst), nh, off)) => dst.segments()[0] == 0xff02 || (nh == 58 && self.data.get(off).is_some_and(|t| (130..=143).contains(t))),
                 _ => false,
             },
             _ => false,
@@ -212,12 +178,8 @@ impl Frame {
     /// node's own verdict on the sender's header or size, and tell nothing of the target.
     pub fn is_icmp_unreachable(&self) -> bool {
         match self.ip() {
-            Some((IpAddr::V4(_), _, 1, off)) => {
-                self.data.get(off).is_some_and(|t| matches!(t, 3 | 11))
-            }
-            Some((IpAddr::V6(_), _, 58, off)) => {
-                self.data.get(off).is_some_and(|t| matches!(t, 1 | 3))
-            }
+            Some((IpAddr::V4(_), _, 1, off)) => self.data.get(off).is_some_and(|t| matches!(t, 3 | 11)),
+            Some((IpAddr::V6(_), _, 58, off)) => self.data.get(off).is_some_and(|t| matches!(t, 1 | 3)),
             _ => false,
         }
     }
@@ -227,10 +189,7 @@ impl Frame {
         let prefix = format!("ZTADV:{nonce}:");
         let at = find(&self.data, prefix.as_bytes())? + prefix.len();
         let rest = &self.data[at..];
-        let end = rest
-            .iter()
-            .position(|b| *b == b';')
-            .unwrap_or(rest.len().min(64));
+        let end = rest.iter().position(|b| *b == b';').unwrap_or(rest.len().min(64));
         Some(String::from_utf8_lossy(&rest[..end]).into_owned())
     }
 
@@ -274,11 +233,7 @@ fn sockaddr_ip(ss: &libc::sockaddr_storage) -> Option<IpAddr> {
         libc::AF_INET6 => {
             let a = unsafe { &*(ss as *const _ as *const libc::sockaddr_in6) };
             let v6 = Ipv6Addr::from(a.sin6_addr.s6_addr);
-            Some(
-                v6.to_ipv4_mapped()
-                    .map(IpAddr::V4)
-                    .unwrap_or(IpAddr::V6(v6)),
-            )
+            Some(v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)))
         }
         _ => None,
     }
@@ -286,99 +241,56 @@ fn sockaddr_ip(ss: &libc::sockaddr_storage) -> Option<IpAddr> {
 
 impl Listener {
     /// Start: `open` runs in the netns and returns the socket; returns once it is bound.
-    fn start(
-        netns: &Path,
-        what: String,
-        open: impl FnOnce() -> Result<OwnedFd> + Send + 'static,
-    ) -> Result<Listener> {
+    fn start(netns: &Path, what: String, open: impl FnOnce() -> Result<OwnedFd> + Send + 'static) -> Result<Listener> {
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel::<Result<()>>();
         let (path, st) = (netns.to_path_buf(), stop.clone());
-        let handle = std::thread::Builder::new().name("zt-listen".into()).spawn(
-            move || -> Result<Vec<Frame>> {
-                let fd = match sys::setns_net(&path).and_then(|_| open()) {
-                    Ok(fd) => fd,
-                    Err(e) => {
-                        let msg = format!("{e:#}");
-                        let _ = tx.send(Err(e));
-                        bail!(msg);
-                    }
-                };
-                let tv = libc::timeval {
-                    tv_sec: 0,
-                    tv_usec: 20_000,
-                };
-                unsafe {
-                    libc::setsockopt(
-                        fd.as_raw_fd(),
-                        libc::SOL_SOCKET,
-                        libc::SO_RCVTIMEO,
-                        &tv as *const _ as *const _,
-                        std::mem::size_of_val(&tv) as u32,
-                    );
-                    let big: libc::c_int = 4 << 20;
-                    libc::setsockopt(
-                        fd.as_raw_fd(),
-                        libc::SOL_SOCKET,
-                        libc::SO_RCVBUFFORCE,
-                        &big as *const _ as *const _,
-                        4,
-                    );
+        let handle = std::thread::Builder::new().name("zt-listen".into()).spawn(move || -> Result<Vec<Frame>> {
+            let fd = match sys::setns_net(&path).and_then(|_| open()) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    let _ = tx.send(Err(e));
+                    bail!(msg);
                 }
-                let _ = tx.send(Ok(()));
-                let mut out = vec![];
-                let mut buf = vec![0u8; 65536];
-                // Drain what is queued after the stop flag too.
-                loop {
-                    let stopping = st.load(Ordering::Relaxed);
-                    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-                    let mut len = std::mem::size_of_val(&ss) as libc::socklen_t;
-                    let n = unsafe {
-                        libc::recvfrom(
-                            fd.as_raw_fd(),
-                            buf.as_mut_ptr() as *mut _,
-                            buf.len(),
-                            0,
-                            &mut ss as *mut _ as *mut _,
-                            &mut len,
-                        )
-                    };
-                    if n < 0 {
-                        let e = std::io::Error::last_os_error();
-                        if matches!(
-                            e.kind(),
-                            std::io::ErrorKind::WouldBlock
-                                | std::io::ErrorKind::TimedOut
-                                | std::io::ErrorKind::Interrupted
-                        ) {
-                            if stopping {
-                                break;
-                            }
-                            continue;
+            };
+            let tv = libc::timeval { tv_sec: 0, tv_usec: 20_000 };
+            unsafe {
+                libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv as *const _ as *const _, std::mem::size_of_val(&tv) as u32);
+                let big: libc::c_int = 4 << 20;
+                libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &big as *const _ as *const _, 4);
+            }
+            let _ = tx.send(Ok(()));
+            let mut out = vec![];
+            let mut buf = vec![0u8; 65536];
+            // Drain what is queued after the stop flag too.
+            loop {
+                let stopping = st.load(Ordering::Relaxed);
+                let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+                let mut len = std::mem::size_of_val(&ss) as libc::socklen_t;
+                let n = unsafe { libc::recvfrom(fd.as_raw_fd(), buf.as_mut_ptr() as *mut _, buf.len(), 0, &mut ss as *mut _ as *mut _, &mut len) };
+                if n < 0 {
+                    let e = std::io::Error::last_os_error();
+                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) {
+                        if stopping {
+                            break;
                         }
-                        bail!("recvfrom: {e}");
+                        continue;
                     }
-                    let (pkttype, from) = if ss.ss_family as i32 == libc::AF_PACKET {
-                        let ll = unsafe { &*(&ss as *const _ as *const libc::sockaddr_ll) };
-                        (ll.sll_pkttype, None)
-                    } else {
-                        (0, sockaddr_ip(&ss))
-                    };
-                    out.push(Frame {
-                        pkttype,
-                        from,
-                        data: buf[..n as usize].to_vec(),
-                    });
+                    bail!("recvfrom: {e}");
                 }
-                Ok(out)
-            },
-        )?;
+                let (pkttype, from) = if ss.ss_family as i32 == libc::AF_PACKET {
+                    let ll = unsafe { &*(&ss as *const _ as *const libc::sockaddr_ll) };
+                    (ll.sll_pkttype, None)
+                } else {
+                    (0, sockaddr_ip(&ss))
+                };
+                out.push(Frame { pkttype, from, data: buf[..n as usize].to_vec() });
+            }
+            Ok(out)
+        })?;
         match rx.recv_timeout(Duration::from_secs(5)) {
-            Ok(Ok(())) => Ok(Listener {
-                what,
-                stop,
-                handle: Some(handle),
-            }),
+            Ok(Ok(())) => Ok(Listener { what, stop, handle: Some(handle) }),
             Ok(Err(e)) => Err(e.context(what)),
             Err(_) => bail!("{what}: listener did not start"),
         }
@@ -387,87 +299,41 @@ impl Listener {
     /// Every frame on `ifname` of the netns (both directions; see [`Frame::incoming`]).
     pub fn capture(netns: &Path, ifname: &str) -> Result<Listener> {
         let name = CString::new(ifname)?;
-        Self::start(
-            netns,
-            format!("capture on {ifname} in {}", netns.display()),
-            move || {
-                let proto = (libc::ETH_P_ALL as u16).to_be();
-                let fd = cvt(
-                    unsafe {
-                        libc::socket(
-                            libc::AF_PACKET,
-                            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                            proto as i32,
-                        )
-                    },
-                    "socket(AF_PACKET)",
-                )?;
-                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-                let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-                if ifindex == 0 {
-                    bail!("no interface {name:?}");
-                }
-                let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-                sll.sll_family = libc::AF_PACKET as u16;
-                sll.sll_protocol = proto;
-                sll.sll_ifindex = ifindex as i32;
-                cvt(
-                    unsafe {
-                        libc::bind(
-                            fd.as_raw_fd(),
-                            &sll as *const _ as *const _,
-                            std::mem::size_of_val(&sll) as u32,
-                        )
-                    },
-                    "bind(AF_PACKET)",
-                )?;
-                // Frames queued before the bind may come from other interfaces: drop them.
-                let mut junk = [0u8; 1];
-                while unsafe {
-                    libc::recv(
-                        fd.as_raw_fd(),
-                        junk.as_mut_ptr() as *mut _,
-                        1,
-                        libc::MSG_DONTWAIT,
-                    )
-                } >= 0
-                {}
-                Ok(fd)
-            },
-        )
+        Self::start(netns, format!("capture on {ifname} in {}", netns.display()), move || {
+            let proto = (libc::ETH_P_ALL as u16).to_be();
+            let fd = cvt(unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto as i32) }, "socket(AF_PACKET)")?;
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            if ifindex == 0 {
+                bail!("no interface {name:?}");
+            }
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = proto;
+            sll.sll_ifindex = ifindex as i32;
+            cvt(unsafe { libc::bind(fd.as_raw_fd(), &sll as *const _ as *const _, std::mem::size_of_val(&sll) as u32) }, "bind(AF_PACKET)")?;
+            // Frames queued before the bind may come from other interfaces: drop them.
+            let mut junk = [0u8; 1];
+            while unsafe { libc::recv(fd.as_raw_fd(), junk.as_mut_ptr() as *mut _, 1, libc::MSG_DONTWAIT) } >= 0 {}
+            Ok(fd)
+        })
     }
 
     /// A dual-stack UDP socket on `[::]:port`.
     pub fn udp(netns: &Path, port: u16) -> Result<Listener> {
-        Self::start(
-            netns,
-            format!("UDP receiver on {port} in {}", netns.display()),
-            move || {
-                let s = std::net::UdpSocket::bind(("::", port))
-                    .with_context(|| format!("binding [::]:{port}"))?;
-                Ok(OwnedFd::from(s))
-            },
-        )
+        Self::start(netns, format!("UDP receiver on {port} in {}", netns.display()), move || {
+            let s = std::net::UdpSocket::bind(("::", port)).with_context(|| format!("binding [::]:{port}"))?;
+            Ok(OwnedFd::from(s))
+        })
     }
 
     /// A raw IP socket of `proto` (IPv4 delivers the IP header too, IPv6 the payload).
     pub fn raw(netns: &Path, v6: bool, proto: u8) -> Result<Listener> {
         let fam = if v6 { libc::AF_INET6 } else { libc::AF_INET };
-        Self::start(
-            netns,
-            format!(
-                "raw {} protocol {proto} receiver in {}",
-                if v6 { "IPv6" } else { "IPv4" },
-                netns.display()
-            ),
-            move || {
-                let fd = cvt(
-                    unsafe { libc::socket(fam, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto as i32) },
-                    "socket(SOCK_RAW)",
-                )?;
-                Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-            },
-        )
+        Self::start(netns, format!("raw {} protocol {proto} receiver in {}", if v6 { "IPv6" } else { "IPv4" }, netns.display()), move || {
+            let fd = cvt(unsafe { libc::socket(fam, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto as i32) }, "socket(SOCK_RAW)")?;
+            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        })
     }
 
     /// Stop after `settle` (frames in flight arrive) and return what was read.
@@ -479,9 +345,7 @@ impl Listener {
     fn finish(&mut self) -> Result<Vec<Frame>> {
         self.stop.store(true, Ordering::Relaxed);
         match self.handle.take() {
-            Some(h) => h
-                .join()
-                .map_err(|_| anyhow!("{}: thread panicked", self.what))?,
+            Some(h) => h.join().map_err(|_| anyhow!("{}: thread panicked", self.what))?,
             None => Ok(vec![]),
         }
     }
@@ -535,15 +399,7 @@ pub struct Tally {
 
 impl Tally {
     pub fn new(name: &str) -> Tally {
-        Tally {
-            name: name.into(),
-            attacks: 0,
-            frames: 0,
-            wrong: vec![],
-            leaks: vec![],
-            problems: vec![],
-            printed: false,
-        }
+        Tally { name: name.into(), attacks: 0, frames: 0, wrong: vec![], leaks: vec![], problems: vec![], printed: false }
     }
 
     /// Count what a script run sent.
@@ -571,13 +427,7 @@ impl Tally {
     }
 
     pub fn summary(&self) -> String {
-        format!(
-            "adversarial: attacks={} frames={} wrong_allows={} leaks={}",
-            self.attacks,
-            self.frames,
-            self.wrong.len(),
-            self.leaks.len()
-        )
+        format!("adversarial: attacks={} frames={} wrong_allows={} leaks={}", self.attacks, self.frames, self.wrong.len(), self.leaks.len())
     }
 
     fn print(&mut self) {
@@ -591,11 +441,8 @@ impl Tally {
     pub fn finish(mut self) {
         self.print();
         let mut msg = String::new();
-        for (title, v) in [
-            ("wrong allows (reached the target)", &self.wrong),
-            ("leaks (came back to the attacker)", &self.leaks),
-            ("problems", &self.problems),
-        ] {
+        for (title, v) in [("wrong allows (reached the target)", &self.wrong), ("leaks (came back to the attacker)", &self.leaks), ("problems", &self.problems)]
+        {
             if !v.is_empty() {
                 msg.push_str(&format!("{title}:\n"));
                 for l in v {

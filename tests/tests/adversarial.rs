@@ -91,17 +91,11 @@ fn ns(bed: &Bed, ep: &Endpoint) -> PathBuf {
 }
 
 fn ips(bed: &Bed, name: &str) -> [IpAddr; 2] {
-    [
-        ip(bed, "default", name, Family::V4),
-        ip(bed, "default", name, Family::V6),
-    ]
+    [ip(bed, "default", name, Family::V4), ip(bed, "default", name, Family::V6)]
 }
 
 fn node_ips(bed: &Bed) -> [IpAddr; 2] {
-    [
-        bed.node_ip("node1", Family::V4).unwrap(),
-        bed.node_ip("node1", Family::V6).unwrap(),
-    ]
+    [bed.node_ip("node1", Family::V4).unwrap(), bed.node_ip("node1", Family::V6).unwrap()]
 }
 
 /// The MAC of a pod's gateway: its host-side veth in the node netns.
@@ -168,10 +162,7 @@ fn judge_target(t: &mut Tally, sent: &Sent, seen: &BTreeMap<String, usize>, plac
 /// Anything that came back to the attacker from `victims`, and any ICMP unreachable or
 /// time exceeded from anywhere, is a leak.
 fn judge_attacker(t: &mut Tally, frames: &[Frame], victims: &[IpAddr], place: &str) {
-    for f in frames
-        .iter()
-        .filter(|f| f.incoming() && !f.is_link_control())
-    {
+    for f in frames.iter().filter(|f| f.incoming() && !f.is_link_control()) {
         let from_victim = f.ip().is_some_and(|(s, ..)| victims.contains(&s));
         if from_victim || f.is_icmp_unreachable() {
             t.leak(format!("{place} got {}", f.describe()));
@@ -181,10 +172,7 @@ fn judge_attacker(t: &mut Tally, frames: &[Frame], victims: &[IpAddr], place: &s
 
 /// Frames at the target whose source is one of `sources` (untagged attacks: SCTP INITs).
 fn judge_sources(t: &mut Tally, frames: &[Frame], sources: &[IpAddr], place: &str, nonce: &str) {
-    for f in frames
-        .iter()
-        .filter(|f| f.incoming() && f.tag(nonce).is_none())
-    {
+    for f in frames.iter().filter(|f| f.incoming() && f.tag(nonce).is_none()) {
         if f.ip().is_some_and(|(s, ..)| sources.contains(&s)) {
             t.wrong_allow(format!("{place} got {}", f.describe()));
         }
@@ -192,19 +180,12 @@ fn judge_sources(t: &mut Tally, frames: &[Frame], sources: &[IpAddr], place: &st
 }
 
 fn counter(m: &Metrics, dir: &str, verdict: &str, reason: &str) -> Option<f64> {
-    m.get(
-        "zt_verdicts_total",
-        &[("direction", dir), ("verdict", verdict), ("reason", reason)],
-    )
+    m.get("zt_verdicts_total", &[("direction", dir), ("verdict", verdict), ("reason", reason)])
 }
 
 /// Sum of every drop reason in `dir`.
 fn drops(m: &Metrics, dir: &str) -> f64 {
-    m.get(
-        "zt_verdicts_total",
-        &[("direction", dir), ("verdict", "drop")],
-    )
-    .unwrap_or(0.0)
+    m.get("zt_verdicts_total", &[("direction", dir), ("verdict", "drop")]).unwrap_or(0.0)
 }
 
 /// The drop counter `reason` in `dir` must have grown by at least `n`.
@@ -217,8 +198,7 @@ fn expect_drops(t: &mut Tally, m0: &Metrics, m1: &Metrics, dir: &str, reason: &s
 }
 
 fn delta(m0: &Metrics, m1: &Metrics, dir: &str, verdict: &str, reason: &str) -> f64 {
-    counter(m1, dir, verdict, reason).unwrap_or(0.0)
-        - counter(m0, dir, verdict, reason).unwrap_or(0.0)
+    counter(m1, dir, verdict, reason).unwrap_or(0.0) - counter(m0, dir, verdict, reason).unwrap_or(0.0)
 }
 
 /// VXLAN devices in the node netns as an overlay CNI makes them (VNI 42, UDP 4789, one
@@ -232,10 +212,7 @@ fn add_vxlan(bed: &Bed) -> (String, String) {
     if let Err(e) = attack::sh(bed, &node(), &script) {
         panic!("this test needs VXLAN devices in the node netns (CONFIG_VXLAN): {e:#}");
     }
-    (
-        attack::mac_of(bed, &node(), "ztvx4").unwrap(),
-        attack::mac_of(bed, &node(), "ztvx6").unwrap(),
-    )
+    (attack::mac_of(bed, &node(), "ztvx4").unwrap(), attack::mac_of(bed, &node(), "ztvx6").unwrap())
 }
 
 fn udp_socket_in(netns: &std::path::Path, to: IpAddr, port: u16) -> UdpSocket {
@@ -264,10 +241,7 @@ fn vlan_tagged_and_non_ip_frames_from_a_pod_are_dropped() {
     let mut t = Tally::new("vlan_tagged_and_non_ip_frames_from_a_pod_are_dropped");
     let n = attack::nonce();
     let [c4, c6] = ips(&bed, "c");
-    let p = with(
-        params(&bed, &n, "a", "b"),
-        json!({"spoof4": c4.to_string(), "spoof6": c6.to_string(), "dport_spoof": 5300, "dport_own": 5301}),
-    );
+    let p = with(params(&bed, &n, "a", "b"), json!({"spoof4": c4.to_string(), "spoof6": c6.to_string(), "dport_spoof": 5300, "dport_own": 5301}));
     let l = [
         Listener::capture(&ns(&bed, &b()), "eth0").unwrap(),
         Listener::udp(&ns(&bed, &b()), 5300).unwrap(),
@@ -280,8 +254,7 @@ fn vlan_tagged_and_non_ip_frames_from_a_pod_are_dropped() {
     // must still pass a's hook).
     for (i, to) in ips(&bed, "b").into_iter().enumerate() {
         let s = udp_socket_in(&ns(&bed, &a()), to, 5301);
-        s.send(format!("ZTADV:{n}:control-socket/{};", FAMILIES[i]).as_bytes())
-            .unwrap();
+        s.send(format!("ZTADV:{n}:control-socket/{};", FAMILIES[i]).as_bytes()).unwrap();
     }
     let [at_b, r5300, r5301, at_a] = stop_all(l, SETTLE).unwrap();
     let m1 = bed.metrics();
@@ -290,28 +263,12 @@ fn vlan_tagged_and_non_ip_frames_from_a_pod_are_dropped() {
     judge_target(&mut t, &sent, &got, "b");
     for f in FAMILIES {
         if !got.contains_key(&format!("control-socket/{f}")) {
-            t.problem(format!(
-                "control: a's own datagram to b@{f}:5301 (ARP/NDP, then UDP) did not arrive"
-            ));
+            t.problem(format!("control: a's own datagram to b@{f}:5301 (ARP/NDP, then UDP) did not arrive"));
         }
     }
     judge_attacker(&mut t, &at_a, &ips(&bed, "b"), "a");
-    expect_drops(
-        &mut t,
-        &m0,
-        &m1,
-        "egress",
-        "vlan",
-        sent.frames_where(|l| l.starts_with("dot1")),
-    );
-    expect_drops(
-        &mut t,
-        &m0,
-        &m1,
-        "egress",
-        "ethertype",
-        sent.frames_where(|l| l.starts_with("ethertype")),
-    );
+    expect_drops(&mut t, &m0, &m1, "egress", "vlan", sent.frames_where(|l| l.starts_with("dot1")));
+    expect_drops(&mut t, &m0, &m1, "egress", "ethertype", sent.frames_where(|l| l.starts_with("ethertype")));
     t.finish();
 }
 
@@ -342,12 +299,7 @@ spec:
     let bed = adv_bed(&[("50-icmp.yaml", POLICY)]);
     let mut t = Tally::new("icmp_errors_about_a_flow_are_delivered_only_from_its_peer");
     let n = attack::nonce();
-    let (b_ns, a_ips, b_ips, c_ips) = (
-        ns(&bed, &b()),
-        ips(&bed, "a"),
-        ips(&bed, "b"),
-        ips(&bed, "c"),
-    );
+    let (b_ns, a_ips, b_ips, c_ips) = (ns(&bed, &b()), ips(&bed, "a"), ips(&bed, "b"), ips(&bed, "c"));
     // The live flows, from b's netns.
     let mut udp = vec![];
     let mut tcp = vec![];
@@ -356,21 +308,10 @@ spec:
         s.set_read_timeout(Some(ALLOWED)).unwrap();
         s.send(b"flow").unwrap();
         let mut buf = [0u8; 64];
-        let got = s
-            .recv(&mut buf)
-            .map(|k| String::from_utf8_lossy(&buf[..k]).trim().to_string());
-        assert_eq!(
-            got.ok().as_deref(),
-            Some("default/a"),
-            "the UDP flow b -> a@{f}:53 must work (policy)"
-        );
-        let mut flow = bed
-            .open_tcp(&b(), &tgt("default", "a", f), 7000, ALLOWED)
-            .expect("TCP flow b -> a:7000");
-        assert!(
-            flow.roundtrip(ALLOWED),
-            "the TCP flow b -> a@{f}:7000 must work (policy)"
-        );
+        let got = s.recv(&mut buf).map(|k| String::from_utf8_lossy(&buf[..k]).trim().to_string());
+        assert_eq!(got.ok().as_deref(), Some("default/a"), "the UDP flow b -> a@{f}:53 must work (policy)");
+        let mut flow = bed.open_tcp(&b(), &tgt("default", "a", f), 7000, ALLOWED).expect("TCP flow b -> a:7000");
+        assert!(flow.roundtrip(ALLOWED), "the TCP flow b -> a@{f}:7000 must work (policy)");
         udp.push(s);
         tcp.push(flow);
     }
@@ -378,10 +319,7 @@ spec:
         let mut q = vec![];
         for i in 0..2 {
             let fam = if i == 0 { "v4" } else { "v6" };
-            let (us, ts) = (
-                udp[i].local_addr().unwrap().port(),
-                tcp[i].stream().local_addr().unwrap().port(),
-            );
+            let (us, ts) = (udp[i].local_addr().unwrap().port(), tcp[i].stream().local_addr().unwrap().port());
             q.push(json!({"label": format!("{who}/udp/{fam}"), "from": from[i].to_string(), "src": b_ips[i].to_string(), "dst": a_ips[i].to_string(), "proto": "udp", "sport": us, "dport": 53}));
             q.push(json!({"label": format!("{who}/tcp/{fam}"), "from": from[i].to_string(), "src": b_ips[i].to_string(), "dst": a_ips[i].to_string(), "proto": "tcp", "sport": ts, "dport": 7000}));
         }
@@ -389,21 +327,9 @@ spec:
     };
 
     // The third pod: nothing reaches b, b's UDP sockets keep working.
-    let l = [
-        Listener::capture(&b_ns, "eth0").unwrap(),
-        Listener::capture(&ns(&bed, &c()), "eth0").unwrap(),
-    ];
+    let l = [Listener::capture(&b_ns, "eth0").unwrap(), Listener::capture(&ns(&bed, &c()), "eth0").unwrap()];
     let m0 = bed.metrics();
-    let sent = run(
-        &bed,
-        &mut t,
-        &c(),
-        "icmp-error",
-        &with(
-            params(&bed, &n, "c", "b"),
-            json!({"quotes": quotes("third-pod", c_ips)}),
-        ),
-    );
+    let sent = run(&bed, &mut t, &c(), "icmp-error", &with(params(&bed, &n, "c", "b"), json!({"quotes": quotes("third-pod", c_ips)})));
     let [at_b, at_c] = stop_all(l, SETTLE).unwrap();
     let m1 = bed.metrics();
     judge_target(&mut t, &sent, &seen(&[&at_b], &n), "b");
@@ -413,49 +339,29 @@ spec:
         let mut buf = [0u8; 64];
         if let Err(e) = s.recv(&mut buf) {
             if e.kind() == std::io::ErrorKind::ConnectionRefused {
-                t.wrong_allow(format!(
-                    "b's UDP socket to a@{} got ECONNREFUSED from c's forged error",
-                    FAMILIES[i]
-                ));
+                t.wrong_allow(format!("b's UDP socket to a@{} got ECONNREFUSED from c's forged error", FAMILIES[i]));
             }
         }
     }
     let related = delta(&m0, &m1, "ingress", "allow", "related");
     if related > 0.0 {
-        t.wrong_allow(format!(
-            "b's hook allowed {related} of c's errors as `related`"
-        ));
+        t.wrong_allow(format!("b's hook allowed {related} of c's errors as `related`"));
     }
     let dropped = drops(&m1, "ingress") - drops(&m0, "ingress");
     if dropped < sent.frames() as f64 {
-        t.problem(format!(
-            "b's hook dropped {dropped} packets, want >= {} (c's errors)",
-            sent.frames()
-        ));
+        t.problem(format!("b's hook dropped {dropped} packets, want >= {} (c's errors)", sent.frames()));
     }
 
     // The flow's peer: every error reaches b, b's UDP sockets get ECONNREFUSED.
     let l = [Listener::capture(&b_ns, "eth0").unwrap()];
-    let sent = run(
-        &bed,
-        &mut t,
-        &a(),
-        "icmp-error",
-        &with(
-            params(&bed, &n, "a", "b"),
-            json!({"quotes": quotes("control-flow-peer", a_ips)}),
-        ),
-    );
+    let sent = run(&bed, &mut t, &a(), "icmp-error", &with(params(&bed, &n, "a", "b"), json!({"quotes": quotes("control-flow-peer", a_ips)})));
     let [at_b] = stop_all(l, SETTLE).unwrap();
     judge_target(&mut t, &sent, &seen(&[&at_b], &n), "b");
     for (i, s) in udp.iter().enumerate() {
         let mut buf = [0u8; 64];
         match s.recv(&mut buf) {
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
-            r => t.problem(format!(
-                "b's UDP socket to a@{}: want ECONNREFUSED from a's error, got {r:?}",
-                FAMILIES[i]
-            )),
+            r => t.problem(format!("b's UDP socket to a@{}: want ECONNREFUSED from a's error, got {r:?}", FAMILIES[i])),
         }
     }
     drop(tcp);
@@ -497,33 +403,12 @@ fn pods_cannot_send_to_the_node_tunnel_endpoints() {
     ];
     let m0 = bed.metrics();
     let sent = run(&bed, &mut t, &a(), "tunnel", &p);
-    let [at_b, r5300, u8472, u6081, r4, r41, r47, r6_4, r6_41, r6_47, at_a] =
-        stop_all(l, SETTLE).unwrap();
+    let [at_b, r5300, u8472, u6081, r4, r41, r47, r6_4, r6_41, r6_47, at_a] = stop_all(l, SETTLE).unwrap();
     let m1 = bed.metrics();
-    judge_target(
-        &mut t,
-        &sent,
-        &seen(&[&at_b, &r5300], &n),
-        "b (decapsulated by the node)",
-    );
-    judge_target(
-        &mut t,
-        &sent,
-        &seen(&[&u8472, &u6081], &n),
-        "the node's UDP 8472/6081",
-    );
-    judge_target(
-        &mut t,
-        &sent,
-        &seen(&[&r4, &r41, &r47, &r6_4, &r6_41, &r6_47], &n),
-        "the node's IP stack (protocols 4/41/47)",
-    );
-    judge_attacker(
-        &mut t,
-        &at_a,
-        &[ips(&bed, "b").as_slice(), node_ips(&bed).as_slice()].concat(),
-        "a",
-    );
+    judge_target(&mut t, &sent, &seen(&[&at_b, &r5300], &n), "b (decapsulated by the node)");
+    judge_target(&mut t, &sent, &seen(&[&u8472, &u6081], &n), "the node's UDP 8472/6081");
+    judge_target(&mut t, &sent, &seen(&[&r4, &r41, &r47, &r6_4, &r6_41, &r6_47], &n), "the node's IP stack (protocols 4/41/47)");
+    judge_attacker(&mut t, &at_a, &[ips(&bed, "b").as_slice(), node_ips(&bed).as_slice()].concat(), "a");
     expect_drops(&mut t, &m0, &m1, "egress", "tunnel", sent.frames());
 
     // An explicit allow opens exactly that: a may send UDP 8472 to the node.
@@ -545,10 +430,7 @@ spec:
         let n = attack::nonce();
         let mut q = base.clone();
         q.insert("nonce".into(), json!(n));
-        q.insert(
-            "only".into(),
-            json!(["vxlan-8472/outer-v4", "vxlan-8472/outer-v6"]),
-        );
+        q.insert("only".into(), json!(["vxlan-8472/outer-v4", "vxlan-8472/outer-v6"]));
         let p = Value::Object(q);
         let l = [Listener::udp(&node_ns, 8472).unwrap()];
         let sent = attack::run(&bed, &a(), "tunnel", &p).unwrap();
@@ -583,17 +465,13 @@ fn local_pod_sources_are_accepted_only_from_their_own_interface() {
         "spoof4": c4.to_string(), "spoof6": c6.to_string(), "victim4": b4.to_string(), "victim6": b6.to_string(),
         "node4": n4.to_string(), "node6": n6.to_string(), "vx_mac4": mac4, "vx_mac6": mac6, "vni": 42, "dport": 5300,
     });
-    let l = [
-        Listener::capture(&ns(&bed, &b()), "eth0").unwrap(),
-        Listener::udp(&ns(&bed, &b()), 5300).unwrap(),
-    ];
+    let l = [Listener::capture(&ns(&bed, &b()), "eth0").unwrap(), Listener::udp(&ns(&bed, &b()), 5300).unwrap()];
     let m0 = bed.metrics();
     let sent = run(&bed, &mut t, &node(), "inject", &p);
     // Control: c itself, from its own interface, reaches b on the same port.
     for (i, to) in [b4, b6].into_iter().enumerate() {
         let s = udp_socket_in(&ns(&bed, &c()), to, 5300);
-        s.send(format!("ZTADV:{n}:control/{};", FAMILIES[i]).as_bytes())
-            .unwrap();
+        s.send(format!("ZTADV:{n}:control/{};", FAMILIES[i]).as_bytes()).unwrap();
     }
     let [at_b, r5300] = stop_all(l, SETTLE).unwrap();
     let m1 = bed.metrics();
@@ -601,9 +479,7 @@ fn local_pod_sources_are_accepted_only_from_their_own_interface() {
     judge_target(&mut t, &sent, &got, "b");
     for f in FAMILIES {
         if !got.contains_key(&format!("control/{f}")) {
-            t.problem(format!(
-                "control: c's own datagram to b@{f}:5300 did not arrive"
-            ));
+            t.problem(format!("control: c's own datagram to b@{f}:5300 did not arrive"));
         }
     }
     expect_drops(&mut t, &m0, &m1, "ingress", "spoofed-source", sent.frames());
@@ -633,8 +509,7 @@ spec:
         "add chain inet ztadv post { type nat hook postrouting priority srcnat; policy accept; }",
         format!("add rule inet ztadv post oifname \"{veth}\" masquerade"),
     ]});
-    attack::run(&bed, &node(), "nft", &nft)
-        .unwrap_or_else(|e| panic!("nftables masquerade (libnftables, from dnsmasq-base): {e:#}"));
+    attack::run(&bed, &node(), "nft", &nft).unwrap_or_else(|e| panic!("nftables masquerade (libnftables, from dnsmasq-base): {e:#}"));
     let mut specs = vec![];
     for f in FAMILIES {
         for (proto, port) in [(Proto::Tcp, 80), (Proto::Tcp, 7000), (Proto::Udp, 53)] {
@@ -652,9 +527,7 @@ spec:
     }
     let host = delta(&m0, &m1, "ingress", "allow", "host");
     if host > 0.0 {
-        t.wrong_allow(format!(
-            "b's hook allowed {host} masqueraded packet(s) as `host`"
-        ));
+        t.wrong_allow(format!("b's hook allowed {host} masqueraded packet(s) as `host`"));
     }
     // The masquerade was in effect (else this test proves nothing).
     let ct = attack::sh(&bed, &node(), "cat /proc/net/nf_conntrack").unwrap_or_default();
@@ -662,27 +535,17 @@ spec:
     for (i, f) in FAMILIES.into_iter().enumerate() {
         let (a_ip, node_ip) = (ips(&bed, "a")[i], [n4, n6][i]);
         // Lines hold the original tuple, then the reply tuple (IPv6 written out in full).
-        let addrs = |l: &str, key: &str| -> Vec<IpAddr> {
-            l.split_whitespace()
-                .filter_map(|w| w.strip_prefix(key)?.parse().ok())
-                .collect()
-        };
-        let natted = ct
-            .lines()
-            .any(|l| addrs(l, "src=").contains(&a_ip) && addrs(l, "dst=").contains(&node_ip));
+        let addrs = |l: &str, key: &str| -> Vec<IpAddr> { l.split_whitespace().filter_map(|w| w.strip_prefix(key)?.parse().ok()).collect() };
+        let natted = ct.lines().any(|l| addrs(l, "src=").contains(&a_ip) && addrs(l, "dst=").contains(&node_ip));
         if !natted {
             t.problem(format!("no masqueraded conntrack entry for a@{f} -> b in the node: the masquerade did not apply\n{ct}"));
         }
     }
     // The node's own sockets reach b's probe port.
     for f in FAMILIES {
-        let r = bed
-            .tb
-            .probe(&node(), &tgt("default", "b", f), Proto::Tcp, 80, ALLOWED);
+        let r = bed.tb.probe(&node(), &tgt("default", "b", f), Proto::Tcp, 80, ALLOWED);
         if r != ok("default/b") {
-            t.problem(format!(
-                "control: the node's own connection to b@{f}:80 (readiness probe port): {r}"
-            ));
+            t.problem(format!("control: the node's own connection to b@{f}:80 (readiness probe port): {r}"));
         }
     }
     t.finish();
@@ -696,37 +559,25 @@ spec:
 #[test]
 fn ipv6_fragments_with_destination_options_after_the_fragment_header_are_delivered() {
     let bed = adv_bed(&[("50-b.yaml", B_ALLOWS_C_AND_A)]);
-    let mut t = Tally::new(
-        "ipv6_fragments_with_destination_options_after_the_fragment_header_are_delivered",
-    );
+    let mut t = Tally::new("ipv6_fragments_with_destination_options_after_the_fragment_header_are_delivered");
     let n = attack::nonce();
     let size = 3000;
-    let p = with(
-        params(&bed, &n, "a", "b"),
-        json!({"sport": 46100, "dport": 5301, "size": size}),
-    );
+    let p = with(params(&bed, &n, "a", "b"), json!({"sport": 46100, "dport": 5301, "size": size}));
     let l = [Listener::udp(&ns(&bed, &b()), 5301).unwrap()];
     let m0 = bed.metrics();
     let sent = run(&bed, &mut t, &a(), "frag6-destopt", &p);
     let [r5301] = stop_all(l, SETTLE).unwrap();
     let m1 = bed.metrics();
     for label in sent.labels() {
-        let whole = r5301
-            .iter()
-            .filter(|f| f.tag(&n).as_deref() == Some(label))
-            .any(|f| f.data.len() == size);
+        let whole = r5301.iter().filter(|f| f.tag(&n).as_deref() == Some(label)).any(|f| f.data.len() == size);
         if !whole {
-            t.problem(format!(
-                "{label}: the {size}-byte datagram a -> b:5301 (allowed) was not delivered whole"
-            ));
+            t.problem(format!("{label}: the {size}-byte datagram a -> b:5301 (allowed) was not delivered whole"));
         }
     }
     for dir in ["egress", "ingress"] {
         let d = delta(&m0, &m1, dir, "drop", "fragment");
         if d > 0.0 {
-            t.problem(format!(
-                "{d} fragment(s) dropped ({dir}, `fragment`) of allowed datagrams"
-            ));
+            t.problem(format!("{d} fragment(s) dropped ({dir}, `fragment`) of allowed datagrams"));
         }
     }
     t.finish();
@@ -748,10 +599,7 @@ fn port_scan_of_an_isolated_pod_gets_no_answer() {
         json!({"tcp_ports": [1, 22, 53, 79, 80, 81, 443, 6443, 7000, 8080, 9000, 10250, 65535],
                "udp_ports": [53, 123, 161, 5353, 9000, 33434], "sctp_ports": [9000, 9999]}),
     );
-    let l = [
-        Listener::capture(&ns(&bed, &b()), "eth0").unwrap(),
-        Listener::capture(&ns(&bed, &a()), "eth0").unwrap(),
-    ];
+    let l = [Listener::capture(&ns(&bed, &b()), "eth0").unwrap(), Listener::capture(&ns(&bed, &a()), "eth0").unwrap()];
     let m0 = bed.metrics();
     let sent = run(&bed, &mut t, &a(), "scan", &p);
     let [at_b, at_a] = stop_all(l, SETTLE).unwrap();
@@ -761,10 +609,7 @@ fn port_scan_of_an_isolated_pod_gets_no_answer() {
     judge_attacker(&mut t, &at_a, &ips(&bed, "b"), "a");
     let d = drops(&m1, "ingress") - drops(&m0, "ingress");
     if d < sent.frames() as f64 {
-        t.problem(format!(
-            "b's hook dropped {d} packets, want >= {}",
-            sent.frames()
-        ));
+        t.problem(format!("b's hook dropped {d} packets, want >= {}", sent.frames()));
     }
     t.finish();
 }
@@ -777,10 +622,7 @@ fn forged_tcp_flags_and_replies_to_an_isolated_pod_are_dropped() {
     let mut t = Tally::new("forged_tcp_flags_and_replies_to_an_isolated_pod_are_dropped");
     let n = attack::nonce();
     let p = with(params(&bed, &n, "a", "b"), json!({"dport": 80}));
-    let l = [
-        Listener::capture(&ns(&bed, &b()), "eth0").unwrap(),
-        Listener::capture(&ns(&bed, &a()), "eth0").unwrap(),
-    ];
+    let l = [Listener::capture(&ns(&bed, &b()), "eth0").unwrap(), Listener::capture(&ns(&bed, &a()), "eth0").unwrap()];
     let m0 = bed.metrics();
     let sent = run(&bed, &mut t, &a(), "tcp-flags", &p);
     let [at_b, at_a] = stop_all(l, SETTLE).unwrap();
@@ -790,10 +632,7 @@ fn forged_tcp_flags_and_replies_to_an_isolated_pod_are_dropped() {
     judge_attacker(&mut t, &at_a, &ips(&bed, "b"), "a");
     let d = drops(&m1, "ingress") - drops(&m0, "ingress");
     if d < sent.frames() as f64 {
-        t.problem(format!(
-            "b's hook dropped {d} packets, want >= {}",
-            sent.frames()
-        ));
+        t.problem(format!("b's hook dropped {d} packets, want >= {}", sent.frames()));
     }
     t.finish();
 }
@@ -806,17 +645,9 @@ fn spoofed_sources_without_vlan_tags_are_dropped() {
     let bed = adv_bed(&[("50-b.yaml", B_ALLOWS_C_AND_A)]);
     let mut t = Tally::new("spoofed_sources_without_vlan_tags_are_dropped");
     let n = attack::nonce();
-    let ([a4, a6], [b4, b6], [c4, c6], [n4, n6]) = (
-        ips(&bed, "a"),
-        ips(&bed, "b"),
-        ips(&bed, "c"),
-        node_ips(&bed),
-    );
+    let ([a4, a6], [b4, b6], [c4, c6], [n4, n6]) = (ips(&bed, "a"), ips(&bed, "b"), ips(&bed, "c"), node_ips(&bed));
     let mut sources = vec![];
-    for (fam, a_ip, b_ip, c_ip, n_ip, unknown) in [
-        ("v4", a4, b4, c4, n4, "10.210.0.99"),
-        ("v6", a6, b6, c6, n6, "fd00:210::99"),
-    ] {
+    for (fam, a_ip, b_ip, c_ip, n_ip, unknown) in [("v4", a4, b4, c4, n4, "10.210.0.99"), ("v6", a6, b6, c6, n6, "fd00:210::99")] {
         let s = |label: &str, src: String, dport: u16, proto: &str| json!({"label": format!("{label}/{fam}"), "src": src, "dport": dport, "proto": proto});
         sources.push(s("spoof-allowed-pod-c", c_ip.to_string(), 5300, "udp"));
         sources.push(s("spoof-allowed-pod-c-tcp", c_ip.to_string(), 80, "tcp"));
@@ -824,16 +655,7 @@ fn spoofed_sources_without_vlan_tags_are_dropped() {
         sources.push(s("spoof-node-tcp", n_ip.to_string(), 7000, "tcp"));
         sources.push(s("spoof-target-itself", b_ip.to_string(), 5300, "udp"));
         sources.push(s("spoof-unknown-pod-range", unknown.into(), 5300, "udp"));
-        sources.push(s(
-            "spoof-unspecified",
-            if fam == "v4" {
-                "0.0.0.0".into()
-            } else {
-                "::".into()
-            },
-            5300,
-            "udp",
-        ));
+        sources.push(s("spoof-unspecified", if fam == "v4" { "0.0.0.0".into() } else { "::".into() }, 5300, "udp"));
         if fam == "v6" {
             sources.push(s("spoof-node-link-local", "fe80::1".into(), 5300, "udp"));
         }
@@ -855,9 +677,7 @@ fn spoofed_sources_without_vlan_tags_are_dropped() {
     let want = sent.frames_where(|l| !is_control(l));
     let d = drops(&m1, "egress") - drops(&m0, "egress");
     if d < want as f64 {
-        t.problem(format!(
-            "a's hook dropped {d} packets, want >= {want} (every spoofed one)"
-        ));
+        t.problem(format!("a's hook dropped {d} packets, want >= {want} (every spoofed one)"));
     }
     t.finish();
 }
@@ -873,30 +693,17 @@ fn fragment_games_do_not_open_denied_ports() {
     let bed = adv_bed(&[("50-b.yaml", B_ALLOWS_A_5300)]);
     let mut t = Tally::new("fragment_games_do_not_open_denied_ports");
     let n = attack::nonce();
-    let p = with(
-        params(&bed, &n, "a", "b"),
-        json!({"allowed_port": 5300, "denied_port": 5301, "tcp_denied": 7000}),
-    );
-    let l = [
-        Listener::udp(&ns(&bed, &b()), 5300).unwrap(),
-        Listener::udp(&ns(&bed, &b()), 5301).unwrap(),
-        Listener::capture(&ns(&bed, &a()), "eth0").unwrap(),
-    ];
+    let p = with(params(&bed, &n, "a", "b"), json!({"allowed_port": 5300, "denied_port": 5301, "tcp_denied": 7000}));
+    let l = [Listener::udp(&ns(&bed, &b()), 5300).unwrap(), Listener::udp(&ns(&bed, &b()), 5301).unwrap(), Listener::capture(&ns(&bed, &a()), "eth0").unwrap()];
     let sent = run(&bed, &mut t, &a(), "frag-games", &p);
     let [r5300, r5301, at_a] = stop_all(l, SETTLE).unwrap();
     for d in &r5301 {
-        t.wrong_allow(format!(
-            "a datagram reached b's denied UDP 5301: {:?} ({} bytes)",
-            d.tag(&n),
-            d.data.len()
-        ));
+        t.wrong_allow(format!("a datagram reached b's denied UDP 5301: {:?} ({} bytes)", d.tag(&n), d.data.len()));
     }
     let allowed = seen(&[&r5300], &n);
     for label in sent.labels().filter(|l| is_control(l)) {
         if !allowed.contains_key(label) {
-            t.problem(format!(
-                "control {label}: a fragmented datagram to the allowed UDP 5300 did not arrive"
-            ));
+            t.problem(format!("control {label}: a fragmented datagram to the allowed UDP 5300 did not arrive"));
         }
     }
     judge_attacker(&mut t, &at_a, &ips(&bed, "b"), "a");
@@ -912,10 +719,7 @@ fn long_ipv6_extension_header_chains_are_dropped() {
     let bed = adv_bed(&[("50-b.yaml", B_ALLOWS_A_5300)]);
     let mut t = Tally::new("long_ipv6_extension_header_chains_are_dropped");
     let n = attack::nonce();
-    let p = with(
-        params(&bed, &n, "a", "b"),
-        json!({"allowed_port": 5300, "denied_port": 5301, "tcp_denied": 7000}),
-    );
+    let p = with(params(&bed, &n, "a", "b"), json!({"allowed_port": 5300, "denied_port": 5301, "tcp_denied": 7000}));
     let l = [
         Listener::capture(&ns(&bed, &b()), "eth0").unwrap(),
         Listener::udp(&ns(&bed, &b()), 5300).unwrap(),
@@ -930,12 +734,9 @@ fn long_ipv6_extension_header_chains_are_dropped() {
     judge_attacker(&mut t, &at_a, &ips(&bed, "b"), "a");
     // Whatever the walk's bound, 12 and 20 headers are beyond it.
     let long = sent.frames_where(|l| l.contains("x12") || l.contains("x20"));
-    let d = delta(&m0, &m1, "egress", "drop", "ipv6-ext-headers")
-        + delta(&m0, &m1, "ingress", "drop", "ipv6-ext-headers");
+    let d = delta(&m0, &m1, "egress", "drop", "ipv6-ext-headers") + delta(&m0, &m1, "ingress", "drop", "ipv6-ext-headers");
     if d < long as f64 {
-        t.problem(format!(
-            "`ipv6-ext-headers` drops grew by {d}, want >= {long}"
-        ));
+        t.problem(format!("`ipv6-ext-headers` drops grew by {d}, want >= {long}"));
     }
     t.finish();
 }
@@ -950,10 +751,7 @@ fn malformed_headers_are_dropped() {
     let bed = adv_bed(&[("50-b.yaml", B_ALLOWS_A_5300)]);
     let mut t = Tally::new("malformed_headers_are_dropped");
     let n = attack::nonce();
-    let p = with(
-        params(&bed, &n, "a", "b"),
-        json!({"allowed_port": 5300, "denied_port": 5301, "tcp_denied": 7000}),
-    );
+    let p = with(params(&bed, &n, "a", "b"), json!({"allowed_port": 5300, "denied_port": 5301, "tcp_denied": 7000}));
     let l = [
         Listener::capture(&ns(&bed, &b()), "eth0").unwrap(),
         Listener::udp(&ns(&bed, &b()), 5300).unwrap(),
@@ -985,9 +783,7 @@ fn malformed_headers_are_dropped() {
     let want = sent.frames_where(|l| UNJUDGEABLE.iter().any(|k| l.starts_with(k)));
     let d = delta(&m0, &m1, "egress", "drop", "malformed");
     if d < want as f64 {
-        t.problem(format!(
-            "a's hook dropped {d} frames as `malformed`, want >= {want}"
-        ));
+        t.problem(format!("a's hook dropped {d} frames as `malformed`, want >= {want}"));
     }
     t.finish();
 }
