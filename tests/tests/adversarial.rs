@@ -201,18 +201,19 @@ fn delta(m0: &Metrics, m1: &Metrics, dir: &str, verdict: &str, reason: &str) -> 
     counter(m1, dir, verdict, reason).unwrap_or(0.0) - counter(m0, dir, verdict, reason).unwrap_or(0.0)
 }
 
-/// VXLAN devices in the node netns as an overlay CNI makes them (VNI 42, UDP 4789, one
+/// VXLAN devices in a node's netns as an overlay CNI makes them (VNI 42, UDP 4789, one
 /// per family on the node's addresses). Returns their MACs (v4, v6).
-fn add_vxlan(bed: &Bed) -> (String, String) {
-    let [n4, n6] = node_ips(bed);
+fn add_vxlan(bed: &Bed, node_name: &str) -> (String, String) {
+    let (n4, n6) = (bed.node_ip(node_name, Family::V4).unwrap(), bed.node_ip(node_name, Family::V6).unwrap());
+    let node = Endpoint::node(node_name);
     let script = format!(
         "ip link add ztvx4 type vxlan id 42 dstport 4789 local {n4} nolearning && ip link set ztvx4 up && \
          ip link add ztvx6 type vxlan id 42 dstport 4789 local {n6} nolearning && ip link set ztvx6 up"
     );
-    if let Err(e) = attack::sh(bed, &node(), &script) {
+    if let Err(e) = attack::sh(bed, &node, &script) {
         panic!("this test needs VXLAN devices in the node netns (CONFIG_VXLAN): {e:#}");
     }
-    (attack::mac_of(bed, &node(), "ztvx4").unwrap(), attack::mac_of(bed, &node(), "ztvx6").unwrap())
+    (attack::mac_of(bed, &node, "ztvx4").unwrap(), attack::mac_of(bed, &node, "ztvx6").unwrap())
 }
 
 fn udp_socket_in(netns: &std::path::Path, to: IpAddr, port: u16) -> UdpSocket {
@@ -378,7 +379,7 @@ spec:
 fn pods_cannot_send_to_the_node_tunnel_endpoints() {
     let bed = adv_bed(&[("50-b.yaml", B_ALLOWS_C_AND_A)]);
     let mut t = Tally::new("pods_cannot_send_to_the_node_tunnel_endpoints");
-    let (mac4, mac6) = add_vxlan(&bed);
+    let (mac4, mac6) = add_vxlan(&bed, "node1");
     let n = attack::nonce();
     let [c4, c6] = ips(&bed, "c");
     let [n4, n6] = node_ips(&bed);
@@ -457,7 +458,7 @@ spec:
 fn local_pod_sources_are_accepted_only_from_their_own_interface() {
     let bed = adv_bed(&[("50-b.yaml", B_ALLOWS_C_AND_A)]);
     let mut t = Tally::new("local_pod_sources_are_accepted_only_from_their_own_interface");
-    let (mac4, mac6) = add_vxlan(&bed);
+    let (mac4, mac6) = add_vxlan(&bed, "node1");
     let n = attack::nonce();
     let ([c4, c6], [b4, b6], [n4, n6]) = (ips(&bed, "c"), ips(&bed, "b"), node_ips(&bed));
     let p = json!({
@@ -580,6 +581,81 @@ fn ipv6_fragments_with_destination_options_after_the_fragment_header_are_deliver
             t.problem(format!("{d} fragment(s) dropped ({dir}, `fragment`) of allowed datagrams"));
         }
     }
+    t.finish();
+}
+
+/// Items 1 and 3 across nodes (lab `two-nodes`, an agent on each node): a on node1
+/// smuggles a packet sourced from c (a pod on node2) to b (node2), which allows c, in
+/// two VLAN tags and in VXLAN to node2's address (its VXLAN device decapsulates). Both
+/// must die at a's hook (`vlan`, `tunnel`); a plain spoof of c too.
+#[test]
+fn cross_node_smuggling_in_vlan_tags_or_vxlan_is_dropped() {
+    const POLICY: &str = "apiVersion: zt.dev/v1alpha1
+kind: ZeroTrustPolicy
+metadata: {name: b-in, namespace: default}
+spec:
+  subjects: [{podSelector: {matchLabels: {app: b}}}]
+  ingress:
+  - from: [{namespaceSelector: {}, podSelector: {matchLabels: {app: c}}}]
+    ports: [{protocol: UDP, port: 5300}]
+  - from: [{podSelector: {matchLabels: {app: a}}}]
+    ports: [{protocol: UDP, port: 5301}]
+";
+    if let Err(e) = attack::require_scapy() {
+        panic!("{e:#}");
+    }
+    // The agents learn the other node's addresses (`remote-node`) from the Node objects'
+    // InternalIPs, which the lab leaves out (the bed's defaults apply): give them.
+    let mut pods = std::fs::read_to_string(lab("two-nodes").join("pods.yaml")).unwrap();
+    for k in [1, 2] {
+        let name = format!("metadata:\n  name: node{k}\n");
+        assert!(pods.contains(&name), "labs/two-nodes/pods.yaml changed: no Node node{k}");
+        let (v4, v6) = (format!("10.255.0.{k}"), format!("fd00:255::{k}"));
+        pods = pods.replace(&name, &format!("{name}status:\n  addresses: [{{type: InternalIP, address: {v4}}}, {{type: InternalIP, address: \"{v6}\"}}]\n"));
+    }
+    let bed = bed("two-nodes", &[("pods.yaml", &pods), ("50-b.yaml", POLICY)], &[]);
+    assert_eq!(bed.node_ip("node2", Family::V4).unwrap().to_string(), "10.255.0.2", "the bed's default address of node2");
+    let agent2 = bed.tb.start_agent("node2", &zt_testbed::bins::find("zt-agent").unwrap(), &bed.dir, &["--poll-ms", "100"]).unwrap();
+    agent2.wait_ready(Duration::from_secs(20)).unwrap();
+    let mut t = Tally::new("cross_node_smuggling_in_vlan_tags_or_vxlan_is_dropped");
+    let (mac4, mac6) = add_vxlan(&bed, "node2");
+    let n = attack::nonce();
+    let (c4, c6) = (ip(&bed, "other", "c", Family::V4), ip(&bed, "other", "c", Family::V6));
+    let (n4, n6) = (bed.node_ip("node2", Family::V4).unwrap(), bed.node_ip("node2", Family::V6).unwrap());
+    let base = params(&bed, &n, "a", "b");
+    let spoof = json!({"spoof4": c4.to_string(), "spoof6": c6.to_string()});
+    let vlan = with(
+        with(base.clone(), spoof.clone()).as_object().unwrap().clone(),
+        json!({"dport_spoof": 5300, "dport_own": 5301,
+               "only": ["dot1q-dot1q-vid0/v4", "dot1ad-dot1q-vid0/v4", "dot1q-dot1q-vid0/v6", "dot1ad-dot1q-vid0/v6", "control/v4", "control/v6"]}),
+    );
+    let tunnel = with(
+        with(base.clone(), spoof).as_object().unwrap().clone(),
+        json!({"node4": n4.to_string(), "node6": n6.to_string(), "vx_mac4": mac4, "vx_mac6": mac6, "vni": 42, "dport": 5300,
+               "only": ["vxlan-4789/outer-v4/inner4", "vxlan-4789/outer-v4/inner6", "vxlan-4789/outer-v6/inner4", "vxlan-4789/outer-v6/inner6"]}),
+    );
+    let sources: Vec<Value> = [(c4, "v4"), (c6, "v6")]
+        .iter()
+        .map(|(c, f)| json!({"label": format!("spoof-remote-pod-c/{f}"), "src": c.to_string(), "dport": 5300, "proto": "udp"}))
+        .collect();
+    let spoofed = with(base, json!({"sources": sources}));
+    let l = [
+        Listener::capture(&ns(&bed, &b()), "eth0").unwrap(),
+        Listener::udp(&ns(&bed, &b()), 5300).unwrap(),
+        Listener::udp(&ns(&bed, &b()), 5301).unwrap(),
+        Listener::capture(&ns(&bed, &a()), "eth0").unwrap(),
+    ];
+    let m0 = bed.metrics();
+    let mut sent = Sent::default();
+    for (scenario, p) in [("vlan", &vlan), ("tunnel", &tunnel), ("spoof", &spoofed)] {
+        sent.attacks.extend(run(&bed, &mut t, &a(), scenario, p).attacks);
+    }
+    let [at_b, r5300, r5301, at_a] = stop_all(l, SETTLE).unwrap();
+    let m1 = bed.metrics();
+    judge_target(&mut t, &sent, &seen(&[&at_b, &r5300, &r5301], &n), "b on node2");
+    judge_attacker(&mut t, &at_a, &ips(&bed, "b"), "a");
+    expect_drops(&mut t, &m0, &m1, "egress", "vlan", sent.frames_where(|l| l.starts_with("dot1")));
+    expect_drops(&mut t, &m0, &m1, "egress", "tunnel", sent.frames_where(|l| l.starts_with("vxlan")));
     t.finish();
 }
 
