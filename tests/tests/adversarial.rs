@@ -10,8 +10,9 @@
 //! `adversarial: attacks=<n> frames=<n> wrong_allows=<n> leaks=<n>`; wrong allows and
 //! leaks must be 0, and every control (legitimate traffic over the same path) must arrive.
 //!
-//! The first six tests are the bypasses of issue 8 and expect the fixed datapath; the
-//! rest are regression guards for attacks that already fail.
+//! The first seven tests are the bypasses of issue 8 (the seventh across two nodes) and
+//! expect the fixed datapath; the rest are regression guards for attacks that already
+//! fail.
 mod common;
 
 use std::collections::BTreeMap;
@@ -98,28 +99,31 @@ fn node_ips(bed: &Bed) -> [IpAddr; 2] {
     [bed.node_ip("node1", Family::V4).unwrap(), bed.node_ip("node1", Family::V6).unwrap()]
 }
 
-/// The MAC of a pod's gateway: its host-side veth in the node netns.
+/// The MAC of a pod's gateway: its host-side veth in its node's netns.
 fn gw_mac(bed: &Bed, name: &str) -> String {
-    attack::mac_of(bed, &node(), &bed.host_veth("default", name).unwrap()).unwrap()
+    let p = bed.pod("default", name).unwrap();
+    attack::mac_of(bed, &Endpoint::node(&p.pod.node), &p.host_veth).unwrap()
 }
 
 /// Parameters every scenario takes: `attacker` sends on its eth0 to `victim`.
-fn params(bed: &Bed, nonce: &str, attacker: &str, victim: &str) -> serde_json::Map<String, Value> {
+fn params(bed: &Bed, nonce: &str, attacker: &str, victim: &str) -> Value {
     let [s4, s6] = ips(bed, attacker);
     let [v4, v6] = ips(bed, victim);
-    let v = json!({
+    json!({
         "nonce": nonce, "iface": "eth0", "gw_mac": gw_mac(bed, attacker),
         "self4": s4.to_string(), "self6": s6.to_string(),
         "victim4": v4.to_string(), "victim6": v6.to_string(),
-    });
-    v.as_object().unwrap().clone()
+    })
 }
 
-fn with(mut p: serde_json::Map<String, Value>, extra: Value) -> Value {
+/// `p` with the keys of `extra` added (or replaced).
+fn with(p: &Value, extra: Value) -> Value {
+    let mut p = p.clone();
+    let m = p.as_object_mut().unwrap();
     for (k, v) in extra.as_object().unwrap() {
-        p.insert(k.clone(), v.clone());
+        m.insert(k.clone(), v.clone());
     }
-    Value::Object(p)
+    p
 }
 
 fn run(bed: &Bed, t: &mut Tally, from: &Endpoint, scenario: &str, p: &Value) -> Sent {
@@ -242,7 +246,7 @@ fn vlan_tagged_and_non_ip_frames_from_a_pod_are_dropped() {
     let mut t = Tally::new("vlan_tagged_and_non_ip_frames_from_a_pod_are_dropped");
     let n = attack::nonce();
     let [c4, c6] = ips(&bed, "c");
-    let p = with(params(&bed, &n, "a", "b"), json!({"spoof4": c4.to_string(), "spoof6": c6.to_string(), "dport_spoof": 5300, "dport_own": 5301}));
+    let p = with(&params(&bed, &n, "a", "b"), json!({"spoof4": c4.to_string(), "spoof6": c6.to_string(), "dport_spoof": 5300, "dport_own": 5301}));
     let l = [
         Listener::capture(&ns(&bed, &b()), "eth0").unwrap(),
         Listener::udp(&ns(&bed, &b()), 5300).unwrap(),
@@ -330,7 +334,7 @@ spec:
     // The third pod: nothing reaches b, b's UDP sockets keep working.
     let l = [Listener::capture(&b_ns, "eth0").unwrap(), Listener::capture(&ns(&bed, &c()), "eth0").unwrap()];
     let m0 = bed.metrics();
-    let sent = run(&bed, &mut t, &c(), "icmp-error", &with(params(&bed, &n, "c", "b"), json!({"quotes": quotes("third-pod", c_ips)})));
+    let sent = run(&bed, &mut t, &c(), "icmp-error", &with(&params(&bed, &n, "c", "b"), json!({"quotes": quotes("third-pod", c_ips)})));
     let [at_b, at_c] = stop_all(l, SETTLE).unwrap();
     let m1 = bed.metrics();
     judge_target(&mut t, &sent, &seen(&[&at_b], &n), "b");
@@ -355,7 +359,7 @@ spec:
 
     // The flow's peer: every error reaches b, b's UDP sockets get ECONNREFUSED.
     let l = [Listener::capture(&b_ns, "eth0").unwrap()];
-    let sent = run(&bed, &mut t, &a(), "icmp-error", &with(params(&bed, &n, "a", "b"), json!({"quotes": quotes("control-flow-peer", a_ips)})));
+    let sent = run(&bed, &mut t, &a(), "icmp-error", &with(&params(&bed, &n, "a", "b"), json!({"quotes": quotes("control-flow-peer", a_ips)})));
     let [at_b] = stop_all(l, SETTLE).unwrap();
     judge_target(&mut t, &sent, &seen(&[&at_b], &n), "b");
     for (i, s) in udp.iter().enumerate() {
@@ -384,7 +388,7 @@ fn pods_cannot_send_to_the_node_tunnel_endpoints() {
     let [c4, c6] = ips(&bed, "c");
     let [n4, n6] = node_ips(&bed);
     let p = with(
-        params(&bed, &n, "a", "b"),
+        &params(&bed, &n, "a", "b"),
         json!({"spoof4": c4.to_string(), "spoof6": c6.to_string(), "node4": n4.to_string(), "node6": n6.to_string(),
                "vx_mac4": mac4, "vx_mac6": mac6, "vni": 42, "dport": 5300}),
     );
@@ -425,14 +429,10 @@ spec:
     ports: [{protocol: UDP, port: 8472}]
 ",
     );
-    let base = p.as_object().unwrap().clone();
     let start = Instant::now();
     loop {
         let n = attack::nonce();
-        let mut q = base.clone();
-        q.insert("nonce".into(), json!(n));
-        q.insert("only".into(), json!(["vxlan-8472/outer-v4", "vxlan-8472/outer-v6"]));
-        let p = Value::Object(q);
+        let p = with(&p, json!({"nonce": n, "only": ["vxlan-8472/outer-v4", "vxlan-8472/outer-v6"]}));
         let l = [Listener::udp(&node_ns, 8472).unwrap()];
         let sent = attack::run(&bed, &a(), "tunnel", &p).unwrap();
         let [u8472] = stop_all(l, SETTLE).unwrap();
@@ -563,7 +563,7 @@ fn ipv6_fragments_with_destination_options_after_the_fragment_header_are_deliver
     let mut t = Tally::new("ipv6_fragments_with_destination_options_after_the_fragment_header_are_delivered");
     let n = attack::nonce();
     let size = 3000;
-    let p = with(params(&bed, &n, "a", "b"), json!({"sport": 46100, "dport": 5301, "size": size}));
+    let p = with(&params(&bed, &n, "a", "b"), json!({"sport": 46100, "dport": 5301, "size": size}));
     let l = [Listener::udp(&ns(&bed, &b()), 5301).unwrap()];
     let m0 = bed.metrics();
     let sent = run(&bed, &mut t, &a(), "frag6-destopt", &p);
@@ -625,12 +625,12 @@ spec:
     let base = params(&bed, &n, "a", "b");
     let spoof = json!({"spoof4": c4.to_string(), "spoof6": c6.to_string()});
     let vlan = with(
-        with(base.clone(), spoof.clone()).as_object().unwrap().clone(),
+        &with(&base, spoof.clone()),
         json!({"dport_spoof": 5300, "dport_own": 5301,
                "only": ["dot1q-dot1q-vid0/v4", "dot1ad-dot1q-vid0/v4", "dot1q-dot1q-vid0/v6", "dot1ad-dot1q-vid0/v6", "control/v4", "control/v6"]}),
     );
     let tunnel = with(
-        with(base.clone(), spoof).as_object().unwrap().clone(),
+        &with(&base, spoof),
         json!({"node4": n4.to_string(), "node6": n6.to_string(), "vx_mac4": mac4, "vx_mac6": mac6, "vni": 42, "dport": 5300,
                "only": ["vxlan-4789/outer-v4/inner4", "vxlan-4789/outer-v4/inner6", "vxlan-4789/outer-v6/inner4", "vxlan-4789/outer-v6/inner6"]}),
     );
@@ -638,7 +638,7 @@ spec:
         .iter()
         .map(|(c, f)| json!({"label": format!("spoof-remote-pod-c/{f}"), "src": c.to_string(), "dport": 5300, "proto": "udp"}))
         .collect();
-    let spoofed = with(base, json!({"sources": sources}));
+    let spoofed = with(&base, json!({"sources": sources}));
     let l = [
         Listener::capture(&ns(&bed, &b()), "eth0").unwrap(),
         Listener::udp(&ns(&bed, &b()), 5300).unwrap(),
@@ -671,7 +671,7 @@ fn port_scan_of_an_isolated_pod_gets_no_answer() {
     let mut t = Tally::new("port_scan_of_an_isolated_pod_gets_no_answer");
     let n = attack::nonce();
     let p = with(
-        params(&bed, &n, "a", "b"),
+        &params(&bed, &n, "a", "b"),
         json!({"tcp_ports": [1, 22, 53, 79, 80, 81, 443, 6443, 7000, 8080, 9000, 10250, 65535],
                "udp_ports": [53, 123, 161, 5353, 9000, 33434], "sctp_ports": [9000, 9999]}),
     );
@@ -697,7 +697,7 @@ fn forged_tcp_flags_and_replies_to_an_isolated_pod_are_dropped() {
     let bed = adv_bed(&[("50-b.yaml", B_ISOLATED)]);
     let mut t = Tally::new("forged_tcp_flags_and_replies_to_an_isolated_pod_are_dropped");
     let n = attack::nonce();
-    let p = with(params(&bed, &n, "a", "b"), json!({"dport": 80}));
+    let p = with(&params(&bed, &n, "a", "b"), json!({"dport": 80}));
     let l = [Listener::capture(&ns(&bed, &b()), "eth0").unwrap(), Listener::capture(&ns(&bed, &a()), "eth0").unwrap()];
     let m0 = bed.metrics();
     let sent = run(&bed, &mut t, &a(), "tcp-flags", &p);
@@ -737,7 +737,7 @@ fn spoofed_sources_without_vlan_tags_are_dropped() {
         }
         sources.push(s("control-own-source", a_ip.to_string(), 5301, "udp"));
     }
-    let p = with(params(&bed, &n, "a", "b"), json!({"sources": sources}));
+    let p = with(&params(&bed, &n, "a", "b"), json!({"sources": sources}));
     let l = [
         Listener::capture(&ns(&bed, &b()), "eth0").unwrap(),
         Listener::udp(&ns(&bed, &b()), 5300).unwrap(),
@@ -769,7 +769,7 @@ fn fragment_games_do_not_open_denied_ports() {
     let bed = adv_bed(&[("50-b.yaml", B_ALLOWS_A_5300)]);
     let mut t = Tally::new("fragment_games_do_not_open_denied_ports");
     let n = attack::nonce();
-    let p = with(params(&bed, &n, "a", "b"), json!({"allowed_port": 5300, "denied_port": 5301, "tcp_denied": 7000}));
+    let p = with(&params(&bed, &n, "a", "b"), json!({"allowed_port": 5300, "denied_port": 5301, "tcp_denied": 7000}));
     let l = [Listener::udp(&ns(&bed, &b()), 5300).unwrap(), Listener::udp(&ns(&bed, &b()), 5301).unwrap(), Listener::capture(&ns(&bed, &a()), "eth0").unwrap()];
     let sent = run(&bed, &mut t, &a(), "frag-games", &p);
     let [r5300, r5301, at_a] = stop_all(l, SETTLE).unwrap();
@@ -795,7 +795,7 @@ fn long_ipv6_extension_header_chains_are_dropped() {
     let bed = adv_bed(&[("50-b.yaml", B_ALLOWS_A_5300)]);
     let mut t = Tally::new("long_ipv6_extension_header_chains_are_dropped");
     let n = attack::nonce();
-    let p = with(params(&bed, &n, "a", "b"), json!({"allowed_port": 5300, "denied_port": 5301, "tcp_denied": 7000}));
+    let p = with(&params(&bed, &n, "a", "b"), json!({"allowed_port": 5300, "denied_port": 5301, "tcp_denied": 7000}));
     let l = [
         Listener::capture(&ns(&bed, &b()), "eth0").unwrap(),
         Listener::udp(&ns(&bed, &b()), 5300).unwrap(),
@@ -827,7 +827,7 @@ fn malformed_headers_are_dropped() {
     let bed = adv_bed(&[("50-b.yaml", B_ALLOWS_A_5300)]);
     let mut t = Tally::new("malformed_headers_are_dropped");
     let n = attack::nonce();
-    let p = with(params(&bed, &n, "a", "b"), json!({"allowed_port": 5300, "denied_port": 5301, "tcp_denied": 7000}));
+    let p = with(&params(&bed, &n, "a", "b"), json!({"allowed_port": 5300, "denied_port": 5301, "tcp_denied": 7000}));
     let l = [
         Listener::capture(&ns(&bed, &b()), "eth0").unwrap(),
         Listener::udp(&ns(&bed, &b()), 5300).unwrap(),
