@@ -27,6 +27,7 @@
 
 pub mod agent;
 pub mod apiserver;
+pub mod attack;
 pub mod bins;
 pub mod dns;
 pub mod manifest;
