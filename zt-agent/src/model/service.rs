@@ -212,7 +212,7 @@ mod tests {
             format!("{SVC}spec:\n  clusterIP: \"\"\n  type: ExternalName\n  externalName: db.example.com\n"),
             format!("{SVC}spec:\n  type: NodePort\n  clusterIP: 10.96.0.5\n  externalIPs: [192.0.2.1]\n  ports: [{{port: 80, nodePort: 30080}}]\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: 86400}}}}\n  internalTrafficPolicy: Local\n  externalTrafficPolicy: Local\n"),
             format!("{SVC}spec:\n  type: LoadBalancer\n  ports: [{{port: 80, nodePort: 0}}]\nstatus: {{loadBalancer: {{ingress: [{{hostname: lb.example.com}}, {{ip: 198.51.100.1}}]}}}}\n"),
-            format!("{SVC}"),
+            SVC.to_string(),
             format!("{ES}addressType: IPv4\nports: [{{name: http, port: 8080}}, {{port: 53, protocol: UDP}}]\nendpoints: [{{addresses: [10.0.0.1], nodeName: node-a, conditions: {{ready: false, serving: true, terminating: true}}}}]\n"),
             format!("{ES}addressType: IPv6\nports: [{{name: http}}]\nendpoints: [{{addresses: [\"fd00::1\"]}}]\n"),
             format!("{ES}addressType: FQDN\nendpoints: [{{addresses: [db.example.com]}}]\n"),
