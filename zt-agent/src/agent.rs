@@ -111,6 +111,8 @@ struct Agent {
     snapshot: std::sync::Arc<std::sync::RwLock<Snapshot>>,
     /// Pod interfaces the CNI plugin asked to enforce.
     cni: cni::Attachments,
+    /// The Service table of the last good compile.
+    pub(crate) services: crate::services::ServiceTable,
 }
 
 /// Before the first full state: the node's addresses as `host` endpoints, where nothing
@@ -239,6 +241,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         metrics,
         snapshot,
         cni: cni_attachments,
+        services: Default::default(),
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -403,7 +406,10 @@ impl Agent {
             };
             let t = Instant::now();
             match compile_with_slots(cluster, &cfg, &mut self.ids, &mut self.slots) {
-                Ok(d) => {
+                Ok(mut d) => {
+                    let (services, warnings) = crate::services::build(cluster, &self.opts.node_name, &self.host_ips);
+                    self.services = services;
+                    d.warnings.extend(warnings);
                     let mut m = self.metrics.lock().unwrap();
                     m.compile_seconds_sum += t.elapsed().as_secs_f64();
                     m.compile_count += 1;
@@ -665,10 +671,11 @@ impl Agent {
             pods: desired.endpoints.iter().filter_map(|(ip, e)| e.pod.clone().map(|p| (*ip, p))).collect(),
             rules: desired.rules.clone(),
             fqdn_slots: desired.fqdn_slots.clone(),
+            services: self.services.clone(),
         };
         let changed = {
             let cur = self.snapshot.read().unwrap();
-            cur.identities != snap.identities || cur.pods != snap.pods || cur.rules != snap.rules || cur.fqdn_slots != snap.fqdn_slots
+            cur.identities != snap.identities || cur.pods != snap.pods || cur.rules != snap.rules || cur.fqdn_slots != snap.fqdn_slots || cur.services != snap.services
         };
         if changed {
             let path = self.opts.state_dir.join("state.json");

@@ -23,6 +23,9 @@ pub struct Snapshot {
     /// Local identity -> FQDN slot -> rule id: which rules a learned entry's slots name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub fqdn_slots: BTreeMap<u32, BTreeMap<u8, u32>>,
+    /// Service frontends and their backends as this node sees them (`ztctl services`).
+    #[serde(default, skip_serializing_if = "crate::services::ServiceTable::is_empty")]
+    pub services: crate::services::ServiceTable,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

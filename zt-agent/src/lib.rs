@@ -12,6 +12,7 @@ pub mod model;
 pub mod net;
 pub mod pins;
 pub mod pod_cgroup;
+pub mod services;
 pub mod source;
 pub mod state;
 pub mod svc_maps;

@@ -11,7 +11,7 @@ use zt_agent::{
 };
 
 #[derive(Parser)]
-#[command(name = "ztctl", about = "Inspect zt on this node: identities, endpoints, policy, connections, drops")]
+#[command(name = "ztctl", about = "Inspect zt on this node: identities, endpoints, policy, connections, drops, Services")]
 struct Cli {
     #[arg(long, global = true, default_value = "/sys/fs/bpf/zt")]
     bpffs_root: PathBuf,
@@ -90,6 +90,13 @@ enum Cmd {
         /// Capture counters by outcome instead (why an answer learned nothing).
         #[arg(long)]
         stats: bool,
+    },
+    /// Service frontends (ClusterIP, external, load-balancer and node addresses) with the
+    /// backends each translates to, their identities and pods.
+    Services {
+        /// Only this Service: namespace/name, or a name in any namespace.
+        #[arg(long)]
+        service: Option<String>,
     },
 }
 
@@ -182,6 +189,11 @@ fn run() -> Result<()> {
             }
             let rows = ctl::fqdn::rows(&maps()?, &fq, &snap()?, &cli.state_dir, identity.as_deref(), name.as_deref())?;
             ctl::print(json, &rows, ctl::fqdn::table_row, &ctl::fqdn::table_header())
+        }
+        Cmd::Services { service } => {
+            let (maps, snap) = (maps()?, snap()?);
+            let rows = ctl::services::rows(&snap, |ip| ctl::services::identity_from_maps(&maps, ip), service.as_deref());
+            ctl::print(json, &rows, ctl::services::table_row, &ctl::services::table_header())
         }
         Cmd::Explain { src, dst, proto_port } => {
             let e = explain(&maps()?, &snap()?, &src, &dst, &proto_port)?;

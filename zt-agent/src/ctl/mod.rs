@@ -2,6 +2,7 @@
 //! pinned maps; names (SPIFFE IDs, pods, rules) from the agent's state file.
 pub mod explain;
 pub mod fqdn;
+pub mod services;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::IpAddr;

@@ -343,7 +343,7 @@ pub fn protocol_number(protocol: Option<&str>) -> Option<u8> {
     }
 }
 
-fn check_protocol(protocol: Option<&str>) -> std::result::Result<(), String> {
+pub(crate) fn check_protocol(protocol: Option<&str>) -> std::result::Result<(), String> {
     match protocol_number(protocol) {
         Some(_) => Ok(()),
         None => Err(format!(
@@ -353,7 +353,7 @@ fn check_protocol(protocol: Option<&str>) -> std::result::Result<(), String> {
     }
 }
 
-fn check_ip(s: &str) -> std::result::Result<(), String> {
+pub(crate) fn check_ip(s: &str) -> std::result::Result<(), String> {
     s.parse::<IpAddr>()
         .map(|_| ())
         .map_err(|_| format!("invalid IP address {s:?}"))

@@ -5,6 +5,7 @@
 
 pub mod error;
 pub mod k8s;
+pub mod service;
 pub mod source_dir;
 pub mod ztp;
 
@@ -13,6 +14,7 @@ use std::fmt;
 
 pub use error::{FieldError, SourceError};
 pub use k8s::{Namespace, NetworkPolicy, Node, ObjectMeta, Pod, ServiceAccount};
+pub use service::{EndpointSlice, Service};
 pub use source_dir::{IgnoredObject, LoadedDir};
 pub use ztp::ZeroTrustPolicy;
 
@@ -23,30 +25,36 @@ pub type ObjectKey = (String, String);
 /// (kind, namespace, name) order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ObjectKind {
+    EndpointSlice,
     Namespace,
     NetworkPolicy,
     Node,
     Pod,
+    Service,
     ServiceAccount,
     ZeroTrustPolicy,
 }
 
 impl ObjectKind {
-    pub const ALL: [ObjectKind; 6] = [
+    pub const ALL: [ObjectKind; 8] = [
+        ObjectKind::EndpointSlice,
         ObjectKind::Namespace,
         ObjectKind::NetworkPolicy,
         ObjectKind::Node,
         ObjectKind::Pod,
+        ObjectKind::Service,
         ObjectKind::ServiceAccount,
         ObjectKind::ZeroTrustPolicy,
     ];
 
     pub const fn name(self) -> &'static str {
         match self {
+            ObjectKind::EndpointSlice => "EndpointSlice",
             ObjectKind::Namespace => "Namespace",
             ObjectKind::NetworkPolicy => "NetworkPolicy",
             ObjectKind::Node => "Node",
             ObjectKind::Pod => "Pod",
+            ObjectKind::Service => "Service",
             ObjectKind::ServiceAccount => "ServiceAccount",
             ObjectKind::ZeroTrustPolicy => "ZeroTrustPolicy",
         }
@@ -83,6 +91,8 @@ pub enum ClusterObject {
     NetworkPolicy(NetworkPolicy),
     ZeroTrustPolicy(ZeroTrustPolicy),
     Node(Node),
+    Service(Service),
+    EndpointSlice(EndpointSlice),
 }
 
 impl ClusterObject {
@@ -94,6 +104,8 @@ impl ClusterObject {
             ClusterObject::NetworkPolicy(_) => ObjectKind::NetworkPolicy,
             ClusterObject::ZeroTrustPolicy(_) => ObjectKind::ZeroTrustPolicy,
             ClusterObject::Node(_) => ObjectKind::Node,
+            ClusterObject::Service(_) => ObjectKind::Service,
+            ClusterObject::EndpointSlice(_) => ObjectKind::EndpointSlice,
         }
     }
 
@@ -105,6 +117,8 @@ impl ClusterObject {
             ClusterObject::NetworkPolicy(o) => &o.metadata,
             ClusterObject::ZeroTrustPolicy(o) => &o.metadata,
             ClusterObject::Node(o) => &o.metadata,
+            ClusterObject::Service(o) => &o.metadata,
+            ClusterObject::EndpointSlice(o) => &o.metadata,
         }
     }
 
@@ -116,6 +130,8 @@ impl ClusterObject {
             ClusterObject::NetworkPolicy(o) => &mut o.metadata,
             ClusterObject::ZeroTrustPolicy(o) => &mut o.metadata,
             ClusterObject::Node(o) => &mut o.metadata,
+            ClusterObject::Service(o) => &mut o.metadata,
+            ClusterObject::EndpointSlice(o) => &mut o.metadata,
         }
     }
 
@@ -161,6 +177,8 @@ impl ClusterObject {
             ClusterObject::NetworkPolicy(o) => k8s::validate_network_policy(o),
             ClusterObject::ZeroTrustPolicy(o) => ztp::validate_ztp(o),
             ClusterObject::Node(o) => k8s::validate_node(o),
+            ClusterObject::Service(o) => service::validate_service(o),
+            ClusterObject::EndpointSlice(o) => service::validate_endpoint_slice(o),
         }
     }
 }
@@ -175,6 +193,9 @@ pub struct ClusterState {
     pub zero_trust_policies: BTreeMap<ObjectKey, ZeroTrustPolicy>,
     /// Nodes by name: their addresses are the host / remote-node endpoints.
     pub nodes: BTreeMap<String, Node>,
+    /// Services and EndpointSlices: the Service table (`crate::services`).
+    pub services: BTreeMap<ObjectKey, Service>,
+    pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
 }
 
 impl ClusterState {
@@ -198,6 +219,10 @@ impl ClusterState {
                 self.zero_trust_policies.insert((ns, name), o).is_some()
             }
             ClusterObject::Node(o) => self.nodes.insert(name, o).is_some(),
+            ClusterObject::Service(o) => self.services.insert((ns, name), o).is_some(),
+            ClusterObject::EndpointSlice(o) => {
+                self.endpoint_slices.insert((ns, name), o).is_some()
+            }
         }
     }
 
@@ -211,6 +236,8 @@ impl ClusterState {
             ObjectKind::NetworkPolicy => self.network_policies.remove(&key).is_some(),
             ObjectKind::ZeroTrustPolicy => self.zero_trust_policies.remove(&key).is_some(),
             ObjectKind::Node => self.nodes.remove(name).is_some(),
+            ObjectKind::Service => self.services.remove(&key).is_some(),
+            ObjectKind::EndpointSlice => self.endpoint_slices.remove(&key).is_some(),
         }
     }
 
@@ -223,6 +250,8 @@ impl ClusterState {
             ObjectKind::NetworkPolicy => self.network_policies.contains_key(&key),
             ObjectKind::ZeroTrustPolicy => self.zero_trust_policies.contains_key(&key),
             ObjectKind::Node => self.nodes.contains_key(name),
+            ObjectKind::Service => self.services.contains_key(&key),
+            ObjectKind::EndpointSlice => self.endpoint_slices.contains_key(&key),
         }
     }
 
@@ -238,6 +267,8 @@ impl ClusterState {
             ObjectKind::NetworkPolicy => all(&self.network_policies, ClusterObject::NetworkPolicy),
             ObjectKind::ZeroTrustPolicy => all(&self.zero_trust_policies, ClusterObject::ZeroTrustPolicy),
             ObjectKind::Node => all(&self.nodes, ClusterObject::Node),
+            ObjectKind::Service => all(&self.services, ClusterObject::Service),
+            ObjectKind::EndpointSlice => all(&self.endpoint_slices, ClusterObject::EndpointSlice),
         }
     }
 
@@ -251,6 +282,8 @@ impl ClusterState {
             ObjectKind::NetworkPolicy => self.network_policies.get(&key).cloned().map(ClusterObject::NetworkPolicy),
             ObjectKind::ZeroTrustPolicy => self.zero_trust_policies.get(&key).cloned().map(ClusterObject::ZeroTrustPolicy),
             ObjectKind::Node => self.nodes.get(name).cloned().map(ClusterObject::Node),
+            ObjectKind::Service => self.services.get(&key).cloned().map(ClusterObject::Service),
+            ObjectKind::EndpointSlice => self.endpoint_slices.get(&key).cloned().map(ClusterObject::EndpointSlice),
         }
     }
 
@@ -263,6 +296,8 @@ impl ClusterState {
             ObjectKind::NetworkPolicy => self.network_policies.clear(),
             ObjectKind::ZeroTrustPolicy => self.zero_trust_policies.clear(),
             ObjectKind::Node => self.nodes.clear(),
+            ObjectKind::Service => self.services.clear(),
+            ObjectKind::EndpointSlice => self.endpoint_slices.clear(),
         }
         for o in objects {
             debug_assert_eq!(o.kind(), kind);

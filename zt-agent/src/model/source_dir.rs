@@ -120,6 +120,8 @@ fn parse_value(
         ("v1", "ServiceAccount") => Some(ObjectKind::ServiceAccount),
         ("v1", "Pod") => Some(ObjectKind::Pod),
         ("v1", "Node") => Some(ObjectKind::Node),
+        ("v1", "Service") => Some(ObjectKind::Service),
+        ("discovery.k8s.io/v1", "EndpointSlice") => Some(ObjectKind::EndpointSlice),
         ("networking.k8s.io/v1", "NetworkPolicy") => Some(ObjectKind::NetworkPolicy),
         (ZTP_API_VERSION, ZTP_KIND) => Some(ObjectKind::ZeroTrustPolicy),
         _ => None,
@@ -178,6 +180,10 @@ fn parse_value(
         }
         ObjectKind::ZeroTrustPolicy => {
             ClusterObject::ZeroTrustPolicy(typed(location, &describe, value)?)
+        }
+        ObjectKind::Service => ClusterObject::Service(typed(location, &describe, value)?),
+        ObjectKind::EndpointSlice => {
+            ClusterObject::EndpointSlice(typed(location, &describe, value)?)
         }
     };
     obj.normalize_and_validate()

@@ -1,5 +1,6 @@
 //! The Kubernetes API source: one kube-runtime watcher per kind (Pods of every
-//! namespace, Namespaces, ServiceAccounts, Nodes, NetworkPolicies, ZeroTrustPolicies),
+//! namespace, Namespaces, ServiceAccounts, Nodes, NetworkPolicies, ZeroTrustPolicies,
+//! Services, EndpointSlices),
 //! each forwarding its events to the agent loop over one channel. The watcher lists
 //! in pages (`limit`/`continue`), then watches from the list's resourceVersion with
 //! bookmarks, resumes a dropped watch from the last resourceVersion it saw, and
@@ -12,7 +13,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, ListParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -52,7 +54,9 @@ pub fn spawn(config: Config, tx: mpsc::Sender<SourceEvent>) -> Result<()> {
     spawn_kind(Api::<Pod>::all(client.clone()), ObjectKind::Pod, ClusterObject::Pod, &tx);
     spawn_kind(Api::<Node>::all(client.clone()), ObjectKind::Node, ClusterObject::Node, &tx);
     spawn_kind(Api::<NetworkPolicy>::all(client.clone()), ObjectKind::NetworkPolicy, ClusterObject::NetworkPolicy, &tx);
-    spawn_kind(Api::<ZeroTrustPolicy>::all(client), ObjectKind::ZeroTrustPolicy, ClusterObject::ZeroTrustPolicy, &tx);
+    spawn_kind(Api::<ZeroTrustPolicy>::all(client.clone()), ObjectKind::ZeroTrustPolicy, ClusterObject::ZeroTrustPolicy, &tx);
+    spawn_kind(Api::<Service>::all(client.clone()), ObjectKind::Service, ClusterObject::Service, &tx);
+    spawn_kind(Api::<EndpointSlice>::all(client), ObjectKind::EndpointSlice, ClusterObject::EndpointSlice, &tx);
     Ok(())
 }
 

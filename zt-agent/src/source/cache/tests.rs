@@ -308,3 +308,96 @@ fn foreign_trust_domain_is_rejected_per_object() {
     let msg = c.apply(SourceEvent::Apply(p)).rejected.unwrap();
     assert!(msg.starts_with("ZeroTrustPolicy prod/peer: spec.ingress[1].from[0].spiffeId: SPIFFE ID"), "{msg}");
 }
+
+fn service(ns: &str, name: &str, cluster_ip: &str, port: i32) -> ClusterObject {
+    use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
+    ClusterObject::Service(crate::model::Service {
+        metadata: meta(ns, name),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some(cluster_ip.into()),
+            ports: Some(vec![ServicePort { name: Some("http".into()), port, ..Default::default() }]),
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
+fn endpoint_slice(ns: &str, name: &str, service: &str, address: &str) -> ClusterObject {
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort};
+    let mut m = meta(ns, name);
+    m.labels = Some([("kubernetes.io/service-name".to_string(), service.to_string())].into());
+    ClusterObject::EndpointSlice(crate::model::EndpointSlice {
+        metadata: m,
+        address_type: "IPv4".into(),
+        endpoints: vec![Endpoint { addresses: vec![address.into()], ..Default::default() }],
+        ports: Some(vec![EndpointPort { name: Some("http".into()), port: Some(8080), ..Default::default() }]),
+    })
+}
+
+fn service_port(c: &WatchCache, ns: &str, name: &str) -> Option<i32> {
+    let s = c.state().services.get(&(ns.to_string(), name.to_string()))?;
+    Some(s.spec.as_ref()?.ports.as_ref()?[0].port)
+}
+
+fn slice_address(c: &WatchCache, ns: &str, name: &str) -> Option<String> {
+    let s = c.state().endpoint_slices.get(&(ns.to_string(), name.to_string()))?;
+    Some(s.endpoints[0].addresses[0].clone())
+}
+
+#[test]
+fn services_and_endpoint_slices_follow_the_same_rules() {
+    let mut c = listed(vec![
+        service("prod", "web", "10.96.0.5", 80),
+        endpoint_slice("prod", "web-1", "web", "10.0.0.1"),
+        pod("prod", "p", "10.0.0.1"),
+    ]);
+    assert_eq!(service_port(&c, "prod", "web"), Some(80));
+    assert_eq!(slice_address(&c, "prod", "web-1").as_deref(), Some("10.0.0.1"));
+    // A bad Service update: rejected naming kind, ns/name and field; version 80 stays.
+    let a = c.apply(SourceEvent::Apply(service("prod", "web", "10.96.0.5", 0)));
+    assert!(!a.changed);
+    assert_eq!(
+        a.rejected.as_deref(),
+        Some("Service prod/web: spec.ports[0].port: port 0 out of range 1-65535 (its previous version stays in force)")
+    );
+    assert_eq!(service_port(&c, "prod", "web"), Some(80));
+    let a = c.apply(SourceEvent::Apply(service("prod", "web", "10.96.0.300", 80)));
+    assert!(a.rejected.unwrap().starts_with("Service prod/web: spec.clusterIP: invalid IP address \"10.96.0.300\""));
+    // A bad EndpointSlice: an address of the wrong family; the previous one stays.
+    let a = c.apply(SourceEvent::Apply(endpoint_slice("prod", "web-1", "web", "fd00::1")));
+    assert_eq!(
+        a.rejected.as_deref(),
+        Some("EndpointSlice prod/web-1: endpoints[0].addresses[0]: fd00::1 is not an IPv4 address (addressType IPv4) (its previous version stays in force)")
+    );
+    assert_eq!(slice_address(&c, "prod", "web-1").as_deref(), Some("10.0.0.1"));
+    // A bad new slice is not admitted; the rest proceeds.
+    let a = c.apply(SourceEvent::Apply(endpoint_slice("prod", "web-2", "Web", "10.0.0.2")));
+    assert!(a.rejected.as_deref().unwrap().starts_with("EndpointSlice prod/web-2: metadata.labels[\"kubernetes.io/service-name\"]: "), "{a:?}");
+    assert!(a.rejected.unwrap().ends_with("(it is ignored)"));
+    assert!(!c.state().contains(ObjectKind::EndpointSlice, "prod", "web-2"));
+    assert!(c.apply(SourceEvent::Apply(endpoint_slice("prod", "web-3", "web", "10.0.0.3"))).changed);
+    assert!(c.apply(SourceEvent::Apply(pod("prod", "q", "10.0.0.2"))).changed);
+    // A relist still listing the bad versions keeps the good ones; one no longer listed goes.
+    c.apply(SourceEvent::Init(ObjectKind::Service));
+    assert!(c.apply(SourceEvent::InitApply(service("prod", "web", "10.96.0.5", 0))).rejected.is_some());
+    c.apply(SourceEvent::InitApply(service("prod", "api", "10.96.0.6", 443)));
+    assert!(c.apply(SourceEvent::InitDone(ObjectKind::Service)).changed);
+    assert_eq!(service_port(&c, "prod", "web"), Some(80));
+    assert_eq!(service_port(&c, "prod", "api"), Some(443));
+    c.apply(SourceEvent::Init(ObjectKind::EndpointSlice));
+    c.apply(SourceEvent::InitApply(endpoint_slice("prod", "web-1", "web", "10.0.0.9")));
+    assert!(c.apply(SourceEvent::InitDone(ObjectKind::EndpointSlice)).changed);
+    assert_eq!(slice_address(&c, "prod", "web-1").as_deref(), Some("10.0.0.9"));
+    assert!(!c.state().contains(ObjectKind::EndpointSlice, "prod", "web-3"));
+    assert_eq!(c.relists.get(&ObjectKind::EndpointSlice), Some(&1));
+    // Fixed, then deleted.
+    let a = c.apply(SourceEvent::Apply(service("prod", "web", "10.96.0.5", 8080)));
+    assert_eq!(a, Applied { changed: true, rejected: None });
+    assert!(c.rejected().is_empty(), "{:?}", c.rejected());
+    assert!(c.apply(SourceEvent::Delete(service("prod", "web", "10.96.0.5", 8080))).changed);
+    assert!(c.apply(SourceEvent::Delete(endpoint_slice("prod", "web-1", "web", "10.0.0.9"))).changed);
+    assert!(!c.state().contains(ObjectKind::Service, "prod", "web"));
+    assert!(c.state().endpoint_slices.is_empty());
+    assert_eq!(c.events.get(&(ObjectKind::Service, "delete")), Some(&1));
+    assert_eq!(c.events.get(&(ObjectKind::EndpointSlice, "list")), Some(&2));
+}
