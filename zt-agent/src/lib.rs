@@ -15,6 +15,5 @@ pub mod pod_cgroup;
 pub mod services;
 pub mod source;
 pub mod state;
-pub mod svc_maps;
 pub mod sync;
 pub mod tunnels;

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use common::*;
-use zt_agent::svc_maps::{ServiceMaps, WantFrontend};
+use zt_agent::services::maps::{ServiceMaps, WantFrontend};
 use zt_common::*;
 
 /// A cgroup of its own under the cgroup2 mount, removed on drop.

@@ -10,7 +10,23 @@ use anyhow::{Context, Result};
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use zt_common::*;
 
+use super::ServiceTable;
+use crate::net::to_key;
 use crate::pins::open_map;
+
+/// The translatable frontends of `table` (TCP and UDP: the socket hooks see no SCTP).
+pub fn want_of(table: &ServiceTable) -> BTreeMap<SvcFrontendKey, WantFrontend> {
+    table
+        .frontends
+        .iter()
+        .filter(|(f, _)| f.proto == 6 || f.proto == 17)
+        .map(|(f, e)| {
+            let key = SvcFrontendKey { addr: to_key(f.addr), port: f.port, proto: f.proto, _pad: 0 };
+            let backends = e.backends.iter().map(|b| SvcBackendValue { addr: to_key(b.addr), port: b.port, _pad: [0; 2] }).collect();
+            (key, WantFrontend { backends, affinity_s: e.affinity_timeout_s })
+        })
+        .collect()
+}
 
 pub type FrontendsMap = HashMap<MapData, SvcFrontendKey, SvcFrontendValue>;
 pub type BackendsMap = HashMap<MapData, SvcBackendKey, SvcBackendValue>;
