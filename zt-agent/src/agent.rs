@@ -113,8 +113,8 @@ struct Agent {
     cni: cni::Attachments,
     /// The Service table of the last good compile.
     pub(crate) services: crate::services::ServiceTable,
-    /// The Service translation maps (None with --service-translation false).
-    svc_maps: Option<crate::services::maps::ServiceMaps>,
+    /// The Service frontend and backend maps.
+    svc_maps: crate::services::maps::ServiceMaps,
     /// The Service table changed since it was last written to the maps.
     svc_dirty: bool,
     /// The last Service map write failed with this (logged once).
@@ -150,8 +150,8 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         seed_host_endpoints(&mut maps)?;
     }
     datapath.ensure_cgroup(opts.cgroup_root.as_deref(), opts.service_translation).context("cgroup programs")?;
-    let translate = opts.service_translation && opts.cgroup_root.is_some();
-    let svc_maps = if translate { Some(crate::services::maps::ServiceMaps::open(&opts.bpffs_root).context("Service maps")?) } else { None };
+    // Written whatever --service-translation says: the FQDN step also reads them.
+    let svc_maps = crate::services::maps::ServiceMaps::open(&opts.bpffs_root).context("Service maps")?;
     let have = Contents::read(&maps).context("reading the pinned maps")?;
     let config = maps.read_config().context("reading ZT_CONFIG")?;
     log::info!("datapath loaded; pinned maps hold {} endpoints, {} cidrs, {} policy entries", have.endpoints.len(), have.cidrs.len(), have.policy.len());
@@ -536,7 +536,10 @@ impl Agent {
     /// Writes a changed Service table to the translation maps. A failure (a full map)
     /// leaves the frontends not yet written as they were; retried on the next loop.
     fn sync_services(&mut self) {
-        let Some(sm) = self.svc_maps.as_mut().filter(|_| self.svc_dirty) else { return };
+        if !self.svc_dirty {
+            return;
+        }
+        let sm = &mut self.svc_maps;
         match sm.sync(&crate::services::maps::want_of(&self.services)) {
             Ok(st) => {
                 self.svc_dirty = false;

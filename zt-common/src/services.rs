@@ -116,10 +116,14 @@ pub enum SvcStat {
     Reversed = 3,
     /// The backend kept for a client by sessionAffinity.
     Affinity = 4,
+    /// An FQDN rule would have allowed a learned address that is a Service frontend
+    /// (reached untranslated): denied.
+    FqdnFrontend = 5,
 }
 
 impl SvcStat {
-    pub const ALL: [SvcStat; 5] = [SvcStat::Translated, SvcStat::NoBackend, SvcStat::BackendMissing, SvcStat::Reversed, SvcStat::Affinity];
+    pub const ALL: [SvcStat; 6] =
+        [SvcStat::Translated, SvcStat::NoBackend, SvcStat::BackendMissing, SvcStat::Reversed, SvcStat::Affinity, SvcStat::FqdnFrontend];
 
     pub const fn name(self) -> &'static str {
         match self {
@@ -128,6 +132,7 @@ impl SvcStat {
             SvcStat::BackendMissing => "backend-missing",
             SvcStat::Reversed => "reversed",
             SvcStat::Affinity => "affinity",
+            SvcStat::FqdnFrontend => "fqdn-frontend-denied",
         }
     }
 }
