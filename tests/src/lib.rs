@@ -34,6 +34,7 @@ pub mod manifest;
 pub mod probe;
 pub mod sctp;
 pub mod serve;
+pub mod sockprobe;
 pub mod spray;
 pub mod sys;
 pub mod testbed;

@@ -46,19 +46,10 @@ endpoints:
   nodeName: node1
 ";
 
-/// What a client inside `from`'s cgroup gets from `host:port` over TCP: the server's
-/// greeting, or the error name; and the peer address the socket reports.
+/// (greeting or error, peer address) of a TCP connect from inside `from`'s cgroup.
 fn connect_from(bed: &Bed, from: &Endpoint, host: &str, port: u16) -> (String, String) {
-    let script = format!(
-        "import socket, errno\n\
-         try:\n    s = socket.create_connection(('{host}', {port}), timeout=1.5)\n    peer = s.getpeername()[0]\n    s.settimeout(1.5)\n    print(s.recv(64).decode().strip() or 'empty', peer)\n\
-         except OSError as e:\n    print(errno.errorcode.get(e.errno, 'timeout' if isinstance(e, socket.timeout) else str(e)), '-')\n"
-    );
-    let out = bed.exec_in(from, &["/usr/bin/python3", "-c", &script]).unwrap();
-    assert!(out.status.success(), "python3 in {from:?}: {}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let (a, b) = text.split_once(' ').unwrap_or((&text, ""));
-    (a.to_string(), b.to_string())
+    let c = bed.connect_in(from, host, port, std::time::Duration::from_millis(1500)).unwrap();
+    (c.outcome, c.peer)
 }
 
 fn demo_policy(name: &str) -> String {
