@@ -291,13 +291,6 @@ fn allowed_flow_events_behind_flag() {
     assert_eq!((ev[0].verdict, ev[0].reason), (VERDICT_ALLOW, Reason::AllowPolicy as u8));
 }
 
-/// An ICMP error quoting `quoted` (an IPv4 packet without its Ethernet header).
-fn icmp4_error(src: &str, dst: &str, ty: u8, quoted: &[u8]) -> Vec<u8> {
-    let mut icmp = vec![ty, 0, 0, 0, 0, 0, 0, 0];
-    icmp.extend_from_slice(&quoted[14..14 + 28]);
-    ipv4_frag(src, dst, ICMP, &icmp, 9, 0)
-}
-
 #[test]
 fn icmp_errors_pass_only_for_tracked_flows() {
     let mut dp = dp_with_pods("related");

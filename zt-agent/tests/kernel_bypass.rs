@@ -164,19 +164,6 @@ fn pods_reach_node_tunnel_endpoints_only_by_explicit_allow() {
     assert_eq!(dp.run(FROM, &ipv4(POD, REMOTE_NODE, UDP, 30002, 4789)), TC_PASS);
 }
 
-/// An ICMP error of `ty` from `src` to `dst` quoting `quoted` (an Ethernet frame).
-fn icmp4_error(src: &str, dst: &str, ty: u8, quoted: &[u8]) -> Vec<u8> {
-    let mut icmp = vec![ty, 0, 0, 0, 0, 0, 0, 0];
-    icmp.extend_from_slice(&quoted[14..14 + 28]);
-    ipv4_frag(src, dst, ICMP, &icmp, 9, 0)
-}
-
-fn icmp6_error(src: &str, dst: &str, ty: u8, quoted: &[u8]) -> Vec<u8> {
-    let mut icmp = vec![ty, 0, 0, 0, 0, 0, 0, 0];
-    icmp.extend_from_slice(&quoted[14..14 + 48]);
-    ipv6_ext(src, dst, ICMPV6, &icmp, &[], 64)
-}
-
 #[test]
 fn icmp_errors_only_from_the_flows_path() {
     let mut dp = dp_with_pods("related-src");

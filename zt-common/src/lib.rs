@@ -451,7 +451,11 @@ pub struct CtValue {
     /// Policy port of the flow (dport, or ICMP type) for re-verification.
     pub policy_port: u16,
     pub reason: u8,
-    pub _pad: [u8; 5],
+    pub _pad: u8,
+    /// A hooked local peer's interface when the flow was judged (0: another peer, or an
+    /// entry made before this field): packets from that peer entering the pod must come
+    /// in through it (`spoofed-source` otherwise).
+    pub peer_if: u32,
 }
 
 // ---------------------------------------------------------------------------

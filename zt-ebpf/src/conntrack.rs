@@ -138,6 +138,7 @@ pub fn reverified(v: *mut CtValue, epoch: u32, d: &Decision) {
         (*v).local_id = d.local_id;
         (*v).peer_id = d.peer_id;
         (*v).rule_id = d.rule_id;
+        (*v).peer_if = d.peer_if;
     }
 }
 
@@ -163,7 +164,8 @@ pub fn create(f: &Flow, hook: &Hook, epoch: u32, d: &Decision) {
         rule_id: d.rule_id,
         policy_port: f.policy_port,
         reason: d.reason as u8,
-        _pad: [0; 5],
+        _pad: 0,
+        peer_if: d.peer_if,
     };
     // LRU: inserting evicts the oldest entry when full. Should it still fail, the
     // flow's replies are judged as new flows: fail closed.

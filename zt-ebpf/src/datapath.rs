@@ -5,7 +5,7 @@ use zt_common::*;
 
 use crate::{
     conntrack, dns,
-    maps::{CONFIG, ENDPOINTS, FRAGS},
+    maps::{CONFIG, FRAGS},
     parse::{self, Flow, Frag, Parsed, IPPROTO_TCP, IPPROTO_UDP},
     policy::{self, Decision, Hook, Judged, FROM_UNSEEN},
     verdict,
@@ -80,7 +80,10 @@ pub fn judge(hook: &Hook, f: &Flow, parsed: Parsed, dns: &mut dns::Work) -> bool
 
 #[inline(always)]
 fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow, dns_work: &mut dns::Work) -> bool {
-    if spoofed_local_source(hook, &f.saddr) {
+    // Later fragments and ICMP errors match no conntrack entry of their own: their
+    // source is checked here (tracked flows carry their peer's interface, new flows are
+    // checked where the peer is looked up).
+    if (matches!(f.frag, Frag::Later) || f.related) && spoofed_local_source(hook, &f.saddr) {
         return drop_unjudged(cfg, hook, f, Reason::DropSpoofedSource);
     }
     if let Frag::Later = f.frag {
@@ -94,7 +97,7 @@ fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow, dns_work: &mut dns::Work) ->
             return true;
         }
     }
-    let mut d = Decision { allow: false, reason: Reason::DropPolicyDefault, local_id: 0, peer_id: 0, rule_id: 0 };
+    let mut d = Decision { allow: false, reason: Reason::DropPolicyDefault, local_id: 0, peer_id: 0, rule_id: 0, peer_if: 0 };
     let mut reply = false;
     let ct = conntrack::lookup(cfg, f, hook, now, &mut reply);
     if !ct.is_null() {
@@ -109,6 +112,9 @@ fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow, dns_work: &mut dns::Work) ->
                 return drop_judged(cfg, hook, f, &d);
             }
             conntrack::reverified(ct, cfg.policy_epoch, &d);
+        }
+        if policy::spoofed_from(hook, unsafe { (*ct).peer_if }) {
+            return drop_unjudged(cfg, hook, f, Reason::DropSpoofedSource);
         }
         conntrack::touch(ct, now);
         note_first_fragment(f, hook, now);
@@ -158,20 +164,11 @@ fn dns_work_of(f: &Flow, hook: &Hook, ids: &dns::Ids) -> dns::Work {
     }
 }
 
-/// Entering a pod: a source address of a hooked local pod is genuine only if the packet
-/// came in through that pod's own interface. Anything else (a tunnel's decapsulated
-/// inner packet, a frame injected on another interface) claims an identity it has not
-/// proven. Pods judged by the cgroup programs only (no interface yet) cannot be checked
-/// this way; the cgroup programs cannot see where a packet came in at all.
+/// Entering a pod: is the source a hooked local pod that did not send it from its own
+/// interface? (One endpoint lookup; see `policy::spoofed_from`.)
 #[inline(always)]
 fn spoofed_local_source(hook: &Hook, saddr: &[u8; 16]) -> bool {
-    if hook.dir != DIR_INGRESS || hook.from_ifindex == FROM_UNSEEN {
-        return false;
-    }
-    match unsafe { ENDPOINTS.get(&EndpointKey { addr: *saddr }) } {
-        Some(ep) => ep.flags & EP_LOCAL != 0 && ep.ifindex != CGROUP_HOOK_IFINDEX && ep.ifindex != hook.from_ifindex,
-        None => false,
-    }
+    hook.dir == DIR_INGRESS && hook.from_ifindex != FROM_UNSEEN && policy::spoofed_from(hook, policy::peer_of(hook, saddr).ifindex)
 }
 
 /// Remembers an allowed first fragment so that its later fragments (no L4 header) pass.
@@ -202,7 +199,7 @@ fn frag_key(f: &Flow, hook: &Hook) -> FragKey {
 /// A drop decided before identities were resolved.
 #[inline(always)]
 fn drop_unjudged(cfg: &Config, hook: &Hook, f: &Flow, reason: Reason) -> bool {
-    let d = Decision { allow: false, reason, local_id: 0, peer_id: 0, rule_id: 0 };
+    let d = Decision { allow: false, reason, local_id: 0, peer_id: 0, rule_id: 0, peer_if: 0 };
     drop_judged(cfg, hook, f, &d)
 }
 

@@ -43,23 +43,44 @@ pub struct Decision {
     pub local_id: u32,
     pub peer_id: u32,
     pub rule_id: u32,
+    /// The interface a hooked local peer's packets come in through (0: not a hooked
+    /// local pod): conntrack keeps it so that a tracked flow needs no lookup to check it.
+    pub peer_if: u32,
 }
 
-/// The identity of a peer address. The node's addresses are `host` only for the node's
-/// own sockets: a packet the node forwarded with a node source (masqueraded, SNATed) is
+/// A peer address as the endpoint map (else the CIDR trie) knows it.
+pub struct Peer {
+    pub identity: u32,
+    /// A hooked local pod's interface, else 0.
+    pub ifindex: u32,
+}
+
+/// The peer of an address. The node's addresses are `host` only for the node's own
+/// sockets: a packet the node forwarded with a node source (masqueraded, SNATed) is
 /// judged by the CIDR rules like any address outside the cluster.
 #[inline(always)]
-pub fn peer_identity(hook: &Hook, addr: &[u8; 16]) -> u32 {
+pub fn peer_of(hook: &Hook, addr: &[u8; 16]) -> Peer {
     let key = EndpointKey { addr: *addr };
     if let Some(ep) = unsafe { ENDPOINTS.get(&key) } {
         if !(ep.identity == IDENTITY_HOST && hook.forwarded_in()) {
-            return ep.identity;
+            let ifindex = if ep.flags & EP_LOCAL != 0 { ep.ifindex } else { 0 };
+            return Peer { identity: ep.identity, ifindex };
         }
     }
-    match CIDRS.get(&Key::new(128, CidrKey { addr: *addr })) {
+    let identity = match CIDRS.get(&Key::new(128, CidrKey { addr: *addr })) {
         Some(c) => c.identity,
         None => IDENTITY_WORLD,
-    }
+    };
+    Peer { identity, ifindex: 0 }
+}
+
+/// Entering a pod: a hooked local pod's address is genuine only from that pod's own
+/// interface (`peer_if`: the interface recorded for it). Anything else (a tunnel's
+/// decapsulated inner packet, a frame injected on another interface) claims an identity
+/// it has not proven. The cgroup programs cannot see where a packet came in.
+#[inline(always)]
+pub fn spoofed_from(hook: &Hook, peer_if: u32) -> bool {
+    hook.dir == DIR_INGRESS && hook.from_ifindex != FROM_UNSEEN && peer_if != 0 && peer_if != hook.from_ifindex
 }
 
 /// Judges a new flow (or re-verifies a tracked one) at the hook of `ifindex`.
@@ -77,17 +98,18 @@ pub struct Judged {
 /// Not inlined: its own BPF function and stack frame (BPF calls take 5 arguments).
 #[inline(never)]
 pub fn decide(cfg: &Config, hook: &Hook, f: &Flow, j: &Judged, out: &mut Decision) {
-    *out = decide_inner(cfg, hook, f, j);
+    // The hook, not the judged direction, says which address is the peer.
+    let peer = peer_of(hook, if hook.dir == DIR_INGRESS { &f.saddr } else { &f.daddr });
+    *out = if spoofed_from(hook, peer.ifindex) { deny(Reason::DropSpoofedSource, 0, peer.identity, 0) } else { decide_inner(cfg, hook, f, j, peer.identity) };
+    out.peer_if = peer.ifindex;
 }
 
 #[inline(always)]
-fn decide_inner(cfg: &Config, hook: &Hook, f: &Flow, j: &Judged) -> Decision {
+fn decide_inner(cfg: &Config, hook: &Hook, f: &Flow, j: &Judged, peer_id: u32) -> Decision {
     let (dir, port) = (j.dir, j.port);
     let proto = f.proto;
     let ifindex = hook.ifindex;
-    // The hook, not the judged direction, says which address is the local pod.
     let (local, peer) = if hook.dir == DIR_INGRESS { (&f.daddr, &f.saddr) } else { (&f.saddr, &f.daddr) };
-    let peer_id = peer_identity(hook, peer);
     // The agent marks an address it cannot attribute (e.g. claimed by two pods) `init`.
     let ep = match unsafe { ENDPOINTS.get(&EndpointKey { addr: *local }) } {
         Some(ep) if ep.flags & EP_LOCAL != 0 && ep.ifindex == ifindex && ep.identity != IDENTITY_INIT => *ep,
@@ -209,10 +231,10 @@ fn unknown_local(cfg: &Config, hook: &Hook, dir: u8, peer_id: u32) -> Decision {
 
 #[inline(always)]
 fn allow(reason: Reason, local_id: u32, peer_id: u32, rule_id: u32) -> Decision {
-    Decision { allow: true, reason, local_id, peer_id, rule_id }
+    Decision { allow: true, reason, local_id, peer_id, rule_id, peer_if: 0 }
 }
 
 #[inline(always)]
 fn deny(reason: Reason, local_id: u32, peer_id: u32, rule_id: u32) -> Decision {
-    Decision { allow: false, reason, local_id, peer_id, rule_id }
+    Decision { allow: false, reason, local_id, peer_id, rule_id, peer_if: 0 }
 }

@@ -282,6 +282,21 @@ pub fn ipv6(src: &str, dst: &str, proto: u8, sport: u16, dport: u16) -> Vec<u8> 
     ipv6_ext(src, dst, proto, &l4(proto, sport, dport), &[], 64)
 }
 
+/// An ICMP error of `ty` from `src` to `dst` quoting the IP header and first 8 L4
+/// bytes of `quoted` (an Ethernet frame).
+pub fn icmp4_error(src: &str, dst: &str, ty: u8, quoted: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![ty, 0, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&quoted[14..14 + 28]);
+    ipv4_frag(src, dst, ICMP, &icmp, 9, 0)
+}
+
+/// The ICMPv6 error of `ty` likewise (IPv6 header and 8 L4 bytes quoted).
+pub fn icmp6_error(src: &str, dst: &str, ty: u8, quoted: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![ty, 0, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&quoted[14..14 + 48]);
+    ipv6_ext(src, dst, ICMPV6, &icmp, &[], 64)
+}
+
 pub fn pk(local: u32, peer: u32, dir: u8, proto: u8, port: u16) -> PolicyKey {
     PolicyKey::new(local, peer, dir, proto, port)
 }
