@@ -27,12 +27,14 @@
 
 pub mod agent;
 pub mod apiserver;
+pub mod attack;
 pub mod bins;
 pub mod dns;
 pub mod manifest;
 pub mod probe;
 pub mod sctp;
 pub mod serve;
+pub mod sockprobe;
 pub mod spray;
 pub mod sys;
 pub mod testbed;

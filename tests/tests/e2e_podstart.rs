@@ -243,7 +243,9 @@ fn cgroup_links_survive_restart_and_enforce_while_agent_is_down() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with("cgroup-"))
         .collect();
-    assert_eq!(pins.len(), 2, "pinned cgroup links: {pins:?}");
+    // The two skb programs and the eight Service socket programs (--service-translation).
+    assert_eq!(pins.len(), 10, "pinned cgroup links: {pins:?}");
+    assert!(pins.iter().any(|p| p.ends_with("-egress")) && pins.iter().any(|p| p.ends_with("-zt_connect4")), "{pins:?}");
 
     // Agent down: a pod starts, its manifest appears, it sends and listens.
     assert!(bed.agent.stop().unwrap().success());

@@ -66,6 +66,8 @@ pub struct AgentOptions {
     pub fqdn: FqdnOptions,
     /// ZT_TUNNELS keys (`tunnels::parse`).
     pub tunnels: Vec<u32>,
+    /// Translate Service frontends at the pods' sockets (`--service-translation`).
+    pub service_translation: bool,
 }
 
 struct Agent {
@@ -111,6 +113,12 @@ struct Agent {
     cni: cni::Attachments,
     /// The Service table of the last good compile.
     pub(crate) services: crate::services::ServiceTable,
+    /// The Service frontend and backend maps.
+    svc_maps: crate::services::maps::ServiceMaps,
+    /// The Service table changed since it was last written to the maps.
+    svc_dirty: bool,
+    /// The last Service map write failed with this (logged once).
+    last_svc_error: Option<String>,
 }
 
 /// Before the first full state: the node's addresses as `host` endpoints, where nothing
@@ -141,7 +149,9 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     if opts.cgroup_root.is_some() {
         seed_host_endpoints(&mut maps)?;
     }
-    datapath.ensure_cgroup(opts.cgroup_root.as_deref()).context("cgroup programs")?;
+    datapath.ensure_cgroup(opts.cgroup_root.as_deref(), opts.service_translation).context("cgroup programs")?;
+    // Written whatever --service-translation says: the FQDN step also reads them.
+    let svc_maps = crate::services::maps::ServiceMaps::open(&opts.bpffs_root).context("Service maps")?;
     let have = Contents::read(&maps).context("reading the pinned maps")?;
     let config = maps.read_config().context("reading ZT_CONFIG")?;
     log::info!("datapath loaded; pinned maps hold {} endpoints, {} cidrs, {} policy entries", have.endpoints.len(), have.cidrs.len(), have.policy.len());
@@ -240,6 +250,9 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         snapshot,
         cni: cni_attachments,
         services: Default::default(),
+        svc_maps,
+        svc_dirty: true,
+        last_svc_error: None,
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -406,7 +419,10 @@ impl Agent {
             match compile_with_slots(cluster, &cfg, &mut self.ids, &mut self.slots) {
                 Ok(mut d) => {
                     let (services, warnings) = crate::services::build(cluster, &self.opts.node_name, &self.host_ips);
-                    self.services = services;
+                    if services != self.services {
+                        self.services = services;
+                        self.svc_dirty = true;
+                    }
                     d.warnings.extend(warnings);
                     let mut m = self.metrics.lock().unwrap();
                     m.compile_seconds_sum += t.elapsed().as_secs_f64();
@@ -509,9 +525,41 @@ impl Agent {
         if stats.written + stats.removed > 0 {
             log::info!("applied {} writes, {} removals (epoch {})", stats.written, stats.removed, self.config.policy_epoch);
         }
+        // After the policy: a new backend is translated to only once its endpoint and
+        // policy entries are in place.
+        self.sync_services();
         let apply_time = t.elapsed();
         self.publish(desired, &stats, apply_time)?;
         Ok(())
+    }
+
+    /// Writes a changed Service table to the translation maps. A failure (a full map)
+    /// leaves the frontends not yet written as they were; retried on the next loop.
+    fn sync_services(&mut self) {
+        if !self.svc_dirty {
+            return;
+        }
+        let sm = &mut self.svc_maps;
+        match sm.sync(&crate::services::maps::want_of(&self.services)) {
+            Ok(st) => {
+                self.svc_dirty = false;
+                self.last_svc_error = None;
+                if st.frontends_written + st.frontends_removed > 0 {
+                    log::info!("services: {} frontends written ({} backends), {} removed", st.frontends_written, st.backends_written, st.frontends_removed);
+                }
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                if self.last_svc_error.as_deref() != Some(&msg) {
+                    self.metrics.lock().unwrap().map_errors_total += 1;
+                    log::error!("writing the Service maps failed: {msg}");
+                    self.last_svc_error = Some(msg);
+                }
+            }
+        }
+        let (f, b) = sm.counts();
+        let mut m = self.metrics.lock().unwrap();
+        (m.svc_frontends, m.svc_backends) = (f, b);
     }
 
     /// Once the maps hold the new FQDN rules: clears the bits of freed slots (and of

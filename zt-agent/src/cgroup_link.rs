@@ -11,11 +11,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    programs::{links::FdLink, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType},
+    programs::{links::FdLink, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr},
     Ebpf,
 };
 
-use crate::loader::{PROG_CGROUP_EGRESS, PROG_CGROUP_INGRESS};
+use crate::loader::{PROGS_SOCK_ADDR, PROG_CGROUP_EGRESS, PROG_CGROUP_INGRESS};
 use crate::pins::link_dir;
 
 /// kubelet on cgroup v2 with the systemd cgroup driver.
@@ -23,9 +23,10 @@ pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup/kubepods.slice";
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 const PIN_PREFIX: &str = "cgroup-";
 
-/// Attaches (or swaps into the pinned links) both cgroup programs at `root`, then
-/// removes links this agent pinned for another root.
-pub fn ensure_attached(ebpf: &mut Ebpf, bpffs_root: &Path, root: &Path) -> Result<()> {
+/// Attaches (or swaps into the pinned links) the cgroup programs at `root`: the two skb
+/// programs, and with `translate` the Service socket programs (`cgroup-<ino>-<prog>`);
+/// then removes the links this agent pinned for another root or no longer wants.
+pub fn ensure_attached(ebpf: &mut Ebpf, bpffs_root: &Path, root: &Path, translate: bool) -> Result<()> {
     let dir = open_cgroup2_dir(root)?;
     let ino = dir.metadata()?.ino();
     let mut keep = vec![];
@@ -34,33 +35,52 @@ pub fn ensure_attached(ebpf: &mut Ebpf, bpffs_root: &Path, root: &Path) -> Resul
     {
         let pin = link_dir(bpffs_root).join(format!("{PIN_PREFIX}{ino}-{side}"));
         let prog: &mut CgroupSkb = ebpf.program_mut(prog_name).with_context(|| format!("program {prog_name} missing"))?.try_into()?;
-        let swapped = match obj_get(&pin) {
-            Ok(link) => match link_update(link.as_fd(), prog.fd()?.as_fd()) {
-                Ok(()) => true,
-                Err(e) => {
-                    // A defunct link (its cgroup went away): attach anew, then replace the pin.
-                    log::warn!("cannot update the pinned link {}: {e}; attaching a new one", pin.display());
-                    false
-                }
-            },
-            Err(_) => false,
-        };
-        if !swapped {
-            let id = prog
-                // A link (kernel >= 5.7) always coexists with other programs on the cgroup
-                // (multi-attach semantics); BPF_LINK_CREATE takes no ALLOW_MULTI flag
-                // (EINVAL), so the mode must be the flag-less one.
-                .attach(&dir, attach_type, CgroupAttachMode::Single)
-                .with_context(|| format!("attaching {prog_name} to cgroup {}", root.display()))?;
-            let link: FdLink = prog.take_link(id)?.try_into()?;
-            // The new link runs before the old pin goes: never a moment without a program.
-            let _ = std::fs::remove_file(&pin);
-            link.pin(&pin).with_context(|| format!("pinning link {}", pin.display()))?;
+        if !swap_into_pin(&pin, prog.fd()?.as_fd()) {
+            // A link (kernel >= 5.7) always coexists with other programs on the cgroup
+            // (multi-attach semantics); BPF_LINK_CREATE takes no ALLOW_MULTI flag
+            // (EINVAL), so the mode must be the flag-less one.
+            let id = prog.attach(&dir, attach_type, CgroupAttachMode::Single).with_context(|| format!("attaching {prog_name} to cgroup {}", root.display()))?;
+            pin_new(prog.take_link(id)?.try_into()?, &pin)?;
         }
         keep.push(pin);
     }
+    if translate {
+        for (prog_name, attach_type) in PROGS_SOCK_ADDR {
+            let pin = link_dir(bpffs_root).join(format!("{PIN_PREFIX}{ino}-{prog_name}"));
+            let prog: &mut CgroupSockAddr = ebpf.program_mut(prog_name).with_context(|| format!("program {prog_name} missing"))?.try_into()?;
+            if !swap_into_pin(&pin, prog.fd()?.as_fd()) {
+                let id = prog
+                    .attach(&dir, CgroupAttachMode::Single)
+                    .with_context(|| format!("attaching {prog_name} ({attach_type:?}) to cgroup {}", root.display()))?;
+                pin_new(prog.take_link(id)?.try_into()?, &pin)?;
+            }
+            keep.push(pin);
+        }
+    }
     remove_other_pins(bpffs_root, &keep)?;
-    log::info!("cgroup programs attached at {}", root.display());
+    log::info!("cgroup programs attached at {} (Service translation {})", root.display(), if translate { "on" } else { "off" });
+    Ok(())
+}
+
+/// Swaps `prog` into the pinned link at `pin`; false if there is none to update.
+fn swap_into_pin(pin: &Path, prog: BorrowedFd<'_>) -> bool {
+    match obj_get(pin) {
+        Ok(link) => match link_update(link.as_fd(), prog) {
+            Ok(()) => true,
+            Err(e) => {
+                // A defunct link (its cgroup went away): attach anew, then replace the pin.
+                log::warn!("cannot update the pinned link {}: {e}; attaching a new one", pin.display());
+                false
+            }
+        },
+        Err(_) => false,
+    }
+}
+
+/// The new link runs before the old pin goes: never a moment without a program.
+fn pin_new(link: FdLink, pin: &Path) -> Result<()> {
+    let _ = std::fs::remove_file(pin);
+    link.pin(pin).with_context(|| format!("pinning link {}", pin.display()))?;
     Ok(())
 }
 

@@ -11,7 +11,7 @@ use aya::{
     programs::{
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
-        CgroupSkb, LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+        CgroupSkb, CgroupSockAddr, CgroupSockAddrAttachType, LinkOrder, ProgramError, SchedClassifier, TcAttachType,
     },
     Ebpf, EbpfLoader,
 };
@@ -28,6 +28,17 @@ pub const PROG_NOOP: &str = "zt_noop";
 /// cgroup skb programs for the root of the pods' cgroup hierarchy (see cgroup_link.rs).
 pub const PROG_CGROUP_EGRESS: &str = "zt_cgroup_egress";
 pub const PROG_CGROUP_INGRESS: &str = "zt_cgroup_ingress";
+/// cgroup sock_addr programs for the same root: Service translation (services/).
+pub const PROGS_SOCK_ADDR: [(&str, CgroupSockAddrAttachType); 8] = [
+    ("zt_connect4", CgroupSockAddrAttachType::Connect4),
+    ("zt_connect6", CgroupSockAddrAttachType::Connect6),
+    ("zt_sendmsg4", CgroupSockAddrAttachType::UDPSendMsg4),
+    ("zt_sendmsg6", CgroupSockAddrAttachType::UDPSendMsg6),
+    ("zt_recvmsg4", CgroupSockAddrAttachType::UDPRecvMsg4),
+    ("zt_recvmsg6", CgroupSockAddrAttachType::UDPRecvMsg6),
+    ("zt_getpeername4", CgroupSockAddrAttachType::GetPeerName4),
+    ("zt_getpeername6", CgroupSockAddrAttachType::GetPeerName6),
+];
 
 #[derive(Clone, Copy, Debug)]
 pub struct MapSizes {
@@ -136,6 +147,13 @@ pub fn load_object(bpffs_root: &Path, sizes: &MapSizes) -> Result<Ebpf> {
         let prog: &mut CgroupSkb = ebpf.program_mut(name).with_context(|| format!("program {name} missing from the object"))?.try_into()?;
         load_retrying(|| prog.load()).with_context(|| format!("verifier rejected {name}"))?;
     }
+    for (name, _) in PROGS_SOCK_ADDR {
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the object"))?
+            .try_into()?;
+        load_retrying(|| prog.load()).with_context(|| format!("verifier rejected {name}"))?;
+    }
     Ok(ebpf)
 }
 
@@ -223,11 +241,12 @@ impl Datapath {
         set
     }
 
-    /// Attaches the cgroup programs at the root of the pods' cgroup hierarchy, or with
-    /// `None` removes any an earlier agent pinned.
-    pub fn ensure_cgroup(&mut self, root: Option<&Path>) -> Result<()> {
+    /// Attaches the cgroup programs at the root of the pods' cgroup hierarchy (with
+    /// `translate`, the Service socket programs too), or with `None` removes any an
+    /// earlier agent pinned.
+    pub fn ensure_cgroup(&mut self, root: Option<&Path>, translate: bool) -> Result<()> {
         match root {
-            Some(root) => crate::cgroup_link::ensure_attached(&mut self.ebpf, &self.bpffs_root, root),
+            Some(root) => crate::cgroup_link::ensure_attached(&mut self.ebpf, &self.bpffs_root, root, translate),
             None => crate::cgroup_link::detach_all(&self.bpffs_root),
         }
     }

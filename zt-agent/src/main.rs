@@ -58,6 +58,11 @@ struct Flags {
     /// (empty: none).
     #[arg(long, default_value = zt_agent::tunnels::DEFAULT_TUNNELS)]
     tunnels: String,
+    /// Translate Service frontends (ClusterIP, external and load-balancer IPs, NodePorts on
+    /// this node) to a backend at the pods' sockets (connect/sendmsg/recvmsg/getpeername
+    /// at --cgroup-root). `false` for a CNI that already does (Cilium, Calico eBPF).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    service_translation: bool,
     /// Also send events for newly allowed flows (drops are always sent).
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     events_allowed: bool,
@@ -196,6 +201,7 @@ async fn main() -> anyhow::Result<()> {
         cgroup_root: if f.cgroup_root.as_os_str() == "none" { None } else { Some(f.cgroup_root) },
         fqdn,
         tunnels: zt_agent::tunnels::parse(&f.tunnels)?,
+        service_translation: f.service_translation,
     };
     run(opts).await
 }

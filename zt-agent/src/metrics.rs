@@ -53,6 +53,9 @@ pub struct AgentMetrics {
     pub fqdn_events_undecodable: u64,
     pub fqdn_cache_names: usize,
     pub fqdn_gc_removed: u64,
+    /// Service frontends and backends in the translation maps.
+    pub svc_frontends: usize,
+    pub svc_backends: usize,
 }
 
 impl AgentMetrics {
@@ -156,6 +159,16 @@ pub fn render_with(m: &AgentMetrics, maps: Option<&PinnedMaps>, fqdn: Option<&Fq
     line(&mut o, "Failed Kubernetes list/watch calls by kind.", "counter", "zt_source_errors_total");
     for (kind, n) in &m.source_errors {
         let _ = writeln!(o, "zt_source_errors_total{{kind=\"{kind}\"}} {n}");
+    }
+    line(&mut o, "Service frontends (address, port, protocol) the pods' sockets are translated from.", "gauge", "zt_service_frontends");
+    let _ = writeln!(o, "zt_service_frontends {}", m.svc_frontends);
+    line(&mut o, "Service backends in the translation maps (summed over frontends).", "gauge", "zt_service_backends");
+    let _ = writeln!(o, "zt_service_backends {}", m.svc_backends);
+    line(&mut o, "Socket translations by outcome (translated, no-backend, backend-missing, reversed, affinity).", "counter", "zt_service_translations_total");
+    if let Some(s) = maps.and_then(|m| m.svc_stats().ok()) {
+        for st in SvcStat::ALL {
+            let _ = writeln!(o, "zt_service_translations_total{{outcome=\"{}\"}} {}", st.name(), s[st as usize]);
+        }
     }
     crate::fqdn::render_metrics(&mut o, m, fqdn);
     o

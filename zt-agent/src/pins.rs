@@ -55,6 +55,7 @@ pub struct PinnedMaps {
     pub dns_servers: DnsServersMap,
     pub dns_stats: CounterMap,
     pub tunnels: crate::tunnels::TunnelsMap,
+    pub svc_stats: CounterMap,
 }
 
 impl PinnedMaps {
@@ -76,6 +77,7 @@ impl PinnedMaps {
             dns_servers: open(MAP_DNS_SERVERS)?.try_into()?,
             dns_stats: open(MAP_DNS_STATS)?.try_into()?,
             tunnels: open(MAP_TUNNELS)?.try_into()?,
+            svc_stats: open(MAP_SVC_STATS)?.try_into()?,
         })
     }
 
@@ -94,6 +96,11 @@ impl PinnedMaps {
 
     pub fn read_fqdn_config(&self) -> Result<FqdnConfig> {
         Ok(self.fqdn_config.get(&0, 0)?)
+    }
+
+    /// Service socket translation counters summed over CPUs, indexed by `SvcStat`.
+    pub fn svc_stats(&self) -> Result<Vec<u64>> {
+        sum_per_cpu(&self.svc_stats, SVC_STAT_SLOTS)
     }
 
     /// DNS capture counters summed over CPUs, indexed by `DnsStat`.

@@ -871,3 +871,25 @@ fn tcp_answer_must_start_the_response_stream() {
     assert_eq!(fx.dp.run(TO, &tcp_dns(DNS, POD, 53, CPORT, &m)), TC_PASS);
     assert!(fx.learned(ID_POD, IP1).is_some());
 }
+
+/// A name that resolves to a Service frontend (a `*.svc` name, or a record under an
+/// allowed wildcard pointed at a ClusterIP): reached untranslated, kube-proxy would DNAT
+/// it to a pod no rule allowed, so an FQDN rule never allows it.
+#[test]
+fn a_learned_address_that_is_a_service_frontend_is_never_allowed_by_name() {
+    let fx = Fx::new("dns-frontend");
+    let cluster_ip = "10.96.0.44";
+    fx.answer(&answer("api.example.com", T_A, &[a(300, cluster_ip)]));
+    assert!(fx.learned(ID_POD, cluster_ip).is_some());
+    let mut fe: aya::maps::HashMap<aya::maps::MapData, SvcFrontendKey, SvcFrontendValue> =
+        aya::maps::HashMap::try_from(open_map(&fx.dp._fs.root(), MAP_SVC_FRONTENDS).unwrap()).unwrap();
+    let key = SvcFrontendKey { addr: addr(cluster_ip), port: 443, proto: TCP, _pad: 0 };
+    fe.insert(key, SvcFrontendValue { svc_id: 1, backends: 1, affinity_s: 0, _pad: 0 }, 0).unwrap();
+    assert_eq!(fx.dp.run(FROM, &ipv4(POD, cluster_ip, TCP, 42000, 443)), TC_DROP);
+    assert_eq!(fx.dp.counter(DIR_EGRESS, Reason::AllowFqdn), 0);
+    let stats: aya::maps::PerCpuArray<aya::maps::MapData, u64> = aya::maps::PerCpuArray::try_from(open_map(&fx.dp._fs.root(), MAP_SVC_STATS).unwrap()).unwrap();
+    assert_eq!(stats.get(&(SvcStat::FqdnFrontend as u32), 0).unwrap().iter().sum::<u64>(), 1);
+    // The same address once it is no frontend: the rule allows it.
+    fe.remove(&key).unwrap();
+    assert_eq!(fx.dp.run(FROM, &ipv4(POD, cluster_ip, TCP, 42001, 443)), TC_PASS);
+}

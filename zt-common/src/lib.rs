@@ -6,6 +6,8 @@
 
 pub mod fqdn;
 pub use fqdn::*;
+pub mod services;
+pub use services::*;
 
 /// Map pin directory name under the bpffs root. Bump on any layout change so that an
 /// upgraded agent never reads maps written with another layout.

@@ -25,13 +25,15 @@ mod parse;
 #[cfg(target_arch = "bpf")]
 mod policy;
 #[cfg(target_arch = "bpf")]
+mod services;
+#[cfg(target_arch = "bpf")]
 mod verdict;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::{
-        macros::{cgroup_skb, classifier},
-        programs::{SkBuffContext, TcContext},
+        macros::{cgroup_skb, cgroup_sock_addr, classifier},
+        programs::{SkBuffContext, SockAddrContext, TcContext},
     };
     use zt_common::{DIR_EGRESS, DIR_INGRESS};
 
@@ -57,6 +59,50 @@ mod programs {
     #[cgroup_skb(ingress)]
     pub fn zt_cgroup_ingress(ctx: SkBuffContext) -> i32 {
         crate::cgroup::handle(&ctx, DIR_INGRESS)
+    }
+
+    /// A pod's socket connecting: a Service frontend becomes a backend (services.rs).
+    #[cgroup_sock_addr(connect4)]
+    pub fn zt_connect4(ctx: SockAddrContext) -> i32 {
+        crate::services::translate::<false>(ctx.sock_addr)
+    }
+
+    #[cgroup_sock_addr(connect6)]
+    pub fn zt_connect6(ctx: SockAddrContext) -> i32 {
+        crate::services::translate::<true>(ctx.sock_addr)
+    }
+
+    /// Unconnected UDP: each datagram to a frontend goes to a backend.
+    #[cgroup_sock_addr(sendmsg4)]
+    pub fn zt_sendmsg4(ctx: SockAddrContext) -> i32 {
+        crate::services::translate::<false>(ctx.sock_addr)
+    }
+
+    #[cgroup_sock_addr(sendmsg6)]
+    pub fn zt_sendmsg6(ctx: SockAddrContext) -> i32 {
+        crate::services::translate::<true>(ctx.sock_addr)
+    }
+
+    /// Unconnected UDP: a reply from the backend reads as from the frontend.
+    #[cgroup_sock_addr(recvmsg4)]
+    pub fn zt_recvmsg4(ctx: SockAddrContext) -> i32 {
+        crate::services::reverse::<false>(ctx.sock_addr)
+    }
+
+    #[cgroup_sock_addr(recvmsg6)]
+    pub fn zt_recvmsg6(ctx: SockAddrContext) -> i32 {
+        crate::services::reverse::<true>(ctx.sock_addr)
+    }
+
+    /// A translated socket's peer reads as the frontend.
+    #[cgroup_sock_addr(getpeername4)]
+    pub fn zt_getpeername4(ctx: SockAddrContext) -> i32 {
+        crate::services::reverse::<false>(ctx.sock_addr)
+    }
+
+    #[cgroup_sock_addr(getpeername6)]
+    pub fn zt_getpeername6(ctx: SockAddrContext) -> i32 {
+        crate::services::reverse::<true>(ctx.sock_addr)
     }
 
     /// Does nothing: the baseline of `cargo xtask bench`.

@@ -96,3 +96,29 @@ pub static DNS_RATELIMIT: PerCpuArray<RateLimit> = PerCpuArray::with_max_entries
 /// Per-CPU working memory of the DNS parser (not pinned: nothing outlives a packet).
 #[map(name = "ZT_DNS_SCRATCH")]
 pub static DNS_SCRATCH_MAP: PerCpuArray<crate::dns::Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+// ---------------------------------------------------------------------------
+// Services (issue 9): see services.rs
+// ---------------------------------------------------------------------------
+
+/// Frontend -> backend set (id, count, affinity).
+#[map(name = "ZT_SVC_FRONTENDS")]
+pub static SVC_FRONTENDS: aya_ebpf::maps::HashMap<SvcFrontendKey, SvcFrontendValue> =
+    aya_ebpf::maps::HashMap::pinned(DEFAULT_SVC_FRONTENDS_MAX, 0);
+
+/// (backend set, slot) -> backend address and port.
+#[map(name = "ZT_SVC_BACKENDS")]
+pub static SVC_BACKENDS: aya_ebpf::maps::HashMap<SvcBackendKey, SvcBackendValue> =
+    aya_ebpf::maps::HashMap::pinned(DEFAULT_SVC_BACKENDS_MAX, 0);
+
+/// (socket, backend) -> the frontend it was translated from.
+#[map(name = "ZT_SVC_REVNAT")]
+pub static SVC_REVNAT: LruHashMap<SvcRevKey, SvcRevValue> = LruHashMap::pinned(DEFAULT_SVC_REVNAT_MAX, 0);
+
+/// (client netns, frontend) -> the backend sessionAffinity keeps.
+#[map(name = "ZT_SVC_AFFINITY")]
+pub static SVC_AFFINITY: LruHashMap<SvcAffinityKey, SvcAffinityValue> = LruHashMap::pinned(DEFAULT_SVC_AFFINITY_MAX, 0);
+
+/// Socket translation counters, indexed by `SvcStat`.
+#[map(name = "ZT_SVC_STATS")]
+pub static SVC_STATS: PerCpuArray<u64> = PerCpuArray::pinned(SVC_STAT_SLOTS, 0);

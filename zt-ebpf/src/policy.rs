@@ -7,7 +7,7 @@ use zt_common::*;
 
 use crate::{
     fqdn,
-    maps::{CIDRS, ENDPOINTS, POLICY, TUNNELS},
+    maps::{CIDRS, ENDPOINTS, POLICY, SVC_FRONTENDS, SVC_STATS, TUNNELS},
     parse::Flow,
 };
 
@@ -137,10 +137,28 @@ fn decide_inner(cfg: &Config, hook: &Hook, f: &Flow, j: &Judged) -> Decision {
     if dir == DIR_EGRESS && ep.flags & EP_FQDN != 0 && (peer_id == IDENTITY_WORLD || peer_id & IDENTITY_CIDR_FLAG != 0) {
         let rule = fqdn::allowed(local_id, peer, proto, port, j.tracked);
         if rule != 0 {
+            // A Service frontend reached untranslated (kube-proxy would DNAT it to a pod
+            // no rule allowed): a name never makes it `world`.
+            if is_frontend(peer, proto, port) {
+                svc_stat(SvcStat::FqdnFrontend);
+                return deny(Reason::DropPolicyDefault, local_id, peer_id, 0);
+            }
             return allow(Reason::AllowFqdn, local_id, peer_id, rule);
         }
     }
     deny(Reason::DropPolicyDefault, local_id, peer_id, 0)
+}
+
+#[inline(always)]
+fn is_frontend(addr: &[u8; 16], proto: u8, port: u16) -> bool {
+    unsafe { SVC_FRONTENDS.get(&SvcFrontendKey { addr: *addr, port, proto, _pad: 0 }).is_some() }
+}
+
+#[inline(always)]
+fn svc_stat(s: SvcStat) {
+    if let Some(p) = SVC_STATS.get_ptr_mut(s as u32) {
+        unsafe { *p += 1 };
+    }
 }
 
 #[inline(always)]

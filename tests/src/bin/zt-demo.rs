@@ -1,5 +1,7 @@
 //! `cargo xtask demo`: the classic zero-trust lab on a simulated node. sleep and
-//! httpbin (and notsleep, a third identity) in namespace default; before policy the
+//! httpbin (and notsleep, a third identity) in namespace default; sleep calls httpbin
+//! through its Service (httpbin:8000, the ClusterIP: the bed has no DNS), from inside
+//! its own cgroup so that zt translates the frontend at the socket; before policy the
 //! call succeeds, after default-deny it fails, after an allow for the sleep identity
 //! only sleep gets through. Each step shows what ztctl says and the verdict counters.
 use std::path::{Path, PathBuf};
@@ -20,6 +22,7 @@ fn main() -> Result<()> {
     let manifests = bed.tmp_dir().join("agent-manifests");
     std::fs::create_dir_all(&manifests)?;
     std::fs::copy(Path::new(LAB).join("00-workloads.yaml"), manifests.join("00-workloads.yaml"))?;
+    std::fs::copy(Path::new(LAB).join("05-service.yaml"), manifests.join("05-service.yaml"))?;
     let agent = bed.start_agent("node1", &agent_bin, &manifests, &[])?;
     agent.wait_ready(Duration::from_secs(20))?;
     let ctl = Ctl { bin: ztctl, agent: &agent };
@@ -29,27 +32,30 @@ fn main() -> Result<()> {
     let sleep = Endpoint::pod("default", "sleep");
     let notsleep = Endpoint::pod("default", "notsleep");
     let httpbin = |f| Target::Pod { namespace: "default".into(), name: "httpbin".into(), family: f };
+    println!("== the Service httpbin (ClusterIP 10.96.0.80, fd00:96::80; port 8000 -> http/80), ztctl services:");
+    ctl.show(&["services"])?;
 
-    step("1. no policy: sleep -> httpbin tcp/80 (Kubernetes default: allowed)");
+    step("1. no policy: sleep -> http://httpbin:8000 (Kubernetes default: allowed)");
+    call_service(&bed, &sleep, SERVICE_V4, true)?;
+    call_service(&bed, &sleep, SERVICE_V6, true)?;
     expect(&bed, &sleep, &httpbin(Family::V4), true)?;
-    expect(&bed, &sleep, &httpbin(Family::V6), true)?;
 
     step("2. default deny (ZeroTrustPolicy deny-all, enforcementMode: always)");
     std::fs::copy(Path::new(LAB).join("10-deny-all.yaml"), manifests.join("10-deny-all.yaml"))?;
     wait_for(&bed, &sleep, &httpbin(Family::V4), false)?;
     let drops = ctl.spawn_drops()?;
-    expect(&bed, &sleep, &httpbin(Family::V4), false)?;
-    expect(&bed, &sleep, &httpbin(Family::V6), false)?;
+    call_service(&bed, &sleep, SERVICE_V4, false)?;
+    call_service(&bed, &sleep, SERVICE_V6, false)?;
     println!("   ztctl drops --follow says:");
     print_indented(&drops.finish()?);
 
     step("3. allow only spiffe://cluster.local/ns/default/sa/sleep -> httpbin on TCP 80");
     std::fs::copy(Path::new(LAB).join("20-allow-sleep.yaml"), manifests.join("20-allow-sleep.yaml"))?;
     wait_for(&bed, &sleep, &httpbin(Family::V4), true)?;
-    expect(&bed, &sleep, &httpbin(Family::V4), true)?;
-    expect(&bed, &sleep, &httpbin(Family::V6), true)?;
+    call_service(&bed, &sleep, SERVICE_V4, true)?;
+    call_service(&bed, &sleep, SERVICE_V6, true)?;
     let drops = ctl.spawn_drops()?;
-    expect(&bed, &notsleep, &httpbin(Family::V4), false)?;
+    call_service(&bed, &notsleep, SERVICE_V4, false)?;
     println!("   ztctl drops --follow says:");
     print_indented(&drops.finish()?);
     println!("   ztctl explain default/notsleep default/httpbin tcp/80:");
@@ -66,6 +72,24 @@ fn main() -> Result<()> {
     }
     agent.stop();
     println!("\n== demo done: every step behaved as expected; cleaning up");
+    Ok(())
+}
+
+const SERVICE_V4: &str = "10.96.0.80";
+const SERVICE_V6: &str = "fd00:96::80";
+
+/// `from` calls httpbin's Service on port 8000 from inside its own cgroup.
+fn call_service(bed: &Testbed, from: &Endpoint, cluster_ip: &str, allowed: bool) -> Result<()> {
+    let c = bed.connect_in(from, cluster_ip, 8000, Duration::from_millis(800))?;
+    let ok = c.connected();
+    let shown = if cluster_ip.contains(':') { format!("[{cluster_ip}]") } else { cluster_ip.to_string() };
+    println!(
+        "   {from} -> httpbin:8000 ({shown}): {}",
+        if ok { format!("connected, answered by {} (peer {})", c.outcome, c.peer) } else { format!("no connection ({})", c.outcome) }
+    );
+    if ok != allowed {
+        bail!("expected {} but got {c:?}", if allowed { "a connection" } else { "no connection" });
+    }
     Ok(())
 }
 
