@@ -533,4 +533,15 @@ items:
         let back = Manifests::parse_str(&a.to_yaml(), "rt").unwrap();
         assert_eq!(&back.pods[0], a);
     }
+
+    #[test]
+    fn services_and_endpoint_slices_are_not_pods() {
+        // The labs carry httpbin's Service and EndpointSlices: the bed builds the same pods.
+        for lab in ["demo", "e2e-demo"] {
+            let m = Manifests::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("labs").join(lab)).unwrap();
+            let pods: Vec<String> = m.pods.iter().map(Pod::key).collect();
+            assert_eq!(pods, ["default/httpbin", "default/sleep", "default/notsleep"], "{lab}");
+            assert!(m.nodes.is_empty());
+        }
+    }
 }

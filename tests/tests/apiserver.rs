@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{
     Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, WatchEvent, WatchParams,
@@ -26,7 +27,7 @@ fn pod(ns: &str, name: &str, labels: &str) -> String {
 }
 
 /// A private manifests dir with 5 pods in x, 2 in y, a Node, a NetworkPolicy, a
-/// ZeroTrustPolicy and a Service (ignored), served by a stand-in.
+/// ZeroTrustPolicy and a ConfigMap (ignored), served by a stand-in.
 struct Cluster {
     api: ApiServer,
     addr: std::net::SocketAddr,
@@ -62,7 +63,7 @@ impl Cluster {
             "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\n---\n\
              apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: np, namespace: x}\nspec: {podSelector: {}}\n---\n\
              apiVersion: zt.dev/v1alpha1\nkind: ZeroTrustPolicy\nmetadata: {name: z, namespace: y}\nspec: {}\n---\n\
-             apiVersion: v1\nkind: Service\nmetadata: {name: s}\n",
+             apiVersion: v1\nkind: ConfigMap\nmetadata: {name: s}\n",
         )
         .unwrap();
         let api = ApiServer::start(&dir).unwrap();
@@ -274,7 +275,7 @@ async fn lists_gets_selectors_and_errors() {
         ("zerotrustpolicies", kube::discovery::Scope::Namespaced)
     );
     assert!(d.has_group("networking.k8s.io"));
-    let req = http::Request::get("/api/v1/services").body(vec![]).unwrap();
+    let req = http::Request::get("/api/v1/configmaps").body(vec![]).unwrap();
     assert_eq!(api_code(&client.request_text(req).await.unwrap_err()), 404);
     let req = http::Request::get("/api/v1/namespaces/x/nodes")
         .body(vec![])
@@ -337,6 +338,95 @@ async fn lists_gets_selectors_and_errors() {
         401
     );
     assert_eq!(c.api.request_log().len(), before + 1);
+}
+
+fn service(ns: &str, name: &str, cluster_ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\n\
+         spec:\n  clusterIP: {cluster_ip}\n  selector: {{app: {name}}}\n  ports: [{{name: http, port: 8000, targetPort: http}}]\n"
+    )
+}
+
+fn endpoint_slice(ns: &str, name: &str, service: &str, address: &str) -> String {
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: {name}, namespace: {ns}, labels: {{kubernetes.io/service-name: {service}}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: 80}}]\n\
+         endpoints: [{{addresses: [{address}], conditions: {{ready: true}}, nodeName: n1}}]\n"
+    )
+}
+
+/// Services (v1) and EndpointSlices (discovery.k8s.io/v1) as zt-agent reads them: typed
+/// lists with the API server's defaults, discovery, selectors, and the runtime watcher
+/// following EndpointSlice edits.
+#[tokio::test]
+async fn services_and_endpoint_slices_list_and_watch() {
+    let c = Cluster::new("services");
+    c.write(
+        "services.yaml",
+        &[
+            service("x", "web", "10.96.0.5"),
+            service("y", "db", "10.96.0.6"),
+            endpoint_slice("x", "web-abc", "web", "10.1.0.1"),
+            endpoint_slice("y", "db-abc", "db", "10.1.0.2"),
+        ]
+        .join("---\n"),
+    );
+    c.api.sync_now().unwrap();
+    let client = c.client().await;
+
+    let svcs: Api<Service> = Api::all(client.clone());
+    let list = svcs.list(&ListParams::default()).await.unwrap();
+    let names: Vec<String> = list.items.iter().map(|s| format!("{}/{}", s.namespace().unwrap(), s.name_any())).collect();
+    assert_eq!(names, ["x/web", "y/db"]);
+    let spec = list.items[0].spec.as_ref().unwrap();
+    assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
+    assert_eq!(spec.cluster_ips.as_deref(), Some(&["10.96.0.5".to_string()][..]));
+    let port = &spec.ports.as_ref().unwrap()[0];
+    assert_eq!((port.port, port.protocol.as_deref()), (8000, Some("TCP")));
+    assert_eq!(
+        port.target_port,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("http".into()))
+    );
+    let by_ip = svcs.list(&ListParams::default().fields("spec.clusterIP=10.96.0.6")).await.unwrap();
+    assert_eq!(by_ip.items.iter().map(|s| s.name_any()).collect::<Vec<_>>(), ["db"]);
+    assert_eq!(Api::<Service>::namespaced(client.clone(), "x").get("web").await.unwrap().name_any(), "web");
+
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "x");
+    let web = slices.list(&ListParams::default().labels("kubernetes.io/service-name=web")).await.unwrap();
+    assert_eq!(web.items.len(), 1);
+    assert_eq!(web.items[0].address_type, "IPv4");
+    assert_eq!(web.items[0].endpoints[0].addresses, ["10.1.0.1"]);
+    assert_eq!(web.items[0].ports.as_ref().unwrap()[0].protocol.as_deref(), Some("TCP"));
+
+    // Discovery names both resources.
+    let d = kube::discovery::Discovery::new(client.clone()).run().await.unwrap();
+    let (ar, caps) = d.resolve_gvk(&GroupVersionKind::gvk("discovery.k8s.io", "v1", "EndpointSlice")).unwrap();
+    assert_eq!((ar.plural.as_str(), caps.scope), ("endpointslices", kube::discovery::Scope::Namespaced));
+    let (ar, _) = d.resolve_gvk(&GroupVersionKind::gvk("", "v1", "Service")).unwrap();
+    assert_eq!(ar.plural, "services");
+
+    // The runtime watcher, as the agent runs it: the list, then edits as events.
+    let describe = |ev: watcher::Event<EndpointSlice>| match ev {
+        watcher::Event::Init => "Init".to_string(),
+        watcher::Event::InitApply(e) => format!("InitApply {}/{}", e.namespace().unwrap(), e.name_any()),
+        watcher::Event::InitDone => "InitDone".to_string(),
+        watcher::Event::Apply(e) => format!("Apply {}/{} {}", e.namespace().unwrap(), e.name_any(), e.endpoints[0].addresses[0]),
+        watcher::Event::Delete(e) => format!("Delete {}/{}", e.namespace().unwrap(), e.name_any()),
+    };
+    let mut w = watcher(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default()).default_backoff().boxed();
+    let mut next = async || describe(tokio::time::timeout(WAIT, w.next()).await.unwrap().unwrap().unwrap());
+    assert_eq!(
+        [next().await, next().await, next().await, next().await],
+        ["Init", "InitApply x/web-abc", "InitApply y/db-abc", "InitDone"]
+    );
+    c.write("moved.yaml", &endpoint_slice("x", "web-def", "web", "10.1.0.9"));
+    assert_eq!(next().await, "Apply x/web-def 10.1.0.9");
+    c.write("moved.yaml", &endpoint_slice("x", "web-def", "web", "10.1.0.10"));
+    assert_eq!(next().await, "Apply x/web-def 10.1.0.10");
+    c.remove("moved.yaml");
+    assert_eq!(next().await, "Delete x/web-def");
+    assert_eq!(c.api.requests("endpointslices", Verb::Watch), 1);
 }
 
 #[tokio::test]

@@ -171,6 +171,38 @@ fn ztctl_json_views_name_spiffe_ids() {
 }
 
 #[test]
+fn ztctl_services_shows_the_labs_httpbin_service() {
+    let bed = demo_bed();
+    let httpbin_id = rows(&bed.ztctl_json(&["identities"])).iter().find(|r| r["spiffe_id"] == HTTPBIN).unwrap()["id"].clone();
+    let v = bed.ztctl_json(&["services"]);
+    let got: Vec<(String, String, String, String, Vec<(String, u64, Value, String, String)>)> = rows(&v)
+        .iter()
+        .map(|r| {
+            let backends = rows(&r["backends"])
+                .iter()
+                .map(|b| {
+                    (b["addr"].as_str().unwrap().to_string(), b["port"].as_u64().unwrap(), b["identity"].clone(), b["spiffe_id"].as_str().unwrap().to_string(), b["pod"].as_str().unwrap_or("-").to_string())
+                })
+                .collect();
+            let s = |k: &str| r[k].as_str().unwrap().to_string();
+            (s("frontend"), s("kind"), s("service"), s("port_name"), backends)
+        })
+        .collect();
+    let backend = |ip: &str| vec![(ip.to_string(), 80, httpbin_id.clone(), HTTPBIN.to_string(), "default/httpbin".to_string())];
+    assert_eq!(
+        got,
+        [
+            ("10.96.0.80:8000/TCP".into(), "ClusterIP".into(), "default/httpbin".into(), "http".into(), backend("10.201.0.10")),
+            ("[fd00:96::80]:8000/TCP".into(), "ClusterIP".into(), "default/httpbin".into(), "http".into(), backend("fd00:201::10")),
+        ]
+    );
+    let text = bed.ztctl(&["services"]);
+    assert!(text.starts_with("FRONTEND"), "{text}");
+    assert!(text.contains("10.96.0.80:8000/TCP") && text.contains("-> 10.201.0.10:80") && text.contains(HTTPBIN), "{text}");
+    assert_eq!(rows(&bed.ztctl_json(&["services", "--service", "kube-system/httpbin"])).len(), 0);
+}
+
+#[test]
 fn ztctl_explain_agrees_with_probes() {
     let bed = demo_bed();
     // (src, dst, proto/port, probe from, probe to, expected verdict)

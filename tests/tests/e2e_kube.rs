@@ -47,9 +47,31 @@ fn kube_bed_with(files: &[(&str, &str)], available: bool) -> (Bed, ApiServer) {
     (bed, api)
 }
 
+/// Service default/b (ClusterIP 10.96.0.2, port 8080 -> http) and its EndpointSlice
+/// with one endpoint at `endpoint`.
+fn service_b(endpoint: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: b, namespace: default}}\n\
+         spec: {{clusterIP: 10.96.0.2, selector: {{app: b}}, ports: [{{name: http, port: 8080, targetPort: http}}]}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: b-1, namespace: default, labels: {{kubernetes.io/service-name: b}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: 80}}]\n\
+         endpoints: [{{addresses: [{endpoint}], conditions: {{ready: true}}, nodeName: node1}}]\n"
+    )
+}
+
+/// The backends `ztctl services` shows for 10.96.0.2:8080/TCP.
+fn service_b_backends(bed: &Bed) -> Vec<String> {
+    let v = bed.ztctl_json(&["services", "--service", "default/b"]);
+    let rows = v.as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{v:#}");
+    assert_eq!((&rows[0]["frontend"], &rows[0]["kind"]), (&"10.96.0.2:8080/TCP".into(), &"ClusterIP".into()), "{v:#}");
+    rows[0]["backends"].as_array().unwrap().iter().map(|b| format!("{}:{}", b["addr"].as_str().unwrap(), b["port"])).collect()
+}
+
 #[test]
 fn agent_enforces_and_follows_the_api() {
-    let (bed, api) = kube_bed(&[("10-isolate-b.yaml", ISOLATE_B)]);
+    let (bed, api) = kube_bed(&[("10-isolate-b.yaml", ISOLATE_B), ("20-service-b.yaml", &service_b("10.200.0.2"))]);
     let (a, c) = (pod("default", "a"), pod("default", "c"));
     let b4 = tgt("default", "b", Family::V4);
     assert!(bed.agent.args().contains(&"--kubeconfig".to_string()));
@@ -61,6 +83,8 @@ fn agent_enforces_and_follows_the_api() {
         "nodes",
         "networkpolicies",
         "zerotrustpolicies",
+        "services",
+        "endpointslices",
     ] {
         assert!(
             api.requests(kind, Verb::List) >= 1,
@@ -68,13 +92,18 @@ fn agent_enforces_and_follows_the_api() {
             api.request_counts()
         );
     }
-    bed.wait_until("six open watches", || api.open_watches() == 6);
+    bed.wait_until("eight open watches", || api.open_watches() == 8);
 
     assert_eq!(
         bed.tb.probe(&a, &b4, Proto::Tcp, 80, ALLOWED),
         ok("default/b")
     );
     assert_eq!(bed.probe(&c, &b4, Proto::Tcp, 80), ProbeResult::Timeout);
+
+    // The Service and its EndpointSlice from the API: the agent's table, in ztctl.
+    assert_eq!(service_b_backends(&bed), ["10.200.0.2:80"]);
+    bed.write("20-service-b.yaml", &service_b("10.200.0.3"));
+    bed.wait_until("the moved endpoint in ztctl services", || service_b_backends(&bed) == ["10.200.0.3:80"]);
 
     // An edit reaches the agent through the watch.
     bed.write(

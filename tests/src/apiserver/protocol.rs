@@ -131,7 +131,7 @@ pub fn route(path: &str) -> Result<Route, ApiError> {
 /// The discovery documents of the served groups (for clients that check that a
 /// resource, e.g. the ZeroTrustPolicy CRD, is installed).
 fn discovery(segs: &[&str]) -> Option<Value> {
-    let groups = ["networking.k8s.io/v1", "zt.dev/v1alpha1"];
+    let groups = ["discovery.k8s.io/v1", "networking.k8s.io/v1", "zt.dev/v1alpha1"];
     let resources = |gv: &str| {
         let rs: Vec<Value> = KINDS
             .iter()
@@ -345,6 +345,7 @@ fn field_supported(kind: &KindInfo, f: &str) -> bool {
                     | "status.nominatedNodeName"
             ))
         || (kind.kind == "Namespace" && f == "status.phase")
+        || (kind.kind == "Service" && matches!(f, "spec.clusterIP" | "spec.type"))
 }
 
 /// Equality-based selectors: `a=b`, `a==b`, `a!=b`, `a`, `!a`, comma-separated.
@@ -475,8 +476,21 @@ mod tests {
             }
         );
         assert!(route("/apis/zt.dev/v1alpha1/zerotrustpolicies").is_ok());
+        let svc = kind_by_plural("v1", "services").unwrap();
+        assert_eq!(
+            route("/api/v1/namespaces/x/services/web").unwrap(),
+            Route::Object {
+                kind: svc,
+                namespace: Some("x".into()),
+                name: "web".into()
+            }
+        );
+        assert!(route("/apis/discovery.k8s.io/v1/endpointslices").is_ok());
+        assert!(route("/apis/discovery.k8s.io/v1").is_ok());
         for p in [
-            "/api/v1/services",
+            "/api/v1/configmaps",
+            "/api/v1/endpoints",
+            "/apis/discovery.k8s.io/v1beta1/endpointslices",
             "/api/v1/namespaces/x/nodes",
             "/apis/apps/v1/deployments",
             "/",
@@ -484,7 +498,7 @@ mod tests {
         ] {
             assert_eq!(route(p).unwrap_err().code, 404, "{p}");
         }
-        assert_eq!(KINDS.len(), 6);
+        assert_eq!(KINDS.len(), 8);
     }
 
     #[test]

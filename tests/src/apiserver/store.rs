@@ -26,7 +26,7 @@ pub struct KindInfo {
     pub custom: bool,
 }
 
-/// Every kind zt-agent watches.
+/// Every kind zt-agent watches (Namespace first: implicit namespaces are made with it).
 pub const KINDS: &[KindInfo] = &[
     KindInfo {
         kind: "Namespace",
@@ -69,6 +69,20 @@ pub const KINDS: &[KindInfo] = &[
         plural: "zerotrustpolicies",
         namespaced: true,
         custom: true,
+    },
+    KindInfo {
+        kind: "Service",
+        api_version: "v1",
+        plural: "services",
+        namespaced: true,
+        custom: false,
+    },
+    KindInfo {
+        kind: "EndpointSlice",
+        api_version: "discovery.k8s.io/v1",
+        plural: "endpointslices",
+        namespaced: true,
+        custom: false,
     },
 ];
 
@@ -482,9 +496,61 @@ fn server_fill(k: &KindInfo, src: &Value, key: &Key, kept: Kept, rv: u64) -> Val
                 }
             }
         }
+        "Service" => default_service(&mut obj),
+        "EndpointSlice" => {
+            // Ports default to TCP.
+            for p in obj.get_mut("ports").and_then(Value::as_array_mut).into_iter().flatten() {
+                if let Some(p) = p.as_object_mut() {
+                    p.entry("protocol").or_insert_with(|| json!("TCP"));
+                }
+            }
+        }
         _ => {}
     }
     obj
+}
+
+/// What the API server defaults in a Service (it also allocates a clusterIP and node
+/// ports; the stand-in does not, so that a manifest means the same to the directory
+/// source and to the agent watching the stand-in: a manifest names them).
+fn default_service(obj: &mut Value) {
+    let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let ty = spec
+        .entry("type")
+        .or_insert_with(|| json!("ClusterIP"))
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    if ty == "ExternalName" {
+        return;
+    }
+    spec.entry("sessionAffinity").or_insert_with(|| json!("None"));
+    spec.entry("internalTrafficPolicy").or_insert_with(|| json!("Cluster"));
+    if ty == "NodePort" || ty == "LoadBalancer" {
+        spec.entry("externalTrafficPolicy").or_insert_with(|| json!("Cluster"));
+    }
+    let cluster_ip = spec.get("clusterIP").and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_string);
+    if let Some(ip) = cluster_ip {
+        spec.entry("clusterIPs").or_insert_with(|| json!([ip]));
+    }
+    if spec.get("sessionAffinity").and_then(Value::as_str) == Some("ClientIP") {
+        let cfg = spec.entry("sessionAffinityConfig").or_insert_with(|| json!({}));
+        if let Some(cfg) = cfg.as_object_mut() {
+            let client = cfg.entry("clientIP").or_insert_with(|| json!({}));
+            if let Some(client) = client.as_object_mut() {
+                client.entry("timeoutSeconds").or_insert_with(|| json!(10800));
+            }
+        }
+    }
+    for p in spec.get_mut("ports").and_then(Value::as_array_mut).into_iter().flatten() {
+        let Some(p) = p.as_object_mut() else { continue };
+        p.entry("protocol").or_insert_with(|| json!("TCP"));
+        if let Some(port) = p.get("port").cloned() {
+            p.entry("targetPort").or_insert(port);
+        }
+    }
 }
 
 /// `2026-11-24T11:44:06Z` (the API's RFC 3339 form, seconds precision).
@@ -672,6 +738,37 @@ mod tests {
     }
 
     #[test]
+    fn services_and_endpoint_slices_get_the_api_defaults() {
+        let mut s = Store::new(100);
+        let svc = json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "x"},
+            "spec": {"clusterIP": "10.96.0.5", "sessionAffinity": "ClientIP",
+                     "ports": [{"name": "http", "port": 80}, {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": "dns"}]}});
+        let ext = json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "ext", "namespace": "x"},
+            "spec": {"type": "ExternalName", "externalName": "db.example.com"}});
+        let es = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "web-1", "namespace": "x", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}],
+            "endpoints": [{"addresses": ["10.0.0.1"]}]});
+        s.apply(vec![svc, ext, es], SystemTime::UNIX_EPOCH);
+        let web = s.get("services", "x", "web").unwrap();
+        assert_eq!(web["spec"]["type"], "ClusterIP");
+        assert_eq!(web["spec"]["clusterIPs"], json!(["10.96.0.5"]));
+        assert_eq!(web["spec"]["internalTrafficPolicy"], "Cluster");
+        assert_eq!(web["spec"]["sessionAffinityConfig"]["clientIP"]["timeoutSeconds"], 10800);
+        assert_eq!(web["spec"]["ports"][0]["protocol"], "TCP");
+        assert_eq!(web["spec"]["ports"][0]["targetPort"], 80);
+        assert_eq!(web["spec"]["ports"][1]["targetPort"], "dns");
+        assert_eq!(web["metadata"]["uid"], fake_uid("x", "services/web"));
+        let ext = s.get("services", "x", "ext").unwrap();
+        assert!(ext["spec"].get("clusterIPs").is_none() && ext["spec"].get("sessionAffinity").is_none());
+        let es = s.get("endpointslices", "x", "web-1").unwrap();
+        assert_eq!(es["ports"][0]["protocol"], "TCP");
+        assert_eq!(es["endpoints"][0]["addresses"][0], "10.0.0.1");
+    }
+
+    #[test]
     fn bounded_history_expires_old_versions() {
         let mut s = Store::new(2);
         let t = SystemTime::UNIX_EPOCH;
@@ -697,7 +794,7 @@ mod tests {
         let d = std::env::temp_dir().join(format!("zt-apiserver-store-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         let p = d.join("a.yaml");
-        std::fs::write(&p, "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\n---\nkind: Service\napiVersion: v1\nmetadata: {name: s}\n").unwrap();
+        std::fs::write(&p, "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\n---\nkind: ConfigMap\napiVersion: v1\nmetadata: {name: s}\n").unwrap();
         let v = load_dir(&d).unwrap();
         assert_eq!(v.len(), 1);
         assert_eq!(v[0]["metadata"]["namespace"], "default");

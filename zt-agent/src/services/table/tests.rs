@@ -404,3 +404,22 @@ fn empty_cluster_empty_table() {
     let (t, w) = build(&ClusterState::new(), NODE, &node_ips());
     assert!(t.is_empty() && w.is_empty());
 }
+
+#[test]
+fn the_labs_httpbin_service() {
+    // tests/labs/demo and e2e-demo: the seed lab's `httpbin:8000`, both families.
+    for lab in ["demo", "e2e-demo"] {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/labs").join(lab);
+        let st = ClusterState::load_dir(&dir).unwrap_or_else(|e| panic!("{lab}: {e}")).state;
+        let (t, w) = build(&st, "node1", &[]);
+        assert!(w.is_empty(), "{lab}: {w:?}");
+        assert_eq!(
+            lines(&t),
+            [
+                "10.96.0.80:8000/TCP ClusterIP default/httpbin:http -> 10.201.0.10:80",
+                "[fd00:96::80]:8000/TCP ClusterIP default/httpbin:http -> [fd00:201::10]:80",
+            ],
+            "{lab}"
+        );
+    }
+}
