@@ -487,12 +487,13 @@ fn crafted_answers_scapy() {
         "ips": ["10.78.24.1"], "src": fake.to_string(), "dst": client_ip.to_string(), "dport": pq.port}])).unwrap();
     f.wait_until("the fake resolver's answer counted as not-trusted", || f.stat("not-trusted") > before);
     assert!(f.denied("client", ext_v4(24, 1)));
-    // Another pod forging the trusted resolver's address: dropped at its own interface.
+    // Another pod forging the trusted resolver's address: dropped at its own raw socket
+    // (the cgroup programs: not the resolver pod's cgroup) before its interface.
     let pq = dns::open_query(&client_ns, dns2, "s2.crafted.test", RecordType::A).unwrap();
-    let unknown0 = f.metrics().verdicts("egress", "drop", "unknown-endpoint");
+    let unknown0 = f.metrics().verdicts("egress", "drop", "spoofed-source");
     dns::scapy_send(&f.tb, &pod("default", "other"), serde_json::json!([{"kind": "valid", "id": pq.id, "qname": "s2.crafted.test",
         "ips": ["10.78.24.2"], "src": dns2.to_string(), "dst": client_ip.to_string(), "dport": pq.port}])).unwrap();
-    f.wait_until("the forged answer dropped as unknown-endpoint", || f.metrics().verdicts("egress", "drop", "unknown-endpoint") > unknown0);
+    f.wait_until("the forged answer dropped as spoofed-source", || f.metrics().verdicts("egress", "drop", "spoofed-source") > unknown0);
     assert!(f.denied("client", ext_v4(24, 2)));
     // Unsolicited: from the trusted resolver to a port the client never used.
     let before = f.stat("untracked");

@@ -455,8 +455,8 @@ fn forgotten_pod_with_live_interface_fails_closed() {
 
 /// An address reused while the agent is down: pod d is deleted and a new pod e (no CNI
 /// plugin) gets its addresses. The endpoint still names d's interface and d's pod cgroup;
-/// e's sockets are not in that cgroup, so the cgroup programs judge them and fail closed
-/// (`initialising`) instead of leaving them to a hook that went away with d's interface.
+/// e's sockets are not in that cgroup, so the cgroup programs drop them
+/// (`spoofed-source`) instead of leaving them to a hook that went away with d's interface.
 #[test]
 fn address_reused_while_the_agent_is_down_fails_closed() {
     let bed = bed("basic", &[], &[]);
@@ -474,17 +474,16 @@ fn address_reused_while_the_agent_is_down_fails_closed() {
     let e = Pod::new("default", "e", "node1", &ips, &[(Proto::Tcp, 80)]);
     bed.add_pod(e.clone()).unwrap();
     // ztctl reads the counters from the pinned maps: it works with the agent down.
-    let initialising = || -> u64 {
+    let spoofed_in = || -> u64 {
         let c = bed.ztctl_json(&["counters"]);
-        c.as_array().unwrap().iter().filter(|r| r["reason"] == "initialising" && r["direction"] == "ingress").map(|r| r["packets"].as_u64().unwrap()).sum()
+        c.as_array().unwrap().iter().filter(|r| r["reason"] == "spoofed-source" && r["direction"] == "ingress").map(|r| r["packets"].as_u64().unwrap()).sum()
     };
-    let before = initialising();
+    let before = spoofed_in();
     for f in FAMILIES {
         assert_eq!(bed.probe(&a, &tgt("default", "e", f), Proto::Tcp, 80), ProbeResult::Timeout, "agent down: a -> e@{f} (d's address)");
     }
-    // Dropped on the way in to e's sockets (a reply would also meet a's hook, which
-    // drops a local pod's address arriving from another interface: spoofed-source).
-    assert!(initialising() >= before + 2, "e's sockets judged as initialising: {} -> {}", before, initialising());
+    // Dropped on the way in to e's sockets, which are not in d's pod cgroup.
+    assert!(spoofed_in() >= before + 2, "e's sockets dropped as spoofed-source: {} -> {}", before, spoofed_in());
     // The agent is back and the source says e: e is judged as itself (open, no policy).
     bed.remove("05-pod-d.yaml");
     bed.write("05-pod-e.yaml", &e.to_yaml());

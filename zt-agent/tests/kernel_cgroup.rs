@@ -192,8 +192,8 @@ fn malformed_ip_is_dropped_not_waved_through() {
 }
 
 /// A hooked pod's endpoint names its pod cgroup: only sockets in that cgroup are left to
-/// its TC hook. A socket elsewhere with its address (a new pod that got the address of a
-/// pod deleted while the agent was down) is judged here, and fails closed.
+/// its TC hook. A socket elsewhere with its address (a raw socket forging it, a new pod
+/// that got the address of a pod deleted while the agent was down) is dropped here.
 #[test]
 fn a_hooked_address_is_left_to_its_hook_only_for_its_own_pods_sockets() {
     let mut dp = node("cg-owner", 7);
@@ -210,11 +210,14 @@ fn a_hooked_address_is_left_to_its_hook_only_for_its_own_pods_sockets() {
         assert_eq!(dp.run_cgroup(EGRESS, &ipv4(HOOKED, PEER, TCP, 1000, 80), dev), PASS);
         assert_eq!(dp.run_cgroup(INGRESS, &ipv4(PEER, HOOKED, TCP, 1000, 80), dev), PASS);
         assert_eq!(dp.counted(), 0);
-        // Another pod's cgroup: this socket is not that pod's, judged here and dropped.
+        // Another pod's cgroup: this socket is not that pod's, dropped here as a socket
+        // claiming another pod's address.
         set(&mut dp, own ^ 0x5a5a);
         assert_eq!(dp.run_cgroup(EGRESS, &ipv4(HOOKED, PEER, TCP, 1001, 80), dev), DROP);
         assert_eq!(dp.run_cgroup(INGRESS, &ipv4(PEER, HOOKED, TCP, 1001, 80), dev), DROP);
-        assert_eq!(dp.counter(DIR_EGRESS, Reason::DropInitialising) + dp.counter(DIR_INGRESS, Reason::DropInitialising), 2);
+        assert_eq!(dp.counter(DIR_EGRESS, Reason::DropSpoofedSource) + dp.counter(DIR_INGRESS, Reason::DropSpoofedSource), 2);
+        let ev = dp.events();
+        assert!(ev.len() == 2 && ev.iter().all(|e| e.reason == Reason::DropSpoofedSource as u8 && e.ifindex == CGROUP_HOOK_IFINDEX), "{ev:?}");
         // Not known (an agent that could not find the pod's cgroup): left to the hook.
         set(&mut dp, 0);
         assert_eq!(dp.run_cgroup(EGRESS, &ipv4(HOOKED, PEER, TCP, 1002, 80), dev), PASS);

@@ -39,7 +39,8 @@ pub fn handle(ctx: &SkBuffContext, dir: u8) -> i32 {
         return CG_PASS;
     }
     let local = if dir == DIR_INGRESS { &f.daddr } else { &f.saddr };
-    if judged_elsewhere(skb, local) {
+    let owner = owner_of(skb, local);
+    if owner == Owner::Elsewhere {
         return CG_PASS;
     }
     // Flows judged here are tracked per socket cgroup, not per (absent) interface: a pod
@@ -47,6 +48,10 @@ pub fn handle(ctx: &SkBuffContext, dir: u8) -> i32 {
     // pod's tracked flow.
     let scope = cgroup_scope(unsafe { bpf_skb_cgroup_id(skb) });
     let hook = Hook { ifindex: CGROUP_HOOK_IFINDEX, dir, scope, from_ifindex: FROM_UNSEEN };
+    if owner == Owner::AnotherPod {
+        datapath::drop_whatever_state(&hook, &f, Reason::DropSpoofedSource);
+        return CG_DROP;
+    }
     let mut dns_work = dns::Work::None;
     if !datapath::judge(&hook, &f, parsed, &mut dns_work) {
         return CG_DROP;
@@ -55,16 +60,30 @@ pub fn handle(ctx: &SkBuffContext, dir: u8) -> i32 {
     CG_PASS
 }
 
-/// A hooked local pod whose socket this is (its TC programs judge it), or the node
-/// itself. A socket outside the endpoint's pod cgroup (a new pod that reuses the address
-/// of a pod deleted while the agent was down) is judged here: as a local endpoint of
-/// another hook, it fails closed (`initialising`).
+#[derive(PartialEq, Eq)]
+enum Owner {
+    /// A hooked local pod's own socket (its TC hook judges it), or the node's address.
+    Elsewhere,
+    /// Judged here: an address the agent does not know or has not hooked.
+    Here,
+    /// The address of a hooked pod, from a socket outside that pod's cgroup: a pod
+    /// forging another pod's address with a raw socket, or a new pod that got the
+    /// address of a pod deleted while the agent was down (`spoofed-source`).
+    AnotherPod,
+}
+
 #[inline(always)]
-fn judged_elsewhere(skb: *mut __sk_buff, addr: &[u8; 16]) -> bool {
+fn owner_of(skb: *mut __sk_buff, addr: &[u8; 16]) -> Owner {
     match unsafe { ENDPOINTS.get(&EndpointKey { addr: *addr }) } {
-        Some(ep) if ep.identity == IDENTITY_HOST => true,
-        Some(ep) if ep.flags & EP_LOCAL != 0 && ep.ifindex != CGROUP_HOOK_IFINDEX => ep.cgroup == 0 || in_cgroup(skb, ep.cgroup),
-        _ => false,
+        Some(ep) if ep.identity == IDENTITY_HOST => Owner::Elsewhere,
+        Some(ep) if ep.flags & EP_LOCAL != 0 && ep.ifindex != CGROUP_HOOK_IFINDEX => {
+            if ep.cgroup == 0 || in_cgroup(skb, ep.cgroup) {
+                Owner::Elsewhere
+            } else {
+                Owner::AnotherPod
+            }
+        }
+        _ => Owner::Here,
     }
 }
 

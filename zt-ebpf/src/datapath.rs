@@ -48,14 +48,7 @@ pub fn judge(hook: &Hook, f: &Flow, parsed: Parsed, dns: &mut dns::Work) -> bool
         // Never passes, whatever the agent's state: counted, and reported once the
         // agent has configured the datapath.
         Parsed::Vlan | Parsed::BadEthertype => {
-            let reason = if parsed == Parsed::Vlan { Reason::DropVlan } else { Reason::DropEthertype };
-            match CONFIG.get(0) {
-                Some(cfg) if cfg.flags & CONFIG_READY != 0 => return drop_unjudged(cfg, hook, f, reason),
-                _ => {
-                    verdict::count(dir, reason);
-                    return false;
-                }
-            }
+            return drop_whatever_state(hook, f, if parsed == Parsed::Vlan { Reason::DropVlan } else { Reason::DropEthertype });
         }
         _ => {}
     }
@@ -194,6 +187,19 @@ fn later_fragment(cfg: &Config, hook: &Hook, f: &Flow) -> bool {
 #[inline(always)]
 fn frag_key(f: &Flow, hook: &Hook) -> FragKey {
     FragKey { saddr: f.saddr, daddr: f.daddr, id: f.frag_id, proto: f.frag_proto, dir: hook.dir, _pad: [0; 2], ifindex: hook.scope }
+}
+
+/// A drop that holds whatever the agent's state (ready or not): counted, and reported
+/// once the agent has configured the datapath.
+#[inline(always)]
+pub fn drop_whatever_state(hook: &Hook, f: &Flow, reason: Reason) -> bool {
+    match CONFIG.get(0) {
+        Some(cfg) if cfg.flags & CONFIG_READY != 0 => drop_unjudged(cfg, hook, f, reason),
+        _ => {
+            verdict::count(hook.dir, reason);
+            false
+        }
+    }
 }
 
 /// A drop decided before identities were resolved.
