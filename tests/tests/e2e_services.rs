@@ -90,6 +90,16 @@ fn sleep_calls_httpbin_through_its_service() {
     // explain of the backend flow: what the socket actually opens.
     let e = bed.ztctl_json(&["explain", "default/sleep", "default/httpbin", "tcp/80"]);
     assert_eq!(e["verdict"], "allow", "{e}");
+    // explain of the Service itself agrees with what the connects above got: the
+    // translation, then the verdict per backend.
+    let e = bed.ztctl_json(&["explain", "default/sleep", "default/httpbin:8000", "tcp"]);
+    assert_eq!((e["verdict"].as_str(), e["translated"].as_bool()), (Some("allow"), Some(true)), "{e}");
+    assert_eq!(e["frontend"], "10.96.0.80:8000/TCP", "{e}");
+    assert!(e["backends"][0]["dst"].as_str().unwrap().contains("10.201.0.10") && e["backends"][0]["port"] == 80, "{e}");
+    let e = bed.ztctl_json(&["explain", "default/notsleep", "10.96.0.80", "tcp/8000"]);
+    assert_eq!(e["verdict"], "drop", "{e}");
+    let text = bed.ztctl(&["explain", "default/sleep", "default/httpbin:8000", "tcp"]);
+    assert!(text.contains("translated at the socket") && text.contains("backend 10.201.0.10"), "{text}");
 }
 
 /// A Service whose EndpointSlice has no ready endpoint: connects are refused at once

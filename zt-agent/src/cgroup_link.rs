@@ -84,6 +84,14 @@ fn pin_new(link: FdLink, pin: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Whether the Service socket programs are attached (their pinned links exist).
+pub fn translation_attached(bpffs_root: &Path) -> bool {
+    let suffix = format!("-{}", PROGS_SOCK_ADDR[0].0);
+    std::fs::read_dir(link_dir(bpffs_root)).is_ok_and(|mut d| {
+        d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with(PIN_PREFIX) && e.file_name().to_string_lossy().ends_with(&suffix)))
+    })
+}
+
 /// `--cgroup-root none`: no cgroup programs; links an earlier agent pinned go.
 pub fn detach_all(bpffs_root: &Path) -> Result<()> {
     remove_other_pins(bpffs_root, &[])

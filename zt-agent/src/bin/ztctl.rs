@@ -75,6 +75,8 @@ enum Cmd {
     Counters,
     /// Why is a flow allowed or denied? SRC and DST: IP, namespace/pod or SPIFFE ID;
     /// PROTO/PORT: tcp/80, udp/53, sctp/9000, icmp/8.
+    /// DST may be a Service port (`default/httpbin:8000`, PROTO alone or PROTO/PORT) or a
+    /// frontend address: the translation, then the verdict per backend.
     Explain { src: String, dst: String, proto_port: String },
     /// Addresses learned from DNS answers for FQDN rules: identity, name, IP, time to
     /// expiry, rules. Works with the agent down (names learned meanwhile show `-`).
@@ -196,7 +198,26 @@ fn run() -> Result<()> {
             ctl::print(json, &rows, ctl::services::table_row, &ctl::services::table_header())
         }
         Cmd::Explain { src, dst, proto_port } => {
-            let e = explain(&maps()?, &snap()?, &src, &dst, &proto_port)?;
+            let (m, sn) = (maps()?, snap()?);
+            if let Some(se) = ctl::explain::explain_service(&m, &cli.bpffs_root, &sn, &src, &dst, &proto_port)? {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&se)?);
+                    return Ok(());
+                }
+                let how = if se.translated { "translated at the socket to one of its backends" } else { "not translated by zt (--service-translation false): kube-proxy's DNAT picks a backend" };
+                println!("{} -> Service {} via {}: {}, {}", se.src, se.service, se.frontend, how, se.verdict.to_uppercase());
+                if se.backends.is_empty() {
+                    println!("  no backend: the connect is refused (ECONNREFUSED)");
+                }
+                for e in &se.backends {
+                    println!("  backend {} {}/{}: {}", e.dst, e.proto, e.port, e.verdict.to_uppercase());
+                    for c in &e.checks {
+                        println!("    {}: {} ({}){}", c.hook, c.verdict, c.reason, c.rule.as_ref().map(|r| format!(" by {r}")).unwrap_or_default());
+                    }
+                }
+                return Ok(());
+            }
+            let e = explain(&m, &sn, &src, &dst, &proto_port)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&e)?);
                 return Ok(());

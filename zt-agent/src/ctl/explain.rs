@@ -230,3 +230,95 @@ pub fn explain(maps: &PinnedMaps, snap: &Snapshot, src: &str, dst: &str, proto_p
     };
     Ok(Explanation { src: format!("{src} ({s})"), dst: format!("{dst} ({d})"), proto: crate::events::proto_name(proto), port, verdict: verdict.into(), checks })
 }
+
+/// A flow to a Service frontend, as the socket programs translate it: one explanation per
+/// backend the connect may land on.
+#[derive(Debug, Serialize)]
+pub struct ServiceExplanation {
+    pub src: String,
+    pub service: String,
+    pub frontend: String,
+    /// Whether the pods' sockets are translated (the socket programs at the cgroup root);
+    /// without them the flow reaches kube-proxy untranslated.
+    pub translated: bool,
+    /// allow: every backend allows it; drop: none does, or there is no backend (the
+    /// connect is refused); partial: it depends on the backend the connect picks.
+    pub verdict: String,
+    pub backends: Vec<Explanation>,
+}
+
+/// `ns/name:port` of a Service, or None if `dst` is not written that way.
+fn service_ref(dst: &str) -> Option<(&str, &str, u16)> {
+    let (ns, rest) = dst.split_once('/')?;
+    let (name, port) = rest.rsplit_once(':')?;
+    Some((ns, name, port.parse().ok()?))
+}
+
+/// `ztctl explain SRC DST PROTO[/PORT]` where DST is a Service port (`default/httpbin:8000`)
+/// or a frontend address with its port: the translation step, then the verdict per
+/// backend. None when DST is neither (the caller explains a plain flow).
+pub fn explain_service(
+    maps: &PinnedMaps,
+    bpffs_root: &std::path::Path,
+    snap: &Snapshot,
+    src: &str,
+    dst: &str,
+    proto_port: &str,
+) -> Result<Option<ServiceExplanation>> {
+    let s = resolve(maps, snap, src)?;
+    let (proto, port) = match proto_port.split_once('/') {
+        Some(_) => {
+            let (p, n) = parse_proto_port(proto_port)?;
+            (p, Some(n))
+        }
+        None => (parse_proto_port(&format!("{proto_port}/0"))?.0, None),
+    };
+    let table = &snap.services;
+    let same_family = |a: &IpAddr| a.is_ipv4() == s.is_ipv4();
+    let found = match (service_ref(dst), dst.parse::<IpAddr>()) {
+        (Some((ns, name, sport)), _) => {
+            if port.is_some_and(|p| p != sport) {
+                bail!("{dst}: the Service port is {sport}, but {proto_port} names port {}", port.unwrap_or(0));
+            }
+            let f = table.frontends.iter().find(|(f, e)| {
+                e.service == (ns.to_string(), name.to_string()) && f.port == sport && f.proto == proto && same_family(&f.addr) && e.kind == crate::services::FrontendKind::ClusterIp
+            });
+            match f {
+                Some(f) => f,
+                None => bail!("{dst} {}: no such Service port on this node (ztctl services lists them)", crate::services::proto_name(proto)),
+            }
+        }
+        (None, Ok(ip)) => {
+            let Some(p) = port else { bail!("{proto_port}: a frontend address needs PROTO/PORT") };
+            let key = crate::services::Frontend { addr: ip.to_canonical(), port: p, proto };
+            match table.frontends.get_key_value(&key) {
+                Some(f) => f,
+                None => return Ok(None),
+            }
+        }
+        _ => return Ok(None),
+    };
+    let (frontend, entry) = found;
+    let pp = |port: u16| format!("{}/{port}", crate::events::proto_name(proto).to_ascii_lowercase());
+    let mut backends = vec![];
+    for b in &entry.backends {
+        backends.push(explain(maps, snap, src, &b.addr.to_string(), &pp(b.port))?);
+    }
+    let allowed = backends.iter().filter(|e| e.verdict == "allow").count();
+    let verdict = if backends.is_empty() || allowed == 0 {
+        "drop"
+    } else if allowed == backends.len() {
+        "allow"
+    } else {
+        "partial"
+    };
+    let translated = crate::cgroup_link::translation_attached(bpffs_root);
+    Ok(Some(ServiceExplanation {
+        src: format!("{src} ({s})"),
+        service: format!("{}/{} port {} ({})", entry.service.0, entry.service.1, frontend.port, if entry.port_name.is_empty() { "unnamed" } else { &entry.port_name }),
+        frontend: frontend.to_string(),
+        translated,
+        verdict: verdict.into(),
+        backends,
+    }))
+}
