@@ -281,7 +281,11 @@ pub fn explain_service(
                 bail!("{dst}: the Service port is {sport}, but {proto_port} names port {}", port.unwrap_or(0));
             }
             let f = table.frontends.iter().find(|(f, e)| {
-                e.service == (ns.to_string(), name.to_string()) && f.port == sport && f.proto == proto && same_family(&f.addr) && e.kind == crate::services::FrontendKind::ClusterIp
+                e.service == (ns.to_string(), name.to_string())
+                    && f.port == sport
+                    && f.proto == proto
+                    && same_family(&f.addr)
+                    && e.kind == crate::services::FrontendKind::ClusterIp
             });
             match f {
                 Some(f) => f,
@@ -315,7 +319,13 @@ pub fn explain_service(
     let translated = crate::cgroup_link::translation_attached(bpffs_root);
     Ok(Some(ServiceExplanation {
         src: format!("{src} ({s})"),
-        service: format!("{}/{} port {} ({})", entry.service.0, entry.service.1, frontend.port, if entry.port_name.is_empty() { "unnamed" } else { &entry.port_name }),
+        service: format!(
+            "{}/{} port {} ({})",
+            entry.service.0,
+            entry.service.1,
+            frontend.port,
+            if entry.port_name.is_empty() { "unnamed" } else { &entry.port_name }
+        ),
         frontend: frontend.to_string(),
         translated,
         verdict: verdict.into(),
