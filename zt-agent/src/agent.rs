@@ -68,6 +68,8 @@ pub struct AgentOptions {
     pub tunnels: Vec<u32>,
     /// Translate Service frontends at the pods' sockets (`--service-translation`).
     pub service_translation: bool,
+    /// The cluster's Service address ranges (`--service-cidr`).
+    pub service_cidrs: Vec<crate::state::Cidr>,
 }
 
 struct Agent {
@@ -152,6 +154,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     datapath.ensure_cgroup(opts.cgroup_root.as_deref(), opts.service_translation).context("cgroup programs")?;
     // Written whatever --service-translation says: the FQDN step also reads them.
     let svc_maps = crate::services::maps::ServiceMaps::open(&opts.bpffs_root).context("Service maps")?;
+    crate::services::maps::sync_service_cidrs(&opts.bpffs_root, &opts.service_cidrs)?;
     let have = Contents::read(&maps).context("reading the pinned maps")?;
     let config = maps.read_config().context("reading ZT_CONFIG")?;
     log::info!("datapath loaded; pinned maps hold {} endpoints, {} cidrs, {} policy entries", have.endpoints.len(), have.cidrs.len(), have.policy.len());

@@ -63,6 +63,10 @@ struct Flags {
     /// at --cgroup-root). `false` for a CNI that already does (Cilium, Calico eBPF).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     service_translation: bool,
+    /// The cluster's Service address range (kube-apiserver's --service-cluster-ip-range),
+    /// repeatable (one per family): an FQDN rule never allows an address inside it.
+    #[arg(long = "service-cidr", value_name = "CIDR")]
+    service_cidr: Vec<String>,
     /// Also send events for newly allowed flows (drops are always sent).
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     events_allowed: bool,
@@ -202,6 +206,11 @@ async fn main() -> anyhow::Result<()> {
         fqdn,
         tunnels: zt_agent::tunnels::parse(&f.tunnels)?,
         service_translation: f.service_translation,
+        service_cidrs: f
+            .service_cidr
+            .iter()
+            .map(|c| zt_agent::compile::cidr::parse_cidr(c).map_err(|e| anyhow::anyhow!("--service-cidr: {e}")))
+            .collect::<anyhow::Result<_>>()?,
     };
     run(opts).await
 }

@@ -892,4 +892,12 @@ fn a_learned_address_that_is_a_service_frontend_is_never_allowed_by_name() {
     // The same address once it is no frontend: the rule allows it.
     fe.remove(&key).unwrap();
     assert_eq!(fx.dp.run(FROM, &ipv4(POD, cluster_ip, TCP, 42001, 443)), TC_PASS);
+    // Inside a --service-cidr (no frontend needed): denied by name again.
+    let range = zt_agent::compile::cidr::parse_cidr("10.96.0.0/12").unwrap();
+    zt_agent::services::maps::sync_service_cidrs(&fx.dp._fs.root(), &[range]).unwrap();
+    assert_eq!(fx.dp.run(FROM, &ipv4(POD, cluster_ip, TCP, 42002, 443)), TC_DROP);
+    assert_eq!(stats.get(&(SvcStat::FqdnFrontend as u32), 0).unwrap().iter().sum::<u64>(), 2);
+    // ... and outside it, an address learned by name still passes.
+    fx.answer(&answer("api.example.com", T_A, &[a(300, IP3)]));
+    assert_eq!(fx.dp.run(FROM, &ipv4(POD, IP3, TCP, 42003, 443)), TC_PASS);
 }

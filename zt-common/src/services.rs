@@ -15,6 +15,10 @@ pub const MAP_SVC_REVNAT: &str = "ZT_SVC_REVNAT";
 pub const MAP_SVC_AFFINITY: &str = "ZT_SVC_AFFINITY";
 /// Per-CPU array of `u64` counters indexed by `SvcStat`.
 pub const MAP_SVC_STATS: &str = "ZT_SVC_STATS";
+/// LPM trie `CidrKey -> u32 (1)`: the cluster's Service address ranges
+/// (`--service-cidr`), which an FQDN rule never allows. Written by the agent.
+pub const MAP_SVC_CIDRS: &str = "ZT_SVC_CIDRS";
+pub const SVC_CIDRS_MAX: u32 = 16;
 
 pub const DEFAULT_SVC_FRONTENDS_MAX: u32 = 65536;
 pub const DEFAULT_SVC_BACKENDS_MAX: u32 = 262144;
@@ -117,7 +121,7 @@ pub enum SvcStat {
     /// The backend kept for a client by sessionAffinity.
     Affinity = 4,
     /// An FQDN rule would have allowed a learned address that is a Service frontend
-    /// (reached untranslated): denied.
+    /// (reached untranslated) or inside a `--service-cidr`: denied.
     FqdnFrontend = 5,
 }
 

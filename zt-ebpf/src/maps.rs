@@ -119,6 +119,10 @@ pub static SVC_REVNAT: LruHashMap<SvcRevKey, SvcRevValue> = LruHashMap::pinned(D
 #[map(name = "ZT_SVC_AFFINITY")]
 pub static SVC_AFFINITY: LruHashMap<SvcAffinityKey, SvcAffinityValue> = LruHashMap::pinned(DEFAULT_SVC_AFFINITY_MAX, 0);
 
+/// The Service address ranges (`--service-cidr`): never allowed by an FQDN rule.
+#[map(name = "ZT_SVC_CIDRS")]
+pub static SVC_CIDRS: LpmTrie<CidrKey, u32> = LpmTrie::pinned(SVC_CIDRS_MAX, 0);
+
 /// Socket translation counters, indexed by `SvcStat`.
 #[map(name = "ZT_SVC_STATS")]
 pub static SVC_STATS: PerCpuArray<u64> = PerCpuArray::pinned(SVC_STAT_SLOTS, 0);

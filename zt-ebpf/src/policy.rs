@@ -7,7 +7,7 @@ use zt_common::*;
 
 use crate::{
     fqdn,
-    maps::{CIDRS, ENDPOINTS, POLICY, SVC_FRONTENDS, SVC_STATS, TUNNELS},
+    maps::{CIDRS, ENDPOINTS, POLICY, SVC_CIDRS, SVC_FRONTENDS, SVC_STATS, TUNNELS},
     parse::Flow,
 };
 
@@ -159,9 +159,10 @@ fn decide_inner(cfg: &Config, hook: &Hook, f: &Flow, j: &Judged, peer_id: u32) -
     if dir == DIR_EGRESS && ep.flags & EP_FQDN != 0 && (peer_id == IDENTITY_WORLD || peer_id & IDENTITY_CIDR_FLAG != 0) {
         let rule = fqdn::allowed(local_id, peer, proto, port, j.tracked);
         if rule != 0 {
-            // A Service frontend reached untranslated (kube-proxy would DNAT it to a pod
-            // no rule allowed): a name never makes it `world`.
-            if is_frontend(peer, proto, port) {
+            // A Service frontend reached untranslated, or any address of the Service
+            // ranges (kube-proxy would DNAT it to a pod no rule allowed): a name never
+            // makes it `world`.
+            if is_frontend(peer, proto, port) || SVC_CIDRS.get(&Key::new(128, CidrKey { addr: *peer })).is_some() {
                 svc_stat(SvcStat::FqdnFrontend);
                 return deny(Reason::DropPolicyDefault, local_id, peer_id, 0);
             }

@@ -175,3 +175,22 @@ fn show(k: &SvcFrontendKey) -> String {
         a => format!("{a}:{}/{proto}", k.port),
     }
 }
+
+/// Makes `ZT_SVC_CIDRS` hold exactly `cidrs` (`--service-cidr`).
+pub fn sync_service_cidrs(bpffs_root: &Path, cidrs: &[crate::state::Cidr]) -> Result<()> {
+    use crate::net::key_prefix;
+    use aya::maps::lpm_trie::{Key, LpmTrie};
+    let mut map: LpmTrie<MapData, CidrKey, u32> = open_map(bpffs_root, MAP_SVC_CIDRS)?.try_into()?;
+    if cidrs.len() > SVC_CIDRS_MAX as usize {
+        anyhow::bail!("--service-cidr: {} ranges, at most {SVC_CIDRS_MAX}", cidrs.len());
+    }
+    let want: Vec<(u32, CidrKey)> = cidrs.iter().map(|c| (key_prefix(c.addr, c.prefix), CidrKey { addr: to_key(c.addr) })).collect();
+    for (p, k) in &want {
+        map.insert(&Key::new(*p, *k), 1, 0).context("writing ZT_SVC_CIDRS")?;
+    }
+    let stale: Vec<Key<CidrKey>> = map.keys().filter_map(|k| k.ok()).filter(|k| !want.contains(&(k.prefix_len(), k.data()))).collect();
+    for k in stale {
+        map.remove(&k).context("removing from ZT_SVC_CIDRS")?;
+    }
+    Ok(())
+}
