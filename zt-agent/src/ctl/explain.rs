@@ -265,7 +265,7 @@ pub fn explain_service(
     dst: &str,
     proto_port: &str,
 ) -> Result<Option<ServiceExplanation>> {
-    let s = resolve(maps, snap, src)?;
+    // The protocol is checked first, as `explain` does.
     let (proto, port) = match proto_port.split_once('/') {
         Some(_) => {
             let (p, n) = parse_proto_port(proto_port)?;
@@ -273,6 +273,7 @@ pub fn explain_service(
         }
         None => (parse_proto_port(&format!("{proto_port}/0"))?.0, None),
     };
+    let s = resolve(maps, snap, src)?;
     let table = &snap.services;
     let same_family = |a: &IpAddr| a.is_ipv4() == s.is_ipv4();
     let found = match (service_ref(dst), dst.parse::<IpAddr>()) {
