@@ -4,6 +4,8 @@
 //! - the nightly toolchain's rust-src (to build `core` for the BPF target);
 //! - bpf-linker built against the nightly toolchain's own libLLVM (version derived from
 //!   the toolchain, cached under ~/.cache/zt, rebuilt only when that LLVM changes).
+//!
+//! `cargo xtask fuzz` also installs cargo-fuzz (once) for the fuzz/ crate.
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -24,7 +26,8 @@ enum Cmd {
     /// Build the agent (with its kernel programs), ztctl and the test bed.
     Build,
     /// Run every test: kernel programs through BPF_PROG_TEST_RUN, agent unit tests,
-    /// end-to-end tests in network namespaces.
+    /// end-to-end tests in network namespaces, and a bounded fuzzing pass (the fuzz
+    /// targets' corpora replayed and mutated, the kernel DNS parser fuzzed).
     Test {
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
         #[arg(trailing_var_arg = true)]
@@ -35,6 +38,17 @@ enum Cmd {
     /// Datapath ns/verdict against an empty program, agent map-apply throughput, and DNS
     /// latency with the FQDN answer capture on and off.
     Bench,
+    /// Long fuzzing: the cargo-fuzz targets of fuzz/ (libFuzzer, nightly, AddressSanitizer)
+    /// for `--seconds` each, then the kernel DNS parser through BPF_PROG_TEST_RUN.
+    /// (`cargo xtask test` replays the corpora and fuzzes briefly without cargo-fuzz.)
+    Fuzz {
+        /// One target: a cargo-fuzz target (manifest, policy_compile, cni_input, dns_event)
+        /// or `kernel_dns`. Default: all of them.
+        target: Option<String>,
+        /// How long each target runs.
+        #[arg(long, default_value_t = 300)]
+        seconds: u64,
+    },
 }
 
 /// iproute2: the agent and test bed drive interfaces and routes; prometheus: promtool checks /metrics.
@@ -62,6 +76,7 @@ fn main() -> Result<()> {
             build()?;
             run_env(Command::new("cargo").args(["run", "-q", "-p", "zt-tests", "--bin", "zt-demo"]))
         }
+        Cmd::Fuzz { target, seconds } => fuzz(target.as_deref(), seconds),
         Cmd::Bench => {
             run_env(Command::new("cargo").args(["test", "--release", "-p", "zt-agent", "--test", "bench", "--", "--nocapture"]))?;
             // DNS latency with the FQDN capture on and off, in the netns test bed.
@@ -69,6 +84,72 @@ fn main() -> Result<()> {
             run_env(Command::new("cargo").args(["test", "-p", "zt-tests", "--test", "bench_dns", "--", "--nocapture"]))
         }
     }
+}
+
+/// The kernel DNS parser fuzz test (zt-agent/tests/kernel_dns_fuzz.rs) as a fuzz target.
+const KERNEL_DNS: &str = "kernel_dns";
+
+/// cargo-fuzz targets for `seconds` each (a corpus of their own under fuzz/work/, seeded
+/// from fuzz/corpus/, which stays as committed; crashes land in fuzz/artifacts/<target>/),
+/// then the kernel DNS fuzz test for as long. Every target runs; the task fails at the end
+/// if one found something.
+fn fuzz(only: Option<&str>, seconds: u64) -> Result<()> {
+    cargo_fuzz()?;
+    let listed = output(Command::new("cargo").args(["+nightly", "fuzz", "list"]))?;
+    let mut targets: Vec<&str> = listed.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    targets.push(KERNEL_DNS);
+    if let Some(t) = only {
+        if !targets.contains(&t) {
+            bail!("unknown fuzz target {t:?} (targets: {})", targets.join(", "));
+        }
+        targets.retain(|x| *x == t);
+    }
+    let mut failed = vec![];
+    for t in targets {
+        eprintln!("xtask: fuzzing {t} for {seconds} s");
+        let r = if t == KERNEL_DNS {
+            build().and_then(|_| {
+                run_env(
+                    Command::new("cargo")
+                        .args(["test", "-p", "zt-agent", "--test", "kernel_dns_fuzz", "kernel_dns_parser_fuzz", "--", "--nocapture"])
+                        .env("ZT_FUZZ_ITERS", u64::MAX.to_string())
+                        .env("ZT_FUZZ_SECONDS", seconds.to_string()),
+                )
+            })
+        } else {
+            let work = Path::new("fuzz/work/corpus").join(t);
+            std::fs::create_dir_all(&work)?;
+            run(Command::new("cargo")
+                .args(["+nightly", "fuzz", "run", t])
+                .arg(&work)
+                .arg(Path::new("fuzz/corpus").join(t))
+                .arg("--")
+                .arg(format!("-max_total_time={seconds}"))
+                .args(["-timeout=10", "-rss_limit_mb=4096", "-print_final_stats=1"])
+                // zt-agent's build script would build the kernel object: none of these targets loads it.
+                .env("ZT_SKIP_EBPF", "1"))
+        };
+        if let Err(e) = r {
+            eprintln!("xtask: fuzz target {t}: {e:#}");
+            failed.push(t);
+        }
+    }
+    if !failed.is_empty() {
+        bail!(
+            "fuzz targets that failed: {} (crashing inputs are in fuzz/artifacts/<target>/; `cargo +nightly fuzz tmin <target> <file>` minimises one)",
+            failed.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// cargo-fuzz, installed once (in ~/.cargo/bin).
+fn cargo_fuzz() -> Result<()> {
+    if Command::new("cargo").args(["+nightly", "fuzz", "--version"]).output().map(|o| o.status.success()).unwrap_or(false) {
+        return Ok(());
+    }
+    eprintln!("xtask: installing cargo-fuzz");
+    run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))
 }
 
 /// The Kubernetes manifests in deploy/ must be valid for the API (strict: no unknown fields).
