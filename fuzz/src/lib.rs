@@ -73,6 +73,7 @@ pub fn config(mode: EnforcementMode, trust_domain: &str) -> CompileConfig {
         fqdn_hash_key: [0x0123_4567_89ab_cdef, 0x0f1e_2d3c_4b5a_6978],
         dns_servers: vec![SpiffePattern::parse("spiffe://cluster.local/ns/kube-system/sa/coredns").unwrap()],
         dns_addresses: vec!["10.96.0.10".parse().unwrap()],
+        host_access: zt_agent::compile::HostAccess::Probes,
     }
 }
 
