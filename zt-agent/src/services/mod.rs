@@ -4,6 +4,8 @@
 //! published in the agent's snapshot for `ztctl services`; the socket-level translation
 //! writes it to its maps.
 
+pub mod identities;
+pub mod judge;
 pub mod maps;
 pub mod table;
 
