@@ -39,6 +39,9 @@ pub struct FqdnOptions {
     pub dns_servers: Vec<crate::model::ztp::SpiffePattern>,
     /// Resolver addresses that are no pod (identity `dns`).
     pub dns_addresses: Vec<IpAddr>,
+    /// The cluster's resolver Service (`--fqdn-dns-service`, namespace and name): the
+    /// pods behind it are trusted resolvers and `entity: dns`.
+    pub dns_service: Option<(String, String)>,
 }
 
 #[derive(Clone, Debug)]
@@ -411,6 +414,7 @@ impl Agent {
             return Ok(());
         };
         if changed {
+            let (services, svc_warnings) = crate::services::build(cluster, &self.opts.node_name, &self.host_ips);
             let cfg = CompileConfig {
                 node_name: self.opts.node_name.clone(),
                 trust_domain: self.opts.trust_domain.clone(),
@@ -420,11 +424,11 @@ impl Agent {
                 dns_servers: self.opts.fqdn.dns_servers.clone(),
                 dns_addresses: self.opts.fqdn.dns_addresses.clone(),
                 host_access: self.opts.host_access,
+                dns_backends: crate::services::backend_addresses(&services, self.opts.fqdn.dns_service.as_ref()),
             };
             let t = Instant::now();
             match compile_with_slots(cluster, &cfg, &mut self.ids, &mut self.slots) {
                 Ok(mut d) => {
-                    let (services, warnings) = crate::services::build(cluster, &self.opts.node_name, &self.host_ips);
                     if services != self.services {
                         self.services = services;
                         self.svc_dirty = true;
@@ -432,7 +436,7 @@ impl Agent {
                     // A frontend reached untranslated is judged against all its backends.
                     self.svc_ids.assign(&self.services);
                     crate::services::judge::add_to(&mut d, &self.services, &self.svc_ids);
-                    d.warnings.extend(warnings);
+                    d.warnings.extend(svc_warnings);
                     let mut m = self.metrics.lock().unwrap();
                     m.compile_seconds_sum += t.elapsed().as_secs_f64();
                     m.compile_count += 1;

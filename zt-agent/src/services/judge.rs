@@ -30,6 +30,22 @@ pub fn add_to(desired: &mut Desired, table: &ServiceTable, ids: &ServiceIdentiti
     }
     let entries = entries(desired, table, ids);
     desired.policy.extend(entries);
+    // A Service whose every backend is a trusted resolver (kube-dns) is one too: its
+    // answers, reaching a pod from the untranslated ClusterIP, teach FQDN rules.
+    for id in resolver_services(desired, table, ids) {
+        desired.dns_servers.insert(id);
+    }
+}
+
+/// The Services with backends, all of them trusted resolvers.
+fn resolver_services(desired: &Desired, table: &ServiceTable, ids: &ServiceIdentities) -> Vec<u32> {
+    let mut verdict: BTreeMap<u32, bool> = BTreeMap::new();
+    for e in table.frontends.values() {
+        let Some(id) = ids.get(&e.service) else { continue };
+        let trusted = !e.backends.is_empty() && e.backends.iter().all(|b| desired.dns_servers.contains(&identity_of(desired, b.addr)));
+        *verdict.entry(id).or_insert(true) &= trusted;
+    }
+    verdict.into_iter().filter(|(_, t)| *t).map(|(id, _)| id).collect()
 }
 
 /// The allow entries (see the module comment).

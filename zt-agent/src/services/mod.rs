@@ -68,6 +68,15 @@ impl ServiceTable {
     }
 }
 
+/// Every backend address of the Service `name` (namespace, name), if given.
+pub fn backend_addresses(table: &ServiceTable, name: Option<&(String, String)>) -> Vec<IpAddr> {
+    let Some(name) = name else { return vec![] };
+    let mut out: Vec<IpAddr> = table.frontends.values().filter(|e| &e.service == name).flat_map(|e| e.backends.iter().map(|b| b.addr)).collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// The IP protocol's name as Kubernetes spells it.
 pub fn proto_name(proto: u8) -> String {
     match proto {

@@ -125,3 +125,16 @@ fn service_identities_are_named_in_the_desired_state() {
     let id = ids.get(&("default".into(), "web".into())).unwrap();
     assert_eq!(d.identities[&id].spiffe_id, "service:default/web");
 }
+
+#[test]
+fn a_service_of_trusted_resolvers_is_a_trusted_resolver() {
+    let mut d = desired();
+    d.dns_servers.insert(WEB_A);
+    let svcs = [service("kube-system", "kube-dns", 53, &[("10.0.1.1", 53)]), service("default", "mixed", 54, &[("10.0.1.1", 53), ("10.0.1.2", 53)])];
+    let table = ServiceTable { frontends: svcs.iter().cloned().collect() };
+    let mut ids = ServiceIdentities::from_held(BTreeMap::new());
+    ids.assign(&table);
+    add_to(&mut d, &table, &ids);
+    assert!(d.dns_servers.contains(&ids.get(&("kube-system".into(), "kube-dns".into())).unwrap()));
+    assert!(!d.dns_servers.contains(&ids.get(&("default".into(), "mixed".into())).unwrap()), "one backend is no resolver");
+}
