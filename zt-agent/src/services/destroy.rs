@@ -29,8 +29,10 @@
 //! that takes `hostPID` and the capabilities `SYS_ADMIN` (setns) and `SYS_PTRACE`
 //! (another user's `/proc/<pid>/ns`). Not the `bpf_sock_destroy` kfunc from a socket
 //! iterator (kernel >= 6.5): a socket iterator also walks only the network namespace it
-//! is created in, so it needs the same namespace walk, and aya 0.14 / aya-ebpf 0.2.1
-//! have no kfunc call (no `.ksyms` BTF from bpf-linker, no relocation in aya) to build it on.
+//! is created in, so it needs the same namespace walk and would add a kernel program to
+//! what the netlink call already does; and the toolchain lacks the pieces (aya 0.14 loads
+//! `iter/` programs, but aya-ebpf-macros 0.2 has no iter attribute and aya-obj 0.3 does
+//! not resolve a kfunc, a `.ksyms` extern, at load).
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io;
