@@ -178,6 +178,16 @@ fn sockets_on_a_removed_backend_are_destroyed() {
     // Exactly those three: not the ones through `stay`, not the direct ones.
     assert_eq!((destroyed(&bed, "udp"), destroyed(&bed, "tcp")), (2.0, 1.0));
     assert_eq!(bed.metrics().val("zt_service_socket_destroy_errors_total", &[]), 0.0);
+    // Each one logged, with its backend and the frontend it came through.
+    let log = bed.agent.log();
+    for what in [
+        "udp socket 10.201.0.20:",
+        "-> 10.201.0.10:53 (translated from 10.96.0.90:5353",
+        "-> [fd00:201::10]:53 (translated from [fd00:96::90]:5353",
+        "destroyed tcp socket",
+    ] {
+        assert!(log.contains(what), "the agent's log names {what:?}:\n{log}");
+    }
     // A destroyed UDP socket is disconnected: its next send fails (EDESTADDRREQ)
     // instead of going to httpbin; the socket's pending error (ECONNABORTED) is reported
     // by its next receive, once.
