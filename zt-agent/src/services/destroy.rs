@@ -141,12 +141,14 @@ fn addr_of(family: u8, a: &[u8]) -> IpAddr {
     from_key(key_of(family, a))
 }
 
+/// (backend address, port, protocol) -> the frontends (address, port) that lost it.
+type Index = BTreeMap<([u8; 16], u16, u8), BTreeSet<([u8; 16], u16)>>;
+
 /// Destroys, in every pod network namespace under `cgroup_root`, the sockets `scope`
 /// covers that zt translated to a backend in `removed` from the frontend that lost it.
 pub fn destroy_stale(removed: &[Removed], scope: Scope, cgroup_root: &Path, revnat: &RevNatMap) -> Outcome {
     let mut out = Outcome::default();
-    // (backend address, port, protocol) -> the frontends (address, port) that lost it.
-    let mut index: BTreeMap<([u8; 16], u16, u8), BTreeSet<([u8; 16], u16)>> = BTreeMap::new();
+    let mut index = Index::new();
     for r in removed.iter().filter(|r| scope.covers(r.frontend.proto)) {
         index.entry((r.addr, r.port, r.frontend.proto)).or_default().insert((r.frontend.addr, r.frontend.port));
     }
@@ -178,14 +180,7 @@ pub fn destroy_stale(removed: &[Removed], scope: Scope, cgroup_root: &Path, revn
 }
 
 /// One dump in the current network namespace, and the destroys it calls for.
-fn in_netns(
-    family: u8,
-    proto: u8,
-    index: &BTreeMap<([u8; 16], u16, u8), BTreeSet<([u8; 16], u16)>>,
-    revnat: &RevNatMap,
-    pid: u32,
-    out: &mut Outcome,
-) -> io::Result<()> {
+fn in_netns(family: u8, proto: u8, index: &Index, revnat: &RevNatMap, pid: u32, out: &mut Outcome) -> io::Result<()> {
     let diag = DiagSocket::open()?;
     // Connected sockets only: a connected UDP socket is ESTABLISHED; TCP in any state
     // that has a peer (not LISTEN, CLOSE or TIME_WAIT).
