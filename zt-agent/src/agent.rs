@@ -73,6 +73,8 @@ pub struct AgentOptions {
     pub service_translation: bool,
     /// The cluster's Service address ranges (`--service-cidr`).
     pub service_cidrs: Vec<crate::state::Cidr>,
+    /// Which pod sockets on a removed backend are destroyed (`--service-destroy-stale-sockets`).
+    pub service_destroy: crate::services::destroy::Scope,
 }
 
 struct Agent {
@@ -126,6 +128,8 @@ struct Agent {
     svc_dirty: bool,
     /// The last Service map write failed with this (logged once).
     last_svc_error: Option<String>,
+    /// ZT_SVC_REVNAT, to find the sockets translated to a removed backend.
+    svc_revnat: crate::services::destroy::RevNatMap,
 }
 
 /// Before the first full state: the node's addresses as `host` endpoints, where nothing
@@ -160,6 +164,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     // Written whatever --service-translation says: the FQDN step also reads them.
     let svc_maps = crate::services::maps::ServiceMaps::open(&opts.bpffs_root).context("Service maps")?;
     crate::services::maps::sync_service_cidrs(&opts.bpffs_root, &opts.service_cidrs)?;
+    let svc_revnat = crate::services::destroy::open_revnat(&opts.bpffs_root).context("Service maps")?;
     let have = Contents::read(&maps).context("reading the pinned maps")?;
     let config = maps.read_config().context("reading ZT_CONFIG")?;
     log::info!("datapath loaded; pinned maps hold {} endpoints, {} cidrs, {} policy entries", have.endpoints.len(), have.cidrs.len(), have.policy.len());
@@ -262,6 +267,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         svc_maps,
         svc_dirty: true,
         last_svc_error: None,
+        svc_revnat,
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -571,8 +577,26 @@ impl Agent {
             }
         }
         let (f, b) = sm.counts();
+        {
+            let mut m = self.metrics.lock().unwrap();
+            (m.svc_frontends, m.svc_backends) = (f, b);
+        }
+        self.destroy_stale_sockets();
+    }
+
+    /// Pod sockets still on a backend the maps no longer hold (`services::destroy`).
+    fn destroy_stale_sockets(&mut self) {
+        let removed = self.svc_maps.take_removed();
+        let Some(root) = self.opts.cgroup_root.as_deref().filter(|_| self.opts.service_translation && !removed.is_empty()) else { return };
+        let out = crate::services::destroy::destroy_stale(&removed, self.opts.service_destroy, root, &self.svc_revnat);
+        for e in &out.errors {
+            log::warn!("services: destroying the sockets of removed backends: {e}");
+        }
         let mut m = self.metrics.lock().unwrap();
-        (m.svc_frontends, m.svc_backends) = (f, b);
+        for (proto, n) in out.destroyed {
+            *m.svc_sockets_destroyed.entry(proto).or_default() += n;
+        }
+        m.svc_socket_destroy_errors += out.errors.len() as u64;
     }
 
     /// Once the maps hold the new FQDN rules: clears the bits of freed slots (and of

@@ -67,6 +67,12 @@ struct Flags {
     /// repeatable (one per family): an FQDN rule never allows an address inside it.
     #[arg(long = "service-cidr", value_name = "CIDR")]
     service_cidr: Vec<String>,
+    /// When a backend leaves a Service, destroy the pod sockets zt had translated to it
+    /// (the application gets ECONNABORTED and reconnects through the Service): `udp`
+    /// (connected UDP, e.g. a resolver's), `all` (TCP too: also resets connections to a
+    /// backend that is only terminating), `off`.
+    #[arg(long, default_value = "udp", value_parser = ["off", "udp", "all"])]
+    service_destroy_stale_sockets: String,
     /// Also send events for newly allowed flows (drops are always sent).
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     events_allowed: bool,
@@ -228,6 +234,7 @@ async fn main() -> anyhow::Result<()> {
             .iter()
             .map(|c| zt_agent::compile::cidr::parse_cidr(c).map_err(|e| anyhow::anyhow!("--service-cidr: {e}")))
             .collect::<anyhow::Result<_>>()?,
+        service_destroy: zt_agent::services::destroy::Scope::parse(&f.service_destroy_stale_sockets).map_err(anyhow::Error::msg)?,
     };
     run(opts).await
 }
@@ -235,6 +242,14 @@ async fn main() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stale_socket_flag() {
+        assert_eq!(Flags::try_parse_from(["zt-agent"]).unwrap().service_destroy_stale_sockets, "udp");
+        let f = Flags::try_parse_from(["zt-agent", "--service-destroy-stale-sockets=all"]).unwrap();
+        assert_eq!(zt_agent::services::destroy::Scope::parse(&f.service_destroy_stale_sockets), Ok(zt_agent::services::destroy::Scope::All));
+        assert!(Flags::try_parse_from(["zt-agent", "--service-destroy-stale-sockets=tcp"]).is_err());
+    }
 
     #[test]
     fn fqdn_flags_and_trusted_dns_servers() {

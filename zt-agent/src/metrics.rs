@@ -56,6 +56,10 @@ pub struct AgentMetrics {
     /// Service frontends and backends in the translation maps.
     pub svc_frontends: usize,
     pub svc_backends: usize,
+    /// Pod sockets destroyed because their backend left the Service, by protocol (6, 17).
+    pub svc_sockets_destroyed: BTreeMap<u8, u64>,
+    /// Failures while destroying them (a namespace not entered, a refused destroy).
+    pub svc_socket_destroy_errors: u64,
 }
 
 impl AgentMetrics {
@@ -164,6 +168,13 @@ pub fn render_with(m: &AgentMetrics, maps: Option<&PinnedMaps>, fqdn: Option<&Fq
     let _ = writeln!(o, "zt_service_frontends {}", m.svc_frontends);
     line(&mut o, "Service backends in the translation maps (summed over frontends).", "gauge", "zt_service_backends");
     let _ = writeln!(o, "zt_service_backends {}", m.svc_backends);
+    line(&mut o, "Pod sockets destroyed because their backend left the Service, by protocol.", "counter", "zt_service_sockets_destroyed_total");
+    for (proto, name) in [(6u8, "tcp"), (17, "udp")] {
+        let n = m.svc_sockets_destroyed.get(&proto).copied().unwrap_or(0);
+        let _ = writeln!(o, "zt_service_sockets_destroyed_total{{proto=\"{name}\"}} {n}");
+    }
+    line(&mut o, "Failures while destroying the sockets of removed backends (see the log).", "counter", "zt_service_socket_destroy_errors_total");
+    let _ = writeln!(o, "zt_service_socket_destroy_errors_total {}", m.svc_socket_destroy_errors);
     line(&mut o, "Socket translations by outcome (translated, no-backend, backend-missing, reversed, affinity).", "counter", "zt_service_translations_total");
     if let Some(s) = maps.and_then(|m| m.svc_stats().ok()) {
         for st in SvcStat::ALL {

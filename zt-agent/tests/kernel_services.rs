@@ -191,6 +191,7 @@ fn session_affinity_keeps_a_clients_backend_and_random_spreads() {
         want.insert(fkey("10.96.0.20", 80, 6), WantFrontend { backends: set.clone(), affinity_s: 0, identity: 0 });
         want.insert(fkey("10.96.0.20", 81, 6), WantFrontend { backends: set.clone(), affinity_s: 600, identity: 0 });
         maps.sync(&want).unwrap();
+        assert!(maps.take_removed().is_empty(), "nothing was taken out yet");
         python_in(&cg, &script(80));
         settle(|| n1.load(Ordering::SeqCst) + n2.load(Ordering::SeqCst), 20);
         let (a, b) = (n1.load(Ordering::SeqCst), n2.load(Ordering::SeqCst));
@@ -205,6 +206,13 @@ fn session_affinity_keeps_a_clients_backend_and_random_spreads() {
         let st = maps.sync(&want).unwrap();
         assert_eq!((st.frontends_written, st.frontends_removed, st.backends_written), (1, 1, 1));
         assert_eq!(maps.counts(), (1, 1));
+        // What the sync took out, for services::destroy: both of :80's, p1 of :81.
+        let mut removed: Vec<(u16, u16)> = maps.take_removed().iter().map(|r| (r.frontend.port, r.port)).collect();
+        removed.sort();
+        let mut want_removed = vec![(80, p1), (80, p2), (81, p1)];
+        want_removed.sort();
+        assert_eq!(removed, want_removed);
+        assert!(maps.take_removed().is_empty());
         let before = n2.load(Ordering::SeqCst);
         python_in(&cg, &script(81));
         settle(|| n2.load(Ordering::SeqCst), before + 20);

@@ -56,6 +56,8 @@ pub struct ServiceMaps {
     stats: PerCpuArray<MapData, u64>,
     held: BTreeMap<SvcFrontendKey, Held>,
     next_id: u32,
+    /// Backends taken out of a frontend's set by a sync, until `take_removed`.
+    removed: Vec<super::destroy::Removed>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -93,7 +95,7 @@ impl ServiceMaps {
             }
         }
         let next_id = by_id.keys().chain(used.iter()).max().map_or(1, |m| m.wrapping_add(1).max(1));
-        Ok(ServiceMaps { frontends, backends, stats, held, next_id })
+        Ok(ServiceMaps { frontends, backends, stats, held, next_id, removed: vec![] })
     }
 
     /// Makes the maps hold exactly `want`. On an error (a full map) the frontend being
@@ -120,6 +122,7 @@ impl ServiceMaps {
             }
             st.frontends_written += 1;
             if let Some(old) = self.held.insert(*k, Held { svc_id: id, want: w.clone() }) {
+                self.note_removed(k, &old.want.backends, &w.backends);
                 self.remove_set(old.svc_id, old.want.backends.len() as u32);
             }
         }
@@ -127,11 +130,24 @@ impl ServiceMaps {
         for k in gone {
             let _ = self.frontends.remove(&k);
             if let Some(old) = self.held.remove(&k) {
+                self.note_removed(&k, &old.want.backends, &[]);
                 self.remove_set(old.svc_id, old.want.backends.len() as u32);
             }
             st.frontends_removed += 1;
         }
         Ok(st)
+    }
+
+    fn note_removed(&mut self, k: &SvcFrontendKey, old: &[SvcBackendValue], new: &[SvcBackendValue]) {
+        for b in old.iter().filter(|b| !new.iter().any(|n| n.addr == b.addr && n.port == b.port)) {
+            self.removed.push(super::destroy::Removed { frontend: *k, addr: b.addr, port: b.port });
+        }
+    }
+
+    /// The (frontend, backend) pairs the syncs since the last call took out (written to
+    /// the maps already, so no new connect picks them).
+    pub fn take_removed(&mut self) -> Vec<super::destroy::Removed> {
+        std::mem::take(&mut self.removed)
     }
 
     fn alloc_id(&mut self) -> u32 {

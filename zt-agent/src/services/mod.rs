@@ -4,6 +4,7 @@
 //! published in the agent's snapshot for `ztctl services`; the socket-level translation
 //! writes it to its maps.
 
+pub mod destroy;
 pub mod identities;
 pub mod judge;
 pub mod maps;
