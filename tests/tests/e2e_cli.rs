@@ -201,7 +201,7 @@ fn ztctl_services_shows_the_labs_httpbin_service() {
     );
     let text = bed.ztctl(&["services"]);
     assert!(text.starts_with("FRONTEND"), "{text}");
-    assert!(text.contains("10.96.0.80:8000/TCP") && text.contains("-> 10.201.0.10:80") && text.contains(HTTPBIN), "{text}");
+    assert!(text.contains("10.96.0.80:8000/TCP") && text.contains("-> 10.201.0.10:80") && text.contains(HTTPBIN) && text.contains(" ready "), "{text}");
     assert_eq!(rows(&bed.ztctl_json(&["services", "--service", "kube-system/httpbin"])).len(), 0);
 }
 

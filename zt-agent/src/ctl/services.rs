@@ -38,6 +38,9 @@ pub struct BackendRow {
     pub identity: u32,
     pub spiffe_id: String,
     pub pod: Option<String>,
+    /// `ready`, or `serving-terminating` when no endpoint of the Service is ready
+    /// (kube-proxy's fallback).
+    pub condition: String,
 }
 
 /// The identity the datapath gives `ip`: its endpoint, else the longest CIDR, else world.
@@ -89,6 +92,7 @@ pub fn rows(snap: &Snapshot, identity_of: impl Fn(IpAddr) -> u32, service: Optio
                         identity,
                         spiffe_id: snap.identity_name(identity),
                         pod: snap.pods.get(&b.addr).map(|p| format!("{}/{}", p.namespace, p.name)),
+                        condition: if e.terminating { "serving-terminating" } else { "ready" }.into(),
                     }
                 })
                 .collect(),
@@ -113,7 +117,7 @@ pub fn table_row(r: &ServiceRow) -> String {
             IpAddr::V4(a) => format!("{a}:{}", b.port),
             IpAddr::V6(a) => format!("[{a}]:{}", b.port),
         };
-        s.push_str(&format!("\n    -> {addr:<42} {:<8} {:<56} {}", b.identity, b.spiffe_id, b.pod.as_deref().unwrap_or("-")));
+        s.push_str(&format!("\n    -> {addr:<42} {:<8} {:<56} {:<20} {}", b.identity, b.spiffe_id, b.condition, b.pod.as_deref().unwrap_or("-")));
     }
     s
 }
@@ -135,6 +139,7 @@ mod tests {
             kind,
             backends,
             affinity_timeout_s: affinity,
+            terminating: false,
         };
         let frontends = BTreeMap::from([
             (fe("10.96.0.80", 8000, 6), entry("default", "httpbin", "http", FrontendKind::ClusterIp, vec![be("10.201.0.10", 80), be("192.0.2.1", 80)], 0)),
@@ -171,8 +176,16 @@ mod tests {
                     identity: 300,
                     spiffe_id: "spiffe://cluster.local/ns/default/sa/httpbin".into(),
                     pod: Some("default/httpbin".into()),
+                    condition: "ready".into(),
                 },
-                BackendRow { addr: "192.0.2.1".parse().unwrap(), port: 80, identity: IDENTITY_WORLD, spiffe_id: "reserved:world".into(), pod: None },
+                BackendRow {
+                    addr: "192.0.2.1".parse().unwrap(),
+                    port: 80,
+                    identity: IDENTITY_WORLD,
+                    spiffe_id: "reserved:world".into(),
+                    pod: None,
+                    condition: "ready".into(),
+                },
             ]
         );
         let text = table_row(web);
@@ -180,7 +193,10 @@ mod tests {
         assert_eq!(lines.len(), 3, "{text}");
         assert!(lines[0].starts_with("10.96.0.80:8000/TCP") && lines[0].ends_with(" 2"), "{text}");
         assert!(
-            lines[1].contains("10.201.0.10:80") && lines[1].contains("spiffe://cluster.local/ns/default/sa/httpbin") && lines[1].ends_with("default/httpbin"),
+            lines[1].contains("10.201.0.10:80")
+                && lines[1].contains("spiffe://cluster.local/ns/default/sa/httpbin")
+                && lines[1].contains(" ready ")
+                && lines[1].ends_with("default/httpbin"),
             "{text}"
         );
         assert!(lines[2].contains("192.0.2.1:80") && lines[2].contains("reserved:world") && lines[2].ends_with(" -"), "{text}");

@@ -100,6 +100,7 @@ mod tests {
                 kind: FrontendKind::ClusterIp,
                 backends: vec![],
                 affinity_timeout_s: 0,
+                terminating: false,
             };
             t.frontends.insert(f, e);
         }

@@ -52,6 +52,10 @@ pub struct FrontendEntry {
     pub backends: Vec<Backend>,
     /// sessionAffinity ClientIP timeout in seconds; 0 = no affinity.
     pub affinity_timeout_s: u32,
+    /// No endpoint is ready: `backends` are the serving-and-terminating ones (kube-proxy's
+    /// fallback while a rollout replaces the last ready pod).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub terminating: bool,
 }
 
 /// Every frontend of the cluster state as seen from one node. In JSON (`state.json`,
@@ -163,6 +167,7 @@ mod tests {
             kind: FrontendKind::ClusterIp,
             backends: vec![Backend { addr: "fd00::1".parse().unwrap(), port: 53 }],
             affinity_timeout_s: 0,
+            terminating: false,
         };
         let t = ServiceTable { frontends: BTreeMap::from([(fe, entry)]) };
         let json = serde_json::to_value(&t).unwrap();

@@ -97,12 +97,9 @@ pub fn build(cluster: &ClusterState, node_name: &str, node_ips: &[IpAddr]) -> (S
             let Some(proto) = protocol_number(Some(protocol)) else { continue };
             let port_name = port.name.clone().unwrap_or_default();
             let candidates = Candidates::collect(slices, &port_name, protocol, node_name);
-            let entry = |kind, ip: &IpAddr, local: bool| FrontendEntry {
-                service: key.clone(),
-                port_name: port_name.clone(),
-                kind,
-                backends: candidates.select(ip.is_ipv4(), local),
-                affinity_timeout_s,
+            let entry = |kind, ip: &IpAddr, local: bool| {
+                let (backends, terminating) = candidates.select(ip.is_ipv4(), local);
+                FrontendEntry { service: key.clone(), port_name: port_name.clone(), kind, backends, affinity_timeout_s, terminating }
             };
             for ip in &cluster_ips {
                 b.add(Frontend { addr: *ip, port: number, proto }, entry(FrontendKind::ClusterIp, ip, local_only));
@@ -225,15 +222,17 @@ impl Candidates {
         Candidates(by_backend.into_values().collect())
     }
 
-    /// The backends of one family: ready ones, else serving-and-terminating ones;
-    /// only this node's with `local_only`. Sorted (the candidates are).
-    fn select(&self, v4: bool, local_only: bool) -> Vec<Backend> {
+    /// The backends of one family: ready ones, else serving-and-terminating ones (then
+    /// `true`); only this node's with `local_only`. Sorted (the candidates are).
+    fn select(&self, v4: bool, local_only: bool) -> (Vec<Backend>, bool) {
         let pool: Vec<&Candidate> = self.0.iter().filter(|c| c.backend.addr.is_ipv4() == v4 && (!local_only || c.local)).collect();
         let ready: Vec<Backend> = pool.iter().filter(|c| c.ready).map(|c| c.backend).collect();
         if !ready.is_empty() {
-            return ready;
+            return (ready, false);
         }
-        pool.iter().filter(|c| c.serving && c.terminating).map(|c| c.backend).collect()
+        let terminating: Vec<Backend> = pool.iter().filter(|c| c.serving && c.terminating).map(|c| c.backend).collect();
+        let any = !terminating.is_empty();
+        (terminating, any)
     }
 }
 

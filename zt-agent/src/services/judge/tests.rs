@@ -47,6 +47,7 @@ fn service(ns: &str, name: &str, port: u16, backends: &[(&str, u16)]) -> (Fronte
         kind: FrontendKind::ClusterIp,
         backends: backends.iter().map(|(a, p)| Backend { addr: ip(a), port: *p }).collect(),
         affinity_timeout_s: 0,
+        terminating: false,
     };
     (f, e)
 }

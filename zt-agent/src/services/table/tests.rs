@@ -89,6 +89,7 @@ fn cluster_ip_to_its_endpoints() {
                 kind: FrontendKind::ClusterIp,
                 backends: vec![Backend { addr: "10.0.0.10".parse().unwrap(), port: 80 }],
                 affinity_timeout_s: 0,
+                terminating: false,
             },
         )]),
     };
@@ -197,6 +198,12 @@ fn ready_endpoints_else_serving_terminating_ones() {
         case("[{addresses: [10.0.0.1], conditions: {ready: false, serving: true, terminating: false}}, {addresses: [10.0.0.2], conditions: {ready: false, serving: true, terminating: true}}, {addresses: [10.0.0.3], conditions: {ready: false, serving: false, terminating: true}}, {addresses: [10.0.0.4], conditions: {ready: false, terminating: true}}]"),
         "10.0.0.2:8080 10.0.0.4:8080"
     );
+    // ... and the entry says so (`ztctl services` shows the condition).
+    let terminating = "[{addresses: [10.0.0.2], conditions: {ready: false, serving: true, terminating: true}}]";
+    let (t, _) = table_with(&(svc("default", "s", spec) + &slice("default", "s-1", "s", "IPv4", "[{name: p, port: 8080}]", terminating)), NODE, &node_ips());
+    assert!(t.frontends.values().all(|e| e.terminating && e.backends.len() == 1), "{t:?}");
+    let (t, _) = table_with(&(svc("default", "s", spec) + &slice("default", "s-1", "s", "IPv4", "[{name: p, port: 8080}]", "[{addresses: [10.0.0.1]}]")), NODE, &node_ips());
+    assert!(t.frontends.values().all(|e| !e.terminating), "{t:?}");
     // Nothing usable: the frontend stays, without backends.
     assert_eq!(case("[{addresses: [10.0.0.1], conditions: {ready: false, serving: false}}]"), "none");
     assert_eq!(case("[]"), "none");
