@@ -613,3 +613,76 @@ fn gc_removes_expired_entries() {
     assert!(f.metrics().val("zt_fqdn_gc_removed_total", &[]) >= 1.0);
     assert!(f.denied("client", ext_v4(7, 1)));
 }
+
+/// The kube-dns Service of the lab: ClusterIP 10.96.0.10 -> the dnsmasq pod `dns`.
+const KUBE_DNS: &str = "apiVersion: v1
+kind: Service
+metadata: {name: kube-dns, namespace: kube-system}
+spec:
+  selector: {app: dns}
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10]
+  ports:
+  - {name: dns, port: 53, protocol: UDP}
+  - {name: dns-tcp, port: 53, protocol: TCP}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: kube-dns-v4
+  namespace: kube-system
+  labels: {kubernetes.io/service-name: kube-dns}
+addressType: IPv4
+ports: [{name: dns, port: 53, protocol: UDP}, {name: dns-tcp, port: 53, protocol: TCP}]
+endpoints:
+- addresses: [10.210.0.53]
+  conditions: {ready: true}
+  nodeName: node1
+";
+
+/// A pod resolves through the kube-dns ClusterIP from inside its cgroup (translated to
+/// the dnsmasq pod) and connects to the answer, as an application does. No
+/// `--fqdn-dns-address`, and `--fqdn-dns-server` names no pod of the lab: the resolver is
+/// `entity: dns` and trusted only because it is the kube-dns Service's backend
+/// (`--fqdn-dns-service`, default). With `--fqdn-dns-service none` the client's
+/// `entity: dns` rule does not reach it: the query itself is denied.
+#[test]
+fn dns_through_the_kube_dns_cluster_ip_with_no_flag() {
+    let script = "import socket, struct, sys\n\
+        q = struct.pack('>HHHHHH', 0x2a2a, 0x0100, 1, 0, 0, 0) + b''.join(bytes([len(l)]) + l.encode() for l in 'api.example.test'.split('.')) + b'\\x00' + struct.pack('>HH', 1, 1)\n\
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+        s.settimeout(2)\n\
+        s.connect(('10.96.0.10', 53))\n\
+        s.send(q)\n\
+        r = s.recv(512)\n\
+        an = struct.unpack('>H', r[6:8])[0]\n\
+        i = len(q)\n\
+        for _ in range(an):\n    i += 2 if r[i] & 0xc0 == 0xc0 else r.index(0, i) + 1 - i\n    t, _, _, n = struct.unpack('>HHIH', r[i:i+10])\n    i += 10\n    if t == 1:\n        print(socket.inet_ntoa(r[i:i+4]), s.getpeername()[0]); sys.exit(0)\n    i += n\n\
+        print('none', '-')\n";
+    let only_elsewhere = ["--fqdn-dns-server", "spiffe://cluster.local/ns/kube-system/sa/nobody"];
+    for (extra, learns) in [(&["--fqdn-dns-service", "none"][..], false), (&[][..], true)] {
+        let args: Vec<&str> = only_elsewhere.iter().chain(extra.iter()).copied().collect();
+        let bed = bed("fqdn", &[("10-fqdn.yaml", POLICY), ("05-kube-dns.yaml", KUBE_DNS)], &args);
+        let _ext = ExternalHost::add(&bed.tb, "node1", serve_bin()).unwrap();
+        let _dnsmasq = Dnsmasq::start(&bed.tb, &pod("kube-system", "dns"), &zone()).unwrap();
+        bed.wait_until("the agent to hold kube-dns", || bed.metrics().val("zt_service_frontends", &[]) == 2.0);
+        let client = pod("default", "client");
+        let out = bed.exec_in(&client, &["/usr/bin/python3", "-c", script]).unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if !learns {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success() && err.contains("timed out"), "the query must be denied with {extra:?}: {text} {err}");
+            assert!(bed.metrics().verdicts("egress", "drop", "policy-default-deny") >= 1.0);
+            println!("kube-dns ClusterIP ({extra:?}): query denied");
+            continue;
+        }
+        assert!(out.status.success(), "resolving through 10.96.0.10: {text} {}", String::from_utf8_lossy(&out.stderr));
+        let (answer, peer) = text.split_once(' ').unwrap();
+        assert_eq!((answer, peer), (ext_v4(1, 1).to_string().as_str(), "10.96.0.10"), "the answer, from the ClusterIP as the application sees it");
+        let c = bed.connect_in(&client, answer, EXT_TCP, Duration::from_secs(2)).unwrap();
+        let connected = c.outcome != "timeout" && !c.outcome.starts_with('E');
+        println!("kube-dns ClusterIP ({extra:?}): resolved {answer}, connect: {}", c.outcome);
+        assert!(connected, "connect to the answer: {}", c.outcome);
+        assert!(bed.metrics().get("zt_fqdn_answers_total", &[("outcome", "learned")]).unwrap_or(0.0) >= 1.0, "the answer was learned");
+    }
+}
