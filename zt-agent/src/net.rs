@@ -2,11 +2,11 @@
 //! says about interfaces: the CNI-agnostic way to find a pod's host interface is the
 //! host route to its IP.
 use std::net::{IpAddr, Ipv6Addr};
-use std::process::Command;
 
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
 use zt_common::v4_mapped;
+
+pub mod route;
 
 /// IPv4 as IPv4-mapped IPv6, IPv6 as is.
 pub fn to_key(ip: IpAddr) -> [u8; 16] {
@@ -32,27 +32,12 @@ pub fn key_prefix(ip: IpAddr, prefix: u8) -> u32 {
     }
 }
 
-#[derive(Deserialize)]
-struct RouteGet {
-    dev: Option<String>,
-    #[serde(rename = "type")]
-    kind: Option<String>,
-    gateway: Option<String>,
-}
-
 /// The interface the node routes `ip` through (the pod's host-side interface), if the
 /// route is a direct (no gateway) unicast route through a device other than loopback:
 /// a pod IP that only matches the default route is not on this node yet.
 pub fn route_interface(ip: IpAddr) -> Result<Option<String>> {
-    let out = Command::new("ip").args(["-j", "route", "get", &ip.to_string()]).output().context("running ip route get")?;
-    if !out.status.success() {
-        return Ok(None);
-    }
-    let routes: Vec<RouteGet> = serde_json::from_slice(&out.stdout).context("parsing ip -j route get")?;
-    Ok(routes.into_iter().next().and_then(|r| match (r.dev, r.kind.as_deref(), r.gateway) {
-        (Some(dev), None | Some("unicast"), None) if dev != "lo" => Some(dev),
-        _ => None,
-    }))
+    let Some(r) = route::get(ip).with_context(|| format!("asking the kernel for the route to {ip} (rtnetlink)"))? else { return Ok(None) };
+    Ok(r.direct_unicast().and_then(route::ifname).filter(|dev| dev != "lo"))
 }
 
 pub fn ifindex(name: &str) -> Result<u32> {
