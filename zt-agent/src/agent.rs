@@ -57,8 +57,8 @@ pub struct AgentOptions {
     pub events_per_sec: u32,
     pub events_burst: u32,
     pub sizes: MapSizes,
-    pub ct_tcp_timeout_s: u32,
-    pub ct_other_timeout_s: u32,
+    /// Conntrack timeouts and GC period (`--ct-*`).
+    pub ct: crate::conntrack_gc::CtSettings,
     pub frag_timeout_s: u32,
     pub poll_interval: Duration,
     /// Root of the pods' cgroup hierarchy for the cgroup programs; None: no cgroup programs.
@@ -175,6 +175,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         (MAP_CIDRS, opts.sizes.cidrs),
         (MAP_POLICY, opts.sizes.policy),
         (MAP_CT, opts.sizes.ct),
+        (MAP_CT_EST, opts.sizes.ct_est),
         (MAP_FRAGS, opts.sizes.frags),
         (MAP_FQDN_NAMES, opts.sizes.fqdn_names),
         (MAP_FQDN_PORTS, opts.sizes.fqdn_ports),
@@ -190,7 +191,6 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let metrics: Shared = Default::default();
     {
         let mut m = metrics.lock().unwrap();
-        m.ct_capacity = capacity(&opts.bpffs_root, MAP_CT)?;
         m.frags_capacity = capacity(&opts.bpffs_root, MAP_FRAGS)?;
     }
     let snapshot: std::sync::Arc<std::sync::RwLock<Snapshot>> = Default::default();
@@ -200,7 +200,9 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     tokio::spawn(forward_events(ring, events_tx.clone(), snapshot.clone(), metrics.clone()));
     tokio::spawn(log_err("metrics", metrics::serve(opts.metrics_addr.clone(), metrics.clone(), opts.bpffs_root.clone())));
     // FQDN rules: name the addresses the kernel learns from DNS answers (cache, GC).
-    let fqdn = match crate::fqdn::Runtime::start(&opts.bpffs_root, &opts.state_dir, opts.ct_tcp_timeout_s, metrics.clone()) {
+    // Conntrack: expired entries deleted, entries counted for the metrics (off the scrape).
+    crate::conntrack_gc::spawn(&opts.bpffs_root, opts.ct.gc_interval, metrics.clone())?;
+    let fqdn = match crate::fqdn::Runtime::start(&opts.bpffs_root, &opts.state_dir, opts.ct.tcp_established_s, metrics.clone()) {
         Ok(rt) => Some(rt),
         Err(e) => {
             log::warn!("fqdn runtime not started: {e:#}");
@@ -603,7 +605,9 @@ impl Agent {
     fn write_config(&mut self) -> Result<()> {
         let before = self.config;
         let mut cfg = before;
-        cfg.flags = CONFIG_READY | if self.opts.host_access == HostAccess::All { CONFIG_ALLOW_HOST } else { 0 } | if self.opts.events_allowed { CONFIG_EVENTS_ALLOWED } else { 0 };
+        cfg.flags = CONFIG_READY
+            | if self.opts.host_access == HostAccess::All { CONFIG_ALLOW_HOST } else { 0 }
+            | if self.opts.events_allowed { CONFIG_EVENTS_ALLOWED } else { 0 };
         // A changed flag (host probes turned off) withdraws allows too.
         if before.flags & CONFIG_READY != 0 && before.flags != cfg.flags {
             self.pending_bump = true;
@@ -611,8 +615,7 @@ impl Agent {
         if self.pending_bump {
             cfg.policy_epoch = cfg.policy_epoch.wrapping_add(1);
         }
-        cfg.ct_tcp_timeout_s = self.opts.ct_tcp_timeout_s;
-        cfg.ct_other_timeout_s = self.opts.ct_other_timeout_s;
+        self.opts.ct.write_into(&mut cfg);
         cfg.events_per_sec = self.opts.events_per_sec;
         cfg.events_burst = self.opts.events_burst;
         cfg.frag_timeout_s = self.opts.frag_timeout_s;
@@ -724,7 +727,11 @@ impl Agent {
         };
         let changed = {
             let cur = self.snapshot.read().unwrap();
-            cur.identities != snap.identities || cur.pods != snap.pods || cur.rules != snap.rules || cur.fqdn_slots != snap.fqdn_slots || cur.services != snap.services
+            cur.identities != snap.identities
+                || cur.pods != snap.pods
+                || cur.rules != snap.rules
+                || cur.fqdn_slots != snap.fqdn_slots
+                || cur.services != snap.services
         };
         if changed {
             let path = self.opts.state_dir.join("state.json");
