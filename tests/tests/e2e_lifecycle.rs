@@ -283,7 +283,7 @@ fn pod_churn_is_enforced_and_cleaned_up() {
     }
     assert_eq!(bed.metrics().val("zt_endpoints", &[("scope", "local")]), 8.0, "4 pods x 2 IPs");
     let veth = bed.host_veth("default", "d").unwrap();
-    let links = bed.agent.bpffs_root.join("v1/links");
+    let links = bed.agent.bpffs_root.join("v2/links");
     let linked = |name: &str| {
         std::fs::read_dir(&links).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().contains(&format!("-{name}-")))
     };

@@ -60,8 +60,8 @@ pub struct AgentOptions {
     pub events_per_sec: u32,
     pub events_burst: u32,
     pub sizes: MapSizes,
-    pub ct_tcp_timeout_s: u32,
-    pub ct_other_timeout_s: u32,
+    /// Conntrack timeouts and GC period (`--ct-*`).
+    pub ct: crate::conntrack_gc::CtSettings,
     pub frag_timeout_s: u32,
     pub poll_interval: Duration,
     /// Root of the pods' cgroup hierarchy for the cgroup programs; None: no cgroup programs.
@@ -185,6 +185,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         (MAP_CIDRS, opts.sizes.cidrs),
         (MAP_POLICY, opts.sizes.policy),
         (MAP_CT, opts.sizes.ct),
+        (MAP_CT_EST, opts.sizes.ct_est),
         (MAP_FRAGS, opts.sizes.frags),
         (MAP_FQDN_NAMES, opts.sizes.fqdn_names),
         (MAP_FQDN_PORTS, opts.sizes.fqdn_ports),
@@ -200,7 +201,6 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let metrics: Shared = Default::default();
     {
         let mut m = metrics.lock().unwrap();
-        m.ct_capacity = capacity(&opts.bpffs_root, MAP_CT)?;
         m.frags_capacity = capacity(&opts.bpffs_root, MAP_FRAGS)?;
     }
     let snapshot: std::sync::Arc<std::sync::RwLock<Snapshot>> = Default::default();
@@ -210,7 +210,9 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     tokio::spawn(forward_events(ring, events_tx.clone(), snapshot.clone(), metrics.clone()));
     tokio::spawn(log_err("metrics", metrics::serve(opts.metrics_addr.clone(), metrics.clone(), opts.bpffs_root.clone())));
     // FQDN rules: name the addresses the kernel learns from DNS answers (cache, GC).
-    let fqdn = match crate::fqdn::Runtime::start(&opts.bpffs_root, &opts.state_dir, opts.ct_tcp_timeout_s, metrics.clone()) {
+    // Conntrack: expired entries deleted, entries counted for the metrics (off the scrape).
+    crate::conntrack_gc::spawn(&opts.bpffs_root, opts.ct.gc_interval, metrics.clone())?;
+    let fqdn = match crate::fqdn::Runtime::start(&opts.bpffs_root, &opts.state_dir, opts.ct.tcp_established_s, metrics.clone()) {
         Ok(rt) => Some(rt),
         Err(e) => {
             log::warn!("fqdn runtime not started: {e:#}");
@@ -647,8 +649,7 @@ impl Agent {
         if self.pending_bump {
             cfg.policy_epoch = cfg.policy_epoch.wrapping_add(1);
         }
-        cfg.ct_tcp_timeout_s = self.opts.ct_tcp_timeout_s;
-        cfg.ct_other_timeout_s = self.opts.ct_other_timeout_s;
+        self.opts.ct.write_into(&mut cfg);
         cfg.events_per_sec = self.opts.events_per_sec;
         cfg.events_burst = self.opts.events_burst;
         cfg.frag_timeout_s = self.opts.frag_timeout_s;

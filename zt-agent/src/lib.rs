@@ -2,6 +2,7 @@ pub mod admin;
 pub mod agent;
 pub mod cgroup_link;
 pub mod compile;
+pub mod conntrack_gc;
 pub mod ctl;
 pub mod events;
 pub mod fqdn;

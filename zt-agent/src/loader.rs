@@ -45,7 +45,9 @@ pub struct MapSizes {
     pub endpoints: u32,
     pub cidrs: u32,
     pub policy: u32,
+    /// `ZT_CT` (LRU) and `ZT_CT_EST` (established TCP).
     pub ct: u32,
+    pub ct_est: u32,
     pub frags: u32,
     pub fqdn_names: u32,
     pub fqdn_ports: u32,
@@ -59,6 +61,7 @@ impl Default for MapSizes {
             cidrs: DEFAULT_CIDRS_MAX,
             policy: DEFAULT_POLICY_MAX,
             ct: DEFAULT_CT_MAX,
+            ct_est: DEFAULT_CT_EST_MAX,
             frags: DEFAULT_FRAGS_MAX,
             fqdn_names: DEFAULT_FQDN_NAMES_MAX,
             fqdn_ports: DEFAULT_FQDN_PORTS_MAX,
@@ -134,6 +137,7 @@ pub fn load_object(bpffs_root: &Path, sizes: &MapSizes) -> Result<Ebpf> {
         .map_max_entries(MAP_CIDRS, sizes.cidrs)
         .map_max_entries(MAP_POLICY, sizes.policy)
         .map_max_entries(MAP_CT, sizes.ct)
+        .map_max_entries(MAP_CT_EST, sizes.ct_est)
         .map_max_entries(MAP_FRAGS, sizes.frags)
         .map_max_entries(MAP_FQDN_NAMES, sizes.fqdn_names)
         .map_max_entries(MAP_FQDN_PORTS, sizes.fqdn_ports)
@@ -148,10 +152,7 @@ pub fn load_object(bpffs_root: &Path, sizes: &MapSizes) -> Result<Ebpf> {
         load_retrying(|| prog.load()).with_context(|| format!("verifier rejected {name}"))?;
     }
     for (name, _) in PROGS_SOCK_ADDR {
-        let prog: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .with_context(|| format!("program {name} missing from the object"))?
-            .try_into()?;
+        let prog: &mut CgroupSockAddr = ebpf.program_mut(name).with_context(|| format!("program {name} missing from the object"))?.try_into()?;
         load_retrying(|| prog.load()).with_context(|| format!("verifier rejected {name}"))?;
     }
     Ok(ebpf)

@@ -86,17 +86,40 @@ struct Flags {
     cidrs_max: u32,
     #[arg(long, default_value_t = zt_common::DEFAULT_POLICY_MAX)]
     policy_max: u32,
-    /// Connection-tracking entries (LRU).
+    /// Connection-tracking entries for flows that are not established TCP (LRU: new flows
+    /// evict the least recently used of these when full).
     #[arg(long, default_value_t = zt_common::DEFAULT_CT_MAX)]
     ct_max: u32,
+    /// Connection-tracking entries for established TCP flows (never evicted; when full, a
+    /// newly established flow stays in the LRU and is counted).
+    #[arg(long, default_value_t = zt_common::DEFAULT_CT_EST_MAX)]
+    ct_established_max: u32,
     #[arg(long, default_value_t = zt_common::DEFAULT_FRAGS_MAX)]
     frags_max: u32,
-    /// Idle lifetime of a tracked TCP flow, seconds.
-    #[arg(long, default_value_t = 3600)]
+    /// Idle lifetime of an established TCP flow, seconds (above Linux's 7200 s keepalive).
+    #[arg(long, default_value_t = 21600)]
     ct_tcp_timeout: u32,
-    /// Idle lifetime of a tracked UDP/ICMP/other flow, seconds.
+    /// Idle lifetime of a TCP flow whose handshake has not completed, seconds.
+    #[arg(long, default_value_t = 60)]
+    ct_tcp_syn_timeout: u32,
+    /// Idle lifetime of a half-closed TCP flow (FIN seen one way), seconds.
+    #[arg(long, default_value_t = 60)]
+    ct_tcp_fin_timeout: u32,
+    /// Idle lifetime of a closed TCP flow (FIN both ways, or RST), seconds.
+    #[arg(long, default_value_t = 10)]
+    ct_tcp_close_timeout: u32,
+    /// Idle lifetime of a UDP flow, seconds.
+    #[arg(long, default_value_t = 60)]
+    ct_udp_timeout: u32,
+    /// Idle lifetime of an ICMP/ICMPv6 flow (echo, queries), seconds.
+    #[arg(long, default_value_t = 30)]
+    ct_icmp_timeout: u32,
+    /// Idle lifetime of a flow of any other protocol (SCTP, ...), seconds.
     #[arg(long, default_value_t = 60)]
     ct_other_timeout: u32,
+    /// How often the agent deletes expired conntrack entries and counts the rest, seconds.
+    #[arg(long, default_value_t = 30)]
+    ct_gc_interval: u64,
     #[arg(long, default_value_t = 5)]
     frag_timeout: u32,
     /// How often the manifests and interfaces are re-read, milliseconds.
@@ -216,13 +239,22 @@ async fn main() -> anyhow::Result<()> {
             cidrs: f.cidrs_max,
             policy: f.policy_max,
             ct: f.ct_max,
+            ct_est: f.ct_established_max,
             frags: f.frags_max,
             fqdn_names: f.fqdn_names_max,
             fqdn_ports: f.fqdn_ports_max,
             fqdn_learned: f.fqdn_learned_max,
         },
-        ct_tcp_timeout_s: f.ct_tcp_timeout,
-        ct_other_timeout_s: f.ct_other_timeout,
+        ct: zt_agent::conntrack_gc::CtSettings {
+            tcp_established_s: f.ct_tcp_timeout,
+            tcp_syn_s: f.ct_tcp_syn_timeout,
+            tcp_fin_s: f.ct_tcp_fin_timeout,
+            tcp_close_s: f.ct_tcp_close_timeout,
+            udp_s: f.ct_udp_timeout,
+            icmp_s: f.ct_icmp_timeout,
+            other_s: f.ct_other_timeout,
+            gc_interval: Duration::from_secs(f.ct_gc_interval.max(1)),
+        },
         frag_timeout_s: f.frag_timeout,
         poll_interval: Duration::from_millis(f.poll_ms),
         cgroup_root: if f.cgroup_root.as_os_str() == "none" { None } else { Some(f.cgroup_root) },
@@ -256,6 +288,21 @@ mod tests {
         let f = Flags::try_parse_from(["zt-agent"]).unwrap();
         assert_eq!((f.fqdn_min_ttl, f.fqdn_max_ttl, f.fqdn_grace, f.fqdn_events_per_sec), (30, 86400, 60, 1000));
         assert_eq!(f.fqdn_learned_max, zt_common::DEFAULT_FQDN_LEARNED_MAX);
+        // Conntrack defaults are CtSettings' (Cilium's and Linux's ranges).
+        let d = zt_agent::conntrack_gc::CtSettings::default();
+        assert_eq!(
+            (
+                f.ct_tcp_timeout,
+                f.ct_tcp_syn_timeout,
+                f.ct_tcp_fin_timeout,
+                f.ct_tcp_close_timeout,
+                f.ct_udp_timeout,
+                f.ct_icmp_timeout,
+                f.ct_other_timeout,
+                f.ct_gc_interval
+            ),
+            (d.tcp_established_s, d.tcp_syn_s, d.tcp_fin_s, d.tcp_close_s, d.udp_s, d.icmp_s, d.other_s, d.gc_interval.as_secs())
+        );
         let d = dns_servers(&f.fqdn_dns_server, "cluster.local").unwrap();
         assert_eq!(d.iter().map(|p| p.service_account.clone().unwrap()).collect::<Vec<_>>(), ["coredns", "node-local-dns"]);
         assert!(d.iter().all(|p| p.namespace == "kube-system"));

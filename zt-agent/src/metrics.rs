@@ -21,10 +21,11 @@ pub struct AgentMetrics {
     pub endpoints_remote: usize,
     /// (name, entries, capacity) per user-space-managed map.
     pub maps: Vec<(&'static str, usize, u32)>,
-    /// Capacity of the maps the kernel fills (conntrack, fragments); entries are counted
-    /// at scrape time.
-    pub ct_capacity: u32,
+    /// Capacity of the fragment map (the kernel fills it; entries counted at scrape time).
     pub frags_capacity: u32,
+    /// The conntrack GC's last pass (entries by map and state, deletions): a scrape reads
+    /// these instead of walking the conntrack maps.
+    pub ct: Option<crate::conntrack_gc::CtCounts>,
     pub compile_seconds_sum: f64,
     pub compile_count: u64,
     pub apply_seconds_sum: f64,
@@ -107,8 +108,11 @@ pub fn render_with(m: &AgentMetrics, maps: Option<&PinnedMaps>, fqdn: Option<&Fq
         }
     }
     let mut all = m.maps.clone();
+    if let Some(c) = &m.ct {
+        all.push((MAP_CT, c.new_entries, c.new_capacity));
+        all.push((MAP_CT_EST, c.est_entries, c.est_capacity));
+    }
     if let Some(maps) = maps {
-        all.push((MAP_CT, maps.ct.keys().count(), m.ct_capacity));
         all.push((MAP_FRAGS, maps.frags.keys().count(), m.frags_capacity));
     }
     if let Some(f) = fqdn {
@@ -181,6 +185,8 @@ pub fn render_with(m: &AgentMetrics, maps: Option<&PinnedMaps>, fqdn: Option<&Fq
             let _ = writeln!(o, "zt_service_translations_total{{outcome=\"{}\"}} {}", st.name(), s[st as usize]);
         }
     }
+    let ct_stats = maps.and_then(|m| m.ct_stats().ok());
+    crate::conntrack_gc::render_metrics(&mut o, m.ct.as_ref(), ct_stats.as_deref());
     crate::fqdn::render_metrics(&mut o, m, fqdn);
     o
 }
@@ -203,15 +209,17 @@ pub async fn serve(addr: String, shared: Shared, bpffs_root: PathBuf) -> Result<
             let req = String::from_utf8_lossy(&buf[..n]);
             let (status, body) = if req.starts_with("GET /metrics") {
                 let snapshot = shared.lock().unwrap().clone();
-                // Map reads are syscalls (and a walk of the conntrack map): off the runtime.
-                let body = tokio::task::spawn_blocking(move || render_with(&snapshot, Some(&maps), Some(&fqdn)))
-                .await
-                .unwrap_or_default();
+                // Map reads are syscalls: off the runtime.
+                let body = tokio::task::spawn_blocking(move || render_with(&snapshot, Some(&maps), Some(&fqdn))).await.unwrap_or_default();
                 ("200 OK", body)
             } else if req.starts_with("GET /healthz") {
                 // Liveness: the loop turns (also while the API server is unreachable).
                 let alive = shared.lock().unwrap().alive();
-                if alive { ("200 OK", "ok\n".to_string()) } else { ("503 Service Unavailable", "agent loop stuck\n".to_string()) }
+                if alive {
+                    ("200 OK", "ok\n".to_string())
+                } else {
+                    ("503 Service Unavailable", "agent loop stuck\n".to_string())
+                }
             } else if req.starts_with("GET /readyz") {
                 let m = shared.lock().unwrap().clone();
                 if m.serving() {
@@ -229,10 +237,8 @@ pub async fn serve(addr: String, shared: Shared, bpffs_root: PathBuf) -> Result<
             } else {
                 ("404 Not Found", "try /metrics\n".to_string())
             };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
+            let resp =
+                format!("HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
             let _ = sock.write_all(resp.as_bytes()).await;
         });
     }

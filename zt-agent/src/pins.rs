@@ -43,7 +43,10 @@ pub struct PinnedMaps {
     pub endpoints: EndpointsMap,
     pub cidrs: CidrsMap,
     pub policy: PolicyMap,
+    /// `ZT_CT` (LRU: flows that are not established TCP) and `ZT_CT_EST` (established TCP).
     pub ct: CtMap,
+    pub ct_est: CtMap,
+    pub ct_stats: CounterMap,
     pub frags: FragsMap,
     pub counters: CounterMap,
     pub evstats: CounterMap,
@@ -67,6 +70,8 @@ impl PinnedMaps {
             cidrs: open(MAP_CIDRS)?.try_into()?,
             policy: open(MAP_POLICY)?.try_into()?,
             ct: lru_map(open(MAP_CT)?)?,
+            ct_est: open(MAP_CT_EST)?.try_into()?,
+            ct_stats: open(MAP_CT_STATS)?.try_into()?,
             frags: lru_map(open(MAP_FRAGS)?)?,
             counters: open(MAP_COUNTERS)?.try_into()?,
             evstats: open(MAP_EVENT_STATS)?.try_into()?,
@@ -101,6 +106,11 @@ impl PinnedMaps {
     /// Service socket translation counters summed over CPUs, indexed by `SvcStat`.
     pub fn svc_stats(&self) -> Result<Vec<u64>> {
         sum_per_cpu(&self.svc_stats, SVC_STAT_SLOTS)
+    }
+
+    /// Conntrack event counters summed over CPUs, indexed by `CtStat`.
+    pub fn ct_stats(&self) -> Result<Vec<u64>> {
+        sum_per_cpu(&self.ct_stats, CT_STAT_SLOTS)
     }
 
     /// DNS capture counters summed over CPUs, indexed by `DnsStat`.

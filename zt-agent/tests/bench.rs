@@ -28,14 +28,20 @@ fn peer_ip(i: u32) -> Ipv4Addr {
 /// Map contents for `peers` peer identities and `entries` policy entries of the local pod.
 fn contents(peers: u32, entries: u32) -> Contents {
     let mut c = Contents::default();
-    c.endpoints.insert(to_key(LOCAL.parse().unwrap()), EndpointValue { identity: ID_LOCAL, flags: EP_LOCAL | EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS, ifindex: TEST_IFINDEX, cgroup: 0 });
+    c.endpoints.insert(
+        to_key(LOCAL.parse().unwrap()),
+        EndpointValue { identity: ID_LOCAL, flags: EP_LOCAL | EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS, ifindex: TEST_IFINDEX, cgroup: 0 },
+    );
     for i in 0..peers {
         c.endpoints.insert(to_key(IpAddr::V4(peer_ip(i))), EndpointValue { identity: 1000 + i, flags: 0, ifindex: 0, cgroup: 0 });
     }
     for j in 0..entries {
         let peer = 1000 + (j % peers);
         let port = 1000 + (j / peers) as u16;
-        c.policy.insert((POLICY_PREFIX_FULL, PolicyKey::new(ID_LOCAL, peer, DIR_INGRESS, 6, port)), PolicyValue { verdict: VERDICT_ALLOW, _pad: [0; 3], rule_id: 1 });
+        c.policy.insert(
+            (POLICY_PREFIX_FULL, PolicyKey::new(ID_LOCAL, peer, DIR_INGRESS, 6, port)),
+            PolicyValue { verdict: VERDICT_ALLOW, _pad: [0; 3], rule_id: 1 },
+        );
     }
     c
 }
@@ -48,6 +54,12 @@ fn caps(s: &MapSizes) -> Capacities {
     Capacities { endpoints: s.endpoints, cidrs: s.cidrs, policy: s.policy, fqdn_names: s.fqdn_names, fqdn_ports: s.fqdn_ports, dns_servers: DNS_SERVERS_MAX }
 }
 
+/// The same IPv4 TCP frame with other flags (byte 13 of the TCP header).
+fn tcp_flags(mut frame: Vec<u8>, flags: u8) -> Vec<u8> {
+    frame[14 + 20 + 13] = flags;
+    frame
+}
+
 /// Median of 5 runs of `repeat` iterations, ns per run.
 fn ns(dp: &Dp, prog: &str, pkt: &[u8]) -> (u32, f64) {
     let mut v: Vec<(u32, f64)> = (0..5).map(|_| dp.run_n(prog, pkt, REPEAT)).collect();
@@ -57,7 +69,10 @@ fn ns(dp: &Dp, prog: &str, pkt: &[u8]) -> (u32, f64) {
 
 fn main() {
     println!("zt datapath cost per verdict (BPF_PROG_TEST_RUN, {REPEAT} runs x 5, median), ratio to an empty TC program");
-    println!("{:>8} {:>9} | {:>10} | {:>12} {:>6} | {:>12} {:>6} | {:>12} {:>6}", "peers", "entries", "noop ns", "established", "ratio", "new-allow*", "ratio", "denied", "ratio");
+    println!(
+        "{:>8} {:>9} | {:>10} | {:>12} {:>6} | {:>12} {:>6} | {:>12} {:>6}",
+        "peers", "entries", "noop ns", "established", "ratio", "new-allow*", "ratio", "denied", "ratio"
+    );
     let mut rows = vec![];
     for (peers, entries) in [(1_000u32, 10u32), (1_000, 10_000), (1_000, 100_000), (100_000, 10), (100_000, 100_000)] {
         let s = sizes(peers, entries);
@@ -69,11 +84,17 @@ fn main() {
         dp.set_config(Config { events_per_sec: 0, events_burst: 0, ..config() });
         // The highest-numbered peer that has an entry, on port 1000 (its first entry).
         let peer = peer_ip(peers.min(entries) - 1).to_string();
-        let allowed = ipv4(&peer, LOCAL, TCP, 40000, 1000);
+        // An established TCP flow: the handshake (SYN in, SYN-ACK out, ACK in) moves it to
+        // ZT_CT_EST; the repeats send its ACK segment.
+        let syn = ipv4(&peer, LOCAL, TCP, 40000, 1000);
+        let allowed = tcp_flags(ipv4(&peer, LOCAL, TCP, 40000, 1000), TCP_ACK);
         let denied = ipv4(&peer, LOCAL, TCP, 40001, 9);
+        assert_eq!(dp.run("zt_to_pod", &syn), TC_PASS, "SYN");
+        assert_eq!(dp.run("zt_from_pod", &tcp_flags(ipv4(LOCAL, &peer, TCP, 1000, 40000), TCP_SYN | TCP_ACK)), TC_PASS, "SYN-ACK");
+        assert_eq!(dp.run("zt_to_pod", &allowed), TC_PASS, "ACK");
+        assert_eq!(dp.maps.ct_est.keys().count(), 1, "the flow is established");
         let (noop_v, noop) = ns(&dp, "zt_noop", &allowed);
         assert_eq!(noop_v, TC_PASS);
-        // First run creates the flow; the repeats measure the established path.
         let (v, est) = ns(&dp, "zt_to_pod", &allowed);
         assert_eq!(v, TC_PASS, "allowed packet must pass");
         // New allowed flows every run: policy lookup + CT insert (CT cleared per batch is not
@@ -93,7 +114,15 @@ fn main() {
         let rv = reval[2];
         println!(
             "{:>8} {:>9} | {:>10.1} | {:>12.1} {:>6.2} | {:>12.1} {:>6.2} | {:>12.1} {:>6.2}",
-            peers, entries, noop, est, est / noop, rv, rv / noop, den, den / noop
+            peers,
+            entries,
+            noop,
+            est,
+            est / noop,
+            rv,
+            rv / noop,
+            den,
+            den / noop
         );
         rows.push((peers, entries, noop, est, den));
     }
@@ -183,7 +212,10 @@ fn dns_answer_cost() {
         _pad: [0; 3],
     };
     println!("\nkernel DNS parser: ns per answer through zt_to_pod (BPF_PROG_TEST_RUN, {RUNS_DNS} single runs after a query record x 5, median)");
-    println!("{:>8} {:>6} | {:>8} | {:>10} {:>6} | {:>10} {:>6} | {:>8} {:>8}", "records", "bytes", "noop ns", "no-fqdn", "ratio", "capture", "ratio", "cap/gate", "ns/rec");
+    println!(
+        "{:>8} {:>6} | {:>8} | {:>10} {:>6} | {:>10} {:>6} | {:>8} {:>8}",
+        "records", "bytes", "noop ns", "no-fqdn", "ratio", "capture", "ratio", "cap/gate", "ns/rec"
+    );
     let mut ns_dns = |prog: &str, pkt: &[u8]| {
         let mut v: Vec<(u32, f64)> = (0..5)
             .map(|_| {

@@ -207,7 +207,7 @@ fn icmp_errors_need_a_live_entry_of_the_current_epoch() {
     assert_eq!(dp.run(FROM, &out), TC_PASS);
     assert_eq!(dp.run(TO, &icmp4_error(PEER, POD, 3, &out)), TC_PASS);
     // An entry past its idle timeout relates nothing.
-    dp.set_config(Config { policy_epoch: 2, ct_other_timeout_s: 0, ..config() });
+    dp.set_config(Config { policy_epoch: 2, ct_udp_timeout_s: 0, ..config() });
     assert_eq!(dp.run(TO, &icmp4_error(PEER, POD, 3, &out)), TC_DROP);
     assert_eq!(dp.counter(DIR_INGRESS, Reason::AllowRelated), 2);
 }

@@ -11,7 +11,7 @@ pub use services::*;
 
 /// Map pin directory name under the bpffs root. Bump on any layout change so that an
 /// upgraded agent never reads maps written with another layout.
-pub const MAP_VERSION_DIR: &str = "v1";
+pub const MAP_VERSION_DIR: &str = "v2";
 
 // ---------------------------------------------------------------------------
 // Identities
@@ -223,6 +223,8 @@ pub const MAP_ENDPOINTS: &str = "ZT_ENDPOINTS";
 pub const MAP_CIDRS: &str = "ZT_CIDRS";
 pub const MAP_POLICY: &str = "ZT_POLICY";
 pub const MAP_CT: &str = "ZT_CT";
+pub const MAP_CT_EST: &str = "ZT_CT_EST";
+pub const MAP_CT_STATS: &str = "ZT_CT_STATS";
 pub const MAP_FRAGS: &str = "ZT_FRAGS";
 pub const MAP_COUNTERS: &str = "ZT_COUNTERS";
 pub const MAP_EVENT_STATS: &str = "ZT_EVSTATS";
@@ -235,6 +237,7 @@ pub const DEFAULT_ENDPOINTS_MAX: u32 = 65536;
 pub const DEFAULT_CIDRS_MAX: u32 = 16384;
 pub const DEFAULT_POLICY_MAX: u32 = 262144;
 pub const DEFAULT_CT_MAX: u32 = 262144;
+pub const DEFAULT_CT_EST_MAX: u32 = 262144;
 pub const DEFAULT_FRAGS_MAX: u32 = 8192;
 pub const EVENTS_RING_BYTES: u32 = 1 << 20;
 pub const TUNNELS_MAX: u32 = 64;
@@ -269,16 +272,25 @@ pub struct Config {
     /// Bumped by the agent whenever an allow may have been withdrawn; tracked flows
     /// verified under an older epoch are re-checked against the policy on their next packet.
     pub policy_epoch: u32,
-    /// Lifetime of an idle tracked TCP flow, seconds.
+    /// Idle lifetime of an established TCP flow, seconds.
     pub ct_tcp_timeout_s: u32,
-    /// Lifetime of an idle tracked non-TCP flow, seconds.
+    /// Idle lifetime of a tracked flow of another protocol than TCP, UDP, ICMP, seconds.
     pub ct_other_timeout_s: u32,
     /// Event budget per CPU per second, and burst.
     pub events_per_sec: u32,
     pub events_burst: u32,
     /// Lifetime of a fragment-tracking entry, seconds.
     pub frag_timeout_s: u32,
-    pub _pad: u32,
+    /// Idle lifetime of a TCP flow whose handshake has not completed, seconds.
+    pub ct_tcp_syn_timeout_s: u32,
+    /// ... of a half-closed TCP flow (FIN seen one way), seconds.
+    pub ct_tcp_fin_timeout_s: u32,
+    /// ... of a closed TCP flow (FIN both ways, or RST), seconds.
+    pub ct_tcp_close_timeout_s: u32,
+    /// ... of a UDP flow, seconds.
+    pub ct_udp_timeout_s: u32,
+    /// ... of an ICMP / ICMPv6 flow (echo and queries), seconds.
+    pub ct_icmp_timeout_s: u32,
 }
 
 // ---------------------------------------------------------------------------
@@ -391,7 +403,8 @@ pub struct PolicyValue {
 }
 
 // ---------------------------------------------------------------------------
-// Connection tracking: LRU hash
+// Connection tracking: established TCP flows in a hash (ZT_CT_EST), the rest in an LRU
+// (ZT_CT); see zt-ebpf/src/conntrack.rs
 // ---------------------------------------------------------------------------
 
 /// A flow as first seen at a hook, in its original direction. `dir` is the direction
@@ -466,11 +479,127 @@ pub struct CtValue {
     /// Policy port of the flow (dport, or ICMP type) for re-verification.
     pub policy_port: u16,
     pub reason: u8,
-    pub _pad: u8,
+    /// TCP: `CT_TCP_*` state in the low bits, plus `CT_SEEN_REPLY`, `CT_FIN_ORIG`,
+    /// `CT_FIN_REPLY`; 0 for other protocols. Picks the idle timeout (`ct_timeout_s`).
+    pub state: u8,
     /// A hooked local peer's interface when the flow was judged (0: another peer, or an
     /// entry made before this field): packets from that peer entering the pod must come
     /// in through it (`spoofed-source` otherwise).
     pub peer_if: u32,
+}
+
+/// TCP header flags (byte 13 of the header).
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// TCP states of a tracked flow (`CtValue::state & CT_STATE_MASK`), as far as a hook
+/// that sees both directions can tell, and what they keep the entry for:
+/// - SYN: opened, the handshake not complete (`ct_tcp_syn_timeout_s`);
+/// - ESTABLISHED: a reply was seen, then a segment without SYN (`ct_tcp_timeout_s`);
+/// - CLOSING: FIN seen in one direction only (`ct_tcp_fin_timeout_s`);
+/// - CLOSED: FIN seen both ways, or RST (`ct_tcp_close_timeout_s`).
+pub const CT_TCP_SYN: u8 = 0;
+pub const CT_TCP_ESTABLISHED: u8 = 1;
+pub const CT_TCP_CLOSING: u8 = 2;
+pub const CT_TCP_CLOSED: u8 = 3;
+pub const CT_STATE_MASK: u8 = 3;
+/// A packet of the reply direction was seen.
+pub const CT_SEEN_REPLY: u8 = 1 << 2;
+/// FIN seen from the side that opened the flow / from the other side.
+pub const CT_FIN_ORIG: u8 = 1 << 3;
+pub const CT_FIN_REPLY: u8 = 1 << 4;
+
+/// The state after a TCP segment with `flags` (`reply`: in the reply direction).
+/// Pure, shared by the kernel and the tests.
+#[inline(always)]
+pub const fn ct_tcp_next(state: u8, flags: u8, reply: bool) -> u8 {
+    let st = state & CT_STATE_MASK;
+    // A new SYN from the opener on a closed tuple (port reuse): a new connection.
+    if st == CT_TCP_CLOSED && !reply && flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN {
+        return CT_TCP_SYN;
+    }
+    let mut bits = state & !CT_STATE_MASK;
+    if reply {
+        bits |= CT_SEEN_REPLY;
+    }
+    if flags & TCP_RST != 0 {
+        return bits | CT_TCP_CLOSED;
+    }
+    if flags & TCP_FIN != 0 {
+        bits |= if reply { CT_FIN_REPLY } else { CT_FIN_ORIG };
+    }
+    let fins = bits & (CT_FIN_ORIG | CT_FIN_REPLY);
+    let next = if st == CT_TCP_CLOSED || fins == CT_FIN_ORIG | CT_FIN_REPLY {
+        CT_TCP_CLOSED
+    } else if fins != 0 {
+        CT_TCP_CLOSING
+    } else if st == CT_TCP_SYN && bits & CT_SEEN_REPLY != 0 && flags & TCP_SYN == 0 {
+        CT_TCP_ESTABLISHED
+    } else {
+        st
+    };
+    bits | next
+}
+
+/// The idle timeout of a tracked flow of `proto` in `state`, seconds.
+#[inline(always)]
+pub const fn ct_timeout_s(cfg: &Config, proto: u8, state: u8) -> u32 {
+    match proto {
+        6 => match state & CT_STATE_MASK {
+            CT_TCP_ESTABLISHED => cfg.ct_tcp_timeout_s,
+            CT_TCP_CLOSING => cfg.ct_tcp_fin_timeout_s,
+            CT_TCP_CLOSED => cfg.ct_tcp_close_timeout_s,
+            _ => cfg.ct_tcp_syn_timeout_s,
+        },
+        17 => cfg.ct_udp_timeout_s,
+        1 | 58 => cfg.ct_icmp_timeout_s,
+        _ => cfg.ct_other_timeout_s,
+    }
+}
+
+/// Name of a flow's state in metrics and ztctl.
+pub const fn ct_state_name(proto: u8, state: u8) -> &'static str {
+    match proto {
+        6 => match state & CT_STATE_MASK {
+            CT_TCP_ESTABLISHED => "tcp-established",
+            CT_TCP_CLOSING => "tcp-closing",
+            CT_TCP_CLOSED => "tcp-closed",
+            _ => "tcp-syn",
+        },
+        17 => "udp",
+        1 | 58 => "icmp",
+        _ => "other",
+    }
+}
+
+/// Conntrack events counted by the kernel (`ZT_CT_STATS`, per CPU).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CtStat {
+    /// A TCP flow became established and moved to `ZT_CT_EST`.
+    Promoted = 0,
+    /// ... but `ZT_CT_EST` was full: it stays in the LRU, where churn can evict it.
+    EstablishedFull = 1,
+    /// A closed TCP flow moved back from `ZT_CT_EST` to the LRU.
+    Demoted = 2,
+    /// An allowed new flow could not be inserted: its replies are judged as new flows.
+    CreateFailed = 3,
+}
+
+pub const CT_STAT_SLOTS: u32 = 8;
+
+impl CtStat {
+    pub const ALL: [CtStat; 4] = [CtStat::Promoted, CtStat::EstablishedFull, CtStat::Demoted, CtStat::CreateFailed];
+    pub const fn name(self) -> &'static str {
+        match self {
+            CtStat::Promoted => "promoted",
+            CtStat::EstablishedFull => "established-full",
+            CtStat::Demoted => "demoted",
+            CtStat::CreateFailed => "create-failed",
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -536,7 +665,7 @@ pub const EVSTAT_SLOTS: u32 = 4;
 // ---------------------------------------------------------------------------
 
 const _: () = {
-    assert!(core::mem::size_of::<Config>() == 32);
+    assert!(core::mem::size_of::<Config>() == 48);
     assert!(core::mem::size_of::<EndpointKey>() == 16);
     assert!(core::mem::size_of::<EndpointValue>() == 16);
     assert!(core::mem::size_of::<CidrKey>() == 16);
@@ -574,4 +703,65 @@ mod user {
     unsafe impl aya::Pod for FragValue {}
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for RateLimit {}
+}
+
+#[cfg(test)]
+mod ct_tests {
+    use super::*;
+
+    /// Runs segments (flags, reply) through the state machine from a fresh entry.
+    fn run(segs: &[(u8, bool)]) -> u8 {
+        segs.iter().fold(0, |s, (f, r)| ct_tcp_next(s, *f, *r))
+    }
+
+    #[test]
+    fn tcp_states() {
+        const SA: u8 = TCP_SYN | TCP_ACK;
+        const FA: u8 = TCP_FIN | TCP_ACK;
+        assert_eq!(run(&[(TCP_SYN, false)]) & CT_STATE_MASK, CT_TCP_SYN);
+        assert_eq!(run(&[(TCP_SYN, false), (SA, true)]) & CT_STATE_MASK, CT_TCP_SYN, "SYN-ACK alone does not establish");
+        let est = run(&[(TCP_SYN, false), (SA, true), (TCP_ACK, false)]);
+        assert_eq!(est & CT_STATE_MASK, CT_TCP_ESTABLISHED);
+        // Picked up mid-stream: a reply without SYN establishes.
+        assert_eq!(run(&[(TCP_ACK, false), (TCP_ACK, true)]) & CT_STATE_MASK, CT_TCP_ESTABLISHED);
+        // Retransmitted SYNs keep it in SYN.
+        assert_eq!(run(&[(TCP_SYN, false), (TCP_SYN, false)]) & CT_STATE_MASK, CT_TCP_SYN);
+        let half = ct_tcp_next(est, FA, true);
+        assert_eq!(half & CT_STATE_MASK, CT_TCP_CLOSING);
+        assert_eq!(ct_tcp_next(half, TCP_ACK, false) & CT_STATE_MASK, CT_TCP_CLOSING, "data after one FIN");
+        assert_eq!(ct_tcp_next(half, FA, true) & CT_STATE_MASK, CT_TCP_CLOSING, "the same side's FIN again");
+        let closed = ct_tcp_next(half, FA, false);
+        assert_eq!(closed & CT_STATE_MASK, CT_TCP_CLOSED);
+        assert_eq!(ct_tcp_next(closed, TCP_ACK, true) & CT_STATE_MASK, CT_TCP_CLOSED);
+        assert_eq!(ct_tcp_next(est, TCP_RST, false) & CT_STATE_MASK, CT_TCP_CLOSED);
+        assert_eq!(ct_tcp_next(run(&[(TCP_SYN, false)]), TCP_RST | TCP_ACK, true) & CT_STATE_MASK, CT_TCP_CLOSED);
+        // Port reuse: a fresh SYN from the opener restarts; one from the other side does not.
+        assert_eq!(ct_tcp_next(closed, TCP_SYN, false), CT_TCP_SYN);
+        assert_eq!(ct_tcp_next(closed, TCP_SYN, true) & CT_STATE_MASK, CT_TCP_CLOSED);
+    }
+
+    #[test]
+    fn timeouts_by_protocol_and_state() {
+        let cfg = Config {
+            ct_tcp_timeout_s: 1,
+            ct_tcp_syn_timeout_s: 2,
+            ct_tcp_fin_timeout_s: 3,
+            ct_tcp_close_timeout_s: 4,
+            ct_udp_timeout_s: 5,
+            ct_icmp_timeout_s: 6,
+            ct_other_timeout_s: 7,
+            ..Default::default()
+        };
+        let t: [u32; 8] = [
+            ct_timeout_s(&cfg, 6, CT_TCP_ESTABLISHED | CT_SEEN_REPLY),
+            ct_timeout_s(&cfg, 6, CT_TCP_SYN),
+            ct_timeout_s(&cfg, 6, CT_TCP_CLOSING | CT_FIN_ORIG),
+            ct_timeout_s(&cfg, 6, CT_TCP_CLOSED),
+            ct_timeout_s(&cfg, 17, 0),
+            ct_timeout_s(&cfg, 1, 0),
+            ct_timeout_s(&cfg, 58, 0),
+            ct_timeout_s(&cfg, 132, 0),
+        ];
+        assert_eq!(t, [1, 2, 3, 4, 5, 6, 6, 7]);
+    }
 }

@@ -1,15 +1,43 @@
-//! Connection tracking: one LRU entry per admitted flow and hook direction. A packet
+//! Connection tracking: one entry per admitted flow and hook direction. A packet
 //! matches its flow forward (same tuple, same direction) or as a reply (reversed
 //! tuple, opposite direction). Entries verified under an older policy epoch are
 //! re-checked, which is how a withdrawn allow cuts live flows.
+//!
+//! Entries live in two maps, so that one pod's connection churn cannot evict another
+//! pod's established flows:
+//! - `CT_EST`, a plain hash, holds established TCP flows (handshake completed, not yet
+//!   closed). Nothing evicts them: they leave when they close, expire (the agent's GC,
+//!   or the kernel meeting them expired), or are revoked. When it is full a newly
+//!   established flow stays in `CT` and is counted (`CtStat::EstablishedFull`).
+//! - `CT`, an LRU, holds everything else: TCP before the handshake completed (SYN
+//!   floods, scans, half-open churn) and after it closed, UDP, ICMP, other protocols.
+//!   New flows always find room there; churn evicts churn.
+//! A plain hash for everything would refuse new flows node-wide once churn (or the agent's
+//! absence, with nothing collecting) filled it; an LRU for everything lets any pod evict
+//! idle established flows, whose next packet from the server is then judged as new and
+//! dropped. The lookup order keeps the established path at today's cost: a TCP packet
+//! looks in `CT_EST` first (forward, then reply) and only then in `CT`; other protocols
+//! look in `CT` only.
+//!
+//! TCP state (`zt_common::ct_tcp_next`) picks the idle timeout (`ct_timeout_s`): hours
+//! once established, a minute before, seconds once closed by FIN both ways or RST.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use zt_common::*;
 
 use crate::{
-    maps::{CT, ENDPOINTS},
+    maps::{CT, CT_EST, CT_STATS, ENDPOINTS},
     parse::{Flow, IPPROTO_TCP},
     policy::{Decision, Hook},
 };
+
+/// Where `lookup` found a packet's flow, and the time it read.
+pub struct Found {
+    /// Matched as the reply (reversed tuple).
+    pub reply: bool,
+    /// In `CT_EST` (else in `CT`).
+    pub est: bool,
+    pub now: u64,
+}
 
 #[inline(always)]
 pub fn forward_key(f: &Flow, hook: &Hook) -> CtKey {
@@ -31,32 +59,71 @@ fn reply_key(f: &Flow, hook: &Hook) -> CtKey {
     }
 }
 
+/// The key the flow's entry is stored under.
 #[inline(always)]
-fn fresh(cfg: &Config, proto: u8, v: *mut CtValue, now: u64) -> bool {
-    let timeout_s = if proto == IPPROTO_TCP { cfg.ct_tcp_timeout_s } else { cfg.ct_other_timeout_s };
-    let last = unsafe { (*v).last_seen_ns };
-    now.saturating_sub(last) < timeout_s as u64 * 1_000_000_000
+fn stored_key(f: &Flow, hook: &Hook, reply: bool) -> CtKey {
+    if reply {
+        reply_key(f, hook)
+    } else {
+        forward_key(f, hook)
+    }
 }
 
-/// The tracked flow of this packet (null if none), forward first, then as a reply
-/// (`reply` set). Expired entries are removed on the way.
-#[inline(never)]
-pub fn lookup(cfg: &Config, f: &Flow, hook: &Hook, now: u64, reply: &mut bool) -> *mut CtValue {
-    let fk = forward_key(f, hook);
-    if let Some(v) = CT.get_ptr_mut(&fk) {
-        if fresh(cfg, f.proto, v, now) {
-            *reply = false;
-            return v;
-        }
-        let _ = CT.remove(&fk);
+#[inline(always)]
+fn fresh(cfg: &Config, proto: u8, v: *mut CtValue, now: u64) -> bool {
+    let (last, state) = unsafe { ((*v).last_seen_ns, (*v).state) };
+    now.saturating_sub(last) < ct_timeout_s(cfg, proto, state) as u64 * 1_000_000_000
+}
+
+#[inline(always)]
+fn stat(s: CtStat) {
+    if let Some(p) = CT_STATS.get_ptr_mut(s as u32) {
+        unsafe { *p += 1 };
     }
+}
+
+/// A fresh entry of `$map` under `$key`, else null; an expired one is removed on the way.
+macro_rules! fresh_in {
+    ($map:expr, $cfg:expr, $proto:expr, $key:expr, $now:expr) => {
+        match $map.get_ptr_mut($key) {
+            Some(v) if fresh($cfg, $proto, v, $now) => v,
+            Some(_) => {
+                let _ = $map.remove($key);
+                core::ptr::null_mut()
+            }
+            None => core::ptr::null_mut(),
+        }
+    };
+}
+
+/// The tracked flow of this packet (null if none), forward first, then as a reply; TCP
+/// in `CT_EST` before `CT`. Expired entries are removed on the way.
+#[inline(never)]
+pub fn lookup(cfg: &Config, f: &Flow, hook: &Hook, found: &mut Found) -> *mut CtValue {
+    let now = found.now;
+    let fk = forward_key(f, hook);
     let rk = reply_key(f, hook);
-    if let Some(v) = CT.get_ptr_mut(&rk) {
-        if fresh(cfg, f.proto, v, now) {
-            *reply = true;
+    if f.proto == IPPROTO_TCP {
+        let v = fresh_in!(CT_EST, cfg, f.proto, &fk, now);
+        if !v.is_null() {
+            (found.reply, found.est) = (false, true);
             return v;
         }
-        let _ = CT.remove(&rk);
+        let v = fresh_in!(CT_EST, cfg, f.proto, &rk, now);
+        if !v.is_null() {
+            (found.reply, found.est) = (true, true);
+            return v;
+        }
+    }
+    let v = fresh_in!(CT, cfg, f.proto, &fk, now);
+    if !v.is_null() {
+        (found.reply, found.est) = (false, false);
+        return v;
+    }
+    let v = fresh_in!(CT, cfg, f.proto, &rk, now);
+    if !v.is_null() {
+        (found.reply, found.est) = (true, false);
+        return v;
     }
     core::ptr::null_mut()
 }
@@ -103,13 +170,22 @@ pub fn related(cfg: &Config, f: &Flow, hook: &Hook, now: u64) -> bool {
         _pad: 0,
         ifindex: hook.scope,
     };
-    let v = match CT.get_ptr_mut(&fwd) {
-        Some(v) => v,
-        None => match CT.get_ptr_mut(&rev) {
+    let mut v: *mut CtValue = core::ptr::null_mut();
+    if q.proto == IPPROTO_TCP {
+        v = match CT_EST.get_ptr_mut(&fwd) {
             Some(v) => v,
-            None => return false,
-        },
-    };
+            None => CT_EST.get_ptr_mut(&rev).unwrap_or(core::ptr::null_mut()),
+        };
+    }
+    if v.is_null() {
+        v = match CT.get_ptr_mut(&fwd) {
+            Some(v) => v,
+            None => match CT.get_ptr_mut(&rev) {
+                Some(v) => v,
+                None => return false,
+            },
+        };
+    }
     fresh(cfg, q.proto, v, now) && unsafe { (*v).epoch } == cfg.policy_epoch
 }
 
@@ -124,9 +200,9 @@ fn is_pod(addr: &[u8; 16]) -> bool {
 
 /// Forgets a flow whose allow was withdrawn.
 #[inline(never)]
-pub fn remove(f: &Flow, hook: &Hook, reply: bool) {
-    let k = if reply { reply_key(f, hook) } else { forward_key(f, hook) };
-    let _ = CT.remove(&k);
+pub fn remove(f: &Flow, hook: &Hook, found: &Found) {
+    let k = stored_key(f, hook, found.reply);
+    let _ = if found.est { CT_EST.remove(&k) } else { CT.remove(&k) };
 }
 
 /// After a re-verification under a new epoch: the flow's identities and rule may have
@@ -142,16 +218,51 @@ pub fn reverified(v: *mut CtValue, epoch: u32, d: &Decision) {
     }
 }
 
-/// Refreshes last-seen at most once a second to keep writes off the hot path.
-#[inline(always)]
-pub fn touch(v: *mut CtValue, now: u64) {
-    unsafe {
-        if now.saturating_sub((*v).last_seen_ns) > 1_000_000_000 {
-            (*v).last_seen_ns = now;
+/// After a tracked packet passed: its TCP flags move the state, last-seen is refreshed
+/// (at most once a second, to keep writes off the hot path), and a flow that just became
+/// established moves to `CT_EST`, one that closed moves back to `CT`. An established
+/// segment without FIN/RST writes nothing but the once-a-second refresh. Called last:
+/// after a move `v` points to a deleted element.
+#[inline(never)]
+pub fn update(f: &Flow, hook: &Hook, v: *mut CtValue, found: &Found) {
+    let now = found.now;
+    let old = unsafe { (*v).state };
+    let stale = now.saturating_sub(unsafe { (*v).last_seen_ns }) > 1_000_000_000;
+    if stale {
+        unsafe { (*v).last_seen_ns = now };
+    }
+    if f.proto != IPPROTO_TCP {
+        return;
+    }
+    let state = ct_tcp_next(old, f.tcp_flags, found.reply);
+    if state == old && !stale {
+        return;
+    }
+    unsafe { (*v).state = state };
+    let st = state & CT_STATE_MASK;
+    if found.est && st == CT_TCP_CLOSED {
+        // Closed: back to the LRU for its last seconds, off the protected map.
+        let key = stored_key(f, hook, found.reply);
+        let val = unsafe { *v };
+        if CT.insert(&key, &val, 0).is_ok() {
+            let _ = CT_EST.remove(&key);
+            stat(CtStat::Demoted);
+        }
+    } else if !found.est && st == CT_TCP_ESTABLISHED {
+        // Established (or still waiting for room: retried at most once a second).
+        let key = stored_key(f, hook, found.reply);
+        let val = unsafe { *v };
+        if CT_EST.insert(&key, &val, 0).is_ok() {
+            let _ = CT.remove(&key);
+            stat(CtStat::Promoted);
+        } else {
+            stat(CtStat::EstablishedFull);
         }
     }
 }
 
+/// A new allowed flow, in `CT` (its handshake promotes it). Should the insert fail, the
+/// flow's replies are judged as new flows (fail closed) and the failure is counted.
 #[inline(never)]
 pub fn create(f: &Flow, hook: &Hook, epoch: u32, d: &Decision) {
     let now = unsafe { bpf_ktime_get_ns() };
@@ -164,10 +275,10 @@ pub fn create(f: &Flow, hook: &Hook, epoch: u32, d: &Decision) {
         rule_id: d.rule_id,
         policy_port: f.policy_port,
         reason: d.reason as u8,
-        _pad: 0,
+        state: if f.proto == IPPROTO_TCP { ct_tcp_next(0, f.tcp_flags, false) } else { 0 },
         peer_if: d.peer_if,
     };
-    // LRU: inserting evicts the oldest entry when full. Should it still fail, the
-    // flow's replies are judged as new flows: fail closed.
-    let _ = CT.insert(&forward_key(f, hook), &v, 0);
+    if CT.insert(&forward_key(f, hook), &v, 0).is_err() {
+        stat(CtStat::CreateFailed);
+    }
 }

@@ -91,16 +91,17 @@ fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow, dns_work: &mut dns::Work) ->
         }
     }
     let mut d = Decision { allow: false, reason: Reason::DropPolicyDefault, local_id: 0, peer_id: 0, rule_id: 0, peer_if: 0 };
-    let mut reply = false;
-    let ct = conntrack::lookup(cfg, f, hook, now, &mut reply);
+    let mut found = conntrack::Found { reply: false, est: false, now };
+    let ct = conntrack::lookup(cfg, f, hook, &mut found);
     if !ct.is_null() {
+        let reply = found.reply;
         if unsafe { (*ct).epoch } != cfg.policy_epoch {
             // The policy changed since this flow was admitted: judge it again as the
             // flow it is (its original direction and port).
             let (odir, port) = if reply { (dir ^ 1, unsafe { (*ct).policy_port }) } else { (dir, f.policy_port) };
             policy::decide(cfg, hook, f, &Judged { dir: odir, port, tracked: true }, &mut d);
             if !d.allow {
-                conntrack::remove(f, hook, reply);
+                conntrack::remove(f, hook, &found);
                 d.reason = Reason::DropRevoked;
                 return drop_judged(cfg, hook, f, &d);
             }
@@ -109,7 +110,6 @@ fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow, dns_work: &mut dns::Work) ->
         if policy::spoofed_from(hook, unsafe { (*ct).peer_if }) {
             return drop_unjudged(cfg, hook, f, Reason::DropSpoofedSource);
         }
-        conntrack::touch(ct, now);
         note_first_fragment(f, hook, now);
         // DNS on a tracked flow, whichever side opened it (a packet from the resolver's
         // address before the query must not make the answer unlearnable): a query is
@@ -118,6 +118,8 @@ fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow, dns_work: &mut dns::Work) ->
             let ids = dns::Ids { local: unsafe { (*ct).local_id }, peer: unsafe { (*ct).peer_id } };
             *dns_work = dns_work_of(f, hook, &ids);
         }
+        // Last: TCP state, last-seen, and a move between the conntrack maps.
+        conntrack::update(f, hook, ct, &found);
         verdict::count(dir, if reply { Reason::AllowReply } else { Reason::AllowEstablished });
         return true;
     }

@@ -27,9 +27,19 @@ pub static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(DEFAULT_POL
 #[map(name = "ZT_TUNNELS")]
 pub static TUNNELS: aya_ebpf::maps::HashMap<u32, u32> = aya_ebpf::maps::HashMap::pinned(TUNNELS_MAX, 0);
 
-/// Tracked flows; LRU so that state stays bounded.
+/// Tracked flows that are not established TCP (new TCP, closed TCP, UDP, ICMP, other):
+/// LRU, so that new flows always find room (evicting the least recently used of these).
 #[map(name = "ZT_CT")]
 pub static CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(DEFAULT_CT_MAX, 0);
+
+/// Established TCP flows: a plain hash that nothing evicts (the agent's GC deletes expired
+/// entries); when full, a newly established flow stays in `CT` (see conntrack.rs).
+#[map(name = "ZT_CT_EST")]
+pub static CT_EST: aya_ebpf::maps::HashMap<CtKey, CtValue> = aya_ebpf::maps::HashMap::pinned(DEFAULT_CT_EST_MAX, 0);
+
+/// Conntrack events (`CtStat`): promotions, refusals, demotions, failed inserts.
+#[map(name = "ZT_CT_STATS")]
+pub static CT_STATS: PerCpuArray<u64> = PerCpuArray::pinned(CT_STAT_SLOTS, 0);
 
 /// First fragments that were allowed, so that their later fragments pass.
 #[map(name = "ZT_FRAGS")]
@@ -103,13 +113,11 @@ pub static DNS_SCRATCH_MAP: PerCpuArray<crate::dns::Scratch> = PerCpuArray::with
 
 /// Frontend -> backend set (id, count, affinity).
 #[map(name = "ZT_SVC_FRONTENDS")]
-pub static SVC_FRONTENDS: aya_ebpf::maps::HashMap<SvcFrontendKey, SvcFrontendValue> =
-    aya_ebpf::maps::HashMap::pinned(DEFAULT_SVC_FRONTENDS_MAX, 0);
+pub static SVC_FRONTENDS: aya_ebpf::maps::HashMap<SvcFrontendKey, SvcFrontendValue> = aya_ebpf::maps::HashMap::pinned(DEFAULT_SVC_FRONTENDS_MAX, 0);
 
 /// (backend set, slot) -> backend address and port.
 #[map(name = "ZT_SVC_BACKENDS")]
-pub static SVC_BACKENDS: aya_ebpf::maps::HashMap<SvcBackendKey, SvcBackendValue> =
-    aya_ebpf::maps::HashMap::pinned(DEFAULT_SVC_BACKENDS_MAX, 0);
+pub static SVC_BACKENDS: aya_ebpf::maps::HashMap<SvcBackendKey, SvcBackendValue> = aya_ebpf::maps::HashMap::pinned(DEFAULT_SVC_BACKENDS_MAX, 0);
 
 /// (socket, backend) -> the frontend it was translated from.
 #[map(name = "ZT_SVC_REVNAT")]

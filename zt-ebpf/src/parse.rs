@@ -44,6 +44,8 @@ pub struct Flow {
     pub icmp_tag: u8,
     /// What policy matches as the port: dport, or the ICMP type.
     pub policy_port: u16,
+    /// TCP header flags (FIN, SYN, RST, ACK, ...), 0 for other protocols.
+    pub tcp_flags: u8,
     pub frag: Frag,
     pub frag_id: u32,
     /// The protocol fragment records are keyed on, the same for every fragment of a
@@ -103,6 +105,7 @@ impl Flow {
             proto: 0,
             icmp_tag: 0,
             policy_port: 0,
+            tcp_flags: 0,
             frag: Frag::None,
             frag_id: 0,
             frag_proto: 0,
@@ -296,12 +299,19 @@ fn l4(ctx: &TcContext, off: usize, flow: &mut Flow, v6: bool) -> Result<(), ()> 
     let len = ctx.len() as usize;
     flow.l4_off = off as u16;
     match flow.proto {
-        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
-            let min = match flow.proto {
-                IPPROTO_TCP => 20,
-                IPPROTO_UDP => 8,
-                _ => 12,
-            };
+        IPPROTO_TCP => {
+            if off + 20 > len {
+                return Err(());
+            }
+            // Ports, sequence and acknowledgement numbers, offset and flags: one load.
+            let h: [u8; 14] = load(ctx, off)?;
+            flow.sport = u16::from_be_bytes([h[0], h[1]]);
+            flow.dport = u16::from_be_bytes([h[2], h[3]]);
+            flow.tcp_flags = h[13];
+            flow.policy_port = flow.dport;
+        }
+        IPPROTO_UDP | IPPROTO_SCTP => {
+            let min = if flow.proto == IPPROTO_UDP { 8 } else { 12 };
             if off + min > len {
                 return Err(());
             }

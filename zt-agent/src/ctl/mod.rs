@@ -141,31 +141,45 @@ pub struct CtRow {
     pub dst: String,
     pub local: String,
     pub peer: String,
+    /// `tcp-syn`, `tcp-established`, `tcp-closing`, `tcp-closed`, `udp`, `icmp`, `other`.
+    pub state: String,
+    /// The map holding it: `ZT_CT_EST` (established TCP, never evicted) or `ZT_CT` (LRU).
+    pub map: String,
     pub age_s: u64,
     pub idle_s: u64,
+    /// Seconds left before it expires unless a packet refreshes it (the state's timeout
+    /// in ZT_CONFIG minus idle time).
+    pub expires_in_s: u64,
     pub epoch: u32,
     pub reason: String,
 }
 
+/// Every tracked flow of both conntrack maps, established ones first.
 pub fn ct(maps: &PinnedMaps, snap: &Snapshot) -> Result<Vec<CtRow>> {
     let now = monotonic_ns();
+    let cfg = maps.read_config()?;
     let mut rows = vec![];
-    for item in maps.ct.iter() {
-        let (k, v) = item?;
-        let (s, d) = (from_key(k.saddr), from_key(k.daddr));
-        let fmt = |ip: IpAddr, port: u16| if ip.is_ipv6() { format!("[{ip}]:{port}") } else { format!("{ip}:{port}") };
-        rows.push(CtRow {
-            direction: direction_name(k.dir).into(),
-            proto: proto_name(k.proto),
-            src: fmt(s, k.sport),
-            dst: fmt(d, k.dport),
-            local: snap.identity_name(v.local_id),
-            peer: snap.identity_name(v.peer_id),
-            age_s: now.saturating_sub(v.created_ns) / 1_000_000_000,
-            idle_s: now.saturating_sub(v.last_seen_ns) / 1_000_000_000,
-            epoch: v.epoch,
-            reason: Reason::from_u8(v.reason).map(|r| r.name()).unwrap_or("?").into(),
-        });
+    for (map, name) in [(&maps.ct_est, MAP_CT_EST), (&maps.ct, MAP_CT)] {
+        for item in map.iter() {
+            let (k, v) = item?;
+            let (s, d) = (from_key(k.saddr), from_key(k.daddr));
+            let fmt = |ip: IpAddr, port: u16| if ip.is_ipv6() { format!("[{ip}]:{port}") } else { format!("{ip}:{port}") };
+            rows.push(CtRow {
+                direction: direction_name(k.dir).into(),
+                proto: proto_name(k.proto),
+                src: fmt(s, k.sport),
+                dst: fmt(d, k.dport),
+                local: snap.identity_name(v.local_id),
+                peer: snap.identity_name(v.peer_id),
+                state: ct_state_name(k.proto, v.state).into(),
+                map: name.into(),
+                age_s: now.saturating_sub(v.created_ns) / 1_000_000_000,
+                idle_s: now.saturating_sub(v.last_seen_ns) / 1_000_000_000,
+                expires_in_s: crate::conntrack_gc::ct_remaining_s(&cfg, k.proto, &v, now),
+                epoch: v.epoch,
+                reason: Reason::from_u8(v.reason).map(|r| r.name()).unwrap_or("?").into(),
+            });
+        }
     }
     Ok(rows)
 }

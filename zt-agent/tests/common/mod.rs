@@ -61,17 +61,18 @@ pub struct Dp {
     pub _fs: Bpffs,
 }
 
+/// The agent's defaults (conntrack timeouts from `CtSettings`), events unthrottled.
 pub fn config() -> Config {
-    Config {
+    let mut c = Config {
         flags: CONFIG_READY | CONFIG_ALLOW_HOST,
         policy_epoch: 1,
-        ct_tcp_timeout_s: 3600,
-        ct_other_timeout_s: 60,
         events_per_sec: 1_000_000,
         events_burst: 1_000_000,
         frag_timeout_s: 5,
-        _pad: 0,
-    }
+        ..Default::default()
+    };
+    zt_agent::conntrack_gc::CtSettings::default().write_into(&mut c);
+    c
 }
 
 impl Dp {
