@@ -526,6 +526,7 @@ impl Agent {
                         if self.config.flags & CONFIG_READY != 0 {
                             self.pending_bump = true;
                             self.write_config()?;
+                            self.metrics.lock().unwrap().policy_epoch = self.config.policy_epoch;
                         }
                         return Ok(());
                     }
