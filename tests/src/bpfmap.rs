@@ -9,6 +9,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_NOEXIST: u64 = 1;
@@ -69,16 +70,34 @@ impl PinnedMap {
         bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
     }
 
+    pub fn remove(&self, key: &[u8]) -> std::io::Result<()> {
+        let mut attr = Attr::new();
+        attr.u32_at(0, self.fd.as_raw_fd() as u32).u64_at(8, key.as_ptr() as u64);
+        bpf(BPF_MAP_DELETE_ELEM, &mut attr).map(|_| ())
+    }
+
+    /// The `n`th key `fill_lpm` writes.
+    fn filler_key(&self, n: usize) -> Vec<u8> {
+        let mut key = vec![0xeeu8; self.key_size as usize];
+        key[..4].copy_from_slice(&(((self.key_size - 4) * 8) as u32).to_ne_bytes());
+        key[4..8].copy_from_slice(&(n as u32).to_be_bytes());
+        key
+    }
+
+    /// Removes the `n` entries `fill_lpm` wrote.
+    pub fn unfill_lpm(&self, n: usize) -> Result<()> {
+        for i in 0..n {
+            self.remove(&self.filler_key(i)).with_context(|| format!("removing filler entry {i}"))?;
+        }
+        Ok(())
+    }
+
     /// Fills an LPM trie with full-length entries no lookup can hit (key bytes 0xee plus
     /// a counter, value zero) until it refuses one; returns how many went in.
     pub fn fill_lpm(&self) -> Result<usize> {
-        let data_len = self.key_size as usize - 4;
         let value = vec![0u8; self.value_size as usize];
         for n in 0..=self.max_entries as usize {
-            let mut key = vec![0xeeu8; self.key_size as usize];
-            key[..4].copy_from_slice(&((data_len * 8) as u32).to_ne_bytes());
-            key[4..8].copy_from_slice(&(n as u32).to_be_bytes());
-            if let Err(e) = self.insert(&key, &value) {
+            if let Err(e) = self.insert(&self.filler_key(n), &value) {
                 if matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::E2BIG)) {
                     return Ok(n);
                 }

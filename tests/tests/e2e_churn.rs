@@ -162,6 +162,7 @@ fn an_apply_failing_midway_rejudges_tracked_flows() {
     assert!(filled > 0 && (filled as f64) + m0.val("zt_map_entries", &[("map", "ZT_POLICY")]) == 64.0, "filled {filled}");
     assert!(flow.roundtrip(ALLOWED), "junk entries change no verdict");
 
+    let old_b = identity_of(&bed, "default/b");
     bed.write("pod-b.yaml", &pod_b_with("    rev: \"2\"\n"));
     bed.wait_until("the failed apply counted", || bed.metrics().val("zt_map_errors_total", &[]) >= 1.0);
     let m1 = bed.metrics();
@@ -169,4 +170,19 @@ fn an_apply_failing_midway_rejudges_tracked_flows() {
     assert!(!flow.roundtrip(Duration::from_millis(500)), "the tracked flow is re-judged against the half-applied state");
     let log = bed.agent.log();
     assert!(log.contains("failed midway") && log.contains("writing ZT_POLICY"), "{}", tail(&log, 20));
+
+    // b's old number is released but entries still name it: quarantined, not reusable.
+    let quarantined = || -> Vec<u64> {
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(bed.agent.state_dir.join("identities.json")).unwrap()).unwrap();
+        v["quarantined"].as_array().map(|a| a.iter().map(|n| n.as_u64().unwrap()).collect()).unwrap_or_default()
+    };
+    assert_ne!(identity_of(&bed, "default/b"), old_b, "b's endpoint already carries its new identity");
+    assert_eq!(quarantined(), vec![old_b]);
+    let names_old = || bed.ztctl_json(&["policy"]).as_array().unwrap().iter().any(|r| r["local_id"].as_u64() == Some(old_b) || r["peer_id"].as_u64() == Some(old_b));
+    assert!(names_old(), "the old entries are still in the map");
+    // Room again: the apply completes, removes the old entries, the number is free.
+    map.unfill_lpm(filled).unwrap();
+    bed.wait_until("the quarantine lifted", || quarantined().is_empty());
+    assert!(!names_old(), "no entry names the released number any more");
+    bed.wait_until("a -> b (new identity) tcp/7000 allowed again", || echo_ok(&bed, &a, &b4, 7000));
 }
