@@ -169,7 +169,7 @@ fn an_apply_failing_midway_rejudges_tracked_flows() {
     assert!(m1.val("zt_policy_epoch", &[]) > m0.val("zt_policy_epoch", &[]), "a failed apply bumps the epoch");
     assert!(!flow.roundtrip(Duration::from_millis(500)), "the tracked flow is re-judged against the half-applied state");
     let log = bed.agent.log();
-    assert!(log.contains("failed midway") && log.contains("writing ZT_POLICY"), "{}", tail(&log, 20));
+    assert!(log.contains("applying the policy to the maps failed") && log.contains("writing ZT_POLICY"), "{}", tail(&log, 20));
 
     // b's old number is released but entries still name it: quarantined, not reusable.
     let quarantined = || -> Vec<u64> {

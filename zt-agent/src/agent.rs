@@ -517,7 +517,7 @@ impl Agent {
                         let msg = format!("{e:#}");
                         if self.last_apply_error.as_deref() != Some(&msg) {
                             self.metrics.lock().unwrap().map_errors_total += 1;
-                            log::error!("applying the policy to the maps failed midway; tracked flows are re-judged against what the maps hold: {msg}");
+                            log::error!("applying the policy to the maps failed (what was written before the error stays; tracked flows are re-judged against it): {msg}");
                             self.last_apply_error = Some(msg);
                         }
                         // The maps may hold a mix of old and new entries: every tracked
@@ -531,9 +531,9 @@ impl Agent {
                         return Ok(());
                     }
                 };
-                self.release_quarantined()?;
                 self.dirty = false;
                 self.clear_freed_slots()?;
+                self.release_quarantined()?;
             }
             self.write_config()?;
             let hooked_before = self.datapath.hooked_ifindexes();

@@ -138,7 +138,7 @@ pub fn render_with(m: &AgentMetrics, maps: Option<&PinnedMaps>, fqdn: Option<&Fq
     }
     line(&mut o, "1 if the last policy load succeeded.", "gauge", "zt_policy_last_load_ok");
     let _ = writeln!(o, "zt_policy_last_load_ok {}", m.policy_last_load_ok as u8);
-    line(&mut o, "Failed map updates (map full or kernel error); nothing is half-applied.", "counter", "zt_map_errors_total");
+    line(&mut o, "Failed map applies (an endpoint, CIDR or DNS server map full, or a write the kernel refused); what was written stays and the epoch is bumped.", "counter", "zt_map_errors_total");
     let _ = writeln!(o, "zt_map_errors_total {}", m.map_errors_total);
     line(&mut o, "Numeric security identities known.", "gauge", "zt_identities");
     let _ = writeln!(o, "zt_identities {}", m.identities);

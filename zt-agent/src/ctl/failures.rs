@@ -46,3 +46,24 @@ pub fn table_row(r: &FailureRow) -> String {
     let or_dash = |v: &[String]| if v.is_empty() { "-".to_string() } else { v.join(",") };
     format!("{:<44} {:<40} {:<40} {}", r.object, or_dash(&r.identities), or_dash(&r.pods), r.error)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Failure, IdentityInfo, PodRef};
+
+    #[test]
+    fn rows_name_identities_and_their_pods() {
+        let mut snap = Snapshot::default();
+        snap.identities.insert(300, IdentityInfo { id: 300, spiffe_id: "spiffe://td/ns/a/sa/web".into(), labels: Default::default() });
+        for (ip, name) in [("10.0.0.1", "web-1"), ("10.0.0.2", "web-2"), ("10.0.0.3", "db")] {
+            snap.pods.insert(ip.parse().unwrap(), PodRef { namespace: "a".into(), name: name.into() });
+        }
+        snap.failures.push(Failure { object: "ZeroTrustPolicy a/web-out".into(), error: "boom".into(), identities: [300, 301].into() });
+        let r = rows(&snap, |ip| if ip.to_string() == "10.0.0.3" { 302 } else { 300 });
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].identities, ["300 (spiffe://td/ns/a/sa/web)", "301"]);
+        assert_eq!(r[0].pods, ["a/web-1", "a/web-2"]);
+        assert!(table_row(&r[0]).starts_with("ZeroTrustPolicy a/web-out"));
+    }
+}
