@@ -136,6 +136,7 @@ fn a_full_map_fails_closed_for_what_does_not_fit_and_applies_the_rest() {
     let m = bed.metrics();
     assert_eq!(m.val("zt_map_entries", &[("map", "ZT_POLICY")]), 4.0);
     assert_eq!(m.val("zt_policy_failed_identities", &[("kind", "map"), ("namespace", ""), ("name", "ZT_POLICY")]), 1.0);
+    promtool_check(&bed.agent.metrics().unwrap());
     // c: isolated both ways, no entries.
     let eps = bed.ztctl_json(&["endpoints"]);
     for e in eps.as_array().unwrap().iter().filter(|e| e["pod"] == "default/c") {
