@@ -1421,3 +1421,22 @@ fn a_pod_with_a_bad_address_is_left_out_alone() {
     assert!(d.endpoints.values().all(|e| e.pod.as_ref().is_none_or(|p| p.name != "broken")));
     assert_eq!(d.endpoints.values().filter(|e| e.pod.is_some()).count(), 5);
 }
+
+#[test]
+fn a_quarantined_pod_keeps_only_its_host_probes() {
+    let probed = "---\napiVersion: v1\nkind: Pod\nmetadata: {name: probed, namespace: default, labels: {app: probed}}\n\
+                  spec:\n  nodeName: node-a\n  serviceAccountName: probed\n  containers:\n  - name: c\n    ports: [{name: http, containerPort: 8080}]\n\
+                  \x20   readinessProbe: {httpGet: {port: http}}\n\
+                  status: {phase: Running, podIP: 10.0.0.9}\n";
+    let allow = np("default", "probed-in", "  podSelector: {matchLabels: {app: probed}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: web}}}]}]\n");
+    let bad = ztp("default", "bad", "  subjects: [{podSelector: {matchLabels: {app: probed}}}]\n  egress: [{to: [{spiffeId: spiffe://other.td/ns/prod/sa/api}]}]\n");
+    let d = run(&format!("{probed}{allow}{bad}"));
+    let p = id(&d, "probed");
+    assert_eq!(d.failures[0].identities, BTreeSet::from([p]));
+    let entries = entries_of(&d, p);
+    let allows: Vec<(u32, u8, u16)> = entries.iter().filter(|e| e.1 .0 == A).map(|e| (e.0 .2, e.0 .3, e.0 .5)).collect();
+    assert_eq!(allows, vec![(IDENTITY_HOST, I, 8080)], "only the host's probe port: {entries:?}");
+    // Under --host-access none, nothing at all.
+    let d = try_run(&format!("{probed}{allow}{bad}"), &CompileConfig { host_access: HostAccess::None, ..cfg() }).unwrap();
+    assert!(entries_of(&d, id(&d, "probed")).is_empty());
+}
