@@ -29,6 +29,7 @@ pub mod agent;
 pub mod apiserver;
 pub mod attack;
 pub mod bins;
+pub mod bpfmap;
 pub mod dns;
 pub mod manifest;
 pub mod probe;

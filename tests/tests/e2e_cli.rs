@@ -2,7 +2,6 @@
 //! that move with real drops) and ztctl against a live datapath.
 mod common;
 
-use std::io::Write;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -14,24 +13,6 @@ const SLEEP: &str = "spiffe://cluster.local/ns/default/sa/sleep";
 const HTTPBIN: &str = "spiffe://cluster.local/ns/default/sa/httpbin";
 const NOTSLEEP: &str = "spiffe://cluster.local/ns/default/sa/notsleep";
 
-
-fn promtool_check(text: &str) {
-    let mut child = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus, installed by `cargo xtask setup`)");
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}\n--- metrics:\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 #[test]
 fn metrics_are_valid_and_count_drops() {

@@ -408,30 +408,6 @@ fn agent_restart_with_bad_manifests_keeps_pinned_state() {
     assert_eq!(bed.metrics().val("zt_policy_last_load_ok", &[]), 1.0);
 }
 
-/// A policy that would overflow a map is refused before anything is written: an error
-/// in the log and `zt_map_errors_total`, and the previous state stays enforced.
-#[test]
-fn map_full_keeps_previous_state() {
-    // Three policy entries fit: sleep -> httpbin TCP 80 (egress of one, ingress of the
-    // other) and sleep -> the httpbin Service untranslated (port 8000, its only backend).
-    let bed = bed("e2e-demo", &[("10-deny.yaml", &deny_all("default")), ("20-allow.yaml", &allow_tcp("web", "sleep", "httpbin", &[80]))], &["--policy-max", "3"]);
-    let sleep = pod("default", "sleep");
-    let httpbin = tgt("default", "httpbin", Family::V4);
-    assert!(bed.probe(&sleep, &httpbin, Proto::Tcp, 80).is_ok());
-    assert_eq!(bed.metrics().val("zt_map_errors_total", &[]), 0.0);
-    // Two more ports need four more entries: over capacity.
-    bed.write("20-allow.yaml", &allow_tcp("web", "sleep", "httpbin", &[80, 81, 7000]));
-    bed.wait_until("map error reported", || bed.metrics().val("zt_map_errors_total", &[]) >= 1.0);
-    let log = bed.agent.log();
-    assert!(log.contains("ZT_POLICY full") && log.contains("previous state stays enforced"), "{}", tail(&log, 10));
-    assert!(bed.probe(&sleep, &httpbin, Proto::Tcp, 80).is_ok(), "the old allow still holds");
-    assert!(!bed.probe(&sleep, &httpbin, Proto::Tcp, 81).is_ok(), "nothing of the refused state applied");
-    assert_eq!(bed.metrics().val("zt_map_entries", &[("map", "ZT_POLICY")]), 3.0);
-    // One failure, one count: the retries of the same state do not inflate it.
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(bed.metrics().val("zt_map_errors_total", &[]), 1.0);
-}
-
 /// A pod that leaves the manifests while its interface still exists (terminating, or a
 /// stale source) keeps its hook: its traffic fails closed instead of running unenforced.
 #[test]

@@ -20,15 +20,15 @@ pub mod cni;
 use crate::{
     compile::{compile_with_slots, CompileConfig, EnforcementMode, FqdnSlots, HostAccess},
     events::{EventRecord, Snapshot},
-    identity::IdentityAllocator,
+    identity::{IdentityAllocator, LabelFilter},
     loader::{ensure_fqdn_config, Datapath, FqdnSettings, MapSizes},
     metrics::{self, Shared},
     model::ClusterState,
     net,
     pins::{capacity, PinnedMaps},
     source::{PolicySource, SourceEvent, WatchCache},
-    state::Desired,
-    sync::{apply, clear_learned, withdraws, Capacities, Contents},
+    state::{Desired, Failure},
+    sync::{apply, clear_learned, fit, withdraws, Capacities, Contents},
 };
 
 /// FQDN policy settings of the node (flags `--fqdn-*`).
@@ -75,6 +75,8 @@ pub struct AgentOptions {
     pub service_cidrs: Vec<crate::state::Cidr>,
     /// Which pod sockets on a removed backend are destroyed (`--service-destroy-stale-sockets`).
     pub service_destroy: crate::services::destroy::Scope,
+    /// Pod label keys left out of identities (`--identity-exclude-labels`).
+    pub identity_labels: LabelFilter,
 }
 
 struct Agent {
@@ -90,6 +92,10 @@ struct Agent {
     fqdn_hash_key: [u64; 2],
     /// The last compile's warnings (written to last-error once).
     warnings: Vec<String>,
+    /// What the last compile failed closed, and what did not fit the maps (reported
+    /// when they change).
+    failures: Vec<Failure>,
+    map_failures: Vec<Failure>,
     /// ZT_FQDN_LEARNED was checked against the slots since the start.
     learned_checked: bool,
     cluster: Option<ClusterState>,
@@ -244,6 +250,8 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         slots,
         fqdn_hash_key: fqdn_config.hash_key,
         warnings: Vec::new(),
+        failures: Vec::new(),
+        map_failures: Vec::new(),
         learned_checked: false,
         cluster: None,
         watch,
@@ -433,6 +441,7 @@ impl Agent {
                 dns_addresses: self.opts.fqdn.dns_addresses.clone(),
                 host_access: self.opts.host_access,
                 dns_backends: crate::services::backend_addresses(&services, self.opts.fqdn.dns_service.as_ref()),
+                identity_labels: self.opts.identity_labels.clone(),
             };
             let t = Instant::now();
             match compile_with_slots(cluster, &cfg, &mut self.ids, &mut self.slots) {
@@ -451,12 +460,18 @@ impl Agent {
                     drop(m);
                     self.ids.save(self.opts.state_dir.join("identities.json"))?;
                     self.slots.save(self.opts.state_dir.join("fqdn-slots.json")).map_err(anyhow::Error::msg)?;
+                    if d.failures != self.failures || d.warnings != self.warnings {
+                        self.failures = d.failures.clone();
+                        self.report_failures(&d.warnings);
+                    }
                     if d.warnings != self.warnings {
                         for w in &d.warnings {
                             log::warn!("policy: {w}");
                         }
                         let path = self.opts.state_dir.join("last-error");
-                        if !d.warnings.is_empty() {
+                        if !self.failures.is_empty() || !self.map_failures.is_empty() {
+                            // report_failures wrote it, warnings included.
+                        } else if !d.warnings.is_empty() {
                             let text: String = d.warnings.iter().map(|w| format!("warning: {w}\n")).collect();
                             let _ = std::fs::write(&path, text);
                         } else if std::fs::read_to_string(&path).is_ok_and(|t| t.starts_with("warning: ")) {
@@ -504,6 +519,9 @@ impl Agent {
                 want.set_cgroups(&self.cgroup_of);
                 self.cni.overlay(&mut want, Some(desired));
                 self.only_hooked(&mut want);
+                // Identities a full map cannot hold fail closed; the rest goes in.
+                let overflow = fit(&self.have, &mut want, &self.caps);
+                self.set_map_failures(overflow);
                 // Remembered until the epoch is written, even if this apply fails halfway.
                 self.pending_bump |= withdraws(&self.have, &want);
                 match apply(&mut self.maps, &mut self.have, &want, &self.caps) {
@@ -517,14 +535,23 @@ impl Agent {
                         let msg = format!("{e:#}");
                         if self.last_apply_error.as_deref() != Some(&msg) {
                             self.metrics.lock().unwrap().map_errors_total += 1;
-                            log::error!("applying the policy to the maps failed, the previous state stays enforced: {msg}");
+                            log::error!("applying the policy to the maps failed (what was written before the error stays; tracked flows are re-judged against it): {msg}");
                             self.last_apply_error = Some(msg);
+                        }
+                        // The maps may hold a mix of old and new entries: every tracked
+                        // flow is judged again against them (new epoch). Before the first
+                        // full state the datapath stays not-ready instead.
+                        if self.config.flags & CONFIG_READY != 0 {
+                            self.pending_bump = true;
+                            self.write_config()?;
+                            self.metrics.lock().unwrap().policy_epoch = self.config.policy_epoch;
                         }
                         return Ok(());
                     }
                 };
                 self.dirty = false;
                 self.clear_freed_slots()?;
+                self.release_quarantined()?;
             }
             self.write_config()?;
             let hooked_before = self.datapath.hooked_ifindexes();
@@ -621,6 +648,61 @@ impl Agent {
             self.slots.save(self.opts.state_dir.join("fqdn-slots.json")).map_err(anyhow::Error::msg)?;
         }
         Ok(())
+    }
+
+    /// Released identity numbers go back to the free pool once no entry of the maps
+    /// names them (until then a new identity could inherit a stale entry).
+    fn release_quarantined(&mut self) -> Result<()> {
+        if self.ids.quarantined().is_empty() {
+            return Ok(());
+        }
+        let named = self.have.named_identities();
+        let freed = self.ids.release_unnamed(|n| named.contains(&n));
+        if !freed.is_empty() {
+            log::debug!("identity numbers {freed:?} no longer named by any map entry: free for reuse");
+            self.ids.save(self.opts.state_dir.join("identities.json"))?;
+        }
+        Ok(())
+    }
+
+    /// What `fit` left out, as failures; logged and reported when it changes.
+    fn set_map_failures(&mut self, overflow: Vec<crate::sync::Overflow>) {
+        let failures: Vec<Failure> = overflow
+            .into_iter()
+            .map(|o| Failure {
+                object: format!("map {}", o.map),
+                error: format!(
+                    "map {} full: the policy needs {} entries, capacity is {}; identities {:?} left out and isolated (raise the map size flag)",
+                    o.map, o.needed, o.capacity, o.identities
+                ),
+                identities: o.identities,
+            })
+            .collect();
+        if failures != self.map_failures {
+            self.map_failures = failures;
+            let warnings = self.warnings.clone();
+            self.report_failures(&warnings);
+        }
+    }
+
+    /// Logs every failure, writes them (and `warnings`) to last-error, and counts them.
+    fn report_failures(&mut self, warnings: &[String]) {
+        let all: Vec<&Failure> = self.failures.iter().chain(&self.map_failures).collect();
+        for f in &all {
+            log::error!("failed closed for identities {:?}: {}", f.identities, f.error);
+        }
+        let path = self.opts.state_dir.join("last-error");
+        if !all.is_empty() {
+            let mut text: String = all.iter().map(|f| format!("error: {} (identities {:?} fail closed)\n", f.error, f.identities)).collect();
+            text.extend(warnings.iter().map(|w| format!("warning: {w}\n")));
+            let _ = std::fs::write(&path, text);
+        } else if std::fs::read_to_string(&path).is_ok_and(|t| t.starts_with("error: ")) {
+            // Ours are gone; a rejection (no prefix) stays until replaced.
+            let text: String = warnings.iter().map(|w| format!("warning: {w}\n")).collect();
+            let _ = if text.is_empty() { std::fs::remove_file(&path) } else { std::fs::write(&path, text) };
+        }
+        let mut m = self.metrics.lock().unwrap();
+        m.policy_failures = all.iter().map(|f| (f.object.clone(), f.identities.len())).collect();
     }
 
     /// An endpoint names its interface only once that interface carries both hooks;
@@ -758,14 +840,11 @@ impl Agent {
             rules: desired.rules.clone(),
             fqdn_slots: desired.fqdn_slots.clone(),
             services: self.services.clone(),
+            failures: self.failures.iter().chain(&self.map_failures).cloned().collect(),
         };
         let changed = {
             let cur = self.snapshot.read().unwrap();
-            cur.identities != snap.identities
-                || cur.pods != snap.pods
-                || cur.rules != snap.rules
-                || cur.fqdn_slots != snap.fqdn_slots
-                || cur.services != snap.services
+            cur.identities != snap.identities || cur.pods != snap.pods || cur.rules != snap.rules || cur.fqdn_slots != snap.fqdn_slots || cur.services != snap.services || cur.failures != snap.failures
         };
         if changed {
             let path = self.opts.state_dir.join("state.json");

@@ -26,6 +26,9 @@ pub struct Snapshot {
     /// Service frontends and their backends as this node sees them (`ztctl services`).
     #[serde(default, skip_serializing_if = "crate::services::ServiceTable::is_empty")]
     pub services: crate::services::ServiceTable,
+    /// Objects that failed closed and the local identities they isolate (`ztctl failures`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<crate::state::Failure>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -1,9 +1,11 @@
 //! Numeric security identities. A workload identity stands for one SPIFFE ID plus
-//! its identity labels (pod labels, and namespace labels keyed
-//! `namespace-label:<key>` so selectors can tell the two apart); a CIDR identity for
-//! one ipBlock prefix. Numbers are allocated lowest-free and persisted, so that a
-//! restarted agent gives every identity the number it had: numbers live in the
-//! pinned maps and in tracked flows, which survive the agent.
+//! its identity labels (pod labels minus the excluded ones, see `LabelFilter`, and
+//! namespace labels keyed `namespace-label:<key>` so selectors can tell the two apart);
+//! a CIDR identity for one ipBlock prefix. Numbers are allocated lowest-free and
+//! persisted, so that a restarted agent gives every identity the number it had: numbers
+//! live in the pinned maps and in tracked flows, which survive the agent. A released
+//! number stays quarantined until the maps name it no more (`release_unnamed`), so a
+//! new identity never inherits a stale entry.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -46,6 +48,77 @@ pub fn reserved_identities() -> Vec<IdentityInfo> {
 
 pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> String {
     format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
+}
+
+/// Pod labels that controllers set per rollout, per pod or per Job run: in an
+/// identity they would give every ReplicaSet, StatefulSet pod and Job run its own
+/// identity. A `*` at the end makes a key prefix. (Cilium's default filter leaves out
+/// the same per-rollout keys; it also drops every other `kubernetes.io` key, which zt
+/// keeps.)
+pub const DEFAULT_EXCLUDED_LABELS: &[&str] = &[
+    "pod-template-hash",
+    "pod-template-generation",
+    "controller-revision-hash",
+    "statefulset.kubernetes.io/pod-name",
+    "apps.kubernetes.io/pod-index",
+    "controller-uid",
+    "job-name",
+    "batch.kubernetes.io/*",
+];
+
+/// Which pod label keys are left out of identities (`--identity-exclude-labels`).
+/// Namespace labels are never filtered (they do not change with rollouts, and
+/// namespace selectors rely on `kubernetes.io/metadata.name`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LabelFilter {
+    /// Exact keys, or prefixes ending in `*`.
+    patterns: Vec<String>,
+}
+
+impl Default for LabelFilter {
+    fn default() -> Self {
+        LabelFilter { patterns: DEFAULT_EXCLUDED_LABELS.iter().map(|s| s.to_string()).collect() }
+    }
+}
+
+impl LabelFilter {
+    /// Comma-separated keys or `prefix*`; the entry `default` stands for
+    /// DEFAULT_EXCLUDED_LABELS (so `default,example.com/build` extends it); an empty
+    /// string excludes nothing.
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        let mut patterns = Vec::new();
+        for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            if item == "default" {
+                patterns.extend(DEFAULT_EXCLUDED_LABELS.iter().map(|s| s.to_string()));
+                continue;
+            }
+            let body = item.strip_suffix('*').unwrap_or(item);
+            let bad = body.is_empty() || body.contains('*') || !body.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+            if bad {
+                return Err(format!("--identity-exclude-labels: {item:?} is not a label key or a key prefix ending in '*'"));
+            }
+            patterns.push(item.to_string());
+        }
+        patterns.sort();
+        patterns.dedup();
+        Ok(LabelFilter { patterns })
+    }
+
+    pub fn excludes(&self, key: &str) -> bool {
+        self.patterns.iter().any(|p| match p.strip_suffix('*') {
+            Some(prefix) => key.starts_with(prefix),
+            None => key == p,
+        })
+    }
+
+    /// The labels that make an identity.
+    pub fn apply(&self, labels: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+        labels.iter().filter(|(k, _)| !self.excludes(k)).map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    pub fn patterns(&self) -> &[String] {
+        &self.patterns
+    }
 }
 
 /// Pod labels plus namespace labels under `namespace-label:`.
@@ -113,6 +186,9 @@ pub struct IdentityAllocator {
     workload_numbers: Numbers,
     cidrs: BTreeMap<Cidr, u32>,
     cidr_numbers: Numbers,
+    /// Released numbers (both kinds) that map entries may still name: still taken in
+    /// `*_numbers`, freed by `release_unnamed`.
+    quarantined: BTreeSet<u32>,
 }
 
 /// On-disk form (JSON).
@@ -122,6 +198,8 @@ struct File {
     version: u32,
     workloads: Vec<WorkloadRecord>,
     cidrs: Vec<CidrRecord>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    quarantined: Vec<u32>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -193,6 +271,19 @@ impl IdentityAllocator {
                 )));
             }
         }
+        for n in file.quarantined {
+            let numbers = if (IDENTITY_FIRST_WORKLOAD..=LAST_WORKLOAD).contains(&n) {
+                &mut a.workload_numbers
+            } else if (FIRST_CIDR..=LAST_CIDR).contains(&n) {
+                &mut a.cidr_numbers
+            } else {
+                return Err(bad(format!("quarantined identity {n} out of range")));
+            };
+            if !numbers.used.insert(n) {
+                return Err(bad(format!("identity {n} is both in use and quarantined")));
+            }
+            a.quarantined.insert(n);
+        }
         Ok(a)
     }
 
@@ -216,6 +307,7 @@ impl IdentityAllocator {
                 .iter()
                 .map(|(c, id)| CidrRecord { id: *id, cidr: *c })
                 .collect(),
+            quarantined: self.quarantined.iter().copied().collect(),
         };
         let err = |e: std::io::Error| IdentityError(format!("{}: {e}", path.display()));
         let text = serde_json::to_vec_pretty(&file).map_err(|e| IdentityError(e.to_string()))?;
@@ -261,21 +353,31 @@ impl IdentityAllocator {
         Ok(id)
     }
 
-    /// Release every identity not in `keep` (both kinds).
+    /// Release every identity not in `keep` (both kinds) into quarantine: the numbers
+    /// are not reused until `release_unnamed` finds no map entry naming them.
     pub fn retain(&mut self, keep: &BTreeSet<u32>) {
-        let (wn, cn) = (&mut self.workload_numbers, &mut self.cidr_numbers);
-        self.workloads.retain(|_, id| {
-            keep.contains(id) || {
-                wn.release(*id);
-                false
+        let q = &mut self.quarantined;
+        self.workloads.retain(|_, id| keep.contains(id) || !q.insert(*id));
+        self.cidrs.retain(|_, id| keep.contains(id) || !q.insert(*id));
+    }
+
+    /// Frees the quarantined numbers for which `named` is false (no entry of the
+    /// pinned maps names them any more); returns them.
+    pub fn release_unnamed(&mut self, named: impl Fn(u32) -> bool) -> Vec<u32> {
+        let freed: Vec<u32> = self.quarantined.iter().copied().filter(|n| !named(*n)).collect();
+        for n in &freed {
+            self.quarantined.remove(n);
+            if *n & IDENTITY_CIDR_FLAG != 0 {
+                self.cidr_numbers.release(*n);
+            } else {
+                self.workload_numbers.release(*n);
             }
-        });
-        self.cidrs.retain(|_, id| {
-            keep.contains(id) || {
-                cn.release(*id);
-                false
-            }
-        });
+        }
+        freed
+    }
+
+    pub fn quarantined(&self) -> &BTreeSet<u32> {
+        &self.quarantined
     }
 
     /// Every allocated identity as `IdentityInfo` (CIDR ones as `cidr:<prefix>`).
@@ -350,8 +452,9 @@ mod tests {
                 .unwrap(),
             web
         );
-        // Released numbers are reused lowest first.
+        // Released numbers are reused lowest first, once no map entry names them.
         a.retain(&[db, web2].into_iter().collect());
+        a.release_unnamed(|_| false);
         let x = a.workload("spiffe://td/ns/a/sa/x", &labels(&[])).unwrap();
         assert_eq!(x, IDENTITY_FIRST_WORKLOAD);
         let y = a.workload("spiffe://td/ns/a/sa/y", &labels(&[])).unwrap();
@@ -380,6 +483,7 @@ mod tests {
             .collect();
         let c = a.cidr(parse_cidr("192.168.0.0/16").unwrap()).unwrap();
         a.retain(&[ids[0], ids[2], ids[4], c].into_iter().collect());
+        a.release_unnamed(|_| false);
         a.save(&path).unwrap();
         let mut b = IdentityAllocator::load(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
@@ -426,5 +530,48 @@ mod tests {
         let l = identity_labels(&labels(&[("app", "x")]), &labels(&[("team", "a")]));
         assert_eq!(l, labels(&[("app", "x"), ("namespace-label:team", "a")]));
         assert_eq!(spiffe_id("td", "ns1", "sa1"), "spiffe://td/ns/ns1/sa/sa1");
+    }
+
+    #[test]
+    fn released_numbers_stay_quarantined_until_no_entry_names_them() {
+        let path = tmp_path("quarantine.json");
+        let mut a = IdentityAllocator::new();
+        let old = a.workload("spiffe://td/ns/a/sa/old", &labels(&[])).unwrap();
+        let cidr = a.cidr(parse_cidr("10.0.0.0/8").unwrap()).unwrap();
+        a.retain(&BTreeSet::new());
+        assert_eq!(a.quarantined(), &BTreeSet::from([old, cidr]));
+        // The maps still name `old`: a new identity must not get its number.
+        let new = a.workload("spiffe://td/ns/a/sa/new", &labels(&[])).unwrap();
+        assert_ne!(new, old, "a released number is not reused while entries may name it");
+        // Quarantine survives a restart.
+        a.save(&path).unwrap();
+        let mut b = IdentityAllocator::load(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(b.quarantined(), &BTreeSet::from([old, cidr]));
+        assert_eq!(b.release_unnamed(|n| n == old), vec![cidr], "still named: stays");
+        assert_eq!(b.cidr(parse_cidr("192.0.2.0/24").unwrap()).unwrap(), cidr, "the unnamed one is free again");
+        assert_eq!(b.release_unnamed(|_| false), vec![old]);
+        assert_eq!(b.workload("spiffe://td/ns/a/sa/third", &labels(&[])).unwrap(), old);
+    }
+
+    #[test]
+    fn label_filter_default_parse_and_extend() {
+        let f = LabelFilter::default();
+        for k in ["pod-template-hash", "controller-revision-hash", "statefulset.kubernetes.io/pod-name", "batch.kubernetes.io/job-name", "job-name", "controller-uid", "apps.kubernetes.io/pod-index"] {
+            assert!(f.excludes(k), "{k}");
+        }
+        for k in ["app", "app.kubernetes.io/name", "version"] {
+            assert!(!f.excludes(k), "{k}");
+        }
+        let l = labels(&[("app", "web"), ("pod-template-hash", "5d8f7"), ("batch.kubernetes.io/controller-uid", "u")]);
+        assert_eq!(f.apply(&l), labels(&[("app", "web")]));
+        let ext = LabelFilter::parse("default, example.com/build-*").unwrap();
+        assert!(ext.excludes("example.com/build-id") && ext.excludes("pod-template-hash"));
+        let only = LabelFilter::parse("version").unwrap();
+        assert!(only.excludes("version") && !only.excludes("pod-template-hash"));
+        assert!(LabelFilter::parse("").unwrap().patterns().is_empty());
+        for bad in ["a*b", "*", "key with space", "k=v"] {
+            assert!(LabelFilter::parse(bad).is_err(), "{bad}");
+        }
     }
 }

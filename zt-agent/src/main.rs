@@ -53,6 +53,14 @@ struct Flags {
     /// (masquerade, SNAT) is never `host`.
     #[arg(long, default_value = "probes", value_parser = ["probes", "all", "none"])]
     host_access: String,
+    /// Pod label keys left out of identities, comma-separated: a key, or a prefix ending
+    /// in `*`; `default` stands for the built-in list (pod-template-hash,
+    /// pod-template-generation, controller-revision-hash, statefulset.kubernetes.io/pod-name,
+    /// apps.kubernetes.io/pod-index, controller-uid, job-name, batch.kubernetes.io/*), so
+    /// `default,example.com/build-*` extends it; empty: every label counts. A policy whose
+    /// pod selector names an excluded key fails closed for its subjects.
+    #[arg(long, default_value = "default")]
+    identity_exclude_labels: String,
     /// Tunnel endpoints a pod may not send to on a node address unless a policy explicitly
     /// allows it: comma-separated `udp/PORT`, `tcp/PORT`, `ipip`, `ipv6`, `gre`, `proto/N`
     /// (empty: none).
@@ -261,6 +269,7 @@ async fn main() -> anyhow::Result<()> {
         fqdn,
         tunnels: zt_agent::tunnels::parse(&f.tunnels)?,
         service_translation: f.service_translation,
+        identity_labels: zt_agent::identity::LabelFilter::parse(&f.identity_exclude_labels).map_err(anyhow::Error::msg)?,
         service_cidrs: f
             .service_cidr
             .iter()

@@ -32,6 +32,9 @@ pub struct AgentMetrics {
     pub apply_count: u64,
     pub applied_entries_total: u64,
     pub policy_errors_total: u64,
+    /// Objects that failed closed (`Kind ns/name`, or `map ZT_...` for what did not fit)
+    /// and how many local identities each isolates.
+    pub policy_failures: Vec<(String, usize)>,
     pub policy_last_load_ok: bool,
     pub map_errors_total: u64,
     pub policy_epoch: u32,
@@ -134,9 +137,16 @@ pub fn render_with(m: &AgentMetrics, maps: Option<&PinnedMaps>, fqdn: Option<&Fq
     let _ = writeln!(o, "zt_map_updates_total {}", m.applied_entries_total);
     line(&mut o, "Policy inputs rejected (the last good state stays enforced).", "counter", "zt_policy_errors_total");
     let _ = writeln!(o, "zt_policy_errors_total {}", m.policy_errors_total);
+    line(&mut o, "Objects that failed to compile or did not fit a map, by object: the local identities they fail closed (isolated, no allows).", "gauge", "zt_policy_failed_identities");
+    for (object, n) in &m.policy_failures {
+        // `Kind ns/name` or `map NAME`; names are Kubernetes names (no quotes to escape).
+        let (kind, rest) = object.split_once(' ').unwrap_or(("", object));
+        let (ns, name) = rest.split_once('/').unwrap_or(("", rest));
+        let _ = writeln!(o, "zt_policy_failed_identities{{kind=\"{kind}\",namespace=\"{ns}\",name=\"{name}\"}} {n}");
+    }
     line(&mut o, "1 if the last policy load succeeded.", "gauge", "zt_policy_last_load_ok");
     let _ = writeln!(o, "zt_policy_last_load_ok {}", m.policy_last_load_ok as u8);
-    line(&mut o, "Failed map updates (map full or kernel error); nothing is half-applied.", "counter", "zt_map_errors_total");
+    line(&mut o, "Failed map applies (an endpoint, CIDR or DNS server map full, or a write the kernel refused); what was written stays and the epoch is bumped.", "counter", "zt_map_errors_total");
     let _ = writeln!(o, "zt_map_errors_total {}", m.map_errors_total);
     line(&mut o, "Numeric security identities known.", "gauge", "zt_identities");
     let _ = writeln!(o, "zt_identities {}", m.identities);

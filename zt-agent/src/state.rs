@@ -88,4 +88,19 @@ pub struct Desired {
     pub fqdn_slots: BTreeMap<u32, BTreeMap<u8, u32>>,
     /// Problems that do not fail the compile (e.g. FQDN rules without a DNS allow).
     pub warnings: Vec<String>,
+    /// Objects that failed to compile, and the local identities that fail closed for them.
+    pub failures: Vec<Failure>,
+}
+
+/// One object (a policy, a pod) or one identity's rules that could not be compiled or
+/// applied. Only `identities` pay for it: they are isolated in both directions and get
+/// no allow from any policy (host probes under `--host-access probes` excepted); the
+/// rest of the node is enforced as compiled.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Failure {
+    /// `Kind ns/name`, or `map ZT_...` for what a full map could not hold.
+    pub object: String,
+    pub error: String,
+    /// Local identities failed closed (empty: nothing local was affected).
+    pub identities: BTreeSet<u32>,
 }

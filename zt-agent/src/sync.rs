@@ -1,8 +1,10 @@
 //! Makes the pinned maps equal to the desired state by diff, never by flush-and-refill:
 //! additions and changes first, removals last, so that no packet of a live flow meets a
 //! half-written state. The first diff after a start is taken against what the maps
-//! hold (a restart writes nothing when nothing changed).
-use std::collections::BTreeMap;
+//! hold (a restart writes nothing when nothing changed). A state too big for the
+//! per-identity maps is cut down by whole local identities (`fit`), which fail closed;
+//! the rest is applied.
+use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{bail, Context, Result};
 use aya::maps::lpm_trie::Key;
@@ -105,7 +107,85 @@ impl Contents {
     }
 }
 
+/// Local identities whose entries a full map could not hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Overflow {
+    pub map: &'static str,
+    /// Entries the whole state needs, and the map's capacity.
+    pub needed: usize,
+    pub capacity: u32,
+    pub identities: BTreeSet<u32>,
+}
+
+/// Makes `want` fit the maps keyed by local identity (policy, FQDN ports, FQDN names):
+/// whole identities are left out until each fits, those with entries in the maps now
+/// (`have`) kept first, then by number. A left-out identity keeps its endpoints, isolated
+/// in both directions, and has no entry in any of the three maps: default deny, never a
+/// partial rule set. Returns what did not fit, per map that overflowed.
+pub fn fit(have: &Contents, want: &mut Contents, caps: &Capacities) -> Vec<Overflow> {
+    let over = |w: &Contents| {
+        [
+            (MAP_POLICY, w.policy.len(), caps.policy),
+            (MAP_FQDN_PORTS, w.fqdn_ports.len(), caps.fqdn_ports),
+            (MAP_FQDN_NAMES, w.fqdn_names.len(), caps.fqdn_names),
+        ]
+        .into_iter()
+        .filter(|(_, n, cap)| *n > *cap as usize)
+        .collect::<Vec<_>>()
+    };
+    let overflowing = over(want);
+    if overflowing.is_empty() {
+        return Vec::new();
+    }
+    // Entries per local identity in each map.
+    let mut per: BTreeMap<u32, [usize; 3]> = BTreeMap::new();
+    for (_, k) in want.policy.keys() {
+        per.entry(k.local_id()).or_default()[0] += 1;
+    }
+    for (_, k) in want.fqdn_ports.keys() {
+        per.entry(k.local_id()).or_default()[1] += 1;
+    }
+    for k in want.fqdn_names.keys() {
+        per.entry(k.local_id).or_default()[2] += 1;
+    }
+    let present: BTreeSet<u32> = have.policy.keys().map(|(_, k)| k.local_id()).chain(have.fqdn_ports.keys().map(|(_, k)| k.local_id())).collect();
+    let mut order: Vec<u32> = per.keys().copied().collect();
+    order.sort_by_key(|id| (!present.contains(id), *id));
+    let cap = [caps.policy as usize, caps.fqdn_ports as usize, caps.fqdn_names as usize];
+    let (mut used, mut left_out) = ([0usize; 3], BTreeSet::new());
+    for id in order {
+        let n = per[&id];
+        if (0..3).all(|i| used[i] + n[i] <= cap[i]) {
+            (0..3).for_each(|i| used[i] += n[i]);
+        } else {
+            left_out.insert(id);
+        }
+    }
+    want.policy.retain(|(_, k), _| !left_out.contains(&k.local_id()));
+    want.fqdn_ports.retain(|(_, k), _| !left_out.contains(&k.local_id()));
+    want.fqdn_names.retain(|k, _| !left_out.contains(&k.local_id));
+    for v in want.endpoints.values_mut().filter(|v| v.flags & EP_LOCAL != 0 && left_out.contains(&v.identity)) {
+        v.flags |= EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS;
+    }
+    overflowing.into_iter().map(|(map, needed, capacity)| Overflow { map, needed, capacity, identities: left_out.clone() }).collect()
+}
+
 impl Contents {
+    /// Every identity number an entry names (key or value): a released number stays
+    /// quarantined while this holds it.
+    pub fn named_identities(&self) -> BTreeSet<u32> {
+        let mut out = BTreeSet::new();
+        out.extend(self.endpoints.values().map(|v| v.identity));
+        out.extend(self.cidrs.values().map(|v| v.identity));
+        for (_, k) in self.policy.keys().chain(self.fqdn_ports.keys()) {
+            out.insert(k.local_id());
+            out.insert(k.peer_id());
+        }
+        out.extend(self.fqdn_names.keys().map(|k| k.local_id));
+        out.extend(self.dns_servers.keys().copied());
+        out
+    }
+
     /// Names each local endpoint's pod cgroup (`cgroup_scope`), where known.
     pub fn set_cgroups(&mut self, cgroups: &BTreeMap<std::net::IpAddr, u32>) {
         for (ip, scope) in cgroups {
@@ -158,9 +238,11 @@ fn peak<K: Ord, V>(have: &BTreeMap<K, V>, want: &BTreeMap<K, V>) -> usize {
 }
 
 /// Applies `want` over `have` (which tracks what the maps hold, also on error).
-/// Refuses before writing anything if a map cannot hold the new state: map-full is an
-/// error, never a partial or silent state. If only the transition would overflow
-/// (old and new together), removals go first for that apply, which is fail-closed.
+/// Refuses before writing anything if a map cannot hold the new state (after `fit`,
+/// only the endpoint, CIDR and DNS server maps can): never a silent state. If only the
+/// transition would overflow (old and new together), removals go first for that apply,
+/// which is fail-closed. An error midway leaves a mix of old and new entries: the
+/// caller bumps the epoch so that tracked flows are judged against it.
 pub fn apply(maps: &mut PinnedMaps, have: &mut Contents, want: &Contents, caps: &Capacities) -> Result<ApplyStats> {
     let mut removals_first = false;
     for (name, n, peak, cap) in [

@@ -6,7 +6,7 @@ use common::*;
 use zt_agent::{
     loader::MapSizes,
     net::to_key,
-    sync::{apply, withdraws, Capacities, Contents},
+    sync::{apply, fit, withdraws, Capacities, Contents},
 };
 use zt_common::*;
 
@@ -105,4 +105,68 @@ fn short_ipv6_prefixes_never_cover_ipv4() {
     d.cidrs.insert(Cidr { addr: "0.0.0.0".parse().unwrap(), prefix: 0 }, IDENTITY_CIDR_FLAG | 2);
     let c = Contents::from_desired(&d, &BTreeMap::new());
     assert_eq!(c.cidrs.get(&(96, to_key("0.0.0.0".parse().unwrap()))), Some(&CidrValue { identity: IDENTITY_CIDR_FLAG | 2 }));
+}
+
+/// `n` allow entries of local identity `local` (from peer 301).
+fn entries_of(c: &mut Contents, local: u32, n: u16) {
+    for p in 0..n {
+        c.policy.insert((POLICY_PREFIX_FULL, PolicyKey::new(local, 301, DIR_INGRESS, 6, 2000 + p)), PolicyValue { verdict: VERDICT_ALLOW, _pad: [0; 3], rule_id: 1 });
+    }
+}
+
+#[test]
+fn a_full_policy_map_leaves_out_whole_identities_and_applies_the_rest() {
+    let s = MapSizes { policy: 8, ..MapSizes::default() };
+    let mut dp = Dp::with_sizes("sync-fit", &s);
+    let mut have = Contents::default();
+    // 300 is enforced with 4 entries.
+    let mut w = want(4);
+    apply(&mut dp.maps, &mut have, &w, &caps(&s)).unwrap();
+    // A new local identity 302 (its pod at 10.0.0.5) needs 6 more: 10 > 8.
+    w.endpoints.insert(to_key("10.0.0.5".parse().unwrap()), EndpointValue { identity: 302, flags: EP_LOCAL, ifindex: 2, cgroup: 0 });
+    entries_of(&mut w, 302, 6);
+    let overflow = fit(&have, &mut w, &caps(&s));
+    assert_eq!(overflow.len(), 1, "{overflow:?}");
+    assert_eq!((overflow[0].map, overflow[0].needed, overflow[0].capacity), (MAP_POLICY, 10, 8));
+    assert_eq!(overflow[0].identities, [302].into(), "the identity already enforced keeps its entries");
+    let st = apply(&mut dp.maps, &mut have, &w, &caps(&s)).expect("the rest is applied");
+    assert!(st.written > 0);
+    let maps = Contents::read(&dp.maps).unwrap();
+    assert_eq!(maps.policy.keys().filter(|(_, k)| k.local_id() == 300).count(), 4, "300 keeps working");
+    assert!(maps.policy.keys().all(|(_, k)| k.local_id() != 302), "302 has no entry: default deny");
+    let ep = maps.endpoints[&to_key("10.0.0.5".parse().unwrap())];
+    assert_eq!((ep.identity, ep.flags), (302, EP_LOCAL | EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS), "302 is isolated both ways");
+    // Room again (300 leaves): 302 goes in whole.
+    let mut w2 = Contents::default();
+    w2.endpoints.insert(to_key("10.0.0.5".parse().unwrap()), EndpointValue { identity: 302, flags: EP_LOCAL, ifindex: 2, cgroup: 0 });
+    entries_of(&mut w2, 302, 6);
+    assert!(fit(&have, &mut w2, &caps(&s)).is_empty());
+    apply(&mut dp.maps, &mut have, &w2, &caps(&s)).unwrap();
+    assert_eq!(Contents::read(&dp.maps).unwrap(), w2);
+}
+
+#[test]
+fn an_apply_that_fails_midway_tracks_what_it_wrote_and_names_the_identities() {
+    let s = MapSizes { policy: 16, ..MapSizes::default() };
+    let mut dp = Dp::with_sizes("sync-midway", &s);
+    let mut have = Contents::default();
+    apply(&mut dp.maps, &mut have, &want(2), &caps(&s)).unwrap();
+    // Someone else filled the map behind the writer's back: room for 3 more entries.
+    for p in 0..11u16 {
+        dp.maps.policy.insert(&aya::maps::lpm_trie::Key::new(POLICY_PREFIX_FULL, PolicyKey::new(999, 998, DIR_EGRESS, 17, p + 1)), PolicyValue { verdict: VERDICT_DENY, _pad: [0; 3], rule_id: 9 }, 0).unwrap();
+    }
+    let mut w = want(2);
+    w.endpoints.get_mut(&to_key("10.0.0.1".parse().unwrap())).unwrap().identity = 303;
+    entries_of(&mut w, 303, 5);
+    assert!(fit(&have, &mut w, &caps(&s)).is_empty(), "the writer's own count fits");
+    let err = apply(&mut dp.maps, &mut have, &w, &caps(&s)).unwrap_err();
+    assert!(format!("{err:#}").contains("writing ZT_POLICY"), "{err:#}");
+    // Midway: the endpoint moved to 303 and 3 of its 5 entries are in; `have` says so.
+    assert_eq!(have.endpoints[&to_key("10.0.0.1".parse().unwrap())].identity, 303);
+    assert_eq!(have.policy.keys().filter(|(_, k)| k.local_id() == 303).count(), 3);
+    let maps = Contents::read(&dp.maps).unwrap();
+    assert!(have.policy.iter().all(|(k, v)| maps.policy.get(k) == Some(v)));
+    // Both the old and the new identity are still named: neither number may be reused.
+    let named = have.named_identities();
+    assert!(named.contains(&300) && named.contains(&303) && named.contains(&301));
 }

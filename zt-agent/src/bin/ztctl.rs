@@ -94,6 +94,10 @@ enum Cmd {
         #[arg(long)]
         stats: bool,
     },
+    /// Objects that failed closed (a policy that did not compile, FQDN rules over an
+    /// identity's slots, what a full map could not hold): the error, and the local
+    /// identities and pods isolated with no allows because of it.
+    Failures,
     /// Service frontends (ClusterIP, external, load-balancer and node addresses) with the
     /// backends each translates to, their identities and pods.
     Services {
@@ -241,6 +245,11 @@ fn run() -> Result<()> {
             }
             let rows = ctl::fqdn::rows(&maps()?, &fq, &snap()?, &cli.state_dir, identity.as_deref(), name.as_deref())?;
             ctl::print(json, &rows, ctl::fqdn::table_row, &ctl::fqdn::table_header())
+        }
+        Cmd::Failures => {
+            let (maps, snap) = (maps()?, snap()?);
+            let rows = ctl::failures::rows(&snap, |ip| ctl::services::identity_from_maps(&maps, ip));
+            ctl::print(json, &rows, ctl::failures::table_row, &ctl::failures::table_header())
         }
         Cmd::Services { service } => {
             let (maps, snap) = (maps()?, snap()?);

@@ -18,7 +18,7 @@ use super::fqdn_slots::FqdnSlots;
 use super::ports::{blocks, Block, PortMatch};
 use super::{CompileError, Ctx};
 use crate::model::ztp::FqdnMatch;
-use crate::state::PolicyEntryKey;
+use crate::state::{Failure, PolicyEntryKey};
 
 /// The default trusted resolvers: CoreDNS and NodeLocal DNSCache service accounts.
 pub fn default_dns_servers(trust_domain: &str) -> Vec<String> {
@@ -64,13 +64,11 @@ pub(crate) struct FqdnOut {
     pub slots: BTreeMap<u32, BTreeMap<u8, u32>>,
 }
 
-pub(crate) fn build(
-    ctx: &Ctx<'_>,
-    rules: &[FqdnRule],
-    key: [u64; 2],
-    slots: &mut FqdnSlots,
-) -> Result<FqdnOut, CompileError> {
+/// An identity whose FQDN rules need more than FQDN_MAX_SLOTS slots gets none of them
+/// (a failure naming the policy where it ran out; the caller quarantines it).
+pub(crate) fn build(ctx: &Ctx<'_>, rules: &[FqdnRule], key: [u64; 2], slots: &mut FqdnSlots, failures: &mut Vec<Failure>) -> FqdnOut {
     let mut out = FqdnOut::default();
+    let mut overflowed: BTreeSet<u32> = BTreeSet::new();
     let wanted: BTreeSet<(u32, String)> = rules
         .iter()
         .filter_map(|r| r.slot_key().map(|k| (r, k)))
@@ -94,18 +92,24 @@ pub(crate) fn build(
             r.ports.iter().flat_map(blocks).collect()
         };
         for &local in &r.subjects {
-            let slot = slots.slot(local, &slot_key).ok_or_else(|| {
+            if overflowed.contains(&local) {
+                continue;
+            }
+            let Some(slot) = slots.slot(local, &slot_key) else {
                 let who = ctx
                     .workloads
                     .get(&local)
                     .map(|w| format!(" (ns {}, service account {})", w.namespace, w.service_account))
                     .unwrap_or_default();
-                CompileError::at(
+                let e = CompileError::at(
                     &r.source,
                     &r.path,
-                    format!("identity {local}{who} is subject to more than {} FQDN rules", zt_common::FQDN_MAX_SLOTS),
-                )
-            })?;
+                    format!("identity {local}{who} is subject to more than {} FQDN rules: it fails closed", zt_common::FQDN_MAX_SLOTS),
+                );
+                failures.push(Failure { object: r.source.clone(), error: e.to_string(), identities: BTreeSet::from([local]) });
+                overflowed.insert(local);
+                continue;
+            };
             let bit = 1u32 << slot;
             out.slots.entry(local).or_default().insert(slot, r.rule_id);
             *out.flags.entry(local).or_default() |= EP_FQDN;
@@ -145,7 +149,12 @@ pub(crate) fn build(
         };
         out.ports.insert(key, folded);
     }
-    Ok(out)
+    // What the overflowing identities got before they ran out goes too.
+    out.names.retain(|k, _| !overflowed.contains(&k.local_id));
+    out.ports.retain(|k, _| !overflowed.contains(&k.key.local_id()));
+    out.flags.retain(|id, _| !overflowed.contains(id));
+    out.slots.retain(|id, _| !overflowed.contains(id));
+    out
 }
 
 /// Subjects of FQDN rules that no policy entry allows to reach a trusted resolver on

@@ -3,10 +3,13 @@
 //! Steps: workloads and their identities (workloads.rs), CIDR identities of every
 //! ipBlock, each policy's rules in a direction-neutral form (netpol.rs, ztp.rs), then
 //! the LPM entries with deny-beats-allow pruning (policy.rs). Deterministic (BTreeMaps,
-//! sources in kind/namespace/name order) and fail-closed: any error fails the whole
-//! compile and leaves the identity allocator untouched.
+//! sources in kind/namespace/name order) and fail-closed per object: a policy or pod
+//! that does not compile is left out and its subjects quarantined (failures.rs), and
+//! `Desired::failures` says so; only a node-wide error (no identity numbers left, a bad
+//! trust domain) fails the whole compile, leaving the identity allocator untouched.
 
 pub mod cidr;
+mod failures;
 pub(crate) mod fqdn;
 pub mod fqdn_slots;
 pub mod host_access;
@@ -25,11 +28,11 @@ use zt_common::{
     DIR_EGRESS, DIR_INGRESS, EP_ENFORCE_EGRESS, EP_ENFORCE_INGRESS, EP_LOCAL, IDENTITY_DNS, IDENTITY_FIRST_WORKLOAD,
 };
 
-use crate::identity::{self, IdentityAllocator};
+use crate::identity::{self, IdentityAllocator, LabelFilter};
 use crate::model::k8s::LabelSelector;
 use crate::model::ztp::SpiffePattern;
 use crate::model::ClusterState;
-use crate::state::{Action, Cidr, Desired, EndpointEntry, RuleInfo};
+use crate::state::{Action, Cidr, Desired, EndpointEntry, Failure, RuleInfo};
 pub use fqdn::default_dns_servers;
 pub use fqdn_slots::FqdnSlots;
 pub use host_access::HostAccess;
@@ -69,6 +72,8 @@ pub struct CompileConfig {
     /// The backend addresses of the resolver Service (`--fqdn-dns-service`, found in the
     /// Service table): the pods behind them are trusted resolvers.
     pub dns_backends: Vec<IpAddr>,
+    /// Pod label keys left out of identities (`--identity-exclude-labels`).
+    pub identity_labels: LabelFilter,
 }
 
 /// Why a compile failed: the object and field at fault when there is one.
@@ -141,16 +146,17 @@ pub fn compile_with_slots(
         .map_err(|_| CompileError::new(format!("invalid trust domain {:?}", cfg.trust_domain)))?;
     let mut alloc = ids.clone();
 
+    let mut failures: Vec<Failure> = Vec::new();
     // NetworkPolicy ipBlocks also match pod IPs: workload identities record them.
-    let netpol_blocks: BTreeSet<Cidr> = netpol::ip_block_prefixes(cluster)?.into_iter().collect();
-    let (workloads, mut endpoints) = workloads::build(cluster, cfg, &mut alloc, &netpol_blocks)?;
+    let netpol_blocks: BTreeSet<Cidr> = netpol::ip_block_prefixes(cluster).into_iter().collect();
+    let (workloads, mut endpoints) = workloads::build(cluster, cfg, &mut alloc, &netpol_blocks, &mut failures)?;
 
     // One CIDR identity per distinct prefix of any ipBlock, cidr or except.
     let mut cidrs = BTreeMap::new();
     let prefixes = netpol_blocks
         .iter()
         .copied()
-        .chain(ztp::ip_block_prefixes(cluster)?);
+        .chain(ztp::ip_block_prefixes(cluster));
     for c in prefixes.collect::<BTreeSet<Cidr>>() {
         cidrs.insert(c, alloc.cidr(c)?);
     }
@@ -182,8 +188,18 @@ pub fn compile_with_slots(
         dns_servers,
     };
     let mut out = Rules::default();
-    netpol::compile(cluster, &ctx, &mut out)?;
-    ztp::compile(cluster, &ctx, &mut out)?;
+    netpol::compile(cluster, &ctx, &mut out, &mut failures);
+    ztp::compile(cluster, &ctx, &mut out, &mut failures);
+    // Subjects of failed policies take no FQDN slots; an identity whose FQDN rules need
+    // more slots than there are fails closed as a whole.
+    let failed_policies: BTreeSet<u32> = failures.iter().flat_map(|f| f.identities.iter().copied()).collect();
+    failures::quarantine(&mut out, &failed_policies);
+    let mut fqdn_slots = slots.clone();
+    let fq = fqdn::build(&ctx, &out.fqdn, cfg.fqdn_hash_key, &mut fqdn_slots, &mut failures);
+    let quarantined: BTreeSet<u32> = failures.iter().flat_map(|f| f.identities.iter().copied()).collect();
+    failures::quarantine(&mut out, &quarantined);
+    // Node configuration, not policy: the host's probes reach quarantined pods too, as
+    // every pod under --host-access all.
     if cfg.host_access == HostAccess::Probes {
         host_access::compile(&ctx, &mut out);
     }
@@ -192,8 +208,6 @@ pub fn compile_with_slots(
         out.isolate(&ctx.local_ids(), DIR_EGRESS);
     }
 
-    let mut fqdn_slots = slots.clone();
-    let fq = fqdn::build(&ctx, &out.fqdn, cfg.fqdn_hash_key, &mut fqdn_slots)?;
     for e in endpoints.values_mut() {
         if e.flags & EP_LOCAL != 0 {
             e.flags |= out.isolated.get(&e.identity).copied().unwrap_or(0);
@@ -230,6 +244,7 @@ pub fn compile_with_slots(
         dns_servers: ctx.dns_servers,
         fqdn_slots: fq.slots,
         warnings,
+        failures,
     };
     *ids = alloc;
     *slots = fqdn_slots;

@@ -16,70 +16,60 @@ use std::collections::BTreeSet;
 use zt_common::{DIR_EGRESS, DIR_INGRESS};
 
 use super::cidr::{self, block_peers};
+use super::failures::{excluded_key, excluded_key_error, isolate_errors, without_excluded};
 use super::ports::PortMatch;
 use super::{CompileError, Ctx, Peers, Rule, Rules};
 use crate::model::k8s::{IntOrString, LabelSelector, NetworkPolicyPeer, NetworkPolicyPort};
 use crate::model::{ClusterState, ObjectKind};
-use crate::state::{Action, Cidr};
+use crate::state::{Action, Cidr, Failure};
 
 fn parse(source: &str, path: String, s: &str) -> Result<Cidr, CompileError> {
     cidr::parse_cidr(s).map_err(|m| CompileError::at(source, path, m))
 }
 
-/// Every prefix named in an ipBlock (cidr and excepts).
-pub(crate) fn ip_block_prefixes(cluster: &ClusterState) -> Result<Vec<Cidr>, CompileError> {
+/// Every prefix named in an ipBlock (cidr and excepts). A prefix that does not parse is
+/// skipped here: its policy fails when compiled.
+pub(crate) fn ip_block_prefixes(cluster: &ClusterState) -> Vec<Cidr> {
     let mut out = Vec::new();
-    for ((ns, name), np) in &cluster.network_policies {
-        let source = ObjectKind::NetworkPolicy.describe(ns, name);
+    for np in cluster.network_policies.values() {
         let Some(spec) = &np.spec else { continue };
-        let ingress = spec
-            .ingress
-            .iter()
-            .flatten()
-            .enumerate()
-            .map(|(i, r)| (format!("spec.ingress[{i}].from"), &r.from));
-        let egress = spec
-            .egress
-            .iter()
-            .flatten()
-            .enumerate()
-            .map(|(i, r)| (format!("spec.egress[{i}].to"), &r.to));
-        for (path, peers) in ingress.chain(egress) {
-            for (j, p) in peers.iter().flatten().enumerate() {
-                if let Some(b) = &p.ip_block {
-                    out.push(parse(
-                        &source,
-                        format!("{path}[{j}].ipBlock.cidr"),
-                        &b.cidr,
-                    )?);
-                    for (k, e) in b.except.iter().flatten().enumerate() {
-                        out.push(parse(
-                            &source,
-                            format!("{path}[{j}].ipBlock.except[{k}]"),
-                            e,
-                        )?);
-                    }
-                }
-            }
+        let ingress = spec.ingress.iter().flatten().map(|r| &r.from);
+        let egress = spec.egress.iter().flatten().map(|r| &r.to);
+        for b in ingress.chain(egress).flatten().flatten().filter_map(|p| p.ip_block.as_ref()) {
+            out.extend(cidr::parse_cidr(&b.cidr).ok());
+            out.extend(b.except.iter().flatten().filter_map(|e| cidr::parse_cidr(e).ok()));
         }
     }
-    Ok(out)
+    out
 }
 
-pub(crate) fn compile(
-    cluster: &ClusterState,
-    ctx: &Ctx<'_>,
-    out: &mut Rules,
-) -> Result<(), CompileError> {
+/// Each policy on its own: one that fails is left out and its subjects quarantined.
+pub(crate) fn compile(cluster: &ClusterState, ctx: &Ctx<'_>, out: &mut Rules, failures: &mut Vec<Failure>) {
     for ((ns, name), np) in &cluster.network_policies {
         let source = ObjectKind::NetworkPolicy.describe(ns, name);
         let spec = np.spec.clone().unwrap_or_default();
-        let subjects = ctx.select_local(
-            ns,
-            spec.pod_selector
-                .as_ref()
-                .unwrap_or(&LabelSelector::default()),
-        );
+        let pod_selector = spec.pod_selector.clone().unwrap_or_default();
+        // The subjects, also when the selector names an excluded key (then a superset).
+        let subjects = ctx.select_local(ns, &without_excluded(&ctx.cfg.identity_labels, &pod_selector));
+        let quarantine = subjects.clone();
+        isolate_errors(out, failures, &source, || quarantine, |out| policy(ctx, &source, ns, &spec, &pod_selector, &subjects, out));
+    }
+}
+
+fn policy(
+    ctx: &Ctx<'_>,
+    source: &str,
+    ns: &str,
+    spec: &k8s_openapi::api::networking::v1::NetworkPolicySpec,
+    pod_selector: &LabelSelector,
+    subjects: &BTreeSet<u32>,
+    out: &mut Rules,
+) -> Result<(), CompileError> {
+    {
+        let (source, subjects) = (source.to_string(), subjects.clone());
+        if let Some(k) = excluded_key(&ctx.cfg.identity_labels, pod_selector) {
+            return Err(excluded_key_error(&source, "spec.podSelector", k));
+        }
 
         let types: Vec<&str> = match spec.policy_types.as_deref() {
             Some(t) if !t.is_empty() => t.iter().map(String::as_str).collect(),
@@ -149,6 +139,9 @@ fn rule(
                         w.ip_blocks.contains(&c) && !ex.iter().any(|e| w.ip_blocks.contains(e))
                     }));
                 } else {
+                    if let Some(k) = p.pod_selector.as_ref().and_then(|s| excluded_key(&ctx.cfg.identity_labels, s)) {
+                        return Err(excluded_key_error(source, "podSelector", k));
+                    }
                     ids.extend(ctx.select_peers(
                         ns,
                         p.pod_selector.as_ref(),

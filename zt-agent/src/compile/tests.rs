@@ -811,29 +811,25 @@ fn ztp_icmp_and_modes() {
 
 #[test]
 fn trust_domain_errors() {
-    let e = try_run(
-        &ztp(
-            "default",
-            "z",
-            "  ingress: [{from: [{spiffeId: spiffe://other.td/ns/prod/sa/api}]}]\n",
-        ),
-        &cfg(),
-    )
-    .unwrap_err();
+    // A policy error fails that policy closed for its subjects (here the namespace's
+    // local pods), not the compile.
+    let d = run(&ztp(
+        "default",
+        "z",
+        "  ingress: [{from: [{spiffeId: spiffe://other.td/ns/prod/sa/api}]}]\n",
+    ));
+    assert_eq!(d.failures.len(), 1, "{:?}", d.failures);
     assert_eq!(
-        e.to_string(),
+        d.failures[0].error,
         "ZeroTrustPolicy default/z: spec.ingress[0].from[0].spiffeId: SPIFFE ID \"spiffe://other.td/ns/prod/sa/api\" is not of trust domain \"cluster.local\""
     );
-    let e = try_run(
-        &ztp(
-            "default",
-            "z",
-            "  subjects: [{spiffeId: spiffe://other.td/ns/default/sa/web}]\n",
-        ),
-        &cfg(),
-    )
-    .unwrap_err();
-    assert_eq!(e.field.as_deref(), Some("spec.subjects[0].spiffeId"));
+    assert_eq!(d.failures[0].identities, BTreeSet::from([id(&d, "web"), id(&d, "client")]));
+    let d = run(&ztp(
+        "default",
+        "z",
+        "  subjects: [{spiffeId: spiffe://other.td/ns/default/sa/web}]\n",
+    ));
+    assert!(d.failures[0].error.contains("spec.subjects[0].spiffeId"), "{:?}", d.failures);
     let mut c = cfg();
     c.trust_domain = "Bad Domain".into();
     assert!(try_run("", &c)
@@ -901,26 +897,11 @@ fn identities_stable_across_compiles_and_restarts() {
     assert_eq!(id(&d3, "api"), id(&d1, "api"));
     assert_eq!(reloaded.len(), 4 + 1); // four workloads, one CIDR
 
-    // A failing compile leaves the allocator untouched.
+    // A failing compile (a bad trust domain fails the node, not one object) leaves the
+    // allocator untouched.
     let before = reloaded.clone();
-    let bad = state(
-        &(base()
-            + &pod(
-                "default",
-                "new",
-                "{app: new}",
-                NODE,
-                "10.0.0.50",
-                "new",
-                "[]",
-            )
-            + &ztp(
-                "default",
-                "z",
-                "  ingress: [{from: [{spiffeId: spiffe://other/ns/a/sa/b}]}]\n",
-            )),
-    );
-    assert!(compile(&bad, &cfg(), &mut reloaded).is_err());
+    let bad_cfg = CompileConfig { trust_domain: "Bad Domain".into(), ..cfg() };
+    assert!(compile(&st2, &bad_cfg, &mut reloaded).is_err());
     assert_eq!(reloaded, before);
 }
 
@@ -1282,25 +1263,48 @@ mod fqdn_rules {
         assert_eq!(slots.pending(), &BTreeMap::from([(web, 0b100)]));
         // A failed compile leaves the slots untouched.
         let before = slots.clone();
-        assert!(fcompile(&(rules(&["z.x.com"]) + &ztp("default", "bad", "  subjects: [{spiffeId: spiffe://other/ns/default/sa/x}]\n")), &mut slots).is_err());
+        let bad_cfg = CompileConfig { trust_domain: "Bad Domain".into(), ..fcfg() };
+        assert!(compile_with_slots(&state(&(base() + &rules(&["z.x.com"]))), &bad_cfg, &mut IdentityAllocator::new(), &mut slots).is_err());
         assert_eq!(slots, before);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
-    fn thirty_third_fqdn_rule_is_an_error_naming_the_policy() {
+    fn thirty_third_fqdn_rule_fails_that_identity_closed_only() {
         let egress = |from: usize, n: usize| -> String {
             (from..from + n).map(|i| format!("    - to: [{{fqdn: {{matchName: n{i}.x.com}}}}]\n")).collect()
         };
         let d = frun(&web_policy(&egress(0, 32)));
         assert_eq!(d.fqdn_slots[&id(&d, "web")].len(), 32);
+        assert!(d.failures.is_empty());
         // One policy over the limit is a validation error (see model::ztp); two policies
-        // together exceed it at compile time, naming the policy where it happened.
+        // together exceed it at compile time: the identity fails closed, named with the
+        // policy where it ran out; the other identities compile as usual.
         let second = ztp("default", "web-second", &format!("  subjects: [{{podSelector: {{matchLabels: {{app: web}}}}}}]\n  egress:\n{}", egress(20, 13)));
-        let e = fcompile(&(web_policy(&egress(0, 20)) + &second), &mut FqdnSlots::new()).unwrap_err();
-        assert_eq!(e.object.as_deref(), Some("ZeroTrustPolicy default/web-second"));
-        assert_eq!(e.field.as_deref(), Some("spec.egress[12]"));
-        assert!(e.message.contains("is subject to more than 32 FQDN rules") && e.message.contains("service account web"), "{e}");
+        let client = ztp("default", "client-out", &format!("  subjects: [{{podSelector: {{matchLabels: {{app: client}}}}}}]\n  egress:\n{DNS_ALLOW}    - to: [{{fqdn: {{matchName: c.x.com}}}}]\n    - to: [{{podSelector: {{matchLabels: {{app: db}}}}}}]\n"));
+        let web_dns = web_policy(&format!("{DNS_ALLOW}{}", egress(0, 20)));
+        let d = fcompile(&(web_dns + &second + &client), &mut FqdnSlots::new()).unwrap();
+        let (web, cl) = (id(&d, "web"), id(&d, "client"));
+        assert_eq!(d.failures.len(), 1, "{:?}", d.failures);
+        let f = &d.failures[0];
+        assert_eq!(f.object, "ZeroTrustPolicy default/web-second");
+        assert_eq!(f.identities, BTreeSet::from([web]));
+        assert!(f.error.contains("spec.egress[12]") && f.error.contains("is subject to more than 32 FQDN rules") && f.error.contains("service account web"), "{f:?}");
+        // web: isolated both ways, no allow of any kind (no policy entry, no FQDN entry).
+        assert_eq!(flags(&d, "web") & (EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS | EP_FQDN), EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS);
+        assert!(entries_of(&d, web).iter().all(|e| e.1 .0 != A), "{:?}", entries_of(&d, web));
+        assert!(ports_of(&d, web).is_empty() && !d.fqdn_slots.contains_key(&web));
+        assert!(d.fqdn_names.keys().all(|k| k.local_id != web));
+        // client: its rules as compiled alone.
+        let alone = fcompile(&client_only(), &mut FqdnSlots::new()).unwrap();
+        let verdicts = |d: &Desired, l: u32| entries_of(d, l).into_iter().map(|e| (e.0, e.1 .0)).collect::<Vec<_>>();
+        assert_eq!(verdicts(&d, cl), verdicts(&alone, id(&alone, "client")));
+        assert!(!verdicts(&d, cl).is_empty());
+        assert_eq!(ports_of(&d, cl).len(), ports_of(&alone, id(&alone, "client")).len());
+        assert_eq!(name_slots(&d, cl, NAME_EXACT, "c.x.com"), Some(1));
+        fn client_only() -> String {
+            ztp("default", "client-out", &format!("  subjects: [{{podSelector: {{matchLabels: {{app: client}}}}}}]\n  egress:\n{DNS_ALLOW}    - to: [{{fqdn: {{matchName: c.x.com}}}}]\n    - to: [{{podSelector: {{matchLabels: {{app: db}}}}}}]\n"))
+        }
         // Slots are per identity: 32 rules for each of two identities compile.
         let two = ztp("default", "all", &format!("  egress:\n{}", egress(0, 32)));
         let d = frun(&two);
@@ -1336,4 +1340,124 @@ fn host_reaches_local_pods_on_their_probe_ports_only() {
     let d = run(&format!("{probed}{deny_all}{deny_host}"));
     let v = get(&d, POLICY_PREFIX_FULL, id(&d, "probed"), IDENTITY_HOST, I, 6, 8080);
     assert_ne!(v, Some(A), "{:?}", entries_of(&d, id(&d, "probed")));
+}
+
+/// A Deployment's pods: labels `app: shop` plus the controller's per-rollout hash.
+fn shop_pods(hash: &str, ips: &[&str]) -> String {
+    ips.iter()
+        .enumerate()
+        .map(|(i, ip)| pod("default", &format!("shop-{hash}-{i}"), &format!("{{app: shop, pod-template-hash: {hash}}}"), NODE, ip, "shop", "[]"))
+        .collect()
+}
+
+#[test]
+fn a_rollout_keeps_its_identity_and_entry_count() {
+    let policy = np("default", "shop-in", "  podSelector: {matchLabels: {app: shop}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: 8080}]}]\n  egress: [{to: [{podSelector: {matchLabels: {app: db}}}]}]\n");
+    let mut ids = IdentityAllocator::new();
+    let old = compile(&state(&(base() + &policy + &shop_pods("5d8f7", &["10.0.2.1", "10.0.2.2"]))), &cfg(), &mut ids).unwrap();
+    // Mid-rollout: old and new ReplicaSet side by side; then only the new one.
+    let mid = compile(&state(&(base() + &policy + &shop_pods("5d8f7", &["10.0.2.1"]) + &shop_pods("7c9b2", &["10.0.2.3"]))), &cfg(), &mut ids).unwrap();
+    let new = compile(&state(&(base() + &policy + &shop_pods("7c9b2", &["10.0.2.3", "10.0.2.4"]))), &cfg(), &mut ids).unwrap();
+    let shop = |d: &Desired| -> BTreeSet<u32> { d.endpoints.values().filter(|e| e.pod.as_ref().is_some_and(|p| p.name.starts_with("shop-"))).map(|e| e.identity).collect() };
+    assert_eq!(shop(&old).len(), 1, "the pods of one ReplicaSet share an identity");
+    assert_eq!(shop(&mid), shop(&old), "the new ReplicaSet's pods get the old identity");
+    assert_eq!(shop(&new), shop(&old));
+    for d in [&mid, &new] {
+        assert_eq!(d.identities.len(), old.identities.len(), "identity count flat through the rollout");
+        assert_eq!(d.policy.len(), old.policy.len(), "policy entry count flat through the rollout");
+    }
+    let info = &new.identities[shop(&new).iter().next().unwrap()];
+    assert!(!info.labels.contains_key("pod-template-hash"), "{:?}", info.labels);
+    // With the filter emptied, every ReplicaSet is an identity of its own (today's
+    // behaviour without the default list).
+    let all = CompileConfig { identity_labels: crate::identity::LabelFilter::parse("").unwrap(), ..cfg() };
+    let d = compile(&state(&(base() + &policy + &shop_pods("5d8f7", &["10.0.2.1"]) + &shop_pods("7c9b2", &["10.0.2.3"]))), &all, &mut IdentityAllocator::new()).unwrap();
+    assert_eq!(shop(&d).len(), 2);
+}
+
+#[test]
+fn a_selector_on_an_excluded_label_fails_its_policy_closed() {
+    let shop = shop_pods("5d8f7", &["10.0.2.1"]);
+    // Subject selector: quarantines what the selector would select without the key.
+    let by_hash = np("default", "by-hash", "  podSelector: {matchLabels: {app: shop, pod-template-hash: 5d8f7}}\n  ingress: [{}]\n");
+    let d = run(&(shop.clone() + &by_hash));
+    let s = id(&d, "shop-5d8f7-0");
+    assert_eq!(d.failures.len(), 1, "{:?}", d.failures);
+    assert_eq!(d.failures[0].object, "NetworkPolicy default/by-hash");
+    assert!(d.failures[0].error.contains("\"pod-template-hash\"") && d.failures[0].error.contains("--identity-exclude-labels"), "{:?}", d.failures);
+    assert_eq!(d.failures[0].identities, BTreeSet::from([s]));
+    assert_eq!(flags(&d, "shop-5d8f7-0") & (EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS), EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS);
+    assert!(entries_of(&d, s).is_empty(), "no allow at all: {:?}", entries_of(&d, s));
+    assert!(d.rules.values().all(|r| r.source != "NetworkPolicy default/by-hash"));
+    // web, in the same namespace, is not a subject: untouched.
+    assert_eq!(flags(&d, "web") & (EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS), 0);
+    // Peer selector (a ZeroTrustPolicy): its subjects fail closed.
+    let peer = ztp("default", "peer", "  subjects: [{podSelector: {matchLabels: {app: web}}}]\n  ingress: [{from: [{podSelector: {matchLabels: {job-name: backup}}}]}]\n");
+    let d = run(&(shop + &peer));
+    assert_eq!(d.failures.len(), 1, "{:?}", d.failures);
+    assert!(d.failures[0].error.contains("spec.ingress[0].from[0].podSelector") && d.failures[0].error.contains("job-name"), "{:?}", d.failures);
+    assert_eq!(d.failures[0].identities, BTreeSet::from([id(&d, "web")]));
+}
+
+#[test]
+fn a_bad_policy_fails_closed_for_its_subjects_and_holds_back_no_one_else() {
+    // prod/worker is isolated by a good policy; default has a policy that fails.
+    let good = np("prod", "worker-in", "  podSelector: {matchLabels: {app: worker}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: api}}}]}]\n");
+    let web_ok = np("default", "web-in", "  podSelector: {matchLabels: {app: web}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}]}]\n");
+    let bad = ztp("default", "bad", "  subjects: [{podSelector: {matchLabels: {app: client}}}]\n  egress: [{to: [{spiffeId: spiffe://other.td/ns/prod/sa/api}]}]\n");
+    let new_pod = pod("prod", "new", "{app: worker, tier: be}", NODE, "10.0.1.9", "worker", "[]");
+    let reference = run(&(good.clone() + &web_ok + &new_pod));
+    let d = run(&(good + &web_ok + &bad + &new_pod));
+    assert_eq!(d.failures.len(), 1, "{:?}", d.failures);
+    let client = id(&d, "client");
+    assert_eq!(d.failures[0].identities, BTreeSet::from([client]));
+    // The subject: isolated both ways, no allow from any policy (web-in's allow from
+    // client stays on web's side, it gives client nothing).
+    assert_eq!(flags(&d, "client") & (EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS), EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS);
+    assert!(entries_of(&d, client).is_empty(), "{:?}", entries_of(&d, client));
+    // Everyone else, the new pod in prod included, exactly as without the bad policy.
+    assert_eq!(id(&d, "new"), id(&d, "worker"));
+    for p in ["web", "worker", "new"] {
+        assert_eq!(flags(&d, p), flags(&reference, p), "{p}");
+        let v = |d: &Desired| entries_of(d, id(d, p)).into_iter().map(|e| (e.0, e.1 .0)).collect::<Vec<_>>();
+        assert_eq!(v(&d), v(&reference), "{p}");
+    }
+    assert!(!entries_of(&d, id(&d, "worker")).is_empty());
+}
+
+#[test]
+fn a_pod_with_a_bad_address_is_left_out_alone() {
+    let bad = pod("prod", "broken", "{app: broken}", NODE, "10.0.1.300", "broken", "[]");
+    let mut st = state(&base());
+    // (validation at load would reject it; a compile must not depend on that)
+    for (_, o) in parse_manifests("t.yaml", &bad.replace("10.0.1.300", "10.0.1.30"), &mut Vec::new()).unwrap() {
+        st.upsert(o);
+    }
+    if let Some(p) = st.pods.get_mut(&("prod".to_string(), "broken".to_string())) {
+        p.status.as_mut().unwrap().pod_ip = Some("10.0.1.300".into());
+    }
+    let d = compile(&st, &cfg(), &mut IdentityAllocator::new()).unwrap();
+    assert_eq!(d.failures.len(), 1, "{:?}", d.failures);
+    assert_eq!(d.failures[0].object, "Pod prod/broken");
+    assert!(d.endpoints.values().all(|e| e.pod.as_ref().is_none_or(|p| p.name != "broken")));
+    assert_eq!(d.endpoints.values().filter(|e| e.pod.is_some()).count(), 5);
+}
+
+#[test]
+fn a_quarantined_pod_keeps_only_its_host_probes() {
+    let probed = "---\napiVersion: v1\nkind: Pod\nmetadata: {name: probed, namespace: default, labels: {app: probed}}\n\
+                  spec:\n  nodeName: node-a\n  serviceAccountName: probed\n  containers:\n  - name: c\n    ports: [{name: http, containerPort: 8080}]\n\
+                  \x20   readinessProbe: {httpGet: {port: http}}\n\
+                  status: {phase: Running, podIP: 10.0.0.9}\n";
+    let allow = np("default", "probed-in", "  podSelector: {matchLabels: {app: probed}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: web}}}]}]\n");
+    let bad = ztp("default", "bad", "  subjects: [{podSelector: {matchLabels: {app: probed}}}]\n  egress: [{to: [{spiffeId: spiffe://other.td/ns/prod/sa/api}]}]\n");
+    let d = run(&format!("{probed}{allow}{bad}"));
+    let p = id(&d, "probed");
+    assert_eq!(d.failures[0].identities, BTreeSet::from([p]));
+    let entries = entries_of(&d, p);
+    let allows: Vec<(u32, u8, u16)> = entries.iter().filter(|e| e.1 .0 == A).map(|e| (e.0 .2, e.0 .3, e.0 .5)).collect();
+    assert_eq!(allows, vec![(IDENTITY_HOST, I, 8080)], "only the host's probe port: {entries:?}");
+    // Under --host-access none, nothing at all.
+    let d = try_run(&format!("{probed}{allow}{bad}"), &CompileConfig { host_access: HostAccess::None, ..cfg() }).unwrap();
+    assert!(entries_of(&d, id(&d, "probed")).is_empty());
 }

@@ -18,7 +18,7 @@ use super::cidr;
 use super::{CompileConfig, CompileError};
 use crate::identity::{self, IdentityAllocator, NAMESPACE_LABEL_PREFIX};
 use crate::model::{k8s, ClusterState, Node, Pod};
-use crate::state::{Cidr, EndpointEntry, PodRef};
+use crate::state::{Cidr, EndpointEntry, Failure, PodRef};
 
 /// Prefix of the pseudo-labels that record ipBlock membership in an identity.
 pub(crate) const IP_BLOCK_LABEL_PREFIX: &str = "ip-block:";
@@ -94,20 +94,29 @@ pub(crate) fn node_ips(node: &Node) -> Vec<IpAddr> {
 /// Workloads by identity, and the endpoint map.
 pub(crate) type Built<'a> = (BTreeMap<u32, Workload<'a>>, BTreeMap<IpAddr, EndpointEntry>);
 
-/// `ip_blocks`: every prefix named in a NetworkPolicy ipBlock.
+/// `ip_blocks`: every prefix named in a NetworkPolicy ipBlock. A pod whose addresses do
+/// not parse is left out (a failure naming it); only running out of identity numbers
+/// fails the whole build.
 pub(crate) fn build<'a>(
     cluster: &'a ClusterState,
     cfg: &CompileConfig,
     ids: &mut IdentityAllocator,
     ip_blocks: &BTreeSet<Cidr>,
+    failures: &mut Vec<Failure>,
 ) -> Result<Built<'a>, CompileError> {
     let mut workloads: BTreeMap<u32, Workload<'a>> = BTreeMap::new();
     let mut endpoints: BTreeMap<IpAddr, EndpointEntry> = BTreeMap::new();
     let mut conflicts: BTreeMap<IpAddr, Vec<PodRef>> = BTreeMap::new();
 
     for ((ns, name), pod) in &cluster.pods {
-        let ips = pod_ips(pod)
-            .map_err(|m| CompileError::at(&format!("Pod {ns}/{name}"), "status.podIPs", m))?;
+        let ips = match pod_ips(pod) {
+            Ok(ips) => ips,
+            Err(m) => {
+                let e = CompileError::at(&format!("Pod {ns}/{name}"), "status.podIPs", m);
+                failures.push(Failure { object: format!("Pod {ns}/{name}"), error: e.to_string(), identities: BTreeSet::new() });
+                continue;
+            }
+        };
         if ips.is_empty() {
             continue;
         }
@@ -120,7 +129,8 @@ pub(crate) fn build<'a>(
             })
             .filter(|s| !s.is_empty())
             .unwrap_or("default");
-        let pod_labels = pod.metadata.labels.clone().unwrap_or_default();
+        // Only the labels that identify the workload: a rollout keeps its identity.
+        let pod_labels = cfg.identity_labels.apply(&pod.metadata.labels.clone().unwrap_or_default());
         let namespace_labels = cluster.namespace_labels(ns);
         let labels = identity::identity_labels(&pod_labels, &namespace_labels);
         let local = spec.and_then(|s| s.node_name.as_deref()) == Some(cfg.node_name.as_str());

@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use zt_common::{DIR_EGRESS, DIR_INGRESS, IDENTITY_HOST, IDENTITY_REMOTE_NODE, IDENTITY_WORLD};
 
 use super::cidr;
+use super::failures::{excluded_key, excluded_key_error, isolate_errors, without_excluded};
 use super::netpol::port_match_of;
 use super::ports::{PortMatch, PROTO_ICMP, PROTO_ICMPV6};
 use super::fqdn::FqdnRule;
@@ -18,31 +19,21 @@ use crate::model::ztp::{
 };
 use crate::state::Action;
 use crate::model::{ClusterState, ObjectKind};
-use crate::state::Cidr;
+use crate::state::{Cidr, Failure};
 
-/// Every prefix named in an ipBlock (cidr and excepts).
-pub(crate) fn ip_block_prefixes(cluster: &ClusterState) -> Result<Vec<Cidr>, CompileError> {
+/// Every prefix named in an ipBlock (cidr and excepts). A prefix that does not parse is
+/// skipped here: its policy fails when compiled.
+pub(crate) fn ip_block_prefixes(cluster: &ClusterState) -> Vec<Cidr> {
     let mut out = Vec::new();
-    for ((ns, name), p) in &cluster.zero_trust_policies {
-        let source = ObjectKind::ZeroTrustPolicy.describe(ns, name);
-        for (path, r) in views(p) {
-            for (j, peer) in r.peers.into_iter().flatten().enumerate() {
-                if let Some(b) = &peer.ip_block {
-                    let at = format!("{path}.{}[{j}].ipBlock", r.peers_field);
-                    out.push(
-                        cidr::parse_cidr(&b.cidr)
-                            .map_err(|m| CompileError::at(&source, format!("{at}.cidr"), m))?,
-                    );
-                    for (k, e) in b.except.iter().enumerate() {
-                        out.push(cidr::parse_cidr(e).map_err(|m| {
-                            CompileError::at(&source, format!("{at}.except[{k}]"), m)
-                        })?);
-                    }
-                }
+    for p in cluster.zero_trust_policies.values() {
+        for (_, r) in views(p) {
+            for b in r.peers.into_iter().flatten().filter_map(|peer| peer.ip_block.as_ref()) {
+                out.extend(cidr::parse_cidr(&b.cidr).ok());
+                out.extend(b.except.iter().filter_map(|e| cidr::parse_cidr(e).ok()));
             }
         }
     }
-    Ok(out)
+    out
 }
 
 /// (path, rule) of every rule, ingress first.
@@ -64,14 +55,26 @@ fn views(p: &crate::model::ZeroTrustPolicy) -> Vec<(String, RuleView<'_>)> {
     ingress.chain(egress).collect()
 }
 
-pub(crate) fn compile(
-    cluster: &ClusterState,
-    ctx: &Ctx<'_>,
-    out: &mut Rules,
-) -> Result<(), CompileError> {
+/// Each policy on its own: one that fails is left out and its subjects quarantined
+/// (all local pods of its namespace when the subjects themselves are at fault).
+pub(crate) fn compile(cluster: &ClusterState, ctx: &Ctx<'_>, out: &mut Rules, failures: &mut Vec<Failure>) {
     for ((ns, name), p) in &cluster.zero_trust_policies {
         let source = ObjectKind::ZeroTrustPolicy.describe(ns, name);
+        let quarantine = || subjects(ctx, &source, ns, p).unwrap_or_else(|_| ctx.select_local(ns, &LabelSelector::default()));
+        isolate_errors(out, failures, &source, quarantine, |out| policy(ctx, &source, ns, p, out));
+    }
+}
+
+fn policy(ctx: &Ctx<'_>, source: &str, ns: &str, p: &crate::model::ZeroTrustPolicy, out: &mut Rules) -> Result<(), CompileError> {
+    let source = source.to_string();
+    {
         let subjects = subjects(ctx, &source, ns, p)?;
+        for (i, s) in p.spec.subjects.iter().enumerate() {
+            let sel = s.pod_selector.as_ref().map(|sel| sel.to_label_selector());
+            if let Some(k) = sel.as_ref().and_then(|sel| excluded_key(&ctx.cfg.identity_labels, sel)) {
+                return Err(excluded_key_error(&source, &format!("spec.subjects[{i}].podSelector"), k));
+            }
+        }
         let always = p.spec.enforcement_mode == PolicyEnforcementMode::Always;
         if always || p.spec.ingress.as_ref().is_some_and(|r| !r.is_empty()) {
             out.isolate(&subjects, DIR_INGRESS);
@@ -195,7 +198,8 @@ fn subjects(
             }
             out.extend(ctx.select(|w| w.local && sp.matches(&w.namespace, &w.service_account)));
         } else if let Some(sel) = &s.pod_selector {
-            out.extend(ctx.select_local(ns, &sel.to_label_selector()));
+            // Requirements on excluded keys left out: a superset (the policy then fails).
+            out.extend(ctx.select_local(ns, &without_excluded(&ctx.cfg.identity_labels, &sel.to_label_selector())));
         } else {
             return Err(CompileError::at(
                 source,
@@ -222,6 +226,9 @@ fn peer_ids(
     }
     if peer.pod_selector.is_some() || peer.namespace_selector.is_some() {
         let ps = peer.pod_selector.as_ref().map(|s| s.to_label_selector());
+        if let Some(k) = ps.as_ref().and_then(|s| excluded_key(&ctx.cfg.identity_labels, s)) {
+            return Err(excluded_key_error(source, &format!("{path}.podSelector"), k));
+        }
         let nss = peer
             .namespace_selector
             .as_ref()
