@@ -468,3 +468,71 @@ fn address_reused_while_the_agent_is_down_fails_closed() {
     bed.agent.wait_ready(Duration::from_secs(20)).unwrap();
     bed.wait_probe(&a, &tgt("default", "e", Family::V4), Proto::Tcp, 80, &ok("default/e"));
 }
+
+/// The id of the BPF link pinned at `pin` (BPF_OBJ_GET, BPF_OBJ_GET_INFO_BY_FD).
+fn link_id(pin: &std::path::Path) -> u32 {
+    let path = std::ffi::CString::new(pin.as_os_str().as_encoded_bytes()).unwrap();
+    let mut get = [0u64; 2];
+    get[0] = path.as_ptr() as u64;
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 7, get.as_mut_ptr(), 16) };
+    assert!(fd >= 0, "BPF_OBJ_GET {}: {}", pin.display(), std::io::Error::last_os_error());
+    let mut info = [0u32; 16];
+    let mut attr = [0u64; 2];
+    attr[0] = fd as u64 | ((std::mem::size_of_val(&info) as u64) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    let r = unsafe { libc::syscall(libc::SYS_bpf, 15, attr.as_mut_ptr(), 16) };
+    unsafe { libc::close(fd as i32) };
+    assert_eq!(r, 0, "BPF_OBJ_GET_INFO_BY_FD {}: {}", pin.display(), std::io::Error::last_os_error());
+    info[1]
+}
+
+/// Link pins of a layout directory, by name, with their link ids.
+fn links_of(dir: &std::path::Path) -> std::collections::BTreeMap<String, u32> {
+    std::fs::read_dir(dir.join("links")).unwrap().map(|e| e.unwrap()).map(|e| (e.file_name().to_string_lossy().into_owned(), link_id(&e.path()))).collect()
+}
+
+/// A layout upgrade: the node holds an older layout's pins (`v1/`: its maps and its TC and
+/// cgroup links; made here by moving a running agent's directory there, since its
+/// programs and maps keep running by reference); the new agent takes every link over in
+/// place (same link ids: one program per hook throughout, never a second chain) once its
+/// own state is in its maps, and removes the older layout. Enforcement holds throughout,
+/// and a live flow whose client speaks survives (conntrack is not carried over: see
+/// upgrade.rs).
+#[test]
+fn layout_upgrade_takes_over_the_links_in_place() {
+    let bed = bed(
+        "basic",
+        &[("10-deny-all.yaml", &deny_all("default")), ("20-allow.yaml", &allow_tcp("a-to-b", "a", "b", &[80, 7000]))],
+        &[],
+    );
+    let (a, c) = (pod("default", "a"), pod("default", "c"));
+    let b4 = tgt("default", "b", Family::V4);
+    let mut flow = bed.open_tcp(&a, &b4, 7000, ALLOWED).unwrap();
+    assert!(flow.roundtrip(ALLOWED));
+    let root = bed.agent.bpffs_root.clone();
+    let current = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().path()).find(|p| p.join("ZT_POLICY").exists()).unwrap();
+    let before = links_of(&current);
+    assert!(before.keys().any(|k| k.ends_with("-from")) && before.keys().any(|k| k.starts_with("cgroup-")), "{before:?}");
+
+    bed.agent.stop().expect("agent was running");
+    let older = root.join("v1");
+    std::fs::rename(&current, &older).unwrap();
+    assert_eq!(bed.probe(&c, &b4, Proto::Tcp, 80), ProbeResult::Timeout, "the older layout enforces while no agent runs");
+
+    bed.agent.start().unwrap();
+    bed.agent.wait_ready(Duration::from_secs(20)).unwrap();
+    bed.wait_until("the older layout removed", || !older.exists());
+    let after = links_of(&current);
+    assert_eq!(after, before, "the same links, taken over in place");
+    let log = bed.log_of_start(2);
+    assert!(log.contains("took over link") && log.contains("layout upgrade done"), "{}", tail(&log, 20));
+    for f in FAMILIES {
+        let b = tgt("default", "b", f);
+        assert_eq!(bed.tb.probe(&a, &b, Proto::Tcp, 80, ALLOWED), ok("default/b"), "after the upgrade: a -> b@{f}");
+        assert_eq!(bed.probe(&c, &b, Proto::Tcp, 80), ProbeResult::Timeout, "after the upgrade: c -> b@{f}");
+    }
+    assert!(flow.roundtrip(ALLOWED), "the live flow, its client speaking");
+    // The new agent is in charge of the taken-over links: a policy change takes effect.
+    bed.write("30-allow-c.yaml", &allow_tcp("c-to-b", "c", "b", &[80]));
+    bed.wait_probe(&c, &b4, Proto::Tcp, 80, &ok(""));
+}

@@ -134,6 +134,10 @@ struct Agent {
     svc_dirty: bool,
     /// The last Service map write failed with this (logged once).
     last_svc_error: Option<String>,
+    /// An older map layout's links are still pinned (upgrade.rs).
+    upgrade_pending: bool,
+    /// ... and its cgroup links are among them: ours are attached after the first apply.
+    cgroup_deferred: bool,
     /// ZT_SVC_REVNAT, to find the sockets translated to a removed backend.
     svc_revnat: crate::services::destroy::RevNatMap,
 }
@@ -166,7 +170,13 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     if opts.cgroup_root.is_some() {
         seed_host_endpoints(&mut maps)?;
     }
-    datapath.ensure_cgroup(opts.cgroup_root.as_deref(), opts.service_translation).context("cgroup programs")?;
+    // An older layout's cgroup links keep enforcing until this agent's first full state
+    // is in its maps, then are taken over in place (upgrade.rs).
+    let upgrade_pending = !crate::upgrade::older_layouts(&opts.bpffs_root).is_empty();
+    let cgroup_deferred = opts.cgroup_root.is_some() && crate::upgrade::older_link_exists(&opts.bpffs_root, "cgroup-");
+    if !cgroup_deferred {
+        datapath.ensure_cgroup(opts.cgroup_root.as_deref(), opts.service_translation).context("cgroup programs")?;
+    }
     // Written whatever --service-translation says: the FQDN step also reads them.
     let svc_maps = crate::services::maps::ServiceMaps::open(&opts.bpffs_root).context("Service maps")?;
     crate::services::maps::sync_service_cidrs(&opts.bpffs_root, &opts.service_cidrs)?;
@@ -276,6 +286,8 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         svc_ids: crate::services::identities::ServiceIdentities::from_held(svc_maps.held_identities()),
         svc_maps,
         svc_dirty: true,
+        upgrade_pending,
+        cgroup_deferred,
         last_svc_error: None,
         svc_revnat,
     };
@@ -554,6 +566,10 @@ impl Agent {
                 self.release_quarantined()?;
             }
             self.write_config()?;
+            if self.cgroup_deferred {
+                self.datapath.ensure_cgroup(self.opts.cgroup_root.as_deref(), self.opts.service_translation).context("cgroup programs")?;
+                self.cgroup_deferred = false;
+            }
             let hooked_before = self.datapath.hooked_ifindexes();
             let mut keep = BTreeSet::new();
             for (ip, idx) in &self.ifindex {
@@ -573,11 +589,31 @@ impl Agent {
         if stats.written + stats.removed > 0 {
             log::info!("applied {} writes, {} removals (epoch {})", stats.written, stats.removed, self.config.policy_epoch);
         }
+        if self.upgrade_pending {
+            self.finish_upgrade()?;
+        }
         // After the policy: a new backend is translated to only once its endpoint and
         // policy entries are in place.
         self.sync_services();
         let apply_time = t.elapsed();
         self.publish(desired, &stats, apply_time)?;
+        Ok(())
+    }
+
+    /// Once this agent's state is in its maps and its hooks attached: takes over the older
+    /// layout's remaining TC links (interfaces this agent does not hook yet keep a hook:
+    /// fail closed) and removes the older layouts.
+    fn finish_upgrade(&mut self) -> Result<()> {
+        for (idx, name) in crate::upgrade::older_tc_links(&self.opts.bpffs_root) {
+            if net::ifindex(&name).is_ok_and(|i| i == idx) {
+                self.datapath.ensure_attached(idx, &name)?;
+            }
+        }
+        let removed = crate::upgrade::retire(&self.opts.bpffs_root)?;
+        self.upgrade_pending = !crate::upgrade::older_layouts(&self.opts.bpffs_root).is_empty();
+        if !removed.is_empty() {
+            log::info!("layout upgrade done: {} older layout(s) removed", removed.len());
+        }
         Ok(())
     }
 

@@ -34,6 +34,7 @@ pub fn ensure_attached(ebpf: &mut Ebpf, bpffs_root: &Path, root: &Path, translat
         [(PROG_CGROUP_EGRESS, CgroupSkbAttachType::Egress, "egress"), (PROG_CGROUP_INGRESS, CgroupSkbAttachType::Ingress, "ingress")]
     {
         let pin = link_dir(bpffs_root).join(format!("{PIN_PREFIX}{ino}-{side}"));
+        crate::upgrade::adopt_link(bpffs_root, &format!("{PIN_PREFIX}{ino}-{side}"))?;
         let prog: &mut CgroupSkb = ebpf.program_mut(prog_name).with_context(|| format!("program {prog_name} missing"))?.try_into()?;
         if !swap_into_pin(&pin, prog.fd()?.as_fd()) {
             // A link (kernel >= 5.7) always coexists with other programs on the cgroup
@@ -47,6 +48,7 @@ pub fn ensure_attached(ebpf: &mut Ebpf, bpffs_root: &Path, root: &Path, translat
     if translate {
         for (prog_name, attach_type) in PROGS_SOCK_ADDR {
             let pin = link_dir(bpffs_root).join(format!("{PIN_PREFIX}{ino}-{prog_name}"));
+            crate::upgrade::adopt_link(bpffs_root, &format!("{PIN_PREFIX}{ino}-{prog_name}"))?;
             let prog: &mut CgroupSockAddr = ebpf.program_mut(prog_name).with_context(|| format!("program {prog_name} missing"))?.try_into()?;
             if !swap_into_pin(&pin, prog.fd()?.as_fd()) {
                 let id = prog

@@ -18,3 +18,4 @@ pub mod source;
 pub mod state;
 pub mod sync;
 pub mod tunnels;
+pub mod upgrade;

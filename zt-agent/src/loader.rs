@@ -201,6 +201,10 @@ impl Datapath {
         }
         for (prog_name, attach_type) in [(PROG_FROM_POD, TcAttachType::Ingress), (PROG_TO_POD, TcAttachType::Egress)] {
             let pin = self.link_pin(ifindex, ifname, prog_name);
+            // An older layout's link on this interface: taken over in place (upgrade.rs).
+            if let Some(name) = pin.file_name().and_then(|n| n.to_str()) {
+                crate::upgrade::adopt_link(&self.bpffs_root, name)?;
+            }
             let prog: &mut SchedClassifier = self.ebpf.program_mut(prog_name).context("program missing")?.try_into()?;
             let id = match PinnedLink::from_pin(&pin) {
                 Ok(old) => {
