@@ -1,0 +1,1 @@
+//! Node-to-node channels (issue 10): the X509-SVID verifier.
