@@ -56,7 +56,7 @@ impl std::fmt::Debug for CachedCredential {
 
 impl NodeCredential for CachedCredential {
     fn certified_key(&self) -> Option<Arc<CertifiedKey>> {
-        self.cache.svid(&self.id).map(|s| s.certified.clone())
+        self.cache.svid(&self.id).map(|s| s.certified().clone())
     }
 }
 

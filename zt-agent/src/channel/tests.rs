@@ -107,7 +107,7 @@ async fn a_node_of_another_trust_domain_is_refused() {
     let mut both = TrustBundles::default();
     both.set(TrustDomain::parse("zt.test").unwrap(), bed.ca.roots()).unwrap();
     both.set(TrustDomain::parse("evil.test").unwrap(), evil.roots()).unwrap();
-    let mut evil_end = bed.setup(Arc::new(FixedCredential(evil_svid.certified.clone())));
+    let mut evil_end = bed.setup(Arc::new(FixedCredential(evil_svid.certified().clone())));
     evil_end.bundles = StaticBundles::new(both);
     let (addr, server) = serve_one(bed.node("n1")).await;
     let client = evil_end.connect(addr, &id("spiffe://zt.test/zt/node/n1")).await;

@@ -208,9 +208,9 @@ mod tests {
         let ca = ca(clock.clone());
         let id = SpiffeId::parse("spiffe://zt.test/ns/default/sa/sleep").unwrap();
         let svid = ca.issue(&id).unwrap();
-        assert_eq!(svid.spiffe_id, id);
-        assert_eq!(unix_secs(svid.not_before), 1_800_000_000 - 10);
-        assert_eq!(unix_secs(svid.not_after), 1_800_000_600);
+        assert_eq!(svid.spiffe_id(), &id);
+        assert_eq!(unix_secs(svid.not_before()), 1_800_000_000 - 10);
+        assert_eq!(unix_secs(svid.not_after()), 1_800_000_600);
         let facts = check_leaf(svid.leaf()).unwrap();
         assert_eq!(facts.spiffe_id, id);
         let (_, c) = X509Certificate::from_der(svid.leaf().as_ref()).unwrap();

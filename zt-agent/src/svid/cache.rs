@@ -71,14 +71,14 @@ pub struct SvidCache {
 
 /// Half-life of `svid` moved by the certificate's jitter.
 pub fn refresh_point(svid: &X509Svid, jitter: f64) -> SystemTime {
-    let life = svid.not_after.duration_since(svid.not_before).unwrap_or_default();
+    let life = svid.not_after().duration_since(svid.not_before()).unwrap_or_default();
     let mut h = std::hash::DefaultHasher::new();
     svid.leaf().as_ref().hash(&mut h);
     // u in [-1, 1], fixed per certificate.
     let u = (h.finish() % 2001) as f64 / 1000.0 - 1.0;
     let frac = (0.5 + jitter.clamp(0.0, 0.49) * u).clamp(0.01, 0.99);
     // Whole seconds, as certificates count time.
-    svid.not_before + Duration::from_secs((life.as_secs() as f64 * frac) as u64)
+    svid.not_before() + Duration::from_secs((life.as_secs() as f64 * frac) as u64)
 }
 
 fn backoff(cfg: &CacheConfig, failures: u32) -> Duration {
@@ -130,7 +130,7 @@ impl SvidCache {
     pub fn svid(&self, id: &SpiffeId) -> Option<Arc<X509Svid>> {
         let now = self.clock.now();
         let g = self.inner.lock().unwrap();
-        g.entries.get(id)?.current.clone().filter(|s| s.not_before <= now && now < s.not_after)
+        g.entries.get(id)?.current.clone().filter(|s| s.not_before() <= now && now < s.not_after())
     }
 
     pub fn status(&self) -> Vec<SvidStatus> {
@@ -139,8 +139,8 @@ impl SvidCache {
             .values()
             .map(|e| SvidStatus {
                 spiffe_id: e.subject.spiffe_id.clone(),
-                not_before: e.current.as_ref().map(|s| s.not_before),
-                not_after: e.current.as_ref().map(|s| s.not_after),
+                not_before: e.current.as_ref().map(|s| s.not_before()),
+                not_after: e.current.as_ref().map(|s| s.not_after()),
                 next_refresh: e.next_attempt,
                 failures: e.failures,
                 last_error: e.last_error.clone(),
@@ -185,11 +185,11 @@ impl SvidCache {
         let mut g = self.inner.lock().unwrap();
         let Some(e) = g.entries.get_mut(id) else { return };
         let result = fetched.and_then(|s| {
-            if s.spiffe_id != *id {
-                anyhow::bail!("{} returned an SVID for {} when asked for {id}", self.source.name(), s.spiffe_id);
+            if s.spiffe_id() != id {
+                anyhow::bail!("{} returned an SVID for {} when asked for {id}", self.source.name(), s.spiffe_id());
             }
-            if s.not_after <= now {
-                anyhow::bail!("{} returned an SVID for {id} that expired at unix {}", self.source.name(), super::clock::unix_secs(s.not_after));
+            if s.not_after() <= now {
+                anyhow::bail!("{} returned an SVID for {id} that expired at unix {}", self.source.name(), super::clock::unix_secs(s.not_after()));
             }
             Ok(s)
         });

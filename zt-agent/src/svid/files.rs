@@ -94,8 +94,8 @@ impl SvidSource for FilesSource {
         Box::pin(async move {
             let dir = self.dirs.get(&subject.spiffe_id).ok_or_else(|| anyhow!("no SVID directory is configured for {}", subject.spiffe_id))?;
             let l = self.load(dir)?;
-            if l.svid.spiffe_id != subject.spiffe_id {
-                bail!("{} holds an SVID for {}, not {}", dir.display(), l.svid.spiffe_id, subject.spiffe_id);
+            if l.svid.spiffe_id() != &subject.spiffe_id {
+                bail!("{} holds an SVID for {}, not {}", dir.display(), l.svid.spiffe_id(), subject.spiffe_id);
             }
             Ok(l.svid)
         })
@@ -198,7 +198,7 @@ mod tests {
         }
         let src = FilesSource::new(BTreeMap::from([(id.clone(), d1.clone()), (other.clone(), d2.clone())]), FileNames::default());
         let svid = src.fetch_svid(&Subject::id(id.clone())).await.unwrap();
-        assert_eq!(svid.spiffe_id, id);
+        assert_eq!(svid.spiffe_id(), &id);
         assert_eq!(svid.leaf(), &leaf);
         let e = src.fetch_svid(&Subject::id(other.clone())).await.unwrap_err().to_string();
         assert!(e.contains("holds an SVID for spiffe://zt.test/zt/node/n1"), "{e}");
@@ -213,5 +213,45 @@ mod tests {
         let e = format!("{:#}", src.fetch_svid(&Subject::id(id)).await.unwrap_err());
         assert!(e.contains("svid_bundle.pem"), "{e}");
         std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    /// spiffe-helper's `add_intermediates_to_bundle`: the intermediate sits in the bundle file.
+    /// It joins the chain, not the roots, and the chain verifies through it.
+    #[tokio::test]
+    async fn intermediates_in_the_bundle_file_join_the_chain() {
+        use crate::channel::verifier::{PeerPolicy, SvidVerifier, Usage};
+        use crate::svid::source::StaticBundles;
+        let clock = Arc::new(ManualClock::at_unix(1_800_000_000));
+        let td = TrustDomain::parse("zt.test").unwrap();
+        let ca = BuiltinCa::new(BuiltinConfig::new(td.clone()), clock.clone()).unwrap();
+        let mut ip = rcgen::CertificateParams::default();
+        ip.distinguished_name.push(rcgen::DnType::CommonName, "intermediate");
+        ip.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ip.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        let ikey = rcgen::KeyPair::generate().unwrap();
+        let inter = ca.sign_custom(&ip, &ikey).unwrap();
+        let id = SpiffeId::parse("spiffe://zt.test/ns/default/sa/sleep").unwrap();
+        let mut lp = rcgen::CertificateParams::default();
+        lp.subject_alt_names = vec![rcgen::SanType::URI(id.to_string().try_into().unwrap())];
+        lp.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        lp.not_before = time::OffsetDateTime::from_unix_timestamp(1_800_000_000 - 60).unwrap();
+        lp.not_after = time::OffsetDateTime::from_unix_timestamp(1_800_003_600).unwrap();
+        let lkey = rcgen::KeyPair::generate().unwrap();
+        let leaf = lp.signed_by(&lkey, &rcgen::Issuer::from_params(&ip, &ikey)).unwrap().der().clone();
+        let dir = tmp("intermediates");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("svid.pem"), pem("CERTIFICATE", &leaf)).unwrap();
+        std::fs::write(dir.join("svid_key.pem"), lkey.serialize_pem()).unwrap();
+        std::fs::write(dir.join("svid_bundle.pem"), pem("CERTIFICATE", &ca.roots()[0]) + &pem("CERTIFICATE", &inter)).unwrap();
+        let src = FilesSource::new(BTreeMap::from([(id.clone(), dir.clone())]), FileNames::default());
+        let svid = src.fetch_svid(&Subject::id(id.clone())).await.unwrap();
+        assert_eq!(svid.chain(), &[leaf.clone(), inter.clone()]);
+        let bundles = src.fetch_bundles().await.unwrap();
+        assert_eq!(bundles.get(&td).unwrap(), ca.roots().as_slice(), "the intermediate is no root");
+        let v = SvidVerifier::new(StaticBundles::new(bundles), clock, PeerPolicy::TrustDomains([td].into()));
+        assert_eq!(v.verify(&leaf, &svid.chain()[1..], Usage::Client), Ok(id.clone()));
+        // Without the intermediate the chain does not reach the root.
+        assert_eq!(v.verify(&leaf, &[], Usage::Client).unwrap_err().reason(), "unknown-issuer");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -34,14 +34,14 @@ impl Subject {
 }
 
 /// An X509-SVID with its private key. Constructed only through `from_parts`, which enforces
-/// the leaf rules and that the key belongs to the leaf.
+/// the leaf rules and that the key belongs to the leaf (hence the private fields).
 #[derive(Debug)]
 pub struct X509Svid {
-    pub spiffe_id: SpiffeId,
-    pub not_before: SystemTime,
-    pub not_after: SystemTime,
+    spiffe_id: SpiffeId,
+    not_before: SystemTime,
+    not_after: SystemTime,
     /// Leaf first, then intermediates (no root); the key signs TLS handshakes and proofs.
-    pub certified: Arc<CertifiedKey>,
+    certified: Arc<CertifiedKey>,
 }
 
 impl X509Svid {
@@ -52,6 +52,23 @@ impl X509Svid {
         let certified = CertifiedKey::new(chain, signer);
         certified.keys_match().map_err(|_| SvidError::KeyMismatch)?;
         Ok(X509Svid { spiffe_id: facts.spiffe_id, not_before: facts.not_before, not_after: facts.not_after, certified: Arc::new(certified) })
+    }
+
+    pub fn spiffe_id(&self) -> &SpiffeId {
+        &self.spiffe_id
+    }
+
+    pub fn not_before(&self) -> SystemTime {
+        self.not_before
+    }
+
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
+    }
+
+    /// Chain and signing key, as rustls presents them.
+    pub fn certified(&self) -> &Arc<CertifiedKey> {
+        &self.certified
     }
 
     pub fn chain(&self) -> &[CertificateDer<'static>] {

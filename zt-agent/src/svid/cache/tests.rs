@@ -82,7 +82,7 @@ async fn refreshes_at_half_life_with_jitter() {
     cache.refresh_due().await;
     let second = cache.svid(&id()).unwrap();
     assert!(!Arc::ptr_eq(&second, &first), "a new SVID at the refresh point");
-    assert_eq!(unix_secs(second.not_after) as u64, at + 1000);
+    assert_eq!(unix_secs(second.not_after()) as u64, at + 1000);
     // The jitter spreads SVIDs issued at the same instant.
     let points: std::collections::BTreeSet<u64> = (0..20)
         .map(|_| {
@@ -113,21 +113,21 @@ async fn keeps_the_last_valid_svid_with_capped_backoff_then_fails_closed() {
         assert!(st.last_error.as_deref().unwrap().contains("source down"));
         gaps.push(next_refresh(&cache) - before);
         clock.set(st.next_refresh);
-        if clock.now() < first.not_after {
+        if clock.now() < first.not_after() {
             assert!(Arc::ptr_eq(&cache.svid(&id()).unwrap(), &first), "the last valid SVID stays in use");
         }
     }
     assert_eq!(gaps, vec![1, 2, 4, 8, 16, 30, 30, 30], "doubling backoff capped at 30 s");
     assert_eq!(cache.status()[0].failures, 8);
     // 121 s of failures outlived the 120 s SVID: past its not-after it is not handed out.
-    assert!(clock.now() >= first.not_after);
+    assert!(clock.now() >= first.not_after());
     assert!(cache.svid(&id()).is_none());
     // The source comes back: the next retry gets a fresh SVID.
     src.fail.store(false, Ordering::SeqCst);
     clock.set(cache.status()[0].next_refresh);
     cache.refresh_due().await;
     let fresh = cache.svid(&id()).unwrap();
-    assert!(fresh.not_after > first.not_after);
+    assert!(fresh.not_after() > first.not_after());
     assert_eq!(cache.status()[0].failures, 0);
 }
 
