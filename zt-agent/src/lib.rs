@@ -1,6 +1,7 @@
 pub mod admin;
 pub mod agent;
 pub mod cgroup_link;
+pub mod channel;
 pub mod compile;
 pub mod conntrack_gc;
 pub mod ctl;
@@ -16,6 +17,7 @@ pub mod pod_cgroup;
 pub mod services;
 pub mod source;
 pub mod state;
+pub mod svid;
 pub mod sync;
 pub mod tunnels;
 pub mod upgrade;

@@ -1,0 +1,257 @@
+//! The `files` backend: SVIDs that another tool keeps on disk in spiffe-helper's layout, one
+//! directory per SVID: `svid.pem` (leaf, then intermediates), `svid_key.pem` (PKCS#8 key),
+//! `svid_bundle.pem` (the roots of the SVID's own trust domain). spiffe-helper's
+//! `add_intermediates_to_bundle` puts intermediates in the bundle file instead: certificates
+//! there that are not self-issued are taken as intermediates of the chain, never as roots.
+//! Limit: `include_federated_domains` mixes other domains' roots into the same file, where
+//! nothing says which domain each belongs to; this backend would file them under the SVID's
+//! own domain, so do not point it at such a directory.
+//!
+//! Files are re-read on every fetch; a half-written set (key and leaf that do not match) is an
+//! error, and the cache keeps the last valid SVID and retries.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context};
+use futures::future::BoxFuture;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use super::source::{Subject, SvidSource, TrustBundles, X509Svid};
+use super::spiffe_id::SpiffeId;
+use super::x509::is_self_issued;
+
+/// File names inside each directory (spiffe-helper's `svid_file_name`, `svid_key_file_name`,
+/// `svid_bundle_file_name`).
+#[derive(Clone, Debug)]
+pub struct FileNames {
+    pub svid: String,
+    pub key: String,
+    pub bundle: String,
+}
+
+impl Default for FileNames {
+    fn default() -> FileNames {
+        FileNames { svid: "svid.pem".into(), key: "svid_key.pem".into(), bundle: "svid_bundle.pem".into() }
+    }
+}
+
+pub struct FilesSource {
+    dirs: BTreeMap<SpiffeId, PathBuf>,
+    names: FileNames,
+}
+
+/// One directory's contents: chain (with intermediates moved from the bundle), key, roots.
+struct Loaded {
+    svid: X509Svid,
+    roots: Vec<CertificateDer<'static>>,
+}
+
+fn certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let v = CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parsing {}", path.display()))?;
+    if v.is_empty() {
+        bail!("{} holds no certificate", path.display());
+    }
+    Ok(v)
+}
+
+impl FilesSource {
+    /// `dirs`: the directory that holds each SPIFFE ID's files.
+    pub fn new(dirs: BTreeMap<SpiffeId, PathBuf>, names: FileNames) -> FilesSource {
+        FilesSource { dirs, names }
+    }
+
+    fn load(&self, dir: &Path) -> anyhow::Result<Loaded> {
+        let mut chain = certs(&dir.join(&self.names.svid))?;
+        let key_path = dir.join(&self.names.key);
+        let key = PrivateKeyDer::from_pem_file(&key_path).with_context(|| format!("reading the key {}", key_path.display()))?;
+        let mut roots = Vec::new();
+        for c in certs(&dir.join(&self.names.bundle))? {
+            if is_self_issued(&c).map_err(|e| anyhow!("{}: {e}", self.names.bundle))? {
+                roots.push(c);
+            } else {
+                chain.push(c);
+            }
+        }
+        if roots.is_empty() {
+            bail!("{} holds no root (no self-issued certificate)", dir.join(&self.names.bundle).display());
+        }
+        let svid = X509Svid::from_parts(chain, key).map_err(|e| anyhow!("{}: {e}", dir.display()))?;
+        Ok(Loaded { svid, roots })
+    }
+}
+
+impl SvidSource for FilesSource {
+    fn name(&self) -> &str {
+        "files"
+    }
+
+    fn fetch_svid<'a>(&'a self, subject: &'a Subject) -> BoxFuture<'a, anyhow::Result<X509Svid>> {
+        Box::pin(async move {
+            let dir = self.dirs.get(&subject.spiffe_id).ok_or_else(|| anyhow!("no SVID directory is configured for {}", subject.spiffe_id))?;
+            let l = self.load(dir)?;
+            if l.svid.spiffe_id() != &subject.spiffe_id {
+                bail!("{} holds an SVID for {}, not {}", dir.display(), l.svid.spiffe_id(), subject.spiffe_id);
+            }
+            Ok(l.svid)
+        })
+    }
+
+    fn fetch_bundles(&self) -> BoxFuture<'_, anyhow::Result<TrustBundles>> {
+        Box::pin(async move {
+            let mut per_domain: BTreeMap<_, Vec<CertificateDer<'static>>> = BTreeMap::new();
+            for (id, dir) in &self.dirs {
+                let roots = self.load(dir)?.roots;
+                let set = per_domain.entry(id.trust_domain().clone()).or_default();
+                for r in roots {
+                    if !set.contains(&r) {
+                        set.push(r);
+                    }
+                }
+            }
+            let mut b = TrustBundles::default();
+            for (td, roots) in per_domain {
+                b.set(td, roots).map_err(|e| anyhow!(e))?;
+            }
+            Ok(b)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::svid::builtin::{BuiltinCa, BuiltinConfig};
+    use crate::svid::clock::ManualClock;
+    use crate::svid::spiffe_id::TrustDomain;
+    use std::sync::Arc;
+
+    fn pem(tag: &str, der: &[u8]) -> String {
+        use std::fmt::Write;
+        let b64 = base64_encode(der);
+        let mut s = format!("-----BEGIN {tag}-----\n");
+        for chunk in b64.as_bytes().chunks(64) {
+            writeln!(s, "{}", std::str::from_utf8(chunk).unwrap()).unwrap();
+        }
+        writeln!(s, "-----END {tag}-----").unwrap();
+        s
+    }
+
+    fn base64_encode(b: &[u8]) -> String {
+        const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = String::new();
+        for c in b.chunks(3) {
+            let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+            for i in 0..4 {
+                if i <= c.len() {
+                    out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+
+    /// A directory laid out as spiffe-helper writes it, from the builtin CA.
+    fn write_dir(dir: &Path, ca: &BuiltinCa, id: &SpiffeId) -> X509Svid {
+        let svid = ca.issue(id).unwrap();
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("svid.pem"), pem("CERTIFICATE", svid.leaf())).unwrap();
+        let roots: String = ca.roots().iter().map(|r| pem("CERTIFICATE", r)).collect();
+        std::fs::write(dir.join("svid_bundle.pem"), roots).unwrap();
+        svid
+    }
+
+    fn tmp(name: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("zt-svid-files-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        p
+    }
+
+    #[tokio::test]
+    async fn reads_the_spiffe_helper_layout_and_refuses_a_mismatched_key() {
+        let clock = Arc::new(ManualClock::at_unix(1_800_000_000));
+        let ca = BuiltinCa::new(BuiltinConfig::new(TrustDomain::parse("zt.test").unwrap()), clock).unwrap();
+        let id = SpiffeId::parse("spiffe://zt.test/zt/node/n1").unwrap();
+        let other = SpiffeId::parse("spiffe://zt.test/zt/node/n2").unwrap();
+        let base = tmp("layout");
+        let (d1, d2) = (base.join("n1"), base.join("n2"));
+        // The key files come from a second issuance whose key we can serialise: issue through
+        // rcgen directly so the PKCS#8 bytes are at hand.
+        let key1 = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(id.to_string().try_into().unwrap())];
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        let leaf = ca.sign_custom(&params, &key1).unwrap();
+        write_dir(&d1, &ca, &id);
+        std::fs::write(d1.join("svid.pem"), pem("CERTIFICATE", &leaf)).unwrap();
+        std::fs::write(d1.join("svid_key.pem"), key1.serialize_pem()).unwrap();
+        // n2's directory holds n1's SVID: refused for n2.
+        std::fs::create_dir_all(&d2).unwrap();
+        for f in ["svid.pem", "svid_key.pem", "svid_bundle.pem"] {
+            std::fs::copy(d1.join(f), d2.join(f)).unwrap();
+        }
+        let src = FilesSource::new(BTreeMap::from([(id.clone(), d1.clone()), (other.clone(), d2.clone())]), FileNames::default());
+        let svid = src.fetch_svid(&Subject::id(id.clone())).await.unwrap();
+        assert_eq!(svid.spiffe_id(), &id);
+        assert_eq!(svid.leaf(), &leaf);
+        let e = src.fetch_svid(&Subject::id(other.clone())).await.unwrap_err().to_string();
+        assert!(e.contains("holds an SVID for spiffe://zt.test/zt/node/n1"), "{e}");
+        let b = src.fetch_bundles().await.unwrap();
+        assert_eq!(b.get(id.trust_domain()).unwrap(), ca.roots().as_slice());
+        // A key that is not the leaf's (a half-written rotation) is an error.
+        std::fs::write(d1.join("svid_key.pem"), rcgen::KeyPair::generate().unwrap().serialize_pem()).unwrap();
+        let e = src.fetch_svid(&Subject::id(id.clone())).await.unwrap_err().to_string();
+        assert!(e.contains("private key does not belong"), "{e}");
+        // A missing file names itself.
+        std::fs::remove_file(d1.join("svid_bundle.pem")).unwrap();
+        let e = format!("{:#}", src.fetch_svid(&Subject::id(id)).await.unwrap_err());
+        assert!(e.contains("svid_bundle.pem"), "{e}");
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    /// spiffe-helper's `add_intermediates_to_bundle`: the intermediate sits in the bundle file.
+    /// It joins the chain, not the roots, and the chain verifies through it.
+    #[tokio::test]
+    async fn intermediates_in_the_bundle_file_join_the_chain() {
+        use crate::channel::verifier::{PeerPolicy, SvidVerifier, Usage};
+        use crate::svid::source::StaticBundles;
+        let clock = Arc::new(ManualClock::at_unix(1_800_000_000));
+        let td = TrustDomain::parse("zt.test").unwrap();
+        let ca = BuiltinCa::new(BuiltinConfig::new(td.clone()), clock.clone()).unwrap();
+        let mut ip = rcgen::CertificateParams::default();
+        ip.distinguished_name.push(rcgen::DnType::CommonName, "intermediate");
+        ip.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ip.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        let ikey = rcgen::KeyPair::generate().unwrap();
+        let inter = ca.sign_custom(&ip, &ikey).unwrap();
+        let id = SpiffeId::parse("spiffe://zt.test/ns/default/sa/sleep").unwrap();
+        let mut lp = rcgen::CertificateParams::default();
+        lp.subject_alt_names = vec![rcgen::SanType::URI(id.to_string().try_into().unwrap())];
+        lp.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        lp.not_before = time::OffsetDateTime::from_unix_timestamp(1_800_000_000 - 60).unwrap();
+        lp.not_after = time::OffsetDateTime::from_unix_timestamp(1_800_003_600).unwrap();
+        let lkey = rcgen::KeyPair::generate().unwrap();
+        let leaf = lp.signed_by(&lkey, &rcgen::Issuer::from_params(&ip, &ikey)).unwrap().der().clone();
+        let dir = tmp("intermediates");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("svid.pem"), pem("CERTIFICATE", &leaf)).unwrap();
+        std::fs::write(dir.join("svid_key.pem"), lkey.serialize_pem()).unwrap();
+        std::fs::write(dir.join("svid_bundle.pem"), pem("CERTIFICATE", &ca.roots()[0]) + &pem("CERTIFICATE", &inter)).unwrap();
+        let src = FilesSource::new(BTreeMap::from([(id.clone(), dir.clone())]), FileNames::default());
+        let svid = src.fetch_svid(&Subject::id(id.clone())).await.unwrap();
+        assert_eq!(svid.chain(), &[leaf.clone(), inter.clone()]);
+        let bundles = src.fetch_bundles().await.unwrap();
+        assert_eq!(bundles.get(&td).unwrap(), ca.roots().as_slice(), "the intermediate is no root");
+        let v = SvidVerifier::new(StaticBundles::new(bundles), clock, PeerPolicy::TrustDomains([td].into()));
+        assert_eq!(v.verify(&leaf, &svid.chain()[1..], Usage::Client), Ok(id.clone()));
+        // Without the intermediate the chain does not reach the root.
+        assert_eq!(v.verify(&leaf, &[], Usage::Client).unwrap_err().reason(), "unknown-issuer");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
