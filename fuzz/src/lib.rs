@@ -74,6 +74,7 @@ pub fn config(mode: EnforcementMode, trust_domain: &str) -> CompileConfig {
         dns_servers: vec![SpiffePattern::parse("spiffe://cluster.local/ns/kube-system/sa/coredns").unwrap()],
         dns_addresses: vec!["10.96.0.10".parse().unwrap()],
         host_access: zt_agent::compile::HostAccess::Probes,
+        dns_backends: vec![],
     }
 }
 

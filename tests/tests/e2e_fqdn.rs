@@ -308,8 +308,10 @@ fn other_identities_names_stay_denied() {
 }
 
 /// 1000 fresh names, each resolved and connected to at once (TTL 1): every connect
-/// succeeds within one SYN (900 ms, under the 1 s retransmit), no egress default-deny drop
-/// happens, and each one counts as an fqdn allow. Controls: unresolved addresses of the
+/// succeeds, no egress default-deny drop happens (the proof that no first SYN met the
+/// race: a dropped SYN is counted, whatever the timing), and each one counts as an fqdn
+/// allow. The connect timeout is generous: on a loaded machine a connect allowed on its
+/// first SYN can still take longer than a retransmit interval to be scheduled. Controls: unresolved addresses of the
 /// same block and a name outside the pattern are denied.
 #[test]
 fn race_resolve_connect_1000_fresh_names() {
@@ -332,7 +334,7 @@ fn race_resolve_connect_1000_fresh_names() {
                     continue;
                 }
             };
-            match TcpStream::connect_timeout(&SocketAddr::new(ip, EXT_TCP), Duration::from_millis(900)) {
+            match TcpStream::connect_timeout(&SocketAddr::new(ip, EXT_TCP), Duration::from_secs(5)) {
                 Ok(_) => ok += 1,
                 Err(e) => failed.push(format!("{name} -> {ip}: {e}")),
             }

@@ -96,8 +96,13 @@ fn sleep_calls_httpbin_through_its_service() {
     assert_eq!((e["verdict"].as_str(), e["translated"].as_bool()), (Some("allow"), Some(true)), "{e}");
     assert_eq!(e["frontend"], "10.96.0.80:8000/TCP", "{e}");
     assert!(e["backends"][0]["dst"].as_str().unwrap().contains("10.201.0.10") && e["backends"][0]["port"] == 80, "{e}");
+    // Untranslated (a raw socket, or translation off), the packet hooks judge the Service
+    // identity: sleep may reach every backend, notsleep none.
+    assert_eq!((e["untranslated"]["verdict"].as_str(), e["untranslated"]["reason"].as_str()), (Some("allow"), Some("service")), "{e}");
+    assert!(e["untranslated"]["peer"].as_str().unwrap().contains("service:default/httpbin"), "{e}");
     let e = bed.ztctl_json(&["explain", "default/notsleep", "10.96.0.80", "tcp/8000"]);
     assert_eq!(e["verdict"], "drop", "{e}");
+    assert_eq!((e["untranslated"]["verdict"].as_str(), e["untranslated"]["reason"].as_str()), (Some("drop"), Some("service-backends-denied")), "{e}");
     let text = bed.ztctl(&["explain", "default/sleep", "default/httpbin:8000", "tcp"]);
     assert!(text.contains("translated at the socket") && text.contains("backend 10.201.0.10"), "{text}");
 }

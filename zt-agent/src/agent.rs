@@ -39,6 +39,9 @@ pub struct FqdnOptions {
     pub dns_servers: Vec<crate::model::ztp::SpiffePattern>,
     /// Resolver addresses that are no pod (identity `dns`).
     pub dns_addresses: Vec<IpAddr>,
+    /// The cluster's resolver Service (`--fqdn-dns-service`, namespace and name): the
+    /// pods behind it are trusted resolvers and `entity: dns`.
+    pub dns_service: Option<(String, String)>,
 }
 
 #[derive(Clone, Debug)]
@@ -117,6 +120,8 @@ struct Agent {
     pub(crate) services: crate::services::ServiceTable,
     /// The Service frontend and backend maps.
     svc_maps: crate::services::maps::ServiceMaps,
+    /// Each Service's identity (the untranslated judgement).
+    svc_ids: crate::services::identities::ServiceIdentities,
     /// The Service table changed since it was last written to the maps.
     svc_dirty: bool,
     /// The last Service map write failed with this (logged once).
@@ -253,6 +258,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         snapshot,
         cni: cni_attachments,
         services: Default::default(),
+        svc_ids: crate::services::identities::ServiceIdentities::from_held(svc_maps.held_identities()),
         svc_maps,
         svc_dirty: true,
         last_svc_error: None,
@@ -408,6 +414,7 @@ impl Agent {
             return Ok(());
         };
         if changed {
+            let (services, svc_warnings) = crate::services::build(cluster, &self.opts.node_name, &self.host_ips);
             let cfg = CompileConfig {
                 node_name: self.opts.node_name.clone(),
                 trust_domain: self.opts.trust_domain.clone(),
@@ -417,16 +424,19 @@ impl Agent {
                 dns_servers: self.opts.fqdn.dns_servers.clone(),
                 dns_addresses: self.opts.fqdn.dns_addresses.clone(),
                 host_access: self.opts.host_access,
+                dns_backends: crate::services::backend_addresses(&services, self.opts.fqdn.dns_service.as_ref()),
             };
             let t = Instant::now();
             match compile_with_slots(cluster, &cfg, &mut self.ids, &mut self.slots) {
                 Ok(mut d) => {
-                    let (services, warnings) = crate::services::build(cluster, &self.opts.node_name, &self.host_ips);
                     if services != self.services {
                         self.services = services;
                         self.svc_dirty = true;
                     }
-                    d.warnings.extend(warnings);
+                    // A frontend reached untranslated is judged against all its backends.
+                    self.svc_ids.assign(&self.services);
+                    crate::services::judge::add_to(&mut d, &self.services, &self.svc_ids);
+                    d.warnings.extend(svc_warnings);
                     let mut m = self.metrics.lock().unwrap();
                     m.compile_seconds_sum += t.elapsed().as_secs_f64();
                     m.compile_count += 1;
@@ -543,7 +553,7 @@ impl Agent {
             return;
         }
         let sm = &mut self.svc_maps;
-        match sm.sync(&crate::services::maps::want_of(&self.services)) {
+        match sm.sync(&crate::services::maps::want_of(&self.services, &self.svc_ids)) {
             Ok(st) => {
                 self.svc_dirty = false;
                 self.last_svc_error = None;
@@ -603,7 +613,9 @@ impl Agent {
     fn write_config(&mut self) -> Result<()> {
         let before = self.config;
         let mut cfg = before;
-        cfg.flags = CONFIG_READY | if self.opts.host_access == HostAccess::All { CONFIG_ALLOW_HOST } else { 0 } | if self.opts.events_allowed { CONFIG_EVENTS_ALLOWED } else { 0 };
+        cfg.flags = CONFIG_READY
+            | if self.opts.host_access == HostAccess::All { CONFIG_ALLOW_HOST } else { 0 }
+            | if self.opts.events_allowed { CONFIG_EVENTS_ALLOWED } else { 0 };
         // A changed flag (host probes turned off) withdraws allows too.
         if before.flags & CONFIG_READY != 0 && before.flags != cfg.flags {
             self.pending_bump = true;
@@ -724,7 +736,11 @@ impl Agent {
         };
         let changed = {
             let cur = self.snapshot.read().unwrap();
-            cur.identities != snap.identities || cur.pods != snap.pods || cur.rules != snap.rules || cur.fqdn_slots != snap.fqdn_slots || cur.services != snap.services
+            cur.identities != snap.identities
+                || cur.pods != snap.pods
+                || cur.rules != snap.rules
+                || cur.fqdn_slots != snap.fqdn_slots
+                || cur.services != snap.services
         };
         if changed {
             let path = self.opts.state_dir.join("state.json");

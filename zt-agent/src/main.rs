@@ -109,6 +109,11 @@ struct Flags {
     /// node-local-dns), repeatable: identity `dns`, trusted like --fqdn-dns-server.
     #[arg(long = "fqdn-dns-address", value_name = "IP")]
     fqdn_dns_address: Vec<std::net::IpAddr>,
+    /// The cluster's resolver Service, `<namespace>/<name>` (`none`: no such Service):
+    /// the pods behind it are trusted resolvers and `entity: dns`, and so is the Service
+    /// itself when a query reaches its ClusterIP untranslated.
+    #[arg(long = "fqdn-dns-service", value_name = "NS/NAME", default_value = "kube-system/kube-dns")]
+    fqdn_dns_service: String,
     /// A learned FQDN address stays valid at least this long after its answer, seconds.
     #[arg(long, default_value_t = 30)]
     fqdn_min_ttl: u32,
@@ -131,6 +136,17 @@ struct Flags {
 }
 
 /// The trusted resolver patterns: the flags, or the defaults of the trust domain.
+/// `--fqdn-dns-service`: `<namespace>/<name>`, or `none`.
+fn dns_service(s: &str) -> anyhow::Result<Option<(String, String)>> {
+    if s == "none" {
+        return Ok(None);
+    }
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => Ok(Some((ns.to_string(), name.to_string()))),
+        _ => anyhow::bail!("--fqdn-dns-service {s:?}: expected <namespace>/<name> or none"),
+    }
+}
+
 fn dns_servers(flags: &[String], trust_domain: &str) -> anyhow::Result<Vec<SpiffePattern>> {
     let list = if flags.is_empty() { zt_agent::compile::default_dns_servers(trust_domain) } else { flags.to_vec() };
     list.iter()
@@ -165,6 +181,7 @@ async fn main() -> anyhow::Result<()> {
         settings: FqdnSettings { min_ttl_s: f.fqdn_min_ttl, max_ttl_s: f.fqdn_max_ttl, grace_s: f.fqdn_grace, events_per_sec: f.fqdn_events_per_sec },
         dns_servers: dns_servers(&f.fqdn_dns_server, &f.trust_domain)?,
         dns_addresses: f.fqdn_dns_address.iter().map(|a| a.to_canonical()).collect(),
+        dns_service: dns_service(&f.fqdn_dns_service)?,
     };
     if f.fqdn_min_ttl > f.fqdn_max_ttl {
         anyhow::bail!("--fqdn-min-ttl ({}) is above --fqdn-max-ttl ({})", f.fqdn_min_ttl, f.fqdn_max_ttl);
@@ -247,5 +264,11 @@ mod tests {
         let e = dns_servers(&["spiffe://td/ns/x".to_string()], "td").unwrap_err().to_string();
         assert!(e.contains("--fqdn-dns-server") && e.contains("invalid SPIFFE ID"), "{e}");
         assert!(Flags::try_parse_from(["zt-agent", "--fqdn-dns-address", "kube-dns"]).is_err());
+        assert_eq!(dns_service(&f.fqdn_dns_service).unwrap(), Some(("kube-system".into(), "kube-dns".into())), "the default");
+        assert_eq!(dns_service("none").unwrap(), None);
+        for bad in ["kube-dns", "/x", "a/", "a/b/c"] {
+            let e = dns_service(bad).unwrap_err().to_string();
+            assert!(e.contains("--fqdn-dns-service") && e.contains(bad), "{e}");
+        }
     }
 }

@@ -884,7 +884,7 @@ fn a_learned_address_that_is_a_service_frontend_is_never_allowed_by_name() {
     let mut fe: aya::maps::HashMap<aya::maps::MapData, SvcFrontendKey, SvcFrontendValue> =
         aya::maps::HashMap::try_from(open_map(&fx.dp._fs.root(), MAP_SVC_FRONTENDS).unwrap()).unwrap();
     let key = SvcFrontendKey { addr: addr(cluster_ip), port: 443, proto: TCP, _pad: 0 };
-    fe.insert(key, SvcFrontendValue { svc_id: 1, backends: 1, affinity_s: 0, _pad: 0 }, 0).unwrap();
+    fe.insert(key, SvcFrontendValue { svc_id: 1, backends: 1, affinity_s: 0, identity: 0 }, 0).unwrap();
     assert_eq!(fx.dp.run(FROM, &ipv4(POD, cluster_ip, TCP, 42000, 443)), TC_DROP);
     assert_eq!(fx.dp.counter(DIR_EGRESS, Reason::AllowFqdn), 0);
     let stats: aya::maps::PerCpuArray<aya::maps::MapData, u64> = aya::maps::PerCpuArray::try_from(open_map(&fx.dp._fs.root(), MAP_SVC_STATS).unwrap()).unwrap();

@@ -127,10 +127,10 @@ fn connect_sendmsg_recvmsg_getpeername_through_a_frontend() {
         let (tport6, accepted6) = tcp_server("[::1]:0");
         let uport = udp_echo("127.0.0.1:0");
         let mut want = std::collections::BTreeMap::new();
-        want.insert(fkey("10.96.0.10", 8000, 6), WantFrontend { backends: vec![backend("127.0.0.1", tport)], affinity_s: 0 });
-        want.insert(fkey("10.96.0.10", 53, 17), WantFrontend { backends: vec![backend("127.0.0.1", uport)], affinity_s: 0 });
-        want.insert(fkey("fd00:96::10", 8000, 6), WantFrontend { backends: vec![backend("::1", tport6)], affinity_s: 0 });
-        want.insert(fkey("10.96.0.11", 80, 6), WantFrontend { backends: vec![], affinity_s: 0 });
+        want.insert(fkey("10.96.0.10", 8000, 6), WantFrontend { backends: vec![backend("127.0.0.1", tport)], affinity_s: 0, identity: 0 });
+        want.insert(fkey("10.96.0.10", 53, 17), WantFrontend { backends: vec![backend("127.0.0.1", uport)], affinity_s: 0, identity: 0 });
+        want.insert(fkey("fd00:96::10", 8000, 6), WantFrontend { backends: vec![backend("::1", tport6)], affinity_s: 0, identity: 0 });
+        want.insert(fkey("10.96.0.11", 80, 6), WantFrontend { backends: vec![], affinity_s: 0, identity: 0 });
         let st = maps.sync(&want).unwrap();
         assert_eq!((st.frontends_written, st.backends_written), (4, 3));
         let out = python_in(
@@ -188,8 +188,8 @@ fn session_affinity_keeps_a_clients_backend_and_random_spreads() {
         };
         let mut want = std::collections::BTreeMap::new();
         let set = vec![backend("127.0.0.1", p1), backend("127.0.0.1", p2)];
-        want.insert(fkey("10.96.0.20", 80, 6), WantFrontend { backends: set.clone(), affinity_s: 0 });
-        want.insert(fkey("10.96.0.20", 81, 6), WantFrontend { backends: set.clone(), affinity_s: 600 });
+        want.insert(fkey("10.96.0.20", 80, 6), WantFrontend { backends: set.clone(), affinity_s: 0, identity: 0 });
+        want.insert(fkey("10.96.0.20", 81, 6), WantFrontend { backends: set.clone(), affinity_s: 600, identity: 0 });
         maps.sync(&want).unwrap();
         python_in(&cg, &script(80));
         settle(|| n1.load(Ordering::SeqCst) + n2.load(Ordering::SeqCst), 20);
@@ -200,7 +200,7 @@ fn session_affinity_keeps_a_clients_backend_and_random_spreads() {
         let (a2, b2) = (n1.load(Ordering::SeqCst) - a, n2.load(Ordering::SeqCst) - b);
         assert!(a2 == 20 || b2 == 20, "sessionAffinity keeps one backend: {a2} / {b2}");
         // A changed backend set is swapped in whole, and the old set is gone.
-        want.insert(fkey("10.96.0.20", 81, 6), WantFrontend { backends: vec![backend("127.0.0.1", p2)], affinity_s: 600 });
+        want.insert(fkey("10.96.0.20", 81, 6), WantFrontend { backends: vec![backend("127.0.0.1", p2)], affinity_s: 600, identity: 0 });
         want.remove(&fkey("10.96.0.20", 80, 6));
         let st = maps.sync(&want).unwrap();
         assert_eq!((st.frontends_written, st.frontends_removed, st.backends_written), (1, 1, 1));

@@ -31,6 +31,9 @@ pub const IDENTITY_REMOTE_NODE: u32 = 4;
 pub const IDENTITY_FIRST_WORKLOAD: u32 = 256;
 /// CIDR identities (ipBlock peers) carry this bit.
 pub const IDENTITY_CIDR_FLAG: u32 = 1 << 24;
+/// Service identities (flag | number): what a packet to a Service frontend is judged
+/// against when it reaches a packet hook untranslated (`SvcFrontendValue::identity`).
+pub const IDENTITY_SERVICE_FLAG: u32 = 1 << 25;
 
 // ---------------------------------------------------------------------------
 // Directions, verdicts, reasons
@@ -86,6 +89,10 @@ pub enum Reason {
     /// A new egress flow to a world/CIDR address learned from a DNS answer for a name
     /// an FQDN rule of the local identity allows.
     AllowFqdn = 10,
+    /// A new egress flow to a Service frontend that reached a packet hook untranslated
+    /// (translation off, a raw socket, SCTP): policy allows every current backend on its
+    /// target port. kube-proxy then DNATs it.
+    AllowService = 11,
 
     /// An explicit deny rule matched.
     DropPolicyDeny = 16,
@@ -120,6 +127,10 @@ pub enum Reason {
     /// that no policy explicitly allows: the node would decapsulate and route the inner
     /// packet under a source address the pod chose.
     DropTunnel = 28,
+    /// A new egress flow to a Service frontend that reached a packet hook untranslated,
+    /// and policy does not allow every current backend on its target port (or there is
+    /// none): kube-proxy could DNAT it to a backend no rule allowed.
+    DropService = 29,
 }
 
 pub const REASON_FIRST_DROP: u8 = 16;
@@ -129,7 +140,7 @@ pub const REASON_SLOTS: u32 = 32;
 pub const COUNTER_SLOTS: u32 = DIR_COUNT * REASON_SLOTS;
 
 impl Reason {
-    pub const ALL: [Reason; 23] = [
+    pub const ALL: [Reason; 25] = [
         Reason::AllowPolicy,
         Reason::AllowEstablished,
         Reason::AllowReply,
@@ -140,6 +151,7 @@ impl Reason {
         Reason::AllowFragment,
         Reason::AllowRelated,
         Reason::AllowFqdn,
+        Reason::AllowService,
         Reason::DropPolicyDeny,
         Reason::DropPolicyDefault,
         Reason::DropUnknownEndpoint,
@@ -153,6 +165,7 @@ impl Reason {
         Reason::DropEthertype,
         Reason::DropSpoofedSource,
         Reason::DropTunnel,
+        Reason::DropService,
     ];
 
     pub const fn is_drop(self) -> bool {
@@ -176,6 +189,7 @@ impl Reason {
             Reason::AllowFragment => "fragment",
             Reason::AllowRelated => "related",
             Reason::AllowFqdn => "fqdn",
+            Reason::AllowService => "service",
             Reason::DropPolicyDeny => "policy-deny",
             Reason::DropPolicyDefault => "policy-default-deny",
             Reason::DropUnknownEndpoint => "unknown-endpoint",
@@ -189,6 +203,7 @@ impl Reason {
             Reason::DropEthertype => "ethertype",
             Reason::DropSpoofedSource => "spoofed-source",
             Reason::DropTunnel => "tunnel",
+            Reason::DropService => "service-backends-denied",
         }
     }
 }

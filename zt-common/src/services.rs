@@ -46,7 +46,11 @@ pub struct SvcFrontendValue {
     pub backends: u32,
     /// sessionAffinity ClientIP: seconds a client keeps its backend; 0 = none.
     pub affinity_s: u32,
-    pub _pad: u32,
+    /// The Service's identity (`IDENTITY_SERVICE_FLAG | n`): a packet to this frontend
+    /// that reaches a packet hook untranslated is judged as egress to it on the frontend
+    /// port; the agent writes an allow for a local identity only if policy allows it
+    /// every current backend on its target port. 0: none (judged by address).
+    pub identity: u32,
 }
 
 #[repr(C)]
@@ -123,11 +127,24 @@ pub enum SvcStat {
     /// An FQDN rule would have allowed a learned address that is a Service frontend
     /// (reached untranslated) or inside a `--service-cidr`: denied.
     FqdnFrontend = 5,
+    /// A new flow to a frontend reached a packet hook untranslated and was allowed
+    /// (every backend allowed, or the source not isolated); counted per hook.
+    UntranslatedAllowed = 6,
+    /// ... and was dropped (`Reason::DropService`).
+    UntranslatedDenied = 7,
 }
 
 impl SvcStat {
-    pub const ALL: [SvcStat; 6] =
-        [SvcStat::Translated, SvcStat::NoBackend, SvcStat::BackendMissing, SvcStat::Reversed, SvcStat::Affinity, SvcStat::FqdnFrontend];
+    pub const ALL: [SvcStat; 8] = [
+        SvcStat::Translated,
+        SvcStat::NoBackend,
+        SvcStat::BackendMissing,
+        SvcStat::Reversed,
+        SvcStat::Affinity,
+        SvcStat::FqdnFrontend,
+        SvcStat::UntranslatedAllowed,
+        SvcStat::UntranslatedDenied,
+    ];
 
     pub const fn name(self) -> &'static str {
         match self {
@@ -137,6 +154,8 @@ impl SvcStat {
             SvcStat::Reversed => "reversed",
             SvcStat::Affinity => "affinity",
             SvcStat::FqdnFrontend => "fqdn-frontend-denied",
+            SvcStat::UntranslatedAllowed => "untranslated-allowed",
+            SvcStat::UntranslatedDenied => "untranslated-denied",
         }
     }
 }

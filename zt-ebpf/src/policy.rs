@@ -1,7 +1,8 @@
 //! Identity resolution and the policy decision for a new flow. Lookups, in order:
-//! ENDPOINTS[peer] (else CIDRS[peer], else world), ENDPOINTS[local],
-//! POLICY[(local, peer, ...)], POLICY[(local, any, ...)]. Deny in either wins, also over
-//! the host-probe allowance.
+//! ENDPOINTS[peer] (else CIDRS[peer], else world), for an egress flow SVC_FRONTENDS[peer,
+//! port] (a Service frontend reached untranslated is judged as its Service identity),
+//! ENDPOINTS[local], POLICY[(local, peer, ...)], POLICY[(local, any, ...)]. Deny in either
+//! wins, also over the host-probe allowance.
 use aya_ebpf::maps::lpm_trie::Key;
 use zt_common::*;
 
@@ -99,9 +100,31 @@ pub struct Judged {
 #[inline(never)]
 pub fn decide(cfg: &Config, hook: &Hook, f: &Flow, j: &Judged, out: &mut Decision) {
     // The hook, not the judged direction, says which address is the peer.
-    let peer = peer_of(hook, if hook.dir == DIR_INGRESS { &f.saddr } else { &f.daddr });
-    *out = if spoofed_from(hook, peer.ifindex) { deny(Reason::DropSpoofedSource, 0, peer.identity, 0) } else { decide_inner(cfg, hook, f, j, peer.identity) };
+    let peer_addr = if hook.dir == DIR_INGRESS { &f.saddr } else { &f.daddr };
+    let peer = peer_of(hook, peer_addr);
+    // A flow opened to a Service frontend that no socket hook translated: judged against
+    // the Service (every backend), not the frontend's address (kube-proxy DNATs it after
+    // this hook). Also for a NodePort on a node address, which is otherwise `host`.
+    let svc_id = if j.dir == DIR_EGRESS { frontend_identity(peer_addr, f.proto, j.port) } else { 0 };
+    *out = if spoofed_from(hook, peer.ifindex) {
+        deny(Reason::DropSpoofedSource, 0, peer.identity, 0)
+    } else if svc_id != 0 {
+        let d = decide_inner(cfg, hook, f, j, svc_id);
+        svc_stat(if d.allow { SvcStat::UntranslatedAllowed } else { SvcStat::UntranslatedDenied });
+        d
+    } else {
+        decide_inner(cfg, hook, f, j, peer.identity)
+    };
     out.peer_if = peer.ifindex;
+}
+
+/// The Service identity of a frontend (`SvcFrontendValue::identity`), else 0.
+#[inline(always)]
+fn frontend_identity(addr: &[u8; 16], proto: u8, port: u16) -> u32 {
+    match unsafe { SVC_FRONTENDS.get(&SvcFrontendKey { addr: *addr, port, proto, _pad: 0 }) } {
+        Some(v) if v.identity & IDENTITY_SERVICE_FLAG != 0 => v.identity,
+        _ => 0,
+    }
 }
 
 #[inline(always)]
@@ -127,6 +150,9 @@ fn decide_inner(cfg: &Config, hook: &Hook, f: &Flow, j: &Judged, peer_id: u32) -
         // Not isolated: no policy entries exist for this endpoint in this direction.
         let reason = if host_probe { Reason::AllowHost } else { Reason::AllowNoPolicy };
         return allow(reason, local_id, peer_id, 0);
+    }
+    if peer_id & IDENTITY_SERVICE_FLAG != 0 {
+        return service_decision(local_id, peer_id, proto, port);
     }
     let exact = POLICY.get(&Key::new(POLICY_PREFIX_FULL, PolicyKey::new(local_id, peer_id, dir, proto, port)));
     let any = POLICY.get(&Key::new(POLICY_PREFIX_FULL, PolicyKey::new(local_id, IDENTITY_ANY, dir, proto, port)));
@@ -181,6 +207,17 @@ fn is_frontend(addr: &[u8; 16], proto: u8, port: u16) -> bool {
 fn svc_stat(s: SvcStat) {
     if let Some(p) = SVC_STATS.get_ptr_mut(s as u32) {
         unsafe { *p += 1 };
+    }
+}
+
+/// An isolated pod's flow to a Service frontend, untranslated: only the agent's
+/// all-backends entry decides (it already folds in denies and any-peer rules at each
+/// backend's target port; an any-peer rule at the frontend port says nothing).
+#[inline(always)]
+fn service_decision(local_id: u32, svc_id: u32, proto: u8, port: u16) -> Decision {
+    match POLICY.get(&Key::new(POLICY_PREFIX_FULL, PolicyKey::new(local_id, svc_id, DIR_EGRESS, proto, port))) {
+        Some(v) if v.verdict == VERDICT_ALLOW => allow(Reason::AllowService, local_id, svc_id, v.rule_id),
+        _ => deny(Reason::DropService, local_id, svc_id, 0),
     }
 }
 

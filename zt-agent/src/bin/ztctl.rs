@@ -209,6 +209,10 @@ fn run() -> Result<()> {
                 if se.backends.is_empty() {
                     println!("  no backend: the connect is refused (ECONNREFUSED)");
                 }
+                if let Some(c) = &se.untranslated {
+                    println!("  untranslated (what reaches the packet hooks as the frontend):");
+                    println!("    {}: {} ({}){}", c.hook, c.verdict, c.reason, c.rule.as_ref().map(|r| format!(" by {r}")).unwrap_or_default());
+                }
                 for e in &se.backends {
                     println!("  backend {} {}/{}: {}", e.dst, e.proto, e.port, e.verdict.to_uppercase());
                     for c in &e.checks {

@@ -22,7 +22,7 @@ use std::fmt;
 use std::net::IpAddr;
 
 use zt_common::{
-    DIR_EGRESS, DIR_INGRESS, EP_ENFORCE_EGRESS, EP_ENFORCE_INGRESS, EP_LOCAL, IDENTITY_DNS,
+    DIR_EGRESS, DIR_INGRESS, EP_ENFORCE_EGRESS, EP_ENFORCE_INGRESS, EP_LOCAL, IDENTITY_DNS, IDENTITY_FIRST_WORKLOAD,
 };
 
 use crate::identity::{self, IdentityAllocator};
@@ -66,6 +66,9 @@ pub struct CompileConfig {
     pub dns_addresses: Vec<IpAddr>,
     /// What `host` may reach on isolated local pods (`--host-access`).
     pub host_access: HostAccess,
+    /// The backend addresses of the resolver Service (`--fqdn-dns-service`, found in the
+    /// Service table): the pods behind them are trusted resolvers.
+    pub dns_backends: Vec<IpAddr>,
 }
 
 /// Why a compile failed: the object and field at fault when there is one.
@@ -160,6 +163,13 @@ pub fn compile_with_slots(
         .map(|(id, _)| *id)
         .collect();
     dns_servers.insert(IDENTITY_DNS);
+    // The resolver Service's pods, whatever their service account (a pod's address only:
+    // a host-network resolver stays `host`).
+    for ip in &cfg.dns_backends {
+        if let Some(ep) = endpoints.get(&ip.to_canonical()).filter(|e| e.pod.is_some() && e.identity >= IDENTITY_FIRST_WORKLOAD) {
+            dns_servers.insert(ep.identity);
+        }
+    }
     for ip in &cfg.dns_addresses {
         // A pod's own address keeps its pod identity.
         endpoints.entry(ip.to_canonical()).or_insert(EndpointEntry { identity: IDENTITY_DNS, flags: 0, pod: None });

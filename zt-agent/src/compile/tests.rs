@@ -1222,6 +1222,27 @@ mod fqdn_rules {
         assert_eq!(d.dns_servers, BTreeSet::from([IDENTITY_DNS]));
     }
 
+    /// The resolver Service's pods (`--fqdn-dns-service`, addresses from the Service
+    /// table) are trusted whatever their service account; host addresses never are.
+    #[test]
+    fn the_resolver_services_pods_are_trusted() {
+        let pods = "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: kube-system}\n".to_string()
+            + &pod("kube-system", "dns-a", "{k8s-app: kube-dns}", "node-b", "10.0.9.1", "custom-dns", "[]")
+            + &pod("kube-system", "other", "{k8s-app: other}", "node-b", "10.0.9.2", "other", "[]");
+        let st = state(&(base() + &pods + &web_policy_dns()));
+        let c = CompileConfig { dns_backends: vec![ip("10.0.9.1"), ip("10.96.0.10"), ip("192.0.2.1")], ..fcfg() };
+        let mut slots = FqdnSlots::new();
+        let d = compile_with_slots(&st, &c, &mut IdentityAllocator::new(), &mut slots).unwrap();
+        let (web, dns_a, other) = (id(&d, "web"), id(&d, "dns-a"), id(&d, "other"));
+        assert!(d.dns_servers.contains(&dns_a), "{:?}", d.dns_servers);
+        assert!(!d.dns_servers.contains(&other));
+        assert_eq!(d.dns_servers.len(), 2, "dns and dns-a only: {:?}", d.dns_servers);
+        // ... and `entity: dns` reaches them.
+        assert_eq!(get(&d, 96, web, dns_a, E, 17, 53), Some(A));
+        let d = compile_with_slots(&st, &fcfg(), &mut IdentityAllocator::new(), &mut FqdnSlots::new()).unwrap();
+        assert!(!d.dns_servers.contains(&id(&d, "dns-a")), "not without the Service");
+    }
+
     #[test]
     fn warning_without_a_dns_allow() {
         let d = frun(&web_policy("    - to: [{fqdn: {matchName: a.example.com}}]\n"));

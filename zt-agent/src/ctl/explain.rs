@@ -245,6 +245,10 @@ pub struct ServiceExplanation {
     /// connect is refused); partial: it depends on the backend the connect picks.
     pub verdict: String,
     pub backends: Vec<Explanation>,
+    /// The packet hooks' judgement of the flow when no socket hook translated it
+    /// (translation off, a raw socket): against every backend, as the Service's identity.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub untranslated: Option<Check>,
 }
 
 /// `ns/name:port` of a Service, or None if `dst` is not written that way.
@@ -318,6 +322,10 @@ pub fn explain_service(
         "partial"
     };
     let translated = crate::cgroup_link::translation_attached(bpffs_root);
+    let untranslated = untranslated_check(maps, bpffs_root, snap, s, frontend)?;
+    // Untranslated, the source's hooks judge the Service first; the backends' own hooks
+    // judge what kube-proxy's DNAT then delivers.
+    let verdict = if !translated && untranslated.as_ref().is_some_and(|c| c.verdict == "drop") { "drop" } else { verdict };
     Ok(Some(ServiceExplanation {
         src: format!("{src} ({s})"),
         service: format!(
@@ -331,5 +339,47 @@ pub fn explain_service(
         translated,
         verdict: verdict.into(),
         backends,
+        untranslated,
     }))
+}
+
+/// As zt-ebpf policy.rs judges an egress flow to a frontend that reached a packet hook
+/// untranslated: the Service identity the frontend carries, then one exact entry the
+/// agent wrote only if every backend is allowed. None if `src` is no local endpoint.
+fn untranslated_check(maps: &PinnedMaps, bpffs_root: &std::path::Path, snap: &Snapshot, src: IpAddr, fe: &crate::services::Frontend) -> Result<Option<Check>> {
+    let Ok(ep) = maps.endpoints.get(&EndpointKey { addr: to_key(src) }, 0) else { return Ok(None) };
+    if ep.flags & EP_LOCAL == 0 {
+        return Ok(None);
+    }
+    let frontends: aya::maps::HashMap<aya::maps::MapData, SvcFrontendKey, SvcFrontendValue> =
+        crate::pins::open_map(bpffs_root, MAP_SVC_FRONTENDS)?.try_into().context("ZT_SVC_FRONTENDS")?;
+    let fkey = SvcFrontendKey { addr: to_key(fe.addr), port: fe.port, proto: fe.proto, _pad: 0 };
+    let Ok(fv) = frontends.get(&fkey, 0) else { return Ok(None) };
+    let svc_id = fv.identity;
+    let mut trace =
+        vec![format!("ZT_ENDPOINTS[{src}] -> identity {} flags {:#x}", ep.identity, ep.flags), format!("ZT_SVC_FRONTENDS[{fe}] -> Service identity {svc_id}")];
+    let mk = |verdict: &str, reason: Reason, rule: u32, trace: Vec<String>| Check {
+        hook: format!("egress of {} (untranslated)", snap.identity_name(ep.identity)),
+        local: snap.identity_name(ep.identity),
+        peer: snap.identity_name(svc_id),
+        verdict: verdict.into(),
+        reason: reason.name().into(),
+        rule: snap.rule_name(rule),
+        trace,
+    };
+    if ep.flags & EP_ENFORCE_EGRESS == 0 {
+        trace.push("egress not isolated: allowed".into());
+        return Ok(Some(mk("allow", Reason::AllowNoPolicy, 0, trace)));
+    }
+    let key = Key::new(POLICY_PREFIX_FULL, PolicyKey::new(ep.identity, svc_id, DIR_EGRESS, fe.proto, fe.port));
+    match maps.policy.get(&key, 0) {
+        Ok(v) if v.verdict == VERDICT_ALLOW => {
+            trace.push(format!("ZT_POLICY[{} <- {svc_id}, egress, proto {}, port {}] -> allow: every backend is allowed", ep.identity, fe.proto, fe.port));
+            Ok(Some(mk("allow", Reason::AllowService, v.rule_id, trace)))
+        }
+        _ => {
+            trace.push(format!("ZT_POLICY[{} <- {svc_id}, egress, proto {}, port {}] -> none: not every backend is allowed", ep.identity, fe.proto, fe.port));
+            Ok(Some(mk("drop", Reason::DropService, 0, trace)))
+        }
+    }
 }

@@ -10,20 +10,22 @@ use anyhow::{Context, Result};
 use aya::maps::{HashMap, MapData, PerCpuArray};
 use zt_common::*;
 
+use super::identities::ServiceIdentities;
 use super::ServiceTable;
 use crate::net::to_key;
 use crate::pins::open_map;
 
-/// The translatable frontends of `table` (TCP and UDP: the socket hooks see no SCTP).
-pub fn want_of(table: &ServiceTable) -> BTreeMap<SvcFrontendKey, WantFrontend> {
+/// The frontends of `table` with their Service identities. SCTP frontends are written
+/// too: the socket hooks translate only TCP and UDP, but the packet hooks judge an SCTP
+/// packet to a frontend by its Service identity.
+pub fn want_of(table: &ServiceTable, ids: &ServiceIdentities) -> BTreeMap<SvcFrontendKey, WantFrontend> {
     table
         .frontends
         .iter()
-        .filter(|(f, _)| f.proto == 6 || f.proto == 17)
         .map(|(f, e)| {
             let key = SvcFrontendKey { addr: to_key(f.addr), port: f.port, proto: f.proto, _pad: 0 };
             let backends = e.backends.iter().map(|b| SvcBackendValue { addr: to_key(b.addr), port: b.port, _pad: [0; 2] }).collect();
-            (key, WantFrontend { backends, affinity_s: e.affinity_timeout_s })
+            (key, WantFrontend { backends, affinity_s: e.affinity_timeout_s, identity: ids.get(&e.service).unwrap_or(0) })
         })
         .collect()
 }
@@ -37,6 +39,8 @@ pub struct WantFrontend {
     /// In slot order (the kernel picks `random % len`).
     pub backends: Vec<SvcBackendValue>,
     pub affinity_s: u32,
+    /// `SvcFrontendValue::identity`.
+    pub identity: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,7 +82,7 @@ impl ServiceMaps {
             let (k, v) = kv.context("reading ZT_SVC_FRONTENDS")?;
             let set = by_id.get(&v.svc_id).cloned().unwrap_or_default();
             let backends = (0..v.backends).filter_map(|s| set.get(&s).copied()).collect();
-            held.insert(k, Held { svc_id: v.svc_id, want: WantFrontend { backends, affinity_s: v.affinity_s } });
+            held.insert(k, Held { svc_id: v.svc_id, want: WantFrontend { backends, affinity_s: v.affinity_s, identity: v.identity } });
         }
         let used: std::collections::BTreeSet<u32> = held.values().map(|h| h.svc_id).collect();
         for (id, slots) in &by_id {
@@ -109,7 +113,7 @@ impl ServiceMaps {
                 }
                 st.backends_written += 1;
             }
-            let v = SvcFrontendValue { svc_id: id, backends: w.backends.len() as u32, affinity_s: w.affinity_s, _pad: 0 };
+            let v = SvcFrontendValue { svc_id: id, backends: w.backends.len() as u32, affinity_s: w.affinity_s, identity: w.identity };
             if let Err(e) = self.frontends.insert(k, v, 0) {
                 self.remove_set(id, w.backends.len() as u32);
                 return Err(e).with_context(|| format!("writing frontend {} to ZT_SVC_FRONTENDS", show(k)));
@@ -146,6 +150,11 @@ impl ServiceMaps {
         }
     }
 
+    /// The Service identity each held frontend carries (what an earlier agent wrote).
+    pub fn held_identities(&self) -> BTreeMap<SvcFrontendKey, u32> {
+        self.held.iter().map(|(k, h)| (*k, h.want.identity)).collect()
+    }
+
     /// Frontends and backends held.
     pub fn counts(&self) -> (usize, usize) {
         (self.held.len(), self.held.values().map(|h| h.want.backends.len()).sum())
@@ -167,6 +176,8 @@ fn show(k: &SvcFrontendKey) -> String {
         "tcp"
     } else if k.proto == 17 {
         "udp"
+    } else if k.proto == 132 {
+        "sctp"
     } else {
         "?"
     };

@@ -4,6 +4,8 @@
 //! published in the agent's snapshot for `ztctl services`; the socket-level translation
 //! writes it to its maps.
 
+pub mod identities;
+pub mod judge;
 pub mod maps;
 pub mod table;
 
@@ -64,6 +66,15 @@ impl ServiceTable {
     pub fn is_empty(&self) -> bool {
         self.frontends.is_empty()
     }
+}
+
+/// Every backend address of the Service `name` (namespace, name), if given.
+pub fn backend_addresses(table: &ServiceTable, name: Option<&(String, String)>) -> Vec<IpAddr> {
+    let Some(name) = name else { return vec![] };
+    let mut out: Vec<IpAddr> = table.frontends.values().filter(|e| &e.service == name).flat_map(|e| e.backends.iter().map(|b| b.addr)).collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// The IP protocol's name as Kubernetes spells it.
