@@ -29,6 +29,7 @@ pub mod agent;
 pub mod apiserver;
 pub mod attack;
 pub mod bins;
+pub mod connrate;
 pub mod dns;
 pub mod kubeproxy;
 pub mod manifest;

@@ -81,7 +81,9 @@ fn main() -> Result<()> {
             run_env(Command::new("cargo").args(["test", "--release", "-p", "zt-agent", "--test", "bench", "--", "--nocapture"]))?;
             // DNS latency with the FQDN capture on and off, in the netns test bed.
             build()?;
-            run_env(Command::new("cargo").args(["test", "-p", "zt-tests", "--test", "bench_dns", "--", "--nocapture"]))
+            run_env(Command::new("cargo").args(["test", "-p", "zt-tests", "--test", "bench_dns", "--", "--nocapture"]))?;
+            // TCP conn/s to a Service: zt's translation, kube-proxy's DNAT, the pod IP.
+            run_env(Command::new("cargo").args(["test", "-p", "zt-tests", "--test", "bench_services", "--", "--nocapture"]))
         }
     }
 }

@@ -27,7 +27,7 @@ const APPLY_GRACE: Duration = Duration::from_millis(300);
 const MATCH_DEADLINE: Duration = Duration::from_secs(3);
 const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
 /// The case families run through Services by default (see [`run_suite`]).
-pub const SERVICE_FAMILIES: [&str; 2] = ["upstream-tcp", "upstream-udp"];
+pub const SERVICE_FAMILIES: [&str; 3] = ["upstream-tcp", "upstream-udp", "gen-peers"];
 
 /// How the agents get the cluster state. Every variant reads what [`Input::write`]
 /// puts into the bed's manifests dir.
