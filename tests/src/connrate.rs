@@ -29,12 +29,13 @@ pub fn connrate(to: SocketAddr, ms: u64) -> Result<()> {
     Ok(())
 }
 
-/// Parses `CONNS <count> <elapsed_us> <failed>`: connections per second and failures.
-pub fn parse(out: &str) -> Result<(f64, u64)> {
+/// Parses `CONNS <count> <elapsed_us> <failed>`: connections per second, connections,
+/// failures.
+pub fn parse(out: &str) -> Result<(f64, u64, u64)> {
     let Some(l) = out.lines().find(|l| l.starts_with("CONNS ")) else { bail!("no CONNS line in {out:?}") };
     let f: Vec<u64> = l.split_whitespace().skip(1).map(|x| x.parse().unwrap_or(0)).collect();
     if f.len() != 3 || f[1] == 0 {
         bail!("bad CONNS line {l:?}");
     }
-    Ok((f[0] as f64 * 1e6 / f[1] as f64, f[2]))
+    Ok((f[0] as f64 * 1e6 / f[1] as f64, f[0], f[2]))
 }

@@ -14,7 +14,7 @@ use common::*;
 use zt_testbed::connrate;
 use zt_testbed::kubeproxy::{Choice, Objects};
 
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 10;
 const BLOCK_MS: u64 = 400;
 
 const WEB: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: x}\nspec:\n  clusterIP: 10.96.10.1\n  ports: [{name: p, protocol: TCP, port: 8080, targetPort: 80}]\n---\n\
@@ -41,6 +41,9 @@ fn bench_service_connections() {
     let bin = env!("CARGO_BIN_EXE_zt-testbed");
     let targets = [("direct pod IP", "10.220.0.2:80", false), ("zt translation", "10.96.10.1:8080", true), ("kube-proxy DNAT", "10.96.10.9:8080", false)];
     let mut sums = [0f64; 3];
+    // Connects that timed out (1 s; seen on every path, rarely: sequential connects
+    // reuse source ports quickly); counted and printed, at most 1 % allowed.
+    let (mut fails, mut total) = ([0u64; 3], [0u64; 3]);
     for round in 0..ROUNDS {
         for k in 0..3 {
             let i = (k + round) % 3;
@@ -49,8 +52,9 @@ fn bench_service_connections() {
             let out = bed.exec_in(&pod("x", "a"), &[bin, "connrate", "--to", to, "--ms", &BLOCK_MS.to_string()]).unwrap();
             let text = String::from_utf8_lossy(&out.stdout);
             assert!(out.status.success(), "{name}: {text} {}", String::from_utf8_lossy(&out.stderr));
-            let (rate, failed) = connrate::parse(&text).unwrap();
-            assert_eq!(failed, 0, "{name}: failed connects");
+            let (rate, conns, failed) = connrate::parse(&text).unwrap();
+            fails[i] += failed;
+            total[i] += conns;
             let grew = translations(&bed) - before;
             assert_eq!(grew > 0.0, translated, "{name}: translation counter grew by {grew}");
             sums[i] += rate;
@@ -59,7 +63,8 @@ fn bench_service_connections() {
     let rate: Vec<f64> = sums.iter().map(|s| s / ROUNDS as f64).collect();
     println!("\nTCP connections/s from x/a to x/b ({ROUNDS} alternating blocks of {BLOCK_MS} ms each, mean rate):");
     for (i, (name, to, _)) in targets.iter().enumerate() {
-        println!("  {name:<16} {to:<16} {:>8.0} conn/s  {:.2}x direct", rate[i], rate[i] / rate[0]);
+        println!("  {name:<16} {to:<16} {:>8.0} conn/s  {:.2}x direct  ({} connects, {} timed out)", rate[i], rate[i] / rate[0], total[i], fails[i]);
+        assert!(fails[i] * 100 <= total[i], "{name}: {} of {} connects failed", fails[i], total[i]);
     }
     println!("  zt translation / kube-proxy DNAT: {:.2}", rate[1] / rate[2]);
 }
