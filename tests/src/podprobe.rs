@@ -75,6 +75,10 @@ pub fn serve_probes() -> Result<()> {
     Ok(())
 }
 
+type Shared = Arc<Mutex<Prober>>;
+/// A source pod's answers: (index into the batch, result).
+type Answers = Result<Vec<(usize, ProbeResult)>>;
+
 struct Prober {
     child: Child,
     stdin: ChildStdin,
@@ -94,7 +98,7 @@ pub struct PodProbers<'a> {
     tb: &'a Testbed,
     bin: PathBuf,
     /// (pod, its test-bed index) -> prober.
-    procs: Mutex<HashMap<(Endpoint, u32), Arc<Mutex<Prober>>>>,
+    procs: Mutex<HashMap<(Endpoint, u32), Shared>>,
 }
 
 impl<'a> PodProbers<'a> {
@@ -103,7 +107,7 @@ impl<'a> PodProbers<'a> {
         PodProbers { tb, bin: bin.into(), procs: Mutex::new(HashMap::new()) }
     }
 
-    fn prober(&self, from: &Endpoint) -> Result<Arc<Mutex<Prober>>> {
+    fn prober(&self, from: &Endpoint) -> Result<Shared> {
         let Endpoint::Pod { namespace, name } = from else { bail!("{from}: pod probers run in pods only") };
         let idx = self.tb.pod(namespace, name).ok_or_else(|| anyhow!("no pod {from}"))?.idx;
         let mut g = self.procs.lock().unwrap();
@@ -125,7 +129,7 @@ impl<'a> PodProbers<'a> {
     }
 
     /// One source pod's probes: (index into the batch, result).
-    fn batch(&self, from: &Endpoint, jobs: &[(usize, IpAddr, Proto, u16)], timeout: Duration) -> Result<Vec<(usize, ProbeResult)>> {
+    fn batch(&self, from: &Endpoint, jobs: &[(usize, IpAddr, Proto, u16)], timeout: Duration) -> Answers {
         let p = self.prober(from)?;
         let mut p = p.lock().unwrap();
         let mut req = String::new();
@@ -157,7 +161,7 @@ impl<'a> PodProbers<'a> {
                 Err(e) => results[i] = ProbeResult::Error(format!("{e:#}")),
             }
         }
-        let done: Vec<(Endpoint, Result<Vec<(usize, ProbeResult)>>)> = std::thread::scope(|sc| {
+        let done: Vec<(Endpoint, Answers)> = std::thread::scope(|sc| {
             let hs: Vec<_> = by_src
                 .iter()
                 .map(|(from, jobs)| {

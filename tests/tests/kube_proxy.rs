@@ -92,11 +92,11 @@ fn kube_proxy_rules_dnat_pod_traffic() {
     }
     order.sort_by(|x, y| format!("{}:80", x.0).cmp(&format!("{}:80", y.0)));
     let svc = Target::Ip("10.96.200.1".parse().unwrap());
-    for k in 0..3 {
+    for (k, (_, who)) in order.iter().enumerate() {
         let objs = Objects::parse(&multi, "many").unwrap();
         tb.kube_proxy_sync(&objs, Choice::Endpoint(k)).unwrap();
         for _ in 0..3 {
-            assert_eq!(one(&svc, Proto::Tcp, 8080), ok(order[k].1), "Choice::Endpoint({k})");
+            assert_eq!(one(&svc, Proto::Tcp, 8080), ok(who), "Choice::Endpoint({k})");
         }
     }
     let objs = Objects::parse(&multi, "many").unwrap();
