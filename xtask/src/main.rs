@@ -54,7 +54,7 @@ enum Cmd {
 /// iproute2: the agent and test bed drive interfaces and routes; prometheus: promtool checks /metrics.
 // dnsmasq-base: the FQDN tests' resolver; python3-scapy: their crafted DNS answers
 // (run with /usr/bin/python3, Debian's interpreter).
-const APT_PACKAGES: &[&str] = &["iproute2", "prometheus", "mount", "dnsmasq-base", "python3-scapy"];
+const APT_PACKAGES: &[&str] = &["iproute2", "prometheus", "mount", "dnsmasq-base", "python3-scapy", "nftables"];
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -81,7 +81,9 @@ fn main() -> Result<()> {
             run_env(Command::new("cargo").args(["test", "--release", "-p", "zt-agent", "--test", "bench", "--", "--nocapture"]))?;
             // DNS latency with the FQDN capture on and off, in the netns test bed.
             build()?;
-            run_env(Command::new("cargo").args(["test", "-p", "zt-tests", "--test", "bench_dns", "--", "--nocapture"]))
+            run_env(Command::new("cargo").args(["test", "-p", "zt-tests", "--test", "bench_dns", "--", "--nocapture"]))?;
+            // TCP conn/s to a Service: zt's translation, kube-proxy's DNAT, the pod IP.
+            run_env(Command::new("cargo").args(["test", "-p", "zt-tests", "--test", "bench_services", "--", "--nocapture"]))
         }
     }
 }

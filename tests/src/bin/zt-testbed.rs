@@ -21,6 +21,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Answer probe requests on stdin (`<id> <proto> <ip> <port> <timeout_ms>`), run in
+    /// a pod's netns and cgroup by `PodProbers`, so the probes are the pod's own traffic.
+    Prober,
+    /// TCP connects to --to one after another for --ms ms; prints `CONNS <n> <us> <failed>`.
+    Connrate {
+        #[arg(long)]
+        to: std::net::SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        ms: u64,
+    },
     /// Bring a test bed up from a manifests dir and keep it until Ctrl-C / SIGTERM.
     Up {
         dir: PathBuf,
@@ -186,6 +196,8 @@ fn main() -> Result<()> {
         Cmd::Spray { listen, to, ms, interval_us, linger_ms } => {
             zt_testbed::spray::spray(zt_testbed::spray::SprayConfig { listen, to, ms, interval_us, linger_ms })
         }
+        Cmd::Prober => zt_testbed::podprobe::serve_probes(),
+        Cmd::Connrate { to, ms } => zt_testbed::connrate::connrate(to, ms),
         Cmd::Sweep => {
             for r in sweep_stale()? {
                 println!("removed {r}");

@@ -8,26 +8,18 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use zt_testbed::{
-    bins, AgentHandle, Endpoint, Family, ProbeResult, Proto, Target, Testbed, TestbedOptions,
-};
+use zt_testbed::{bins, AgentHandle, Endpoint, Family, ProbeResult, Proto, Target, Testbed, TestbedOptions};
 
 pub const DENIED: Duration = Duration::from_millis(300);
 pub const ALLOWED: Duration = Duration::from_millis(1500);
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
 pub fn lab(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("labs")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("labs").join(name)
 }
 
 pub fn testbed(lab_name: &str) -> Testbed {
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the end-to-end tests need root"
-    );
+    assert_eq!(unsafe { libc::geteuid() }, 0, "the end-to-end tests need root");
     let opts = TestbedOptions::default().serve_bin(env!("CARGO_BIN_EXE_zt-testbed"));
     Testbed::up(&lab(lab_name), opts).unwrap_or_else(|e| panic!("test bed {lab_name}: {e:#}"))
 }
@@ -63,16 +55,9 @@ pub fn bed(lab_name: &str, files: &[(&str, &str)], extra_args: &[&str]) -> Bed {
     }
     let mut args = vec!["--poll-ms", "100"];
     args.extend_from_slice(extra_args);
-    let agent = tb
-        .start_agent("node1", &bins::find("zt-agent").unwrap(), &dir, &args)
-        .unwrap();
+    let agent = tb.start_agent("node1", &bins::find("zt-agent").unwrap(), &dir, &args).unwrap();
     agent.wait_ready(Duration::from_secs(20)).unwrap();
-    Bed {
-        agent,
-        dir,
-        ztctl: bins::find("ztctl").unwrap(),
-        tb,
-    }
+    Bed { agent, dir, ztctl: bins::find("ztctl").unwrap(), tb }
 }
 
 impl Bed {
@@ -103,12 +88,7 @@ impl Bed {
     /// ztctl stdout; panics (with stderr) on failure.
     pub fn ztctl(&self, args: &[&str]) -> String {
         let out = self.ztctl_raw(args);
-        assert!(
-            out.status.success(),
-            "ztctl {args:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "ztctl {args:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     }
 
@@ -133,14 +113,7 @@ impl Bed {
     }
 
     /// Poll a probe until its outcome is `want` (compared by kind: Ok(_) matches any Ok).
-    pub fn wait_probe(
-        &self,
-        from: &Endpoint,
-        to: &Target,
-        proto: Proto,
-        port: u16,
-        want: &ProbeResult,
-    ) {
+    pub fn wait_probe(&self, from: &Endpoint, to: &Target, proto: Proto, port: u16, want: &ProbeResult) {
         let mut last = ProbeResult::Error("not run".into());
         let start = Instant::now();
         while start.elapsed() < DEADLINE {
@@ -150,10 +123,7 @@ impl Bed {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!(
-            "{from} -> {to} {proto}/{port}: wanted {want} within {DEADLINE:?}, last {last}; agent log tail:\n{}",
-            tail(&self.agent.log(), 30)
-        );
+        panic!("{from} -> {to} {proto}/{port}: wanted {want} within {DEADLINE:?}, last {last}; agent log tail:\n{}", tail(&self.agent.log(), 30));
     }
 
     /// Log lines written after the `n`-th start of the agent (1-based).
@@ -172,10 +142,7 @@ pub fn wait_until(what: &str, agent: &AgentHandle, f: &mut dyn FnMut() -> bool) 
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    panic!(
-        "timed out waiting for {what}; agent log tail:\n{}",
-        tail(&agent.log(), 30)
-    );
+    panic!("timed out waiting for {what}; agent log tail:\n{}", tail(&agent.log(), 30));
 }
 
 pub fn tail(s: &str, n: usize) -> String {
@@ -229,16 +196,10 @@ impl Metrics {
             if n != name {
                 continue;
             }
-            let have: Vec<(&str, &str)> = ls
-                .split(',')
-                .filter(|s| !s.is_empty())
-                .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (k, v.trim_matches('"')))
-                .collect();
+            let have: Vec<(&str, &str)> =
+                ls.split(',').filter(|s| !s.is_empty()).filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k, v.trim_matches('"'))).collect();
             if labels.iter().all(|want| have.contains(want)) {
-                let v: f64 = value
-                    .parse()
-                    .unwrap_or_else(|_| panic!("bad value in {l:?}"));
+                let v: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {l:?}"));
                 *found.get_or_insert(0.0) += v;
             }
         }
@@ -246,19 +207,11 @@ impl Metrics {
     }
 
     pub fn val(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.get(name, labels)
-            .unwrap_or_else(|| panic!("no series {name}{labels:?} in /metrics:\n{}", self.0))
+        self.get(name, labels).unwrap_or_else(|| panic!("no series {name}{labels:?} in /metrics:\n{}", self.0))
     }
 
     pub fn verdicts(&self, direction: &str, verdict: &str, reason: &str) -> f64 {
-        self.val(
-            "zt_verdicts_total",
-            &[
-                ("direction", direction),
-                ("verdict", verdict),
-                ("reason", reason),
-            ],
-        )
+        self.val("zt_verdicts_total", &[("direction", direction), ("verdict", verdict), ("reason", reason)])
     }
 }
 
@@ -268,18 +221,13 @@ pub fn ip(tb: &Testbed, ns: &str, name: &str, f: Family) -> IpAddr {
 
 /// A ZeroTrustPolicy that isolates every pod of `ns` both ways with no rules.
 pub fn deny_all(ns: &str) -> String {
-    format!(
-        "apiVersion: zt.dev/v1alpha1\nkind: ZeroTrustPolicy\nmetadata: {{name: deny-all, namespace: {ns}}}\nspec:\n  enforcementMode: always\n"
-    )
+    format!("apiVersion: zt.dev/v1alpha1\nkind: ZeroTrustPolicy\nmetadata: {{name: deny-all, namespace: {ns}}}\nspec:\n  enforcementMode: always\n")
 }
 
 /// Allow `from` (app label) to reach `to` (app label) on TCP ports, both halves
 /// (egress of `from`, ingress of `to`), as ZeroTrustPolicies in namespace default.
 pub fn allow_tcp(name: &str, from: &str, to: &str, ports: &[u16]) -> String {
-    let ports: Vec<String> = ports
-        .iter()
-        .map(|p| format!("{{protocol: TCP, port: {p}}}"))
-        .collect();
+    let ports: Vec<String> = ports.iter().map(|p| format!("{{protocol: TCP, port: {p}}}")).collect();
     let ports = ports.join(", ");
     format!(
         "apiVersion: zt.dev/v1alpha1

@@ -53,11 +53,7 @@ fn peers() -> Vec<Case> {
     let mut out = vec![];
     for (desc, p) in peers {
         for (ingress, d) in dirs() {
-            out.push(case(
-                "gen-peers",
-                format!("{d}: {desc}"),
-                vec![step(vec![rule_policy("peers", ingress, p, None)], &[TCP80])],
-            ));
+            out.push(case("gen-peers", format!("{d}: {desc}"), vec![step(vec![rule_policy("peers", ingress, p, None)], &[TCP80])]));
         }
     }
     out
@@ -90,11 +86,7 @@ fn ports() -> Vec<Case> {
     }
     for (desc, p) in ports {
         for (ingress, d) in dirs() {
-            out.push(case(
-                "gen-ports",
-                format!("{d}: {desc}"),
-                vec![step(vec![rule_policy("ports", ingress, None, Some(p))], &ALL6)],
-            ));
+            out.push(case("gen-ports", format!("{d}: {desc}"), vec![step(vec![rule_policy("ports", ingress, None, Some(p))], &ALL6)]));
         }
     }
     out

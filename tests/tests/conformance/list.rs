@@ -29,7 +29,11 @@ fn probes_text(c: &Case) -> String {
         .iter()
         .map(|s| {
             let p = s.probes.iter().map(|(p, n)| format!("{p}/{n}")).collect::<Vec<_>>().join(" ");
-            if s.rejected { format!("(rejected) {p}") } else { p }
+            if s.rejected {
+                format!("(rejected) {p}")
+            } else {
+                p
+            }
         })
         .collect();
     steps.join(" ; ")
@@ -128,7 +132,12 @@ impl Reach {
 pub fn check_oracle_against_upstream() {
     let tables: Vec<(&str, usize, (Proto, u16), Reach)> = vec![
         ("should support a 'default-deny-ingress' policy", 0, cases::TCP80, Reach::new().expect_peer(("", ""), ("x", ""), false)),
-        ("should support a 'default-deny-all' policy", 0, cases::TCP80, Reach::new().expect_peer(("", ""), ("x", ""), false).expect_peer(("x", ""), ("", ""), false)),
+        (
+            "should support a 'default-deny-all' policy",
+            0,
+            cases::TCP80,
+            Reach::new().expect_peer(("", ""), ("x", ""), false).expect_peer(("x", ""), ("", ""), false),
+        ),
         (
             "should enforce policy to allow traffic from pods within server namespace based on PodSelector",
             0,
@@ -194,7 +203,12 @@ pub fn check_oracle_against_upstream() {
             cases::TCP80,
             Reach::new().expect_all_egress("x/a", false).expect("x/a", "x/b", true),
         ),
-        ("should enforce policy based on NamespaceSelector with MatchExpressions using default ns label", 0, cases::TCP80, Reach::new().expect_peer(("x", "a"), ("y", ""), false)),
+        (
+            "should enforce policy based on NamespaceSelector with MatchExpressions using default ns label",
+            0,
+            cases::TCP80,
+            Reach::new().expect_peer(("x", "a"), ("y", ""), false),
+        ),
     ];
     let all = cases::upstream();
     let base = Cluster::load(&lab(LAB));

@@ -95,23 +95,12 @@ impl Cluster {
                     namespace: p.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
                     name: p.metadata.name.clone().unwrap(),
                     labels: labels_of(&p.metadata),
-                    ips: status
-                        .pod_ips
-                        .iter()
-                        .flatten()
-                        .map(|i| i.ip.parse().unwrap())
-                        .collect(),
+                    ips: status.pod_ips.iter().flatten().map(|i| i.ip.parse().unwrap()).collect(),
                     ports: spec
                         .containers
                         .iter()
                         .flat_map(|c| c.ports.iter().flatten())
-                        .map(|cp| {
-                            (
-                                cp.name.clone().unwrap_or_default(),
-                                cp.protocol.clone().unwrap_or_else(|| "TCP".into()),
-                                cp.container_port,
-                            )
-                        })
+                        .map(|cp| (cp.name.clone().unwrap_or_default(), cp.protocol.clone().unwrap_or_else(|| "TCP".into()), cp.container_port))
                         .collect(),
                 }
             })
@@ -159,13 +148,16 @@ impl Cluster {
         }
         let mut p = self.pod_mut(&format!("{ns}/a")).clone();
         p.metadata.name = Some(name.into());
-        p.metadata.uid = Some(format!("0c0f0000-0000-4000-8000-0000{:08x}", u32::from_be_bytes({
-            let mut b = [0u8; 4];
-            for (i, c) in key.bytes().enumerate() {
-                b[i % 4] ^= c;
-            }
-            b
-        })));
+        p.metadata.uid = Some(format!(
+            "0c0f0000-0000-4000-8000-0000{:08x}",
+            u32::from_be_bytes({
+                let mut b = [0u8; 4];
+                for (i, c) in key.bytes().enumerate() {
+                    b[i % 4] ^= c;
+                }
+                b
+            })
+        ));
         p.metadata.labels = Some(BTreeMap::from([("pod".to_string(), name.to_string())]));
         p.spec.as_mut().unwrap().node_name = Some(node.into());
         let used: Vec<IpAddr> = self.model_pods().iter().chain(base.model_pods().iter()).flat_map(|p| p.ips.clone()).collect();
@@ -197,7 +189,11 @@ impl Cluster {
 
     /// A pod of the model as the test bed's Pod (to create its netns and server).
     pub fn bed_pod(&self, key: &str) -> zt_testbed::Pod {
-        let p = self.pods.iter().find(|p| format!("{}/{}", p.metadata.namespace.as_deref().unwrap_or("default"), p.metadata.name.as_deref().unwrap_or("")) == key).unwrap();
+        let p = self
+            .pods
+            .iter()
+            .find(|p| format!("{}/{}", p.metadata.namespace.as_deref().unwrap_or("default"), p.metadata.name.as_deref().unwrap_or("")) == key)
+            .unwrap();
         let m = zt_testbed::Manifests::parse_str(&serde_yaml::to_string(p).unwrap(), key).unwrap();
         m.pods.into_iter().next().unwrap()
     }

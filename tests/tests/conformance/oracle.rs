@@ -106,10 +106,7 @@ fn port_matches(p: &NetworkPolicyPort, proto: &str, port: i32, dst: &ModelPod) -
     match &p.port {
         None => true,
         Some(IntOrString::Int(n)) => port >= *n && port <= p.end_port.unwrap_or(*n),
-        Some(IntOrString::String(name)) => dst
-            .ports
-            .iter()
-            .any(|(n, pr, num)| n == name && pr == proto && *num == port),
+        Some(IntOrString::String(name)) => dst.ports.iter().any(|(n, pr, num)| n == name && pr == proto && *num == port),
     }
 }
 

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use zt_testbed::{bins, AgentHandle, ApiServer, Endpoint, Family, Matrix, ProbeResult, ProbeSpec, Proto, Target, Testbed, TestbedOptions};
+use zt_testbed::kubeproxy::{self, Choice, Objects};
+use zt_testbed::{bins, AgentHandle, ApiServer, Endpoint, Family, Matrix, PodProbers, ProbeResult, ProbeSpec, Proto, Target, Testbed, TestbedOptions};
 
 use super::cases::{self, Act, Case};
 use super::common::{lab, tail};
@@ -25,6 +26,8 @@ const APPLY_GRACE: Duration = Duration::from_millis(300);
 /// How long a step may take to converge after the agent applied it.
 const MATCH_DEADLINE: Duration = Duration::from_secs(3);
 const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
+/// The case families run through Services by default (see [`run_suite`]).
+pub const SERVICE_FAMILIES: [&str; 3] = ["upstream-tcp", "upstream-udp", "gen-peers"];
 
 /// How the agents get the cluster state. Every variant reads what [`Input::write`]
 /// puts into the bed's manifests dir.
@@ -46,8 +49,35 @@ impl std::fmt::Display for AgentInput {
     }
 }
 
+/// Where the probes go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// The destination pod's IP, from a test thread in the source pod's netns.
+    PodIp,
+    /// As upstream's suite probes: the destination pod's own Service `s-<ns>-<pod>`
+    /// (its ClusterIP, port = targetPort), from a process inside the source pod's netns
+    /// and cgroup; kube-proxy's nftables rules (the test bed's renderer, random backend
+    /// choice) run in every node. `translation`: zt-agent translates the frontend at the
+    /// socket (`--service-translation=true`), or not (`false`: kube-proxy DNATs, zt judges
+    /// the untranslated frontend).
+    Service { translation: bool },
+}
+
+impl std::fmt::Display for Via {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Via::PodIp => "pod-ip",
+            Via::Service { translation: true } => "service-translated",
+            Via::Service { translation: false } => "service-kube-proxy",
+        })
+    }
+}
+
 /// The running agents and where the cluster state goes.
-pub struct Input {
+pub struct Input<'a> {
+    tb: &'a Testbed,
+    /// Service mode: every pod's Service gets these (protocol, port)s.
+    service_ports: Option<Vec<(Proto, u16)>>,
     pub dir: PathBuf,
     pub agents: Vec<AgentHandle>,
     /// The API stand-in the agents watch ([`AgentInput::ApiServer`]), fed from `dir`.
@@ -56,14 +86,13 @@ pub struct Input {
 
 impl AgentInput {
     /// Start one agent per node of the bed, fed from `dir`; returns once all are ready.
-    pub fn start(self, tb: &Testbed, dir: &Path) -> Input {
+    pub fn start<'a>(self, tb: &'a Testbed, dir: &Path, via: Via, service_ports: Option<Vec<(Proto, u16)>>) -> Input<'a> {
         let bin = bins::find("zt-agent").expect("zt-agent binary (cargo build -p zt-agent)");
         // The agent loop's poll (the directory source's re-read; host addresses).
-        let args = ["--poll-ms", "100"];
+        let translation = format!("--service-translation={}", !matches!(via, Via::Service { translation: false }));
+        let args = ["--poll-ms", "100", translation.as_str()];
         let (agents, api) = match self {
-            AgentInput::ManifestsDir => {
-                (tb.nodes().iter().map(|n| tb.start_agent(&n.name, &bin, dir, &args).unwrap()).collect::<Vec<_>>(), None)
-            }
+            AgentInput::ManifestsDir => (tb.nodes().iter().map(|n| tb.start_agent(&n.name, &bin, dir, &args).unwrap()).collect::<Vec<_>>(), None),
             AgentInput::ApiServer => {
                 let api = ApiServer::start(dir).unwrap_or_else(|e| panic!("API stand-in on {}: {e:#}", dir.display()));
                 let agents = tb.nodes().iter().map(|n| tb.start_agent_kube(&n.name, &bin, &api, &args).unwrap()).collect::<Vec<_>>();
@@ -75,7 +104,7 @@ impl AgentInput {
                 panic!("agent not ready: {e:#}\n{}", tail(&a.log(), 30));
             }
         }
-        Input { dir: dir.to_path_buf(), agents, api }
+        Input { tb, service_ports, dir: dir.to_path_buf(), agents, api }
     }
 }
 
@@ -89,14 +118,23 @@ enum Delivered {
     Events(u64),
 }
 
-impl Input {
+impl Input<'_> {
     /// `cluster.yaml` in the manifests dir, written beside the dir and renamed into
     /// place so that an agent (or the stand-in) never reads half of it. The stand-in
     /// polls the dir too; `sync_now` turns the change into events at once.
     fn put(&self, c: &Cluster) -> Result<Delivered, String> {
         let rv = self.api.as_ref().map(|api| api.resource_version());
         let tmp = self.dir.with_file_name(".cluster.yaml.tmp");
-        std::fs::write(&tmp, c.to_yaml()).unwrap();
+        let mut text = c.to_yaml();
+        if let Some(ports) = &self.service_ports {
+            // Each pod's own Service, as upstream's suite makes them; kube-proxy's rules
+            // follow the same objects (pods added or removed by the step).
+            let svcs = service_docs(c, ports);
+            let objs = Objects::parse(&svcs, "per-pod Services").unwrap();
+            self.tb.kube_proxy_sync(&objs, Choice::Random).map_err(|e| format!("kube-proxy rules: {e:#}"))?;
+            text = format!("{text}---\n{svcs}");
+        }
+        std::fs::write(&tmp, text).unwrap();
         std::fs::rename(&tmp, self.dir.join("cluster.yaml")).unwrap();
         let (Some(api), Some(rv)) = (&self.api, rv) else { return Ok(Delivered::Dir) };
         api.sync_now().map_err(|e| format!("the API stand-in did not load the state: {e:#}"))?;
@@ -143,9 +181,7 @@ impl Input {
             Delivered::Events(0) => return Ok(()),
             Delivered::Events(n) => self.wait_events(&events, n)?,
         }
-        let grew = |before: &[Option<f64>], now: &[Option<f64>]| {
-            now.iter().zip(before).all(|(n, b)| matches!((n, b), (Some(n), Some(b)) if n > b))
-        };
+        let grew = |before: &[Option<f64>], now: &[Option<f64>]| now.iter().zip(before).all(|(n, b)| matches!((n, b), (Some(n), Some(b)) if n > b));
         let start = Instant::now();
         while !grew(&compiles, &self.scrape("zt_policy_compile_seconds_count")) {
             if start.elapsed() > APPLY_DEADLINE {
@@ -167,7 +203,7 @@ impl Input {
     }
 }
 
-impl Input {
+impl Input<'_> {
     /// Write an invalid cluster state and wait until every agent rejected it
     /// (`zt_policy_errors_total` grew, `zt_policy_last_load_ok` is 0). The directory
     /// source rejects the whole load and keeps the previous state; the Kubernetes source
@@ -210,6 +246,17 @@ fn metric_sum(text: &str, name: &str) -> f64 {
             (rest.is_empty() || rest.starts_with('{')).then(|| v.parse::<f64>().ok())?
         })
         .sum()
+}
+
+/// Every pod's own Service `s-<ns>-<pod>` and its EndpointSlices (see
+/// [`kubeproxy::pod_service_yaml`]).
+fn service_docs(c: &Cluster, ports: &[(Proto, u16)]) -> String {
+    let mut docs = vec![];
+    for (p, mp) in c.pods.iter().zip(c.model_pods()) {
+        let node = p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_else(|| "node1".into());
+        docs.push(kubeproxy::pod_service_yaml(&mp.namespace, &mp.name, &node, &mp.ips, ports));
+    }
+    docs.join("---\n")
 }
 
 /// Fill `{ip:ns/pod}` (the pod's IPv4 /32) and `{big:ns/pod}` (the /4 around it).
@@ -268,21 +315,28 @@ impl Want {
     }
 }
 
+/// One probe of a step: what it must find, and which pod must answer (`ns/name`).
+pub struct Probe {
+    pub spec: ProbeSpec,
+    pub want: Want,
+    pub server: String,
+}
+
 /// The probes of a step (9x9 incl. each pod to itself, both families) and what each
-/// must find.
-pub fn expected(c: &Cluster, probes: &[(Proto, u16)]) -> Vec<(ProbeSpec, Want)> {
+/// must find. Through a Service the target is the destination pod's ClusterIP and the
+/// oracle judges the backend (the pod) on the targetPort (= port).
+pub fn expected(c: &Cluster, probes: &[(Proto, u16)], via: Via) -> Vec<Probe> {
     let pods = c.model_pods();
     let mut out = vec![];
     for &(proto, port) in probes {
         for fam in FAMILIES {
             for from in &pods {
                 for to in &pods {
-                    let spec = ProbeSpec::new(
-                        Endpoint::pod(&from.namespace, &from.name),
-                        Target::pod(&to.namespace, &to.name, fam),
-                        proto,
-                        port,
-                    );
+                    let target = match via {
+                        Via::PodIp => Target::pod(&to.namespace, &to.name, fam),
+                        Via::Service { .. } => Target::Ip(kubeproxy::pod_cluster_ip(to.ip(fam == Family::V4).unwrap())),
+                    };
+                    let spec = ProbeSpec::new(Endpoint::pod(&from.namespace, &from.name), target, proto, port);
                     let want = if !oracle::allowed(c, from, to, proto.as_str(), port as i32, fam == Family::V4) {
                         Want::Dropped
                     } else if to.serves(proto.as_str(), port as i32) {
@@ -290,7 +344,7 @@ pub fn expected(c: &Cluster, probes: &[(Proto, u16)]) -> Vec<(ProbeSpec, Want)> 
                     } else {
                         Want::Refused
                     };
-                    out.push((spec, want));
+                    out.push(Probe { spec, want, server: to.key() });
                 }
             }
         }
@@ -299,11 +353,11 @@ pub fn expected(c: &Cluster, probes: &[(Proto, u16)]) -> Vec<(ProbeSpec, Want)> 
 }
 
 /// Did the probe find what was wanted? (Reached also checks who answered.)
-fn found(spec: &ProbeSpec, want: Want, r: &ProbeResult) -> bool {
-    match (want, &spec.to, r) {
-        (Want::Reached, Target::Pod { namespace, name, .. }, ProbeResult::Ok(text)) => *text == format!("{namespace}/{name}"),
-        (Want::Refused, _, ProbeResult::Refused) => true,
-        (Want::Dropped, _, ProbeResult::Timeout) => true,
+fn found(p: &Probe, want: Want, r: &ProbeResult) -> bool {
+    match (want, r) {
+        (Want::Reached, ProbeResult::Ok(text)) => *text == p.server,
+        (Want::Refused, ProbeResult::Refused) => true,
+        (Want::Dropped, ProbeResult::Timeout) => true,
         _ => false,
     }
 }
@@ -311,31 +365,27 @@ fn found(spec: &ProbeSpec, want: Want, r: &ProbeResult) -> bool {
 /// Upstream-style tables for every (protocol, port, family) with a difference:
 /// expected, observed, and the comparison ("." agree, "X" differ). Cells: "." reached,
 /// "X" dropped (timeout), "R" refused, "E" error.
-pub fn diff_tables(want: &[(ProbeSpec, Want)], got: &Matrix) -> String {
-    type Cells<'a> = Vec<(&'a ProbeSpec, Want, &'a ProbeResult)>;
+pub fn diff_tables(want: &[Probe], got: &Matrix) -> String {
+    type Cells<'a> = Vec<(&'a Probe, Want, &'a ProbeResult)>;
     let mut groups: BTreeMap<(Proto, u16, Family), Cells<'_>> = BTreeMap::new();
-    for ((spec, w), (_, r)) in want.iter().zip(&got.results) {
-        groups.entry((spec.proto, spec.port, spec.to.family())).or_default().push((spec, *w, r));
+    for (p, (_, r)) in want.iter().zip(&got.results) {
+        groups.entry((p.spec.proto, p.spec.port, p.spec.to.family())).or_default().push((p, p.want, r));
     }
     let mut s = String::new();
     for ((proto, port, fam), cells) in groups {
         if cells.iter().all(|(sp, w, r)| found(sp, *w, r)) {
             continue;
         }
-        let mut cols: Vec<String> = cells.iter().map(|(sp, _, _)| sp.to.short_label()).collect();
+        let mut cols: Vec<String> = cells.iter().map(|(p, _, _)| p.server.clone()).collect();
         cols.sort();
         cols.dedup();
-        let mut rows: Vec<String> = cells.iter().map(|(sp, _, _)| sp.from.to_string()).collect();
+        let mut rows: Vec<String> = cells.iter().map(|(p, _, _)| p.spec.from.to_string()).collect();
         rows.sort();
         rows.dedup();
-        let cell = |row: &str, col: &str, f: &dyn Fn(Want, &ProbeSpec, &ProbeResult) -> String| -> String {
-            cells
-                .iter()
-                .find(|(sp, _, _)| sp.from.to_string() == row && sp.to.short_label() == col)
-                .map(|(sp, w, r)| f(*w, sp, r))
-                .unwrap_or_else(|| "-".into())
+        let cell = |row: &str, col: &str, f: &dyn Fn(Want, &Probe, &ProbeResult) -> String| -> String {
+            cells.iter().find(|(p, _, _)| p.spec.from.to_string() == row && p.server == col).map(|(sp, w, r)| f(*w, sp, r)).unwrap_or_else(|| "-".into())
         };
-        let table = |title: &str, f: &dyn Fn(Want, &ProbeSpec, &ProbeResult) -> String| -> String {
+        let table = |title: &str, f: &dyn Fn(Want, &Probe, &ProbeResult) -> String| -> String {
             let mut t = format!("{title} ({proto}/{port} {fam}):\n-\t{}\n", cols.join("\t"));
             for r in &rows {
                 let line: Vec<String> = cols.iter().map(|c| cell(r, c, f)).collect();
@@ -346,7 +396,11 @@ pub fn diff_tables(want: &[(ProbeSpec, Want)], got: &Matrix) -> String {
         s.push_str(&table("Expected", &|w, _, _| w.cell().into()));
         s.push_str(&table("Observed", &|_, sp, r| {
             let wrong_server = matches!(r, ProbeResult::Ok(_)) && !found(sp, Want::Reached, r);
-            if wrong_server { "?".into() } else { r.cell().into() }
+            if wrong_server {
+                "?".into()
+            } else {
+                r.cell().into()
+            }
         }));
         s.push_str(&table("Comparison", &|w, sp, r| if found(sp, w, r) { ".".into() } else { "X".into() }));
     }
@@ -355,14 +409,17 @@ pub fn diff_tables(want: &[(ProbeSpec, Want)], got: &Matrix) -> String {
 
 /// Probe until the matrix matches or [`MATCH_DEADLINE`] passes; returns the mismatch
 /// report (None = pass) and the number of probe rounds.
-fn check_step(tb: &Testbed, want: &[(ProbeSpec, Want)]) -> (Option<String>, usize) {
-    let specs: Vec<ProbeSpec> = want.iter().map(|(s, _)| s.clone()).collect();
+fn check_step(tb: &Testbed, probers: Option<&PodProbers>, want: &[Probe]) -> (Option<String>, usize) {
+    let specs: Vec<ProbeSpec> = want.iter().map(|p| p.spec.clone()).collect();
     let start = Instant::now();
     let mut rounds = 0;
     loop {
         rounds += 1;
-        let m = tb.probe_matrix(&specs, PROBE_TIMEOUT);
-        let bad = want.iter().zip(&m.results).filter(|((s, w), (_, r))| !found(s, *w, r)).count();
+        let m = match probers {
+            Some(p) => p.run(&specs, PROBE_TIMEOUT),
+            None => tb.probe_matrix(&specs, PROBE_TIMEOUT),
+        };
+        let bad = want.iter().zip(&m.results).filter(|(p, (_, r))| !found(p, p.want, r)).count();
         if bad == 0 {
             return (None, rounds);
         }
@@ -370,9 +427,9 @@ fn check_step(tb: &Testbed, want: &[(ProbeSpec, Want)]) -> (Option<String>, usiz
             let first: Vec<String> = want
                 .iter()
                 .zip(&m.results)
-                .filter(|((s, w), (_, r))| !found(s, *w, r))
+                .filter(|(p, (_, r))| !found(p, p.want, r))
                 .take(6)
-                .map(|((s, w), (_, r))| format!("{s}: want {w:?}, got {r}"))
+                .map(|(p, (_, r))| format!("{} ({}): want {:?}, got {r}", p.spec, p.server, p.want))
                 .collect();
             println!("  first round: {bad} differ, e.g. {}", first.join("; "));
         }
@@ -433,7 +490,7 @@ fn transition(tb: &Testbed, input: &Input, from: &Cluster, to: &Cluster) -> Resu
     remove_bed_pods(tb, from, to)
 }
 
-fn run_case(tb: &Testbed, input: &Input, base: &Cluster, case: &Case) -> Outcome {
+fn run_case(tb: &Testbed, input: &Input, probers: Option<&PodProbers>, via: Via, base: &Cluster, case: &Case) -> Outcome {
     let mut c = base.clone();
     let mut failure = None;
     let mut total_rounds = 0;
@@ -451,8 +508,8 @@ fn run_case(tb: &Testbed, input: &Input, base: &Cluster, case: &Case) -> Outcome
             failure = Some(format!("step {}: {e}", i + 1));
             break;
         }
-        let want = expected(&c, &st.probes);
-        let (bad, rounds) = check_step(tb, &want);
+        let want = expected(&c, &st.probes, via);
+        let (bad, rounds) = check_step(tb, probers, &want);
         total_rounds += rounds;
         if let Some(report) = bad {
             let probes: Vec<String> = st.probes.iter().map(|(p, n)| format!("{p}/{n}")).collect();
@@ -478,13 +535,21 @@ fn run_case(tb: &Testbed, input: &Input, base: &Cluster, case: &Case) -> Outcome
 
 /// Bring up the lab once, start the agents through `how`, run every case, print
 /// `<family>: N passed, M failed` and the total, and fail if any case failed.
-pub fn run_suite(how: AgentInput) {
+pub fn run_suite(input_kind: AgentInput, via: Via) {
     let t0 = Instant::now();
     let filter = std::env::var("ZT_CONFORMANCE_FILTER").ok();
+    // Through Services: the families of SERVICE_FAMILIES unless ZT_CONFORMANCE_SERVICE_FAMILIES
+    // says otherwise ("all" or a comma-separated list), to keep the suite's time in check.
+    let service_families = std::env::var("ZT_CONFORMANCE_SERVICE_FAMILIES").unwrap_or_else(|_| SERVICE_FAMILIES.join(","));
     let all: Vec<Case> = cases::all()
         .into_iter()
         .filter(|c| filter.as_deref().is_none_or(|f| c.family.contains(f) || c.name.contains(f)))
+        .filter(|c| via == Via::PodIp || service_families == "all" || service_families.split(',').any(|f| f == c.family))
         .collect();
+    let how = match via {
+        Via::PodIp => input_kind.to_string(),
+        _ => format!("{input_kind}, {via}"),
+    };
     assert_eq!(unsafe { libc::geteuid() }, 0, "the conformance matrix needs root");
     let opts = TestbedOptions::default().serve_bin(env!("CARGO_BIN_EXE_zt-testbed"));
     let tb = Testbed::up(&lab(LAB), opts).unwrap_or_else(|e| panic!("test bed {LAB}: {e:#}"));
@@ -501,19 +566,36 @@ pub fn run_suite(how: AgentInput) {
         }
     }
     std::fs::write(dir.join("cluster.yaml"), base.to_yaml()).unwrap();
-    let input = how.start(&tb, &dir);
+    let service_ports = (via != Via::PodIp).then(|| {
+        let mut ports: Vec<(Proto, u16)> = all.iter().flat_map(|c| c.steps.iter().flat_map(|s| s.probes.clone())).collect();
+        ports.sort();
+        ports.dedup();
+        ports
+    });
+    let input = input_kind.start(&tb, &dir, via, service_ports);
+    let probers = (via != Via::PodIp).then(|| PodProbers::new(&tb, env!("CARGO_BIN_EXE_zt-testbed")));
+    if via != Via::PodIp {
+        input.write(&base).unwrap_or_else(|e| panic!("writing the per-pod Services: {e}"));
+    }
     println!("conformance ({how}): {} cases on {} nodes, bed up in {:.1?}", all.len(), tb.nodes().len(), t0.elapsed());
 
     let mut outcomes = vec![];
     for case in &all {
         let t = Instant::now();
-        let o = run_case(&tb, &input, &base, case);
+        let o = run_case(&tb, &input, probers.as_ref(), via, &base, case);
         match &o.failure {
             None => println!("PASS ({how}) [{}] {} ({} steps, {} probe rounds, {:.1?})", o.family, o.name, case.steps.len(), o.rounds, t.elapsed()),
             Some(f) => println!("FAIL ({how}) [{}] {} ({:.1?}): {f}", o.family, o.name, t.elapsed()),
         }
         outcomes.push(o);
     }
+    // The probes went where the mode says: translated at the socket, or not at all.
+    let translated: f64 = input
+        .agents
+        .iter()
+        .filter_map(|a| a.metrics().ok())
+        .map(|m| m.lines().filter_map(|l| l.strip_prefix("zt_service_translations_total{outcome=\"translated\"} ")?.trim().parse::<f64>().ok()).sum::<f64>())
+        .sum();
     // Leave the agents with the base state (no policies) before the bed goes down.
     let _ = input.write(&base);
 
@@ -527,6 +609,11 @@ pub fn run_suite(how: AgentInput) {
     }
     let failed: Vec<&Outcome> = outcomes.iter().filter(|o| o.failure.is_some()).collect();
     summary.push_str(&format!("total: {} passed, {} failed\nelapsed: {:.1?}", outcomes.len() - failed.len(), failed.len(), t0.elapsed()));
+    if let Via::Service { translation } = via {
+        summary.push_str(&format!("\nsocket translations: {translated}"));
+        let ok = if translation { translated > 0.0 } else { translated == 0.0 };
+        assert!(ok, "({how}) zt_service_translations_total{{outcome=translated}} is {translated}: the probes did not take the path of this mode");
+    }
     println!("{summary}");
     if !failed.is_empty() {
         for a in &input.agents {
