@@ -144,3 +144,24 @@ fn a_withdrawn_entry_revokes_the_tracked_flow() {
     assert_eq!(dp.run(FROM, &ipv4(POD, CLUSTER_IP, TCP, 40000, 8000)), TC_DROP);
     assert_eq!(dp.counter(DIR_EGRESS, Reason::DropRevoked), 1);
 }
+
+/// kube-proxy's hairpin: a pod's connection to its own Service comes back to it
+/// masqueraded to a node address (or with its own address). It entered the node through
+/// the pod's own interface, so it is the pod's own traffic: allowed (`self`) however the
+/// pod is isolated. The same packet from any other interface is judged as usual.
+#[test]
+fn a_hairpin_back_into_the_same_pod_is_its_own_traffic() {
+    in_private_netns(|if_pod, if_other| {
+        let mut dp = Dp::new("svc-hairpin");
+        dp.endpoint(POD, ID_POD, EP_LOCAL | EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS, if_pod);
+        dp.endpoint(POD6, ID_POD, EP_LOCAL | EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS, if_pod);
+        dp.endpoint(HOST, IDENTITY_HOST, 0, 0);
+        for (src, dst) in [(HOST, POD), (POD, POD), ("fd00:255::1", POD6)] {
+            let p = if dst.contains(':') { ipv6(src, dst, TCP, 41000, 80) } else { ipv4(src, dst, TCP, 41000, 80) };
+            assert_eq!(dp.run_from(TO, &p, if_pod, if_other), TC_DROP, "{src} -> {dst} from another interface");
+            let p2 = if dst.contains(':') { ipv6(src, dst, TCP, 41001, 80) } else { ipv4(src, dst, TCP, 41001, 80) };
+            assert_eq!(dp.run_from(TO, &p2, if_pod, if_pod), TC_PASS, "{src} -> {dst} back through its own interface");
+        }
+        assert_eq!(dp.counter(DIR_INGRESS, Reason::AllowSelf), 3);
+    });
+}

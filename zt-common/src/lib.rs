@@ -93,6 +93,10 @@ pub enum Reason {
     /// (translation off, a raw socket, SCTP): policy allows every current backend on its
     /// target port. kube-proxy then DNATs it.
     AllowService = 11,
+    /// At a pod's interface: a packet to the pod that entered the node through that same
+    /// interface (a Service hairpin kube-proxy DNATed back to the pod, masqueraded or
+    /// not). NetworkPolicy never blocks a pod from itself, and only the pod receives it.
+    AllowSelf = 12,
 
     /// An explicit deny rule matched.
     DropPolicyDeny = 16,
@@ -140,7 +144,7 @@ pub const REASON_SLOTS: u32 = 32;
 pub const COUNTER_SLOTS: u32 = DIR_COUNT * REASON_SLOTS;
 
 impl Reason {
-    pub const ALL: [Reason; 25] = [
+    pub const ALL: [Reason; 26] = [
         Reason::AllowPolicy,
         Reason::AllowEstablished,
         Reason::AllowReply,
@@ -152,6 +156,7 @@ impl Reason {
         Reason::AllowRelated,
         Reason::AllowFqdn,
         Reason::AllowService,
+        Reason::AllowSelf,
         Reason::DropPolicyDeny,
         Reason::DropPolicyDefault,
         Reason::DropUnknownEndpoint,
@@ -190,6 +195,7 @@ impl Reason {
             Reason::AllowRelated => "related",
             Reason::AllowFqdn => "fqdn",
             Reason::AllowService => "service",
+            Reason::AllowSelf => "self",
             Reason::DropPolicyDeny => "policy-deny",
             Reason::DropPolicyDefault => "policy-default-deny",
             Reason::DropUnknownEndpoint => "unknown-endpoint",

@@ -116,6 +116,17 @@ pub fn decide(cfg: &Config, hook: &Hook, f: &Flow, j: &Judged, out: &mut Decisio
         decide_inner(cfg, hook, f, j, peer.identity)
     };
     out.peer_if = peer.ifindex;
+    if !out.allow && hairpin(hook) {
+        out.allow = true;
+        out.reason = Reason::AllowSelf;
+    }
+}
+
+/// A packet into a pod that entered the node through the pod's own interface: the pod's
+/// own traffic coming back (kube-proxy's hairpin). Only TC hooks know the ingress device.
+#[inline(always)]
+fn hairpin(hook: &Hook) -> bool {
+    hook.dir == DIR_INGRESS && hook.from_ifindex == hook.ifindex && hook.ifindex != CGROUP_HOOK_IFINDEX && hook.from_ifindex != FROM_UNSEEN
 }
 
 /// The Service identity of a frontend (`SvcFrontendValue::identity`), else 0.

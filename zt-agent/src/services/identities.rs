@@ -1,4 +1,6 @@
-//! Service identity numbers (`IDENTITY_SERVICE_FLAG | n`), one per Service, written into
+//! Service identity numbers (`IDENTITY_SERVICE_FLAG | n`), one per Service and address
+//! family (a dual-stack Service's IPv4 and IPv6 backends differ, and so may what policy
+//! allows of them; the kernel keys the judgement by identity and port), written into
 //! each of its frontends (`SvcFrontendValue::identity`) and named by the policy entries
 //! of the untranslated judgement (judge.rs).
 //!
@@ -19,10 +21,12 @@ const NUMBER_MASK: u32 = IDENTITY_SERVICE_FLAG - 1;
 
 /// (namespace, name)
 pub type ServiceName = (String, String);
+/// A Service's identity key: its name and whether it is the IPv6 half.
+type Key = (ServiceName, bool);
 
 #[derive(Clone, Debug, Default)]
 pub struct ServiceIdentities {
-    by_service: BTreeMap<ServiceName, u32>,
+    by_service: BTreeMap<Key, u32>,
     /// What the pinned frontends held at start, consulted once per Service.
     held: BTreeMap<SvcFrontendKey, u32>,
     next: u32,
@@ -39,27 +43,27 @@ impl ServiceIdentities {
     /// Gives every Service of `table` a number (keeping the ones it has) and forgets
     /// Services that are gone.
     pub fn assign(&mut self, table: &ServiceTable) {
-        let mut services: BTreeMap<&ServiceName, Vec<SvcFrontendKey>> = BTreeMap::new();
+        let mut services: BTreeMap<Key, Vec<SvcFrontendKey>> = BTreeMap::new();
         for (f, e) in &table.frontends {
-            services.entry(&e.service).or_default().push(SvcFrontendKey { addr: to_key(f.addr), port: f.port, proto: f.proto, _pad: 0 });
+            services.entry((e.service.clone(), f.addr.is_ipv6())).or_default().push(SvcFrontendKey { addr: to_key(f.addr), port: f.port, proto: f.proto, _pad: 0 });
         }
         self.by_service.retain(|s, _| services.contains_key(s));
         let mut taken: BTreeSet<u32> = self.by_service.values().copied().collect();
         // A restarted agent: the number the Service's frontends already carry.
         for (svc, keys) in &services {
-            if self.by_service.contains_key(*svc) {
+            if self.by_service.contains_key(svc) {
                 continue;
             }
             if let Some(id) = keys.iter().filter_map(|k| self.held.get(k)).find(|id| !taken.contains(id)) {
-                self.by_service.insert((*svc).clone(), *id);
+                self.by_service.insert(svc.clone(), *id);
                 taken.insert(*id);
             }
         }
         self.held.clear();
         for svc in services.keys() {
-            if !self.by_service.contains_key(*svc) {
+            if !self.by_service.contains_key(svc) {
                 let id = self.fresh(&taken);
-                self.by_service.insert((*svc).clone(), id);
+                self.by_service.insert(svc.clone(), id);
                 taken.insert(id);
             }
         }
@@ -76,12 +80,14 @@ impl ServiceIdentities {
         }
     }
 
-    pub fn get(&self, service: &ServiceName) -> Option<u32> {
-        self.by_service.get(service).copied()
+    /// The identity of the Service's IPv6 (`v6`) or IPv4 half.
+    pub fn get(&self, service: &ServiceName, v6: bool) -> Option<u32> {
+        self.by_service.get(&(service.clone(), v6)).copied()
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&ServiceName, u32)> {
-        self.by_service.iter().map(|(s, id)| (s, *id))
+    /// (name, IPv6 half, identity)
+    pub fn iter(&self) -> impl Iterator<Item = (&ServiceName, bool, u32)> {
+        self.by_service.iter().map(|((s, v6), id)| (s, *v6, *id))
     }
 }
 
@@ -115,14 +121,14 @@ mod tests {
     fn numbers_are_stable_and_never_reused_at_once() {
         let mut ids = ServiceIdentities::from_held(BTreeMap::new());
         ids.assign(&table(&[("a", "x"), ("a", "y")]));
-        let (x, y) = (ids.get(&name("a", "x")).unwrap(), ids.get(&name("a", "y")).unwrap());
+        let (x, y) = (ids.get(&name("a", "x"), false).unwrap(), ids.get(&name("a", "y"), false).unwrap());
         assert_ne!(x, y);
         assert!(x & IDENTITY_SERVICE_FLAG != 0 && y & IDENTITY_SERVICE_FLAG != 0);
         // x goes, z comes: y keeps its number, z does not get x's.
         ids.assign(&table(&[("a", "y"), ("a", "z")]));
-        assert_eq!(ids.get(&name("a", "y")), Some(y));
-        assert_eq!(ids.get(&name("a", "x")), None);
-        let z = ids.get(&name("a", "z")).unwrap();
+        assert_eq!(ids.get(&name("a", "y"), false), Some(y));
+        assert_eq!(ids.get(&name("a", "x"), false), None);
+        let z = ids.get(&name("a", "z"), false).unwrap();
         assert!(z != x && z != y);
     }
 
@@ -133,10 +139,10 @@ mod tests {
         let held = BTreeMap::from([(key(1), IDENTITY_SERVICE_FLAG | 7), (key(2), IDENTITY_SERVICE_FLAG | 3)]);
         let mut ids = ServiceIdentities::from_held(held);
         ids.assign(&t);
-        assert_eq!(ids.get(&name("a", "x")), Some(IDENTITY_SERVICE_FLAG | 7));
-        assert_eq!(ids.get(&name("b", "y")), Some(IDENTITY_SERVICE_FLAG | 3));
+        assert_eq!(ids.get(&name("a", "x"), false), Some(IDENTITY_SERVICE_FLAG | 7));
+        assert_eq!(ids.get(&name("b", "y"), false), Some(IDENTITY_SERVICE_FLAG | 3));
         // New Services start above what was held.
         ids.assign(&table(&[("a", "x"), ("b", "y"), ("c", "z")]));
-        assert_eq!(ids.get(&name("c", "z")), Some(IDENTITY_SERVICE_FLAG | 8));
+        assert_eq!(ids.get(&name("c", "z"), false), Some(IDENTITY_SERVICE_FLAG | 8));
     }
 }

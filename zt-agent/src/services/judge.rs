@@ -25,8 +25,9 @@ use crate::state::{Desired, IdentityInfo, PolicyEntryKey};
 
 /// Adds the Service identities and their allow entries to `desired`.
 pub fn add_to(desired: &mut Desired, table: &ServiceTable, ids: &ServiceIdentities) {
-    for ((ns, name), id) in ids.iter() {
-        desired.identities.insert(id, IdentityInfo { id, spiffe_id: format!("service:{ns}/{name}"), labels: BTreeMap::new() });
+    for ((ns, name), v6, id) in ids.iter() {
+        let family = if v6 { "IPv6" } else { "IPv4" };
+        desired.identities.insert(id, IdentityInfo { id, spiffe_id: format!("service:{ns}/{name} ({family})"), labels: BTreeMap::new() });
     }
     let entries = entries(desired, table, ids);
     desired.policy.extend(entries);
@@ -40,40 +41,43 @@ pub fn add_to(desired: &mut Desired, table: &ServiceTable, ids: &ServiceIdentiti
 /// The Services with backends, all of them trusted resolvers.
 fn resolver_services(desired: &Desired, table: &ServiceTable, ids: &ServiceIdentities) -> Vec<u32> {
     let mut verdict: BTreeMap<u32, bool> = BTreeMap::new();
-    for e in table.frontends.values() {
-        let Some(id) = ids.get(&e.service) else { continue };
+    for (f, e) in &table.frontends {
+        let Some(id) = ids.get(&e.service, f.addr.is_ipv6()) else { continue };
         let trusted = !e.backends.is_empty() && e.backends.iter().all(|b| desired.dns_servers.contains(&identity_of(desired, b.addr)));
         *verdict.entry(id).or_insert(true) &= trusted;
     }
     verdict.into_iter().filter(|(_, t)| *t).map(|(id, _)| id).collect()
 }
 
-/// The allow entries (see the module comment).
+/// The allow entries (see the module comment). Frontends of one Service identity that
+/// share a port and protocol (a ClusterIP and an external IP, whose backend sets may
+/// differ by traffic policy) share the entry: it is written only if every one of them is
+/// allowed.
 pub fn entries(desired: &Desired, table: &ServiceTable, ids: &ServiceIdentities) -> BTreeMap<PolicyEntryKey, PolicyValue> {
     let index = EgressIndex::of(desired);
-    let mut out = BTreeMap::new();
+    let mut verdicts: BTreeMap<PolicyEntryKey, Option<PolicyValue>> = BTreeMap::new();
     for (f, e) in &table.frontends {
-        let Some(svc_id) = ids.get(&e.service) else { continue };
-        if e.backends.is_empty() {
-            continue;
-        }
+        let Some(svc_id) = ids.get(&e.service, f.addr.is_ipv6()) else { continue };
         let peers: Vec<(u32, u16)> = e.backends.iter().map(|b| (identity_of(desired, b.addr), b.port)).collect();
         for (&local, rules) in &index.by_local {
             let mut first_rule = None;
-            let all = peers.iter().all(|&(peer, port)| match rules.verdict(peer, f.proto, port) {
-                Some(rule) => {
-                    first_rule.get_or_insert(rule);
-                    true
-                }
-                None => false,
-            });
-            if all {
-                let key = PolicyEntryKey { prefix_len: POLICY_PREFIX_FULL, key: PolicyKey::new(local, svc_id, DIR_EGRESS, f.proto, f.port) };
-                out.insert(key, PolicyValue { verdict: VERDICT_ALLOW, _pad: [0; 3], rule_id: first_rule.unwrap_or(0) });
+            let all = !peers.is_empty()
+                && peers.iter().all(|&(peer, port)| match rules.verdict(peer, f.proto, port) {
+                    Some(rule) => {
+                        first_rule.get_or_insert(rule);
+                        true
+                    }
+                    None => false,
+                });
+            let key = PolicyEntryKey { prefix_len: POLICY_PREFIX_FULL, key: PolicyKey::new(local, svc_id, DIR_EGRESS, f.proto, f.port) };
+            let v = all.then(|| PolicyValue { verdict: VERDICT_ALLOW, _pad: [0; 3], rule_id: first_rule.unwrap_or(0) });
+            let slot = verdicts.entry(key).or_insert(v);
+            if v.is_none() {
+                *slot = None;
             }
         }
     }
-    out
+    verdicts.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).collect()
 }
 
 /// A backend address's identity as the kernel resolves a peer: the endpoint map, else

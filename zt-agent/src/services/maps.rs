@@ -25,7 +25,7 @@ pub fn want_of(table: &ServiceTable, ids: &ServiceIdentities) -> BTreeMap<SvcFro
         .map(|(f, e)| {
             let key = SvcFrontendKey { addr: to_key(f.addr), port: f.port, proto: f.proto, _pad: 0 };
             let backends = e.backends.iter().map(|b| SvcBackendValue { addr: to_key(b.addr), port: b.port, _pad: [0; 2] }).collect();
-            (key, WantFrontend { backends, affinity_s: e.affinity_timeout_s, identity: ids.get(&e.service).unwrap_or(0) })
+            (key, WantFrontend { backends, affinity_s: e.affinity_timeout_s, identity: ids.get(&e.service, f.addr.is_ipv6()).unwrap_or(0) })
         })
         .collect()
 }

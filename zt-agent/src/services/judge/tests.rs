@@ -60,7 +60,7 @@ fn judge(d: &Desired, svcs: &[(Frontend, FrontendEntry)]) -> (BTreeMap<PolicyEnt
 }
 
 fn allowed(out: &BTreeMap<PolicyEntryKey, PolicyValue>, ids: &ServiceIdentities, local: u32, svc: &str, port: u16) -> Option<u32> {
-    let id = ids.get(&("default".into(), svc.into())).unwrap();
+    let id = ids.get(&("default".into(), svc.into()), false).unwrap();
     out.get(&PolicyEntryKey { prefix_len: POLICY_PREFIX_FULL, key: PolicyKey::new(local, id, DIR_EGRESS, 6, port) })
         .filter(|v| v.verdict == VERDICT_ALLOW)
         .map(|v| v.rule_id)
@@ -123,8 +123,8 @@ fn service_identities_are_named_in_the_desired_state() {
     let mut ids = ServiceIdentities::from_held(BTreeMap::new());
     ids.assign(&table);
     add_to(&mut d, &table, &ids);
-    let id = ids.get(&("default".into(), "web".into())).unwrap();
-    assert_eq!(d.identities[&id].spiffe_id, "service:default/web");
+    let id = ids.get(&("default".into(), "web".into()), false).unwrap();
+    assert_eq!(d.identities[&id].spiffe_id, "service:default/web (IPv4)");
 }
 
 #[test]
@@ -136,6 +136,39 @@ fn a_service_of_trusted_resolvers_is_a_trusted_resolver() {
     let mut ids = ServiceIdentities::from_held(BTreeMap::new());
     ids.assign(&table);
     add_to(&mut d, &table, &ids);
-    assert!(d.dns_servers.contains(&ids.get(&("kube-system".into(), "kube-dns".into())).unwrap()));
-    assert!(!d.dns_servers.contains(&ids.get(&("default".into(), "mixed".into())).unwrap()), "one backend is no resolver");
+    assert!(d.dns_servers.contains(&ids.get(&("kube-system".into(), "kube-dns".into()), false).unwrap()));
+    assert!(!d.dns_servers.contains(&ids.get(&("default".into(), "mixed".into()), false).unwrap()), "one backend is no resolver");
+}
+
+/// A dual-stack Service: each family's frontends are judged on that family's backends
+/// under their own identity (an IPv4-only rule allows the IPv4 half only).
+#[test]
+fn each_family_is_judged_on_its_own_backends() {
+    let mut d = desired();
+    d.endpoints.insert(ip("fd00:1::1"), ep(WEB_B, 0));
+    put(&mut d, POLICY_PREFIX_FULL, CLIENT, WEB_A, 6, 8080, VERDICT_ALLOW, 7);
+    let (f4, e4) = service("default", "web", 80, &[("10.0.1.1", 8080)]);
+    let (_, mut e6) = service("default", "web", 80, &[("fd00:1::1", 8080)]);
+    e6.backends = vec![Backend { addr: ip("fd00:1::1"), port: 8080 }];
+    let f6 = Frontend { addr: ip("fd00:96::80"), port: 80, proto: 6 };
+    let (out, ids) = judge(&d, &[(f4, e4), (f6, e6)]);
+    let (id4, id6) = (ids.get(&("default".into(), "web".into()), false).unwrap(), ids.get(&("default".into(), "web".into()), true).unwrap());
+    assert_ne!(id4, id6);
+    let has = |id| out.contains_key(&PolicyEntryKey { prefix_len: POLICY_PREFIX_FULL, key: PolicyKey::new(CLIENT, id, DIR_EGRESS, 6, 80) });
+    assert!(has(id4) && !has(id6), "{out:?}");
+}
+
+/// Two frontends of one Service on the same port (a ClusterIP and an external IP) with
+/// different backend sets: the shared entry needs both allowed.
+#[test]
+fn frontends_sharing_a_port_must_all_be_allowed() {
+    let mut d = desired();
+    put(&mut d, POLICY_PREFIX_FULL, CLIENT, WEB_A, 6, 8080, VERDICT_ALLOW, 7);
+    let (f1, e1) = service("default", "web", 80, &[("10.0.1.1", 8080)]);
+    let (_, e2) = service("default", "web", 80, &[("10.0.1.1", 8080), ("10.0.1.2", 8080)]);
+    let f2 = Frontend { addr: ip("192.0.2.80"), port: 80, proto: 6 };
+    let (out, ids) = judge(&d, &[(f1, e1.clone())]);
+    assert_eq!(allowed(&out, &ids, CLIENT, "web", 80), Some(7));
+    let (out, ids) = judge(&d, &[(f1, e1), (f2, e2)]);
+    assert_eq!(allowed(&out, &ids, CLIENT, "web", 80), None);
 }
