@@ -148,6 +148,18 @@ fn ztctl_json_views_name_spiffe_ids() {
         });
         assert!(hit, "no {dir} CT entry sleep -> httpbin:80: {ct:#}");
     }
+    // Every entry shows its TCP state, its map and the seconds before it expires (the
+    // probe's connection was closed by the server: FIN both ways, 10 s by default).
+    for r in rows(&ct).iter().filter(|r| r["proto"] == "TCP") {
+        let state = r["state"].as_str().unwrap_or("");
+        assert!(["tcp-syn", "tcp-established", "tcp-closing", "tcp-closed"].contains(&state), "state {state:?}: {r:#}");
+        assert!(r["map"] == "ZT_CT" || r["map"] == "ZT_CT_EST", "{r:#}");
+        let left = r["expires_in_s"].as_u64().unwrap();
+        assert!(left <= 21600, "{r:#}");
+        if state == "tcp-closed" {
+            assert!(left <= 10 && r["map"] == "ZT_CT", "a closed flow has the close timeout and left ZT_CT_EST: {r:#}");
+        }
+    }
     // Denied flows are not tracked.
     assert_eq!(bed.probe(&pod("default", "notsleep"), &tgt("default", "httpbin", Family::V4), Proto::Tcp, 80), ProbeResult::Timeout);
     let ct = bed.ztctl_json(&["ct"]);

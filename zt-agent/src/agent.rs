@@ -757,9 +757,7 @@ impl Agent {
     fn write_config(&mut self) -> Result<()> {
         let before = self.config;
         let mut cfg = before;
-        cfg.flags = CONFIG_READY
-            | if self.opts.host_access == HostAccess::All { CONFIG_ALLOW_HOST } else { 0 }
-            | if self.opts.events_allowed { CONFIG_EVENTS_ALLOWED } else { 0 };
+        cfg.flags = CONFIG_READY | if self.opts.host_access == HostAccess::All { CONFIG_ALLOW_HOST } else { 0 } | if self.opts.events_allowed { CONFIG_EVENTS_ALLOWED } else { 0 };
         // A changed flag (host probes turned off) withdraws allows too.
         if before.flags & CONFIG_READY != 0 && before.flags != cfg.flags {
             self.pending_bump = true;

@@ -152,7 +152,10 @@ pub fn load_object(bpffs_root: &Path, sizes: &MapSizes) -> Result<Ebpf> {
         load_retrying(|| prog.load()).with_context(|| format!("verifier rejected {name}"))?;
     }
     for (name, _) in PROGS_SOCK_ADDR {
-        let prog: &mut CgroupSockAddr = ebpf.program_mut(name).with_context(|| format!("program {name} missing from the object"))?.try_into()?;
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the object"))?
+            .try_into()?;
         load_retrying(|| prog.load()).with_context(|| format!("verifier rejected {name}"))?;
     }
     Ok(ebpf)

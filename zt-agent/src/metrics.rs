@@ -220,16 +220,14 @@ pub async fn serve(addr: String, shared: Shared, bpffs_root: PathBuf) -> Result<
             let (status, body) = if req.starts_with("GET /metrics") {
                 let snapshot = shared.lock().unwrap().clone();
                 // Map reads are syscalls: off the runtime.
-                let body = tokio::task::spawn_blocking(move || render_with(&snapshot, Some(&maps), Some(&fqdn))).await.unwrap_or_default();
+                let body = tokio::task::spawn_blocking(move || render_with(&snapshot, Some(&maps), Some(&fqdn)))
+                .await
+                .unwrap_or_default();
                 ("200 OK", body)
             } else if req.starts_with("GET /healthz") {
                 // Liveness: the loop turns (also while the API server is unreachable).
                 let alive = shared.lock().unwrap().alive();
-                if alive {
-                    ("200 OK", "ok\n".to_string())
-                } else {
-                    ("503 Service Unavailable", "agent loop stuck\n".to_string())
-                }
+                if alive { ("200 OK", "ok\n".to_string()) } else { ("503 Service Unavailable", "agent loop stuck\n".to_string()) }
             } else if req.starts_with("GET /readyz") {
                 let m = shared.lock().unwrap().clone();
                 if m.serving() {
@@ -247,8 +245,10 @@ pub async fn serve(addr: String, shared: Shared, bpffs_root: PathBuf) -> Result<
             } else {
                 ("404 Not Found", "try /metrics\n".to_string())
             };
-            let resp =
-                format!("HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
             let _ = sock.write_all(resp.as_bytes()).await;
         });
     }

@@ -28,20 +28,14 @@ fn peer_ip(i: u32) -> Ipv4Addr {
 /// Map contents for `peers` peer identities and `entries` policy entries of the local pod.
 fn contents(peers: u32, entries: u32) -> Contents {
     let mut c = Contents::default();
-    c.endpoints.insert(
-        to_key(LOCAL.parse().unwrap()),
-        EndpointValue { identity: ID_LOCAL, flags: EP_LOCAL | EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS, ifindex: TEST_IFINDEX, cgroup: 0 },
-    );
+    c.endpoints.insert(to_key(LOCAL.parse().unwrap()), EndpointValue { identity: ID_LOCAL, flags: EP_LOCAL | EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS, ifindex: TEST_IFINDEX, cgroup: 0 });
     for i in 0..peers {
         c.endpoints.insert(to_key(IpAddr::V4(peer_ip(i))), EndpointValue { identity: 1000 + i, flags: 0, ifindex: 0, cgroup: 0 });
     }
     for j in 0..entries {
         let peer = 1000 + (j % peers);
         let port = 1000 + (j / peers) as u16;
-        c.policy.insert(
-            (POLICY_PREFIX_FULL, PolicyKey::new(ID_LOCAL, peer, DIR_INGRESS, 6, port)),
-            PolicyValue { verdict: VERDICT_ALLOW, _pad: [0; 3], rule_id: 1 },
-        );
+        c.policy.insert((POLICY_PREFIX_FULL, PolicyKey::new(ID_LOCAL, peer, DIR_INGRESS, 6, port)), PolicyValue { verdict: VERDICT_ALLOW, _pad: [0; 3], rule_id: 1 });
     }
     c
 }
@@ -69,10 +63,7 @@ fn ns(dp: &Dp, prog: &str, pkt: &[u8]) -> (u32, f64) {
 
 fn main() {
     println!("zt datapath cost per verdict (BPF_PROG_TEST_RUN, {REPEAT} runs x 5, median), ratio to an empty TC program");
-    println!(
-        "{:>8} {:>9} | {:>10} | {:>12} {:>6} | {:>12} {:>6} | {:>12} {:>6}",
-        "peers", "entries", "noop ns", "established", "ratio", "new-allow*", "ratio", "denied", "ratio"
-    );
+    println!("{:>8} {:>9} | {:>10} | {:>12} {:>6} | {:>12} {:>6} | {:>12} {:>6}", "peers", "entries", "noop ns", "established", "ratio", "new-allow*", "ratio", "denied", "ratio");
     let mut rows = vec![];
     for (peers, entries) in [(1_000u32, 10u32), (1_000, 10_000), (1_000, 100_000), (100_000, 10), (100_000, 100_000)] {
         let s = sizes(peers, entries);
@@ -114,15 +105,7 @@ fn main() {
         let rv = reval[2];
         println!(
             "{:>8} {:>9} | {:>10.1} | {:>12.1} {:>6.2} | {:>12.1} {:>6.2} | {:>12.1} {:>6.2}",
-            peers,
-            entries,
-            noop,
-            est,
-            est / noop,
-            rv,
-            rv / noop,
-            den,
-            den / noop
+            peers, entries, noop, est, est / noop, rv, rv / noop, den, den / noop
         );
         rows.push((peers, entries, noop, est, den));
     }
@@ -212,10 +195,7 @@ fn dns_answer_cost() {
         _pad: [0; 3],
     };
     println!("\nkernel DNS parser: ns per answer through zt_to_pod (BPF_PROG_TEST_RUN, {RUNS_DNS} single runs after a query record x 5, median)");
-    println!(
-        "{:>8} {:>6} | {:>8} | {:>10} {:>6} | {:>10} {:>6} | {:>8} {:>8}",
-        "records", "bytes", "noop ns", "no-fqdn", "ratio", "capture", "ratio", "cap/gate", "ns/rec"
-    );
+    println!("{:>8} {:>6} | {:>8} | {:>10} {:>6} | {:>10} {:>6} | {:>8} {:>8}", "records", "bytes", "noop ns", "no-fqdn", "ratio", "capture", "ratio", "cap/gate", "ns/rec");
     let mut ns_dns = |prog: &str, pkt: &[u8]| {
         let mut v: Vec<(u32, f64)> = (0..5)
             .map(|_| {

@@ -113,11 +113,13 @@ pub static DNS_SCRATCH_MAP: PerCpuArray<crate::dns::Scratch> = PerCpuArray::with
 
 /// Frontend -> backend set (id, count, affinity).
 #[map(name = "ZT_SVC_FRONTENDS")]
-pub static SVC_FRONTENDS: aya_ebpf::maps::HashMap<SvcFrontendKey, SvcFrontendValue> = aya_ebpf::maps::HashMap::pinned(DEFAULT_SVC_FRONTENDS_MAX, 0);
+pub static SVC_FRONTENDS: aya_ebpf::maps::HashMap<SvcFrontendKey, SvcFrontendValue> =
+    aya_ebpf::maps::HashMap::pinned(DEFAULT_SVC_FRONTENDS_MAX, 0);
 
 /// (backend set, slot) -> backend address and port.
 #[map(name = "ZT_SVC_BACKENDS")]
-pub static SVC_BACKENDS: aya_ebpf::maps::HashMap<SvcBackendKey, SvcBackendValue> = aya_ebpf::maps::HashMap::pinned(DEFAULT_SVC_BACKENDS_MAX, 0);
+pub static SVC_BACKENDS: aya_ebpf::maps::HashMap<SvcBackendKey, SvcBackendValue> =
+    aya_ebpf::maps::HashMap::pinned(DEFAULT_SVC_BACKENDS_MAX, 0);
 
 /// (socket, backend) -> the frontend it was translated from.
 #[map(name = "ZT_SVC_REVNAT")]

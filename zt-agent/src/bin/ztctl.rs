@@ -132,12 +132,7 @@ fn run() -> Result<()> {
     match cli.cmd {
         Cmd::Identities => {
             let rows = ctl::identities(&snap()?);
-            ctl::print(
-                json,
-                &rows,
-                |r| format!("{:<10} {:<60} {}", r.id, r.spiffe_id, fmt_labels(&r.labels)),
-                &format!("{:<10} {:<60} LABELS", "ID", "SPIFFE ID"),
-            )
+            ctl::print(json, &rows, |r| format!("{:<10} {:<60} {}", r.id, r.spiffe_id, fmt_labels(&r.labels)), &format!("{:<10} {:<60} LABELS", "ID", "SPIFFE ID"))
         }
         Cmd::Endpoints => {
             let rows = ctl::endpoints(&maps()?, &snap()?)?;
@@ -151,16 +146,7 @@ fn run() -> Result<()> {
                         (false, true) => "out",
                         _ => "-",
                     };
-                    format!(
-                        "{:<26} {:<8} {:<50} {:<28} {:<6} {:<7} {}",
-                        r.ip,
-                        r.identity,
-                        r.spiffe_id,
-                        r.pod.as_deref().unwrap_or("-"),
-                        if r.local { "local" } else { "remote" },
-                        enf,
-                        r.ifindex
-                    )
+                    format!("{:<26} {:<8} {:<50} {:<28} {:<6} {:<7} {}", r.ip, r.identity, r.spiffe_id, r.pod.as_deref().unwrap_or("-"), if r.local { "local" } else { "remote" }, enf, r.ifindex)
                 },
                 &format!("{:<26} {:<8} {:<50} {:<28} {:<6} {:<7} IFINDEX", "IP", "ID", "SPIFFE ID", "POD", "SCOPE", "ENFORCE"),
             )
@@ -170,18 +156,7 @@ fn run() -> Result<()> {
             ctl::print(
                 json,
                 &rows,
-                |r| {
-                    format!(
-                        "{:<48} {:<7} {:<48} {:<6} {:<11} {:<5} {}",
-                        r.local,
-                        r.direction,
-                        r.peer,
-                        r.proto,
-                        r.ports,
-                        r.verdict,
-                        r.rule.as_deref().unwrap_or("-")
-                    )
-                },
+                |r| format!("{:<48} {:<7} {:<48} {:<6} {:<11} {:<5} {}", r.local, r.direction, r.peer, r.proto, r.ports, r.verdict, r.rule.as_deref().unwrap_or("-")),
                 &format!("{:<48} {:<7} {:<48} {:<6} {:<11} {:<5} RULE", "LOCAL", "DIR", "PEER", "PROTO", "PORTS", "VERDICT"),
             )
         }
@@ -204,22 +179,12 @@ fn run() -> Result<()> {
         }
         Cmd::Counters => {
             let rows = ctl::counters(&maps()?, false)?;
-            ctl::print(
-                json,
-                &rows,
-                |r| format!("{:<8} {:<6} {:<22} {}", r.direction, r.verdict, r.reason, r.packets),
-                &format!("{:<8} {:<6} {:<22} PACKETS", "DIR", "VERDICT", "REASON"),
-            )
+            ctl::print(json, &rows, |r| format!("{:<8} {:<6} {:<22} {}", r.direction, r.verdict, r.reason, r.packets), &format!("{:<8} {:<6} {:<22} PACKETS", "DIR", "VERDICT", "REASON"))
         }
         Cmd::Drops { follow, identity, namespace, pod, reason, all, count, timeout } => {
             if !follow {
                 let rows = ctl::counters(&maps()?, true)?;
-                return ctl::print(
-                    json,
-                    &rows,
-                    |r| format!("{:<8} {:<22} {}", r.direction, r.reason, r.packets),
-                    &format!("{:<8} {:<22} PACKETS", "DIR", "REASON"),
-                );
+                return ctl::print(json, &rows, |r| format!("{:<8} {:<22} {}", r.direction, r.reason, r.packets), &format!("{:<8} {:<22} PACKETS", "DIR", "REASON"));
             }
             let filter = DropFilter { identity, namespace, pod, reason, all_verdicts: all };
             let timeout = timeout.map(Duration::from_secs_f64);
@@ -228,19 +193,13 @@ fn run() -> Result<()> {
         }
         Cmd::Fqdn { what: Some(FqdnWhat::Names { identity }), identity: outer, .. } => {
             let rows = ctl::fqdn::names(&snap()?, identity.or(outer).as_deref());
-            ctl::print(
-                json,
-                &rows,
-                |r| format!("{:<50} {:<5} {:<56} {}", r.spiffe_id, r.slot, r.rule, r.names.join(", ")),
-                &format!("{:<50} {:<5} {:<56} NAMES", "IDENTITY", "SLOT", "RULE"),
-            )
+            ctl::print(json, &rows, |r| format!("{:<50} {:<5} {:<56} {}", r.spiffe_id, r.slot, r.rule, r.names.join(", ")), &format!("{:<50} {:<5} {:<56} NAMES", "IDENTITY", "SLOT", "RULE"))
         }
         Cmd::Fqdn { what: None, identity, name, stats } => {
             let fq = zt_agent::fqdn::FqdnMaps::open(&cli.bpffs_root)?;
             if stats {
                 let s = fq.stats()?;
-                let rows: Vec<ctl::fqdn::StatRow> =
-                    zt_common::DnsStat::ALL.iter().map(|st| ctl::fqdn::StatRow { outcome: st.name().to_string(), answers: s[*st as usize] }).collect();
+                let rows: Vec<ctl::fqdn::StatRow> = zt_common::DnsStat::ALL.iter().map(|st| ctl::fqdn::StatRow { outcome: st.name().to_string(), answers: s[*st as usize] }).collect();
                 return ctl::print(json, &rows, |r| format!("{:<22} {}", r.outcome, r.answers), &format!("{:<22} ANSWERS", "OUTCOME"));
             }
             let rows = ctl::fqdn::rows(&maps()?, &fq, &snap()?, &cli.state_dir, identity.as_deref(), name.as_deref())?;
@@ -263,11 +222,7 @@ fn run() -> Result<()> {
                     println!("{}", serde_json::to_string_pretty(&se)?);
                     return Ok(());
                 }
-                let how = if se.translated {
-                    "translated at the socket to one of its backends"
-                } else {
-                    "not translated by zt (--service-translation false): kube-proxy's DNAT picks a backend"
-                };
+                let how = if se.translated { "translated at the socket to one of its backends" } else { "not translated by zt (--service-translation false): kube-proxy's DNAT picks a backend" };
                 println!("{} -> Service {} via {}: {}, {}", se.src, se.service, se.frontend, how, se.verdict.to_uppercase());
                 if se.backends.is_empty() {
                     println!("  no backend: the connect is refused (ECONNREFUSED)");
