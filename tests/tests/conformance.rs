@@ -48,7 +48,6 @@ fn conformance_services_translated() {
 /// The same with zt's socket translation off: kube-proxy's DNAT picks the backend and zt
 /// judges the untranslated frontend (allowed only if policy allows every backend).
 #[test]
-#[ignore = "fails today (tests/README.md): hairpin (kube-proxy masquerades a pod's connection to its own Service to a node address, which zt never treats as host) and IPv6 frontends judged with IPv4-only ipBlock rules"]
 fn conformance_services_kube_proxy() {
     runner::run_suite(runner::AgentInput::ManifestsDir, runner::Via::Service { translation: false });
 }

@@ -165,3 +165,22 @@ fn a_hairpin_back_into_the_same_pod_is_its_own_traffic() {
         assert_eq!(dp.counter(DIR_INGRESS, Reason::AllowSelf), 3);
     });
 }
+
+/// Untranslated, a pod's connection to a Service whose only backend is the pod itself
+/// (upstream's per-pod Services): its own traffic, allowed (`self`) even when its egress
+/// policy does not allow its own identity; a Service with another backend is not.
+#[test]
+fn a_pods_own_service_is_its_own_traffic() {
+    let (dp, mut fe) = node("svc-untr-self");
+    let mut be: aya::maps::HashMap<aya::maps::MapData, SvcBackendKey, SvcBackendValue> =
+        aya::maps::HashMap::try_from(open_map(&dp._fs.root(), MAP_SVC_BACKENDS).unwrap()).unwrap();
+    for (cluster_ip, set, backend) in [("10.96.0.90", 7u32, POD), ("10.96.0.91", 8, BACKEND)] {
+        be.insert(SvcBackendKey { svc_id: set, slot: 0 }, SvcBackendValue { addr: addr(backend), port: 80, _pad: [0; 2] }, 0).unwrap();
+        let key = SvcFrontendKey { addr: addr(cluster_ip), port: 80, proto: TCP, _pad: 0 };
+        fe.insert(key, SvcFrontendValue { svc_id: set, backends: 1, affinity_s: 0, identity: IDENTITY_SERVICE_FLAG | set }, 0).unwrap();
+    }
+    assert_eq!(dp.run(FROM, &ipv4(POD, "10.96.0.90", TCP, 40000, 80)), TC_PASS, "its own Service");
+    assert_eq!(dp.counter(DIR_EGRESS, Reason::AllowSelf), 1);
+    assert_eq!(dp.run(FROM, &ipv4(POD, "10.96.0.91", TCP, 40001, 80)), TC_DROP, "another pod's Service");
+    assert_eq!(dp.counter(DIR_EGRESS, Reason::DropService), 1);
+}

@@ -8,7 +8,7 @@ use zt_common::*;
 
 use crate::{
     fqdn,
-    maps::{CIDRS, ENDPOINTS, POLICY, SVC_CIDRS, SVC_FRONTENDS, SVC_STATS, TUNNELS},
+    maps::{CIDRS, ENDPOINTS, POLICY, SVC_BACKENDS, SVC_CIDRS, SVC_FRONTENDS, SVC_STATS, TUNNELS},
     parse::Flow,
 };
 
@@ -105,11 +105,18 @@ pub fn decide(cfg: &Config, hook: &Hook, f: &Flow, j: &Judged, out: &mut Decisio
     // A flow opened to a Service frontend that no socket hook translated: judged against
     // the Service (every backend), not the frontend's address (kube-proxy DNATs it after
     // this hook). Also for a NodePort on a node address, which is otherwise `host`.
-    let svc_id = if j.dir == DIR_EGRESS { frontend_identity(peer_addr, f.proto, j.port) } else { 0 };
+    let fe = if j.dir == DIR_EGRESS { frontend_of(peer_addr, f.proto, j.port) } else { Frontend::NONE };
+    let svc_id = fe.identity;
     *out = if spoofed_from(hook, peer.ifindex) {
         deny(Reason::DropSpoofedSource, 0, peer.identity, 0)
     } else if svc_id != 0 {
-        let d = decide_inner(cfg, hook, f, j, svc_id);
+        let mut d = decide_inner(cfg, hook, f, j, svc_id);
+        // A pod's own Service (its only backend is the pod): its own traffic, which
+        // NetworkPolicy never blocks, whatever kube-proxy does with it.
+        if !d.allow && fe.backends == 1 && only_backend_is(&fe, if hook.dir == DIR_INGRESS { &f.daddr } else { &f.saddr }) {
+            d.allow = true;
+            d.reason = Reason::AllowSelf;
+        }
         svc_stat(if d.allow { SvcStat::UntranslatedAllowed } else { SvcStat::UntranslatedDenied });
         d
     } else {
@@ -129,12 +136,32 @@ fn hairpin(hook: &Hook) -> bool {
     hook.dir == DIR_INGRESS && hook.from_ifindex == hook.ifindex && hook.ifindex != CGROUP_HOOK_IFINDEX && hook.from_ifindex != FROM_UNSEEN
 }
 
-/// The Service identity of a frontend (`SvcFrontendValue::identity`), else 0.
+/// What the untranslated judgement needs of a frontend.
+struct Frontend {
+    /// `SvcFrontendValue::identity`; 0: no frontend (judged by address).
+    identity: u32,
+    set: u32,
+    backends: u32,
+}
+
+impl Frontend {
+    const NONE: Frontend = Frontend { identity: 0, set: 0, backends: 0 };
+}
+
 #[inline(always)]
-fn frontend_identity(addr: &[u8; 16], proto: u8, port: u16) -> u32 {
+fn frontend_of(addr: &[u8; 16], proto: u8, port: u16) -> Frontend {
     match unsafe { SVC_FRONTENDS.get(&SvcFrontendKey { addr: *addr, port, proto, _pad: 0 }) } {
-        Some(v) if v.identity & IDENTITY_SERVICE_FLAG != 0 => v.identity,
-        _ => 0,
+        Some(v) if v.identity & IDENTITY_SERVICE_FLAG != 0 => Frontend { identity: v.identity, set: v.svc_id, backends: v.backends },
+        _ => Frontend::NONE,
+    }
+}
+
+/// Whether the frontend's one backend is `local` (one lookup; denied flows only).
+#[inline(never)]
+fn only_backend_is(fe: &Frontend, local: &[u8; 16]) -> bool {
+    match unsafe { SVC_BACKENDS.get(&SvcBackendKey { svc_id: fe.set, slot: 0 }) } {
+        Some(b) => b.addr == *local,
+        None => false,
     }
 }
 
