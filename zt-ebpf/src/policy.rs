@@ -106,19 +106,12 @@ pub fn decide(cfg: &Config, hook: &Hook, f: &Flow, j: &Judged, out: &mut Decisio
     // the Service (every backend), not the frontend's address (kube-proxy DNATs it after
     // this hook). Also for a NodePort on a node address, which is otherwise `host`.
     let fe = if j.dir == DIR_EGRESS { frontend_of(peer_addr, f.proto, j.port) } else { Frontend::NONE };
-    let svc_id = fe.identity;
     *out = if spoofed_from(hook, peer.ifindex) {
         deny(Reason::DropSpoofedSource, 0, peer.identity, 0)
-    } else if svc_id != 0 {
-        let mut d = decide_inner(cfg, hook, f, j, svc_id);
-        // A pod's own Service (its only backend is the pod): its own traffic, which
-        // NetworkPolicy never blocks, whatever kube-proxy does with it.
-        if !d.allow && fe.backends == 1 && only_backend_is(&fe, if hook.dir == DIR_INGRESS { &f.daddr } else { &f.saddr }) {
-            d.allow = true;
-            d.reason = Reason::AllowSelf;
-        }
-        svc_stat(if d.allow { SvcStat::UntranslatedAllowed } else { SvcStat::UntranslatedDenied });
-        d
+    } else if fe.identity != 0 {
+        // Its own function: the general decision below is not walked again by the
+        // verifier for the Service case.
+        service_judgement(cfg, hook, f, &fe)
     } else {
         decide_inner(cfg, hook, f, j, peer.identity)
     };
@@ -142,16 +135,18 @@ struct Frontend {
     identity: u32,
     set: u32,
     backends: u32,
+    /// The frontend port (the flow's policy port).
+    port: u16,
 }
 
 impl Frontend {
-    const NONE: Frontend = Frontend { identity: 0, set: 0, backends: 0 };
+    const NONE: Frontend = Frontend { identity: 0, set: 0, backends: 0, port: 0 };
 }
 
 #[inline(always)]
 fn frontend_of(addr: &[u8; 16], proto: u8, port: u16) -> Frontend {
     match unsafe { SVC_FRONTENDS.get(&SvcFrontendKey { addr: *addr, port, proto, _pad: 0 }) } {
-        Some(v) if v.identity & IDENTITY_SERVICE_FLAG != 0 => Frontend { identity: v.identity, set: v.svc_id, backends: v.backends },
+        Some(v) if v.identity & IDENTITY_SERVICE_FLAG != 0 => Frontend { identity: v.identity, set: v.svc_id, backends: v.backends, port },
         _ => Frontend::NONE,
     }
 }
@@ -188,9 +183,6 @@ fn decide_inner(cfg: &Config, hook: &Hook, f: &Flow, j: &Judged, peer_id: u32) -
         // Not isolated: no policy entries exist for this endpoint in this direction.
         let reason = if host_probe { Reason::AllowHost } else { Reason::AllowNoPolicy };
         return allow(reason, local_id, peer_id, 0);
-    }
-    if peer_id & IDENTITY_SERVICE_FLAG != 0 {
-        return service_decision(local_id, peer_id, proto, port);
     }
     let exact = POLICY.get(&Key::new(POLICY_PREFIX_FULL, PolicyKey::new(local_id, peer_id, dir, proto, port)));
     let any = POLICY.get(&Key::new(POLICY_PREFIX_FULL, PolicyKey::new(local_id, IDENTITY_ANY, dir, proto, port)));
@@ -248,15 +240,32 @@ fn svc_stat(s: SvcStat) {
     }
 }
 
-/// An isolated pod's flow to a Service frontend, untranslated: only the agent's
+/// An egress flow to a Service frontend, untranslated. Isolated pods: only the agent's
 /// all-backends entry decides (it already folds in denies and any-peer rules at each
-/// backend's target port; an any-peer rule at the frontend port says nothing).
-#[inline(always)]
-fn service_decision(local_id: u32, svc_id: u32, proto: u8, port: u16) -> Decision {
-    match POLICY.get(&Key::new(POLICY_PREFIX_FULL, PolicyKey::new(local_id, svc_id, DIR_EGRESS, proto, port))) {
-        Some(v) if v.verdict == VERDICT_ALLOW => allow(Reason::AllowService, local_id, svc_id, v.rule_id),
-        _ => deny(Reason::DropService, local_id, svc_id, 0),
-    }
+/// backend's target port; an any-peer rule at the frontend port says nothing). A pod's
+/// own Service (its only backend is the pod) is its own traffic, which NetworkPolicy
+/// never blocks. Counted either way.
+#[inline(never)]
+fn service_judgement(cfg: &Config, hook: &Hook, f: &Flow, fe: &Frontend) -> Decision {
+    let svc_id = fe.identity;
+    let local = if hook.dir == DIR_INGRESS { &f.daddr } else { &f.saddr };
+    let d = match unsafe { ENDPOINTS.get(&EndpointKey { addr: *local }) } {
+        Some(ep) if ep.flags & EP_LOCAL != 0 && ep.ifindex == hook.ifindex && ep.identity != IDENTITY_INIT => {
+            let local_id = ep.identity;
+            if ep.flags & EP_ENFORCE_EGRESS == 0 {
+                allow(Reason::AllowNoPolicy, local_id, svc_id, 0)
+            } else {
+                match POLICY.get(&Key::new(POLICY_PREFIX_FULL, PolicyKey::new(local_id, svc_id, DIR_EGRESS, f.proto, fe.port))) {
+                    Some(v) if v.verdict == VERDICT_ALLOW => allow(Reason::AllowService, local_id, svc_id, v.rule_id),
+                    _ if fe.backends == 1 && only_backend_is(fe, local) => allow(Reason::AllowSelf, local_id, svc_id, 0),
+                    _ => deny(Reason::DropService, local_id, svc_id, 0),
+                }
+            }
+        }
+        _ => unknown_local(cfg, hook, DIR_EGRESS, svc_id),
+    };
+    svc_stat(if d.allow { SvcStat::UntranslatedAllowed } else { SvcStat::UntranslatedDenied });
+    d
 }
 
 #[inline(always)]
