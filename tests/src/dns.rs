@@ -561,9 +561,8 @@ def craft(s):
     if k == "label64":   # a question label of 64 bytes (type bits 01: reserved)
         body = b"\x40" + b"a" * 64 + qname_wire(q) + struct.pack(">HH", 1, 1)
         return header(qid, 0x8180, 1, 0) + body
-    if k == "labels33":
-        name = ".".join(["l"] * 31 + [q])
-        return bytes(DNS(id=qid, qr=1, rd=1, ra=1, qd=DNSQR(qname=name), an=rrs(name, ips, ttl)))
+    if k == "labels33":   # the query's own name, 33 labels or more: echoed as asked
+        return bytes(DNS(id=qid, qr=1, rd=1, ra=1, qd=DNSQR(qname=q), an=rrs(q, ips, ttl)))
     if k == "garbage":
         rnd = random.Random(s.get("seed", 1))
         return bytes(rnd.getrandbits(8) for _ in range(s.get("len", 64)))

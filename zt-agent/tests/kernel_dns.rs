@@ -156,7 +156,19 @@ impl Fx {
 
     /// The pod at `client` queries `server` (creates the conntrack entry).
     fn query(&self, client: &str, server: &str, proto: u8) {
-        let q = msg(0x0100, 1, 0, 0, &question("api.example.com", T_A));
+        self.query_q(client, server, proto, &question("api.example.com", T_A));
+    }
+
+    /// The query whose question the answer `m` echoes (else `api.example.com`).
+    fn query_for(&self, client: &str, server: &str, proto: u8, m: &[u8]) {
+        match question_of(m) {
+            Some(q) => self.query_q(client, server, proto, q),
+            None => self.query(client, server, proto),
+        }
+    }
+
+    fn query_q(&self, client: &str, server: &str, proto: u8, question: &[u8]) {
+        let q = msg(0x0100, 1, 0, 0, question);
         if proto == TCP {
             assert_eq!(self.dp.run(FROM, &ipv_syn(client, server, CPORT, 53)), TC_PASS, "SYN {client} -> {server}");
         }
@@ -166,23 +178,23 @@ impl Fx {
 
     /// The control pod gets the same answer first (must change no DNS counter and learn
     /// nothing), then the FQDN pod; returns the FQDN pod's verdict.
-    fn deliver(&self, server: &str, proto: u8, frame: impl Fn(&str, &str) -> Vec<u8>) -> u32 {
+    fn deliver(&self, server: &str, proto: u8, m: &[u8], frame: impl Fn(&str, &str) -> Vec<u8>) -> u32 {
         let (pod, plain) = if server.contains(':') { (POD6, PLAIN6) } else { (POD, PLAIN) };
         let before = self.all_stats();
         let learned_before = self.learned_len();
-        self.query(plain, server, proto);
+        self.query_for(plain, server, proto, m);
         let v = self.dp.run(TO, &frame(server, plain));
         assert_eq!(v, TC_PASS, "control pod: the answer passes");
         assert_eq!(self.all_stats(), before, "control pod (no EP_FQDN): no DNS counter moves");
         assert_eq!(self.learned_len(), learned_before, "control pod: nothing learned");
-        self.query(pod, server, proto);
+        self.query_for(pod, server, proto, m);
         self.dp.run(TO, &frame(server, pod))
     }
 
     /// A UDP answer from the trusted resolver (v4 or v6 by `server`).
     fn answer_udp(&self, server: &str, m: &[u8]) -> u32 {
         let m = m.to_vec();
-        self.deliver(server, UDP, move |s, c| udp(s, c, 53, CPORT, &m))
+        self.deliver(server, UDP, &m.clone(), move |s, c| udp(s, c, 53, CPORT, &m))
     }
 
     fn answer(&self, m: &[u8]) -> u32 {
@@ -269,7 +281,7 @@ fn v4_and_v6_records_in_one_answer() {
 fn whole_tcp_answer_is_learned() {
     let fx = Fx::new("dns-tcp");
     let m = answer("api.example.com", T_A, &[a(60, IP1)]);
-    let v = fx.deliver(DNS, TCP, |s, c| tcp_dns(s, c, 53, CPORT, &m));
+    let v = fx.deliver(DNS, TCP, &m, |s, c| tcp_dns(s, c, 53, CPORT, &m));
     expect(&fx, v, &[("learned", 1), ("ips-learned", 1)]);
     assert!(fx.learned(ID_POD, IP1).is_some());
     // A pure ACK of the same flow: nothing to parse, nothing counted.
@@ -569,7 +581,7 @@ impl Fx {
 fn first_fragment_is_partial() {
     let fx = Fx::new("dns-frag");
     let m = answer("api.example.com", T_A, &[a(60, IP1), txt(1500), a(60, IP2)]);
-    let v = fx.deliver(DNS, UDP, |s, c| udp4_first_fragment(s, c, 53, CPORT, &m, 1000));
+    let v = fx.deliver(DNS, UDP, &m, |s, c| udp4_first_fragment(s, c, 53, CPORT, &m, 1000));
     expect(&fx, v, &[("partial", 1), ("learned", 1), ("ips-learned", 1)]);
     assert!(fx.learned(ID_POD, IP1).is_some());
     assert!(fx.learned(ID_POD, IP2).is_none());
@@ -582,13 +594,13 @@ fn tcp_segment_that_is_not_one_whole_message_is_counted() {
     // The prefix claims more than the segment holds.
     let mut p = ((m.len() + 10) as u16).to_be_bytes().to_vec();
     p.extend_from_slice(&m);
-    let v = fx.deliver(DNS, TCP, |s, c| tcp(s, c, 53, CPORT, &p));
+    let v = fx.deliver(DNS, TCP, &m, |s, c| tcp(s, c, 53, CPORT, &p));
     expect(&fx, v, &[("tcp-partial", 1)]);
     // Two messages in one segment.
     let mut two = (m.len() as u16).to_be_bytes().to_vec();
     two.extend_from_slice(&m);
     two.extend(two.clone());
-    let v = fx.deliver(DNS, TCP, |s, c| tcp(s, c, 53, CPORT, &two));
+    let v = fx.deliver(DNS, TCP, &m, |s, c| tcp(s, c, 53, CPORT, &two));
     expect(&fx, v, &[("tcp-partial", 2)]);
     assert_eq!(fx.learned_len(), 0);
 }
@@ -836,6 +848,23 @@ fn an_answer_teaches_only_if_it_matches_a_query_of_the_pod() {
     assert!(fx.learned(ID_POD, IP3).is_none());
     let ev = fx.dns_events();
     assert_eq!(ev.iter().filter(|e| e.outcome == DnsStat::NoQuery as u8).count(), 3);
+}
+
+/// The answer must echo the query's question: a forged answer with the right port and
+/// transaction ID for another name teaches nothing and leaves the query's record for
+/// the real answer.
+#[test]
+fn an_answer_for_another_question_teaches_nothing() {
+    let fx = Fx::new("dns-question");
+    fx.query(POD, DNS, UDP);
+    let forged = answer("api.example.com", T_AAAA, &[a(60, IP2)]);
+    assert_eq!(fx.dp.run(TO, &udp(DNS, POD, 53, CPORT, &forged)), TC_PASS);
+    let forged = answer("x.example.com", T_A, &[a(60, IP2)]);
+    assert_eq!(fx.dp.run(TO, &udp(DNS, POD, 53, CPORT, &forged)), TC_PASS);
+    assert_eq!((fx.stat(DnsStat::Learned), fx.stat(DnsStat::NoQuery)), (0, 2));
+    assert!(fx.learned(ID_POD, IP2).is_none());
+    assert_eq!(fx.dp.run(TO, &udp(DNS, POD, 53, CPORT, &answer("api.example.com", T_A, &[a(60, IP1)]))), TC_PASS);
+    assert!(fx.learned(ID_POD, IP1).is_some(), "the real answer still matches the query");
 }
 
 #[test]

@@ -810,7 +810,9 @@ fn answer_frame(c: &Case) -> Vec<u8> {
 /// The pod's query, with transaction ID `txid`.
 fn send_query(fx: &Fx, c: &Case, txid: u16) {
     let (pod, dns) = hosts(c);
-    let mut q = msg(0x0100, 1, 0, 0, &question("api.example.com", T_A));
+    // The question the answer echoes (as a real query would have asked it).
+    let asked = question("api.example.com", T_A);
+    let mut q = msg(0x0100, 1, 0, 0, question_of(&c.msg).unwrap_or(&asked));
     q[..2].copy_from_slice(&txid.to_be_bytes());
     if c.proto == TCP {
         let syn = if c.v6 { ipv6(pod, dns, TCP, c.client_port, 53) } else { ipv4(pod, dns, TCP, c.client_port, 53) };

@@ -185,7 +185,42 @@ pub struct DnsQueryValue {
     /// TCP: the sequence number the response stream starts at (the query segment's
     /// acknowledgement number): only a segment starting there is a whole first message.
     pub resp_seq: u32,
-    pub _pad: u32,
+    /// `question_hash` of the query's question section: an answer must echo the same
+    /// question. 0: the query's question could not be read (nothing to compare; the
+    /// parser refuses such answers anyway).
+    pub qhash: u32,
+}
+
+/// FNV-1a over a DNS question section as it is on the wire (the name's labels up to its
+/// zero byte, then QTYPE and QCLASS), which an answer echoes byte for byte. `byte(i)` is
+/// the section's i-th byte, None past the end. None when it is no well-formed question
+/// within 255 + 4 bytes (a pointer, a label type other than 0, truncated); never 0.
+#[inline(always)]
+pub fn question_hash(mut byte: impl FnMut(u32) -> Option<u32>) -> Option<u32> {
+    let mut h: u32 = 0x811c_9dc5;
+    // Bytes left in the current label; QTYPE/QCLASS bytes left after the zero byte.
+    let (mut rem, mut tail) = (0u32, 0u32);
+    let mut i: u32 = 0;
+    while i < 255 + 4 {
+        let b = byte(i)? & 0xff;
+        h = (h ^ b).wrapping_mul(0x0100_0193);
+        i += 1;
+        if tail > 0 {
+            tail -= 1;
+            if tail == 0 {
+                return Some(h | 1);
+            }
+        } else if rem > 0 {
+            rem -= 1;
+        } else if b == 0 {
+            tail = 4;
+        } else if b & 0xc0 != 0 {
+            return None;
+        } else {
+            rem = b;
+        }
+    }
+    None
 }
 
 impl Default for DnsEvent {

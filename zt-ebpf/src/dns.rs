@@ -263,7 +263,17 @@ pub fn record_query(skb: *mut __sk_buff) {
     }
     let Ok(txid) = ctx.load::<u16>(txid_at as usize) else { return };
     let key = query_key(s, u16::from_be(txid), proto);
-    let v = DnsQueryValue { created_ns: unsafe { bpf_ktime_get_ns() }, resp_seq, _pad: 0 };
+    // The question the answer must echo.
+    let q = txid_at + 12;
+    let qhash = question_hash(|i| {
+        let at = q + i;
+        if at >= ip_end {
+            return None;
+        }
+        ctx.load::<u8>(at as usize).ok().map(|b| b as u32)
+    })
+    .unwrap_or(0);
+    let v = DnsQueryValue { created_ns: unsafe { bpf_ktime_get_ns() }, resp_seq, qhash };
     if DNS_QUERIES.insert(&key, &v, 0).is_ok() {
         stat(DnsStat::Queries);
     }
@@ -286,6 +296,17 @@ fn answers_a_query(s: *mut Scratch) -> bool {
     let starts_stream = proto != IPPROTO_TCP as u32 || v.resp_seq == get(st!(s, seq));
     if !fresh || !starts_stream {
         return false;
+    }
+    // The answer's question must be the query's (a forged answer for another name with
+    // the right ids teaches nothing and leaves the record for the real one). An answer
+    // whose question cannot be read is refused by the parser anyway.
+    let qhash = v.qhash;
+    if qhash != 0 {
+        let n = get(st!(s, n));
+        let got = question_hash(|i| if 12 + i < n { Some(byte(s, 12 + i)) } else { None });
+        if got.is_some_and(|h| h != qhash) {
+            return false;
+        }
     }
     let _ = DNS_QUERIES.remove(&key);
     true

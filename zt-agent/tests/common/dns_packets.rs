@@ -151,3 +151,28 @@ pub fn udp4_first_fragment(src: &str, dst: &str, sport: u16, dport: u16, payload
 pub fn raw_eth(ethertype: u16, payload: &[u8]) -> Vec<u8> {
     eth(ethertype, payload)
 }
+
+/// The question section of message `m` (the bytes an answer echoes), if well formed.
+pub fn question_of(m: &[u8]) -> Option<&[u8]> {
+    let q = m.get(12..)?;
+    let (mut i, mut rem, mut tail) = (0usize, 0usize, 0usize);
+    while i < 255 + 4 {
+        let b = *q.get(i)? as usize;
+        i += 1;
+        if tail > 0 {
+            tail -= 1;
+            if tail == 0 {
+                return Some(&q[..i]);
+            }
+        } else if rem > 0 {
+            rem -= 1;
+        } else if b == 0 {
+            tail = 4;
+        } else if b & 0xc0 != 0 {
+            return None;
+        } else {
+            rem = b;
+        }
+    }
+    None
+}
