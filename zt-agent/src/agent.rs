@@ -609,6 +609,9 @@ impl Agent {
                 self.datapath.ensure_attached(idx, &name)?;
             }
         }
+        if !self.cgroup_deferred {
+            crate::upgrade::drop_older_cgroup_links(&self.opts.bpffs_root)?;
+        }
         let removed = crate::upgrade::retire(&self.opts.bpffs_root)?;
         self.upgrade_pending = !crate::upgrade::older_layouts(&self.opts.bpffs_root).is_empty();
         if !removed.is_empty() {
@@ -652,6 +655,14 @@ impl Agent {
     /// Pod sockets still on a backend the maps no longer hold (`services::destroy`).
     fn destroy_stale_sockets(&mut self) {
         let removed = self.svc_maps.take_removed();
+        // A backend left a frontend: flows judged untranslated against the old set (a
+        // pod's own Service as `self`, every backend allowed) are judged again.
+        if !removed.is_empty() {
+            self.pending_bump = true;
+            if let Err(e) = self.write_config() {
+                log::error!("bumping the policy epoch after a backend left a Service: {e:#}");
+            }
+        }
         let Some(root) = self.opts.cgroup_root.as_deref().filter(|_| self.opts.service_translation && !removed.is_empty()) else { return };
         let out = crate::services::destroy::destroy_stale(&removed, self.opts.service_destroy, root, &self.svc_revnat);
         for e in &out.errors {

@@ -236,6 +236,9 @@ impl Datapath {
     /// earlier agent (whose links keep running until this process swaps its programs in).
     pub fn hooked_ifindexes(&self) -> BTreeSet<u32> {
         let mut set: BTreeSet<u32> = self.attached.iter().map(|(i, _)| *i).collect();
+        // An older layout's links (upgrade.rs): this agent takes them over in place, so
+        // the interface never goes without a hook.
+        set.extend(crate::upgrade::older_tc_links(&self.bpffs_root).into_iter().map(|(i, _)| i));
         let Ok(dir) = std::fs::read_dir(link_dir(&self.bpffs_root)) else { return set };
         let names: BTreeSet<String> = dir.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
         for name in &names {

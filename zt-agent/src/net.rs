@@ -3,7 +3,7 @@
 //! host route to its IP.
 use std::net::{IpAddr, Ipv6Addr};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use zt_common::v4_mapped;
 
 pub mod route;
@@ -36,7 +36,16 @@ pub fn key_prefix(ip: IpAddr, prefix: u8) -> u32 {
 /// route is a direct (no gateway) unicast route through a device other than loopback:
 /// a pod IP that only matches the default route is not on this node yet.
 pub fn route_interface(ip: IpAddr) -> Result<Option<String>> {
-    let Some(r) = route::get(ip).with_context(|| format!("asking the kernel for the route to {ip} (rtnetlink)"))? else { return Ok(None) };
+    // Any answer but a route (unreachable, prohibit, throw, a timeout) is no pod interface
+    // for this address, as a failing `ip route get` was; it never holds back the others.
+    let r = match route::get(ip) {
+        Ok(Some(r)) => r,
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            log::debug!("route to {ip} (rtnetlink): {e}");
+            return Ok(None);
+        }
+    };
     Ok(r.direct_unicast().and_then(route::ifname).filter(|dev| dev != "lo"))
 }
 

@@ -84,6 +84,23 @@ pub fn older_tc_links(bpffs_root: &Path) -> Vec<(u32, String)> {
     out
 }
 
+/// Unpins the older layouts' cgroup links this agent did not take over (its cgroup
+/// programs are attached by now): Service socket programs with `--service-translation
+/// false`, links of another cgroup root, or `--cgroup-root none`. Their programs would
+/// keep running on frozen maps.
+pub fn drop_older_cgroup_links(bpffs_root: &Path) -> Result<usize> {
+    let mut n = 0;
+    for dir in older_layouts(bpffs_root) {
+        let Ok(r) = std::fs::read_dir(dir.join("links")) else { continue };
+        for e in r.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with("cgroup-")) {
+            std::fs::remove_file(e.path()).with_context(|| format!("removing {}", e.path().display()))?;
+            log::info!("layout upgrade: removed unwanted link {}", e.path().display());
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 /// Removes the older layouts whose links have all been taken over (or whose interfaces
 /// are gone): their maps are referenced by nothing that runs. Returns what was removed.
 pub fn retire(bpffs_root: &Path) -> Result<Vec<PathBuf>> {

@@ -49,6 +49,11 @@ pub fn build(cluster: &ClusterState, node_name: &str, node_ips: &[IpAddr]) -> (S
     let mut b = Builder { table: ServiceTable::default(), warnings: vec![] };
     for (key, svc) in &cluster.services {
         let Some(spec) = &svc.spec else { continue };
+        // Served by another proxy, not kube-proxy: zt must not judge its addresses as
+        // if kube-proxy DNATed them.
+        if svc.metadata.labels.as_ref().is_some_and(|l| l.contains_key("service.kubernetes.io/service-proxy-name")) {
+            continue;
+        }
         let ty = service_type(svc);
         if ty == "ExternalName" {
             continue;
@@ -134,13 +139,22 @@ struct Builder {
 
 impl Builder {
     /// Adds a frontend unless an earlier Service (or an earlier address of the same
-    /// Service) holds it.
+    /// Service) holds it. A ClusterIP (allocated by the API server, unique) always wins
+    /// over an external, load-balancer or node address any Service may name
+    /// (CVE-2020-8554: a Service claiming another's ClusterIP as its externalIP).
     fn add(&mut self, fe: Frontend, entry: FrontendEntry) {
         match self.table.frontends.get(&fe) {
             None => {
                 self.table.frontends.insert(fe, entry);
             }
             Some(first) if first.service == entry.service => {}
+            Some(first) if entry.kind == FrontendKind::ClusterIp && first.kind != FrontendKind::ClusterIp => {
+                self.warnings.push(format!(
+                    "Service {}/{}: frontend {fe} ({}) is Service {}/{}'s ClusterIP; the {} of {}/{} is ignored",
+                    first.service.0, first.service.1, first.kind, entry.service.0, entry.service.1, first.kind, first.service.0, first.service.1
+                ));
+                self.table.frontends.insert(fe, entry);
+            }
             Some(first) => self.warnings.push(format!(
                 "Service {}/{}: frontend {fe} ({}) is already Service {}/{}'s ({}); it stays theirs",
                 entry.service.0, entry.service.1, entry.kind, first.service.0, first.service.1, first.kind

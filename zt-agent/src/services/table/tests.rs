@@ -430,3 +430,17 @@ fn the_labs_httpbin_service() {
         );
     }
 }
+
+/// CVE-2020-8554: a Service that names another's ClusterIP as its external IP never takes
+/// the frontend, whichever comes first; a Service served by another proxy has none.
+#[test]
+fn a_cluster_ip_always_wins_and_other_proxies_services_are_left_out() {
+    let victim = svc("zzz", "victim", "  clusterIP: 10.96.0.9\n  ports: [{port: 80}]\n");
+    let thief = svc("aaa", "thief", "  clusterIP: 10.96.0.10\n  externalIPs: [10.96.0.9]\n  ports: [{port: 80}]\n");
+    let (t, w) = table_with(&(thief.clone() + &victim), NODE, &node_ips());
+    let fe = Frontend { addr: "10.96.0.9".parse().unwrap(), port: 80, proto: 6 };
+    assert_eq!(t.frontends[&fe].service, ("zzz".to_string(), "victim".to_string()), "{t:?}");
+    assert!(w.iter().any(|w| w.contains("zzz/victim") && w.contains("aaa/thief")), "{w:?}");
+    let other = "---\napiVersion: v1\nkind: Service\nmetadata: {name: o, namespace: x, labels: {service.kubernetes.io/service-proxy-name: other}}\nspec:\n  clusterIP: 10.96.0.11\n  ports: [{port: 80}]\n";
+    assert!(table(other).is_empty());
+}
