@@ -130,8 +130,10 @@ fn ztctl_json_views_name_spiffe_ids() {
         vec![
             (s(HTTPBIN), s("ingress"), s(SLEEP), s("TCP"), s("80"), s("allow"), s("ZeroTrustPolicy default/httpbin-from-sleep spec.ingress[0]")),
             // The httpbin Service (port 8000 -> 80) reached untranslated: its only backend
-            // is allowed, so the Service identity is too, on the frontend port.
-            (s(SLEEP), s("egress"), s("service:default/httpbin"), s("TCP"), s("8000"), s("allow"), s("ZeroTrustPolicy default/sleep-to-httpbin spec.egress[0]")),
+            // (per family) is allowed, so each family's Service identity is too, on the
+            // frontend port.
+            (s(SLEEP), s("egress"), s("service:default/httpbin (IPv4)"), s("TCP"), s("8000"), s("allow"), s("ZeroTrustPolicy default/sleep-to-httpbin spec.egress[0]")),
+            (s(SLEEP), s("egress"), s("service:default/httpbin (IPv6)"), s("TCP"), s("8000"), s("allow"), s("ZeroTrustPolicy default/sleep-to-httpbin spec.egress[0]")),
             (s(SLEEP), s("egress"), s(HTTPBIN), s("TCP"), s("80"), s("allow"), s("ZeroTrustPolicy default/sleep-to-httpbin spec.egress[0]")),
         ]
     );
