@@ -196,19 +196,33 @@ pub struct DnsQueryValue {
 /// the section's i-th byte, None past the end. None when it is no well-formed question
 /// within 255 + 4 bytes (a pointer, a label type other than 0, truncated); never 0.
 #[inline(always)]
-pub fn question_hash(mut byte: impl FnMut(u32) -> Option<u32>) -> Option<u32> {
+pub fn question_hash(byte: impl FnMut(u32) -> Option<u32>) -> Option<u32> {
     let mut h: u32 = 0x811c_9dc5;
+    question_walk(byte, |b| h = (h ^ b).wrapping_mul(0x0100_0193))?;
+    Some(h | 1)
+}
+
+/// The length of a DNS question section (as `question_hash` reads it), if well formed.
+#[inline(always)]
+pub fn question_len(byte: impl FnMut(u32) -> Option<u32>) -> Option<u32> {
+    question_walk(byte, |_| {})
+}
+
+/// Reads a question section byte by byte, handing each to `each`; its length, or None
+/// (see `question_hash`).
+#[inline(always)]
+fn question_walk(mut byte: impl FnMut(u32) -> Option<u32>, mut each: impl FnMut(u32)) -> Option<u32> {
     // Bytes left in the current label; QTYPE/QCLASS bytes left after the zero byte.
     let (mut rem, mut tail) = (0u32, 0u32);
     let mut i: u32 = 0;
     while i < 255 + 4 {
         let b = byte(i)? & 0xff;
-        h = (h ^ b).wrapping_mul(0x0100_0193);
+        each(b);
         i += 1;
         if tail > 0 {
             tail -= 1;
             if tail == 0 {
-                return Some(h | 1);
+                return Some(i);
             }
         } else if rem > 0 {
             rem -= 1;

@@ -154,25 +154,6 @@ pub fn raw_eth(ethertype: u16, payload: &[u8]) -> Vec<u8> {
 
 /// The question section of message `m` (the bytes an answer echoes), if well formed.
 pub fn question_of(m: &[u8]) -> Option<&[u8]> {
-    let q = m.get(12..)?;
-    let (mut i, mut rem, mut tail) = (0usize, 0usize, 0usize);
-    while i < 255 + 4 {
-        let b = *q.get(i)? as usize;
-        i += 1;
-        if tail > 0 {
-            tail -= 1;
-            if tail == 0 {
-                return Some(&q[..i]);
-            }
-        } else if rem > 0 {
-            rem -= 1;
-        } else if b == 0 {
-            tail = 4;
-        } else if b & 0xc0 != 0 {
-            return None;
-        } else {
-            rem = b;
-        }
-    }
-    None
+    let n = zt_common::question_len(|i| m.get(12 + i as usize).map(|b| *b as u32))?;
+    m.get(12..12 + n as usize)
 }
