@@ -21,7 +21,7 @@ use zt_common::{
 
 use super::identities::ServiceIdentities;
 use super::ServiceTable;
-use crate::state::{Desired, IdentityInfo, PolicyEntryKey};
+use crate::state::{Cidr, Desired, IdentityInfo, PolicyEntryKey};
 
 /// Adds the Service identities and their allow entries to `desired`.
 pub fn add_to(desired: &mut Desired, table: &ServiceTable, ids: &ServiceIdentities) {
@@ -86,15 +86,7 @@ fn identity_of(desired: &Desired, addr: IpAddr) -> u32 {
     if let Some(ep) = desired.endpoints.get(&addr) {
         return ep.identity;
     }
-    desired.cidrs.iter().filter(|(c, _)| contains(c.addr, c.prefix, addr)).max_by_key(|(c, _)| c.prefix).map_or(IDENTITY_WORLD, |(_, id)| *id)
-}
-
-fn contains(net: IpAddr, prefix: u8, addr: IpAddr) -> bool {
-    match (net, addr) {
-        (IpAddr::V4(n), IpAddr::V4(a)) => prefix == 0 || (u32::from(n) ^ u32::from(a)) >> (32 - prefix.min(32) as u32) == 0,
-        (IpAddr::V6(n), IpAddr::V6(a)) => prefix == 0 || (u128::from(n) ^ u128::from(a)) >> (128 - prefix.min(128) as u32) == 0,
-        _ => false,
-    }
+    desired.cidrs.iter().filter(|(c, _)| crate::compile::cidr::contains(c, &Cidr { addr, prefix: if addr.is_ipv4() { 32 } else { 128 } })).max_by_key(|(c, _)| c.prefix).map_or(IDENTITY_WORLD, |(_, id)| *id)
 }
 
 /// The egress entries of each isolated local identity, by peer.
