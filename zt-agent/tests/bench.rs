@@ -35,7 +35,7 @@ fn contents(peers: u32, entries: u32) -> Contents {
     for j in 0..entries {
         let peer = 1000 + (j % peers);
         let port = 1000 + (j / peers) as u16;
-        c.policy.insert((POLICY_PREFIX_FULL, PolicyKey::new(ID_LOCAL, peer, DIR_INGRESS, 6, port)), PolicyValue { verdict: VERDICT_ALLOW, _pad: [0; 3], rule_id: 1 });
+        c.policy.insert((POLICY_PREFIX_FULL, PolicyKey::new(ID_LOCAL, peer, DIR_INGRESS, 6, port)), PolicyValue { verdict: VERDICT_ALLOW, flags: 0, _pad: [0; 2], rule_id: 1 });
     }
     c
 }

@@ -16,7 +16,7 @@ fn want(n_policy: u16) -> Contents {
     c.endpoints.insert(to_key("fd00::2".parse().unwrap()), EndpointValue { identity: 301, flags: 0, ifindex: 0, cgroup: 0 });
     c.cidrs.insert((96 + 24, to_key("192.0.2.0".parse().unwrap())), CidrValue { identity: IDENTITY_CIDR_FLAG | 1 });
     for p in 0..n_policy {
-        c.policy.insert((POLICY_PREFIX_FULL, PolicyKey::new(300, 301, DIR_INGRESS, 6, 1000 + p)), PolicyValue { verdict: VERDICT_ALLOW, _pad: [0; 3], rule_id: 1 });
+        c.policy.insert((POLICY_PREFIX_FULL, PolicyKey::new(300, 301, DIR_INGRESS, 6, 1000 + p)), PolicyValue { verdict: VERDICT_ALLOW, flags: 0, _pad: [0; 2], rule_id: 1 });
     }
     c
 }
@@ -82,7 +82,7 @@ fn new_denies_endpoints_and_cidrs_withdraw() {
     let mut have = Contents::default();
     apply(&mut dp.maps, &mut have, &want(2), &caps(&s)).unwrap();
     let mut w = want(2);
-    w.policy.insert((POLICY_PREFIX_FULL, PolicyKey::new(300, 301, DIR_INGRESS, 6, 22)), PolicyValue { verdict: VERDICT_DENY, _pad: [0; 3], rule_id: 2 });
+    w.policy.insert((POLICY_PREFIX_FULL, PolicyKey::new(300, 301, DIR_INGRESS, 6, 22)), PolicyValue { verdict: VERDICT_DENY, flags: 0, _pad: [0; 2], rule_id: 2 });
     assert!(withdraws(&have, &w), "a new deny may cover what an allow admitted");
     let mut w = want(2);
     w.endpoints.insert(to_key("192.0.2.7".parse().unwrap()), EndpointValue { identity: 305, flags: 0, ifindex: 0, cgroup: 0 });
@@ -110,7 +110,7 @@ fn short_ipv6_prefixes_never_cover_ipv4() {
 /// `n` allow entries of local identity `local` (from peer 301).
 fn entries_of(c: &mut Contents, local: u32, n: u16) {
     for p in 0..n {
-        c.policy.insert((POLICY_PREFIX_FULL, PolicyKey::new(local, 301, DIR_INGRESS, 6, 2000 + p)), PolicyValue { verdict: VERDICT_ALLOW, _pad: [0; 3], rule_id: 1 });
+        c.policy.insert((POLICY_PREFIX_FULL, PolicyKey::new(local, 301, DIR_INGRESS, 6, 2000 + p)), PolicyValue { verdict: VERDICT_ALLOW, flags: 0, _pad: [0; 2], rule_id: 1 });
     }
 }
 
@@ -153,7 +153,7 @@ fn an_apply_that_fails_midway_tracks_what_it_wrote_and_names_the_identities() {
     apply(&mut dp.maps, &mut have, &want(2), &caps(&s)).unwrap();
     // Someone else filled the map behind the writer's back: room for 3 more entries.
     for p in 0..11u16 {
-        dp.maps.policy.insert(&aya::maps::lpm_trie::Key::new(POLICY_PREFIX_FULL, PolicyKey::new(999, 998, DIR_EGRESS, 17, p + 1)), PolicyValue { verdict: VERDICT_DENY, _pad: [0; 3], rule_id: 9 }, 0).unwrap();
+        dp.maps.policy.insert(&aya::maps::lpm_trie::Key::new(POLICY_PREFIX_FULL, PolicyKey::new(999, 998, DIR_EGRESS, 17, p + 1)), PolicyValue { verdict: VERDICT_DENY, flags: 0, _pad: [0; 2], rule_id: 9 }, 0).unwrap();
     }
     let mut w = want(2);
     w.endpoints.get_mut(&to_key("10.0.0.1".parse().unwrap())).unwrap().identity = 303;

@@ -105,7 +105,7 @@ fn full_fqdn_maps_are_refused_before_any_write() {
     let before = Contents::read(&dp.maps).unwrap();
     let mut w = want(5);
     // Other maps' changes of the same apply are not written either.
-    w.policy.insert((POLICY_PREFIX_FULL, PolicyKey::new(300, 301, DIR_EGRESS, 6, 80)), PolicyValue { verdict: VERDICT_ALLOW, _pad: [0; 3], rule_id: 1 });
+    w.policy.insert((POLICY_PREFIX_FULL, PolicyKey::new(300, 301, DIR_EGRESS, 6, 80)), PolicyValue { verdict: VERDICT_ALLOW, flags: 0, _pad: [0; 2], rule_id: 1 });
     let err = apply(&mut dp.maps, &mut have, &w, &caps(&s)).unwrap_err().to_string();
     assert!(err.contains("ZT_FQDN_NAMES full") && err.contains('5') && err.contains('4'), "{err}");
     assert_eq!(Contents::read(&dp.maps).unwrap(), before, "nothing half-applied");

@@ -403,10 +403,17 @@ impl PolicyKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PolicyValue {
     pub verdict: u8,
-    pub _pad: [u8; 3],
+    /// `POLICY_FLAG_*`: what an allowed flow needs beyond L3/L4 (0: nothing).
+    pub flags: u8,
+    pub _pad: [u8; 2],
     /// Agent-assigned id of the rule that produced the entry (for events and `explain`).
     pub rule_id: u32,
 }
+
+/// The allowed flow goes through the agent's HTTP proxy (issue 11, `l7.rs`).
+pub const POLICY_FLAG_HTTP: u8 = 1 << 0;
+/// The peer's identity must be proven for the node it comes from (issue 10, `auth.rs`).
+pub const POLICY_FLAG_AUTH_REQUIRED: u8 = 1 << 1;
 
 // ---------------------------------------------------------------------------
 // Connection tracking: established TCP flows in a hash (ZT_CT_EST), the rest in an LRU
@@ -516,6 +523,10 @@ pub const CT_SEEN_REPLY: u8 = 1 << 2;
 /// FIN seen from the side that opened the flow / from the other side.
 pub const CT_FIN_ORIG: u8 = 1 << 3;
 pub const CT_FIN_REPLY: u8 = 1 << 4;
+/// Reserved: the flow's peer identity was proven when it was judged (issue 10).
+pub const CT_PROVEN: u8 = 1 << 5;
+/// Reserved: the flow is steered to the agent's HTTP proxy (issue 11).
+pub const CT_L7: u8 = 1 << 6;
 
 /// The state after a TCP segment with `flags` (`reply`: in the reply direction).
 /// Pure, shared by the kernel and the tests.

@@ -74,7 +74,8 @@ pub(crate) fn entries(ctx: &Ctx<'_>, rules: &[Rule]) -> BTreeMap<PolicyEntryKey,
                 },
                 PolicyValue {
                     verdict,
-                    _pad: [0; 3],
+                    flags: 0,
+                    _pad: [0; 2],
                     rule_id,
                 },
             )

@@ -70,7 +70,7 @@ pub fn entries(desired: &Desired, table: &ServiceTable, ids: &ServiceIdentities)
                     None => false,
                 });
             let key = PolicyEntryKey { prefix_len: POLICY_PREFIX_FULL, key: PolicyKey::new(local, svc_id, DIR_EGRESS, f.proto, f.port) };
-            let v = all.then(|| PolicyValue { verdict: VERDICT_ALLOW, _pad: [0; 3], rule_id: first_rule.unwrap_or(0) });
+            let v = all.then(|| PolicyValue { verdict: VERDICT_ALLOW, flags: 0, _pad: [0; 2], rule_id: first_rule.unwrap_or(0) });
             let slot = verdicts.entry(key).or_insert(v);
             if v.is_none() {
                 *slot = None;

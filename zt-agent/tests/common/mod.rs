@@ -103,7 +103,7 @@ impl Dp {
         self.maps.cidrs.insert(&Key::new(key_prefix(ip, prefix), CidrKey { addr: to_key(ip) }), CidrValue { identity }, 0).unwrap();
     }
     pub fn policy(&mut self, prefix: u32, k: PolicyKey, verdict: u8, rule_id: u32) {
-        self.maps.policy.insert(&Key::new(prefix, k), PolicyValue { verdict, _pad: [0; 3], rule_id }, 0).unwrap();
+        self.maps.policy.insert(&Key::new(prefix, k), PolicyValue { verdict, flags: 0, _pad: [0; 2], rule_id }, 0).unwrap();
     }
     pub fn unpolicy(&mut self, prefix: u32, k: PolicyKey) {
         self.maps.policy.remove(&Key::new(prefix, k)).unwrap();

@@ -24,7 +24,7 @@ fn ep(identity: u32, flags: u32) -> EndpointEntry {
 
 fn put(d: &mut Desired, prefix_len: u32, local: u32, peer: u32, proto: u8, port: u16, verdict: u8, rule: u32) {
     d.policy
-        .insert(PolicyEntryKey { prefix_len, key: PolicyKey::new(local, peer, DIR_EGRESS, proto, port) }, PolicyValue { verdict, _pad: [0; 3], rule_id: rule });
+        .insert(PolicyEntryKey { prefix_len, key: PolicyKey::new(local, peer, DIR_EGRESS, proto, port) }, PolicyValue { verdict, flags: 0, _pad: [0; 2], rule_id: rule });
 }
 
 /// client (isolated egress) and open (not isolated) on this node; two web backends, an
