@@ -688,3 +688,42 @@ fn dns_through_the_kube_dns_cluster_ip_with_no_flag() {
         assert!(bed.metrics().get("zt_fqdn_answers_total", &[("outcome", "learned")]).unwrap_or(0.0) >= 1.0, "the answer was learned");
     }
 }
+
+/// A connection allowed by an FQDN rule lasts as long as the rule exists: with TTL 1,
+/// grace 1 and a 3 s TCP conntrack timeout, an echo flow kept busy for 16 s (past
+/// expiry + grace + ct timeout and a GC period) keeps its learned entry, survives an
+/// unrelated epoch bump, and once closed the entry goes with its conntrack entry.
+#[test]
+fn a_live_fqdn_flow_outlives_gc_and_epoch_bumps() {
+    let mut f = fqdn_bed(&["--fqdn-min-ttl", "1", "--fqdn-grace", "1", "--ct-tcp-timeout", "3"]);
+    f.start_responder(Arc::new(|q| {
+        let name = dns::qname(q)?;
+        (name == "long.race.test").then(|| dns::answer(q, &[ext_v4(8, 1)], 1))
+    }));
+    let ip = ext_v4(8, 1);
+    dns::resolve_in(&f.ns("client"), f.dns2(), "long.race.test", RecordType::A, Duration::from_secs(2)).unwrap();
+    let mut flow = f.open_echo("client", ip);
+    for i in 0..16 {
+        assert!(flow.roundtrip(ALLOWED), "round trip {i}");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert!(f.learned().iter().any(|r| r["ip"] == "10.78.8.1"), "the entry stays while the flow lives: {:?}", f.learned());
+    assert!(f.metrics().val("zt_fqdn_learned_kept_for_flows", &[]) >= 1.0, "the GC kept it for the flow");
+    assert!(f.denied("client", ip), "a new flow after TTL + grace is still denied");
+
+    let epoch0 = f.metrics().val("zt_policy_epoch", &[]);
+    let updates0 = f.metrics().val("zt_map_updates_total", &[]);
+    f.write("30-unrelated.yaml", &allow_other_tcp(80));
+    f.wait_until("the unrelated allow applied", || f.metrics().val("zt_map_updates_total", &[]) > updates0);
+    f.remove("30-unrelated.yaml");
+    f.wait_until("an epoch bump", || f.metrics().val("zt_policy_epoch", &[]) > epoch0);
+    assert!(flow.roundtrip(ALLOWED), "re-judged after the bump, the live flow stays allowed");
+
+    drop(flow);
+    let start = std::time::Instant::now();
+    while f.learned().iter().any(|r| r["ip"] == "10.78.8.1") {
+        assert!(start.elapsed() < Duration::from_secs(40), "the entry outlived its closed flow by 40 s");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    println!("entry removed {:?} after the flow closed", start.elapsed());
+}

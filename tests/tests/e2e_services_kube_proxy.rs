@@ -332,3 +332,41 @@ fn backend_removed_during_a_flow_translated() {
     let (first, second) = backend_removed_during_a_flow(true);
     assert_eq!((first.as_str(), second.as_str()), ("echo", "echo"), "the established TCP flow stays on its backend by default");
 }
+
+/// A Service without a selector whose EndpointSlice points outside the cluster (the
+/// external host, identity `world`): the backend is judged by its address, as an ipBlock
+/// peer. x/a may reach 10.78.0.0/16 on the backend's port; x/c may reach nothing.
+fn selectorless_external(translation: bool) {
+    use zt_testbed::dns::{ExternalHost, EXT_TCP};
+    let ext = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: ext, namespace: x}}\nspec:\n  clusterIP: 10.96.10.9\n  ports: [{{name: p, protocol: TCP, port: 8080, targetPort: {EXT_TCP}}}]\n---\n\
+        apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: ext-1, namespace: x, labels: {{kubernetes.io/service-name: ext}}}}\naddressType: IPv4\n\
+        ports: [{{name: p, protocol: TCP, port: {EXT_TCP}}}]\nendpoints:\n- {{addresses: [10.78.1.1], conditions: {{ready: true}}}}\n"
+    );
+    let a_out = policy(
+        "a-out",
+        &format!("  podSelector: {{matchLabels: {{pod: a}}}}\n  policyTypes: [Egress]\n  egress:\n  - to: [{{ipBlock: {{cidr: 10.78.0.0/16}}}}]\n    ports: [{{port: {EXT_TCP}}}]\n"),
+    );
+    let c_out = policy("c-out", "  podSelector: {matchLabels: {pod: c}}\n  policyTypes: [Egress]\n");
+    let bed = up(translation, &[("10-ext.yaml", &ext)]);
+    let _host = ExternalHost::add(&bed.tb, "node1", std::path::Path::new(env!("CARGO_BIN_EXE_zt-testbed"))).unwrap();
+    let s = Svc::new(&bed, Choice::Random);
+    s.wait("a", "10.96.10.9", 8080, &ok("ext"));
+    s.bed.write("40-a-out.yaml", &a_out);
+    s.bed.write("41-c-out.yaml", &c_out);
+    s.wait("c", "10.96.10.9", 8080, &drop_());
+    assert_eq!(s.probe("a", "10.96.10.9", 8080), ok("ext"), "x/a through the selector-less Service to its external backend");
+    // Narrowing a's egress to another block: the external backend is no longer allowed.
+    s.bed.write("40-a-out.yaml", &a_out.replace("10.78.0.0/16", "10.79.0.0/16"));
+    s.wait("a", "10.96.10.9", 8080, &drop_());
+}
+
+#[test]
+fn selectorless_external_translated() {
+    selectorless_external(true);
+}
+
+#[test]
+fn selectorless_external_kube_proxy() {
+    selectorless_external(false);
+}

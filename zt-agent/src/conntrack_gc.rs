@@ -91,6 +91,21 @@ impl CtMaps {
         })
     }
 
+    /// (local identity, peer address) of every live egress flow at `now_ns`, in both
+    /// maps: the FQDN GC keeps the learned entries these flows need to be re-judged.
+    pub fn live_egress_peers(&self, now_ns: u64) -> Result<std::collections::HashSet<(u32, [u8; 16])>> {
+        let cfg: Config = self.config.get(&0, 0).context("reading ZT_CONFIG")?;
+        let mut out = std::collections::HashSet::new();
+        for map in [&self.est, &self.new] {
+            for (k, v) in map.iter().filter_map(|r| r.ok()) {
+                if k.dir == DIR_EGRESS && !ct_expired(&cfg, k.proto, &v, now_ns) {
+                    out.insert((v.local_id, k.daddr));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// `ZT_CT_STATS` summed over CPUs, indexed by `CtStat`.
     pub fn kernel_stats(&self) -> Result<Vec<u64>> {
         let mut out = vec![0u64; CT_STAT_SLOTS as usize];

@@ -57,6 +57,8 @@ pub struct AgentMetrics {
     pub fqdn_events_undecodable: u64,
     pub fqdn_cache_names: usize,
     pub fqdn_gc_removed: u64,
+    /// Learned entries past expiry that the last GC pass kept for live flows.
+    pub fqdn_gc_kept_for_flows: u64,
     /// Service frontends and backends in the translation maps.
     pub svc_frontends: usize,
     pub svc_backends: usize,

@@ -1,18 +1,24 @@
 //! Garbage collection of `ZT_FQDN_LEARNED`. The map is an LRU, so it never fills up;
 //! GC only removes entries no flow can still need: past `expires + grace` no new flow is
 //! allowed, and a tracked flow re-judged after an epoch bump needs its entry as long as
-//! conntrack would keep the flow, so entries go after `expires + grace + ct_tcp_timeout`.
+//! conntrack would keep the flow, so entries go after `expires + grace + ct_tcp_timeout`,
+//! and never while conntrack still holds a live egress flow of that identity to that
+//! address: a connection allowed by an FQDN rule lasts as long as the rule exists,
+//! however long it outlives the answer (the kernel's re-judge needs only the entry).
 //! The cache then forgets addresses the kernel no longer holds.
 use std::sync::{Arc, Mutex};
 
 use zt_common::*;
 
 use super::{monotonic_ns, FqdnCache, FqdnMaps};
+use crate::conntrack_gc::CtMaps;
 use crate::metrics::Shared;
 
 pub struct Gc {
     pub maps: FqdnMaps,
     pub ct_tcp_timeout_s: u32,
+    /// The conntrack maps (None: an older datapath without them; then expiry alone).
+    pub ct: Option<CtMaps>,
     pub cache: Arc<Mutex<FqdnCache>>,
     pub metrics: Shared,
 }
@@ -30,7 +36,24 @@ impl Gc {
     pub fn collect(&mut self) {
         let grace = self.maps.config().map(|c| c.grace_s).unwrap_or(0) as u64;
         let entries: Vec<(FqdnLearnedKey, FqdnLearnedValue)> = self.maps.learned.iter().filter_map(|r| r.ok()).collect();
-        let gone = stale(&entries, monotonic_ns(), grace + self.ct_tcp_timeout_s as u64);
+        let now = monotonic_ns();
+        let mut gone = stale(&entries, now, grace + self.ct_tcp_timeout_s as u64);
+        let mut kept = 0u64;
+        // Conntrack is walked only when something is due, not every period.
+        if let (false, Some(ct)) = (gone.is_empty(), &self.ct) {
+            match ct.live_egress_peers(now) {
+                Ok(live) => {
+                    let before = gone.len();
+                    gone.retain(|k| !live.contains(&(k.local_id, k.addr)));
+                    kept = (before - gone.len()) as u64;
+                }
+                // Unknown which entries flows still need: remove nothing this round.
+                Err(e) => {
+                    log::warn!("fqdn gc: reading conntrack: {e:#}; nothing removed");
+                    return;
+                }
+            }
+        }
         let mut removed = 0u64;
         for k in &gone {
             // Gone already (LRU eviction, a concurrent GC) is fine.
@@ -46,6 +69,7 @@ impl Gc {
         };
         let mut m = self.metrics.lock().unwrap();
         m.fqdn_gc_removed += removed;
+        m.fqdn_gc_kept_for_flows = kept;
         m.fqdn_cache_names = names;
         if removed > 0 {
             log::info!("fqdn gc: removed {removed} learned entries past expiry + grace + ct timeout");

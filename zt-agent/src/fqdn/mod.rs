@@ -127,7 +127,8 @@ impl Runtime {
         metrics.lock().unwrap().fqdn_cache_names = cache.len();
         let cache = Arc::new(Mutex::new(cache));
         tokio::spawn(reader::run(ring, cache.clone(), metrics.clone()));
-        let mut gc = gc::Gc { maps, ct_tcp_timeout_s, cache: cache.clone(), metrics };
+        let ct = crate::conntrack_gc::CtMaps::open(bpffs_root).map_err(|e| log::warn!("fqdn gc without conntrack (expiry alone): {e:#}")).ok();
+        let mut gc = gc::Gc { maps, ct_tcp_timeout_s, ct, cache: cache.clone(), metrics };
         tokio::spawn(async move {
             let mut persist = tokio::time::interval(PERSIST_EVERY);
             let mut collect = tokio::time::interval(GC_EVERY);
@@ -181,4 +182,6 @@ pub fn render_metrics(o: &mut String, m: &crate::metrics::AgentMetrics, maps: Op
     let _ = writeln!(o, "zt_fqdn_cache_names {}", m.fqdn_cache_names);
     let _ = writeln!(o, "# HELP zt_fqdn_gc_removed_total Learned entries removed by the agent's GC (past expiry + grace + TCP conntrack timeout).\n# TYPE zt_fqdn_gc_removed_total counter");
     let _ = writeln!(o, "zt_fqdn_gc_removed_total {}", m.fqdn_gc_removed);
+    let _ = writeln!(o, "# HELP zt_fqdn_learned_kept_for_flows Learned entries past expiry that the last GC pass kept because a live flow needs them.\n# TYPE zt_fqdn_learned_kept_for_flows gauge");
+    let _ = writeln!(o, "zt_fqdn_learned_kept_for_flows {}", m.fqdn_gc_kept_for_flows);
 }
