@@ -268,6 +268,50 @@ impl Dnsmasq {
     }
 }
 
+/// NodeLocal DNSCache's link-local listen address.
+pub const NODE_LOCAL_DNS: &str = "169.254.20.10";
+
+impl Dnsmasq {
+    /// dnsmasq as NodeLocal DNSCache runs: a host-network pod of `node` (the node's netns,
+    /// a cgroup of its own under the node's pods' cgroup root), listening on
+    /// [`NODE_LOCAL_DNS`] (added to the node's `lo`: the real one uses a dummy interface,
+    /// not built into this kernel) and forwarding everything to `upstream` (the kube-dns
+    /// ClusterIP). Returns once it started; callers test the path through it.
+    pub fn start_node_local(tb: &Testbed, node: &str, upstream: IpAddr) -> Result<Dnsmasq> {
+        let ni = tb.node(node).ok_or_else(|| anyhow!("no node {node}"))?;
+        let listen: IpAddr = NODE_LOCAL_DNS.parse().unwrap();
+        sys::ipn(&ni.netns, &["addr", "add", &format!("{listen}/32"), "dev", "lo"])?;
+        let cg = tb.kubepods_dir(node).join("pod-node-local-dns");
+        std::fs::create_dir_all(&cg)?;
+        let dir = tb.tmp_dir().join(format!("dnsmasq-node-local-{node}"));
+        std::fs::create_dir_all(&dir)?;
+        let procs = std::fs::OpenOptions::new().write(true).open(cg.join("cgroup.procs"))?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &ni.netns, "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-poll", "--pid-file=", "--user=root"])
+            .args(["--bind-interfaces", "--port=53", "--log-facility=-", "--log-queries", "--cache-size=0"])
+            .arg(format!("--listen-address={listen}"))
+            .arg(format!("--server={upstream}"));
+        // SAFETY: only write(2) between fork and exec.
+        unsafe {
+            use std::os::fd::AsRawFd;
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(move || {
+                libc::write(procs.as_raw_fd(), b"0".as_ptr() as *const _, 1);
+                Ok(())
+            });
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(dir.join("dnsmasq.log"))?)
+            .stderr(std::fs::File::create(dir.join("dnsmasq.stderr"))?)
+            .spawn()
+            .context("spawning dnsmasq (Debian package dnsmasq-base; cargo xtask setup installs it)")?;
+        let d = Dnsmasq { addrs: vec![listen], log: dir.join("dnsmasq.stderr"), child: Some(child) };
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(d)
+    }
+}
+
 impl Drop for Dnsmasq {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {

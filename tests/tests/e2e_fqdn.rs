@@ -727,3 +727,43 @@ fn a_live_fqdn_flow_outlives_gc_and_epoch_bumps() {
     }
     println!("entry removed {:?} after the flow closed", start.elapsed());
 }
+
+/// NodeLocal DNSCache: a host-network resolver on 169.254.20.10 in the node (a cgroup
+/// under the pods' root, as its pod has) that forwards to the kube-dns ClusterIP. With
+/// `--fqdn-dns-address 169.254.20.10` it is `entity: dns` and trusted: the client
+/// resolves through it, the answer is learned, the connect is allowed, and the cache's
+/// own upstream query is translated at its socket to the CoreDNS pod. Without the flag
+/// the address is the node's (`host`), which the client's `entity: dns` rule does not
+/// reach: the query is denied.
+#[test]
+fn dns_through_node_local_dns_cache() {
+    let listen: IpAddr = dns::NODE_LOCAL_DNS.parse().unwrap();
+    for (extra, works) in [(&[][..], false), (&["--fqdn-dns-address", dns::NODE_LOCAL_DNS][..], true)] {
+        let bed = bed("fqdn", &[("10-fqdn.yaml", POLICY), ("05-kube-dns.yaml", KUBE_DNS)], extra);
+        let _ext = ExternalHost::add(&bed.tb, "node1", serve_bin()).unwrap();
+        let _coredns = Dnsmasq::start(&bed.tb, &pod("kube-system", "dns"), &zone()).unwrap();
+        bed.wait_until("the agent to hold kube-dns", || bed.metrics().val("zt_service_frontends", &[]) == 2.0);
+        let _cache = Dnsmasq::start_node_local(&bed.tb, "node1", "10.96.0.10".parse().unwrap()).unwrap();
+        let client = bed.tb.pod("default", "client").unwrap().netns_path();
+        let r = dns::resolve_in(&client, listen, "api.example.test", RecordType::A, Duration::from_secs(2));
+        if !works {
+            assert!(r.is_err(), "without the flag 169.254.20.10 is the node's: the query must be denied, got {r:?}");
+            assert!(bed.metrics().verdicts("egress", "drop", "policy-default-deny") >= 1.0);
+            println!("node-local-dns without --fqdn-dns-address: query denied");
+            continue;
+        }
+        let a = r.unwrap_or_else(|e| {
+            let log = std::fs::read_to_string(bed.tb.tmp_dir().join("dnsmasq-node-local-node1/dnsmasq.stderr")).unwrap_or_default();
+            let ex = bed.ztctl_raw(&["explain", "default/client", "169.254.20.10", "udp/53"]); let ex = format!("{}{}", String::from_utf8_lossy(&ex.stdout), String::from_utf8_lossy(&ex.stderr));
+            let drops: Vec<String> = bed.metrics().0.lines().filter(|l| l.starts_with("zt_verdicts_total") && l.contains("drop")).map(String::from).collect();
+            panic!("resolving through {listen}: {e:#}\nexplain: {ex}\nnode-local-dns log:\n{}\ndrops: {drops:#?}\nagent:\n{}", tail(&log, 15), tail(&bed.agent.log(), 15))
+        });
+        assert_eq!(a.addrs(), vec![ext_v4(1, 1)]);
+        assert!(connect_in(&client, ext_v4(1, 1), EXT_TCP, ALLOWED), "connect to the answer learned through node-local-dns");
+        let m = bed.metrics();
+        assert!(m.get("zt_fqdn_answers_total", &[("outcome", "learned")]).unwrap_or(0.0) >= 1.0, "the answer was learned");
+        let translated = m.get("zt_service_translations_total", &[("outcome", "translated")]).unwrap_or(0.0);
+        assert!(translated >= 1.0, "node-local-dns's upstream query to the kube-dns ClusterIP was translated at its socket");
+        println!("node-local-dns: resolved and connected; {translated} translations");
+    }
+}

@@ -4,7 +4,8 @@
 //! at the IP header. Per packet:
 //! - loopback (ifindex 1 in every netns) and non-IP pass;
 //! - a local endpoint with a TC hook (`ifindex != 0`) passes: its hook judges it (no
-//!   double counting); an address of the host identity (host-network pods) passes;
+//!   double counting); an address of the host identity (host-network pods) or of `dns`
+//!   that is no pod (a host-network resolver: NodeLocal DNSCache) passes;
 //! - anything else is judged by the shared datapath as hook ifindex 0: a known pod not
 //!   hooked yet by its policy, an unknown address as `initialising` (fails closed
 //!   except for host probes).
@@ -75,7 +76,9 @@ enum Owner {
 #[inline(always)]
 fn owner_of(skb: *mut __sk_buff, addr: &[u8; 16]) -> Owner {
     match unsafe { ENDPOINTS.get(&EndpointKey { addr: *addr }) } {
-        Some(ep) if ep.identity == IDENTITY_HOST => Owner::Elsewhere,
+        // The node's, or a host-network resolver's address named by --fqdn-dns-address
+        // (NodeLocal DNSCache): the node's own traffic, as for host-network pods.
+        Some(ep) if ep.identity == IDENTITY_HOST || ep.identity == IDENTITY_DNS => Owner::Elsewhere,
         Some(ep) if ep.flags & EP_LOCAL != 0 && ep.ifindex != CGROUP_HOOK_IFINDEX => {
             if ep.cgroup == 0 || in_cgroup(skb, ep.cgroup) {
                 Owner::Elsewhere

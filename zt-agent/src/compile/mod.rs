@@ -177,8 +177,12 @@ pub fn compile_with_slots(
         }
     }
     for ip in &cfg.dns_addresses {
-        // A pod's own address keeps its pod identity.
-        endpoints.entry(ip.to_canonical()).or_insert(EndpointEntry { identity: IDENTITY_DNS, flags: 0, pod: None });
+        // A pod's own address keeps its pod identity; a node's address named here (the
+        // 169.254.20.10 of NodeLocal DNSCache, a host-network resolver) is the resolver.
+        let e = endpoints.entry(ip.to_canonical()).or_insert(EndpointEntry { identity: IDENTITY_DNS, flags: 0, pod: None });
+        if e.pod.is_none() {
+            e.identity = IDENTITY_DNS;
+        }
     }
 
     let ctx = Ctx {

@@ -1178,6 +1178,17 @@ mod fqdn_rules {
         assert_eq!(ports_of(&d, web).len(), 1);
     }
 
+    /// NodeLocal DNSCache listens on a node address: named by --fqdn-dns-address it is
+    /// the resolver (`dns`), not `host`; the node's other addresses stay `host`.
+    #[test]
+    fn a_node_address_named_as_resolver_is_dns() {
+        let mut c = fcfg();
+        c.host_ips = vec![ip("169.254.20.10"), ip("192.168.0.1")];
+        let d = compile_with_slots(&state(&(base() + &web_policy_dns())), &c, &mut IdentityAllocator::new(), &mut FqdnSlots::new()).unwrap();
+        assert_eq!(d.endpoints[&ip("169.254.20.10")].identity, IDENTITY_DNS);
+        assert_eq!(d.endpoints[&ip("192.168.0.1")].identity, IDENTITY_HOST);
+    }
+
     #[test]
     fn entity_dns_addresses_and_trusted_servers() {
         let coredns = "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: kube-system}\n".to_string()
