@@ -370,3 +370,62 @@ fn selectorless_external_translated() {
 fn selectorless_external_kube_proxy() {
     selectorless_external(false);
 }
+
+/// NodePort from another node (lab `two-nodes`, an agent on each node): default/a on
+/// node1 calls node2's address on the NodePort of `web` (backend default/b on node2).
+/// node1 does not translate another node's address, so kube-proxy on node2 DNATs it and
+/// masquerades it (external traffic, `externalTrafficPolicy: Cluster`): b sees node2's
+/// address, not a. So under b's default-deny ingress a pod selector for a does not
+/// admit the NodePort path (fail closed; it admits a by pod IP), an ipBlock of node2's
+/// address does.
+fn nodeport_from_another_node(translation: bool) {
+    let mut pods = std::fs::read_to_string(lab("two-nodes").join("pods.yaml")).unwrap();
+    for k in [1, 2] {
+        let name = format!("metadata:\n  name: node{k}\n");
+        assert!(pods.contains(&name), "labs/two-nodes/pods.yaml changed: no Node node{k}");
+        pods = pods.replace(&name, &format!("{name}status:\n  addresses: [{{type: InternalIP, address: 10.255.0.{k}}}, {{type: InternalIP, address: \"fd00:255::{k}\"}}]\n"));
+    }
+    let web = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  type: NodePort\n  clusterIP: 10.96.20.1\n  selector: {app: b}\n  \
+        ports: [{name: p, protocol: TCP, port: 8080, targetPort: 80, nodePort: 30080}]\n---\n\
+        apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\n\
+        ports: [{name: p, protocol: TCP, port: 80}]\nendpoints:\n- {addresses: [10.200.2.1], conditions: {ready: true}, nodeName: node2, targetRef: {kind: Pod, namespace: default, name: b}}\n";
+    let flag = format!("--service-translation={translation}");
+    let bed = bed("two-nodes", &[("pods.yaml", &pods), ("10-web.yaml", web)], &[flag.as_str()]);
+    let agent2 = bed.tb.start_agent("node2", &zt_testbed::bins::find("zt-agent").unwrap(), &bed.dir, &["--poll-ms", "100", flag.as_str()]).unwrap();
+    agent2.wait_ready(Duration::from_secs(20)).unwrap();
+    bed.kube_proxy_sync(&Objects::load_dir(&bed.dir).unwrap(), Choice::Random).unwrap();
+    let node2 = bed.node_ip("node2", zt_testbed::Family::V4).unwrap().to_string();
+    let probers = PodProbers::new(&bed.tb, env!("CARGO_BIN_EXE_zt-testbed"));
+    let probe = |ip: &str, port: u16| {
+        probers.run(&[ProbeSpec::new(pod("default", "a"), Target::Ip(ip.parse().unwrap()), Proto::Tcp, port)], T).results[0].1.clone()
+    };
+    let wait = |ip: &str, port: u16, want: ProbeResult| {
+        let mut last = ProbeResult::Error("not run".into());
+        for _ in 0..40 {
+            last = probe(ip, port);
+            if last == want {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("default/a -> {ip}:{port}: wanted {want}, last {last}\nnode2 agent log:\n{}", tail(&agent2.log(), 20));
+    };
+    wait(&node2, 30080, ok("default/b"));
+    let b_in = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: b-in, namespace: default}\nspec:\n  podSelector: {matchLabels: {app: b}}\n  \
+        ingress:\n  - from: [{podSelector: {matchLabels: {app: a}}}]\n";
+    bed.write("20-b-in.yaml", b_in);
+    wait(&node2, 30080, drop_());
+    assert_eq!(probe("10.200.2.1", 80), ok("default/b"), "a by its pod IP is allowed");
+    bed.write("21-b-nodes.yaml", &b_in.replace("name: b-in", "name: b-nodes").replace("podSelector: {matchLabels: {app: a}}}]", &format!("ipBlock: {{cidr: {node2}/32}}}}]")));
+    wait(&node2, 30080, ok("default/b"));
+}
+
+#[test]
+fn nodeport_from_another_node_translated() {
+    nodeport_from_another_node(true);
+}
+
+#[test]
+fn nodeport_from_another_node_kube_proxy() {
+    nodeport_from_another_node(false);
+}
