@@ -767,3 +767,44 @@ fn dns_through_node_local_dns_cache() {
         println!("node-local-dns: resolved and connected; {translated} translations");
     }
 }
+
+/// A record under an allowed wildcard pointed at a ClusterIP (`svc.race.test` →
+/// 10.96.0.44, the frontend of a Service whose backend is default/other, which the
+/// client's policy does not allow): the client's `*.race.test` rule never allows it.
+/// The connects run in the client's netns but outside its cgroup, so the socket
+/// programs do not translate them (the path of raw sockets, SCTP, translation off): the
+/// frontend is judged against the Service first (`service-backends-denied`), and a
+/// learned frontend is never an FQDN allow (kernel_dns covers that step alone). A world
+/// address under the same wildcard connects (control). Both agent modes.
+#[test]
+fn a_name_pointed_at_a_cluster_ip_stays_denied() {
+    let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: other-web, namespace: default}\nspec:\n  clusterIP: 10.96.0.44\n  selector: {app: other}\n  \
+        ports: [{name: p, protocol: TCP, port: 8443, targetPort: 80}]\n---\n\
+        apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: other-web-1, namespace: default, labels: {kubernetes.io/service-name: other-web}}\n\
+        addressType: IPv4\nports: [{name: p, protocol: TCP, port: 80}]\nendpoints:\n- {addresses: [10.210.0.11], conditions: {ready: true}, nodeName: node1}\n";
+    for translation in [true, false] {
+        let flag = format!("--service-translation={translation}");
+        let mut f = fqdn_bed(&[flag.as_str()]);
+        f.write("06-other-web.yaml", svc);
+        f.wait_until("the agent to hold the Service", || f.metrics().val("zt_service_frontends", &[]) >= 1.0);
+        f.start_responder(Arc::new(|q| {
+            let name = dns::qname(q)?;
+            match name.as_str() {
+                "svc.race.test" => Some(dns::answer(q, &[IpAddr::from([10, 96, 0, 44])], 60)),
+                "ok.race.test" => Some(dns::answer(q, &[ext_v4(9, 1)], 60)),
+                _ => None,
+            }
+        }));
+        for name in ["svc.race.test", "ok.race.test"] {
+            dns::resolve_in(&f.ns("client"), f.dns2(), name, RecordType::A, Duration::from_secs(2)).unwrap();
+        }
+        assert!(f.connects("client", ext_v4(9, 1)), "control: a world address under the wildcard");
+        let cip = IpAddr::from([10, 96, 0, 44]);
+        assert!(f.denied("client", cip), "translation {translation}: the ClusterIP learned by name must stay denied");
+        let m = f.metrics();
+        let as_service = m.verdicts("egress", "drop", "service-backends-denied");
+        let frontend_denied = m.get("zt_service_translations_total", &[("outcome", "fqdn-frontend-denied")]).unwrap_or(0.0);
+        assert!(as_service + frontend_denied >= 1.0, "counted as service-backends-denied or fqdn-frontend-denied");
+        println!("translation {translation}: denied (service-backends-denied {as_service}, fqdn-frontend-denied {frontend_denied})");
+    }
+}
