@@ -189,6 +189,15 @@ impl AgentHandle {
         self.lock().spawn()
     }
 
+    /// Replace the value of flag `--name` for the next start (appended if absent).
+    pub fn set_flag(&self, name: &str, value: &str) {
+        let mut g = self.lock();
+        match g.args.iter().position(|a| a == name) {
+            Some(i) if i + 1 < g.args.len() => g.args[i + 1] = value.to_string(),
+            _ => g.args.extend([name.to_string(), value.to_string()]),
+        }
+    }
+
     /// stop() then start(). Call [`AgentHandle::wait_ready`] afterwards.
     pub fn restart(&self) -> Result<()> {
         let mut g = self.lock();

@@ -536,3 +536,68 @@ fn layout_upgrade_takes_over_the_links_in_place() {
     bed.write("30-allow-c.yaml", &allow_tcp("c-to-b", "c", "b", &[80]));
     bed.wait_probe(&c, &b4, Proto::Tcp, 80, &ok(""));
 }
+
+/// A map resize (resize.rs): the agent restarts with larger `--policy-max`, `--ct-max`
+/// and `--ct-established-max` than its pinned maps. It moves its layout aside, loads
+/// fresh maps at the new sizes, carries conntrack (and config, FQDN, Service socket
+/// state) over, and takes the running links over in place (same link ids). a is
+/// isolated both ways with a live flow to b on which the server speaks first after the
+/// resize: the push reaches a only because a's tracked flow was carried over.
+#[test]
+fn map_resize_takes_over_the_links_and_keeps_conntrack() {
+    use std::io::{BufRead, BufReader, Write};
+    const ISOLATE_A: &str = "apiVersion: zt.dev/v1alpha1
+kind: ZeroTrustPolicy
+metadata: {name: isolate-a, namespace: default}
+spec:
+  subjects: [{podSelector: {matchLabels: {app: a}}}]
+  enforcementMode: always
+  egress:
+  - to: [{podSelector: {matchLabels: {app: b}}}]
+    ports: [{protocol: TCP, port: 7100}]
+";
+    let bed = bed("basic", &[("10-isolate-a.yaml", ISOLATE_A)], &["--policy-max", "512", "--ct-max", "256", "--ct-established-max", "256"]);
+    let b_ip = ip(&bed, "default", "b", Family::V4);
+    let b_ns = bed.netns_path(&pod("default", "b")).unwrap();
+    let listener = zt_testbed::sys::in_netns(&b_ns, move || std::net::TcpListener::bind((b_ip, 7100))).unwrap().expect("listen in b");
+    let a_ns = bed.netns_path(&pod("default", "a")).unwrap();
+    let addr = std::net::SocketAddr::new(b_ip, 7100);
+    let client = zt_testbed::sys::in_netns(&a_ns, move || std::net::TcpStream::connect_timeout(&addr, ALLOWED)).unwrap().expect("a -> b:7100");
+    let (mut server, _) = listener.accept().unwrap();
+    client.set_read_timeout(Some(ALLOWED)).unwrap();
+    let mut client_r = BufReader::new(client.try_clone().unwrap());
+    (&client).write_all(b"hello\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(server.try_clone().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line, "hello\n");
+    let cap = |m: &Metrics, map: &str| m.val("zt_map_capacity", &[("map", map)]);
+    assert_eq!((cap(&bed.metrics(), "ZT_POLICY"), cap(&bed.metrics(), "ZT_CT")), (512.0, 256.0));
+    let root = bed.agent.bpffs_root.clone();
+    let current = root.join("v2");
+    let before = links_of(&current);
+
+    bed.agent.stop().expect("agent was running");
+    for (flag, v) in [("--policy-max", "1024"), ("--ct-max", "512"), ("--ct-established-max", "512")] {
+        bed.agent.set_flag(flag, v);
+    }
+    bed.agent.start().unwrap();
+    bed.agent.wait_ready(Duration::from_secs(20)).unwrap();
+    let aside = root.join("v2-resized");
+    bed.wait_until("the resized layout removed", || !aside.exists());
+    let log = bed.log_of_start(2);
+    assert!(log.contains("map resize: ZT_POLICY 512 -> 1024") && log.contains("carried over"), "{}", tail(&log, 20));
+    let m = bed.metrics();
+    assert_eq!((cap(&m, "ZT_POLICY"), cap(&m, "ZT_CT"), cap(&m, "ZT_CT_EST")), (1024.0, 512.0, 512.0), "the new sizes");
+    assert_eq!(links_of(&current), before, "the same links, taken over in place");
+
+    let drops = bed.metrics().verdicts("ingress", "drop", "policy-default-deny");
+    server.write_all(b"push\n").unwrap();
+    let mut got = String::new();
+    let r = client_r.read_line(&mut got);
+    assert!(r.is_ok() && got == "push\n", "the server's push after the resize reached a: {r:?} {got:?}");
+    assert_eq!(bed.metrics().verdicts("ingress", "drop", "policy-default-deny"), drops);
+    // Enforcement holds: c may not reach a; a may not reach b on another port.
+    let (a, c) = (pod("default", "a"), pod("default", "c"));
+    assert_eq!(bed.probe(&c, &tgt("default", "a", Family::V4), Proto::Tcp, 80), ProbeResult::Timeout);
+    assert_eq!(bed.probe(&a, &tgt("default", "b", Family::V4), Proto::Tcp, 80), ProbeResult::Timeout);
+}

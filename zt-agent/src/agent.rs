@@ -140,6 +140,9 @@ struct Agent {
     cgroup_deferred: bool,
     /// ZT_SVC_REVNAT, to find the sockets translated to a removed backend.
     svc_revnat: crate::services::destroy::RevNatMap,
+    /// The maps moved aside by a resize: conntrack and the rest are copied again just
+    /// before the links are taken over.
+    resize_from: Option<std::path::PathBuf>,
 }
 
 /// Before the first full state: the node's addresses as `host` endpoints, where nothing
@@ -161,8 +164,15 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     if let Some(root) = &opts.cgroup_root {
         crate::cgroup_link::open_cgroup2_dir(root)?;
     }
+    // A size flag that differs from the pinned maps: fresh maps, the old links taken over
+    // in place as in a layout upgrade (resize.rs).
+    let resize_from = crate::resize::stage(&opts.bpffs_root, &opts.sizes)?;
     let mut datapath = Datapath::load(&opts.bpffs_root, &opts.sizes)?;
     let mut maps = PinnedMaps::open(&opts.bpffs_root)?;
+    if let Some(from) = &resize_from {
+        let copied = crate::resize::carry_over(from, &opts.bpffs_root, true).context("map resize: carrying state over")?;
+        log::info!("map resize: carried over {copied:?}");
+    }
     // The cgroup programs are in place from the first start, before any full state: a
     // pod that starts now is judged (not-ready, fail closed) instead of running
     // unenforced. The node's own addresses go in first, so that host-network pods (this
@@ -209,7 +219,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     ] {
         let pinned = capacity(&opts.bpffs_root, name)?;
         if pinned != flag {
-            log::warn!("{name} is pinned with {pinned} entries but the flag asks for {flag}: keeping {pinned} (remove the pin to resize)");
+            log::warn!("{name} is pinned with {pinned} entries but the flag asks for {flag}: keeping {pinned} (an unfinished resize; see above)");
         }
     }
     let ids = IdentityAllocator::load(opts.state_dir.join("identities.json")).context("loading identities")?;
@@ -288,6 +298,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         svc_dirty: true,
         upgrade_pending,
         cgroup_deferred,
+        resize_from,
         last_svc_error: None,
         svc_revnat,
     };
@@ -566,6 +577,12 @@ impl Agent {
                 self.release_quarantined()?;
             }
             self.write_config()?;
+            if let Some(from) = self.resize_from.take() {
+                match crate::resize::carry_over(&from, &self.opts.bpffs_root, false) {
+                    Ok(copied) => log::info!("map resize: carried over again before the takeover {copied:?}"),
+                    Err(e) => log::warn!("map resize: second copy failed (flows opened since the first are judged again as new): {e:#}"),
+                }
+            }
             if self.cgroup_deferred {
                 self.datapath.ensure_cgroup(self.opts.cgroup_root.as_deref(), self.opts.service_translation).context("cgroup programs")?;
                 self.cgroup_deferred = false;

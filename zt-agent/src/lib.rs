@@ -14,6 +14,7 @@ pub mod model;
 pub mod net;
 pub mod pins;
 pub mod pod_cgroup;
+pub mod resize;
 pub mod services;
 pub mod source;
 pub mod state;

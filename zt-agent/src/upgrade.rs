@@ -30,6 +30,10 @@ pub fn older_layouts(bpffs_root: &Path) -> Vec<PathBuf> {
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
+            // This layout moved aside for a resize (resize.rs): the newest of all.
+            if name == format!("{MAP_VERSION_DIR}-resized") {
+                return e.path().is_dir().then(|| (u32::MAX, e.path()));
+            }
             let n: u32 = name.strip_prefix('v')?.parse().ok()?;
             (name != MAP_VERSION_DIR && e.path().is_dir()).then(|| (n, e.path()))
         })
@@ -137,12 +141,13 @@ mod tests {
     fn older_layouts_are_other_version_dirs_oldest_first() {
         let root = std::env::temp_dir().join(format!("zt-upgrade-unit-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
-        for d in ["v10/links", "v1/links", MAP_VERSION_DIR, "vx", "links"] {
+        let resized = format!("{MAP_VERSION_DIR}-resized");
+        for d in ["v10/links", "v1/links", MAP_VERSION_DIR, "vx", "links", resized.as_str()] {
             std::fs::create_dir_all(root.join(d)).unwrap();
         }
         std::fs::write(root.join("v3"), b"").unwrap();
         let got: Vec<String> = older_layouts(&root).iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
-        assert_eq!(got, ["v1", "v10"]);
+        assert_eq!(got, ["v1".to_string(), "v10".to_string(), resized.clone()], "a resized layout is the newest");
         std::fs::write(root.join("v1/links/7-veth0-from"), b"").unwrap();
         assert_eq!(older_tc_links(&root), [(7, "veth0".to_string())]);
         assert!(older_link_exists(&root, "7-"));
@@ -151,7 +156,7 @@ mod tests {
         assert!(link_dir(&root).join("7-veth0-from").exists() && !root.join("v1/links/7-veth0-from").exists());
         assert!(!adopt_link(&root, "7-veth0-from").unwrap(), "already this layout's");
         let removed = retire(&root).unwrap();
-        assert_eq!(removed.len(), 2);
+        assert_eq!(removed.len(), 3);
         assert!(older_layouts(&root).is_empty());
         std::fs::remove_dir_all(&root).unwrap();
     }
