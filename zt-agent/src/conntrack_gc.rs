@@ -73,6 +73,8 @@ pub struct CtMaps {
     /// `ZT_CT_EST` (hash): established TCP flows.
     pub est: CtMap,
     pub stats: CounterMap,
+    /// `ZT_FRAGS`, counted by each pass (not by the metrics scrape).
+    pub frags: crate::pins::FragsMap,
     pub new_capacity: u32,
     pub est_capacity: u32,
 }
@@ -86,6 +88,7 @@ impl CtMaps {
             new: aya::maps::HashMap::try_from(open(MAP_CT)?)?,
             est: open(MAP_CT_EST)?.try_into()?,
             stats: open(MAP_CT_STATS)?.try_into()?,
+            frags: open(MAP_FRAGS)?.try_into()?,
             new_capacity: capacity(bpffs_root, MAP_CT)?,
             est_capacity: capacity(bpffs_root, MAP_CT_EST)?,
         })
@@ -122,6 +125,8 @@ pub struct CtCounts {
     /// Live entries by (map, state name) after the pass.
     pub entries: BTreeMap<(&'static str, &'static str), usize>,
     pub new_entries: usize,
+    /// Entries of `ZT_FRAGS` at the pass.
+    pub frags_entries: usize,
     pub est_entries: usize,
     pub new_capacity: u32,
     pub est_capacity: u32,
@@ -210,6 +215,7 @@ impl CtGc {
                 counts.new_entries = live + kept;
             }
         }
+        counts.frags_entries = self.maps.frags.keys().count();
         counts.new_capacity = self.maps.new_capacity;
         counts.est_capacity = self.maps.est_capacity;
         counts.last_pass_seconds = t.elapsed().as_secs_f64();

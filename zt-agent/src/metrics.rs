@@ -59,6 +59,8 @@ pub struct AgentMetrics {
     pub fqdn_gc_removed: u64,
     /// Learned entries past expiry that the last GC pass kept for live flows.
     pub fqdn_gc_kept_for_flows: u64,
+    /// `ZT_FQDN_LEARNED` entries at the last GC pass (counted there, not per scrape).
+    pub fqdn_learned_entries: usize,
     /// Service frontends and backends in the translation maps.
     pub svc_frontends: usize,
     pub svc_backends: usize,
@@ -113,15 +115,14 @@ pub fn render_with(m: &AgentMetrics, maps: Option<&PinnedMaps>, fqdn: Option<&Fq
         }
     }
     let mut all = m.maps.clone();
+    // Counted by the periodic GC passes: a scrape walks no map.
     if let Some(c) = &m.ct {
         all.push((MAP_CT, c.new_entries, c.new_capacity));
         all.push((MAP_CT_EST, c.est_entries, c.est_capacity));
-    }
-    if let Some(maps) = maps {
-        all.push((MAP_FRAGS, maps.frags.keys().count(), m.frags_capacity));
+        all.push((MAP_FRAGS, c.frags_entries, m.frags_capacity));
     }
     if let Some(f) = fqdn {
-        all.push((MAP_FQDN_LEARNED, f.learned.keys().count(), f.learned_capacity));
+        all.push((MAP_FQDN_LEARNED, m.fqdn_learned_entries, f.learned_capacity));
     }
     line(&mut o, "Entries in each map.", "gauge", "zt_map_entries");
     for (name, n, _) in &all {

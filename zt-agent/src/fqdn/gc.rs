@@ -70,6 +70,7 @@ impl Gc {
         let mut m = self.metrics.lock().unwrap();
         m.fqdn_gc_removed += removed;
         m.fqdn_gc_kept_for_flows = kept;
+        m.fqdn_learned_entries = entries.len().saturating_sub(removed as usize);
         m.fqdn_cache_names = names;
         if removed > 0 {
             log::info!("fqdn gc: removed {removed} learned entries past expiry + grace + ct timeout");
