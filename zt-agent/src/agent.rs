@@ -73,6 +73,8 @@ pub struct AgentOptions {
     pub service_translation: bool,
     /// The cluster's Service address ranges (`--service-cidr`).
     pub service_cidrs: Vec<crate::state::Cidr>,
+    /// Node addresses that carry NodePorts (`--nodeport-addresses`; empty: all).
+    pub nodeport_addresses: Vec<crate::state::Cidr>,
     /// Which pod sockets on a removed backend are destroyed (`--service-destroy-stale-sockets`).
     pub service_destroy: crate::services::destroy::Scope,
     /// Pod label keys left out of identities (`--identity-exclude-labels`).
@@ -453,7 +455,8 @@ impl Agent {
             return Ok(());
         };
         if changed {
-            let (services, svc_warnings) = crate::services::build(cluster, &self.opts.node_name, &self.host_ips);
+            let nodeport_ips = crate::services::nodeport_ips(&self.host_ips, &self.opts.nodeport_addresses);
+            let (services, svc_warnings) = crate::services::build(cluster, &self.opts.node_name, &nodeport_ips);
             let cfg = CompileConfig {
                 node_name: self.opts.node_name.clone(),
                 trust_domain: self.opts.trust_domain.clone(),

@@ -75,6 +75,11 @@ struct Flags {
     /// repeatable (one per family): an FQDN rule never allows an address inside it.
     #[arg(long = "service-cidr", value_name = "CIDR")]
     service_cidr: Vec<String>,
+    /// The node addresses that carry NodePorts (kube-proxy's --nodeport-addresses), CIDRs,
+    /// repeatable or comma-separated. Unset: every address of the node (kube-proxy's
+    /// nftables mode defaults to the node's primary addresses: name them here to match).
+    #[arg(long = "nodeport-addresses", value_name = "CIDR", value_delimiter = ',')]
+    nodeport_addresses: Vec<String>,
     /// When a backend leaves a Service, destroy the pod sockets zt had translated to it
     /// (the application gets ECONNABORTED and reconnects through the Service): `udp`
     /// (connected UDP, e.g. a resolver's), `all` (TCP too: also resets connections to a
@@ -270,6 +275,11 @@ async fn main() -> anyhow::Result<()> {
         tunnels: zt_agent::tunnels::parse(&f.tunnels)?,
         service_translation: f.service_translation,
         identity_labels: zt_agent::identity::LabelFilter::parse(&f.identity_exclude_labels).map_err(anyhow::Error::msg)?,
+        nodeport_addresses: f
+            .nodeport_addresses
+            .iter()
+            .map(|c| zt_agent::compile::cidr::parse_cidr(c).map_err(|e| anyhow::anyhow!("--nodeport-addresses: {e}")))
+            .collect::<anyhow::Result<_>>()?,
         service_cidrs: f
             .service_cidr
             .iter()

@@ -10,7 +10,7 @@ pub mod judge;
 pub mod maps;
 pub mod table;
 
-pub use table::build;
+pub use table::{build, nodeport_ips};
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -1,7 +1,8 @@
 //! Services and EndpointSlices -> the Service table, with kube-proxy's rules:
 //!
 //! - Frontends: every address of `spec.clusterIPs` (or `spec.clusterIP`),
-//!   `spec.externalIPs` and `status.loadBalancer.ingress[].ip`, and for NodePort and
+//!   `spec.externalIPs` and `status.loadBalancer.ingress[].ip` (not with `ipMode: Proxy`,
+//!   which kube-proxy leaves to the load balancer), and for NodePort and
 //!   LoadBalancer Services the `nodePort` on each of the node's addresses; each Service
 //!   port with its protocol. Headless (`clusterIP: None`) and ExternalName Services have
 //!   none. kube-proxy runs one proxier per IP family and hands each only the Services
@@ -85,6 +86,10 @@ pub fn build(cluster: &ClusterState, node_name: &str, node_ips: &[IpAddr]) -> (S
         }
         let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_deref()).unwrap_or(&[]);
         for (i, ing) in ingress.iter().enumerate() {
+            // ipMode Proxy: kube-proxy does not DNAT it; traffic goes to the load balancer.
+            if ing.ip_mode.as_deref() == Some("Proxy") {
+                continue;
+            }
             if let Some(ip) = ing.ip.as_deref().and_then(|s| s.parse::<IpAddr>().ok()) {
                 if families.contains(&ip.is_ipv4()) {
                     external.push((ip, FrontendKind::LoadBalancer));
@@ -161,6 +166,12 @@ impl Builder {
             )),
         }
     }
+}
+
+/// The node's addresses inside `allowed` (`--nodeport-addresses`; empty: all of them).
+pub fn nodeport_ips(host_ips: &[IpAddr], allowed: &[crate::state::Cidr]) -> Vec<IpAddr> {
+    let host = |ip: &IpAddr| crate::state::Cidr { addr: ip.to_canonical(), prefix: if ip.to_canonical().is_ipv4() { 32 } else { 128 } };
+    host_ips.iter().copied().filter(|ip| allowed.is_empty() || allowed.iter().any(|c| crate::compile::cidr::contains(c, &host(ip)))).collect()
 }
 
 /// Node addresses that carry NodePorts for pods: not loopback (a pod's own), not

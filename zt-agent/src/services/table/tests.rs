@@ -256,14 +256,17 @@ fn external_and_load_balancer_addresses() {
         "default",
         "web",
         "  type: LoadBalancer\n  clusterIP: 10.96.0.5\n  externalIPs: [192.0.2.1]\n  allocateLoadBalancerNodePorts: false\n  ports: [{name: http, port: 80}]\n",
-    ) + "status:\n  loadBalancer:\n    ingress: [{ip: 198.51.100.7}, {hostname: lb.example.com}]\n"
+    ) + "status:\n  loadBalancer:\n    ingress: [{ip: 198.51.100.7}, {hostname: lb.example.com}, {ip: 198.51.100.8, ipMode: Proxy}, {ip: 198.51.100.9, ipMode: VIP}]\n"
         + &slice("default", "web-1", "web", "IPv4", "[{name: http, port: 8080}]", &format!("[{}]", ep("10.0.0.1", NODE)));
+    // ipMode Proxy: kube-proxy leaves the address to the load balancer (which may do
+    // more than DNAT, e.g. PROXY protocol or TLS): no frontend.
     assert_eq!(
         table(&y),
         [
             "10.96.0.5:80/TCP ClusterIP default/web:http -> 10.0.0.1:8080",
             "192.0.2.1:80/TCP ExternalIP default/web:http -> 10.0.0.1:8080",
             "198.51.100.7:80/TCP LoadBalancer default/web:http -> 10.0.0.1:8080",
+            "198.51.100.9:80/TCP LoadBalancer default/web:http -> 10.0.0.1:8080",
         ]
     );
 }
@@ -443,4 +446,13 @@ fn a_cluster_ip_always_wins_and_other_proxies_services_are_left_out() {
     assert!(w.iter().any(|w| w.contains("zzz/victim") && w.contains("aaa/thief")), "{w:?}");
     let other = "---\napiVersion: v1\nkind: Service\nmetadata: {name: o, namespace: x, labels: {service.kubernetes.io/service-proxy-name: other}}\nspec:\n  clusterIP: 10.96.0.11\n  ports: [{port: 80}]\n";
     assert!(table(other).is_empty());
+}
+
+#[test]
+fn nodeport_addresses_keep_the_node_addresses_inside() {
+    let c = |s: &str| crate::compile::cidr::parse_cidr(s).unwrap();
+    let ips: Vec<IpAddr> = ["192.168.1.10", "10.0.0.5", "fd00::5"].iter().map(|s| s.parse().unwrap()).collect();
+    assert_eq!(nodeport_ips(&ips, &[]), ips, "unset: every address");
+    assert_eq!(nodeport_ips(&ips, &[c("192.168.1.0/24")]), vec![ips[0]]);
+    assert_eq!(nodeport_ips(&ips, &[c("10.0.0.5/32"), c("fd00::/64")]), vec![ips[1], ips[2]]);
 }
