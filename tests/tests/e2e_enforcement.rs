@@ -169,10 +169,15 @@ fn host_access_all_reaches_every_port() {
 #[test]
 fn host_probes_from_node_ip_on_loopback() {
     let bed = host_probe_bed(&[]);
+    // Where the dummy driver exists the bed puts the node's addresses on a dummy: move
+    // them to lo, the case under test, rather than skip.
     let lo = bed.sh_in(&Endpoint::node("node1"), "ip -o addr show dev lo | grep -q 10.255.0.1").unwrap();
     if !lo.status.success() {
-        eprintln!("the node's address is not on lo here (dummy driver present): nothing to check");
-        return;
+        let script = "for d in $(ip -o addr show to 10.255.0.1/32 | cut -d' ' -f2); do ip addr del 10.255.0.1/32 dev $d; done; \
+                      for d in $(ip -o -6 addr show to fd00:255::1/128 | cut -d' ' -f2); do ip addr del fd00:255::1/128 dev $d; done; \
+                      ip addr add 10.255.0.1/32 dev lo && ip addr add fd00:255::1/128 dev lo nodad";
+        let out = bed.sh_in(&Endpoint::node("node1"), script).unwrap();
+        assert!(out.status.success(), "moving the node's addresses to lo: {}", String::from_utf8_lossy(&out.stderr));
     }
     bed.wait_until("the agent to see the node's addresses on lo as host", || host_ips_known(&bed));
     for f in FAMILIES {
