@@ -691,10 +691,7 @@ async fn watcher_recovers_after_outage() {
 /// that netns (and not from outside), through `Testbed::start_agent_kube`.
 #[test]
 fn listener_in_node_netns() {
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipping: needs root");
-        return;
-    }
+    assert_eq!(unsafe { libc::geteuid() }, 0, "listener_in_node_netns needs root (network namespaces)");
     let lab = Path::new(env!("CARGO_MANIFEST_DIR")).join("labs/two-nodes");
     let opts = zt_testbed::TestbedOptions::default().serve_bin(env!("CARGO_BIN_EXE_zt-testbed"));
     let tb = zt_testbed::Testbed::up(&lab, opts).unwrap();
