@@ -11,17 +11,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use zt_testbed::{sys, Family};
 
-/// Pod a is default-deny both ways and may open TCP 7100 to b; b and c are not isolated.
-const ISOLATE_A: &str = "apiVersion: zt.dev/v1alpha1
-kind: ZeroTrustPolicy
-metadata: {name: isolate-a, namespace: default}
-spec:
-  subjects: [{podSelector: {matchLabels: {app: a}}}]
-  enforcementMode: always
-  egress:
-  - to: [{podSelector: {matchLabels: {app: b}}}]
-    ports: [{protocol: TCP, port: 7100}]
-";
 
 const CT_MAX: usize = 256;
 const CHURN: usize = 20_000;

@@ -377,12 +377,7 @@ fn expiry_after_ttl_and_grace() {
     assert!(f.denied("client", ip), "a new flow after TTL + grace");
     assert!(flow.roundtrip(ALLOWED), "the live flow survives expiry");
 
-    let epoch0 = f.metrics().val("zt_policy_epoch", &[]);
-    let updates0 = f.metrics().val("zt_map_updates_total", &[]);
-    f.write("30-unrelated.yaml", &allow_other_tcp(80));
-    f.wait_until("the unrelated allow applied", || f.metrics().val("zt_map_updates_total", &[]) > updates0);
-    f.remove("30-unrelated.yaml");
-    f.wait_until("an epoch bump", || f.metrics().val("zt_policy_epoch", &[]) > epoch0);
+    bump_epoch(&f);
     assert!(flow.roundtrip(ALLOWED), "the tracked flow is re-judged after the bump and stays allowed");
 
     let revoked0 = f.metrics().verdicts("egress", "drop", "revoked") + f.metrics().verdicts("ingress", "drop", "revoked");
@@ -390,6 +385,17 @@ fn expiry_after_ttl_and_grace() {
     f.wait_until("the live flow to be revoked", || !flow.roundtrip(Duration::from_millis(300)));
     let revoked1 = f.metrics().verdicts("egress", "drop", "revoked") + f.metrics().verdicts("ingress", "drop", "revoked");
     assert!(revoked1 > revoked0, "counted as revoked");
+}
+
+/// An unrelated allow written, applied and withdrawn: the withdrawal bumps the epoch,
+/// so every tracked flow is judged again.
+fn bump_epoch(f: &Bed) {
+    let epoch0 = f.metrics().val("zt_policy_epoch", &[]);
+    let updates0 = f.metrics().val("zt_map_updates_total", &[]);
+    f.write("30-unrelated.yaml", &allow_other_tcp(80));
+    f.wait_until("the unrelated allow applied", || f.metrics().val("zt_map_updates_total", &[]) > updates0);
+    f.remove("30-unrelated.yaml");
+    f.wait_until("an epoch bump", || f.metrics().val("zt_policy_epoch", &[]) > epoch0);
 }
 
 fn allow_other_tcp(port: u16) -> String {
@@ -711,12 +717,7 @@ fn a_live_fqdn_flow_outlives_gc_and_epoch_bumps() {
     assert!(f.metrics().val("zt_fqdn_learned_kept_for_flows", &[]) >= 1.0, "the GC kept it for the flow");
     assert!(f.denied("client", ip), "a new flow after TTL + grace is still denied");
 
-    let epoch0 = f.metrics().val("zt_policy_epoch", &[]);
-    let updates0 = f.metrics().val("zt_map_updates_total", &[]);
-    f.write("30-unrelated.yaml", &allow_other_tcp(80));
-    f.wait_until("the unrelated allow applied", || f.metrics().val("zt_map_updates_total", &[]) > updates0);
-    f.remove("30-unrelated.yaml");
-    f.wait_until("an epoch bump", || f.metrics().val("zt_policy_epoch", &[]) > epoch0);
+    bump_epoch(&f);
     assert!(flow.roundtrip(ALLOWED), "re-judged after the bump, the live flow stays allowed");
 
     drop(flow);

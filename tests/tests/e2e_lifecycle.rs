@@ -546,16 +546,6 @@ fn layout_upgrade_takes_over_the_links_in_place() {
 #[test]
 fn map_resize_takes_over_the_links_and_keeps_conntrack() {
     use std::io::{BufRead, BufReader, Write};
-    const ISOLATE_A: &str = "apiVersion: zt.dev/v1alpha1
-kind: ZeroTrustPolicy
-metadata: {name: isolate-a, namespace: default}
-spec:
-  subjects: [{podSelector: {matchLabels: {app: a}}}]
-  enforcementMode: always
-  egress:
-  - to: [{podSelector: {matchLabels: {app: b}}}]
-    ports: [{protocol: TCP, port: 7100}]
-";
     let bed = bed("basic", &[("10-isolate-a.yaml", ISOLATE_A)], &["--policy-max", "512", "--ct-max", "256", "--ct-established-max", "256"]);
     let b_ip = ip(&bed, "default", "b", Family::V4);
     let b_ns = bed.netns_path(&pod("default", "b")).unwrap();

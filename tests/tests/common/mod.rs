@@ -282,3 +282,17 @@ pub fn promtool_check(text: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Pod a of lab `basic` isolated both ways (`enforcementMode: always`), allowed only to
+/// open TCP 7100 to b: a flow on which the server can speak first after a silence.
+#[allow(dead_code)]
+pub const ISOLATE_A: &str = "apiVersion: zt.dev/v1alpha1
+kind: ZeroTrustPolicy
+metadata: {name: isolate-a, namespace: default}
+spec:
+  subjects: [{podSelector: {matchLabels: {app: a}}}]
+  enforcementMode: always
+  egress:
+  - to: [{podSelector: {matchLabels: {app: b}}}]
+    ports: [{protocol: TCP, port: 7100}]
+";
