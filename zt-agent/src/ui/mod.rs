@@ -5,8 +5,9 @@
 //! risk, never the datapath).
 //!
 //! Bound to loopback by default. Any other address needs a bearer token
-//! (`--ui-token-file`): every request must then carry `Authorization: Bearer <token>`
-//! (the page passes on a `?token=` of its own URL). Requests whose Host is not an
+//! (`--ui-token-file`): every API request must then carry `Authorization: Bearer
+//! <token>` (the page passes on a `?token=` of its own URL; the page and its scripts
+//! hold no data and are served without it). Requests whose Host is not an
 //! address or `localhost` are refused (DNS rebinding), and a write needs the
 //! `X-ZT-Request` header, which a cross-site form cannot send.
 use std::net::{IpAddr, SocketAddr};
@@ -127,13 +128,15 @@ pub fn handle(req: &Request, graph: &SharedGraph, token: Option<&str>) -> Respon
     if !host_ok(req) {
         return error("403 Forbidden", "Host must be an IP address or localhost");
     }
-    if let Some(t) = token {
+    // The page and its scripts hold no data: only the API needs the token.
+    if let Some(t) = token.filter(|_| req.path.starts_with("/api/")) {
         if !token_ok(req, t) {
             return error("401 Unauthorized", "a bearer token is required");
         }
     }
     match (req.method.as_str(), req.path.as_str()) {
         ("GET", "/") | ("GET", "/index.html") => resp("200 OK", "text/html; charset=utf-8", PAGE),
+        ("GET", "/favicon.ico") => resp("204 No Content", "image/x-icon", Vec::new()),
         ("GET", "/page.js") => resp("200 OK", "text/javascript; charset=utf-8", SCRIPT),
         ("GET", "/vendor/cytoscape.min.js") => resp("200 OK", "text/javascript; charset=utf-8", CYTOSCAPE),
         ("GET", "/vendor/cytoscape.LICENSE") => resp("200 OK", "text/plain; charset=utf-8", CYTOSCAPE_LICENSE),
@@ -280,7 +283,8 @@ mod tests {
         assert!(handle(&req("GET", "/api/graph", &[], ""), &g, Some(t)).status.starts_with("401"));
         assert!(handle(&req("GET", "/api/graph", &[("Authorization", "Bearer wrong")], ""), &g, Some(t)).status.starts_with("401"));
         assert!(handle(&req("GET", "/api/graph", &[("Authorization", &format!("Bearer {t}"))], ""), &g, Some(t)).status.starts_with("200"));
-        assert!(handle(&req("GET", &format!("/?token={t}"), &[], ""), &g, Some(t)).status.starts_with("200"));
+        assert!(handle(&req("GET", &format!("/api/posture?token={t}"), &[], ""), &g, Some(t)).status.starts_with("200"));
+        assert!(handle(&req("GET", "/", &[], ""), &g, Some(t)).status.starts_with("200"), "the page itself holds no data");
         let mut r = req("GET", "/api/graph", &[], "");
         r.headers.retain(|(k, _)| k != "Host");
         r.headers.push(("Host".into(), "evil.example:9963".into()));

@@ -27,7 +27,7 @@ const cy = cytoscape({
     { selector: 'node.reserved', style: { shape: 'round-rectangle' } },
     { selector: ':parent', style: { 'background-color': '#e8ecf3', 'background-opacity': 0.6, 'border-color': '#9aa4b5', 'border-width': 1,
       label: 'data(label)', 'text-valign': 'top', 'font-size': 12, 'font-weight': 'bold', shape: 'round-rectangle', padding: 18 } },
-    { selector: 'edge', style: { width: 2, 'curve-style': 'bezier', 'target-arrow-shape': 'triangle', 'line-color': '#607d8b', 'target-arrow-color': '#607d8b',
+    { selector: 'edge', style: { width: 2, 'curve-style': 'bezier', 'control-point-step-size': 45, 'target-arrow-shape': 'triangle', 'line-color': '#607d8b', 'target-arrow-color': '#607d8b',
       label: 'data(label)', 'font-size': 8, 'text-rotation': 'autorotate', 'text-background-color': '#fff', 'text-background-opacity': 0.8 } },
     { selector: 'edge.permitted', style: { 'line-style': 'dashed', 'line-color': '#90a4ae', 'target-arrow-color': '#90a4ae' } },
     { selector: 'edge.used', style: { 'line-style': 'solid', 'line-color': '#37474f', 'target-arrow-color': '#37474f', width: 3 } },
@@ -54,7 +54,10 @@ function visible(n) {
 
 function elements(d) {
   const byId = new Map(d.identities.map((n) => [n.id, n]));
-  const shown = new Set(d.identities.filter(visible).map((n) => n.id));
+  // Reserved identities (world, host, ...) only when an edge names them.
+  const linked = new Set();
+  for (const e of d.permitted.concat(d.observed)) { linked.add(e.src); linked.add(e.dst); }
+  const shown = new Set(d.identities.filter((n) => visible(n) && (n.namespace || linked.has(n.id))).map((n) => n.id));
   const els = [];
   const namespaces = new Set();
   for (const n of d.identities) {
@@ -190,7 +193,8 @@ function draw() {
   cy.add(elements(data));
   const known = cy.nodes().every((n) => n.isParent() || positions[n.id()]);
   if (!laidOut || !known) {
-    cy.layout({ name: 'cose', animate: false, randomize: false, nodeRepulsion: 9000, idealEdgeLength: 110, padding: 30 }).run();
+    cy.layout({ name: 'cose', animate: false, randomize: true, nodeDimensionsIncludeLabels: true, nodeRepulsion: () => 400000,
+      idealEdgeLength: () => 180, nodeOverlap: 40, componentSpacing: 120, nestingFactor: 1.2, numIter: 2500, padding: 40 }).run();
     laidOut = true;
   } else {
     cy.nodes().forEach((n) => { if (!n.isParent() && positions[n.id()]) n.position(positions[n.id()]); });
