@@ -134,6 +134,13 @@ fn the_map_shows_the_lab_and_propagates_risk_in_a_real_browser() {
     assert_eq!(node(s)["blast_radius"], 1);
     assert_eq!(node(s)["containment"]["edges_cut"], 1);
 
+    // The map's fill on /metrics (updated after each conntrack scan); nothing kept out.
+    bed.wait_until("zt_graph_entries >= 4", || bed.metrics().get("zt_graph_entries", &[]).is_some_and(|v| v >= 4.0));
+    let m = bed.metrics();
+    assert_eq!(m.val("zt_graph_dropped_total", &[("what", "observations")]), 0.0);
+    assert_eq!(m.val("zt_graph_dropped_total", &[("what", "evicted")]), 0.0);
+    assert_eq!(m.val("zt_graph_entries_max", &[]), 100_000.0);
+
     // The posture report.
     let p = bed.ztctl_json(&["posture", "--window", "10m"]);
     assert_eq!(p["namespaces_without_default_deny"], serde_json::json!([]), "{p:#}");

@@ -253,7 +253,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let graph = crate::graph::Graph::new(&opts.node_name, opts.graph.limits, opts.graph.max_permitted).shared();
     tokio::spawn(crate::graph::collect::events(graph.clone(), events_tx.subscribe()));
     tokio::spawn(forward_events(ring, events_tx.clone(), snapshot.clone(), metrics.clone()));
-    crate::graph::collect::spawn_ct_scanner(&opts.bpffs_root, opts.graph.ct_interval, graph.clone()).context("the map's conntrack scanner")?;
+    crate::graph::collect::spawn_ct_scanner(&opts.bpffs_root, opts.graph.ct_interval, graph.clone(), metrics.clone()).context("the map's conntrack scanner")?;
     if let Some(ui) = opts.graph.ui.clone() {
         tokio::spawn(log_err("map page", crate::ui::serve(ui, graph.clone())));
     }

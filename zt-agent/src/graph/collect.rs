@@ -161,7 +161,7 @@ fn read(map: &CtMap, out: &mut Vec<CtFlow>) {
 
 /// Scans both conntrack maps every `interval` on a thread of its own (map walks are
 /// syscalls) until the process ends.
-pub fn spawn_ct_scanner(bpffs_root: &Path, interval: Duration, graph: SharedGraph) -> Result<()> {
+pub fn spawn_ct_scanner(bpffs_root: &Path, interval: Duration, graph: SharedGraph, metrics: crate::metrics::Shared) -> Result<()> {
     let new: CtMap = aya::maps::HashMap::try_from(open_map(bpffs_root, MAP_CT)?)?;
     let est: CtMap = open_map(bpffs_root, MAP_CT_EST)?.try_into()?;
     std::thread::Builder::new().name("zt-graph-ct".into()).spawn(move || {
@@ -173,7 +173,12 @@ pub fn spawn_ct_scanner(bpffs_root: &Path, interval: Duration, graph: SharedGrap
             read(&new, &mut flows);
             read(&est, &mut flows);
             let now = now_s();
-            scan.apply(&mut graph.lock().unwrap(), &flows, start, now);
+            let counts = {
+                let mut g = graph.lock().unwrap();
+                scan.apply(&mut g, &flows, start, now);
+                g.counts()
+            };
+            metrics.lock().unwrap().graph = Some(counts);
             std::thread::sleep(interval);
         }
     })?;

@@ -4,6 +4,7 @@
 //! allow events and conntrack scans (`collect.rs`) and the compiled policy at each
 //! compile; `/api/graph` (the page's port) and `ztctl graph` (admin socket) read it.
 pub mod collect;
+pub mod metrics;
 pub mod observed;
 pub mod permitted;
 pub mod posture;
