@@ -197,6 +197,8 @@ fn the_map_shows_the_lab_and_propagates_risk_in_a_real_browser() {
     assert_eq!(denied.iter().map(|e| e["ports"].as_str().unwrap()).collect::<std::collections::BTreeSet<_>>(), ["TCP/7000", "TCP/80", "TCP/81"].into());
     assert!(denied.iter().all(|e| e["lineColour"] == "rgb(229,57,53)"), "{denied:#?}");
     assert!(before["incidents"].as_str().unwrap().contains("probing"), "{before:#}");
+    assert_eq!(r["deniedHidden"], 0, "unchecking 'denied' hides the red edges");
+    assert_eq!(r["found"], serde_json::json!([NOTSLEEP]), "the name filter");
     assert!(before["posture"].as_str().unwrap().contains("rules that allowed nothing"), "{before:#}");
 
     // After marking sleep compromised from the page: the agent's propagation, drawn.

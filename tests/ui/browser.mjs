@@ -35,6 +35,13 @@ try {
     status: document.getElementById('status').innerText,
   }));
   const before = await drawn();
+  // Filters: hiding denied edges, then a name search, redraws without them.
+  await page.uncheck('#show-denied');
+  const deniedHidden = await page.evaluate(() => window.cy.edges('.denied').length);
+  await page.check('#show-denied');
+  await page.fill('#find', 'notsleep');
+  const found = await page.evaluate(() => window.cy.nodes().filter((n) => !n.isParent()).map((n) => n.data('spiffe')));
+  await page.fill('#find', '');
   // Click the workload where cytoscape drew it, as a person would.
   const at = await page.evaluate((spiffe) => {
     const n = window.cy.nodes().filter((x) => x.data('spiffe') === spiffe)[0];
@@ -54,7 +61,7 @@ try {
   const after = await drawn();
   const detailsAfter = await page.locator('#details').innerText();
   await page.screenshot({ path: shot });
-  console.log(JSON.stringify({ before, after, selected, detailsAfter, errors, withoutToken }));
+  console.log(JSON.stringify({ before, after, selected, detailsAfter, errors, withoutToken, deniedHidden, found }));
 } finally {
   await browser.close();
 }
