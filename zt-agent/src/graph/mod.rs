@@ -274,11 +274,67 @@ impl Graph {
         Ok(())
     }
 
-    pub fn name(&self, id: u32) -> String {
-        match self.view.as_ref().and_then(|v| v.identities.get(&id)) {
-            Some(i) => i.spiffe_id.clone(),
-            None => crate::events::reserved_name(id).map(|n| format!("reserved:{n}")).unwrap_or_else(|| format!("identity {id}")),
+    /// What a request needs, copied under the lock; the computing happens after it is
+    /// released, so that a page request never holds up the event and conntrack feeds.
+    pub fn freeze(&self, now: u64, window_s: u64) -> Frozen {
+        let limits = self.observed.limits();
+        Frozen {
+            node_name: self.node_name.clone(),
+            view: self.view.clone(),
+            observed: self.observed.window(now, window_s),
+            per_bucket: self.observed.denied_per_bucket(now, window_s),
+            compromised: self.compromised.clone(),
+            first_seen: self.first_seen.clone(),
+            max_permitted: self.max_permitted,
+            limits: Limitsout {
+                bucket_seconds: limits.bucket_s,
+                buckets: limits.buckets,
+                max_entries: limits.max_entries,
+                entries: self.observed.entries(),
+                oldest: self.observed.oldest_s(),
+                dropped: self.observed.dropped,
+                max_permitted: self.max_permitted,
+                permitted_dropped: 0,
+                events_lagged: self.events_lagged,
+            },
         }
+    }
+
+    pub fn name(&self, id: u32) -> String {
+        name_in(self.view.as_deref(), id)
+    }
+
+    pub fn render(&self, now: u64, window_s: u64) -> GraphOut {
+        self.freeze(now, window_s).render(now, window_s)
+    }
+
+    pub fn posture(&self, now: u64, window_s: u64) -> Result<posture::Posture, String> {
+        self.freeze(now, window_s).posture(now, window_s)
+    }
+}
+
+fn name_in(view: Option<&PolicyView>, id: u32) -> String {
+    match view.and_then(|v| v.identities.get(&id)) {
+        Some(i) => i.spiffe_id.clone(),
+        None => crate::events::reserved_name(id).map(|n| format!("reserved:{n}")).unwrap_or_else(|| format!("identity {id}")),
+    }
+}
+
+/// A request's copy of the graph (see `Graph::freeze`).
+pub struct Frozen {
+    node_name: String,
+    view: Option<Arc<PolicyView>>,
+    observed: BTreeMap<EdgeKey, observed::EdgeSummary>,
+    per_bucket: BTreeMap<u32, Vec<u64>>,
+    compromised: BTreeMap<u32, u64>,
+    first_seen: BTreeMap<u32, u64>,
+    max_permitted: usize,
+    limits: Limitsout,
+}
+
+impl Frozen {
+    fn name(&self, id: u32) -> String {
+        name_in(self.view.as_deref(), id)
     }
 
     fn rule_name(&self, view: &PolicyView, id: u32) -> String {
@@ -287,7 +343,7 @@ impl Graph {
 
     fn compute(&self, now: u64, window_s: u64) -> Option<Computed> {
         let view = self.view.clone()?;
-        let observed = self.observed.window(now, window_s);
+        let observed = self.observed.clone();
         let (permitted, permitted_dropped) = permitted_edges(&view, self.max_permitted);
         let used: Vec<bool> = permitted
             .iter()
@@ -306,10 +362,10 @@ impl Graph {
                 targets.entry(k.src).or_default().insert((k.dst, k.port));
             }
         }
-        let per_bucket = self.observed.denied_per_bucket(now, window_s);
+        let per_bucket = &self.per_bucket;
         let new: BTreeMap<u32, u64> = self.first_seen.iter().filter(|(_, t)| **t + window_s >= now).map(|(a, b)| (*a, *b)).collect();
         let compromised: BTreeMap<u32, u64> = self.compromised.iter().filter(|(id, _)| nodes.contains(id)).map(|(a, b)| (*a, *b)).collect();
-        let incidents = risk::detect(now, &compromised, &targets, &per_bucket, &new);
+        let incidents = risk::detect(now, &compromised, &targets, per_bucket, &new);
         let base = risk::base_risk(&incidents);
         let risk = risk::propagate(&nodes, &base, &links);
         let blast = nodes.iter().map(|id| (*id, risk::blast_radius(*id, &links))).collect();
@@ -317,7 +373,6 @@ impl Graph {
     }
 
     pub fn render(&self, now: u64, window_s: u64) -> GraphOut {
-        let limits = self.observed.limits();
         let mut out = GraphOut {
             node: self.node_name.clone(),
             generated_at: now,
@@ -330,17 +385,7 @@ impl Graph {
             top_risk: vec![],
             incidents: vec![],
             thresholds: Thresholds { yellow: risk::YELLOW, red: risk::RED, weight_used: risk::W_USED, weight_permitted: risk::W_PERMITTED },
-            limits: Limitsout {
-                bucket_seconds: limits.bucket_s,
-                buckets: limits.buckets,
-                max_entries: limits.max_entries,
-                entries: self.observed.entries(),
-                oldest: self.observed.oldest_s(),
-                dropped: self.observed.dropped,
-                max_permitted: self.max_permitted,
-                permitted_dropped: 0,
-                events_lagged: self.events_lagged,
-            },
+            limits: self.limits.clone(),
         };
         let Some(c) = self.compute(now, window_s) else { return out };
         out.policy_loaded = true;
@@ -432,11 +477,12 @@ impl Graph {
 /// `{"error": ...}` object when the query is wrong).
 pub fn answer(graph: &SharedGraph, what: &str, query: &str) -> String {
     let r = window_of_query(query).and_then(|w| {
-        let g = graph.lock().unwrap();
+        let now = now_s();
+        let f = graph.lock().unwrap().freeze(now, w);
         if what == "graph" {
-            serde_json::to_string(&g.render(now_s(), w)).map_err(|e| e.to_string())
+            serde_json::to_string(&f.render(now, w)).map_err(|e| e.to_string())
         } else {
-            g.posture(now_s(), w).and_then(|p| serde_json::to_string(&p).map_err(|e| e.to_string()))
+            f.posture(now, w).and_then(|p| serde_json::to_string(&p).map_err(|e| e.to_string()))
         }
     });
     let mut s = r.unwrap_or_else(|e| serde_json::json!({ "error": e }).to_string());

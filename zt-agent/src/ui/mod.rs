@@ -141,11 +141,19 @@ pub fn handle(req: &Request, graph: &SharedGraph, token: Option<&str>) -> Respon
         ("GET", "/vendor/cytoscape.min.js") => resp("200 OK", "text/javascript; charset=utf-8", CYTOSCAPE),
         ("GET", "/vendor/cytoscape.LICENSE") => resp("200 OK", "text/plain; charset=utf-8", CYTOSCAPE_LICENSE),
         ("GET", "/api/graph") => match window_of_query(&req.query) {
-            Ok(w) => json(&graph.lock().unwrap().render(now_s(), w)),
+            Ok(w) => {
+                let now = now_s();
+                let frozen = graph.lock().unwrap().freeze(now, w);
+                json(&frozen.render(now, w))
+            }
             Err(e) => error("400 Bad Request", &e),
         },
         ("GET", "/api/posture") => match window_of_query(&req.query) {
-            Ok(w) => match graph.lock().unwrap().posture(now_s(), w) {
+            Ok(w) => match {
+                let now = now_s();
+                let f = graph.lock().unwrap().freeze(now, w);
+                f.posture(now, w)
+            } {
                 Ok(p) => json(&p),
                 Err(e) => error("503 Service Unavailable", &e),
             },
