@@ -25,6 +25,8 @@ use risk::{Containment, Incident, Link, NodeRisk};
 pub const DEFAULT_WINDOW_S: u64 = 900;
 /// Default cap on permitted edges drawn.
 pub const DEFAULT_MAX_PERMITTED: usize = 20_000;
+/// An identity's `reach` lists at most this many identities (`blast_radius` counts all).
+pub const MAX_REACH_LISTED: usize = 100;
 /// Allow events remembered so that a conntrack scan does not count their flows again.
 const RECENT_FLOWS_MAX: usize = 65_536;
 
@@ -109,6 +111,7 @@ pub struct IdentityNode {
     pub compromised: bool,
     pub risk: NodeRisk,
     pub blast_radius: usize,
+    /// The first `MAX_REACH_LISTED` identities of the blast radius.
     pub reach: Vec<u32>,
     pub containment: Containment,
 }
@@ -193,7 +196,6 @@ struct Computed {
     permitted: Vec<permitted::PermittedEdge>,
     permitted_dropped: u64,
     used: Vec<bool>,
-    links: Vec<Link>,
     incidents: Vec<Incident>,
     risk: BTreeMap<u32, NodeRisk>,
     nodes: BTreeSet<u32>,
@@ -345,10 +347,13 @@ impl Frozen {
         let view = self.view.clone()?;
         let observed = self.observed.clone();
         let (permitted, permitted_dropped) = permitted_edges(&view, self.max_permitted);
-        let used: Vec<bool> = permitted
-            .iter()
-            .map(|p| observed.iter().any(|(k, s)| k.src == p.src && k.dst == p.dst && s.allowed > 0 && p.spec.contains(k.proto, k.port)))
-            .collect();
+        // Observed allowed (proto, port) per pair, to tell used permitted edges.
+        let mut allowed_by_pair: BTreeMap<(u32, u32), Vec<(u8, u16)>> = BTreeMap::new();
+        for (k, _) in observed.iter().filter(|(_, s)| s.allowed > 0) {
+            allowed_by_pair.entry((k.src, k.dst)).or_default().push((k.proto, k.port));
+        }
+        let used: Vec<bool> =
+            permitted.iter().map(|p| allowed_by_pair.get(&(p.src, p.dst)).is_some_and(|v| v.iter().any(|(pr, po)| p.spec.contains(*pr, *po)))).collect();
         let links: Vec<Link> = permitted.iter().zip(&used).map(|(p, u)| Link { src: p.src, dst: p.dst, used: *u }).collect();
         let mut nodes = view.node_ids();
         for k in observed.keys() {
@@ -368,8 +373,9 @@ impl Frozen {
         let incidents = risk::detect(now, &compromised, &targets, per_bucket, &new);
         let base = risk::base_risk(&incidents);
         let risk = risk::propagate(&nodes, &base, &links);
-        let blast = nodes.iter().map(|id| (*id, risk::blast_radius(*id, &links))).collect();
-        Some(Computed { view, observed, permitted, permitted_dropped, used, links, incidents, risk, nodes, blast })
+        let reach = risk::Reach::new(&links);
+        let blast = nodes.iter().map(|id| (*id, reach.from(*id))).collect();
+        Some(Computed { view, observed, permitted, permitted_dropped, used, incidents, risk, nodes, blast })
     }
 
     pub fn render(&self, now: u64, window_s: u64) -> GraphOut {
@@ -399,6 +405,12 @@ impl Frozen {
                 pods.entry(e.identity).or_default().insert(format!("{}/{}", p.namespace, p.name));
             }
         }
+        let mut out_counts: BTreeMap<u32, (usize, usize)> = BTreeMap::new();
+        for (p, u) in c.permitted.iter().zip(&c.used) {
+            let e = out_counts.entry(p.src).or_default();
+            e.0 += 1;
+            e.1 += *u as usize;
+        }
         for id in &c.nodes {
             let spiffe_id = self.name(*id);
             let (namespace, name) = match spiffe_id.split_once("/ns/").and_then(|(_, r)| r.split_once("/sa/")) {
@@ -406,8 +418,7 @@ impl Frozen {
                 None => (String::new(), spiffe_id.trim_start_matches("reserved:").to_string()),
             };
             let (isolated_ingress, isolated_egress) = local.get(id).copied().unwrap_or((false, false));
-            let out_edges: Vec<usize> = (0..c.permitted.len()).filter(|i| c.permitted[*i].src == *id).collect();
-            let used = out_edges.iter().filter(|i| c.used[**i]).count();
+            let (out_n, used) = out_counts.get(id).copied().unwrap_or((0, 0));
             let reach = &c.blast[id];
             out.identities.push(IdentityNode {
                 id: *id,
@@ -422,8 +433,8 @@ impl Frozen {
                 compromised: self.compromised.contains_key(id),
                 risk: c.risk[id].clone(),
                 blast_radius: reach.len(),
-                reach: reach.iter().copied().collect(),
-                containment: risk::containment(*id, &c.links, out_edges.len(), used),
+                reach: reach.iter().copied().take(MAX_REACH_LISTED).collect(),
+                containment: risk::containment(out_n, used, reach.len()),
             });
         }
         out.observed = c

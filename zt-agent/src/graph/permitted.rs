@@ -187,14 +187,43 @@ pub fn permitted_edges(view: &PolicyView, cap: usize) -> (Vec<PermittedEdge>, u6
     }
     let mut out = vec![];
     let mut dropped = 0u64;
+    // Peers an isolated side names (None: it allows any peer), so that a pair neither
+    // side can allow is skipped without a lookup.
+    let named = |id: u32, dir: u8| -> Option<BTreeSet<u32>> {
+        let list = allows.get(&(id, dir))?;
+        if list.iter().any(|(p, _)| *p == IDENTITY_ANY) {
+            return None;
+        }
+        Some(list.iter().map(|(p, _)| *p).collect())
+    };
+    let empty = BTreeSet::new();
     for &src in &nodes {
-        for &dst in &nodes {
+        let sl = local.get(&src);
+        let s_named = if sl.is_some_and(|x| x.1) {
+            Some(named(src, DIR_EGRESS).unwrap_or_else(|| if allows.contains_key(&(src, DIR_EGRESS)) { nodes.clone() } else { empty.clone() }))
+        } else {
+            None
+        };
+        let dsts: Box<dyn Iterator<Item = &u32>> = match &s_named {
+            Some(set) => Box::new(set.iter().filter(|d| nodes.contains(d))),
+            None => Box::new(nodes.iter()),
+        };
+        for &dst in dsts {
             if src == dst {
                 continue;
             }
-            let (sl, dl) = (local.get(&src), local.get(&dst));
+            let dl = local.get(&dst);
             if sl.is_none() && dl.is_none() {
                 continue;
+            }
+            if dl.is_some_and(|x| x.0) {
+                if let Some(set) = named(dst, DIR_INGRESS) {
+                    if !set.contains(&src) {
+                        continue;
+                    }
+                } else if !allows.contains_key(&(dst, DIR_INGRESS)) {
+                    continue;
+                }
             }
             // Candidate port sets: what either isolated side allows this peer (or any).
             let mut specs: BTreeSet<PortSpec> = BTreeSet::new();

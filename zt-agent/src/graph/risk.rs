@@ -141,23 +141,39 @@ pub fn propagate(nodes: &BTreeSet<u32>, base: &BTreeMap<u32, f64>, links: &[Link
         .collect()
 }
 
-/// What `id` can reach transitively over links (itself excluded).
-pub fn blast_radius(id: u32, links: &[Link]) -> BTreeSet<u32> {
-    let mut adj: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
-    for l in links {
-        adj.entry(l.src).or_default().push(l.dst);
+/// Who each identity may open a connection to, built once per request.
+pub struct Reach {
+    adj: BTreeMap<u32, Vec<u32>>,
+}
+
+impl Reach {
+    pub fn new(links: &[Link]) -> Reach {
+        let mut adj: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+        for l in links {
+            adj.entry(l.src).or_default().push(l.dst);
+        }
+        Reach { adj }
     }
-    let mut seen = BTreeSet::from([id]);
-    let mut q = VecDeque::from([id]);
-    while let Some(n) = q.pop_front() {
-        for d in adj.get(&n).into_iter().flatten() {
-            if seen.insert(*d) {
-                q.push_back(*d);
+
+    /// What `id` can reach transitively (itself excluded).
+    pub fn from(&self, id: u32) -> BTreeSet<u32> {
+        let mut seen = BTreeSet::from([id]);
+        let mut q = VecDeque::from([id]);
+        while let Some(n) = q.pop_front() {
+            for d in self.adj.get(&n).into_iter().flatten() {
+                if seen.insert(*d) {
+                    q.push_back(*d);
+                }
             }
         }
+        seen.remove(&id);
+        seen
     }
-    seen.remove(&id);
-    seen
+}
+
+/// What `id` can reach transitively over links (itself excluded).
+pub fn blast_radius(id: u32, links: &[Link]) -> BTreeSet<u32> {
+    Reach::new(links).from(id)
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -170,9 +186,9 @@ pub struct Containment {
     pub reach_lost: usize,
 }
 
-pub fn containment(id: u32, links: &[Link], edges: usize, used: usize) -> Containment {
-    let _ = links;
-    Containment { edges_cut: edges, used_edges_cut: used, reach_lost: blast_radius(id, links).len() }
+/// `reach`: the size of its blast radius, all of which a deny of its egress cuts.
+pub fn containment(edges: usize, used: usize, reach: usize) -> Containment {
+    Containment { edges_cut: edges, used_edges_cut: used, reach_lost: reach }
 }
 
 /// Per source identity's denied attempts: (distinct (dst, port) targets, per-bucket
@@ -291,7 +307,7 @@ mod tests {
         assert_eq!(blast_radius(3, &links), BTreeSet::from([2]));
         assert!(blast_radius(5, &links).is_empty());
         assert_eq!(blast_radius(4, &links), BTreeSet::from([1, 2, 3]));
-        let c = containment(1, &links, 1, 1);
+        let c = containment(1, 1, blast_radius(1, &links).len());
         assert_eq!(c, Containment { edges_cut: 1, used_edges_cut: 1, reach_lost: 2 });
     }
 
