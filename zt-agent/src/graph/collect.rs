@@ -237,4 +237,36 @@ mod tests {
         CtScan::default().apply(&mut g, &[f], 10_000_000_000, 1_000_010);
         assert!(g.observed.window(1_000_010, 600).is_empty());
     }
+
+    #[test]
+    fn drop_and_allow_events_become_observations() {
+        use crate::events::{EventRecord, Side};
+        let mut g = Graph::new("n", Limits::default(), 100);
+        g.set_view(lab(), 0);
+        let side = |ip: &str, port: u16, identity: u32| Side { ip: ip.parse().unwrap(), port, identity, spiffe_id: String::new(), pod: None };
+        let ev = |verdict: &str, reason: &str, rule: Option<&str>, sport: u16| EventRecord {
+            time_ns: 0,
+            direction: "egress".into(),
+            verdict: verdict.into(),
+            reason: reason.into(),
+            proto: "TCP".into(),
+            src: side("10.0.0.30", sport, 258),
+            dst: side("10.0.0.10", 80, 257),
+            rule: rule.map(str::to_string),
+            ifindex: 3,
+        };
+        add_event(&mut g, &ev("drop", "policy-default-deny", None, 5000), 1000);
+        add_event(&mut g, &ev("drop", "policy-default-deny", None, 5001), 1001);
+        add_event(&mut g, &ev("allow", "policy", Some("ZeroTrustPolicy default/r1 spec.egress[0]"), 5002), 1002);
+        add_event(&mut g, &ev("drop", "no-such-reason", None, 5003), 1003);
+        let w = g.observed.window(1003, 600);
+        let e = &w[&EdgeKey { src: 258, dst: 257, proto: 6, port: 80 }];
+        assert_eq!((e.denied, e.allowed), (3, 1));
+        assert_eq!((e.counts["drop/policy-default-deny"], e.counts["drop/other"], e.counts["allow/policy"]), (2, 1, 1));
+        // The rule's name is mapped back to its id; the allowed flow is not counted again
+        // by a conntrack scan.
+        assert_eq!(e.rules, std::collections::BTreeSet::from([1]));
+        assert!(g.counted_by_event(&("10.0.0.30".parse().unwrap(), "10.0.0.10".parse().unwrap(), 5002, 80, 6)));
+        assert!(!g.counted_by_event(&("10.0.0.30".parse().unwrap(), "10.0.0.10".parse().unwrap(), 5000, 80, 6)));
+    }
 }
