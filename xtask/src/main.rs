@@ -54,7 +54,7 @@ enum Cmd {
 /// iproute2: the agent and test bed drive interfaces and routes; prometheus: promtool checks /metrics.
 // dnsmasq-base: the FQDN tests' resolver; python3-scapy: their crafted DNS answers
 // (run with /usr/bin/python3, Debian's interpreter).
-const APT_PACKAGES: &[&str] = &["iproute2", "prometheus", "mount", "dnsmasq-base", "python3-scapy", "nftables"];
+const APT_PACKAGES: &[&str] = &["iproute2", "prometheus", "mount", "dnsmasq-base", "python3-scapy", "nftables", "chromium"];
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -203,6 +203,7 @@ fn setup() -> Result<()> {
     }
     apt_packages()?;
     python_tools()?;
+    browser_test_tools()?;
     nightly_rust_src()?;
     bpf_linker()?;
     Ok(())
@@ -234,6 +235,25 @@ fn python_tools() -> Result<()> {
     }
     eprintln!("xtask: installing kubernetes-validate from PyPI");
     run(Command::new("python3").args(["-m", "pip", "install", "-q", "kubernetes-validate"]))
+}
+
+/// The map page's browser test (tests/tests/e2e_ui.rs): Node.js and npm (the machine's,
+/// else Debian's), then playwright-core and cytoscape pinned by tests/ui/package-lock.json.
+/// Never a downloaded browser: the test drives Debian's chromium (APT_PACKAGES).
+fn browser_test_tools() -> Result<()> {
+    let have = |c: &str| Command::new(c).arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    if !have("node") || !have("npm") {
+        eprintln!("xtask: installing Debian packages nodejs, npm");
+        run(Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends", "nodejs", "npm"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    let ui = Path::new("tests/ui");
+    let installed = ui.join("node_modules/.package-lock.json");
+    let fresh = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if fresh(&installed).is_some() && fresh(&installed) >= fresh(&ui.join("package-lock.json")) {
+        return Ok(());
+    }
+    eprintln!("xtask: npm ci in tests/ui (playwright-core, cytoscape)");
+    run(Command::new("npm").args(["ci", "--no-audit", "--no-fund"]).current_dir(ui).env("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1"))
 }
 
 fn nightly_rust_src() -> Result<()> {

@@ -1,6 +1,8 @@
 //! The node-local admin socket ztctl talks to. One request line per connection:
 //! `events` streams live datapath events as JSON lines; `status` answers once;
-//! `cni <json>` is a request of the CNI plugin, answered by the agent's loop.
+//! `cni <json>` is a request of the CNI plugin, answered by the agent's loop;
+//! `graph window=15m` and `posture window=15m` answer the map's JSON once (`ztctl graph`,
+//! `ztctl posture`).
 use std::path::PathBuf;
 
 use anyhow::Result;
@@ -8,9 +10,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixListener;
 use tokio::sync::{broadcast, mpsc};
 
-use crate::{agent::cni::CniCall, events::EventRecord, metrics::Shared};
+use crate::{agent::cni::CniCall, events::EventRecord, graph::SharedGraph, metrics::Shared};
 
-pub async fn serve(path: PathBuf, events: broadcast::Sender<EventRecord>, metrics: Shared, cni: mpsc::Sender<CniCall>) -> Result<()> {
+pub async fn serve(path: PathBuf, events: broadcast::Sender<EventRecord>, metrics: Shared, cni: mpsc::Sender<CniCall>, graph: SharedGraph) -> Result<()> {
     let _ = std::fs::remove_file(&path);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -23,6 +25,7 @@ pub async fn serve(path: PathBuf, events: broadcast::Sender<EventRecord>, metric
         let mut rx = events.subscribe();
         let metrics = metrics.clone();
         let cni = cni.clone();
+        let graph = graph.clone();
         tokio::spawn(async move {
             let (r, mut w) = sock.into_split();
             let mut line = String::new();
@@ -55,6 +58,12 @@ pub async fn serve(path: PathBuf, events: broadcast::Sender<EventRecord>, metric
                         m.ready, m.identities, m.endpoints_local, m.policy_errors_total, m.policy_epoch
                     );
                     let _ = w.write_all(s.as_bytes()).await;
+                }
+                cmd if cmd == "graph" || cmd.starts_with("graph ") || cmd == "posture" || cmd.starts_with("posture ") => {
+                    let (what, query) = cmd.split_once(' ').unwrap_or((cmd, ""));
+                    let (what, query) = (what.to_string(), query.to_string());
+                    let reply = tokio::task::spawn_blocking(move || crate::graph::answer(&graph, &what, &query)).await.unwrap_or_default();
+                    let _ = w.write_all(reply.as_bytes()).await;
                 }
                 cmd if cmd.starts_with("cni ") => {
                     let reply = crate::agent::cni::forward(&cmd[4..], &cni, &metrics).await;

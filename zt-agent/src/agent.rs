@@ -79,6 +79,30 @@ pub struct AgentOptions {
     pub service_destroy: crate::services::destroy::Scope,
     /// Pod label keys left out of identities (`--identity-exclude-labels`).
     pub identity_labels: LabelFilter,
+    /// The flow and risk map and its page (`--graph-*`, `--ui-*`).
+    pub graph: GraphOptions,
+}
+
+/// The flow and risk map (graph/) and its page (ui/).
+#[derive(Clone, Debug)]
+pub struct GraphOptions {
+    pub limits: crate::graph::observed::Limits,
+    pub max_permitted: usize,
+    /// How often conntrack is scanned for allowed flows.
+    pub ct_interval: Duration,
+    /// The page's address and token; None: no page.
+    pub ui: Option<crate::ui::UiOptions>,
+}
+
+impl Default for GraphOptions {
+    fn default() -> Self {
+        GraphOptions {
+            limits: Default::default(),
+            max_permitted: crate::graph::DEFAULT_MAX_PERMITTED,
+            ct_interval: Duration::from_secs(5),
+            ui: None,
+        }
+    }
 }
 
 struct Agent {
@@ -145,6 +169,8 @@ struct Agent {
     /// The maps moved aside by a resize: conntrack and the rest are copied again just
     /// before the links are taken over.
     resize_from: Option<std::path::PathBuf>,
+    /// The flow and risk map: fed the compiled policy at each compile.
+    graph: crate::graph::SharedGraph,
 }
 
 /// Before the first full state: the node's addresses as `host` endpoints, where nothing
@@ -235,7 +261,14 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let (events_tx, _) = broadcast::channel::<EventRecord>(4096);
 
     let ring = datapath.take_events()?;
+    // The map subscribes before the first event is forwarded.
+    let graph = crate::graph::Graph::new(&opts.node_name, opts.graph.limits, opts.graph.max_permitted).shared();
+    tokio::spawn(crate::graph::collect::events(graph.clone(), events_tx.subscribe()));
     tokio::spawn(forward_events(ring, events_tx.clone(), snapshot.clone(), metrics.clone()));
+    crate::graph::collect::spawn_ct_scanner(&opts.bpffs_root, opts.graph.ct_interval, graph.clone(), metrics.clone()).context("the map's conntrack scanner")?;
+    if let Some(ui) = opts.graph.ui.clone() {
+        tokio::spawn(log_err("map page", crate::ui::serve(ui, graph.clone())));
+    }
     tokio::spawn(log_err("metrics", metrics::serve(opts.metrics_addr.clone(), metrics.clone(), opts.bpffs_root.clone())));
     // FQDN rules: name the addresses the kernel learns from DNS answers (cache, GC).
     // Conntrack: expired entries deleted, entries counted for the metrics (off the scrape).
@@ -249,7 +282,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     };
     let cni_attachments = cni::Attachments::load(opts.state_dir.join("cni-attachments.json"))?;
     let (cni_tx, mut cni_rx) = tokio::sync::mpsc::channel::<cni::CniCall>(256);
-    tokio::spawn(log_err("admin socket", crate::admin::serve(opts.admin_socket.clone(), events_tx.clone(), metrics.clone(), cni_tx)));
+    tokio::spawn(log_err("admin socket", crate::admin::serve(opts.admin_socket.clone(), events_tx.clone(), metrics.clone(), cni_tx, graph.clone())));
 
     // Kubernetes source events; the sender stays here with the directory source.
     let (source_tx, mut source_rx) = mpsc::channel::<SourceEvent>(8192);
@@ -303,6 +336,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         resize_from,
         last_svc_error: None,
         svc_revnat,
+        graph,
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -480,6 +514,8 @@ impl Agent {
                     self.svc_ids.assign(&self.services);
                     crate::services::judge::add_to(&mut d, &self.services, &self.svc_ids);
                     d.warnings.extend(svc_warnings);
+                    let namespaces = crate::graph::posture::namespace_default_deny(cluster, self.opts.enforcement_mode);
+                    self.graph.lock().unwrap().set_view(crate::graph::permitted::PolicyView::from_desired(&d, namespaces), crate::graph::now_s());
                     let mut m = self.metrics.lock().unwrap();
                     m.compile_seconds_sum += t.elapsed().as_secs_f64();
                     m.compile_count += 1;

@@ -175,6 +175,30 @@ struct Flags {
     /// Learned (identity, address) entries (LRU, shared by all pods of the node).
     #[arg(long, default_value_t = zt_common::DEFAULT_FQDN_LEARNED_MAX)]
     fqdn_learned_max: u32,
+    /// Address of the flow and risk map page (and its /api/graph, /api/posture);
+    /// `none`: no page. Any address but loopback needs --ui-token-file.
+    #[arg(long, default_value = "127.0.0.1:9963")]
+    ui_addr: String,
+    /// File holding the bearer token every request to the page must carry (at least 16
+    /// characters); required when --ui-addr is not a loopback address.
+    #[arg(long)]
+    ui_token_file: Option<PathBuf>,
+    /// The map's history: buckets of this many seconds ...
+    #[arg(long, default_value_t = 60)]
+    graph_bucket_seconds: u64,
+    /// ... this many of them (the oldest goes when a new one starts).
+    #[arg(long, default_value_t = 60)]
+    graph_buckets: usize,
+    /// Hard cap on the map's (bucket, edge) entries; what it keeps out is counted.
+    #[arg(long, default_value_t = 100_000)]
+    graph_max_entries: usize,
+    /// Hard cap on permitted edges drawn; the rest is counted.
+    #[arg(long, default_value_t = zt_agent::graph::DEFAULT_MAX_PERMITTED)]
+    graph_max_permitted: usize,
+    /// How often the map scans conntrack for allowed flows, seconds (keep it below
+    /// --ct-tcp-close-timeout so that short connections are seen).
+    #[arg(long, default_value_t = 5)]
+    graph_ct_interval: u64,
 }
 
 /// The trusted resolver patterns: the flags, or the defaults of the trust domain.
@@ -234,6 +258,12 @@ async fn main() -> anyhow::Result<()> {
         Some(dir) => PolicySource::Dir(dir),
         None => PolicySource::Kube(Box::new(zt_agent::source::kube::load_config(f.kubeconfig.as_deref()).await?)),
     };
+    let graph = zt_agent::agent::GraphOptions {
+        limits: zt_agent::graph::observed::Limits { bucket_s: f.graph_bucket_seconds, buckets: f.graph_buckets, max_entries: f.graph_max_entries },
+        max_permitted: f.graph_max_permitted,
+        ct_interval: Duration::from_secs(f.graph_ct_interval.max(1)),
+        ui: zt_agent::ui::UiOptions::parse(&f.ui_addr, f.ui_token_file.as_deref())?,
+    };
     let opts = AgentOptions {
         node_name,
         source,
@@ -286,6 +316,7 @@ async fn main() -> anyhow::Result<()> {
             .map(|c| zt_agent::compile::cidr::parse_cidr(c).map_err(|e| anyhow::anyhow!("--service-cidr: {e}")))
             .collect::<anyhow::Result<_>>()?,
         service_destroy: zt_agent::services::destroy::Scope::parse(&f.service_destroy_stale_sockets).map_err(anyhow::Error::msg)?,
+        graph,
     };
     run(opts).await
 }

@@ -68,6 +68,8 @@ pub struct AgentMetrics {
     pub svc_sockets_destroyed: BTreeMap<u8, u64>,
     /// Failures while destroying them (a namespace not entered, a refused destroy).
     pub svc_socket_destroy_errors: u64,
+    /// The flow map's fill and what its cap kept out (graph/metrics.rs).
+    pub graph: Option<crate::graph::metrics::GraphCounts>,
 }
 
 impl AgentMetrics {
@@ -201,6 +203,7 @@ pub fn render_with(m: &AgentMetrics, maps: Option<&PinnedMaps>, fqdn: Option<&Fq
     let ct_stats = maps.and_then(|m| m.ct_stats().ok());
     crate::conntrack_gc::render_metrics(&mut o, m.ct.as_ref(), ct_stats.as_deref());
     crate::fqdn::render_metrics(&mut o, m, fqdn);
+    crate::graph::metrics::render_metrics(&mut o, m.graph.as_ref());
     o
 }
 

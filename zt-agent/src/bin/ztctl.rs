@@ -98,6 +98,21 @@ enum Cmd {
     /// identity's slots, what a full map could not hold): the error, and the local
     /// identities and pods isolated with no allows because of it.
     Failures,
+    /// The flow and risk map as JSON (what the agent's page draws): identities by
+    /// namespace, observed edges (allowed and denied, counts by reason, first/last seen,
+    /// rules), permitted edges (the compiled policy), risk, blast radius. Needs the agent.
+    Graph {
+        /// How far back: 300, 90s, 15m, 2h.
+        #[arg(long, default_value = "15m")]
+        window: String,
+    },
+    /// What the policy leaves open: namespaces without default-deny, pods no policy
+    /// isolates, identities reachable from world, the largest blast radii, allow rules
+    /// that allowed nothing in the window. Needs the agent.
+    Posture {
+        #[arg(long, default_value = "15m")]
+        window: String,
+    },
     /// Service frontends (ClusterIP, external, load-balancer and node addresses) with the
     /// backends each translates to, their identities and pods.
     Services {
@@ -214,6 +229,20 @@ fn run() -> Result<()> {
             let (maps, snap) = (maps()?, snap()?);
             let rows = ctl::services::rows(&snap, |ip| ctl::services::identity_from_maps(&maps, ip), service.as_deref());
             ctl::print(json, &rows, ctl::services::table_row, &ctl::services::table_header())
+        }
+        Cmd::Graph { window } => {
+            let v = ctl::graph::request(&cli.admin_socket, "graph", &window)?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
+        Cmd::Posture { window } => {
+            let v = ctl::graph::request(&cli.admin_socket, "posture", &window)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", ctl::posture::text(&v));
+            }
+            Ok(())
         }
         Cmd::Explain { src, dst, proto_port } => {
             let (m, sn) = (maps()?, snap()?);

@@ -3,6 +3,8 @@
 pub mod explain;
 pub mod failures;
 pub mod fqdn;
+pub mod graph;
+pub mod posture;
 pub mod services;
 
 use std::io::{BufRead, BufReader, Write};
