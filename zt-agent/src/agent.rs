@@ -52,6 +52,8 @@ pub struct AgentOptions {
     pub state_dir: PathBuf,
     pub admin_socket: PathBuf,
     pub metrics_addr: String,
+    /// `--metrics-identity-pairs`: series cap of the per identity pair counters (0 = off).
+    pub metrics_identity_pairs: usize,
     pub trust_domain: String,
     pub enforcement_mode: EnforcementMode,
     /// `--host-access`: `All` sets CONFIG_ALLOW_HOST; `Probes` compiles probe ports.
@@ -218,6 +220,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     {
         let mut m = metrics.lock().unwrap();
         m.frags_capacity = capacity(&opts.bpffs_root, MAP_FRAGS)?;
+        m.pairs = crate::pair_metrics::PairCounts::new(opts.metrics_identity_pairs);
     }
     let snapshot: std::sync::Arc<std::sync::RwLock<Snapshot>> = Default::default();
     let (events_tx, _) = broadcast::channel::<EventRecord>(4096);
@@ -354,8 +357,11 @@ async fn forward_events(
             let ev: Event = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) };
             let rec = snapshot.read().unwrap().record(&ev);
             log::debug!("{rec}");
+            let mut m = metrics.lock().unwrap();
+            m.events_forwarded_total += 1;
+            m.pairs.count(&rec);
+            drop(m);
             let _ = tx.send(rec);
-            metrics.lock().unwrap().events_forwarded_total += 1;
         }
         guard.clear_ready();
     }

@@ -267,11 +267,11 @@ pub fn render_metrics(o: &mut String, c: Option<&CtCounts>, stats: Option<&[u64]
     }
     let _ = writeln!(
         o,
-        "# HELP zt_ct_pressure Fill of each conntrack map (entries / capacity) at the last GC pass; ZT_CT_EST at 1 refuses to protect new established flows, ZT_CT near 1 evicts.\n# TYPE zt_ct_pressure gauge"
+        "# HELP zt_ct_fill_ratio Fill of each conntrack map (entries / capacity) at the last GC pass; ZT_CT_EST at 1 refuses to protect new established flows, ZT_CT near 1 evicts.\n# TYPE zt_ct_fill_ratio gauge"
     );
     if let Some(c) = c {
         for (map, n, cap) in [(MAP_CT, c.new_entries, c.new_capacity), (MAP_CT_EST, c.est_entries, c.est_capacity)] {
-            let _ = writeln!(o, "zt_ct_pressure{{map=\"{map}\"}} {}", if cap == 0 { 0.0 } else { n as f64 / cap as f64 });
+            let _ = writeln!(o, "zt_ct_fill_ratio{{map=\"{map}\"}} {}", if cap == 0 { 0.0 } else { n as f64 / cap as f64 });
         }
     }
     let _ = writeln!(o, "# HELP zt_ct_gc_deleted_total Expired conntrack entries deleted by the agent's GC, by state.\n# TYPE zt_ct_gc_deleted_total counter");

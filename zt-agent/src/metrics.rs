@@ -64,6 +64,8 @@ pub struct AgentMetrics {
     pub svc_sockets_destroyed: BTreeMap<u8, u64>,
     /// Failures while destroying them (a namespace not entered, a refused destroy).
     pub svc_socket_destroy_errors: u64,
+    /// Opt-in per identity pair event counters (`--metrics-identity-pairs`).
+    pub pairs: crate::pair_metrics::PairCounts,
 }
 
 impl AgentMetrics {
@@ -198,6 +200,9 @@ pub fn render_with(m: &AgentMetrics, maps: Option<&PinnedMaps>, fqdn: Option<&Fq
     let ct_stats = maps.and_then(|m| m.ct_stats().ok());
     crate::conntrack_gc::render_metrics(&mut o, m.ct.as_ref(), ct_stats.as_deref());
     crate::fqdn::render_metrics(&mut o, m, fqdn);
+    m.pairs.render(&mut o);
+    line(&mut o, "Version of the running agent (always 1).", "gauge", "zt_agent_build_info");
+    let _ = writeln!(o, "zt_agent_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
     o
 }
 
