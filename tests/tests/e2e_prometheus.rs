@@ -124,17 +124,18 @@ impl Prometheus {
     /// Waits until Prometheus scraped the agent after `since` (a scrape that started
     /// later), so a query then sees every counter as of at least `since`.
     fn wait_scrape_after(&self, since: Instant) {
-        // `up`'s sample timestamp is the scrape's start time; compare with wall time.
+        // `timestamp(up)` is the time of the last scrape's sample (its start); the
+        // instant query's own timestamp, and timestamp() of anything but a plain
+        // selector (`up == 1`), is only the evaluation time.
         let since_wall = std::time::SystemTime::now() - since.elapsed();
         let since_s = since_wall.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
         let start = Instant::now();
         loop {
-            let r = self.query("up{job=\"zt-agent\"}");
-            if let Some(s) = r.first() {
-                let ts = s["value"][0].as_f64().unwrap_or(0.0);
-                if ts > since_s && sample_value(s) == 1.0 {
-                    return;
-                }
+            let r = self.query("timestamp(up{job=\"zt-agent\"})");
+            if r.first().is_some_and(|s| sample_value(s) > since_s) {
+                let up = self.value("up{job=\"zt-agent\"}");
+                assert_eq!(up, Some(1.0), "the last scrape of the agent failed; prometheus log:\n{}", self.log());
+                return;
             }
             assert!(start.elapsed() < Duration::from_secs(20), "no successful scrape of the agent after the traffic: {r:?}; prometheus log:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(200));
@@ -193,4 +194,181 @@ fn scrape_passes_promtool() {
     // And promtool does find problems (the check can fail): a counter without `_total`.
     let (ok, out) = promtool_check("# HELP zt_bad Bad.\n# TYPE zt_bad counter\nzt_bad 1\n");
     assert!(!ok && out.contains("_total"), "promtool accepted a counter without _total: {out}");
+}
+
+/// A policy input the source rejects (a SPIFFE ID of another trust domain): counted in
+/// `zt_policy_errors_total`, nothing else changes.
+const REJECTED: &str = "apiVersion: zt.dev/v1alpha1
+kind: ZeroTrustPolicy
+metadata: {name: foreign-domain, namespace: default}
+spec:
+  subjects: [{spiffeId: spiffe://cluster.local/ns/default/sa/notsleep}]
+  ingress:
+  - from: [{spiffeId: spiffe://other.domain/ns/default/sa/sleep}]
+    ports: [{protocol: TCP, port: 80}]
+";
+
+/// A valid policy that cannot compile (a pod selector on `pod-template-hash`, a label
+/// identities leave out): it fails closed for its subject notsleep only (already denied
+/// everything), so the "Objects failed closed" panel has a row.
+const FAIL_CLOSED_NOTSLEEP: &str = "apiVersion: zt.dev/v1alpha1
+kind: ZeroTrustPolicy
+metadata: {name: notsleep-excluded-label, namespace: default}
+spec:
+  subjects: [{spiffeId: spiffe://cluster.local/ns/default/sa/notsleep}]
+  ingress:
+  - from: [{podSelector: {matchLabels: {pod-template-hash: abc123}}}]
+    ports: [{protocol: TCP, port: 80}]
+";
+
+/// The e2e-demo lab (sleep, httpbin, notsleep with their own service accounts and the
+/// httpbin Service) served by the API stand-in, an agent watching it with `extra` args.
+fn kube_demo_bed(extra: &[&str]) -> (Bed, zt_testbed::ApiServer) {
+    let tb = testbed("e2e-demo");
+    let dir = tb.tmp_dir().join("cluster");
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(lab("e2e-demo")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "yaml") {
+            std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    let api = zt_testbed::ApiServer::start(&dir).unwrap();
+    let agent = tb.start_agent_kube("node1", &zt_testbed::bins::find("zt-agent").unwrap(), &api, extra).unwrap();
+    agent.wait_ready(Duration::from_secs(20)).unwrap();
+    (Bed { agent, dir, ztctl: zt_testbed::bins::find("ztctl").unwrap(), tb }, api)
+}
+
+fn demo_policy(name: &str) -> String {
+    std::fs::read_to_string(lab("demo").join(name)).unwrap()
+}
+
+/// Every `targets[].expr` of every panel (rows' nested panels too), with the panel title.
+fn dashboard_queries(d: &serde_json::Value) -> Vec<(String, String)> {
+    fn walk(panels: &serde_json::Value, out: &mut Vec<(String, String)>) {
+        for p in panels.as_array().into_iter().flatten() {
+            let title = p["title"].as_str().unwrap_or("?").to_string();
+            for t in p["targets"].as_array().into_iter().flatten() {
+                if let Some(e) = t["expr"].as_str() {
+                    out.push((title.clone(), e.to_string()));
+                }
+            }
+            walk(&p["panels"], out);
+        }
+    }
+    let mut out = vec![];
+    walk(&d["panels"], &mut out);
+    out
+}
+
+/// Grafana's variables as this test's Prometheus sees them: every agent, the rate window.
+fn interpolate(expr: &str) -> String {
+    expr.replace("$__rate_interval", RATE_INTERVAL).replace("$instance", ".+")
+}
+
+/// Debian's prometheus scrapes the agent in the node's netns; sleep -> httpbin (allowed)
+/// and notsleep -> httpbin (denied) TCP connections are counted exactly in its answers;
+/// then every dashboard query parses and returns data.
+#[test]
+fn prometheus_counts_verdicts_and_answers_every_dashboard_query() {
+    // Cap 2 with three dropped pairs below: the third is folded. Conntrack GC every
+    // second and closed TCP flows expiring after 1 s: the GC deletes the probes' flows
+    // while the test runs (the "Conntrack events" panel's deletions).
+    let (bed, api) =
+        kube_demo_bed(&["--metrics-identity-pairs", PAIR_CAP, "--ct-gc-interval", "1", "--ct-tcp-close-timeout", "1", "--ct-tcp-fin-timeout", "1"]);
+    let args = bed.agent.args();
+    let target: SocketAddr = args[args.iter().position(|a| a == "--metrics-addr").unwrap() + 1].parse().unwrap();
+    let netns = format!("zt{}-node1", bed.run_id());
+    let prom = Prometheus::start(&netns, target, &bed.tmp_dir().join("prometheus"));
+    prom.wait_scrape_after(Instant::now());
+
+    // Policy: default deny, then only sleep -> httpbin TCP 80.
+    let (sleep, httpbin, notsleep) = (pod("default", "sleep"), tgt("default", "httpbin", Family::V4), pod("default", "notsleep"));
+    bed.write("10-deny-all.yaml", &demo_policy("10-deny-all.yaml"));
+    bed.write("20-allow-sleep.yaml", &demo_policy("20-allow-sleep.yaml"));
+    let _ = api.sync_now();
+    bed.wait_probe(&sleep, &httpbin, Proto::Tcp, 80, &ok(""));
+    bed.wait_probe(&notsleep, &httpbin, Proto::Tcp, 80, &ProbeResult::Timeout);
+
+    let q_drop = "sum(zt_verdicts_total{direction=\"egress\",verdict=\"drop\",reason=\"policy-default-deny\"})";
+    let q_allow_out = "sum(zt_verdicts_total{direction=\"egress\",verdict=\"allow\",reason=\"policy\"})";
+    let q_allow_in = "sum(zt_verdicts_total{direction=\"ingress\",verdict=\"allow\",reason=\"policy\"})";
+    prom.wait_scrape_after(Instant::now());
+    let before: Vec<f64> = [q_drop, q_allow_out, q_allow_in].iter().map(|q| prom.value(q).unwrap_or_else(|| panic!("{q}: no series"))).collect();
+
+    // Traffic. The probes' sockets are the test's (not in a pod cgroup), so only the TC
+    // programs judge them: a denied SYN is dropped once at notsleep's egress (the probe
+    // gives up after 300 ms, before the first retransmission at 1 s); an allowed
+    // connection is judged `policy` once at sleep's egress and once at httpbin's
+    // ingress, its later packets are `established` / `reply`.
+    const ALLOWED_N: usize = 20;
+    const DENIED_N: usize = 15;
+    for i in 0..ALLOWED_N {
+        assert_eq!(bed.tb.probe(&sleep, &httpbin, Proto::Tcp, 80, ALLOWED), ok("default/httpbin"), "allowed connection {i}");
+    }
+    for i in 0..DENIED_N {
+        assert_eq!(bed.probe(&notsleep, &httpbin, Proto::Tcp, 80), ProbeResult::Timeout, "denied connection {i}");
+    }
+    let t1 = Instant::now();
+    prom.wait_scrape_after(t1);
+    let after: Vec<f64> = [q_drop, q_allow_out, q_allow_in].iter().map(|q| prom.value(q).unwrap()).collect();
+    let grew: Vec<f64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    println!(
+        "prometheus: drops +{} (sent {DENIED_N} denied SYNs), egress policy allows +{}, ingress +{} (sent {ALLOWED_N} allowed connections)",
+        grew[0], grew[1], grew[2]
+    );
+    assert_eq!(grew[0], DENIED_N as f64, "egress policy-default-deny drops in Prometheus");
+    assert_eq!(grew[1], ALLOWED_N as f64, "egress policy allows in Prometheus");
+    assert_eq!(grew[2], ALLOWED_N as f64, "ingress policy allows in Prometheus");
+    // What Prometheus stored is what the agent serves.
+    let m = bed.metrics();
+    assert_eq!(m.verdicts("egress", "drop", "policy-default-deny"), after[0], "agent /metrics vs prometheus");
+
+    // Data for the remaining panels: two more dropped identity pairs (the cap keeps two
+    // series, so httpbin -> sleep or sleep -> notsleep is folded), connections through the
+    // httpbin Service from inside sleep's cgroup (socket translation), and a policy
+    // change that fails closed (apply time, failed objects, a source event).
+    for _ in 0..3 {
+        assert_eq!(bed.probe(&pod("default", "httpbin"), &tgt("default", "sleep", Family::V4), Proto::Tcp, 80), ProbeResult::Timeout);
+        assert_eq!(bed.probe(&sleep, &tgt("default", "notsleep", Family::V4), Proto::Tcp, 80), ProbeResult::Timeout);
+    }
+    for _ in 0..3 {
+        let c = bed.connect_in(&sleep, "10.96.0.80", 8000, ALLOWED).unwrap();
+        assert_eq!(c.outcome, "default/httpbin", "sleep -> httpbin Service");
+    }
+    bed.write("30-foreign-domain.yaml", REJECTED);
+    bed.write("31-notsleep-excluded-label.yaml", FAIL_CLOSED_NOTSLEEP);
+    let _ = api.sync_now();
+    bed.wait_until("notsleep's policy failed closed", || bed.metrics().get("zt_policy_failed_identities", &[("name", "notsleep-excluded-label")]).is_some());
+    assert!(bed.metrics().val("zt_policy_errors_total", &[]) >= 1.0, "the foreign trust domain must be rejected");
+    prom.wait_scrape_after(Instant::now());
+    assert!(prom.value("zt_identity_pair_events_folded_total").unwrap() > 0.0, "the third pair must be folded");
+    assert_eq!(prom.value("zt_identity_pair_series").unwrap(), 2.0);
+
+    // The cap's two series name the pairs of the first drops (notsleep -> httpbin among them).
+    let pairs = prom.query("zt_identity_pair_events_total{verdict=\"drop\"}");
+    assert!(
+        pairs.iter().any(|s| s["metric"]["src_identity"] == "spiffe://cluster.local/ns/default/sa/notsleep"
+            && s["metric"]["dst_identity"] == "spiffe://cluster.local/ns/default/sa/httpbin"
+            && sample_value(s) >= DENIED_N as f64),
+        "no notsleep -> httpbin pair with >= {DENIED_N} drops: {pairs:?}"
+    );
+    bed.wait_until("a conntrack GC deletion", || bed.metrics().get("zt_ct_gc_deleted_total", &[]).is_some_and(|n| n > 0.0));
+    prom.wait_scrape_after(Instant::now());
+
+    // Every dashboard query, as Grafana would send it.
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/zt-dashboard.json");
+    let d: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let queries = dashboard_queries(&d);
+    assert!(queries.len() >= 20, "only {} queries found in {}", queries.len(), path.display());
+    let mut empty = vec![];
+    for (title, expr) in &queries {
+        let r = prom.query(&interpolate(expr));
+        let finite = r.iter().map(sample_value).filter(|v| v.is_finite()).count();
+        println!("panel {title:?}: {} series, {finite} finite: {expr}", r.len());
+        if finite == 0 {
+            empty.push(format!("{title}: {expr} -> {r:?}"));
+        }
+    }
+    assert!(empty.is_empty(), "dashboard queries without data:\n{}\nprometheus log:\n{}", empty.join("\n"), prom.log());
 }

@@ -410,6 +410,11 @@ impl Agent {
         m.source_events = watch.events.clone();
         m.source_relists = watch.relists.clone();
         m.source_errors = watch.errors.clone();
+        // Every kind from the start at 0, so rate()/increase() see the first relist or error.
+        for k in crate::model::ObjectKind::ALL {
+            m.source_relists.entry(k).or_insert(0);
+            m.source_errors.entry(k).or_insert(0);
+        }
         m.policy_last_load_ok = watch.rejected().is_empty();
         drop(m);
         for msg in batch.rejected {
