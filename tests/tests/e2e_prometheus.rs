@@ -372,3 +372,60 @@ fn prometheus_counts_verdicts_and_answers_every_dashboard_query() {
     }
     assert!(empty.is_empty(), "dashboard queries without data:\n{}\nprometheus log:\n{}", empty.join("\n"), prom.log());
 }
+
+/// The FQDN lab's client may reach `api.example.test` by name (and DNS at the trusted
+/// resolver `kube-system/dns`).
+const FQDN_POLICY: &str = "apiVersion: zt.dev/v1alpha1
+kind: ZeroTrustPolicy
+metadata: {name: client-egress, namespace: default}
+spec:
+  subjects: [{podSelector: {matchLabels: {app: client}}}]
+  egress:
+  - to: [{entity: dns}]
+    ports: [{protocol: UDP, port: 53}, {protocol: TCP, port: 53}]
+  - to: [{fqdn: {matchName: api.example.test}}]
+    ports: [{protocol: TCP, port: 8443}]
+";
+
+/// The dashboard's FQDN panels with DNS traffic (the other test's lab has none, so there
+/// they only show zeros): the lab `fqdn` with dnsmasq as the trusted resolver; the client
+/// resolves `api.example.test` and connects to the answer; every FQDN panel query then
+/// has a value above 0.
+#[test]
+fn fqdn_panels_count_dns_answers() {
+    use hickory_proto::rr::RecordType;
+    use zt_testbed::dns::{self, ext_v4, Dnsmasq, ExternalHost, Zone, EXT_TCP};
+    let bed = bed("fqdn", &[("10-fqdn.yaml", FQDN_POLICY)], &[]);
+    let _ext = ExternalHost::add(&bed.tb, "node1", Path::new(env!("CARGO_BIN_EXE_zt-testbed"))).unwrap();
+    let _dnsmasq = Dnsmasq::start(&bed.tb, &pod("kube-system", "dns"), &Zone::lab()).unwrap();
+    let args = bed.agent.args();
+    let target: SocketAddr = args[args.iter().position(|a| a == "--metrics-addr").unwrap() + 1].parse().unwrap();
+    let prom = Prometheus::start(&format!("zt{}-node1", bed.run_id()), target, &bed.tmp_dir().join("prometheus"));
+    prom.wait_scrape_after(Instant::now());
+
+    let client = bed.tb.pod("default", "client").unwrap().netns_path();
+    let server = bed.tb.pod_ip("kube-system", "dns", Family::V4).unwrap();
+    for _ in 0..5 {
+        let a = dns::resolve_in(&client, server, "api.example.test", RecordType::A, Duration::from_secs(2)).unwrap();
+        assert_eq!(a.addrs(), vec![ext_v4(1, 1)]);
+    }
+    let ip = ext_v4(1, 1);
+    let connected = sys::in_netns(&client, move || TcpStream::connect_timeout(&SocketAddr::new(ip, EXT_TCP), ALLOWED).is_ok()).unwrap();
+    assert!(connected, "client -> api.example.test after resolving");
+    bed.wait_until("the agent cached the name", || bed.metrics().get("zt_fqdn_cache_names", &[]).is_some_and(|n| n > 0.0));
+    prom.wait_scrape_after(Instant::now());
+
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/zt-dashboard.json");
+    let d: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let fqdn: Vec<(String, String)> = dashboard_queries(&d).into_iter().filter(|(_, e)| e.contains("fqdn") || e.contains("FQDN")).collect();
+    assert!(fqdn.len() >= 5, "FQDN queries in the dashboard: {fqdn:?}");
+    let mut zero = vec![];
+    for (title, expr) in &fqdn {
+        let sum: f64 = prom.query(&interpolate(expr)).iter().map(sample_value).filter(|v| v.is_finite()).sum();
+        println!("panel {title:?}: {sum}: {expr}");
+        if sum <= 0.0 {
+            zero.push(format!("{title}: {expr}"));
+        }
+    }
+    assert!(zero.is_empty(), "FQDN queries without a value above 0 after 5 answers:\n{}", zero.join("\n"));
+}
