@@ -429,3 +429,44 @@ fn fqdn_panels_count_dns_answers() {
     }
     assert!(zero.is_empty(), "FQDN queries without a value above 0 after 5 answers:\n{}", zero.join("\n"));
 }
+
+/// What Grafana needs of the dashboard beyond the queries (no root, no Prometheus):
+/// unique panel ids, every panel on the 24-column grid without overlapping another,
+/// every query panel bound to the `$datasource` variable, and every `$variable` a query
+/// uses defined in `templating` (or one of Grafana's own `$__` variables).
+#[test]
+fn dashboard_is_well_formed() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/zt-dashboard.json");
+    let d: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let vars: Vec<&str> = d["templating"]["list"].as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
+    let panels = d["panels"].as_array().unwrap();
+    let mut ids = std::collections::BTreeSet::new();
+    let mut cells = std::collections::BTreeMap::new();
+    for p in panels {
+        let title = p["title"].as_str().unwrap();
+        assert!(ids.insert(p["id"].as_u64().unwrap()), "duplicate id in {title}");
+        let g = &p["gridPos"];
+        let (x, y, w, h) = (g["x"].as_u64().unwrap(), g["y"].as_u64().unwrap(), g["w"].as_u64().unwrap(), g["h"].as_u64().unwrap());
+        assert!(w > 0 && h > 0 && x + w <= 24, "{title}: gridPos {g}");
+        for cx in x..x + w {
+            for cy in y..y + h {
+                if let Some(other) = cells.insert((cx, cy), title) {
+                    panic!("{title} overlaps {other} at ({cx}, {cy})");
+                }
+            }
+        }
+        if p["type"] == "row" {
+            continue;
+        }
+        assert_eq!(p["datasource"]["uid"], "${datasource}", "{title}");
+        let targets = p["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "{title} has no query");
+        for t in targets {
+            let expr = t["expr"].as_str().unwrap();
+            for var in expr.split('$').skip(1) {
+                let name: String = var.trim_start_matches('{').chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+                assert!(name.starts_with("__") || vars.contains(&name.as_str()), "{title}: ${name} is not a dashboard variable ({vars:?})");
+            }
+        }
+    }
+}
