@@ -1,6 +1,6 @@
 //! Project tasks. Every task first runs `setup`, which installs what zt needs on a
 //! fresh machine and is idempotent and cached:
-//! - Debian packages (iproute2, prometheus for promtool) when missing;
+//! - Debian packages (iproute2, prometheus and promtool, umoci, ...) when missing;
 //! - the nightly toolchain's rust-src (to build `core` for the BPF target);
 //! - bpf-linker built against the nightly toolchain's own libLLVM (version derived from
 //!   the toolchain, cached under ~/.cache/zt, rebuilt only when that LLVM changes).
@@ -11,6 +11,8 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+
+mod image;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -49,12 +51,27 @@ enum Cmd {
         #[arg(long, default_value_t = 300)]
         seconds: u64,
     },
+    /// Build the OCI image (zt-agent, ztctl, zt-cni and their shared libraries) with umoci,
+    /// no container engine: an OCI layout directory to push with skopeo.
+    Image {
+        /// Take the binaries from this directory instead of building them (release).
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// OCI image layout directory to write (replaced). Default: target/image/zt-agent.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Image tag. Default: the workspace version (deploy/ references it).
+        #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
+        tag: String,
+    },
 }
 
 /// iproute2: the agent and test bed drive interfaces and routes; prometheus: promtool checks /metrics.
 // dnsmasq-base: the FQDN tests' resolver; python3-scapy: their crafted DNS answers
 // (run with /usr/bin/python3, Debian's interpreter).
-const APT_PACKAGES: &[&str] = &["iproute2", "prometheus", "mount", "dnsmasq-base", "python3-scapy", "nftables", "chromium"];
+// umoci: `cargo xtask image` builds the OCI image with it (no container engine);
+// chromium: the map page's browser test.
+const APT_PACKAGES: &[&str] = &["iproute2", "prometheus", "mount", "dnsmasq-base", "python3-scapy", "nftables", "chromium", "umoci"];
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -77,6 +94,17 @@ fn main() -> Result<()> {
             run_env(Command::new("cargo").args(["run", "-q", "-p", "zt-tests", "--bin", "zt-demo"]))
         }
         Cmd::Fuzz { target, seconds } => fuzz(target.as_deref(), seconds),
+        Cmd::Image { bin_dir, out, tag } => {
+            let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
+            let bin_dir = match bin_dir {
+                Some(d) => d,
+                None => {
+                    run(Command::new("cargo").args(["build", "--release", "-p", "zt-agent", "-p", "zt-cni", "--bins"]))?;
+                    target.join("release")
+                }
+            };
+            image::build_image(&image::ImageOptions { bin_dir, out: out.unwrap_or_else(|| target.join("image/zt-agent")), tag })
+        }
         Cmd::Bench => {
             run_env(Command::new("cargo").args(["test", "--release", "-p", "zt-agent", "--test", "bench", "--", "--nocapture"]))?;
             // DNS latency with the FQDN capture on and off, in the netns test bed.

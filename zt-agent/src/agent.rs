@@ -52,6 +52,8 @@ pub struct AgentOptions {
     pub state_dir: PathBuf,
     pub admin_socket: PathBuf,
     pub metrics_addr: String,
+    /// `--metrics-identity-pairs`: series cap of the per identity pair counters (0 = off).
+    pub metrics_identity_pairs: usize,
     pub trust_domain: String,
     pub enforcement_mode: EnforcementMode,
     /// `--host-access`: `All` sets CONFIG_ALLOW_HOST; `Probes` compiles probe ports.
@@ -256,6 +258,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     {
         let mut m = metrics.lock().unwrap();
         m.frags_capacity = capacity(&opts.bpffs_root, MAP_FRAGS)?;
+        m.pairs = crate::pair_metrics::PairCounts::new(opts.metrics_identity_pairs);
     }
     let snapshot: std::sync::Arc<std::sync::RwLock<Snapshot>> = Default::default();
     let (events_tx, _) = broadcast::channel::<EventRecord>(4096);
@@ -401,8 +404,11 @@ async fn forward_events(
             let ev: Event = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) };
             let rec = snapshot.read().unwrap().record(&ev);
             log::debug!("{rec}");
+            let mut m = metrics.lock().unwrap();
+            m.events_forwarded_total += 1;
+            m.pairs.count(&rec);
+            drop(m);
             let _ = tx.send(rec);
-            metrics.lock().unwrap().events_forwarded_total += 1;
         }
         guard.clear_ready();
     }
@@ -451,6 +457,11 @@ impl Agent {
         m.source_events = watch.events.clone();
         m.source_relists = watch.relists.clone();
         m.source_errors = watch.errors.clone();
+        // Every kind from the start at 0, so rate()/increase() see the first relist or error.
+        for k in crate::model::ObjectKind::ALL {
+            m.source_relists.entry(k).or_insert(0);
+            m.source_errors.entry(k).or_insert(0);
+        }
         m.policy_last_load_ok = watch.rejected().is_empty();
         drop(m);
         for msg in batch.rejected {

@@ -278,26 +278,35 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// The conntrack series of `/metrics`, from the last GC pass and the kernel's counters.
+/// Every name `ct_state_name` gives.
+const CT_STATE_NAMES: [&str; 7] = ["tcp-syn", "tcp-established", "tcp-closing", "tcp-closed", "udp", "icmp", "other"];
+
 pub fn render_metrics(o: &mut String, c: Option<&CtCounts>, stats: Option<&[u64]>) {
     use std::fmt::Write as _;
     let _ = writeln!(o, "# HELP zt_ct_entries Tracked flows by map and state at the last conntrack GC pass.\n# TYPE zt_ct_entries gauge");
     if let Some(c) = c {
-        for ((map, state), n) in &c.entries {
+        // Every state of both maps, 0 when none: a gauge that vanishes reads as "no data".
+        let mut entries: BTreeMap<(&str, &str), usize> = [MAP_CT, MAP_CT_EST].iter().flat_map(|m| CT_STATE_NAMES.iter().map(move |s| ((*m, *s), 0))).collect();
+        entries.extend(c.entries.iter().map(|(k, n)| (*k, *n)));
+        for ((map, state), n) in &entries {
             let _ = writeln!(o, "zt_ct_entries{{map=\"{map}\",state=\"{state}\"}} {n}");
         }
     }
     let _ = writeln!(
         o,
-        "# HELP zt_ct_pressure Fill of each conntrack map (entries / capacity) at the last GC pass; ZT_CT_EST at 1 refuses to protect new established flows, ZT_CT near 1 evicts.\n# TYPE zt_ct_pressure gauge"
+        "# HELP zt_ct_fill_ratio Fill of each conntrack map (entries / capacity) at the last GC pass; ZT_CT_EST at 1 refuses to protect new established flows, ZT_CT near 1 evicts.\n# TYPE zt_ct_fill_ratio gauge"
     );
     if let Some(c) = c {
         for (map, n, cap) in [(MAP_CT, c.new_entries, c.new_capacity), (MAP_CT_EST, c.est_entries, c.est_capacity)] {
-            let _ = writeln!(o, "zt_ct_pressure{{map=\"{map}\"}} {}", if cap == 0 { 0.0 } else { n as f64 / cap as f64 });
+            let _ = writeln!(o, "zt_ct_fill_ratio{{map=\"{map}\"}} {}", if cap == 0 { 0.0 } else { n as f64 / cap as f64 });
         }
     }
     let _ = writeln!(o, "# HELP zt_ct_gc_deleted_total Expired conntrack entries deleted by the agent's GC, by state.\n# TYPE zt_ct_gc_deleted_total counter");
     if let Some(c) = c {
-        for (state, n) in &c.deleted {
+        // Every state from the start at 0, so rate() sees the first deletion.
+        let mut deleted: BTreeMap<&str, u64> = CT_STATE_NAMES.iter().map(|s| (*s, 0)).collect();
+        deleted.extend(c.deleted.iter().map(|(k, n)| (*k, *n)));
+        for (state, n) in &deleted {
             let _ = writeln!(o, "zt_ct_gc_deleted_total{{state=\"{state}\"}} {n}");
         }
     }
@@ -340,5 +349,14 @@ mod tests {
         assert!(ct_expired(&cfg, 6, &v(CT_TCP_ESTABLISHED), 100 * s + 21600 * s));
         assert!(!ct_expired(&cfg, 1, &v(0), 100 * s + 29 * s) && ct_expired(&cfg, 1, &v(0), 100 * s + 30 * s), "icmp: 30 s");
         assert_eq!(ct_remaining_s(&cfg, 17, &v(0), now), 49);
+    }
+
+    #[test]
+    fn state_names_cover_every_state() {
+        for proto in 0..=255u8 {
+            for state in 0..=255u8 {
+                assert!(super::CT_STATE_NAMES.contains(&ct_state_name(proto, state)), "{proto} {state}");
+            }
+        }
     }
 }

@@ -13,6 +13,7 @@ pub mod loader;
 pub mod metrics;
 pub mod model;
 pub mod net;
+pub mod pair_metrics;
 pub mod pins;
 pub mod pod_cgroup;
 pub mod resize;

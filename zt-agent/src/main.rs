@@ -13,7 +13,7 @@ use zt_agent::{
 };
 
 #[derive(Parser, Debug)]
-#[command(name = "zt-agent", about = "zt node agent: identity-keyed default-deny in the kernel")]
+#[command(name = "zt-agent", version, about = "zt node agent: identity-keyed default-deny in the kernel")]
 struct Flags {
     #[command(subcommand)]
     command: Option<Command>,
@@ -41,6 +41,10 @@ struct Flags {
     /// Address of the Prometheus endpoint.
     #[arg(long, default_value = "0.0.0.0:9962")]
     metrics_addr: String,
+    /// Count datapath events per identity pair in /metrics (`zt_identity_pair_events_total`,
+    /// SPIFFE IDs as labels), keeping at most this many series; 0 (default) = off.
+    #[arg(long, default_value_t = 0)]
+    metrics_identity_pairs: usize,
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
     /// `default`: Kubernetes semantics (an endpoint no policy selects is open);
@@ -271,6 +275,7 @@ async fn main() -> anyhow::Result<()> {
         state_dir: f.state_dir,
         admin_socket: f.admin_socket,
         metrics_addr: f.metrics_addr,
+        metrics_identity_pairs: f.metrics_identity_pairs,
         trust_domain: f.trust_domain,
         enforcement_mode: if f.enforcement_mode == "always" { EnforcementMode::Always } else { EnforcementMode::Default },
         host_access: zt_agent::compile::HostAccess::parse(&f.host_access).map_err(anyhow::Error::msg)?,

@@ -70,6 +70,8 @@ pub struct AgentMetrics {
     pub svc_socket_destroy_errors: u64,
     /// The flow map's fill and what its cap kept out (graph/metrics.rs).
     pub graph: Option<crate::graph::metrics::GraphCounts>,
+    /// Opt-in per identity pair event counters (`--metrics-identity-pairs`).
+    pub pairs: crate::pair_metrics::PairCounts,
 }
 
 impl AgentMetrics {
@@ -204,6 +206,9 @@ pub fn render_with(m: &AgentMetrics, maps: Option<&PinnedMaps>, fqdn: Option<&Fq
     crate::conntrack_gc::render_metrics(&mut o, m.ct.as_ref(), ct_stats.as_deref());
     crate::fqdn::render_metrics(&mut o, m, fqdn);
     crate::graph::metrics::render_metrics(&mut o, m.graph.as_ref());
+    m.pairs.render(&mut o);
+    line(&mut o, "Version of the running agent (always 1).", "gauge", "zt_agent_build_info");
+    let _ = writeln!(o, "zt_agent_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
     o
 }
 

@@ -11,7 +11,7 @@ use zt_agent::{
 };
 
 #[derive(Parser)]
-#[command(name = "ztctl", about = "Inspect zt on this node: identities, endpoints, policy, connections, drops, Services")]
+#[command(name = "ztctl", version, about = "Inspect zt on this node: identities, endpoints, policy, connections, drops, Services")]
 struct Cli {
     #[arg(long, global = true, default_value = "/sys/fs/bpf/zt")]
     bpffs_root: PathBuf,
