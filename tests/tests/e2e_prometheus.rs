@@ -413,6 +413,12 @@ fn fqdn_panels_count_dns_answers() {
     let connected = sys::in_netns(&client, move || TcpStream::connect_timeout(&SocketAddr::new(ip, EXT_TCP), ALLOWED).is_ok()).unwrap();
     assert!(connected, "client -> api.example.test after resolving");
     bed.wait_until("the agent cached the name", || bed.metrics().get("zt_fqdn_cache_names", &[]).is_some_and(|n| n > 0.0));
+    // Map fill is counted by the FQDN GC pass (every 10 s), not by the scrape.
+    let t = Instant::now();
+    while !bed.metrics().get("zt_map_entries", &[("map", "ZT_FQDN_LEARNED")]).is_some_and(|n| n > 0.0) {
+        assert!(t.elapsed() < Duration::from_secs(25), "the FQDN GC pass did not count the learned address within 25 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     prom.wait_scrape_after(Instant::now());
 
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana/zt-dashboard.json");
