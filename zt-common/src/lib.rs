@@ -99,6 +99,10 @@ pub enum Reason {
     /// interface (a Service hairpin kube-proxy DNATed back to the pod, masqueraded or
     /// not). NetworkPolicy never blocks a pod from itself, and only the pod receives it.
     AllowSelf = 12,
+    /// A new flow matched an allow rule that requires authentication, and the peer's
+    /// identity is proven for the node its address is on (`ZT_AUTH_PROOFS`). Conntrack
+    /// marks the flow `CT_PROVEN`.
+    AllowAuthenticated = 13,
 
     /// An explicit deny rule matched.
     DropPolicyDeny = 16,
@@ -150,7 +154,7 @@ pub const REASON_SLOTS: u32 = 32;
 pub const COUNTER_SLOTS: u32 = DIR_COUNT * REASON_SLOTS;
 
 impl Reason {
-    pub const ALL: [Reason; 27] = [
+    pub const ALL: [Reason; 28] = [
         Reason::AllowPolicy,
         Reason::AllowEstablished,
         Reason::AllowReply,
@@ -163,6 +167,7 @@ impl Reason {
         Reason::AllowFqdn,
         Reason::AllowService,
         Reason::AllowSelf,
+        Reason::AllowAuthenticated,
         Reason::DropPolicyDeny,
         Reason::DropPolicyDefault,
         Reason::DropUnknownEndpoint,
@@ -203,6 +208,7 @@ impl Reason {
             Reason::AllowFqdn => "fqdn",
             Reason::AllowService => "service",
             Reason::AllowSelf => "self",
+            Reason::AllowAuthenticated => "authenticated",
             Reason::DropPolicyDeny => "policy-deny",
             Reason::DropPolicyDefault => "policy-default-deny",
             Reason::DropUnknownEndpoint => "unknown-endpoint",

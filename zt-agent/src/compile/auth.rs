@@ -10,9 +10,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use zt_common::{DIR_INGRESS, IDENTITY_HOST, POLICY_FLAG_AUTH_REQUIRED, VERDICT_ALLOW};
 
+use std::net::IpAddr;
+
 use super::{Peers, Rule, Rules};
-use crate::state::{Action, PolicyEntryKey};
-use zt_common::PolicyValue;
+use crate::model::ClusterState;
+use crate::state::{Action, EndpointEntry, PolicyEntryKey};
+use zt_common::{auth_node_id, PolicyValue, AUTH_NODE_UNKNOWN, EP_LOCAL};
 
 /// STRICT subjects that no policy isolates for ingress: isolated, with every new flow
 /// from a proven peer allowed (STRICT adds authentication, it takes nothing away).
@@ -48,4 +51,28 @@ pub(crate) fn strict_flags(policy: &mut BTreeMap<PolicyEntryKey, PolicyValue>, s
             v.flags |= POLICY_FLAG_AUTH_REQUIRED;
         }
     }
+}
+
+/// The node number of every pod endpoint of another node. Two node names with one
+/// number leave both unknown (never proven: fail closed), with a warning.
+pub(crate) fn endpoint_nodes(cluster: &ClusterState, endpoints: &BTreeMap<IpAddr, EndpointEntry>) -> BTreeMap<IpAddr, u32> {
+    let node_of = |e: &EndpointEntry| -> Option<&str> {
+        let p = e.pod.as_ref()?;
+        cluster.pods.get(&(p.namespace.clone(), p.name.clone()))?.spec.as_ref()?.node_name.as_deref()
+    };
+    let mut names: BTreeMap<u32, BTreeSet<&str>> = BTreeMap::new();
+    for n in cluster.nodes.keys().map(String::as_str).chain(endpoints.values().filter_map(node_of)) {
+        names.entry(auth_node_id(n.as_bytes())).or_default().insert(n);
+    }
+    for (id, ns) in names.iter().filter(|(_, ns)| ns.len() > 1) {
+        log::warn!("nodes {ns:?} share the proof number {id:#x}: their pods' identities are never proven");
+    }
+    endpoints
+        .iter()
+        .filter(|(_, e)| e.flags & EP_LOCAL == 0)
+        .filter_map(|(ip, e)| {
+            let id = auth_node_id(node_of(e)?.as_bytes());
+            Some((*ip, if names[&id].len() > 1 { AUTH_NODE_UNKNOWN } else { id }))
+        })
+        .collect()
 }

@@ -236,6 +236,7 @@ pub fn compile_with_slots(
     for r in identity::reserved_identities() {
         identities.insert(r.id, r);
     }
+    let endpoint_nodes = auth::endpoint_nodes(cluster, &endpoints);
     let desired = Desired {
         identities,
         endpoints,
@@ -248,6 +249,7 @@ pub fn compile_with_slots(
         fqdn_slots: fq.slots,
         warnings,
         failures,
+        endpoint_nodes,
     };
     *ids = alloc;
     *slots = fqdn_slots;

@@ -1530,3 +1530,11 @@ fn strict_leaves_host_probes_plain() {
     let probed = id(&d, "probed");
     assert_eq!(flags_of(&d, (96, probed, IDENTITY_HOST, I, 6, 8081)), Some(0));
 }
+
+#[test]
+fn remote_pods_carry_their_nodes_proof_number() {
+    let d = run("");
+    let db = ip("10.0.0.3");
+    assert_eq!(d.endpoint_nodes.get(&db), Some(&auth_node_id(b"node-b")));
+    assert!(!d.endpoint_nodes.contains_key(&ip("10.0.0.1")), "local pods are this node's");
+}
