@@ -126,7 +126,10 @@ fn an_unknown_node_is_never_proven_and_local_peers_are_proven_by_this_node() {
     let mut dp = dp("auth-local");
     // The remote endpoint's node unknown (0): not even a proof under node 0 counts.
     let ip: std::net::IpAddr = REMOTE.parse().unwrap();
-    dp.maps.endpoints.insert(EndpointKey { addr: to_key(ip) }, EndpointValue { identity: ID_REMOTE, flags: 0, ifindex: 0, cgroup: AUTH_NODE_UNKNOWN }, 0).unwrap();
+    dp.maps
+        .endpoints
+        .insert(EndpointKey { addr: to_key(ip) }, EndpointValue { identity: ID_REMOTE, flags: 0, ifindex: 0, cgroup: AUTH_NODE_UNKNOWN }, 0)
+        .unwrap();
     prove(&mut dp, AUTH_NODE_UNKNOWN, ID_REMOTE, 60_000_000_000);
     assert_eq!(dp.run(TO, &syn(REMOTE, 2000, AUTH_PORT)), TC_DROP);
     // A local peer: the node's own proof of its identity.
@@ -203,7 +206,10 @@ fn explain_agrees_with_the_kernel() {
         let before: Vec<u64> = dp.maps.counters().unwrap();
         let verdict = dp.run(TO, &syn(REMOTE, sport, port));
         let after: Vec<u64> = dp.maps.counters().unwrap();
-        let reason = Reason::ALL.into_iter().find(|r| after[counter_index(DIR_INGRESS, *r as u8) as usize] > before[counter_index(DIR_INGRESS, *r as u8) as usize]).unwrap();
+        let reason = Reason::ALL
+            .into_iter()
+            .find(|r| after[counter_index(DIR_INGRESS, *r as u8) as usize] > before[counter_index(DIR_INGRESS, *r as u8) as usize])
+            .unwrap();
         let e = zt_agent::ctl::explain::explain(&dp.maps, &snap, REMOTE, POD, &format!("tcp/{port}")).unwrap();
         assert_eq!(e.checks.len(), 1, "{e:?}");
         let c = &e.checks[0];
