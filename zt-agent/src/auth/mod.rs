@@ -14,6 +14,8 @@ use zt_common::{AuthProofKey, AuthProofValue};
 
 use crate::pins::AuthProofsMap;
 
+pub mod book;
+
 /// CLOCK_BOOTTIME now, nanoseconds: the kernel's `bpf_ktime_get_boot_ns`.
 pub fn boottime_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
