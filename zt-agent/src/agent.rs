@@ -562,6 +562,11 @@ impl Agent {
                     }
                 };
                 self.dirty = false;
+                // This node's pods are proven by the agent itself (issue 10).
+                match crate::auth::sync_node(&mut self.maps.auth_proofs, AUTH_NODE_SELF, &crate::auth::self_proofs(&want.endpoints)) {
+                    Ok(s) => self.pending_bump |= s.withdrew,
+                    Err(e) => log::error!("writing this node's proofs: {e:#}"),
+                }
                 self.clear_freed_slots()?;
                 self.release_quarantined()?;
             }

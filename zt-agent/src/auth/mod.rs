@@ -39,6 +39,25 @@ pub struct ProofSync {
     pub withdrew: bool,
 }
 
+/// Makes the map's entries of `node` exactly `want` (entries of other nodes untouched):
+/// writes first, removals last.
+pub fn sync_node(map: &mut AuthProofsMap, node: u32, want: &BTreeMap<AuthProofKey, AuthProofValue>) -> Result<ProofSync> {
+    let mut all: BTreeMap<AuthProofKey, AuthProofValue> = read(map)?.into_iter().filter(|(k, _)| k.node != node).collect();
+    all.extend(want.iter().filter(|(k, _)| k.node == node).map(|(k, v)| (*k, *v)));
+    sync(map, &all)
+}
+
+/// This node's own proofs: every workload identity of a local endpoint, proven by the
+/// agent itself (it made the pod's interface and knows its address). They do not expire;
+/// they leave with the identity's last local pod (a withdrawal: the caller bumps the epoch).
+pub fn self_proofs(endpoints: &BTreeMap<[u8; 16], zt_common::EndpointValue>) -> BTreeMap<AuthProofKey, AuthProofValue> {
+    endpoints
+        .values()
+        .filter(|v| v.flags & zt_common::EP_LOCAL != 0 && v.identity >= zt_common::IDENTITY_FIRST_WORKLOAD)
+        .map(|v| (AuthProofKey { node: zt_common::AUTH_NODE_SELF, identity: v.identity }, AuthProofValue { expires_ns: u64::MAX }))
+        .collect()
+}
+
 /// The proofs the map holds now.
 pub fn read(map: &AuthProofsMap) -> Result<BTreeMap<AuthProofKey, AuthProofValue>> {
     let mut out = BTreeMap::new();
