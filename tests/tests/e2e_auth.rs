@@ -50,4 +50,5 @@ fn an_unproven_peer_is_dropped_on_an_auth_required_rule_and_allowed_on_a_plain_o
     let auth = bed.ztctl_json(&["auth"]);
     let proofs = auth["proofs"].as_array().unwrap();
     assert!(proofs.iter().any(|p| p["node"] == "this node" && p["spiffe_id"] == "spiffe://cluster.local/ns/default/sa/default"), "{auth}");
+    assert_eq!(bed.metrics().get("zt_auth_proofs", &[("by", "self")]), Some(1.0), "a's identity");
 }
