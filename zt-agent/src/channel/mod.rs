@@ -9,6 +9,7 @@
 //! `NodeCredential`, so a renewed SVID is used by the next channel.
 
 pub mod proofs;
+pub mod session;
 pub mod verifier;
 
 use std::collections::BTreeSet;
