@@ -623,6 +623,15 @@ impl Agent {
                     }
                 };
                 self.dirty = false;
+                // This node's pods are proven by the agent itself (issue 10).
+                let own = crate::auth::self_proofs(&want.endpoints);
+                match crate::auth::sync_node(&mut self.maps.auth_proofs, AUTH_NODE_SELF, &own) {
+                    Ok(s) => {
+                        self.pending_bump |= s.withdrew;
+                        self.metrics.lock().unwrap().auth_proofs_self = own.len();
+                    }
+                    Err(e) => log::error!("writing this node's proofs: {e:#}"),
+                }
                 self.clear_freed_slots()?;
                 self.release_quarantined()?;
             }

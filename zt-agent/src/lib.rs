@@ -1,5 +1,6 @@
 pub mod admin;
 pub mod agent;
+pub mod auth;
 pub mod cgroup_link;
 pub mod channel;
 pub mod compile;

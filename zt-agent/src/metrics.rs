@@ -38,6 +38,8 @@ pub struct AgentMetrics {
     pub policy_last_load_ok: bool,
     pub map_errors_total: u64,
     pub policy_epoch: u32,
+    /// Entries of ZT_AUTH_PROOFS this node's agent wrote for its own pods (issue 10).
+    pub auth_proofs_self: usize,
     pub events_forwarded_total: u64,
     /// The policy source reaches its input (always true for the directory source).
     pub source_up: bool,
@@ -161,6 +163,8 @@ pub fn render_with(m: &AgentMetrics, maps: Option<&PinnedMaps>, fqdn: Option<&Fq
     let _ = writeln!(o, "zt_endpoints{{scope=\"local\"}} {}\nzt_endpoints{{scope=\"remote\"}} {}", m.endpoints_local, m.endpoints_remote);
     line(&mut o, "Policy epoch (bumped when an allow is withdrawn; tracked flows re-verify).", "gauge", "zt_policy_epoch");
     let _ = writeln!(o, "zt_policy_epoch {}", m.policy_epoch);
+    line(&mut o, "Identity proofs in the datapath (ZT_AUTH_PROOFS), by who proved them.", "gauge", "zt_auth_proofs");
+    let _ = writeln!(o, "zt_auth_proofs{{by=\"self\"}} {}", m.auth_proofs_self);
     line(&mut o, "Datapath events the agent forwarded to admin-socket subscribers.", "counter", "zt_agent_events_forwarded_total");
     let _ = writeln!(o, "zt_agent_events_forwarded_total {}", m.events_forwarded_total);
     line(&mut o, "Requests of the zt-cni plugin, by command and outcome.", "counter", "zt_cni_requests_total");

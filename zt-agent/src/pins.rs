@@ -36,6 +36,7 @@ pub type FqdnNamesMap = HashMap<MapData, FqdnNameKey, FqdnNameValue>;
 pub type FqdnPortsMap = LpmTrie<MapData, PolicyKey, FqdnPortsValue>;
 pub type FqdnLearnedMap = HashMap<MapData, FqdnLearnedKey, FqdnLearnedValue>;
 pub type DnsServersMap = HashMap<MapData, u32, u32>;
+pub type AuthProofsMap = HashMap<MapData, AuthProofKey, AuthProofValue>;
 
 /// The pinned maps user space reads and writes.
 pub struct PinnedMaps {
@@ -59,6 +60,8 @@ pub struct PinnedMaps {
     pub dns_stats: CounterMap,
     pub tunnels: crate::tunnels::TunnelsMap,
     pub svc_stats: CounterMap,
+    /// (node, identity) -> expiry of a proof (issue 10, `crate::auth`).
+    pub auth_proofs: AuthProofsMap,
 }
 
 impl PinnedMaps {
@@ -83,6 +86,7 @@ impl PinnedMaps {
             dns_stats: open(MAP_DNS_STATS)?.try_into()?,
             tunnels: open(MAP_TUNNELS)?.try_into()?,
             svc_stats: open(MAP_SVC_STATS)?.try_into()?,
+            auth_proofs: open(MAP_AUTH_PROOFS)?.try_into()?,
         })
     }
 

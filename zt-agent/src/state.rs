@@ -90,6 +90,9 @@ pub struct Desired {
     pub warnings: Vec<String>,
     /// Objects that failed to compile, and the local identities that fail closed for them.
     pub failures: Vec<Failure>,
+    /// Pods of other nodes: their node's number (`zt_common::auth_node_id`; 0 when two
+    /// node names share one), where proofs of their identity are looked up.
+    pub endpoint_nodes: BTreeMap<IpAddr, u32>,
 }
 
 /// One object (a policy, a pod) or one identity's rules that could not be compiled or

@@ -81,7 +81,9 @@ impl Contents {
         let mut c = Contents::default();
         for (ip, ep) in &d.endpoints {
             let idx = ifindex.get(ip).copied().unwrap_or(0);
-            c.endpoints.insert(to_key(*ip), EndpointValue { identity: ep.identity, flags: ep.flags, ifindex: idx, cgroup: 0 });
+            // A pod of another node: its node's number where `cgroup` is (zt-common auth.rs).
+            let node = if ep.flags & EP_LOCAL == 0 { d.endpoint_nodes.get(ip).copied().unwrap_or(0) } else { 0 };
+            c.endpoints.insert(to_key(*ip), EndpointValue { identity: ep.identity, flags: ep.flags, ifindex: idx, cgroup: node });
         }
         for (cidr, id) in &d.cidrs {
             c.cidrs.insert((key_prefix(cidr.addr, cidr.prefix), to_key(cidr.addr)), CidrValue { identity: *id });

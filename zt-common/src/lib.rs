@@ -8,6 +8,8 @@ pub mod fqdn;
 pub use fqdn::*;
 pub mod services;
 pub use services::*;
+pub mod auth;
+pub use auth::*;
 
 /// Map pin directory name under the bpffs root. Bump on any layout change so that an
 /// upgraded agent never reads maps written with another layout.
@@ -97,6 +99,10 @@ pub enum Reason {
     /// interface (a Service hairpin kube-proxy DNATed back to the pod, masqueraded or
     /// not). NetworkPolicy never blocks a pod from itself, and only the pod receives it.
     AllowSelf = 12,
+    /// A new flow matched an allow rule that requires authentication, and the peer's
+    /// identity is proven for the node its address is on (`ZT_AUTH_PROOFS`). Conntrack
+    /// marks the flow `CT_PROVEN`.
+    AllowAuthenticated = 13,
 
     /// An explicit deny rule matched.
     DropPolicyDeny = 16,
@@ -135,6 +141,10 @@ pub enum Reason {
     /// and policy does not allow every current backend on its target port (or there is
     /// none): kube-proxy could DNAT it to a backend no rule allowed.
     DropService = 29,
+    /// A new flow on a rule that requires authentication (`authentication: required`, or
+    /// a STRICT namespace) whose peer identity is not proven, or no longer, for the node
+    /// its address is on (`ZT_AUTH_PROOFS`): the address claims an identity nobody proved.
+    DropAuthRequired = 30,
 }
 
 pub const REASON_FIRST_DROP: u8 = 16;
@@ -144,7 +154,7 @@ pub const REASON_SLOTS: u32 = 32;
 pub const COUNTER_SLOTS: u32 = DIR_COUNT * REASON_SLOTS;
 
 impl Reason {
-    pub const ALL: [Reason; 26] = [
+    pub const ALL: [Reason; 28] = [
         Reason::AllowPolicy,
         Reason::AllowEstablished,
         Reason::AllowReply,
@@ -157,6 +167,7 @@ impl Reason {
         Reason::AllowFqdn,
         Reason::AllowService,
         Reason::AllowSelf,
+        Reason::AllowAuthenticated,
         Reason::DropPolicyDeny,
         Reason::DropPolicyDefault,
         Reason::DropUnknownEndpoint,
@@ -171,6 +182,7 @@ impl Reason {
         Reason::DropSpoofedSource,
         Reason::DropTunnel,
         Reason::DropService,
+        Reason::DropAuthRequired,
     ];
 
     pub const fn is_drop(self) -> bool {
@@ -196,6 +208,7 @@ impl Reason {
             Reason::AllowFqdn => "fqdn",
             Reason::AllowService => "service",
             Reason::AllowSelf => "self",
+            Reason::AllowAuthenticated => "authenticated",
             Reason::DropPolicyDeny => "policy-deny",
             Reason::DropPolicyDefault => "policy-default-deny",
             Reason::DropUnknownEndpoint => "unknown-endpoint",
@@ -210,6 +223,7 @@ impl Reason {
             Reason::DropSpoofedSource => "spoofed-source",
             Reason::DropTunnel => "tunnel",
             Reason::DropService => "service-backends-denied",
+            Reason::DropAuthRequired => "auth-required",
         }
     }
 }
@@ -328,6 +342,8 @@ pub struct EndpointValue {
     /// the cgroup programs leave a packet to the pod's TC hook only if its socket is in
     /// that cgroup, so that a new pod reusing the address (while the agent is down) is
     /// never taken for the old one.
+    /// A pod of another node: its node's number (`auth_node_id`, 0 if not known), where
+    /// proofs of its identity are looked up (`EndpointValue::auth_node`, auth.rs).
     pub cgroup: u32,
 }
 
@@ -523,7 +539,8 @@ pub const CT_SEEN_REPLY: u8 = 1 << 2;
 /// FIN seen from the side that opened the flow / from the other side.
 pub const CT_FIN_ORIG: u8 = 1 << 3;
 pub const CT_FIN_REPLY: u8 = 1 << 4;
-/// Reserved: the flow's peer identity was proven when it was judged (issue 10).
+/// The flow's peer identity was proven when it was judged (issue 10): its allowing entry
+/// required authentication. A flow attribute, not TCP state: kept across port reuse.
 pub const CT_PROVEN: u8 = 1 << 5;
 /// Reserved: the flow is steered to the agent's HTTP proxy (issue 11).
 pub const CT_L7: u8 = 1 << 6;
@@ -535,7 +552,7 @@ pub const fn ct_tcp_next(state: u8, flags: u8, reply: bool) -> u8 {
     let st = state & CT_STATE_MASK;
     // A new SYN from the opener on a closed tuple (port reuse): a new connection.
     if st == CT_TCP_CLOSED && !reply && flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN {
-        return CT_TCP_SYN;
+        return (state & CT_PROVEN) | CT_TCP_SYN;
     }
     let mut bits = state & !CT_STATE_MASK;
     if reply {
@@ -754,6 +771,8 @@ mod ct_tests {
         assert_eq!(ct_tcp_next(run(&[(TCP_SYN, false)]), TCP_RST | TCP_ACK, true) & CT_STATE_MASK, CT_TCP_CLOSED);
         // Port reuse: a fresh SYN from the opener restarts; one from the other side does not.
         assert_eq!(ct_tcp_next(closed, TCP_SYN, false), CT_TCP_SYN);
+        // ... keeping what the flow was judged with (proven), not its TCP bits.
+        assert_eq!(ct_tcp_next(closed | CT_PROVEN | CT_SEEN_REPLY, TCP_SYN, false), CT_PROVEN | CT_TCP_SYN);
         assert_eq!(ct_tcp_next(closed, TCP_SYN, true) & CT_STATE_MASK, CT_TCP_CLOSED);
     }
 

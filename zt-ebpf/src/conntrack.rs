@@ -198,6 +198,13 @@ fn is_pod(addr: &[u8; 16]) -> bool {
     }
 }
 
+/// `CT_PROVEN` for a flow allowed as authenticated (without a branch: no new verifier
+/// states on the paths that follow).
+#[inline(always)]
+fn proven_bit(d: &Decision) -> u8 {
+    ((d.reason as u8 == Reason::AllowAuthenticated as u8) as u8) << CT_PROVEN.trailing_zeros()
+}
+
 /// Forgets a flow whose allow was withdrawn.
 #[inline(never)]
 pub fn remove(f: &Flow, hook: &Hook, found: &Found) {
@@ -275,7 +282,7 @@ pub fn create(f: &Flow, hook: &Hook, epoch: u32, d: &Decision) {
         rule_id: d.rule_id,
         policy_port: f.policy_port,
         reason: d.reason as u8,
-        state: if f.proto == IPPROTO_TCP { ct_tcp_next(0, f.tcp_flags, false) } else { 0 },
+        state: if f.proto == IPPROTO_TCP { ct_tcp_next(0, f.tcp_flags, false) } else { 0 } | proven_bit(d),
         peer_if: d.peer_if,
     };
     if CT.insert(&forward_key(f, hook), &v, 0).is_err() {

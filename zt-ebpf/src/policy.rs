@@ -7,7 +7,7 @@ use aya_ebpf::maps::lpm_trie::Key;
 use zt_common::*;
 
 use crate::{
-    fqdn,
+    auth, fqdn,
     maps::{CIDRS, ENDPOINTS, POLICY, SVC_BACKENDS, SVC_CIDRS, SVC_FRONTENDS, SVC_STATS, TUNNELS},
     parse::Flow,
 };
@@ -186,13 +186,13 @@ fn decide_inner(cfg: &Config, hook: &Hook, f: &Flow, j: &Judged, peer_id: u32) -
     }
     let exact = POLICY.get(&Key::new(POLICY_PREFIX_FULL, PolicyKey::new(local_id, peer_id, dir, proto, port)));
     let any = POLICY.get(&Key::new(POLICY_PREFIX_FULL, PolicyKey::new(local_id, IDENTITY_ANY, dir, proto, port)));
-    let (exact_v, exact_r) = match exact {
-        Some(v) => (v.verdict, v.rule_id),
-        None => (0, 0),
+    let (exact_v, exact_r, exact_f) = match exact {
+        Some(v) => (v.verdict, v.rule_id, v.flags),
+        None => (0, 0, 0),
     };
-    let (any_v, any_r) = match any {
-        Some(v) => (v.verdict, v.rule_id),
-        None => (0, 0),
+    let (any_v, any_r, any_f) = match any {
+        Some(v) => (v.verdict, v.rule_id, v.flags),
+        None => (0, 0, 0),
     };
     if exact_v == VERDICT_DENY {
         return deny(Reason::DropPolicyDeny, local_id, peer_id, exact_r);
@@ -204,11 +204,19 @@ fn decide_inner(cfg: &Config, hook: &Hook, f: &Flow, j: &Judged, peer_id: u32) -
     if host_probe {
         return allow(Reason::AllowHost, local_id, peer_id, 0);
     }
-    if exact_v == VERDICT_ALLOW {
-        return allow(Reason::AllowPolicy, local_id, peer_id, exact_r);
-    }
-    if any_v == VERDICT_ALLOW {
-        return allow(Reason::AllowPolicy, local_id, peer_id, any_r);
+    if exact_v == VERDICT_ALLOW || any_v == VERDICT_ALLOW {
+        // An allow is an allow: authentication is needed only if every entry that allows
+        // the flow requires it (a missing entry's flags count as requiring it).
+        let rule = if exact_v == VERDICT_ALLOW { exact_r } else { any_r };
+        let fe = if exact_v == VERDICT_ALLOW { exact_f } else { POLICY_FLAG_AUTH_REQUIRED };
+        let fa = if any_v == VERDICT_ALLOW { any_f } else { POLICY_FLAG_AUTH_REQUIRED };
+        if fe & fa & POLICY_FLAG_AUTH_REQUIRED != 0 {
+            if auth::proven(hook, f, peer_id) {
+                return allow(Reason::AllowAuthenticated, local_id, peer_id, rule);
+            }
+            return deny(Reason::DropAuthRequired, local_id, peer_id, rule);
+        }
+        return allow(Reason::AllowPolicy, local_id, peer_id, rule);
     }
     // Names learned from DNS answers: only for peers outside the cluster (a pod keeps
     // its pod identity whatever name resolved to it). Denies were checked above.

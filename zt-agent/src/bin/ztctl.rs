@@ -113,6 +113,10 @@ enum Cmd {
         #[arg(long, default_value = "15m")]
         window: String,
     },
+    /// Authentication: this node's SVIDs (ID, not-before, not-after, next refresh), peers
+    /// (channel state, clock offset), proofs in the datapath (identity, node, expiry), and
+    /// what is wrong in words (clock skew, expired SVIDs).
+    Auth,
     /// Service frontends (ClusterIP, external, load-balancer and node addresses) with the
     /// backends each translates to, their identities and pods.
     Services {
@@ -219,6 +223,40 @@ fn run() -> Result<()> {
             }
             let rows = ctl::fqdn::rows(&maps()?, &fq, &snap()?, &cli.state_dir, identity.as_deref(), name.as_deref())?;
             ctl::print(json, &rows, ctl::fqdn::table_row, &ctl::fqdn::table_header())
+        }
+        Cmd::Auth => {
+            let (maps, snap) = (maps()?, snap()?);
+            let st = ctl::auth::AuthState::load(&cli.state_dir).unwrap_or_else(|e| {
+                eprintln!("ztctl: {e:#}: showing the datapath's proofs only");
+                ctl::auth::AuthState::default()
+            });
+            let proofs = ctl::auth::proofs(&maps, &snap, &st)?;
+            let problems = ctl::auth::diagnose(&st, std::time::SystemTime::now());
+            if json {
+                let v = serde_json::json!({"node": st.node, "svids": st.svids, "peers": st.peers, "proofs": proofs, "problems": problems});
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            println!("{:<60} {:>12} {:>12} {:>12}", "SVID", "NOT BEFORE", "NOT AFTER", "REFRESH");
+            for s in &st.svids {
+                println!("{:<60} {:>12} {:>12} {:>12}", s.spiffe_id, s.not_before, s.not_after, s.next_refresh);
+            }
+            println!("\n{:<24} {:<12} {:>14}", "PEER", "CHANNEL", "CLOCK OFFSET");
+            for p in &st.peers {
+                let off = p.clock_offset_s.map(|o| format!("{o:+.1}s")).unwrap_or("-".into());
+                println!("{:<24} {:<12} {:>14}", p.node, p.state, off);
+            }
+            println!("\n{:<10} {:<60} {:<24} {:>10}", "IDENTITY", "SPIFFE ID", "PROVEN BY", "EXPIRES IN");
+            for r in &proofs {
+                println!("{:<10} {:<60} {:<24} {:>9}s", r.identity, r.spiffe_id, r.node, r.expires_in_s);
+            }
+            if !problems.is_empty() {
+                println!();
+                for p in &problems {
+                    println!("problem: {p}");
+                }
+            }
+            Ok(())
         }
         Cmd::Failures => {
             let (maps, snap) = (maps()?, snap()?);

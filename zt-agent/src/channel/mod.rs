@@ -8,6 +8,8 @@
 //! `zt-node/1`. Each handshake takes the node SVID current at that moment from a
 //! `NodeCredential`, so a renewed SVID is used by the next channel.
 
+pub mod proofs;
+pub mod session;
 pub mod verifier;
 
 use std::collections::BTreeSet;

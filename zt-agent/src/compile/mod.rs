@@ -8,6 +8,7 @@
 //! `Desired::failures` says so; only a node-wide error (no identity numbers left, a bad
 //! trust domain) fails the whole compile, leaving the identity allocator untouched.
 
+mod auth;
 pub mod cidr;
 mod failures;
 pub(crate) mod fqdn;
@@ -211,6 +212,7 @@ pub fn compile_with_slots(
         out.isolate(&ctx.local_ids(), DIR_INGRESS);
         out.isolate(&ctx.local_ids(), DIR_EGRESS);
     }
+    auth::strict_rules(&mut out);
 
     for e in endpoints.values_mut() {
         if e.flags & EP_LOCAL != 0 {
@@ -218,7 +220,8 @@ pub fn compile_with_slots(
             e.flags |= fq.flags.get(&e.identity).copied().unwrap_or(0);
         }
     }
-    let policy = policy::entries(&ctx, &out.rules);
+    let mut policy = policy::entries(&ctx, &out.rules);
+    auth::strict_flags(&mut policy, &out.strict);
     let warnings = fqdn::unreachable_dns(&policy, fq.slots.keys().copied(), &ctx.dns_servers)
         .into_iter()
         .map(|id| {
@@ -237,6 +240,7 @@ pub fn compile_with_slots(
     for r in identity::reserved_identities() {
         identities.insert(r.id, r);
     }
+    let endpoint_nodes = auth::endpoint_nodes(cluster, &endpoints);
     let desired = Desired {
         identities,
         endpoints,
@@ -249,6 +253,7 @@ pub fn compile_with_slots(
         fqdn_slots: fq.slots,
         warnings,
         failures,
+        endpoint_nodes,
     };
     *ids = alloc;
     *slots = fqdn_slots;
@@ -337,6 +342,8 @@ pub(crate) struct Rule {
     pub peers: Peers,
     /// Empty = any protocol and port.
     pub ports: Vec<PortMatch>,
+    /// `authentication: required`: what it allows needs a proof of the peer's identity.
+    pub auth: bool,
 }
 
 /// The compiled rules, their descriptions and which local identities are isolated.
@@ -348,6 +355,9 @@ pub(crate) struct Rules {
     pub isolated: BTreeMap<u32, u32>,
     /// The FQDN parts of egress rules (compiled by fqdn.rs).
     pub fqdn: Vec<fqdn::FqdnRule>,
+    /// STRICT (a ZeroTrustPolicy's `spec.authentication: required`): local identity ->
+    /// the first policy (`Kind ns/name`) that made it so (auth.rs).
+    pub strict: BTreeMap<u32, String>,
 }
 
 impl Rules {

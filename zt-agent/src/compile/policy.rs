@@ -5,10 +5,16 @@
 //! wrongly by being *longer* than a deny that covers it: such allows (same local and
 //! direction, peer equal or the deny's peer ANY, key range inside the deny's) are
 //! dropped. An equal key with both verdicts is a deny.
+//!
+//! `authentication: required` (POLICY_FLAG_AUTH_REQUIRED) follows allow semantics: an
+//! allow is an allow, so a flow some rule allows without authentication needs none. An
+//! equal key keeps the flag only if every allow there has it, and a longer entry loses it
+//! when a plain allow of the same peer covers it (the kernel sees only the longest match;
+//! across the exact and the any-peer entry it ANDs the flag itself).
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use zt_common::{PolicyKey, PolicyValue, IDENTITY_ANY, VERDICT_ALLOW, VERDICT_DENY};
+use zt_common::{PolicyKey, PolicyValue, IDENTITY_ANY, POLICY_FLAG_AUTH_REQUIRED, VERDICT_ALLOW, VERDICT_DENY};
 
 use super::ports::{blocks, Block, PortMatch};
 use super::{Ctx, Peers, Rule};
@@ -19,12 +25,15 @@ use crate::state::{Action, PolicyEntryKey};
 type Key = (u32, u8, u32, Block);
 
 pub(crate) fn entries(ctx: &Ctx<'_>, rules: &[Rule]) -> BTreeMap<PolicyEntryKey, PolicyValue> {
-    let mut map: BTreeMap<Key, (Action, u32)> = BTreeMap::new();
-    let mut put = |key: Key, action: Action, rule_id: u32| {
-        let v = map.entry(key).or_insert((action, rule_id));
-        // Deny wins; among equals the first rule (lowest id) names the entry.
+    let mut map: BTreeMap<Key, (Action, u32, bool)> = BTreeMap::new();
+    let mut put = |key: Key, action: Action, rule_id: u32, auth: bool| {
+        let v = map.entry(key).or_insert((action, rule_id, auth));
+        // Deny wins; among equals the first rule (lowest id) names the entry, except
+        // that a plain allow names it over one requiring authentication (it decides).
         if action == Action::Deny && v.0 == Action::Allow {
-            *v = (action, rule_id);
+            *v = (action, rule_id, false);
+        } else if action == Action::Allow && v.0 == Action::Allow && v.2 && !auth {
+            *v = (action, rule_id, false);
         }
     };
 
@@ -46,13 +55,14 @@ pub(crate) fn entries(ctx: &Ctx<'_>, rules: &[Rule]) -> BTreeMap<PolicyEntryKey,
                             (local, r.dir, peer, Block::port(*proto, port)),
                             r.action,
                             r.id,
+                            r.auth,
                         );
                     }
                     continue;
                 }
                 for b in blocks(m) {
                     for &peer in &peers {
-                        put((local, r.dir, peer, b), r.action, r.id);
+                        put((local, r.dir, peer, b), r.action, r.id, r.auth);
                     }
                 }
             }
@@ -60,8 +70,9 @@ pub(crate) fn entries(ctx: &Ctx<'_>, rules: &[Rule]) -> BTreeMap<PolicyEntryKey,
     }
 
     prune(&mut map);
+    plain_allows_win(&mut map);
     map.into_iter()
-        .map(|((local, dir, peer, b), (action, rule_id))| {
+        .map(|((local, dir, peer, b), (action, rule_id, auth))| {
             let verdict = if action == Action::Deny {
                 VERDICT_DENY
             } else {
@@ -74,7 +85,7 @@ pub(crate) fn entries(ctx: &Ctx<'_>, rules: &[Rule]) -> BTreeMap<PolicyEntryKey,
                 },
                 PolicyValue {
                     verdict,
-                    flags: 0,
+                    flags: if auth { POLICY_FLAG_AUTH_REQUIRED } else { 0 },
                     _pad: [0; 2],
                     rule_id,
                 },
@@ -83,15 +94,31 @@ pub(crate) fn entries(ctx: &Ctx<'_>, rules: &[Rule]) -> BTreeMap<PolicyEntryKey,
         .collect()
 }
 
+/// An allow requiring authentication that a plain allow of the same local, direction and
+/// peer covers needs none: the plain one allows the flow already.
+fn plain_allows_win(map: &mut BTreeMap<Key, (Action, u32, bool)>) {
+    let mut plain: BTreeMap<(u32, u8, u32), Vec<Block>> = BTreeMap::new();
+    for ((local, dir, peer, b), (a, _, auth)) in map.iter() {
+        if *a == Action::Allow && !*auth {
+            plain.entry((*local, *dir, *peer)).or_default().push(*b);
+        }
+    }
+    for ((local, dir, peer, b), (a, _, auth)) in map.iter_mut() {
+        if *a == Action::Allow && *auth && plain.get(&(*local, *dir, *peer)).is_some_and(|bs| bs.iter().any(|pb| pb.covers(b))) {
+            *auth = false;
+        }
+    }
+}
+
 /// Remove allows that a deny of the same local and direction covers.
-fn prune(map: &mut BTreeMap<Key, (Action, u32)>) {
+fn prune(map: &mut BTreeMap<Key, (Action, u32, bool)>) {
     let mut denies: BTreeMap<(u32, u8), Vec<(u32, Block)>> = BTreeMap::new();
-    for ((local, dir, peer, b), (a, _)) in map.iter() {
+    for ((local, dir, peer, b), (a, _, _)) in map.iter() {
         if *a == Action::Deny {
             denies.entry((*local, *dir)).or_default().push((*peer, *b));
         }
     }
-    map.retain(|(local, dir, peer, b), (a, _)| {
+    map.retain(|(local, dir, peer, b), (a, _, _)| {
         *a == Action::Deny
             || !denies.get(&(*local, *dir)).is_some_and(|ds| {
                 ds.iter()

@@ -1472,3 +1472,80 @@ fn a_quarantined_pod_keeps_only_its_host_probes() {
     let d = try_run(&format!("{probed}{allow}{bad}"), &CompileConfig { host_access: HostAccess::None, ..cfg() }).unwrap();
     assert!(entries_of(&d, id(&d, "probed")).is_empty());
 }
+
+// ---------------------------------------------------------------------------
+// Authentication (issue 10): rule-level `authentication: required` and STRICT
+// ---------------------------------------------------------------------------
+
+/// (prefix, local, peer, dir, proto, port) -> flags of the entry.
+fn flags_of(d: &Desired, key: (u32, u32, u32, u8, u8, u16)) -> Option<u8> {
+    d.policy.iter().find(|(k, _)| (k.prefix_len, k.key.local_id(), k.key.peer_id(), k.key.dir, k.key.proto, k.key.port()) == key).map(|(_, v)| v.flags)
+}
+
+#[test]
+fn authentication_required_rules_flag_their_allows_and_plain_allows_win() {
+    let spec = "  subjects: [{spiffeId: spiffe://cluster.local/ns/default/sa/web}]\n  ingress:\n\
+        \x20   - {from: [{spiffeId: spiffe://cluster.local/ns/default/sa/client}], ports: [{port: 8080}], authentication: required}\n\
+        \x20   - {from: [{spiffeId: spiffe://cluster.local/ns/default/sa/db}], ports: [{port: 8080}]}\n\
+        \x20   - {from: [{spiffeId: spiffe://cluster.local/ns/default/sa/db}], ports: [{port: 9000}], authentication: required}\n\
+        \x20   - {from: [{spiffeId: spiffe://cluster.local/ns/default/sa/db}], ports: [{port: 9000, endPort: 9001}]}\n\
+        \x20   - {from: [{spiffeId: spiffe://cluster.local/ns/prod/sa/api}], ports: [{port: 7000}], authentication: required}\n\
+        \x20   - {from: [{spiffeId: spiffe://cluster.local/ns/prod/sa/api}], ports: [{port: 7000}]}\n\
+        \x20 egress:\n\
+        \x20   - {to: [{spiffeId: spiffe://cluster.local/ns/default/sa/db}], ports: [{port: 5432}], authentication: required}\n";
+    let d = run(&ztp("default", "z", spec));
+    let (web, client, db, api) = (id(&d, "web"), id(&d, "client"), id(&d, "db"), id(&d, "api"));
+    let auth = Some(POLICY_FLAG_AUTH_REQUIRED);
+    assert_eq!(flags_of(&d, (96, web, client, I, 6, 8080)), auth);
+    assert_eq!(flags_of(&d, (96, web, db, I, 6, 8080)), Some(0), "a plain rule is unaffected");
+    assert_eq!(flags_of(&d, (96, web, db, E, 6, 5432)), auth, "egress: the destination's identity");
+    // A plain range covering the longer auth entry: the plain allow decides.
+    assert_eq!(flags_of(&d, (96, web, db, I, 6, 9000)), Some(0));
+    // Same key, one plain and one auth rule: plain, named by the plain rule.
+    let (k, v) = d.policy.iter().find(|(k, _)| k.key.local_id() == web && k.key.peer_id() == api).unwrap();
+    assert_eq!((k.key.port(), v.flags), (7000, 0));
+    assert_eq!(d.rules[&v.rule_id].path, "spec.ingress[5]");
+}
+
+#[test]
+fn strict_namespace_flags_every_ingress_allow_and_isolates_the_open() {
+    // default: STRICT (no subjects: the whole namespace). web has a NetworkPolicy
+    // allowing client on 8080 (isolated); client has none (opened to proven peers).
+    let d = run(
+        &(np("default", "web", "  podSelector: {matchLabels: {app: web}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}], ports: [{port: 8080}]}]\n")
+            + &ztp("default", "strict", "  authentication: required\n")),
+    );
+    let (web, client, worker) = (id(&d, "web"), id(&d, "client"), id(&d, "worker"));
+    let auth = Some(POLICY_FLAG_AUTH_REQUIRED);
+    assert_eq!(flags_of(&d, (96, web, client, I, 6, 8080)), auth, "another policy's allow, flagged");
+    assert_eq!(entries_of(&d, web).len(), 1, "STRICT opens nothing on an isolated pod");
+    assert_eq!(flags(&d, "client") & EP_ENFORCE_INGRESS, EP_ENFORCE_INGRESS);
+    assert_eq!(flags(&d, "client") & EP_ENFORCE_EGRESS, 0, "egress untouched");
+    assert_eq!(flags_of(&d, (72, client, IDENTITY_ANY, I, 0, 0)), auth);
+    let v = d.policy.iter().find(|(k, _)| k.key.local_id() == client).unwrap().1;
+    assert_eq!(d.rules[&v.rule_id].path, "spec.authentication");
+    assert!(d.rules[&v.rule_id].source.contains("default/strict"));
+    // prod is not STRICT: worker has no entries, not isolated.
+    assert!(entries_of(&d, worker).is_empty());
+    assert_eq!(flags(&d, "worker") & EP_ENFORCE_INGRESS, 0);
+}
+
+#[test]
+fn strict_leaves_host_probes_plain() {
+    let mut c = cfg();
+    c.host_access = HostAccess::Probes;
+    let probe = "---\napiVersion: v1\nkind: Pod\nmetadata: {name: probed, namespace: default, labels: {app: probed}}\n\
+        spec:\n  nodeName: node-a\n  serviceAccountName: probed\n  containers: [{name: c, readinessProbe: {tcpSocket: {port: 8081}}}]\n\
+        status: {phase: Running, podIP: 10.0.0.9}\n";
+    let d = try_run(&(probe.to_string() + &ztp("default", "strict", "  authentication: required\n")), &c).unwrap();
+    let probed = id(&d, "probed");
+    assert_eq!(flags_of(&d, (96, probed, IDENTITY_HOST, I, 6, 8081)), Some(0));
+}
+
+#[test]
+fn remote_pods_carry_their_nodes_proof_number() {
+    let d = run("");
+    let db = ip("10.0.0.3");
+    assert_eq!(d.endpoint_nodes.get(&db), Some(&auth_node_id(b"node-b")));
+    assert!(!d.endpoint_nodes.contains_key(&ip("10.0.0.1")), "local pods are this node's");
+}

@@ -15,7 +15,7 @@ use super::fqdn::FqdnRule;
 use super::{CompileError, Ctx, Peers, Rule, Rules};
 use crate::model::k8s::LabelSelector;
 use crate::model::ztp::{
-    Entity, FqdnMatch, IcmpFamily, Peer, PolicyEnforcementMode, RuleView, SpiffePattern,
+    authentication_required, Entity, FqdnMatch, IcmpFamily, Peer, PolicyEnforcementMode, RuleView, SpiffePattern,
 };
 use crate::state::Action;
 use crate::model::{ClusterState, ObjectKind};
@@ -75,6 +75,13 @@ fn policy(ctx: &Ctx<'_>, source: &str, ns: &str, p: &crate::model::ZeroTrustPoli
                 return Err(excluded_key_error(&source, &format!("spec.subjects[{i}].podSelector"), k));
             }
         }
+        let strict = authentication_required("spec.authentication", p.spec.authentication.as_ref())
+            .map_err(|e| CompileError::at(&source, e.path, e.message))?;
+        if strict {
+            for id in &subjects {
+                out.strict.entry(*id).or_insert_with(|| source.clone());
+            }
+        }
         let always = p.spec.enforcement_mode == PolicyEnforcementMode::Always;
         if always || p.spec.ingress.as_ref().is_some_and(|r| !r.is_empty()) {
             out.isolate(&subjects, DIR_INGRESS);
@@ -116,6 +123,8 @@ fn policy(ctx: &Ctx<'_>, source: &str, ns: &str, p: &crate::model::ZeroTrustPoli
                 });
             }
             let matches = fqdn_matches(&source, &path, dir, &r)?;
+            let auth = authentication_required(&format!("{path}.authentication"), r.authentication)
+                .map_err(|e| CompileError::at(&source, e.path, e.message))?;
             let rule = Rule {
                 id: 0,
                 dir,
@@ -123,6 +132,7 @@ fn policy(ctx: &Ctx<'_>, source: &str, ns: &str, p: &crate::model::ZeroTrustPoli
                 subjects: subjects.clone(),
                 peers,
                 ports: ports.clone(),
+                auth,
             };
             out.add(&source, path.clone(), rule);
             if !matches.is_empty() {

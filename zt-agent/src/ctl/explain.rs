@@ -169,7 +169,7 @@ fn check(maps: &PinnedMaps, cfg: &Config, snap: &Snapshot, f: Flow) -> Option<Ch
         let reason = if host_probe { Reason::AllowHost } else { Reason::AllowNoPolicy };
         return Some(mk("allow", reason, 0, trace));
     }
-    let mut found = [(0u8, 0u32); 2];
+    let mut found = [(0u8, 0u32, 0u8); 2];
     for (i, pid) in [peer_id, IDENTITY_ANY].into_iter().enumerate() {
         let k = Key::new(POLICY_PREFIX_FULL, PolicyKey::new(ep.identity, pid, dir, proto, port));
         let who = if pid == IDENTITY_ANY { "any".to_string() } else { pid.to_string() };
@@ -182,19 +182,27 @@ fn check(maps: &PinnedMaps, cfg: &Config, snap: &Snapshot, f: Flow) -> Option<Ch
                     if v.verdict == VERDICT_DENY { "deny" } else { "allow" },
                     snap.rule_name(v.rule_id).unwrap_or_default()
                 ));
-                found[i] = (v.verdict, v.rule_id);
+                found[i] = (v.verdict, v.rule_id, v.flags);
             }
             Err(_) => trace.push(format!("ZT_POLICY[{} <- {who}, {}, proto {proto}, port {port}] -> none", ep.identity, direction_name(dir))),
         }
     }
-    if let Some((_, r)) = found.iter().find(|(v, _)| *v == VERDICT_DENY) {
+    if let Some((_, r, _)) = found.iter().find(|(v, _, _)| *v == VERDICT_DENY) {
         return Some(mk("drop", Reason::DropPolicyDeny, *r, trace));
     }
     if host_probe {
         trace.push("peer is the host and it may reach every port (--host-access all), no deny names it".into());
         return Some(mk("allow", Reason::AllowHost, 0, trace));
     }
-    if let Some((_, r)) = found.iter().find(|(v, _)| *v == VERDICT_ALLOW) {
+    if let Some((_, r, _)) = found.iter().find(|(v, _, _)| *v == VERDICT_ALLOW) {
+        // Authentication only if every allowing entry requires it (as the kernel ANDs).
+        let auth = found.iter().all(|(v, _, f)| *v != VERDICT_ALLOW || f & POLICY_FLAG_AUTH_REQUIRED != 0);
+        if auth {
+            if crate::ctl::auth::explain_step(maps, peer, peer_id, &mut trace) {
+                return Some(mk("allow", Reason::AllowAuthenticated, *r, trace));
+            }
+            return Some(mk("drop", Reason::DropAuthRequired, *r, trace));
+        }
         return Some(mk("allow", Reason::AllowPolicy, *r, trace));
     }
     if dir == DIR_EGRESS && ep.flags & EP_FQDN != 0 && (peer_id == IDENTITY_WORLD || peer_id & IDENTITY_CIDR_FLAG != 0) {

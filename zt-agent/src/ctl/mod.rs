@@ -1,5 +1,6 @@
 //! ztctl's views. Tables for people, `-o json` for scripts. Map contents come from the
 //! pinned maps; names (SPIFFE IDs, pods, rules) from the agent's state file.
+pub mod auth;
 pub mod explain;
 pub mod failures;
 pub mod fqdn;

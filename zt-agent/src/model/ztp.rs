@@ -1,8 +1,10 @@
 //! The ZeroTrustPolicy custom resource (`zt.dev/v1alpha1`). Unknown fields are
 //! rejected everywhere (a misspelt `matchLabel` must not silently select everything),
 //! which is why the selector and ipBlock shapes are our own and not k8s-openapi's.
-//! Reserved fields (`toFQDNs`, `authentication`) parse, and are then rejected so that a
-//! policy relying on them never half-applies. `fqdn` peers select egress destinations by
+//! Reserved fields (`toFQDNs`) parse, and are then rejected so that a policy relying on
+//! them never half-applies. `authentication: required` (on a rule, or on the spec for all
+//! of the subjects' ingress: the namespace-wide STRICT setting when there are no subjects)
+//! makes an allowed new flow need a proof of the peer's identity (compile/auth.rs). `fqdn` peers select egress destinations by
 //! DNS name (learned from trusted DNS answers in the kernel, see compile/fqdn.rs).
 
 use std::collections::BTreeMap;
@@ -42,6 +44,13 @@ pub struct ZeroTrustPolicySpec {
     pub ingress: Option<Vec<IngressRule>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress: Option<Vec<EgressRule>>,
+    /// `required`: STRICT for the subjects (every pod of the namespace when there are
+    /// none): every new flow into them, allowed by any policy, needs a proof of the
+    /// peer's identity, and subjects no policy isolates for ingress are isolated with
+    /// everything allowed from proven peers. Isolates nothing else by itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "authentication_schema")]
+    pub authentication: Option<serde_json::Value>,
 }
 
 /// Reserved fields take any value in the schema; validation rejects them ("not supported yet").
@@ -50,6 +59,26 @@ fn reserved_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
         "description": "Reserved: not supported yet (a policy setting it is rejected).",
         "x-kubernetes-preserve-unknown-fields": true,
     })
+}
+
+/// `authentication`: `required` only (absent: no proof needed). Typed as any value in
+/// Rust so that a wrong value fails validation naming its field, not deserialisation.
+fn authentication_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "description": "`required`: an allowed new flow passes only if the peer's SPIFFE identity is proven for the node its address is on.",
+        "type": "string",
+        "enum": ["required"],
+    })
+}
+
+/// Whether an `authentication` value says `required`; any other value is an error
+/// naming the field `path`.
+pub fn authentication_required(path: &str, v: Option<&serde_json::Value>) -> Result<bool, FieldError> {
+    match v {
+        None => Ok(false),
+        Some(serde_json::Value::String(s)) if s == "required" => Ok(true),
+        Some(other) => Err(FieldError::new(path, format!("{other}: the only value is `required` (leave the field out for no authentication)"))),
+    }
 }
 
 /// An ICMP type: 0-255 (no `uint8` format, which the API server does not know).
@@ -93,9 +122,9 @@ pub struct IngressRule {
     pub ports: Option<Vec<PortRule>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub icmp: Option<Vec<IcmpRule>>,
-    /// Reserved.
+    /// `required`: what this rule allows needs a proof of the peer's identity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "reserved_schema")]
+    #[schemars(schema_with = "authentication_schema")]
     pub authentication: Option<serde_json::Value>,
 }
 
@@ -110,9 +139,9 @@ pub struct EgressRule {
     pub ports: Option<Vec<PortRule>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub icmp: Option<Vec<IcmpRule>>,
-    /// Reserved.
+    /// `required`: what this rule allows needs a proof of the peer's identity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "reserved_schema")]
+    #[schemars(schema_with = "authentication_schema")]
     pub authentication: Option<serde_json::Value>,
 }
 
@@ -465,6 +494,7 @@ pub fn validate_ztp(p: &ZeroTrustPolicy) -> Result<(), FieldError> {
             }
         }
     }
+    authentication_required("spec.authentication", p.spec.authentication.as_ref())?;
     for (i, r) in p.spec.ingress.iter().flatten().enumerate() {
         validate_rule(&format!("spec.ingress[{i}]"), &r.view())?;
     }
@@ -497,11 +527,9 @@ pub fn validate_ztp(p: &ZeroTrustPolicy) -> Result<(), FieldError> {
 }
 
 fn validate_rule(path: &str, r: &RuleView<'_>) -> Result<(), FieldError> {
-    if r.authentication.is_some() {
-        return Err(FieldError::new(
-            format!("{path}.authentication"),
-            "not supported yet",
-        ));
+    let at = format!("{path}.authentication");
+    if authentication_required(&at, r.authentication)? && r.action == Action::Deny {
+        return Err(FieldError::new(at, "a deny rule needs no authentication: it denies whoever the peer is"));
     }
     for (j, peer) in r.peers.into_iter().flatten().enumerate() {
         let at = format!("{path}.{}[{j}]", r.peers_field);
@@ -651,6 +679,8 @@ mod tests {
         let port = &spec["egress"]["items"]["properties"]["ports"]["items"]["properties"]["port"];
         assert_eq!(port["x-kubernetes-int-or-string"], true);
         assert_eq!(spec["enforcementMode"]["enum"], serde_json::json!(["default", "always"]));
+        assert_eq!(spec["authentication"]["enum"], serde_json::json!(["required"]));
+        assert_eq!(spec["ingress"]["items"]["properties"]["authentication"]["enum"], serde_json::json!(["required"]));
         // Structural schemas forbid additionalProperties next to properties.
         assert!(!crd_yaml().contains("additionalProperties: false"));
     }
@@ -736,8 +766,19 @@ mod tests {
             (
                 "spec:\n  ingress: [{authentication: {mode: required}}]\n",
                 "spec.ingress[0].authentication",
-                "not supported yet",
+                "the only value is `required`",
             ),
+            (
+                "spec:\n  egress: [{}, {authentication: requird}]\n",
+                "spec.egress[1].authentication",
+                "the only value is `required`",
+            ),
+            (
+                "spec:\n  ingress: [{action: deny, authentication: required}]\n",
+                "spec.ingress[0].authentication",
+                "deny rule",
+            ),
+            ("spec:\n  authentication: STRICT\n", "spec.authentication", "the only value is `required`"),
             (
                 "spec:\n  ingress: [{from: [{entity: host, ipBlock: {cidr: 1.2.3.0/24}}]}]\n",
                 "spec.ingress[0].from[0]",

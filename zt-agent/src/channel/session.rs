@@ -1,0 +1,145 @@
+//! One node channel's proof session (issue 10): both ends run it. Each end proves every
+//! local identity it holds an SVID for (when the session starts, i.e. when a peer appears,
+//! and whenever its set changes: a pod started, an SVID was renewed, the last pod of an
+//! identity left, which withdraws it), answers clock requests, and reports what the peer
+//! proved, withdrew or failed to prove. A renewed SVID is proven again while the old
+//! proof still holds (make-before-break: the receiver replaces the expiry).
+//!
+//! One task per channel: reads are cancel-safe (`read` into a buffer), so a change of the
+//! local set can interrupt waiting for the peer without losing a partial frame.
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+
+use super::proofs::{check_proof, clock_offset_ms, make_proof, Message, ProofError, VerifiedProof, MAX_FRAME};
+use super::verifier::SvidVerifier;
+use super::NodeChannel;
+use crate::svid::clock::Clock;
+use crate::svid::source::X509Svid;
+use crate::svid::spiffe_id::SpiffeId;
+
+/// This node's identities and their current SVIDs.
+pub type LocalSvids = BTreeMap<SpiffeId, Arc<X509Svid>>;
+
+/// What a session learns about its peer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SessionEvent {
+    Proven(VerifiedProof),
+    Withdrawn(String),
+    Refused {
+        reason: ProofError,
+    },
+    /// The peer's clock minus this node's, milliseconds.
+    ClockOffsetMs(i64),
+}
+
+fn ms(clock: &dyn Clock) -> i64 {
+    crate::svid::clock::unix_secs(clock.now()) * 1000 + (clock.now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_millis()).unwrap_or(0)) as i64
+}
+
+/// Runs until the channel closes (Ok) or fails (Err). `events` gets what the peer proved.
+pub async fn run(
+    mut ch: NodeChannel,
+    verifier: SvidVerifier,
+    clock: Arc<dyn Clock>,
+    mut local: watch::Receiver<LocalSvids>,
+    events: mpsc::Sender<SessionEvent>,
+) -> anyhow::Result<()> {
+    let mut sent: LocalSvids = BTreeMap::new();
+    let now = ms(clock.as_ref());
+    write(&mut ch, &Message::Clock { unix_ms: now, echo: None }).await?;
+    let current = local.borrow_and_update().clone();
+    prove_changes(&mut ch, &mut sent, &current).await?;
+    let mut buf: Vec<u8> = Vec::new();
+    let mut tmp = vec![0u8; 16 * 1024];
+    loop {
+        tokio::select! {
+            n = ch.stream_mut().read(&mut tmp) => {
+                let n = n?;
+                if n == 0 {
+                    return Ok(());
+                }
+                buf.extend_from_slice(&tmp[..n]);
+                while let Some(m) = take_frame(&mut buf)? {
+                    handle(&mut ch, &verifier, clock.as_ref(), &events, m).await?;
+                }
+            }
+            changed = local.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                let current = local.borrow_and_update().clone();
+                prove_changes(&mut ch, &mut sent, &current).await?;
+            }
+        }
+    }
+}
+
+/// Proves what is new or renewed, withdraws what left.
+async fn prove_changes(ch: &mut NodeChannel, sent: &mut LocalSvids, current: &LocalSvids) -> anyhow::Result<()> {
+    for (id, svid) in current {
+        if sent.get(id).is_some_and(|s| Arc::ptr_eq(s, svid) || s.not_after() == svid.not_after()) {
+            continue;
+        }
+        let proof = make_proof(ch, svid)?;
+        write(ch, &proof).await?;
+        sent.insert(id.clone(), svid.clone());
+    }
+    let gone: Vec<SpiffeId> = sent.keys().filter(|id| !current.contains_key(*id)).cloned().collect();
+    for id in gone {
+        write(ch, &Message::Withdraw { spiffe_id: id.to_string() }).await?;
+        sent.remove(&id);
+    }
+    Ok(())
+}
+
+async fn handle(ch: &mut NodeChannel, verifier: &SvidVerifier, clock: &dyn Clock, events: &mpsc::Sender<SessionEvent>, m: Message) -> anyhow::Result<()> {
+    let ev = match m {
+        Message::Proof { chain, scheme, signature } => match check_proof(ch, verifier, &chain, scheme, &signature) {
+            Ok(p) => Some(SessionEvent::Proven(p)),
+            Err(reason) => Some(SessionEvent::Refused { reason }),
+        },
+        Message::Withdraw { spiffe_id } => Some(SessionEvent::Withdrawn(spiffe_id)),
+        Message::Clock { unix_ms, echo: None } => {
+            write(ch, &Message::Clock { unix_ms: ms(clock), echo: Some(unix_ms) }).await?;
+            None
+        }
+        Message::Clock { unix_ms, echo: Some(sent) } => Some(SessionEvent::ClockOffsetMs(clock_offset_ms(sent, unix_ms, ms(clock)))),
+    };
+    if let Some(ev) = ev {
+        // The receiver went away: the session ends with it.
+        events.send(ev).await.map_err(|_| anyhow::anyhow!("session events receiver closed"))?;
+    }
+    Ok(())
+}
+
+async fn write(ch: &mut NodeChannel, m: &Message) -> anyhow::Result<()> {
+    let body = serde_json::to_vec(m)?;
+    let s = ch.stream_mut();
+    s.write_all(&(body.len() as u32).to_be_bytes()).await?;
+    s.write_all(&body).await?;
+    s.flush().await?;
+    Ok(())
+}
+
+/// One complete frame off the front of `buf`, if there is one.
+fn take_frame(buf: &mut Vec<u8>) -> anyhow::Result<Option<Message>> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let n = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if n > MAX_FRAME {
+        anyhow::bail!("frame of {n} bytes (at most {MAX_FRAME})");
+    }
+    if buf.len() < 4 + n {
+        return Ok(None);
+    }
+    let m = serde_json::from_slice(&buf[4..4 + n])?;
+    buf.drain(..4 + n);
+    Ok(Some(m))
+}
+
+#[cfg(test)]
+mod tests;
