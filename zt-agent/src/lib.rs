@@ -8,6 +8,7 @@ pub mod ctl;
 pub mod events;
 pub mod fqdn;
 pub mod identity;
+pub mod l7;
 pub mod loader;
 pub mod metrics;
 pub mod model;

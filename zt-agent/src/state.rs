@@ -86,6 +86,8 @@ pub struct Desired {
     pub dns_servers: BTreeSet<u32>,
     /// Local identity -> FQDN slot -> rule id (the slots a learned entry may carry).
     pub fqdn_slots: BTreeMap<u32, BTreeMap<u8, u32>>,
+    /// The HTTP rules the agent's proxy judges requests by (entries flagged POLICY_FLAG_HTTP).
+    pub http: crate::l7::rules::HttpTable,
     /// Problems that do not fail the compile (e.g. FQDN rules without a DNS allow).
     pub warnings: Vec<String>,
     /// Objects that failed to compile, and the local identities that fail closed for them.

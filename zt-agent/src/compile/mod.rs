@@ -215,6 +215,7 @@ pub fn compile_with_slots(
         }
     }
     let policy = policy::entries(&ctx, &out.rules);
+    let http = crate::l7::rules::HttpTable::build(&out.rules);
     let warnings = fqdn::unreachable_dns(&policy, fq.slots.keys().copied(), &ctx.dns_servers)
         .into_iter()
         .map(|id| {
@@ -243,6 +244,7 @@ pub fn compile_with_slots(
         fqdn_ports: fq.ports,
         dns_servers: ctx.dns_servers,
         fqdn_slots: fq.slots,
+        http,
         warnings,
         failures,
     };
@@ -306,7 +308,7 @@ impl Ctx<'_> {
 
 /// Who a rule applies to on the other side.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Peers {
+pub enum Peers {
     Any,
     Ids(BTreeSet<u32>),
 }
@@ -325,7 +327,7 @@ impl Peers {
 
 /// A rule in direction-neutral form; `subjects` are local identities only.
 #[derive(Clone, Debug)]
-pub(crate) struct Rule {
+pub struct Rule {
     pub id: u32,
     pub dir: u8,
     pub action: Action,
@@ -333,6 +335,8 @@ pub(crate) struct Rule {
     pub peers: Peers,
     /// Empty = any protocol and port.
     pub ports: Vec<PortMatch>,
+    /// Allow rules only: the requests allowed on the rule's (TCP) ports; None = L4 only.
+    pub http: Option<Vec<crate::model::http::HttpRule>>,
 }
 
 /// The compiled rules, their descriptions and which local identities are isolated.

@@ -169,6 +169,7 @@ fn rule(
         subjects: subjects.clone(),
         peers,
         ports,
+        http: None,
     })
 }
 

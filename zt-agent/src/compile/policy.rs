@@ -8,7 +8,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use zt_common::{PolicyKey, PolicyValue, IDENTITY_ANY, VERDICT_ALLOW, VERDICT_DENY};
+use zt_common::{PolicyKey, PolicyValue, IDENTITY_ANY, POLICY_FLAG_HTTP, VERDICT_ALLOW, VERDICT_DENY};
+
+const PROTO_TCP: u8 = 6;
 
 use super::ports::{blocks, Block, PortMatch};
 use super::{Ctx, Peers, Rule};
@@ -20,7 +22,12 @@ type Key = (u32, u8, u32, Block);
 
 pub(crate) fn entries(ctx: &Ctx<'_>, rules: &[Rule]) -> BTreeMap<PolicyEntryKey, PolicyValue> {
     let mut map: BTreeMap<Key, (Action, u32)> = BTreeMap::new();
-    let mut put = |key: Key, action: Action, rule_id: u32| {
+    // Entries whose every allow carries HTTP rules (POLICY_FLAG_HTTP); an L4-only allow
+    // of the same key lets every request through, so the flag needs all of them.
+    let mut http: BTreeMap<Key, bool> = BTreeMap::new();
+    let mut put = |key: Key, action: Action, rule_id: u32, with_http: bool| {
+        let h = http.entry(key).or_insert(with_http);
+        *h &= with_http;
         let v = map.entry(key).or_insert((action, rule_id));
         // Deny wins; among equals the first rule (lowest id) names the entry.
         if action == Action::Deny && v.0 == Action::Allow {
@@ -46,13 +53,14 @@ pub(crate) fn entries(ctx: &Ctx<'_>, rules: &[Rule]) -> BTreeMap<PolicyEntryKey,
                             (local, r.dir, peer, Block::port(*proto, port)),
                             r.action,
                             r.id,
+                            r.http.is_some(),
                         );
                     }
                     continue;
                 }
                 for b in blocks(m) {
                     for &peer in &peers {
-                        put((local, r.dir, peer, b), r.action, r.id);
+                        put((local, r.dir, peer, b), r.action, r.id, r.http.is_some() && b.proto == PROTO_TCP);
                     }
                 }
             }
@@ -61,7 +69,9 @@ pub(crate) fn entries(ctx: &Ctx<'_>, rules: &[Rule]) -> BTreeMap<PolicyEntryKey,
 
     prune(&mut map);
     map.into_iter()
-        .map(|((local, dir, peer, b), (action, rule_id))| {
+        .map(|(key, (action, rule_id))| {
+            let (local, dir, peer, b) = key;
+            let flags = if action == Action::Allow && http.get(&key) == Some(&true) { POLICY_FLAG_HTTP } else { 0 };
             let verdict = if action == Action::Deny {
                 VERDICT_DENY
             } else {
@@ -74,7 +84,7 @@ pub(crate) fn entries(ctx: &Ctx<'_>, rules: &[Rule]) -> BTreeMap<PolicyEntryKey,
                 },
                 PolicyValue {
                     verdict,
-                    flags: 0,
+                    flags,
                     _pad: [0; 2],
                     rule_id,
                 },

@@ -1461,3 +1461,25 @@ fn a_quarantined_pod_keeps_only_its_host_probes() {
     let d = try_run(&format!("{probed}{allow}{bad}"), &CompileConfig { host_access: HostAccess::None, ..cfg() }).unwrap();
     assert!(entries_of(&d, id(&d, "probed")).is_empty());
 }
+
+#[test]
+fn http_rules_flag_their_entries_and_fill_the_proxy_table() {
+    let d = run(&ztp(
+        "default",
+        "web-http",
+        "  subjects: [{podSelector: {matchLabels: {app: web}}}]\n  ingress:\n    - from: [{podSelector: {matchLabels: {app: client}}}]\n      ports: [{port: 8080}]\n      http: [{method: GET, path: /headers}]\n    - from: [{podSelector: {matchLabels: {app: db}}}]\n      ports: [{port: 8080}]\n",
+    ));
+    let (web, client, db) = (id(&d, "web"), id(&d, "client"), id(&d, "db"));
+    let flag = |peer: u32| {
+        d.policy
+            .iter()
+            .find(|(k, _)| k.key.local_id() == web && k.key.peer_id() == peer && k.key.port() == 8080)
+            .map(|(_, v)| v.flags)
+    };
+    assert_eq!(flag(client), Some(POLICY_FLAG_HTTP), "the client's entry goes through the proxy");
+    assert_eq!(flag(db), Some(0), "an L4-only allow stays in the kernel");
+    assert!(d.http.has_http());
+    assert!(crate::l7::rules::verdict(&d.http, client, web, 8080, "GET", "/headers").allowed);
+    assert!(!crate::l7::rules::verdict(&d.http, client, web, 8080, "POST", "/post").allowed);
+    assert!(crate::l7::rules::verdict(&d.http, db, web, 8080, "POST", "/post").allowed);
+}

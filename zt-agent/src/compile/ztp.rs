@@ -123,6 +123,7 @@ fn policy(ctx: &Ctx<'_>, source: &str, ns: &str, p: &crate::model::ZeroTrustPoli
                 subjects: subjects.clone(),
                 peers,
                 ports: ports.clone(),
+                http: r.http.map(|h| h.to_vec()),
             };
             out.add(&source, path.clone(), rule);
             if !matches.is_empty() {
