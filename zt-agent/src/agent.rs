@@ -77,6 +77,8 @@ pub struct AgentOptions {
     pub service_destroy: crate::services::destroy::Scope,
     /// Pod label keys left out of identities (`--identity-exclude-labels`).
     pub identity_labels: LabelFilter,
+    /// The HTTP proxy (`--http-proxy-*`); None: not started (HTTP-rule flows drop).
+    pub http_proxy: Option<crate::l7::Options>,
 }
 
 struct Agent {
@@ -140,6 +142,8 @@ struct Agent {
     cgroup_deferred: bool,
     /// ZT_SVC_REVNAT, to find the sockets translated to a removed backend.
     svc_revnat: crate::services::destroy::RevNatMap,
+    /// The HTTP proxy, once started (l7/).
+    l7: Option<crate::l7::Handle>,
 }
 
 /// Before the first full state: the node's addresses as `host` endpoints, where nothing
@@ -237,6 +241,18 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     };
     let cni_attachments = cni::Attachments::load(opts.state_dir.join("cni-attachments.json"))?;
     let (cni_tx, mut cni_rx) = tokio::sync::mpsc::channel::<cni::CniCall>(256);
+    // HTTP rules: the proxy judges by the last applied state (empty until the first apply:
+    // every request on a port with HTTP rules is denied until then).
+    let l7 = match &opts.http_proxy {
+        Some(o) => match crate::l7::start(&opts.bpffs_root, o, events_tx.clone()) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                log::error!("HTTP proxy not started ({e:#}): flows to ports with HTTP rules drop (http-proxy-down)");
+                None
+            }
+        },
+        None => None,
+    };
     tokio::spawn(log_err("admin socket", crate::admin::serve(opts.admin_socket.clone(), events_tx.clone(), metrics.clone(), cni_tx)));
 
     // Kubernetes source events; the sender stays here with the directory source.
@@ -290,6 +306,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         cgroup_deferred,
         last_svc_error: None,
         svc_revnat,
+        l7,
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -878,6 +895,9 @@ impl Agent {
 
     fn publish(&mut self, desired: &Desired, stats: &crate::sync::ApplyStats, apply_time: Duration) -> Result<()> {
         let epoch = self.config.policy_epoch;
+        if let Some(l7) = &self.l7 {
+            l7.update(desired);
+        }
         let snap = Snapshot {
             node_name: self.opts.node_name.clone(),
             identities: desired.identities.clone(),

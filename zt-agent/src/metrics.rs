@@ -198,6 +198,7 @@ pub fn render_with(m: &AgentMetrics, maps: Option<&PinnedMaps>, fqdn: Option<&Fq
     let ct_stats = maps.and_then(|m| m.ct_stats().ok());
     crate::conntrack_gc::render_metrics(&mut o, m.ct.as_ref(), ct_stats.as_deref());
     crate::fqdn::render_metrics(&mut o, m, fqdn);
+    crate::l7::events::STATS.render(&mut o);
     o
 }
 

@@ -8,6 +8,8 @@ pub mod fqdn;
 pub use fqdn::*;
 pub mod services;
 pub use services::*;
+pub mod l7;
+pub use l7::*;
 
 /// Map pin directory name under the bpffs root. Bump on any layout change so that an
 /// upgraded agent never reads maps written with another layout.
@@ -135,6 +137,12 @@ pub enum Reason {
     /// and policy does not allow every current backend on its target port (or there is
     /// none): kube-proxy could DNAT it to a backend no rule allowed.
     DropService = 29,
+    /// A new flow to a port with HTTP rules that did not come through this node's HTTP
+    /// proxy (a client on another node, the host, a pod not hooked yet): fail closed.
+    DropHttpUnsteered = 30,
+    /// A flow steered to the HTTP proxy while no proxy listener is registered (agent
+    /// down or restarting): fail closed.
+    DropHttpProxyDown = 31,
 }
 
 pub const REASON_FIRST_DROP: u8 = 16;
@@ -144,7 +152,7 @@ pub const REASON_SLOTS: u32 = 32;
 pub const COUNTER_SLOTS: u32 = DIR_COUNT * REASON_SLOTS;
 
 impl Reason {
-    pub const ALL: [Reason; 26] = [
+    pub const ALL: [Reason; 28] = [
         Reason::AllowPolicy,
         Reason::AllowEstablished,
         Reason::AllowReply,
@@ -171,6 +179,8 @@ impl Reason {
         Reason::DropSpoofedSource,
         Reason::DropTunnel,
         Reason::DropService,
+        Reason::DropHttpUnsteered,
+        Reason::DropHttpProxyDown,
     ];
 
     pub const fn is_drop(self) -> bool {
@@ -210,6 +220,8 @@ impl Reason {
             Reason::DropSpoofedSource => "spoofed-source",
             Reason::DropTunnel => "tunnel",
             Reason::DropService => "service-backends-denied",
+            Reason::DropHttpUnsteered => "http-unsteered",
+            Reason::DropHttpProxyDown => "http-proxy-down",
         }
     }
 }
@@ -535,7 +547,9 @@ pub const fn ct_tcp_next(state: u8, flags: u8, reply: bool) -> u8 {
     let st = state & CT_STATE_MASK;
     // A new SYN from the opener on a closed tuple (port reuse): a new connection.
     if st == CT_TCP_CLOSED && !reply && flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN {
-        return CT_TCP_SYN;
+        // Steering to the HTTP proxy stays with the tuple: the new connection's packets
+        // must take the same way as its SYN (issue 11).
+        return CT_TCP_SYN | (state & CT_L7);
     }
     let mut bits = state & !CT_STATE_MASK;
     if reply {
@@ -725,6 +739,14 @@ mod user {
 #[cfg(test)]
 mod ct_tests {
     use super::*;
+
+    #[test]
+    fn port_reuse_keeps_the_http_steering() {
+        let closed = CT_L7 | CT_SEEN_REPLY | CT_FIN_ORIG | CT_FIN_REPLY | CT_TCP_CLOSED;
+        assert_eq!(ct_tcp_next(closed, TCP_SYN, false), CT_L7 | CT_TCP_SYN);
+        assert_eq!(ct_tcp_next(CT_TCP_CLOSED, TCP_SYN, false), CT_TCP_SYN);
+        assert_eq!(ct_tcp_next(CT_L7 | CT_TCP_SYN | CT_SEEN_REPLY, TCP_ACK, false), CT_L7 | CT_SEEN_REPLY | CT_TCP_ESTABLISHED);
+    }
 
     /// Runs segments (flags, reply) through the state machine from a fresh entry.
     fn run(segs: &[(u8, bool)]) -> u8 {
