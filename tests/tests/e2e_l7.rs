@@ -1,0 +1,171 @@
+//! L7 end to end (issue 11): HTTP method and path rules enforced by the node's proxy.
+//! httpbin runs a real HTTP/1.1 server (Python's http.server, Debian python3) on 8080
+//! (HTTP rules: GET /headers, POST /upload, GET /api/*) and 8081 (L4 only); sleep's
+//! clients are curl and small Python socket scripts in the sleep pod (its netns and
+//! cgroup), so every byte goes through the hooks on the pods' veths and the proxy.
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use common::*;
+use zt_testbed::Family;
+
+/// GET answers `GET <path as received>`, POST `POST <path> <body bytes>`; keep-alive.
+const SERVER: &str = r#"
+import sys, socket, threading, http.server
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+    def reply(self, body):
+        b = body.encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(b)))
+        self.end_headers()
+        self.wfile.write(b)
+    def do_GET(self):
+        self.reply("GET %s\n" % self.path)
+    def do_POST(self):
+        n = int(self.headers.get("Content-Length") or 0)
+        got = 0
+        while got < n:
+            d = self.rfile.read(min(65536, n - got))
+            if not d: break
+            got += len(d)
+        self.reply("POST %s %d\n" % (self.path, got))
+class S(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+    daemon_threads = True
+for p in sys.argv[1:]:
+    s = S(("::", int(p)), H)
+    threading.Thread(target=s.serve_forever, daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+"#;
+
+/// Raw client: `mode ip port`; prints what came back, or `RESET` / `TIMEOUT`.
+const CLIENT: &str = r#"
+import sys, socket, time
+mode, ip, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+fam = socket.AF_INET6 if ":" in ip else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_STREAM)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+s.settimeout(5)
+try:
+    s.connect((ip, port))
+except socket.timeout:
+    print("CONNECT-TIMEOUT"); sys.exit(0)
+if mode == "pipelined":
+    s.sendall(b"GET /headers HTTP/1.1\r\nHost: httpbin\r\n\r\nPOST /post HTTP/1.1\r\nHost: httpbin\r\nContent-Length: 4\r\n\r\nabcdGET /headers HTTP/1.1\r\nHost: httpbin\r\n\r\n")
+elif mode == "split":
+    for b in b"GET /api/split HTTP/1.1\r\nHost: httpbin\r\nConnection: close\r\n\r\n":
+        s.send(bytes([b]))
+        time.sleep(0.005)
+elif mode == "tls":
+    # The start of a TLS 1.2 ClientHello record.
+    s.sendall(bytes.fromhex("16030100a5010000a10303") + b"\x00" * 32)
+elif mode == "h2":
+    s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+elif mode == "garbage":
+    s.sendall(b"GET /headers HTTP/1.1\r\nHost httpbin\r\n\r\n")
+out = b""
+try:
+    while True:
+        d = s.recv(65536)
+        if not d: break
+        out += d
+except ConnectionResetError:
+    print(out.decode(errors="replace") + "RESET"); sys.exit(0)
+except socket.timeout:
+    print(out.decode(errors="replace") + "TIMEOUT"); sys.exit(0)
+print(out.decode(errors="replace") + "EOF")
+"#;
+
+struct L7Bed {
+    bed: Bed,
+    _server: ServerGuard,
+}
+
+struct ServerGuard(Child);
+
+impl Drop for ServerGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn l7_bed() -> L7Bed {
+    for tool in ["/usr/bin/python3", "/usr/bin/curl"] {
+        assert!(std::path::Path::new(tool).exists(), "{tool} is missing: `cargo xtask setup` installs python3 and curl");
+    }
+    let bed = bed("l7", &[], &[]);
+    let mut c = bed.command_in(&pod("default", "httpbin"), &["/usr/bin/python3", "-c", SERVER, "8080", "8081"]).unwrap();
+    c.stdout(Stdio::piped()).stdin(Stdio::null());
+    let mut child = c.spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready", "HTTP server in httpbin did not start");
+    L7Bed { bed, _server: ServerGuard(child) }
+}
+
+impl L7Bed {
+    fn httpbin(&self, f: Family) -> String {
+        let ip = self.bed.pod_ip("default", "httpbin", f).unwrap();
+        if f == Family::V6 { format!("[{ip}]") } else { ip.to_string() }
+    }
+
+    /// curl in `from`: (status code, body). Status 0: no HTTP response (curl's exit code in the body).
+    fn curl(&self, from: &str, args: &[&str]) -> (u16, String) {
+        let mut a = vec!["/usr/bin/curl", "-sS", "--max-time", "5", "--path-as-is", "-o", "/dev/stdout", "-w", "\n%{http_code}"];
+        a.extend_from_slice(args);
+        let out = self.bed.exec_in(&pod("default", from), &a).unwrap();
+        let s = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = s.rsplit_once('\n').unwrap_or(("", "0"));
+        let code: u16 = code.trim().parse().unwrap_or(0);
+        if code == 0 {
+            return (0, format!("curl exit {:?}: {}", out.status.code(), String::from_utf8_lossy(&out.stderr)));
+        }
+        (code, body.to_string())
+    }
+
+    fn raw(&self, mode: &str, f: Family, port: u16) -> String {
+        let ip = self.bed.pod_ip("default", "httpbin", f).unwrap().to_string();
+        let out = self.bed.exec_in(&pod("default", "sleep"), &["/usr/bin/python3", "-c", CLIENT, mode, &ip, &port.to_string()]).unwrap();
+        assert!(out.status.success(), "client {mode}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    fn url(&self, f: Family, port: u16, path: &str) -> String {
+        format!("http://{}:{port}{path}", self.httpbin(f))
+    }
+
+    fn log_tail(&self) -> String {
+        tail(&self.bed.agent.log(), 40)
+    }
+}
+
+#[test]
+fn get_allowed_post_denied_with_403_naming_the_rule() {
+    let b = l7_bed();
+    for f in FAMILIES {
+        let (code, body) = b.curl("sleep", &[&b.url(f, 8080, "/headers")]);
+        assert_eq!((code, body.as_str()), (200, "GET /headers\n"), "{f}: agent log:\n{}", b.log_tail());
+        let (code, body) = b.curl("sleep", &["-X", "POST", "-d", "x=1", &b.url(f, 8080, "/post")]);
+        assert_eq!(code, 403, "{f}: {body}");
+        assert!(body.contains("POST /post") && body.contains("ZeroTrustPolicy default/httpbin-http spec.ingress[0]"), "{f}: {body}");
+        // The L4-only port lets every request through, through no proxy.
+        let (code, body) = b.curl("sleep", &["-X", "POST", "-d", "x=1", &b.url(f, 8081, "/post")]);
+        assert_eq!((code, body.as_str()), (200, "POST /post 3\n"), "{f}");
+        // notsleep has no L4 allow: dropped in the kernel, no HTTP answer.
+        let (code, body) = b.curl("notsleep", &["--connect-timeout", "1", &b.url(f, 8080, "/headers")]);
+        assert_eq!(code, 0, "{f}: notsleep got an answer: {body}");
+    }
+    let m = b.bed.metrics();
+    assert_eq!(m.get("zt_http_requests_total", &[("verdict", "allowed"), ("method", "GET")]), Some(2.0), "{}", m.0);
+    assert_eq!(m.get("zt_http_requests_total", &[("verdict", "denied"), ("method", "POST")]), Some(2.0));
+    // The kernel dropped notsleep's SYNs as policy (the proxy never saw them).
+    assert!(m.get("zt_verdicts_total", &[("reason", "policy-default-deny")]).unwrap_or(0.0) >= 2.0, "{}", m.0);
+}
