@@ -169,3 +169,96 @@ fn get_allowed_post_denied_with_403_naming_the_rule() {
     // The kernel dropped notsleep's SYNs as policy (the proxy never saw them).
     assert!(m.get("zt_verdicts_total", &[("reason", "policy-default-deny")]).unwrap_or(0.0) >= 2.0, "{}", m.0);
 }
+
+#[test]
+fn the_normalised_path_is_judged_and_sent_upstream() {
+    let b = l7_bed();
+    let f = Family::V4;
+    for (path, want_code, want_body) in [
+        // Allowed once normalised: the server sees the normalised path.
+        ("/post/../headers", 200, "GET /headers\n"),
+        ("//headers", 200, "GET /headers\n"),
+        ("/x/%2e%2e/headers", 200, "GET /headers\n"),
+        ("/%68eaders", 200, "GET /headers\n"),
+        ("/api/v1/../v2?q=/post", 200, "GET /api/v2?q=/post\n"),
+        // Denied once normalised.
+        ("/headers/../post", 403, ""),
+        ("/headers/%2e%2e/post", 403, ""),
+        ("/api/../post", 403, ""),
+        // Ambiguous: refused with 400, never guessed.
+        ("/headers%2f..%2fpost", 400, ""),
+        ("/api/%252e%252e/post", 400, ""),
+        ("/headers%00", 400, ""),
+    ] {
+        let (code, body) = b.curl("sleep", &[&b.url(f, 8080, path)]);
+        assert_eq!(code, want_code, "{path}: {body}");
+        if !want_body.is_empty() {
+            assert_eq!(body, want_body, "{path}");
+        }
+    }
+}
+
+#[test]
+fn pipelined_split_and_large_requests() {
+    let b = l7_bed();
+    for f in FAMILIES {
+        // Three pipelined requests, the second denied: 200, then 403 and the connection
+        // closes (the third is never forwarded).
+        let out = b.raw("pipelined", f, 8080);
+        let statuses: Vec<&str> = out.lines().filter(|l| l.starts_with("HTTP/1.1 ")).collect();
+        assert_eq!(statuses, ["HTTP/1.1 200 OK", "HTTP/1.1 403 Forbidden"], "{f}: {out}");
+        assert!(out.contains("GET /headers\n") && out.ends_with("EOF\n") && out.matches("GET /headers").count() == 1, "{f}: {out}");
+        // A request written one byte per segment.
+        let out = b.raw("split", f, 8080);
+        assert!(out.starts_with("HTTP/1.1 200 OK") && out.contains("GET /api/split\n"), "{f}: {out}");
+    }
+    // A 1 MiB upload on an allowed POST (curl sends Expect: 100-continue; the proxy
+    // answers it and streams the body).
+    let file = b.bed.tmp_dir().join("upload.bin");
+    std::fs::write(&file, vec![b'z'; 1 << 20]).unwrap();
+    let data = format!("@{}", file.display());
+    for f in FAMILIES {
+        let (code, body) = b.curl("sleep", &["--data-binary", &data, &b.url(f, 8080, "/upload")]);
+        assert_eq!((code, body.as_str()), (200, "POST /upload 1048576\n"), "{f}");
+    }
+}
+
+#[test]
+fn tls_http2_and_malformed_requests_are_refused_and_counted() {
+    let b = l7_bed();
+    for f in FAMILIES {
+        assert_eq!(b.raw("tls", f, 8080), "RESET\n", "{f}: a TLS ClientHello is reset");
+        assert_eq!(b.raw("h2", f, 8080), "RESET\n", "{f}: the HTTP/2 preface is reset");
+        let out = b.raw("garbage", f, 8080);
+        assert!(out.starts_with("HTTP/1.1 400") || out.trim_end().ends_with("RESET"), "{f}: a malformed request is refused: {out}");
+        assert!(!out.contains("GET /headers\n"), "{f}: forwarded: {out}");
+        // The L4-only port is not the proxy's: TLS goes straight to the server.
+        assert!(!b.raw("tls", f, 8081).contains("RESET"), "{f}: port 8081 has no HTTP rules");
+    }
+    let m = b.bed.metrics();
+    assert_eq!(m.get("zt_http_connections_refused_total", &[("reason", "tls")]), Some(2.0), "{}", m.0);
+    assert_eq!(m.get("zt_http_connections_refused_total", &[("reason", "http2")]), Some(2.0));
+    assert_eq!(m.get("zt_http_connections_refused_total", &[("reason", "malformed")]), Some(2.0));
+}
+
+#[test]
+fn proxy_down_fails_closed_and_a_restart_serves_again() {
+    let b = l7_bed();
+    let f = Family::V4;
+    assert_eq!(b.curl("sleep", &[&b.url(f, 8080, "/headers")]).0, 200);
+    // An established keep-alive connection (the proxy's socket) dies with the agent.
+    b.bed.agent.kill();
+    let (code, body) = b.curl("sleep", &["--connect-timeout", "2", &b.url(f, 8080, "/headers")]);
+    assert_eq!(code, 0, "proxy down: {body}");
+    let (code, _) = b.curl("sleep", &["--connect-timeout", "2", "-X", "POST", &b.url(f, 8080, "/post")]);
+    assert_eq!(code, 0, "proxy down: nothing passes, denied or not");
+    // The L4-only port never depended on the proxy.
+    assert_eq!(b.curl("sleep", &[&b.url(f, 8081, "/post")]).0, 200);
+    b.bed.agent.start().unwrap();
+    b.bed.agent.wait_ready(Duration::from_secs(20)).unwrap();
+    b.bed.wait_until("GET /headers through the restarted proxy", || b.curl("sleep", &[&b.url(f, 8080, "/headers")]).0 == 200);
+    assert_eq!(b.curl("sleep", &["-X", "POST", &b.url(f, 8080, "/post")]).0, 403, "the restarted agent opens nothing");
+    // The kernel counted the steered SYNs it had no listener for.
+    let m = b.bed.metrics();
+    assert!(m.get("zt_verdicts_total", &[("reason", "http-proxy-down")]).unwrap_or(0.0) >= 1.0, "{}", m.0);
+}

@@ -54,7 +54,7 @@ enum Cmd {
 /// iproute2: the agent and test bed drive interfaces and routes; prometheus: promtool checks /metrics.
 // dnsmasq-base: the FQDN tests' resolver; python3-scapy: their crafted DNS answers
 // (run with /usr/bin/python3, Debian's interpreter).
-const APT_PACKAGES: &[&str] = &["iproute2", "prometheus", "mount", "dnsmasq-base", "python3-scapy", "nftables"];
+const APT_PACKAGES: &[&str] = &["iproute2", "prometheus", "mount", "dnsmasq-base", "python3-scapy", "nftables", "python3", "curl"];
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
