@@ -7,7 +7,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use zt_testbed::Family;
@@ -261,4 +261,46 @@ fn proxy_down_fails_closed_and_a_restart_serves_again() {
     // The kernel counted the steered SYNs it had no listener for.
     let m = b.bed.metrics();
     assert!(m.get("zt_verdicts_total", &[("reason", "http-proxy-down")]).unwrap_or(0.0) >= 1.0, "{}", m.0);
+}
+
+#[test]
+fn ztctl_shows_the_http_step_and_the_403_event() {
+    let b = l7_bed();
+    let bed = &b.bed;
+    // explain: the proxy's step with the rules it allows.
+    let e = bed.ztctl(&["explain", "default/sleep", "default/httpbin", "tcp/8080"]);
+    assert!(e.contains("HTTP-RULES") && e.contains("HTTP proxy: http (http-rules)") && e.contains("GET /headers, POST /upload, GET /api/*"), "{e}");
+    let e = bed.ztctl(&["explain", "default/sleep", "default/httpbin", "tcp/8081"]);
+    assert!(e.contains(": ALLOW") && !e.contains("HTTP proxy"), "{e}");
+    let e = bed.ztctl(&["explain", "default/notsleep", "default/httpbin", "tcp/8080"]);
+    assert!(e.contains(": DROP") && !e.contains("HTTP proxy"), "{e}");
+    // drops -f: the proxy's 403, with both identities, the request and the rule.
+    let child = bed
+        .ztctl_cmd(&["drops", "--follow", "--count", "1", "--reason", "http-denied", "--timeout", "5"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ") {
+        assert_eq!(b.curl("sleep", &["-X", "POST", &b.url(Family::V4, 8080, "/post")]).0, 403);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "ztctl drops: {text}{}", String::from_utf8_lossy(&out.stderr));
+    for want in [
+        "DROP",
+        "HTTP",
+        "default/sleep",
+        "default/httpbin",
+        "spiffe://cluster.local/ns/default/sa/sleep",
+        ":8080 ",
+        "reason=http-denied",
+        "http=\"POST /post\" status=403",
+        "rule=\"ZeroTrustPolicy default/httpbin-http spec.ingress[0]\"",
+    ] {
+        assert!(text.contains(want), "{want:?} missing in: {text}");
+    }
 }

@@ -68,6 +68,10 @@ pub struct RuleInfo {
     /// The FQDN patterns of the rule (`api.example.com`, `*.example.com`), if any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fqdn: Vec<String>,
+    /// The HTTP rules of the rule (`GET /headers`, `* /api/*`), if any: the proxy allows
+    /// only these requests on its ports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http: Vec<String>,
 }
 
 /// Everything the datapath maps must hold, minus interface indexes (the runtime adds them).

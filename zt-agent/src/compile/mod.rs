@@ -362,6 +362,7 @@ impl Rules {
                 path,
                 action: rule.action,
                 fqdn: Vec::new(),
+                http: rule.http.iter().flatten().map(|h| h.to_string()).collect(),
             },
         );
         self.rules.push(rule);

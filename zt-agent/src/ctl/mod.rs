@@ -1,6 +1,7 @@
 //! ztctl's views. Tables for people, `-o json` for scripts. Map contents come from the
 //! pinned maps; names (SPIFFE IDs, pods, rules) from the agent's state file.
 pub mod explain;
+pub mod l7;
 pub mod failures;
 pub mod fqdn;
 pub mod services;
