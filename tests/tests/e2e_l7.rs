@@ -114,7 +114,11 @@ fn l7_bed() -> L7Bed {
 impl L7Bed {
     fn httpbin(&self, f: Family) -> String {
         let ip = self.bed.pod_ip("default", "httpbin", f).unwrap();
-        if f == Family::V6 { format!("[{ip}]") } else { ip.to_string() }
+        if f == Family::V6 {
+            format!("[{ip}]")
+        } else {
+            ip.to_string()
+        }
     }
 
     /// curl in `from`: (status code, body). Status 0: no HTTP response (curl's exit code in the body).

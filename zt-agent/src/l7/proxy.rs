@@ -176,11 +176,8 @@ impl Conn {
         let raw = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default();
         let snap = self.ctx.snapshot();
         // Absolute-form (a forward proxy's request) or anything that is no origin-form path.
-        let target = if req.uri().scheme().is_some() || req.uri().authority().is_some() {
-            Err(normalise::Ambiguous::NotOriginForm)
-        } else {
-            normalise::target(&raw)
-        };
+        let target =
+            if req.uri().scheme().is_some() || req.uri().authority().is_some() { Err(normalise::Ambiguous::NotOriginForm) } else { normalise::target(&raw) };
         let target = match target {
             Ok(t) => t,
             Err(why) => {
@@ -280,8 +277,18 @@ async fn connect_transparent(client: SocketAddr, server: SocketAddr, mark: u32) 
 }
 
 impl L7Context {
-    pub(super) fn record(&self, snap: &Snapshot, client: SocketAddr, server: SocketAddr, client_id: u32, server_id: u32, verdict: &str, reason: &str) -> EventRecord {
-        let side = |a: SocketAddr, id: u32| Side { ip: a.ip().to_canonical(), port: a.port(), identity: id, spiffe_id: snap.identity_name(id), pod: snap.pod(a.ip()) };
+    pub(super) fn record(
+        &self,
+        snap: &Snapshot,
+        client: SocketAddr,
+        server: SocketAddr,
+        client_id: u32,
+        server_id: u32,
+        verdict: &str,
+        reason: &str,
+    ) -> EventRecord {
+        let side =
+            |a: SocketAddr, id: u32| Side { ip: a.ip().to_canonical(), port: a.port(), identity: id, spiffe_id: snap.identity_name(id), pod: snap.pod(a.ip()) };
         EventRecord {
             time_ns: crate::l7::monotonic_ns(),
             direction: "ingress".into(),
