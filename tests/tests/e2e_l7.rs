@@ -5,45 +5,12 @@
 //! cgroup), so every byte goes through the hooks on the pods' veths and the proxy.
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
-use zt_testbed::Family;
+use zt_testbed::{Family, HttpServer};
 
-/// GET answers `GET <path as received>`, POST `POST <path> <body bytes>`; keep-alive.
-const SERVER: &str = r#"
-import sys, socket, threading, http.server
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def log_message(self, *a): pass
-    def reply(self, body):
-        b = body.encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(b)))
-        self.end_headers()
-        self.wfile.write(b)
-    def do_GET(self):
-        self.reply("GET %s\n" % self.path)
-    def do_POST(self):
-        n = int(self.headers.get("Content-Length") or 0)
-        got = 0
-        while got < n:
-            d = self.rfile.read(min(65536, n - got))
-            if not d: break
-            got += len(d)
-        self.reply("POST %s %d\n" % (self.path, got))
-class S(http.server.ThreadingHTTPServer):
-    address_family = socket.AF_INET6
-    daemon_threads = True
-for p in sys.argv[1:]:
-    s = S(("::", int(p)), H)
-    threading.Thread(target=s.serve_forever, daemon=True).start()
-print("ready", flush=True)
-threading.Event().wait()
-"#;
 
 /// Raw client: `mode ip port`; prints what came back, or `RESET` / `TIMEOUT`.
 const CLIENT: &str = r#"
@@ -85,16 +52,7 @@ print(out.decode(errors="replace") + "EOF")
 
 struct L7Bed {
     bed: Bed,
-    _server: ServerGuard,
-}
-
-struct ServerGuard(Child);
-
-impl Drop for ServerGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    _server: HttpServer,
 }
 
 fn l7_bed() -> L7Bed {
@@ -102,13 +60,8 @@ fn l7_bed() -> L7Bed {
         assert!(std::path::Path::new(tool).exists(), "{tool} is missing: `cargo xtask setup` installs python3 and curl");
     }
     let bed = bed("l7", &[], &[]);
-    let mut c = bed.command_in(&pod("default", "httpbin"), &["/usr/bin/python3", "-c", SERVER, "8080", "8081"]).unwrap();
-    c.stdout(Stdio::piped()).stdin(Stdio::null());
-    let mut child = c.spawn().unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "ready", "HTTP server in httpbin did not start");
-    L7Bed { bed, _server: ServerGuard(child) }
+    let server = HttpServer::start(&bed, &pod("default", "httpbin"), &[8080, 8081]).unwrap();
+    L7Bed { bed, _server: server }
 }
 
 impl L7Bed {
