@@ -83,7 +83,9 @@ fn main() -> Result<()> {
             build()?;
             run_env(Command::new("cargo").args(["test", "-p", "zt-tests", "--test", "bench_dns", "--", "--nocapture"]))?;
             // TCP conn/s to a Service: zt's translation, kube-proxy's DNAT, the pod IP.
-            run_env(Command::new("cargo").args(["test", "-p", "zt-tests", "--test", "bench_services", "--", "--nocapture"]))
+            run_env(Command::new("cargo").args(["test", "-p", "zt-tests", "--test", "bench_services", "--", "--nocapture"]))?;
+            // HTTP requests through the node's proxy against an L4-only port.
+            run_env(Command::new("cargo").args(["test", "-p", "zt-tests", "--test", "bench_l7", "--", "--nocapture"]))
         }
     }
 }

@@ -109,6 +109,7 @@ struct Conn {
 
 async fn connection(sock: TcpStream, client: SocketAddr, ctx: Arc<L7Context>) -> Result<()> {
     let server = sock.local_addr()?;
+    sock.set_nodelay(true)?;
     let snap = ctx.snapshot();
     let (Some(client_id), Some(server_id)) = (snap.identity(client.ip()), snap.identity(server.ip())) else {
         reset(sock, events::REFUSED_UNKNOWN_PEER);
