@@ -198,14 +198,18 @@ impl Conn {
             let names: Vec<String> = rule_ids.iter().map(|id| snap.rule_name(*id)).collect();
             let rule = names.first().cloned();
             self.event(&snap, &method, &target.path, 403, "http-denied", rule, None);
+            let why = if names.is_empty() {
+                "no rule of the proxy's current policy covers this flow".to_string()
+            } else {
+                format!("{side} HTTP rules of {} allow other requests", names.join(", "))
+            };
             return reply(
                 StatusCode::FORBIDDEN,
                 format!(
-                    "zt: 403 Forbidden: {method} {} from {} to {} denied by default ({side} HTTP rules of {} allow other requests)\n",
+                    "zt: 403 Forbidden: {method} {} from {} to {} denied by default ({why})\n",
                     target.path,
                     snap.identity_name(self.client_id),
                     snap.identity_name(self.server_id),
-                    names.join(", ")
                 ),
             );
         }

@@ -118,7 +118,11 @@ pub fn verdict(t: &HttpTable, client: u32, server: u32, port: u16, method: &str,
     let ingress = t.judge(DIR_INGRESS, server, client, port, method, path);
     let egress = t.judge(DIR_EGRESS, client, server, port, method, path);
     let denied = |j: &Judgement| matches!(j, Judgement::Denied { .. });
-    Verdict { allowed: !denied(&ingress) && !denied(&egress), ingress, egress }
+    // A steered flow no rule of either side covers: the kernel steered it by a state the
+    // proxy does not have (a policy change between the map write and this table's
+    // update): fail closed.
+    let covered = ingress != Judgement::NoRules || egress != Judgement::NoRules;
+    Verdict { allowed: covered && !denied(&ingress) && !denied(&egress), ingress, egress }
 }
 
 #[cfg(test)]
@@ -151,9 +155,11 @@ mod tests {
         let v = verdict(&t, 200, 100, 80, "POST", "/post");
         assert!(!v.allowed);
         assert_eq!(v.ingress, Judgement::Denied { rule_ids: vec![1] });
-        // Another peer or port: the HTTP rules do not cover it.
+        // Another peer or port: the HTTP rules do not cover it, and a flow no rule covers
+        // is denied (steered by a state the proxy has not seen).
         assert_eq!(t.judge(DIR_INGRESS, 100, 201, 80, "POST", "/post"), Judgement::NoRules);
         assert_eq!(t.judge(DIR_INGRESS, 100, 200, 81, "POST", "/post"), Judgement::NoRules);
+        assert!(!verdict(&t, 201, 100, 80, "GET", "/headers").allowed);
     }
 
     #[test]
