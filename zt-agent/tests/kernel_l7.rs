@@ -84,6 +84,18 @@ fn an_http_port_admits_only_the_proxy_and_tracks_it() {
         http_policy(&mut dp, 0);
         assert_eq!(dp.run_from(TO, &ipv4(CLIENT, SERVER, TCP, 40005, 8080), if_server, if_client), TC_PASS);
         assert_eq!(ct_states(&dp).iter().filter(|s| **s & CT_L7 != 0).count(), 1);
+        // HTTP rules added to the port (a new policy epoch): the flow that runs outside the
+        // proxy is cut at its next packet, not left to bypass them; the proxy's flow stays.
+        http_policy(&mut dp, POLICY_FLAG_HTTP);
+        dp.set_config(Config { policy_epoch: 2, ..config() });
+        let before = dp.counter(DIR_INGRESS, Reason::DropHttpUnsteered);
+        let mut ack = ipv4(CLIENT, SERVER, TCP, 40005, 8080);
+        ack[14 + 20 + 13] = 0x10; // ACK
+        assert_eq!(dp.run_from(TO, &ack, if_server, if_client), TC_DROP);
+        assert_eq!(dp.counter(DIR_INGRESS, Reason::DropHttpUnsteered), before + 1);
+        let mut ack = ipv4(CLIENT, SERVER, TCP, 40003, 8080);
+        ack[14 + 20 + 13] = 0x10;
+        assert_eq!(run_marked(&dp, TO, &ack, if_server, 0, PROXY_MARK), TC_PASS);
     });
 }
 

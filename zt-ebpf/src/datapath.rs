@@ -106,10 +106,17 @@ fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow, dns_work: &mut dns::Work, l7
             // The policy changed since this flow was admitted: judge it again as the
             // flow it is (its original direction and port).
             let (odir, port) = if reply { (dir ^ 1, unsafe { (*ct).policy_port }) } else { (dir, f.policy_port) };
-            policy::decide(cfg, hook, f, &Judged { dir: odir, port, tracked: true }, &mut d);
+            let j = Judged { dir: odir, port, tracked: true };
+            policy::decide(cfg, hook, f, &j, &mut d);
             if !d.allow {
                 conntrack::remove(f, hook, &found);
                 d.reason = Reason::DropRevoked;
+                return drop_judged(cfg, hook, f, &d);
+            }
+            // HTTP rules added to the port of a flow that runs outside the proxy.
+            if unsafe { (*ct).state } & CT_L7 == 0 && l7::needs_proxy(f, hook, &d, &j) {
+                conntrack::remove(f, hook, &found);
+                d.reason = Reason::DropHttpUnsteered;
                 return drop_judged(cfg, hook, f, &d);
             }
             conntrack::reverified(ct, cfg.policy_epoch, &d);

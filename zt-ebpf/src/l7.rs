@@ -23,7 +23,7 @@ use crate::{
     datapath::TC_DROP,
     maps::{L7_CONFIG, L7_LISTENER, POLICY},
     parse::{Flow, IPPROTO_TCP},
-    policy::{Decision, Hook, FROM_UNSEEN},
+    policy::{Decision, Hook, Judged, FROM_UNSEEN},
     verdict,
 };
 
@@ -103,6 +103,22 @@ pub fn new_flow(hook: &Hook, f: &Flow, d: &Decision, w: &mut Work) -> Option<Rea
         return Some(Reason::DropHttpUnsteered);
     }
     None
+}
+
+/// After a policy change, a tracked flow that runs outside the proxy (no `CT_L7`), judged
+/// again in its original direction (`j`): would it now have to go through the proxy? Then
+/// it is cut (`http-unsteered`) rather than left to bypass the new HTTP rules.
+#[inline(never)]
+pub fn needs_proxy(f: &Flow, hook: &Hook, d: &Decision, j: &Judged) -> bool {
+    if f.proto != IPPROTO_TCP || hook.ifindex == CGROUP_HOOK_IFINDEX {
+        return false;
+    }
+    let policy = d.reason == Reason::AllowPolicy;
+    if j.dir == DIR_EGRESS {
+        (policy && http_entry(d.local_id, d.peer_id, DIR_EGRESS, j.port)) || (d.peer_if != 0 && http_entry(d.peer_id, d.local_id, DIR_INGRESS, j.port))
+    } else {
+        policy && http_entry(d.local_id, d.peer_id, DIR_INGRESS, j.port)
+    }
 }
 
 /// A tracked packet of a steered flow: the client's packets to the proxy (its SYNs to the
