@@ -32,6 +32,7 @@ pub mod bins;
 pub mod bpfmap;
 pub mod connrate;
 pub mod dns;
+pub mod httpserver;
 pub mod kubeproxy;
 pub mod manifest;
 pub mod podprobe;
@@ -48,6 +49,7 @@ pub mod topology;
 mod selftest;
 
 pub use agent::AgentHandle;
+pub use httpserver::HttpServer;
 pub use apiserver::{ApiServer, Listener as ApiListener, Verb};
 pub use manifest::{Manifests, NodeObj, Pod, Port, Proto};
 pub use podprobe::PodProbers;

@@ -313,7 +313,7 @@ fn add_known_pod_and_restart() {
         !s.contains(&se.id)
     });
     bed.wait_until("e's init endpoints to go", || endpoints_of(&bed, &e.ips()).is_empty());
-    let links = bed.agent.bpffs_root.join("v2/links");
+    let links = layout_dir(&bed.agent).join("links");
     bed.wait_until("e's links to be unpinned", || {
         !std::fs::read_dir(&links).unwrap().any(|x| x.unwrap().file_name().to_string_lossy().contains(&format!("-{veth}-")))
     });

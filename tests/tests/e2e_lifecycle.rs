@@ -283,7 +283,7 @@ fn pod_churn_is_enforced_and_cleaned_up() {
     }
     assert_eq!(bed.metrics().val("zt_endpoints", &[("scope", "local")]), 8.0, "4 pods x 2 IPs");
     let veth = bed.host_veth("default", "d").unwrap();
-    let links = bed.agent.bpffs_root.join("v2/links");
+    let links = layout_dir(&bed.agent).join("links");
     let linked = |name: &str| {
         std::fs::read_dir(&links).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().contains(&format!("-{name}-")))
     };
@@ -563,7 +563,7 @@ fn map_resize_takes_over_the_links_and_keeps_conntrack() {
     let cap = |m: &Metrics, map: &str| m.val("zt_map_capacity", &[("map", map)]);
     assert_eq!((cap(&bed.metrics(), "ZT_POLICY"), cap(&bed.metrics(), "ZT_CT")), (512.0, 256.0));
     let root = bed.agent.bpffs_root.clone();
-    let current = root.join("v2");
+    let current = layout_dir(&bed.agent);
     let before = links_of(&current);
 
     bed.agent.stop().expect("agent was running");
@@ -572,7 +572,7 @@ fn map_resize_takes_over_the_links_and_keeps_conntrack() {
     }
     bed.agent.start().unwrap();
     bed.agent.wait_ready(Duration::from_secs(20)).unwrap();
-    let aside = root.join("v2-resized");
+    let aside = root.join(format!("{}-resized", current.file_name().unwrap().to_string_lossy()));
     bed.wait_until("the resized layout removed", || !aside.exists());
     let log = bed.log_of_start(2);
     assert!(log.contains("map resize: ZT_POLICY 512 -> 1024") && log.contains("carried over"), "{}", tail(&log, 20));

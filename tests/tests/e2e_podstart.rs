@@ -238,7 +238,7 @@ fn cgroup_links_survive_restart_and_enforce_while_agent_is_down() {
     for (progs, links) in &before {
         assert_eq!((progs.len(), links.len()), (1, 1), "one zt link per direction: {before:?}");
     }
-    let pins: Vec<String> = std::fs::read_dir(bed.agent.bpffs_root.join("v2/links"))
+    let pins: Vec<String> = std::fs::read_dir(layout_dir(&bed.agent).join("links"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with("cgroup-"))

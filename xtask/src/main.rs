@@ -70,8 +70,9 @@ enum Cmd {
 // dnsmasq-base: the FQDN tests' resolver; python3-scapy: their crafted DNS answers
 // (run with /usr/bin/python3, Debian's interpreter).
 // umoci: `cargo xtask image` builds the OCI image with it (no container engine);
-// chromium: the map page's browser test.
-const APT_PACKAGES: &[&str] = &["iproute2", "prometheus", "mount", "dnsmasq-base", "python3-scapy", "nftables", "chromium", "umoci"];
+// chromium: the map page's browser test; python3 and curl: the HTTP server and client
+// of the L7 tests.
+const APT_PACKAGES: &[&str] = &["iproute2", "prometheus", "mount", "dnsmasq-base", "python3-scapy", "nftables", "chromium", "umoci", "python3", "curl"];
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -111,7 +112,9 @@ fn main() -> Result<()> {
             build()?;
             run_env(Command::new("cargo").args(["test", "-p", "zt-tests", "--test", "bench_dns", "--", "--nocapture"]))?;
             // TCP conn/s to a Service: zt's translation, kube-proxy's DNAT, the pod IP.
-            run_env(Command::new("cargo").args(["test", "-p", "zt-tests", "--test", "bench_services", "--", "--nocapture"]))
+            run_env(Command::new("cargo").args(["test", "-p", "zt-tests", "--test", "bench_services", "--", "--nocapture"]))?;
+            // HTTP requests through the node's proxy against an L4-only port.
+            run_env(Command::new("cargo").args(["test", "-p", "zt-tests", "--test", "bench_l7", "--", "--nocapture"]))
         }
     }
 }

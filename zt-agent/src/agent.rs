@@ -83,6 +83,8 @@ pub struct AgentOptions {
     pub identity_labels: LabelFilter,
     /// The flow and risk map and its page (`--graph-*`, `--ui-*`).
     pub graph: GraphOptions,
+    /// The HTTP proxy (`--http-proxy-*`); None: not started (HTTP-rule flows drop).
+    pub http_proxy: Option<crate::l7::Options>,
 }
 
 /// The flow and risk map (graph/) and its page (ui/).
@@ -173,6 +175,8 @@ struct Agent {
     resize_from: Option<std::path::PathBuf>,
     /// The flow and risk map: fed the compiled policy at each compile.
     graph: crate::graph::SharedGraph,
+    /// The HTTP proxy, once started (l7/).
+    l7: Option<crate::l7::Handle>,
 }
 
 /// Before the first full state: the node's addresses as `host` endpoints, where nothing
@@ -285,6 +289,18 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     };
     let cni_attachments = cni::Attachments::load(opts.state_dir.join("cni-attachments.json"))?;
     let (cni_tx, mut cni_rx) = tokio::sync::mpsc::channel::<cni::CniCall>(256);
+    // HTTP rules: the proxy judges by the last applied state (empty until the first apply:
+    // every request on a port with HTTP rules is denied until then).
+    let l7 = match &opts.http_proxy {
+        Some(o) => match crate::l7::start(&opts.bpffs_root, o, events_tx.clone()) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                log::error!("HTTP proxy not started ({e:#}): flows to ports with HTTP rules drop (http-proxy-down)");
+                None
+            }
+        },
+        None => None,
+    };
     tokio::spawn(log_err("admin socket", crate::admin::serve(opts.admin_socket.clone(), events_tx.clone(), metrics.clone(), cni_tx, graph.clone())));
 
     // Kubernetes source events; the sender stays here with the directory source.
@@ -340,6 +356,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         last_svc_error: None,
         svc_revnat,
         graph,
+        l7,
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -954,6 +971,9 @@ impl Agent {
 
     fn publish(&mut self, desired: &Desired, stats: &crate::sync::ApplyStats, apply_time: Duration) -> Result<()> {
         let epoch = self.config.policy_epoch;
+        if let Some(l7) = &self.l7 {
+            l7.update(desired);
+        }
         let snap = Snapshot {
             node_name: self.opts.node_name.clone(),
             identities: desired.identities.clone(),

@@ -1,5 +1,5 @@
 //! The cgroup programs at the root of the pods' cgroup hierarchy (kubelet's layout,
-//! cgroup v2): attached once through pinned links `<bpffs>/v2/links/cgroup-<ino>-{egress,ingress}`
+//! cgroup v2): attached once through pinned links `<bpffs>/<MAP_VERSION_DIR>/links/cgroup-<ino>-{egress,ingress}`
 //! (`<ino>`: the cgroup directory's inode, so that another root gets its own links).
 //! A restarted agent swaps its programs into the pinned links (BPF_LINK_UPDATE), so the
 //! pods' traffic is never without a program. cgroup links always have multi-attach

@@ -51,6 +51,22 @@ pub struct EventRecord {
     pub dst: Side,
     pub rule: Option<String>,
     pub ifindex: u32,
+    /// A request the L7 proxy judged (l7/): proto is `HTTP`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpEvent>,
+}
+
+/// What the proxy saw of one request and answered.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HttpEvent {
+    pub method: String,
+    /// The normalised path (as judged); the raw target when it could not be normalised.
+    pub path: String,
+    /// The status the proxy answered (403, 400) or the server's.
+    pub status: u16,
+    /// The HTTP rule that allowed it (`GET /headers`), if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matched: Option<String>,
 }
 
 pub fn direction_name(dir: u8) -> &'static str {
@@ -112,6 +128,7 @@ impl Snapshot {
             dst: side(e.daddr, e.dport, dst_id),
             rule: self.rule_name(e.rule_id),
             ifindex: e.ifindex,
+            http: None,
         }
     }
 }
@@ -143,6 +160,12 @@ impl std::fmt::Display for EventRecord {
             side(&self.dst),
             self.reason
         )?;
+        if let Some(h) = &self.http {
+            write!(f, " http=\"{} {}\" status={}", h.method, h.path, h.status)?;
+            if let Some(m) = &h.matched {
+                write!(f, " matched=\"{m}\"")?;
+            }
+        }
         if let Some(r) = &self.rule {
             write!(f, " rule=\"{r}\"")?;
         }

@@ -10,6 +10,7 @@ pub mod events;
 pub mod fqdn;
 pub mod graph;
 pub mod identity;
+pub mod l7;
 pub mod loader;
 pub mod metrics;
 pub mod model;

@@ -203,6 +203,30 @@ struct Flags {
     /// --ct-tcp-close-timeout so that short connections are seen).
     #[arg(long, default_value_t = 5)]
     graph_ct_interval: u64,
+    /// Run the HTTP proxy for ports with HTTP rules (false: their flows drop, fail closed).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    http_proxy: bool,
+    /// The proxy's listener port on 127.0.0.1 and ::1.
+    #[arg(long, default_value_t = 15001)]
+    http_proxy_port: u16,
+    /// SO_MARK of the proxy's sockets (how a pod's hook knows the proxy's packets).
+    #[arg(long, default_value = "0x0a700000", value_parser = parse_u32)]
+    http_proxy_mark: u32,
+    /// Mark the kernel sets on packets steered to the proxy.
+    #[arg(long, default_value = "0x0a710000", value_parser = parse_u32)]
+    http_steer_mark: u32,
+    /// Routing table the steer mark is routed by (`local default dev lo`).
+    #[arg(long, default_value_t = 2007)]
+    http_steer_table: u32,
+}
+
+/// A number, decimal or 0x-prefixed hexadecimal.
+fn parse_u32(s: &str) -> Result<u32, String> {
+    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u32::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    r.map_err(|e| format!("{s:?}: {e}"))
 }
 
 /// The trusted resolver patterns: the flags, or the defaults of the trust domain.
@@ -322,7 +346,16 @@ async fn main() -> anyhow::Result<()> {
             .collect::<anyhow::Result<_>>()?,
         service_destroy: zt_agent::services::destroy::Scope::parse(&f.service_destroy_stale_sockets).map_err(anyhow::Error::msg)?,
         graph,
+        http_proxy: f.http_proxy.then(|| zt_agent::l7::Options {
+            port: f.http_proxy_port,
+            proxy_mark: f.http_proxy_mark,
+            steer_mark: f.http_steer_mark,
+            table: f.http_steer_table,
+        }),
     };
+    if f.http_proxy && (f.http_proxy_mark == 0 || f.http_steer_mark == 0 || f.http_proxy_mark == f.http_steer_mark) {
+        anyhow::bail!("--http-proxy-mark and --http-steer-mark must be two different non-zero marks");
+    }
     run(opts).await
 }
 

@@ -213,6 +213,7 @@ pub fn render_with(m: &AgentMetrics, maps: Option<&PinnedMaps>, fqdn: Option<&Fq
     m.pairs.render(&mut o);
     line(&mut o, "Version of the running agent (always 1).", "gauge", "zt_agent_build_info");
     let _ = writeln!(o, "zt_agent_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+    crate::l7::events::STATS.render(&mut o);
     o
 }
 

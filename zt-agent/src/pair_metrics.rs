@@ -95,6 +95,7 @@ mod tests {
             dst: side(dst),
             rule: None,
             ifindex: 1,
+            http: None,
         }
     }
 

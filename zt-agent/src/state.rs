@@ -68,6 +68,10 @@ pub struct RuleInfo {
     /// The FQDN patterns of the rule (`api.example.com`, `*.example.com`), if any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fqdn: Vec<String>,
+    /// The HTTP rules of the rule (`GET /headers`, `* /api/*`), if any: the proxy allows
+    /// only these requests on its ports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http: Vec<String>,
 }
 
 /// Everything the datapath maps must hold, minus interface indexes (the runtime adds them).
@@ -86,6 +90,8 @@ pub struct Desired {
     pub dns_servers: BTreeSet<u32>,
     /// Local identity -> FQDN slot -> rule id (the slots a learned entry may carry).
     pub fqdn_slots: BTreeMap<u32, BTreeMap<u8, u32>>,
+    /// The HTTP rules the agent's proxy judges requests by (entries flagged POLICY_FLAG_HTTP).
+    pub http: crate::l7::rules::HttpTable,
     /// Problems that do not fail the compile (e.g. FQDN rules without a DNS allow).
     pub warnings: Vec<String>,
     /// Objects that failed to compile, and the local identities that fail closed for them.

@@ -145,7 +145,7 @@ mod tests {
         for d in ["v10/links", "v1/links", MAP_VERSION_DIR, "vx", "links", resized.as_str()] {
             std::fs::create_dir_all(root.join(d)).unwrap();
         }
-        std::fs::write(root.join("v3"), b"").unwrap();
+        std::fs::write(root.join("v9"), b"").unwrap();
         let got: Vec<String> = older_layouts(&root).iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
         assert_eq!(got, ["v1".to_string(), "v10".to_string(), resized.clone()], "a resized layout is the newest");
         std::fs::write(root.join("v1/links/7-veth0-from"), b"").unwrap();

@@ -10,10 +10,12 @@ pub mod services;
 pub use services::*;
 pub mod auth;
 pub use auth::*;
+pub mod l7;
+pub use l7::*;
 
 /// Map pin directory name under the bpffs root. Bump on any layout change so that an
 /// upgraded agent never reads maps written with another layout.
-pub const MAP_VERSION_DIR: &str = "v2";
+pub const MAP_VERSION_DIR: &str = "v3";
 
 // ---------------------------------------------------------------------------
 // Identities
@@ -145,16 +147,22 @@ pub enum Reason {
     /// a STRICT namespace) whose peer identity is not proven, or no longer, for the node
     /// its address is on (`ZT_AUTH_PROOFS`): the address claims an identity nobody proved.
     DropAuthRequired = 30,
+    /// A new flow to a port with HTTP rules that did not come through this node's HTTP
+    /// proxy (a client on another node, the host, a pod not hooked yet): fail closed.
+    DropHttpUnsteered = 31,
+    /// A flow steered to the HTTP proxy while no proxy listener is registered (agent
+    /// down or restarting): fail closed.
+    DropHttpProxyDown = 32,
 }
 
 pub const REASON_FIRST_DROP: u8 = 16;
 /// Size of the reason dimension of the counter array.
-pub const REASON_SLOTS: u32 = 32;
+pub const REASON_SLOTS: u32 = 48;
 /// Counter array size: direction x reason.
 pub const COUNTER_SLOTS: u32 = DIR_COUNT * REASON_SLOTS;
 
 impl Reason {
-    pub const ALL: [Reason; 28] = [
+    pub const ALL: [Reason; 30] = [
         Reason::AllowPolicy,
         Reason::AllowEstablished,
         Reason::AllowReply,
@@ -183,6 +191,8 @@ impl Reason {
         Reason::DropTunnel,
         Reason::DropService,
         Reason::DropAuthRequired,
+        Reason::DropHttpUnsteered,
+        Reason::DropHttpProxyDown,
     ];
 
     pub const fn is_drop(self) -> bool {
@@ -224,6 +234,8 @@ impl Reason {
             Reason::DropTunnel => "tunnel",
             Reason::DropService => "service-backends-denied",
             Reason::DropAuthRequired => "auth-required",
+            Reason::DropHttpUnsteered => "http-unsteered",
+            Reason::DropHttpProxyDown => "http-proxy-down",
         }
     }
 }
@@ -552,7 +564,9 @@ pub const fn ct_tcp_next(state: u8, flags: u8, reply: bool) -> u8 {
     let st = state & CT_STATE_MASK;
     // A new SYN from the opener on a closed tuple (port reuse): a new connection.
     if st == CT_TCP_CLOSED && !reply && flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN {
-        return (state & CT_PROVEN) | CT_TCP_SYN;
+        // Steering to the HTTP proxy (issue 11) and the proof of admission (issue 10) stay
+        // with the tuple: the new connection's packets must take the same way as its SYN.
+        return CT_TCP_SYN | (state & (CT_L7 | CT_PROVEN));
     }
     let mut bits = state & !CT_STATE_MASK;
     if reply {
@@ -742,6 +756,14 @@ mod user {
 #[cfg(test)]
 mod ct_tests {
     use super::*;
+
+    #[test]
+    fn port_reuse_keeps_the_http_steering() {
+        let closed = CT_L7 | CT_SEEN_REPLY | CT_FIN_ORIG | CT_FIN_REPLY | CT_TCP_CLOSED;
+        assert_eq!(ct_tcp_next(closed, TCP_SYN, false), CT_L7 | CT_TCP_SYN);
+        assert_eq!(ct_tcp_next(CT_TCP_CLOSED, TCP_SYN, false), CT_TCP_SYN);
+        assert_eq!(ct_tcp_next(CT_L7 | CT_TCP_SYN | CT_SEEN_REPLY, TCP_ACK, false), CT_L7 | CT_SEEN_REPLY | CT_TCP_ESTABLISHED);
+    }
 
     /// Runs segments (flags, reply) through the state machine from a fresh entry.
     fn run(segs: &[(u8, bool)]) -> u8 {

@@ -54,7 +54,9 @@ pub fn handle(ctx: &SkBuffContext, dir: u8) -> i32 {
         return CG_DROP;
     }
     let mut dns_work = dns::Work::None;
-    if !datapath::judge(&hook, &f, parsed, &mut dns_work) {
+    // No steering here: cgroup programs cannot assign sockets (l7.rs).
+    let mut l7 = crate::l7::Work::NONE;
+    if !datapath::judge(&hook, &f, parsed, &mut dns_work, &mut l7) {
         return CG_DROP;
     }
     dns::run(skb, dns_work);

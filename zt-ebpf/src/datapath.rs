@@ -4,7 +4,7 @@ use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
 use zt_common::*;
 
 use crate::{
-    conntrack, dns,
+    conntrack, dns, l7,
     maps::{CONFIG, FRAGS},
     parse::{self, Flow, Frag, Parsed, IPPROTO_TCP, IPPROTO_UDP},
     policy::{self, Decision, Hook, Judged, FROM_UNSEEN},
@@ -20,14 +20,21 @@ pub const TC_DROP: i32 = 2; // TC_ACT_SHOT / TCX_DROP
 pub fn handle(ctx: &TcContext, dir: u8) -> i32 {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let from_ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    // The HTTP proxy's packets come from the node's own stack with a pod's address:
+    // where they entered says nothing (l7.rs).
+    let from_ifindex = if dir == DIR_INGRESS { l7::from_ifindex(ctx, from_ifindex) } else { from_ifindex };
     let hook = Hook { ifindex, dir, scope: ifindex, from_ifindex };
+    let mut l7 = l7::Work::NONE;
     let mut f = Flow::zeroed();
     let parsed = parse::parse(ctx.skb.skb, &mut f, parse::L3_AFTER_ETH);
     let mut dns_work = dns::Work::None;
-    if !judge(&hook, &f, parsed, &mut dns_work) {
+    if !judge(&hook, &f, parsed, &mut dns_work, &mut l7) {
         return TC_DROP;
     }
     dns::run(ctx.skb.skb, dns_work);
+    if l7.steer == l7::STEER_LISTENER || l7.steer == l7::STEER_LOCAL {
+        return l7::steer(ctx, dir, &f, l7.steer);
+    }
     TC_PASS
 }
 
@@ -38,7 +45,7 @@ pub fn handle(ctx: &TcContext, dir: u8) -> i32 {
 /// site, so that the verifier checks the parser once rather than once per path through
 /// the datapath.
 #[inline(always)]
-pub fn judge(hook: &Hook, f: &Flow, parsed: Parsed, dns: &mut dns::Work) -> bool {
+pub fn judge(hook: &Hook, f: &Flow, parsed: Parsed, dns: &mut dns::Work, l7: &mut l7::Work) -> bool {
     let dir = hook.dir;
     match parsed {
         Parsed::NonIp => {
@@ -67,12 +74,12 @@ pub fn judge(hook: &Hook, f: &Flow, parsed: Parsed, dns: &mut dns::Work) -> bool
         }
         Parsed::Malformed => drop_unjudged(cfg, hook, f, Reason::DropMalformed),
         Parsed::TooManyExtHeaders => drop_unjudged(cfg, hook, f, Reason::DropIpv6ExtHeaders),
-        Parsed::Flow => handle_flow(cfg, hook, f, dns),
+        Parsed::Flow => handle_flow(cfg, hook, f, dns, l7),
     }
 }
 
 #[inline(always)]
-fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow, dns_work: &mut dns::Work) -> bool {
+fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow, dns_work: &mut dns::Work, l7: &mut l7::Work) -> bool {
     // Later fragments and ICMP errors match no conntrack entry of their own: their
     // source is checked here (tracked flows carry their peer's interface, new flows are
     // checked where the peer is looked up).
@@ -99,10 +106,17 @@ fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow, dns_work: &mut dns::Work) ->
             // The policy changed since this flow was admitted: judge it again as the
             // flow it is (its original direction and port).
             let (odir, port) = if reply { (dir ^ 1, unsafe { (*ct).policy_port }) } else { (dir, f.policy_port) };
-            policy::decide(cfg, hook, f, &Judged { dir: odir, port, tracked: true }, &mut d);
+            let j = Judged { dir: odir, port, tracked: true };
+            policy::decide(cfg, hook, f, &j, &mut d);
             if !d.allow {
                 conntrack::remove(f, hook, &found);
                 d.reason = Reason::DropRevoked;
+                return drop_judged(cfg, hook, f, &d);
+            }
+            // HTTP rules added to the port of a flow that runs outside the proxy.
+            if unsafe { (*ct).state } & CT_L7 == 0 && l7::needs_proxy(f, hook, &d, &j) {
+                conntrack::remove(f, hook, &found);
+                d.reason = Reason::DropHttpUnsteered;
                 return drop_judged(cfg, hook, f, &d);
             }
             conntrack::reverified(ct, cfg.policy_epoch, &d);
@@ -118,6 +132,9 @@ fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow, dns_work: &mut dns::Work) ->
             let ids = dns::Ids { local: unsafe { (*ct).local_id }, peer: unsafe { (*ct).peer_id } };
             *dns_work = dns_work_of(f, hook, &ids);
         }
+        if unsafe { (*ct).state } & CT_L7 != 0 {
+            l7::tracked(hook, f, l7);
+        }
         // Last: TCP state, last-seen, and a move between the conntrack maps.
         conntrack::update(f, hook, ct, &found);
         verdict::count(dir, if reply { Reason::AllowReply } else { Reason::AllowEstablished });
@@ -130,7 +147,14 @@ fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow, dns_work: &mut dns::Work) ->
     if !d.allow {
         return drop_judged(cfg, hook, f, &d);
     }
+    if let Some(reason) = l7::new_flow(hook, f, &d, l7) {
+        d.reason = reason;
+        return drop_judged(cfg, hook, f, &d);
+    }
     conntrack::create(f, hook, cfg.policy_epoch, &d);
+    if l7.steer != l7::STEER_NONE {
+        l7::track(f, hook);
+    }
     note_first_fragment(f, hook, now);
     if dir == DIR_EGRESS && f.dport == 53 && (f.proto == IPPROTO_UDP || f.proto == IPPROTO_TCP) {
         *dns_work = if dns::note_query(f, d.peer_id) { dns::Work::Query } else { dns::Work::None };

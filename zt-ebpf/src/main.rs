@@ -21,6 +21,8 @@ mod dns;
 #[cfg(target_arch = "bpf")]
 mod fqdn;
 #[cfg(target_arch = "bpf")]
+mod l7;
+#[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod parse;

@@ -136,3 +136,11 @@ pub static SVC_CIDRS: LpmTrie<CidrKey, u32> = LpmTrie::pinned(SVC_CIDRS_MAX, 0);
 /// Socket translation counters, indexed by `SvcStat`.
 #[map(name = "ZT_SVC_STATS")]
 pub static SVC_STATS: PerCpuArray<u64> = PerCpuArray::pinned(SVC_STAT_SLOTS, 0);
+
+/// The HTTP proxy's listeners (issue 11, l7.rs): slot 0 IPv4, 1 IPv6.
+#[map(name = "ZT_L7_LISTENER")]
+pub static L7_LISTENER: aya_ebpf::maps::SockMap = aya_ebpf::maps::SockMap::pinned(2, 0);
+
+/// The proxy's and the steering marks (`L7Config`).
+#[map(name = "ZT_L7_CONFIG")]
+pub static L7_CONFIG: Array<L7Config> = Array::pinned(1, 0);

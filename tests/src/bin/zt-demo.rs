@@ -3,7 +3,8 @@
 //! through its Service (httpbin:8000, the ClusterIP: the bed has no DNS), from inside
 //! its own cgroup so that zt translates the frontend at the socket; before policy the
 //! call succeeds, after default-deny it fails, after an allow for the sleep identity
-//! only sleep gets through. Each step shows what ztctl says and the verdict counters.
+//! only sleep gets through; then HTTP rules on another port: GET /headers 200, POST
+//! 403 from the node's proxy. Each step shows what ztctl says and the verdict counters.
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -11,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use zt_testbed::{bins, Endpoint, Family, Proto, ProbeResult, Target, Testbed, TestbedOptions};
 
 const LAB: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/labs/demo");
+const L7_LAB: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/labs/l7");
 
 fn main() -> Result<()> {
     let agent_bin = bins::find("zt-agent")?;
@@ -65,7 +67,38 @@ fn main() -> Result<()> {
     println!("   ztctl policy:");
     print_indented(&ctl.output(&["policy"])?);
 
-    step("4. verdict counters from /metrics (non-zero)");
+    step("5. HTTP rules: sleep may GET /headers on httpbin's port 8080, nothing else there");
+    // A real HTTP server in httpbin, its Service (httpbin-http:8080) and the rules.
+    let _server = zt_testbed::HttpServer::start(&bed, &Endpoint::pod("default", "httpbin"), &[8080])?;
+    std::fs::copy(Path::new(L7_LAB).join("06-service-http.yaml"), manifests.join("06-service-http.yaml"))?;
+    std::fs::copy(Path::new(L7_LAB).join("demo/40-http-rules.yaml"), manifests.join("40-http-rules.yaml"))?;
+    let get = ["-sS", "--max-time", "3", "--resolve", "httpbin-http:8080:10.96.0.81", "-w", "%{http_code}", "http://httpbin-http:8080/headers"];
+    let start = Instant::now();
+    while curl(&bed, &sleep, &get)?.1 != 200 {
+        if start.elapsed() > Duration::from_secs(10) {
+            bail!("GET /headers through the Service did not get 200 within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (body, code) = curl(&bed, &sleep, &get)?;
+    println!("   sleep: curl http://httpbin-http:8080/headers -> {code}: {}", body.trim());
+    let drops = ctl.spawn_drops_of(&["--reason", "http-denied", "--count", "1"])?;
+    let post = ["-sS", "--max-time", "3", "--resolve", "httpbin-http:8080:10.96.0.81", "-w", "%{http_code}", "-X", "POST", "-d", "a=1", "http://httpbin-http:8080/post"];
+    let (body, code) = curl(&bed, &sleep, &post)?;
+    println!("   sleep: curl -X POST http://httpbin-http:8080/post -> {code}: {}", body.trim());
+    if code != 403 {
+        bail!("POST /post: expected 403, got {code}");
+    }
+    println!("   ztctl drops --follow says:");
+    print_indented(&drops.finish()?);
+    println!("   ztctl explain default/sleep default/httpbin tcp/8080:");
+    print_indented(&ctl.output(&["explain", "default/sleep", "default/httpbin", "tcp/8080"])?);
+    let metrics = agent.metrics()?;
+    for l in metrics.lines().filter(|l| l.starts_with("zt_http_requests_total")) {
+        println!("   {l}");
+    }
+
+    step("6. verdict counters from /metrics (non-zero)");
     let metrics = agent.metrics()?;
     for l in metrics.lines().filter(|l| l.starts_with("zt_verdicts_total") && !l.ends_with(" 0")) {
         println!("   {l}");
@@ -91,6 +124,17 @@ fn call_service(bed: &Testbed, from: &Endpoint, cluster_ip: &str, allowed: bool)
         bail!("expected {} but got {c:?}", if allowed { "a connection" } else { "no connection" });
     }
     Ok(())
+}
+
+/// curl in `from` (its netns and cgroup, so the Service is translated at its socket):
+/// (body, status), with `-w %{http_code}` last in `args`' output.
+fn curl(bed: &Testbed, from: &Endpoint, args: &[&str]) -> Result<(String, u16)> {
+    let mut a = vec!["/usr/bin/curl"];
+    a.extend_from_slice(args);
+    let out = bed.exec_in(from, &a)?;
+    let s = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = s.split_at(s.len().saturating_sub(3));
+    Ok((body.to_string(), code.parse().unwrap_or(0)))
 }
 
 fn step(s: &str) {
@@ -149,6 +193,11 @@ impl Ctl<'_> {
     fn show(&self, args: &[&str]) -> Result<()> {
         print_indented(&self.output(args)?);
         Ok(())
+    }
+    fn spawn_drops_of(&self, filter: &[&str]) -> Result<Drops> {
+        let child = self.base().args(["drops", "--follow", "--timeout", "3"]).args(filter).stdout(std::process::Stdio::piped()).spawn()?;
+        std::thread::sleep(Duration::from_millis(200));
+        Ok(Drops { child })
     }
     fn spawn_drops(&self) -> Result<Drops> {
         let child = self

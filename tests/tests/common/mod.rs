@@ -296,3 +296,14 @@ spec:
   - to: [{podSelector: {matchLabels: {app: b}}}]
     ports: [{protocol: TCP, port: 7100}]
 ";
+
+/// The agent's current map layout directory (`<bpffs-root>/v<N>`: the one holding
+/// `ZT_POLICY`), found rather than named, so that the tests follow a layout bump.
+#[allow(dead_code)]
+pub fn layout_dir(agent: &AgentHandle) -> PathBuf {
+    std::fs::read_dir(&agent.bpffs_root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.join("ZT_POLICY").exists() && !p.to_string_lossy().ends_with("-resized"))
+        .unwrap_or_else(|| panic!("no layout directory with ZT_POLICY under {}", agent.bpffs_root.display()))
+}

@@ -29,7 +29,7 @@ pub(crate) fn strict_rules(out: &mut Rules) {
         .collect();
     for (id, source) in open {
         out.isolate(&BTreeSet::from([id]), DIR_INGRESS);
-        let rule = Rule { id: 0, dir: DIR_INGRESS, action: Action::Allow, subjects: BTreeSet::from([id]), peers: Peers::Any, ports: Vec::new(), auth: true };
+        let rule = Rule { id: 0, dir: DIR_INGRESS, action: Action::Allow, subjects: BTreeSet::from([id]), peers: Peers::Any, ports: Vec::new(), auth: true, http: None };
         out.add(&source, "spec.authentication".into(), rule);
     }
 }

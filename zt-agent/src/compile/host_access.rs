@@ -55,6 +55,7 @@ pub(crate) fn compile(ctx: &Ctx<'_>, out: &mut Rules) {
             peers: Peers::Ids(BTreeSet::from([IDENTITY_HOST])),
             ports: ports.iter().map(|&p| PortMatch::Range { proto: TCP, lo: p, hi: p }).collect(),
             auth: false,
+            http: None,
         };
         let path = format!("probes of ns/{} sa/{}: tcp {:?}", w.namespace, w.service_account, ports);
         out.add("kubelet probes (--host-access probes)", path, rule);

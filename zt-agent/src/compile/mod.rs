@@ -222,6 +222,7 @@ pub fn compile_with_slots(
     }
     let mut policy = policy::entries(&ctx, &out.rules);
     auth::strict_flags(&mut policy, &out.strict);
+    let http = crate::l7::rules::HttpTable::build(&out.rules);
     let warnings = fqdn::unreachable_dns(&policy, fq.slots.keys().copied(), &ctx.dns_servers)
         .into_iter()
         .map(|id| {
@@ -251,6 +252,7 @@ pub fn compile_with_slots(
         fqdn_ports: fq.ports,
         dns_servers: ctx.dns_servers,
         fqdn_slots: fq.slots,
+        http,
         warnings,
         failures,
         endpoint_nodes,
@@ -315,7 +317,7 @@ impl Ctx<'_> {
 
 /// Who a rule applies to on the other side.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Peers {
+pub enum Peers {
     Any,
     Ids(BTreeSet<u32>),
 }
@@ -334,7 +336,7 @@ impl Peers {
 
 /// A rule in direction-neutral form; `subjects` are local identities only.
 #[derive(Clone, Debug)]
-pub(crate) struct Rule {
+pub struct Rule {
     pub id: u32,
     pub dir: u8,
     pub action: Action,
@@ -344,6 +346,8 @@ pub(crate) struct Rule {
     pub ports: Vec<PortMatch>,
     /// `authentication: required`: what it allows needs a proof of the peer's identity.
     pub auth: bool,
+    /// Allow rules only: the requests allowed on the rule's (TCP) ports; None = L4 only.
+    pub http: Option<Vec<crate::model::http::HttpRule>>,
 }
 
 /// The compiled rules, their descriptions and which local identities are isolated.
@@ -372,6 +376,7 @@ impl Rules {
                 path,
                 action: rule.action,
                 fqdn: Vec::new(),
+                http: rule.http.iter().flatten().map(|h| h.to_string()).collect(),
             },
         );
         self.rules.push(rule);

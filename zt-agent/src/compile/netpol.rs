@@ -170,6 +170,7 @@ fn rule(
         peers,
         ports,
         auth: false,
+        http: None,
     })
 }
 

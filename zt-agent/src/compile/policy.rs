@@ -14,7 +14,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use zt_common::{PolicyKey, PolicyValue, IDENTITY_ANY, POLICY_FLAG_AUTH_REQUIRED, VERDICT_ALLOW, VERDICT_DENY};
+use zt_common::{PolicyKey, PolicyValue, IDENTITY_ANY, POLICY_FLAG_AUTH_REQUIRED, POLICY_FLAG_HTTP, VERDICT_ALLOW, VERDICT_DENY};
+
+const PROTO_TCP: u8 = 6;
 
 use super::ports::{blocks, Block, PortMatch};
 use super::{Ctx, Peers, Rule};
@@ -26,7 +28,12 @@ type Key = (u32, u8, u32, Block);
 
 pub(crate) fn entries(ctx: &Ctx<'_>, rules: &[Rule]) -> BTreeMap<PolicyEntryKey, PolicyValue> {
     let mut map: BTreeMap<Key, (Action, u32, bool)> = BTreeMap::new();
-    let mut put = |key: Key, action: Action, rule_id: u32, auth: bool| {
+    // Entries whose every allow carries HTTP rules (POLICY_FLAG_HTTP); an L4-only allow
+    // of the same key lets every request through, so the flag needs all of them.
+    let mut http: BTreeMap<Key, bool> = BTreeMap::new();
+    let mut put = |key: Key, action: Action, rule_id: u32, auth: bool, with_http: bool| {
+        let h = http.entry(key).or_insert(with_http);
+        *h &= with_http;
         let v = map.entry(key).or_insert((action, rule_id, auth));
         // Deny wins; among equals the first rule (lowest id) names the entry, except
         // that a plain allow names it over one requiring authentication (it decides).
@@ -56,13 +63,14 @@ pub(crate) fn entries(ctx: &Ctx<'_>, rules: &[Rule]) -> BTreeMap<PolicyEntryKey,
                             r.action,
                             r.id,
                             r.auth,
+                            r.http.is_some(),
                         );
                     }
                     continue;
                 }
                 for b in blocks(m) {
                     for &peer in &peers {
-                        put((local, r.dir, peer, b), r.action, r.id, r.auth);
+                        put((local, r.dir, peer, b), r.action, r.id, r.auth, r.http.is_some() && b.proto == PROTO_TCP);
                     }
                 }
             }
@@ -72,7 +80,9 @@ pub(crate) fn entries(ctx: &Ctx<'_>, rules: &[Rule]) -> BTreeMap<PolicyEntryKey,
     prune(&mut map);
     plain_allows_win(&mut map);
     map.into_iter()
-        .map(|((local, dir, peer, b), (action, rule_id, auth))| {
+        .map(|(key, (action, rule_id, auth))| {
+            let (local, dir, peer, b) = key;
+            let http = action == Action::Allow && http.get(&key) == Some(&true);
             let verdict = if action == Action::Deny {
                 VERDICT_DENY
             } else {
@@ -85,7 +95,7 @@ pub(crate) fn entries(ctx: &Ctx<'_>, rules: &[Rule]) -> BTreeMap<PolicyEntryKey,
                 },
                 PolicyValue {
                     verdict,
-                    flags: if auth { POLICY_FLAG_AUTH_REQUIRED } else { 0 },
+                    flags: if auth { POLICY_FLAG_AUTH_REQUIRED } else { 0 } | if http { POLICY_FLAG_HTTP } else { 0 },
                     _pad: [0; 2],
                     rule_id,
                 },

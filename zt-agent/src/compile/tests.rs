@@ -1549,3 +1549,25 @@ fn remote_pods_carry_their_nodes_proof_number() {
     assert_eq!(d.endpoint_nodes.get(&db), Some(&auth_node_id(b"node-b")));
     assert!(!d.endpoint_nodes.contains_key(&ip("10.0.0.1")), "local pods are this node's");
 }
+
+#[test]
+fn http_rules_flag_their_entries_and_fill_the_proxy_table() {
+    let d = run(&ztp(
+        "default",
+        "web-http",
+        "  subjects: [{podSelector: {matchLabels: {app: web}}}]\n  ingress:\n    - from: [{podSelector: {matchLabels: {app: client}}}]\n      ports: [{port: 8080}]\n      http: [{method: GET, path: /headers}]\n    - from: [{podSelector: {matchLabels: {app: db}}}]\n      ports: [{port: 8080}]\n",
+    ));
+    let (web, client, db) = (id(&d, "web"), id(&d, "client"), id(&d, "db"));
+    let flag = |peer: u32| {
+        d.policy
+            .iter()
+            .find(|(k, _)| k.key.local_id() == web && k.key.peer_id() == peer && k.key.port() == 8080)
+            .map(|(_, v)| v.flags)
+    };
+    assert_eq!(flag(client), Some(POLICY_FLAG_HTTP), "the client's entry goes through the proxy");
+    assert_eq!(flag(db), Some(0), "an L4-only allow stays in the kernel");
+    assert!(d.http.has_http());
+    assert!(crate::l7::rules::verdict(&d.http, client, web, 8080, "GET", "/headers").allowed);
+    assert!(!crate::l7::rules::verdict(&d.http, client, web, 8080, "POST", "/post").allowed);
+    assert!(crate::l7::rules::verdict(&d.http, db, web, 8080, "POST", "/post").allowed);
+}

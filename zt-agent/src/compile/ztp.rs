@@ -133,6 +133,7 @@ fn policy(ctx: &Ctx<'_>, source: &str, ns: &str, p: &crate::model::ZeroTrustPoli
                 peers,
                 ports: ports.clone(),
                 auth,
+                http: r.http.map(|h| h.to_vec()),
             };
             out.add(&source, path.clone(), rule);
             if !matches.is_empty() {

@@ -229,12 +229,18 @@ pub fn explain(maps: &PinnedMaps, snap: &Snapshot, src: &str, dst: &str, proto_p
     let mut checks = vec![];
     checks.extend(check(maps, &cfg, snap, Flow { local: s, peer: d, dir: DIR_EGRESS, proto, port }));
     checks.extend(check(maps, &cfg, snap, Flow { local: d, peer: s, dir: DIR_INGRESS, proto, port }));
+    // Ports with HTTP rules: the proxy's step (crate::ctl::l7), after both sides allowed.
+    if proto == 6 && !checks.is_empty() && checks.iter().all(|c| c.verdict == "allow") {
+        checks.extend(crate::ctl::l7::http_step(maps, snap, s, d, port, &checks));
+    }
     let verdict = if checks.is_empty() {
         "not judged on this node"
-    } else if checks.iter().all(|c| c.verdict == "allow") {
-        "allow"
-    } else {
+    } else if checks.iter().any(|c| c.verdict == "drop") {
         "drop"
+    } else if checks.iter().any(|c| c.verdict == "http") {
+        "http-rules"
+    } else {
+        "allow"
     };
     Ok(Explanation { src: format!("{src} ({s})"), dst: format!("{dst} ({d})"), proto: crate::events::proto_name(proto), port, verdict: verdict.into(), checks })
 }

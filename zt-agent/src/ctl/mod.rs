@@ -2,6 +2,7 @@
 //! pinned maps; names (SPIFFE IDs, pods, rules) from the agent's state file.
 pub mod auth;
 pub mod explain;
+pub mod l7;
 pub mod failures;
 pub mod fqdn;
 pub mod graph;

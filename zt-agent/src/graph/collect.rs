@@ -254,6 +254,7 @@ mod tests {
             dst: side("10.0.0.10", 80, 257),
             rule: rule.map(str::to_string),
             ifindex: 3,
+            http: None,
         };
         add_event(&mut g, &ev("drop", "policy-default-deny", None, 5000), 1000);
         add_event(&mut g, &ev("drop", "policy-default-deny", None, 5001), 1001);

@@ -302,7 +302,7 @@ pub(crate) mod tests {
         );
         view.rules.insert(
             rule,
-            RuleInfo { id: rule, source: format!("ZeroTrustPolicy default/r{rule}"), path: "spec.egress[0]".into(), action: Action::Allow, fqdn: vec![] },
+            RuleInfo { id: rule, source: format!("ZeroTrustPolicy default/r{rule}"), path: "spec.egress[0]".into(), action: Action::Allow, fqdn: vec![], http: vec![] },
         );
     }
 

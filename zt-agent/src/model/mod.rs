@@ -4,6 +4,7 @@
 //! `ClusterState`; the compiler reads only this.
 
 pub mod error;
+pub mod http;
 pub mod k8s;
 pub mod service;
 pub mod source_dir;

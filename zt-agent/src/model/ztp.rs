@@ -14,6 +14,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::error::FieldError;
+pub use super::http::HttpRule;
 use super::k8s::{self, IntOrString, LabelSelector, LabelSelectorRequirement};
 use crate::state::Action;
 
@@ -122,6 +123,10 @@ pub struct IngressRule {
     pub ports: Option<Vec<PortRule>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub icmp: Option<Vec<IcmpRule>>,
+    /// Requests allowed on the rule's TCP ports (every other request gets 403): the
+    /// ports' connections go through the agent's HTTP proxy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<Vec<HttpRule>>,
     /// `required`: what this rule allows needs a proof of the peer's identity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "authentication_schema")]
@@ -139,6 +144,10 @@ pub struct EgressRule {
     pub ports: Option<Vec<PortRule>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub icmp: Option<Vec<IcmpRule>>,
+    /// Requests allowed on the rule's TCP ports (every other request gets 403): the
+    /// ports' connections go through the agent's HTTP proxy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<Vec<HttpRule>>,
     /// `required`: what this rule allows needs a proof of the peer's identity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "authentication_schema")]
@@ -152,6 +161,7 @@ pub struct RuleView<'a> {
     pub peers: Option<&'a [Peer]>,
     pub ports: Option<&'a [PortRule]>,
     pub icmp: Option<&'a [IcmpRule]>,
+    pub http: Option<&'a [HttpRule]>,
     pub authentication: Option<&'a serde_json::Value>,
     /// "from" or "to", for error paths.
     pub peers_field: &'static str,
@@ -164,6 +174,7 @@ impl IngressRule {
             peers: self.from.as_deref(),
             ports: self.ports.as_deref(),
             icmp: self.icmp.as_deref(),
+            http: self.http.as_deref(),
             authentication: self.authentication.as_ref(),
             peers_field: "from",
         }
@@ -177,6 +188,7 @@ impl EgressRule {
             peers: self.to.as_deref(),
             ports: self.ports.as_deref(),
             icmp: self.icmp.as_deref(),
+            http: self.http.as_deref(),
             authentication: self.authentication.as_ref(),
             peers_field: "to",
         }
@@ -546,6 +558,32 @@ fn validate_rule(path: &str, r: &RuleView<'_>) -> Result<(), FieldError> {
             port.end_port,
         )?;
     }
+    if let Some(http) = r.http {
+        super::http::validate(path, http, r.action == Action::Allow, http_ports(r))?;
+    }
+    Ok(())
+}
+
+/// HTTP rules need ports, every one of them TCP, and no ICMP types beside them.
+fn http_ports(r: &RuleView<'_>) -> Result<(), String> {
+    let ports = r.ports.unwrap_or(&[]);
+    if ports.is_empty() {
+        return Err("http rules need ports (the TCP ports the HTTP server listens on)".into());
+    }
+    if r.icmp.is_some_and(|i| !i.is_empty()) {
+        return Err("a rule with http rules cannot match ICMP types".into());
+    }
+    for (j, p) in ports.iter().enumerate() {
+        if k8s::protocol_number(p.protocol.as_deref()) != Some(6) {
+            return Err(format!("ports[{j}] is not TCP: http rules apply to TCP ports only"));
+        }
+        if !matches!(p.port, Some(IntOrString::Int(_))) {
+            return Err(format!("ports[{j}]: http rules need the HTTP server's port numbers (no named or absent ports in this version)"));
+        }
+    }
+    if r.peers.into_iter().flatten().any(|p| p.fqdn.is_some()) {
+        return Err("http rules cannot be combined with fqdn peers in this version".into());
+    }
     Ok(())
 }
 
@@ -799,6 +837,12 @@ mod tests {
                 "spec.ingress[0].from[0].ipBlock.except[0]",
                 "not inside",
             ),
+            ("spec:\n  ingress: [{http: [{method: GET}]}]\n", "spec.ingress[0].http", "need ports"),
+            ("spec:\n  ingress: [{ports: [{protocol: UDP, port: 53}], http: [{method: GET}]}]\n", "spec.ingress[0].http", "not TCP"),
+            ("spec:\n  ingress: [{ports: [{port: http}], http: [{method: GET}]}]\n", "spec.ingress[0].http", "port numbers"),
+            ("spec:\n  ingress: [{action: deny, ports: [{port: 80}], http: [{method: GET}]}]\n", "spec.ingress[0].http", "allow rules only"),
+            ("spec:\n  egress: [{ports: [{port: 80}], http: [{method: GET, path: /a/../b}]}]\n", "spec.egress[0].http[0].path", "not normalised"),
+            ("spec:\n  ingress: [{ports: [{port: 80}], http: [{method: get}]}]\n", "spec.ingress[0].http[0].method", "upper-case"),
         ];
         for (spec, path, msg) in cases {
             let p = parse(&format!("{HEAD}{spec}"));

@@ -1,0 +1,263 @@
+//! L7 end to end (issue 11): HTTP method and path rules enforced by the node's proxy.
+//! httpbin runs a real HTTP/1.1 server (Python's http.server, Debian python3) on 8080
+//! (HTTP rules: GET /headers, POST /upload, GET /api/*) and 8081 (L4 only); sleep's
+//! clients are curl and small Python socket scripts in the sleep pod (its netns and
+//! cgroup), so every byte goes through the hooks on the pods' veths and the proxy.
+mod common;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+use zt_testbed::{Family, HttpServer};
+
+
+/// Raw client: `mode ip port`; prints what came back, or `RESET` / `TIMEOUT`.
+const CLIENT: &str = r#"
+import sys, socket, time
+mode, ip, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+fam = socket.AF_INET6 if ":" in ip else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_STREAM)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+s.settimeout(5)
+try:
+    s.connect((ip, port))
+except socket.timeout:
+    print("CONNECT-TIMEOUT"); sys.exit(0)
+if mode == "pipelined":
+    s.sendall(b"GET /headers HTTP/1.1\r\nHost: httpbin\r\n\r\nPOST /post HTTP/1.1\r\nHost: httpbin\r\nContent-Length: 4\r\n\r\nabcdGET /headers HTTP/1.1\r\nHost: httpbin\r\n\r\n")
+elif mode == "split":
+    for b in b"GET /api/split HTTP/1.1\r\nHost: httpbin\r\nConnection: close\r\n\r\n":
+        s.send(bytes([b]))
+        time.sleep(0.005)
+elif mode == "tls":
+    # The start of a TLS 1.2 ClientHello record.
+    s.sendall(bytes.fromhex("16030100a5010000a10303") + b"\x00" * 32)
+elif mode == "h2":
+    s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+elif mode == "garbage":
+    s.sendall(b"GET /headers HTTP/1.1\r\nHost httpbin\r\n\r\n")
+out = b""
+try:
+    while True:
+        d = s.recv(65536)
+        if not d: break
+        out += d
+except ConnectionResetError:
+    print(out.decode(errors="replace") + "RESET"); sys.exit(0)
+except socket.timeout:
+    print(out.decode(errors="replace") + "TIMEOUT"); sys.exit(0)
+print(out.decode(errors="replace") + "EOF")
+"#;
+
+struct L7Bed {
+    bed: Bed,
+    _server: HttpServer,
+}
+
+fn l7_bed() -> L7Bed {
+    for tool in ["/usr/bin/python3", "/usr/bin/curl"] {
+        assert!(std::path::Path::new(tool).exists(), "{tool} is missing: `cargo xtask setup` installs python3 and curl");
+    }
+    let bed = bed("l7", &[], &[]);
+    let server = HttpServer::start(&bed, &pod("default", "httpbin"), &[8080, 8081]).unwrap();
+    L7Bed { bed, _server: server }
+}
+
+impl L7Bed {
+    fn httpbin(&self, f: Family) -> String {
+        let ip = self.bed.pod_ip("default", "httpbin", f).unwrap();
+        if f == Family::V6 {
+            format!("[{ip}]")
+        } else {
+            ip.to_string()
+        }
+    }
+
+    /// curl in `from`: (status code, body). Status 0: no HTTP response (curl's exit code in the body).
+    fn curl(&self, from: &str, args: &[&str]) -> (u16, String) {
+        let mut a = vec!["/usr/bin/curl", "-sS", "--max-time", "5", "--path-as-is", "-o", "/dev/stdout", "-w", "\n%{http_code}"];
+        a.extend_from_slice(args);
+        let out = self.bed.exec_in(&pod("default", from), &a).unwrap();
+        let s = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = s.rsplit_once('\n').unwrap_or(("", "0"));
+        let code: u16 = code.trim().parse().unwrap_or(0);
+        if code == 0 {
+            return (0, format!("curl exit {:?}: {}", out.status.code(), String::from_utf8_lossy(&out.stderr)));
+        }
+        (code, body.to_string())
+    }
+
+    fn raw(&self, mode: &str, f: Family, port: u16) -> String {
+        let ip = self.bed.pod_ip("default", "httpbin", f).unwrap().to_string();
+        let out = self.bed.exec_in(&pod("default", "sleep"), &["/usr/bin/python3", "-c", CLIENT, mode, &ip, &port.to_string()]).unwrap();
+        assert!(out.status.success(), "client {mode}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    fn url(&self, f: Family, port: u16, path: &str) -> String {
+        format!("http://{}:{port}{path}", self.httpbin(f))
+    }
+
+    fn log_tail(&self) -> String {
+        tail(&self.bed.agent.log(), 40)
+    }
+}
+
+#[test]
+fn get_allowed_post_denied_with_403_naming_the_rule() {
+    let b = l7_bed();
+    for f in FAMILIES {
+        let (code, body) = b.curl("sleep", &[&b.url(f, 8080, "/headers")]);
+        assert_eq!((code, body.as_str()), (200, "GET /headers\n"), "{f}: agent log:\n{}", b.log_tail());
+        let (code, body) = b.curl("sleep", &["-X", "POST", "-d", "x=1", &b.url(f, 8080, "/post")]);
+        assert_eq!(code, 403, "{f}: {body}");
+        assert!(body.contains("POST /post") && body.contains("ZeroTrustPolicy default/httpbin-http spec.ingress[0]"), "{f}: {body}");
+        // The L4-only port lets every request through, through no proxy.
+        let (code, body) = b.curl("sleep", &["-X", "POST", "-d", "x=1", &b.url(f, 8081, "/post")]);
+        assert_eq!((code, body.as_str()), (200, "POST /post 3\n"), "{f}");
+        // notsleep has no L4 allow: dropped in the kernel, no HTTP answer.
+        let (code, body) = b.curl("notsleep", &["--connect-timeout", "1", &b.url(f, 8080, "/headers")]);
+        assert_eq!(code, 0, "{f}: notsleep got an answer: {body}");
+    }
+    let m = b.bed.metrics();
+    assert_eq!(m.get("zt_http_requests_total", &[("verdict", "allowed"), ("method", "GET")]), Some(2.0), "{}", m.0);
+    assert_eq!(m.get("zt_http_requests_total", &[("verdict", "denied"), ("method", "POST")]), Some(2.0));
+    // The kernel dropped notsleep's SYNs as policy (the proxy never saw them).
+    assert!(m.get("zt_verdicts_total", &[("reason", "policy-default-deny")]).unwrap_or(0.0) >= 2.0, "{}", m.0);
+}
+
+#[test]
+fn the_normalised_path_is_judged_and_sent_upstream() {
+    let b = l7_bed();
+    let f = Family::V4;
+    for (path, want_code, want_body) in [
+        // Allowed once normalised: the server sees the normalised path.
+        ("/post/../headers", 200, "GET /headers\n"),
+        ("//headers", 200, "GET /headers\n"),
+        ("/x/%2e%2e/headers", 200, "GET /headers\n"),
+        ("/%68eaders", 200, "GET /headers\n"),
+        ("/api/v1/../v2?q=/post", 200, "GET /api/v2?q=/post\n"),
+        // Denied once normalised.
+        ("/headers/../post", 403, ""),
+        ("/headers/%2e%2e/post", 403, ""),
+        ("/api/../post", 403, ""),
+        // Ambiguous: refused with 400, never guessed.
+        ("/headers%2f..%2fpost", 400, ""),
+        ("/api/%252e%252e/post", 400, ""),
+        ("/headers%00", 400, ""),
+    ] {
+        let (code, body) = b.curl("sleep", &[&b.url(f, 8080, path)]);
+        assert_eq!(code, want_code, "{path}: {body}");
+        if !want_body.is_empty() {
+            assert_eq!(body, want_body, "{path}");
+        }
+    }
+}
+
+#[test]
+fn pipelined_split_and_large_requests() {
+    let b = l7_bed();
+    for f in FAMILIES {
+        // Three pipelined requests, the second denied: 200, then 403 and the connection
+        // closes (the third is never forwarded).
+        let out = b.raw("pipelined", f, 8080);
+        let statuses: Vec<&str> = out.lines().filter(|l| l.starts_with("HTTP/1.1 ")).collect();
+        assert_eq!(statuses, ["HTTP/1.1 200 OK", "HTTP/1.1 403 Forbidden"], "{f}: {out}");
+        assert!(out.contains("GET /headers\n") && out.ends_with("EOF\n") && out.matches("GET /headers").count() == 1, "{f}: {out}");
+        // A request written one byte per segment.
+        let out = b.raw("split", f, 8080);
+        assert!(out.starts_with("HTTP/1.1 200 OK") && out.contains("GET /api/split\n"), "{f}: {out}");
+    }
+    // A 1 MiB upload on an allowed POST (curl sends Expect: 100-continue; the proxy
+    // answers it and streams the body).
+    let file = b.bed.tmp_dir().join("upload.bin");
+    std::fs::write(&file, vec![b'z'; 1 << 20]).unwrap();
+    let data = format!("@{}", file.display());
+    for f in FAMILIES {
+        let (code, body) = b.curl("sleep", &["--data-binary", &data, &b.url(f, 8080, "/upload")]);
+        assert_eq!((code, body.as_str()), (200, "POST /upload 1048576\n"), "{f}");
+    }
+}
+
+#[test]
+fn tls_http2_and_malformed_requests_are_refused_and_counted() {
+    let b = l7_bed();
+    for f in FAMILIES {
+        assert_eq!(b.raw("tls", f, 8080), "RESET\n", "{f}: a TLS ClientHello is reset");
+        assert_eq!(b.raw("h2", f, 8080), "RESET\n", "{f}: the HTTP/2 preface is reset");
+        let out = b.raw("garbage", f, 8080);
+        assert!(out.starts_with("HTTP/1.1 400") || out.trim_end().ends_with("RESET"), "{f}: a malformed request is refused: {out}");
+        assert!(!out.contains("GET /headers\n"), "{f}: forwarded: {out}");
+        // The L4-only port is not the proxy's: TLS goes straight to the server.
+        assert!(!b.raw("tls", f, 8081).contains("RESET"), "{f}: port 8081 has no HTTP rules");
+    }
+    let m = b.bed.metrics();
+    assert_eq!(m.get("zt_http_connections_refused_total", &[("reason", "tls")]), Some(2.0), "{}", m.0);
+    assert_eq!(m.get("zt_http_connections_refused_total", &[("reason", "http2")]), Some(2.0));
+    assert_eq!(m.get("zt_http_connections_refused_total", &[("reason", "malformed")]), Some(2.0));
+}
+
+#[test]
+fn proxy_down_fails_closed_and_a_restart_serves_again() {
+    let b = l7_bed();
+    let f = Family::V4;
+    assert_eq!(b.curl("sleep", &[&b.url(f, 8080, "/headers")]).0, 200);
+    // An established keep-alive connection (the proxy's socket) dies with the agent.
+    b.bed.agent.kill();
+    let (code, body) = b.curl("sleep", &["--connect-timeout", "2", &b.url(f, 8080, "/headers")]);
+    assert_eq!(code, 0, "proxy down: {body}");
+    let (code, _) = b.curl("sleep", &["--connect-timeout", "2", "-X", "POST", &b.url(f, 8080, "/post")]);
+    assert_eq!(code, 0, "proxy down: nothing passes, denied or not");
+    // The L4-only port never depended on the proxy.
+    assert_eq!(b.curl("sleep", &[&b.url(f, 8081, "/post")]).0, 200);
+    b.bed.agent.start().unwrap();
+    b.bed.agent.wait_ready(Duration::from_secs(20)).unwrap();
+    b.bed.wait_until("GET /headers through the restarted proxy", || b.curl("sleep", &[&b.url(f, 8080, "/headers")]).0 == 200);
+    assert_eq!(b.curl("sleep", &["-X", "POST", &b.url(f, 8080, "/post")]).0, 403, "the restarted agent opens nothing");
+    // The kernel counted the steered SYNs it had no listener for.
+    let m = b.bed.metrics();
+    assert!(m.get("zt_verdicts_total", &[("reason", "http-proxy-down")]).unwrap_or(0.0) >= 1.0, "{}", m.0);
+}
+
+#[test]
+fn ztctl_shows_the_http_step_and_the_403_event() {
+    let b = l7_bed();
+    let bed = &b.bed;
+    // explain: the proxy's step with the rules it allows.
+    let e = bed.ztctl(&["explain", "default/sleep", "default/httpbin", "tcp/8080"]);
+    assert!(e.contains("HTTP-RULES") && e.contains("HTTP proxy: http (http-rules)") && e.contains("GET /headers, POST /upload, GET /api/*"), "{e}");
+    let e = bed.ztctl(&["explain", "default/sleep", "default/httpbin", "tcp/8081"]);
+    assert!(e.contains(": ALLOW") && !e.contains("HTTP proxy"), "{e}");
+    let e = bed.ztctl(&["explain", "default/notsleep", "default/httpbin", "tcp/8080"]);
+    assert!(e.contains(": DROP") && !e.contains("HTTP proxy"), "{e}");
+    // drops -f: the proxy's 403, with both identities, the request and the rule.
+    let child = bed
+        .ztctl_cmd(&["drops", "--follow", "--count", "1", "--reason", "http-denied", "--timeout", "5"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ") {
+        assert_eq!(b.curl("sleep", &["-X", "POST", &b.url(Family::V4, 8080, "/post")]).0, 403);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "ztctl drops: {text}{}", String::from_utf8_lossy(&out.stderr));
+    for want in [
+        "DROP",
+        "HTTP",
+        "default/sleep",
+        "default/httpbin",
+        "spiffe://cluster.local/ns/default/sa/sleep",
+        ":8080 ",
+        "reason=http-denied",
+        "http=\"POST /post\" status=403",
+        "rule=\"ZeroTrustPolicy default/httpbin-http spec.ingress[0]\"",
+    ] {
+        assert!(text.contains(want), "{want:?} missing in: {text}");
+    }
+}

@@ -1,0 +1,123 @@
+//! HTTP steering in the kernel (issue 11, zt-ebpf/src/l7.rs) through BPF_PROG_TEST_RUN:
+//! a port whose ingress entry carries POLICY_FLAG_HTTP admits new flows only from the
+//! proxy (its mark) and tracks them with CT_L7; a client's flow there is steered, and
+//! with no proxy listener registered it drops (fail closed). The socket assignment itself
+//! needs a real TC ingress and is tested end to end in tests/tests/e2e_l7.rs.
+mod common;
+
+use aya::TestRun;
+use common::*;
+use zt_common::*;
+
+const SERVER: &str = "10.0.0.10";
+const CLIENT: &str = "10.0.0.11";
+const REMOTE: &str = "10.0.0.20";
+const ID_SERVER: u32 = 300;
+const ID_CLIENT: u32 = 301;
+const FROM: &str = "zt_from_pod";
+const TO: &str = "zt_to_pod";
+const PROXY_MARK: u32 = 0x0a70_0000;
+
+fn http_policy(dp: &mut Dp, flags: u8) {
+    for peer in [ID_CLIENT, IDENTITY_ANY] {
+        let k = aya::maps::lpm_trie::Key::new(POLICY_PREFIX_FULL, pk(ID_SERVER, peer, DIR_INGRESS, TCP, 8080));
+        dp.maps.policy.insert(&k, PolicyValue { verdict: VERDICT_ALLOW, flags, _pad: [0; 2], rule_id: 7 }, 0).unwrap();
+    }
+}
+
+fn l7_config(dp: &Dp, c: L7Config) {
+    zt_agent::l7::listener::write_config(&dp._fs.root(), c).unwrap();
+}
+
+/// `run_from` with the skb's mark set (struct __sk_buff: mark at offset 8).
+fn run_marked(dp: &Dp, hook: &str, pkt: &[u8], ifindex: u32, ingress_ifindex: u32, mark: u32) -> u32 {
+    let mut ctx = [0u8; 192];
+    ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
+    ctx[36..40].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    let mut out = vec![0u8; pkt.len() + 256];
+    let opts = aya::TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ctx_in: Some(&ctx), repeat: 1, ..Default::default() };
+    let p: &aya::programs::SchedClassifier = dp.ebpf.program(hook).unwrap().try_into().unwrap();
+    p.test_run(opts).expect("BPF_PROG_TEST_RUN with mark").return_value
+}
+
+fn ct_states(dp: &Dp) -> Vec<u8> {
+    dp.maps.ct.iter().filter_map(|r| r.ok()).map(|(_, v)| v.state).collect()
+}
+
+#[test]
+fn an_http_port_admits_only_the_proxy_and_tracks_it() {
+    let mut dp = Dp::new("l7-to");
+    in_private_netns(|if_client, if_server| {
+        dp.endpoint(SERVER, ID_SERVER, EP_LOCAL | EP_ENFORCE_INGRESS, if_server);
+        dp.endpoint(CLIENT, ID_CLIENT, EP_LOCAL, if_client);
+        dp.endpoint(REMOTE, ID_CLIENT, 0, 0);
+        http_policy(&mut dp, POLICY_FLAG_HTTP);
+        l7_config(&dp, L7Config { proxy_mark: PROXY_MARK, steer_mark: PROXY_MARK + 1 });
+        // A client on another node (through the uplink): it cannot have come through this
+        // node's proxy.
+        assert_eq!(dp.run_from(TO, &ipv4(REMOTE, SERVER, TCP, 40000, 8080), if_server, 99), TC_DROP);
+        // The local client straight from its interface (not steered): the same.
+        assert_eq!(dp.run_from(TO, &ipv4(CLIENT, SERVER, TCP, 40001, 8080), if_server, if_client), TC_DROP);
+        assert_eq!(dp.counter(DIR_INGRESS, Reason::DropHttpUnsteered), 2);
+        let ev = dp.events();
+        assert!(ev.iter().all(|e| e.reason == Reason::DropHttpUnsteered as u8 && e.rule_id == 7), "{ev:?}");
+        // Sent by the node's stack with the client's address and no mark: a forgery.
+        assert_eq!(dp.run_from(TO, &ipv4(CLIENT, SERVER, TCP, 40002, 8080), if_server, 0), TC_DROP);
+        assert_eq!(dp.counter(DIR_INGRESS, Reason::DropSpoofedSource), 1);
+        // The proxy (its mark, from the node's stack): judged as the client, tracked CT_L7
+        // so that the server's replies go back to the proxy's socket.
+        assert_eq!(run_marked(&dp, TO, &ipv4(CLIENT, SERVER, TCP, 40003, 8080), if_server, 0, PROXY_MARK), TC_PASS);
+        assert_eq!(dp.counter(DIR_INGRESS, Reason::AllowPolicy), 1);
+        assert_eq!(ct_states(&dp), vec![CT_L7 | CT_TCP_SYN]);
+        // Another mark is no proxy.
+        assert_eq!(run_marked(&dp, TO, &ipv4(CLIENT, SERVER, TCP, 40004, 8080), if_server, 0, PROXY_MARK + 1), TC_DROP);
+        // The server's reply to the proxy: steered (marked for the local route), and with
+        // steering off (steer mark 0) dropped, never routed to the client.
+        let mut reply = ipv4(SERVER, CLIENT, TCP, 8080, 40003);
+        reply[14 + 20 + 13] = 0x12; // SYN|ACK
+        assert_eq!(run_marked(&dp, FROM, &reply, if_server, if_server, 0), 0, "TC_ACT_OK: to the local stack");
+        l7_config(&dp, L7Config { proxy_mark: PROXY_MARK, steer_mark: 0 });
+        assert_eq!(run_marked(&dp, FROM, &reply, if_server, if_server, 0), TC_DROP);
+        assert_eq!(dp.counter(DIR_EGRESS, Reason::DropHttpProxyDown), 1);
+        // Without the HTTP flag the port is plain L4: the client passes, nothing is tracked CT_L7.
+        http_policy(&mut dp, 0);
+        assert_eq!(dp.run_from(TO, &ipv4(CLIENT, SERVER, TCP, 40005, 8080), if_server, if_client), TC_PASS);
+        assert_eq!(ct_states(&dp).iter().filter(|s| **s & CT_L7 != 0).count(), 1);
+        // HTTP rules added to the port (a new policy epoch): the flow that runs outside the
+        // proxy is cut at its next packet, not left to bypass them; the proxy's flow stays.
+        http_policy(&mut dp, POLICY_FLAG_HTTP);
+        dp.set_config(Config { policy_epoch: 2, ..config() });
+        let before = dp.counter(DIR_INGRESS, Reason::DropHttpUnsteered);
+        let mut ack = ipv4(CLIENT, SERVER, TCP, 40005, 8080);
+        ack[14 + 20 + 13] = 0x10; // ACK
+        assert_eq!(dp.run_from(TO, &ack, if_server, if_client), TC_DROP);
+        assert_eq!(dp.counter(DIR_INGRESS, Reason::DropHttpUnsteered), before + 1);
+        let mut ack = ipv4(CLIENT, SERVER, TCP, 40003, 8080);
+        ack[14 + 20 + 13] = 0x10;
+        assert_eq!(run_marked(&dp, TO, &ack, if_server, 0, PROXY_MARK), TC_PASS);
+    });
+}
+
+#[test]
+fn a_client_flow_to_an_http_port_is_steered_and_fails_closed_without_a_listener() {
+    let mut dp = Dp::new("l7-from");
+    in_private_netns(|if_client, if_server| {
+        dp.endpoint(SERVER, ID_SERVER, EP_LOCAL | EP_ENFORCE_INGRESS, if_server);
+        dp.endpoint(CLIENT, ID_CLIENT, EP_LOCAL, if_client);
+        http_policy(&mut dp, POLICY_FLAG_HTTP);
+        l7_config(&dp, L7Config { proxy_mark: PROXY_MARK, steer_mark: PROXY_MARK + 1 });
+        // No listener in ZT_L7_LISTENER (no agent): the SYN drops, counted.
+        let syn = ipv4(CLIENT, SERVER, TCP, 40000, 8080);
+        assert_eq!(dp.run_from(FROM, &syn, if_client, if_client), TC_DROP);
+        assert_eq!(dp.counter(DIR_EGRESS, Reason::DropHttpProxyDown), 1);
+        // The flow is tracked as steered: its retransmitted SYN is steered again (and
+        // drops again), never passed to the server.
+        assert_eq!(ct_states(&dp), vec![CT_L7 | CT_TCP_SYN]);
+        assert_eq!(dp.run_from(FROM, &syn, if_client, if_client), TC_DROP);
+        assert_eq!(dp.counter(DIR_EGRESS, Reason::DropHttpProxyDown), 2);
+        // An L4-only port of the same server stays in the kernel.
+        assert_eq!(dp.run_from(FROM, &ipv4(CLIENT, SERVER, TCP, 40001, 8081), if_client, if_client), TC_PASS);
+        assert_eq!(dp.counter(DIR_EGRESS, Reason::DropHttpProxyDown), 2);
+    });
+}
