@@ -35,8 +35,9 @@ enum Cmd {
     },
     /// Bring up a simulated node and replay the zero-trust lab.
     Demo,
-    /// Datapath ns/verdict against an empty program, agent map-apply throughput, and DNS
-    /// latency with the FQDN answer capture on and off.
+    /// Datapath ns/verdict against an empty program, the datapath side by side with
+    /// iptables-nft and nft sets on a veth (ZT_BENCH_SECS per measurement, ZT_BENCH_SCALES),
+    /// agent map-apply throughput, and DNS latency with the FQDN answer capture on and off.
     Bench,
     /// Long fuzzing: the cargo-fuzz targets of fuzz/ (libFuzzer, nightly, AddressSanitizer)
     /// for `--seconds` each, then the kernel DNS parser through BPF_PROG_TEST_RUN.
@@ -53,8 +54,9 @@ enum Cmd {
 
 /// iproute2: the agent and test bed drive interfaces and routes; prometheus: promtool checks /metrics.
 // dnsmasq-base: the FQDN tests' resolver; python3-scapy: their crafted DNS answers
-// (run with /usr/bin/python3, Debian's interpreter).
-const APT_PACKAGES: &[&str] = &["iproute2", "prometheus", "mount", "dnsmasq-base", "python3-scapy", "nftables"];
+// (run with /usr/bin/python3, Debian's interpreter). iperf3, iptables: the side-by-side
+// datapath bench (zt-agent/tests/bench_veth.rs) against iptables-nft and nft sets.
+const APT_PACKAGES: &[&str] = &["iproute2", "prometheus", "mount", "dnsmasq-base", "python3-scapy", "nftables", "iperf3", "iptables"];
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -79,6 +81,8 @@ fn main() -> Result<()> {
         Cmd::Fuzz { target, seconds } => fuzz(target.as_deref(), seconds),
         Cmd::Bench => {
             run_env(Command::new("cargo").args(["test", "--release", "-p", "zt-agent", "--test", "bench", "--", "--nocapture"]))?;
+            // On a real veth: no filter, zt, iptables-nft, nft sets (ZT_BENCH_SECS, ZT_BENCH_SCALES).
+            run_env(Command::new("cargo").args(["test", "--release", "-p", "zt-agent", "--test", "bench_veth"]))?;
             // DNS latency with the FQDN capture on and off, in the netns test bed.
             build()?;
             run_env(Command::new("cargo").args(["test", "-p", "zt-tests", "--test", "bench_dns", "--", "--nocapture"]))?;
