@@ -5,8 +5,8 @@
 //! nft set, each at 10 / 1k / 10k / 100k rules (zt: policy entries and identities).
 //! Measures TCP throughput (iperf3), 64-byte UDP packets/s delivered (iperf3 -u -l 64) and
 //! sequential TCP connections/s (a client and server in this file), and prints each as a
-//! ratio to "no filter" measured in the same run (the mean of a run before and one after
-//! the filtered runs). No timed assertions: it fails only when traffic that every
+//! ratio to "no filter" measured in the same round (the mean of a run before and one
+//! after the filtered runs). No timed assertions: it fails only when traffic that every
 //! configuration allows does not get through.
 //!
 //! Topology: netns `A` (client, "the node" side) holds `a0`, the host-side end of the
@@ -16,8 +16,9 @@
 //! shortcut (each packet walks the chain, as a rule list per peer does for its last peer);
 //! the nft set holds (saddr, protocol, port) elements, the client's among them.
 //!
-//! Flags by environment: ZT_BENCH_SECS (per measurement, default 2), ZT_BENCH_SCALES
-//! (default "10,1000,10000,100000").
+//! Flags by environment: ZT_BENCH_SECS (per measurement, default 2), ZT_BENCH_ROUNDS (the
+//! whole sequence repeated, default 3: medians and ranges of the ratios are printed),
+//! ZT_BENCH_SCALES (default "10,1000,10000,100000").
 mod common;
 
 use std::io::{Read, Write};
@@ -66,60 +67,78 @@ fn main() {
         .map(|s| s.trim().parse().expect("ZT_BENCH_SCALES: comma-separated numbers"))
         .collect();
     assert!(scales.iter().all(|n| *n >= CLIENT_FLOWS.len() as u32), "every scale holds at least the client's {} rules", CLIENT_FLOWS.len());
+    let rounds: usize = std::env::var("ZT_BENCH_ROUNDS").ok().map(|s| s.parse().expect("ZT_BENCH_ROUNDS: a count")).unwrap_or(3);
     let max = *scales.iter().max().unwrap();
     let bed = Veth::new();
     let t0 = Instant::now();
-    println!("datapath side by side on veth ({secs} s per measurement; ratios to no filter, the mean of the first and last no-filter runs)");
-
-    let mut rows: Vec<(String, Figures)> = vec![];
-    rows.push(("no filter (first)".into(), bed.measure(secs)));
-
-    {
-        let mut zt = Zt::attach(&bed, max);
+    println!(
+        "datapath side by side on veth: {rounds} rounds, {secs} s per measurement; per round, ratios to no filter (the mean of that round's first and last no-filter runs); median [min-max] over rounds"
+    );
+    // Per configuration: its figures and ratios of every round.
+    let mut cells: Vec<(String, Vec<Figures>, Vec<Figures>)> = vec![];
+    for round in 0..rounds {
+        let mut rows: Vec<(String, Figures)> = vec![];
+        rows.push(("no filter".into(), bed.measure(secs)));
+        {
+            // Loaded per round: nothing of zt stays attached during the other configurations.
+            let mut zt = Zt::attach(&bed, max);
+            for &n in &scales {
+                zt.scale(n);
+                let judged = zt.counted(false);
+                let f = bed.measure(secs);
+                rows.push((format!("zt {n}"), f));
+                let drops = zt.counted(true);
+                assert_eq!(drops, 0, "zt dropped {drops} packets of allowed flows at {n}");
+                assert!(zt.counted(false) > judged + 1000, "zt judged the traffic at {n}");
+            }
+        }
         for &n in &scales {
-            zt.scale(n);
-            let judged = zt.counted(false);
-            let f = bed.measure(secs);
-            rows.push((format!("zt {n}"), f));
-            let drops = zt.counted(true);
-            assert_eq!(drops, 0, "zt dropped {drops} packets of allowed flows at {n}");
-            assert!(zt.counted(false) > judged + 1000, "zt judged the traffic at {n}");
+            bed.iptables(n);
+            rows.push((format!("iptables-nft {n}"), bed.measure(secs)));
+            bed.ns_cmd(&bed.b, &["iptables-nft", "-P", "INPUT", "ACCEPT"]);
+            bed.ns_cmd(&bed.b, &["iptables-nft", "-F", "INPUT"]);
+        }
+        for &n in &scales {
+            bed.nft_set(n);
+            rows.push((format!("nft set {n}"), bed.measure(secs)));
+            bed.ns_cmd(&bed.b, &["nft", "delete", "table", "inet", "ztbench"]);
+        }
+        let (first, last) = (rows[0].1, bed.measure(secs));
+        rows[0].1 = Figures {
+            tcp_gbps: (first.tcp_gbps + last.tcp_gbps) / 2.0,
+            udp_kpps: (first.udp_kpps + last.udp_kpps) / 2.0,
+            conn_s: (first.conn_s + last.conn_s) / 2.0,
+        };
+        let base = rows[0].1;
+        eprintln!("round {}: no filter {:.2} Gb/s, {:.1} kpps, {:.0} conn/s ({:.0?})", round + 1, base.tcp_gbps, base.udp_kpps, base.conn_s, t0.elapsed());
+        for (i, (name, f)) in rows.into_iter().enumerate() {
+            let ratio = Figures { tcp_gbps: f.tcp_gbps / base.tcp_gbps, udp_kpps: f.udp_kpps / base.udp_kpps, conn_s: f.conn_s / base.conn_s };
+            if round == 0 {
+                cells.push((name, vec![], vec![]));
+            }
+            cells[i].1.push(f);
+            cells[i].2.push(ratio);
         }
     }
-    for &n in &scales {
-        bed.iptables(n);
-        rows.push((format!("iptables-nft {n}"), bed.measure(secs)));
-        bed.ns_cmd(&bed.b, &["iptables-nft", "-P", "INPUT", "ACCEPT"]);
-        bed.ns_cmd(&bed.b, &["iptables-nft", "-F", "INPUT"]);
-    }
-    for &n in &scales {
-        bed.nft_set(n);
-        rows.push((format!("nft set {n}"), bed.measure(secs)));
-        bed.ns_cmd(&bed.b, &["nft", "delete", "table", "inet", "ztbench"]);
-    }
-    rows.push(("no filter (last)".into(), bed.measure(secs)));
-
-    let first = rows.first().unwrap().1;
-    let last = rows.last().unwrap().1;
-    let base = Figures {
-        tcp_gbps: (first.tcp_gbps + last.tcp_gbps) / 2.0,
-        udp_kpps: (first.udp_kpps + last.udp_kpps) / 2.0,
-        conn_s: (first.conn_s + last.conn_s) / 2.0,
-    };
-    println!("{:<20} | {:>9} {:>6} | {:>9} {:>6} | {:>8} {:>6}", "", "TCP Gb/s", "ratio", "UDP kpps", "ratio", "conn/s", "ratio");
-    for (name, f) in &rows {
+    println!("{:<20} | {:>9} {:>17} | {:>9} {:>17} | {:>8} {:>17}", "", "TCP Gb/s", "ratio", "UDP kpps", "ratio", "conn/s", "ratio");
+    for (name, figs, ratios) in &cells {
+        let col = |get: fn(&Figures) -> f64| {
+            let (v, mut r) = (median(figs.iter().map(get).collect()), ratios.iter().map(get).collect::<Vec<f64>>());
+            r.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            (v, median(r.clone()), r[0], r[r.len() - 1])
+        };
+        let (t, u, c) = (col(|f| f.tcp_gbps), col(|f| f.udp_kpps), col(|f| f.conn_s));
         println!(
-            "{:<20} | {:>9.2} {:>6.2} | {:>9.1} {:>6.2} | {:>8.0} {:>6.2}",
-            name,
-            f.tcp_gbps,
-            f.tcp_gbps / base.tcp_gbps,
-            f.udp_kpps,
-            f.udp_kpps / base.udp_kpps,
-            f.conn_s,
-            f.conn_s / base.conn_s
+            "{:<20} | {:>9.2} {:>5.2} [{:.2}-{:.2}] | {:>9.1} {:>5.2} [{:.2}-{:.2}] | {:>8.0} {:>5.2} [{:.2}-{:.2}]",
+            name, t.0, t.1, t.2, t.3, u.0, u.1, u.2, u.3, c.0, c.1, c.2, c.3
         );
     }
     println!("(UDP: 64-byte payloads, packets delivered to the server per second; conn/s: sequential connect, read 1 byte, close; total {:.0?})", t0.elapsed());
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
 }
 
 #[derive(Clone, Copy)]
