@@ -9,6 +9,8 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
+mod bench;
+#[cfg(target_arch = "bpf")]
 mod cgroup;
 #[cfg(target_arch = "bpf")]
 mod conntrack;
@@ -109,6 +111,13 @@ mod programs {
     #[classifier]
     pub fn zt_noop(_ctx: TcContext) -> i32 {
         crate::datapath::TC_PASS
+    }
+
+    /// One hash lookup (bench.rs): the other baseline of `cargo xtask bench`; never loaded
+    /// by the agent.
+    #[classifier]
+    pub fn zt_bench_lookup(ctx: TcContext) -> i32 {
+        crate::bench::one_lookup(&ctx)
     }
 }
 
