@@ -86,8 +86,18 @@ fn main() -> Result<()> {
             // DNS latency with the FQDN capture on and off, in the netns test bed.
             build()?;
             run_env(Command::new("cargo").args(["test", "-p", "zt-tests", "--test", "bench_dns", "--", "--nocapture"]))?;
+            // The agent's pipeline under churn: compile at 1k/10k pods, 10k identity changes, a new pod, RSS.
+            run_env(Command::new("cargo").args(["test", "--release", "-p", "zt-agent", "--test", "bench_churn"]))?;
             // TCP conn/s to a Service: zt's translation, kube-proxy's DNAT, the pod IP.
-            run_env(Command::new("cargo").args(["test", "-p", "zt-tests", "--test", "bench_services", "--", "--nocapture"]))
+            run_env(Command::new("cargo").args(["test", "-p", "zt-tests", "--test", "bench_services", "--", "--nocapture"]))?;
+            // Conntrack under churn: 200k short connections of one pod against the agent's
+            // default map sizes while another pod's idle flow survives; prints the evictions.
+            run_env(
+                Command::new("cargo")
+                    .args(["test", "-p", "zt-tests", "--test", "e2e_conntrack", "--", "--nocapture"])
+                    .env("ZT_CT_CHURN", "200000")
+                    .env("ZT_CT_MAX", "0"),
+            )
         }
     }
 }
