@@ -90,6 +90,8 @@ fn main() -> Result<()> {
             run_env(Command::new("cargo").args(["test", "--release", "-p", "zt-agent", "--test", "bench_churn"]))?;
             // TCP conn/s to a Service: zt's translation, kube-proxy's DNAT, the pod IP.
             run_env(Command::new("cargo").args(["test", "-p", "zt-tests", "--test", "bench_services", "--", "--nocapture"]))?;
+            // A new pod's endpoint entry after its Pod object reaches the API stand-in (100 pods).
+            run_env(Command::new("cargo").args(["test", "-p", "zt-tests", "--test", "bench_podstart", "--", "--nocapture"]))?;
             // Conntrack under churn: 200k short connections of one pod against the agent's
             // default map sizes while another pod's idle flow survives; prints the evictions.
             run_env(
