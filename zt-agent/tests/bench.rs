@@ -101,6 +101,9 @@ fn main() {
             reval.push(dp.run_n("zt_to_pod", &allowed, 1).1);
         }
         side.push((peers, entries, established_vs_lookup(&mut dp, &allowed, noop, est), new_flow_cost(&dp, &peer)));
+        if peers == 1_000 && entries == 10 {
+            established_breakdown(&mut dp, &peer, &allowed);
+        }
         let (dv, den) = ns(&dp, "zt_to_pod", &denied);
         assert_eq!(dv, TC_DROP, "denied packet must drop");
         reval.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -163,6 +166,32 @@ fn main() {
             t2.elapsed().as_secs_f64()
         );
     }
+}
+
+/// Where the established path spends its time, from packets that stop at successive
+/// stages of the same program (repeat mode, same harness): an ARP frame (program entry,
+/// Ethernet parse, one counter); the established ACK while the agent is not ready (the
+/// IP/TCP parse, the config read, a counter, the drop); the established ACK (plus the
+/// clock read, the conntrack lookup, the peer-interface check, the state update); the
+/// same flow's reply ACK (its forward lookup in ZT_CT_EST misses first).
+fn established_breakdown(dp: &mut Dp, peer: &str, allowed: &[u8]) {
+    let arp = eth(0x0806, &[0u8; 28]);
+    let reply = tcp_flags(ipv4(LOCAL, peer, TCP, 1000, 40000), TCP_ACK);
+    let (va, arp_ns) = ns(dp, "zt_to_pod", &arp);
+    let (vr, reply_ns) = ns(dp, "zt_from_pod", &reply);
+    let (ve, est) = ns(dp, "zt_to_pod", allowed);
+    let (vn, noop) = ns(dp, "zt_noop", allowed);
+    let ready = dp.maps.config.get(&0, 0).unwrap();
+    dp.set_config(Config { flags: ready.flags & !CONFIG_READY, ..ready });
+    let (vu, unready) = ns(dp, "zt_to_pod", allowed);
+    dp.set_config(ready);
+    assert_eq!((va, vr, ve, vn, vu), (TC_PASS, TC_PASS, TC_PASS, TC_PASS, TC_DROP), "arp, reply, established, noop pass; not ready drops");
+    println!("\nestablished path by stage (1000 peers, 10 entries; repeat-{REPEAT} x 5, median ns; each row adds to the one above)");
+    println!("  empty program                                           {noop:>7.1}");
+    println!("  ARP frame: entry, Ethernet parse, one counter           {arp_ns:>7.1}  (+{:.1})", arp_ns - noop);
+    println!("  agent not ready: + IP/TCP parse, config read, drop      {unready:>7.1}  (+{:.1})", unready - arp_ns);
+    println!("  established ACK: + clock, CT_EST lookup, checks, update {est:>7.1}  (+{:.1})", est - unready);
+    println!("  its reply (zt_from_pod): + one CT_EST miss first        {reply_ns:>7.1}  (+{:.1})", reply_ns - est);
 }
 
 /// Single runs per measurement of the new-flow path (distinct source ports: 5 x SINGLE < 64k).

@@ -189,7 +189,9 @@ impl Veth {
             bed.servers.push(child);
         }
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !bed.ns_ok(&a, &["bash", "-c", &format!("exec 3<>/dev/tcp/{SERVER}/{IPERF_PORT} && exec 4<>/dev/tcp/{SERVER}/{CONN_PORT}")]) {
+        // Both listening (a connection would cost iperf3 a test and an error line).
+        let listening = |port: u16| bed.ns_output(&b, &["ss", "-Hltn", &format!("sport = :{port}")]).contains(&SERVER.to_string());
+        while !(listening(IPERF_PORT) && listening(CONN_PORT)) {
             assert!(Instant::now() < deadline, "the servers in {b} did not come up");
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -198,10 +200,6 @@ impl Veth {
 
     fn pod_cgroup(&self) -> PathBuf {
         self.cgroup_root.join("pod")
-    }
-
-    fn ns_ok(&self, ns: &str, cmd: &[&str]) -> bool {
-        Command::new("ip").args(["netns", "exec", ns]).args(cmd).stderr(Stdio::null()).status().unwrap().success()
     }
 
     fn ns_cmd(&self, ns: &str, cmd: &[&str]) {
