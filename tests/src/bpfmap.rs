@@ -1,6 +1,7 @@
 //! Writes to a pinned BPF map behind the agent's back (the bpf(2) syscall, no library):
 //! the tests fill a map to make the agent's next write fail midway, the way another
-//! writer or a kernel that counts differently would.
+//! writer or a kernel that counts differently would. Lookups: the benches watch for the
+//! agent's writes.
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -8,6 +9,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_OBJ_GET: libc::c_long = 7;
@@ -68,6 +70,15 @@ impl PinnedMap {
         let mut attr = Attr::new();
         attr.u32_at(0, self.fd.as_raw_fd() as u32).u64_at(8, key.as_ptr() as u64).u64_at(16, value.as_ptr() as u64).u64_at(24, BPF_NOEXIST);
         bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
+    }
+
+    /// The value under `key`, None if there is none.
+    pub fn lookup(&self, key: &[u8]) -> Option<Vec<u8>> {
+        assert_eq!(key.len(), self.key_size as usize, "key size");
+        let mut value = vec![0u8; self.value_size as usize];
+        let mut attr = Attr::new();
+        attr.u32_at(0, self.fd.as_raw_fd() as u32).u64_at(8, key.as_ptr() as u64).u64_at(16, value.as_mut_ptr() as u64);
+        bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).ok().map(|_| value)
     }
 
     pub fn remove(&self, key: &[u8]) -> std::io::Result<()> {

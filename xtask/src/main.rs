@@ -37,8 +37,9 @@ enum Cmd {
     },
     /// Bring up a simulated node and replay the zero-trust lab.
     Demo,
-    /// Datapath ns/verdict against an empty program, agent map-apply throughput, and DNS
-    /// latency with the FQDN answer capture on and off.
+    /// Datapath ns/verdict against an empty program, the datapath side by side with
+    /// iptables-nft and nft sets on a veth (ZT_BENCH_SECS per measurement, ZT_BENCH_SCALES),
+    /// agent map-apply throughput, and DNS latency with the FQDN answer capture on and off.
     Bench,
     /// Long fuzzing: the cargo-fuzz targets of fuzz/ (libFuzzer, nightly, AddressSanitizer)
     /// for `--seconds` each, then the kernel DNS parser through BPF_PROG_TEST_RUN.
@@ -71,8 +72,10 @@ enum Cmd {
 // (run with /usr/bin/python3, Debian's interpreter).
 // umoci: `cargo xtask image` builds the OCI image with it (no container engine);
 // chromium: the map page's browser test; python3 and curl: the HTTP server and client
-// of the L7 tests.
-const APT_PACKAGES: &[&str] = &["iproute2", "prometheus", "mount", "dnsmasq-base", "python3-scapy", "nftables", "chromium", "umoci", "python3", "curl"];
+// of the L7 tests; iperf3, iptables: the side-by-side datapath bench
+// (zt-agent/tests/bench_veth.rs) against iptables-nft and nft sets.
+const APT_PACKAGES: &[&str] =
+    &["iproute2", "prometheus", "mount", "dnsmasq-base", "python3-scapy", "nftables", "chromium", "umoci", "python3", "curl", "iperf3", "iptables"];
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -87,6 +90,8 @@ fn main() -> Result<()> {
             validate_deploy()?;
             let mut cmd = Command::new("cargo");
             cmd.args(["test", "--workspace", "--no-fail-fast", "--"]);
+            // The veth bench runs as a test here: one short round (`cargo xtask bench` measures).
+            cmd.env("ZT_BENCH_ROUNDS", "1").env("ZT_BENCH_SECS", "1");
             cmd.args(&args);
             run_env(&mut cmd)
         }
@@ -108,13 +113,27 @@ fn main() -> Result<()> {
         }
         Cmd::Bench => {
             run_env(Command::new("cargo").args(["test", "--release", "-p", "zt-agent", "--test", "bench", "--", "--nocapture"]))?;
+            // On a real veth: no filter, zt, iptables-nft, nft sets (ZT_BENCH_SECS, ZT_BENCH_SCALES).
+            run_env(Command::new("cargo").args(["test", "--release", "-p", "zt-agent", "--test", "bench_veth"]))?;
             // DNS latency with the FQDN capture on and off, in the netns test bed.
             build()?;
             run_env(Command::new("cargo").args(["test", "-p", "zt-tests", "--test", "bench_dns", "--", "--nocapture"]))?;
+            // The agent's pipeline under churn: compile at 1k/10k pods, 10k identity changes, a new pod, RSS.
+            run_env(Command::new("cargo").args(["test", "--release", "-p", "zt-agent", "--test", "bench_churn"]))?;
             // TCP conn/s to a Service: zt's translation, kube-proxy's DNAT, the pod IP.
             run_env(Command::new("cargo").args(["test", "-p", "zt-tests", "--test", "bench_services", "--", "--nocapture"]))?;
             // HTTP requests through the node's proxy against an L4-only port.
-            run_env(Command::new("cargo").args(["test", "-p", "zt-tests", "--test", "bench_l7", "--", "--nocapture"]))
+            run_env(Command::new("cargo").args(["test", "-p", "zt-tests", "--test", "bench_l7", "--", "--nocapture"]))?;
+            // A new pod's endpoint entry after its Pod object reaches the API stand-in (100 pods).
+            run_env(Command::new("cargo").args(["test", "-p", "zt-tests", "--test", "bench_podstart", "--", "--nocapture"]))?;
+            // Conntrack under churn: 200k short connections of one pod against the agent's
+            // default map sizes while another pod's idle flow survives; prints the evictions.
+            run_env(
+                Command::new("cargo")
+                    .args(["test", "-p", "zt-tests", "--test", "e2e_conntrack", "--", "--nocapture"])
+                    .env("ZT_CT_CHURN", "200000")
+                    .env("ZT_CT_MAX", "0"),
+            )
         }
     }
 }

@@ -65,6 +65,7 @@ fn main() {
     println!("zt datapath cost per verdict (BPF_PROG_TEST_RUN, {REPEAT} runs x 5, median), ratio to an empty TC program");
     println!("{:>8} {:>9} | {:>10} | {:>12} {:>6} | {:>12} {:>6} | {:>12} {:>6}", "peers", "entries", "noop ns", "established", "ratio", "new-allow*", "ratio", "denied", "ratio");
     let mut rows = vec![];
+    let mut side = vec![];
     for (peers, entries) in [(1_000u32, 10u32), (1_000, 10_000), (1_000, 100_000), (100_000, 10), (100_000, 100_000)] {
         let s = sizes(peers, entries);
         let mut dp = Dp::with_sizes(&format!("bench{peers}-{entries}"), &s);
@@ -99,6 +100,10 @@ fn main() {
             dp.set_config(c);
             reval.push(dp.run_n("zt_to_pod", &allowed, 1).1);
         }
+        side.push((peers, entries, established_vs_lookup(&mut dp, &allowed, noop, est), new_flow_cost(&dp, &peer)));
+        if peers == 1_000 && entries == 10 {
+            established_breakdown(&mut dp, &peer, &allowed);
+        }
         let (dv, den) = ns(&dp, "zt_to_pod", &denied);
         assert_eq!(dv, TC_DROP, "denied packet must drop");
         reval.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -110,6 +115,31 @@ fn main() {
         rows.push((peers, entries, noop, est, den));
     }
     println!("* new-allow: one run after a policy-epoch bump (full policy re-check of a tracked flow); single runs, so noisier.");
+
+    println!("\nverdict cost side by side (same harness, same packet): repeat-{REPEAT} runs (x 5, median) and single runs ({SINGLE} x 5, median; each a new flow: source port bumped per run)");
+    println!(
+        "{:>8} {:>9} | {:>7} {:>7} {:>7} {:>9} {:>9} | {:>8} {:>8} {:>8} {:>9} {:>8}",
+        "peers", "entries", "noop", "lookup", "est", "est/look", "est/noop", "noop1", "est1", "new1", "new1/est1", "new1/noop1"
+    );
+    for (peers, entries, (noop, lookup, est), (noop1, est1, new1)) in side {
+        println!(
+            "{:>8} {:>9} | {:>7.1} {:>7.1} {:>7.1} {:>9.2} {:>9.2} | {:>8.1} {:>8.1} {:>8.1} {:>9.2} {:>8.2}",
+            peers,
+            entries,
+            noop,
+            lookup,
+            est,
+            est / lookup,
+            est / noop,
+            noop1,
+            est1,
+            new1,
+            new1 / est1,
+            new1 / noop1
+        );
+    }
+    println!("ns per run. lookup: zt_bench_lookup, one endpoint-map lookup of the packet's destination; est: the established ACK through zt_to_pod;");
+    println!("noop1/est1/new1: one run per BPF_PROG_TEST_RUN (the harness's per-call timer included): the empty program, the established ACK, and a new allowed SYN (full path: endpoint and policy lookups, conntrack insert)");
 
     dns_answer_cost();
 
@@ -136,6 +166,85 @@ fn main() {
             t2.elapsed().as_secs_f64()
         );
     }
+}
+
+/// Where the established path spends its time, from packets that stop at successive
+/// stages of the same program (repeat mode, same harness): an ARP frame (program entry,
+/// Ethernet parse, one counter); the established ACK while the agent is not ready (the
+/// IP/TCP parse, the config read, a counter, the drop); the established ACK (plus the
+/// clock read, the conntrack lookup, the peer-interface check, the state update); the
+/// same flow's reply ACK (its forward lookup in ZT_CT_EST misses first).
+fn established_breakdown(dp: &mut Dp, peer: &str, allowed: &[u8]) {
+    let arp = eth(0x0806, &[0u8; 28]);
+    let reply = tcp_flags(ipv4(LOCAL, peer, TCP, 1000, 40000), TCP_ACK);
+    let (va, arp_ns) = ns(dp, "zt_to_pod", &arp);
+    let (vr, reply_ns) = ns(dp, "zt_from_pod", &reply);
+    let (ve, est) = ns(dp, "zt_to_pod", allowed);
+    let (vn, noop) = ns(dp, "zt_noop", allowed);
+    let ready = dp.maps.config.get(&0, 0).unwrap();
+    dp.set_config(Config { flags: ready.flags & !CONFIG_READY, ..ready });
+    let (vu, unready) = ns(dp, "zt_to_pod", allowed);
+    dp.set_config(ready);
+    assert_eq!((va, vr, ve, vn, vu), (TC_PASS, TC_PASS, TC_PASS, TC_PASS, TC_DROP), "arp, reply, established, noop pass; not ready drops");
+    println!("\nestablished path by stage (1000 peers, 10 entries; repeat-{REPEAT} x 5, median ns; each row adds to the one above)");
+    println!("  empty program                                           {noop:>7.1}");
+    println!("  ARP frame: entry, Ethernet parse, one counter           {arp_ns:>7.1}  (+{:.1})", arp_ns - noop);
+    println!("  agent not ready: + IP/TCP parse, config read, drop      {unready:>7.1}  (+{:.1})", unready - arp_ns);
+    println!("  established ACK: + clock, CT_EST lookup, checks, update {est:>7.1}  (+{:.1})", est - unready);
+    println!("  its reply (zt_from_pod): + one CT_EST miss first        {reply_ns:>7.1}  (+{:.1})", reply_ns - est);
+}
+
+/// Single runs per measurement of the new-flow path (distinct source ports: 5 x SINGLE < 64k).
+const SINGLE: u32 = 10_000;
+
+/// Repeat-mode: `zt_bench_lookup` (one hash lookup) on the same packet as the established
+/// measurement. Returns (noop, lookup, established) ns.
+fn established_vs_lookup(dp: &mut Dp, pkt: &[u8], noop: f64, est: f64) -> (f64, f64, f64) {
+    let prog: &mut aya::programs::SchedClassifier = dp.ebpf.program_mut("zt_bench_lookup").unwrap().try_into().unwrap();
+    if prog.fd().is_err() {
+        prog.load().expect("load zt_bench_lookup");
+    }
+    let (v, lookup) = ns(dp, "zt_bench_lookup", pkt);
+    assert_eq!(v, TC_PASS, "the lookup hit the local pod's endpoint");
+    (noop, lookup, est)
+}
+
+/// Single runs (one per BPF_PROG_TEST_RUN) of the empty program, of the established ACK,
+/// and of a new allowed SYN from `peer` whose source port changes every run, so that every
+/// run takes the whole new-flow path and inserts its conntrack entry. Returns (noop1,
+/// est1, new1) ns, medians of 5.
+fn new_flow_cost(dp: &Dp, peer: &str) -> (f64, f64, f64) {
+    let syn = |sport: u16| ipv4(peer, LOCAL, TCP, sport, 1000);
+    let est = tcp_flags(ipv4(peer, LOCAL, TCP, 40000, 1000), TCP_ACK);
+    let allowed_before = dp.counter(DIR_INGRESS, Reason::AllowPolicy);
+    let mut next_port = 1024u16;
+    let mut med = |what: u8| {
+        let mut v: Vec<f64> = (0..5)
+            .map(|_| {
+                let mut sum = 0.0;
+                for _ in 0..SINGLE {
+                    let (r, ns) = match what {
+                        0 => dp.run_n("zt_noop", &est, 1),
+                        1 => dp.run_n("zt_to_pod", &est, 1),
+                        _ => {
+                            // Clear of the established flow's port.
+                            next_port += if next_port == 39999 { 2 } else { 1 };
+                            dp.run_n("zt_to_pod", &syn(next_port), 1)
+                        }
+                    };
+                    assert_eq!(r, TC_PASS);
+                    sum += ns;
+                }
+                sum / SINGLE as f64
+            })
+            .collect();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[2]
+    };
+    let (noop1, est1, new1) = (med(0), med(1), med(2));
+    let allowed = dp.counter(DIR_INGRESS, Reason::AllowPolicy) - allowed_before;
+    assert_eq!(allowed, 5 * SINGLE as u64, "every new-flow run was a new flow allowed by policy");
+    (noop1, est1, new1)
 }
 
 /// The kernel DNS parser: ns per answer through zt_to_pod (a tracked DNS reply to a pod

@@ -10,6 +10,7 @@
 
 #[cfg(target_arch = "bpf")]
 mod auth;
+mod bench;
 #[cfg(target_arch = "bpf")]
 mod cgroup;
 #[cfg(target_arch = "bpf")]
@@ -113,6 +114,13 @@ mod programs {
     #[classifier]
     pub fn zt_noop(_ctx: TcContext) -> i32 {
         crate::datapath::TC_PASS
+    }
+
+    /// One hash lookup (bench.rs): the other baseline of `cargo xtask bench`; never loaded
+    /// by the agent.
+    #[classifier]
+    pub fn zt_bench_lookup(ctx: TcContext) -> i32 {
+        crate::bench::one_lookup(&ctx)
     }
 }
 
