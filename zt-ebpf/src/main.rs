@@ -10,6 +10,7 @@
 
 #[cfg(target_arch = "bpf")]
 mod auth;
+#[cfg(target_arch = "bpf")]
 mod bench;
 #[cfg(target_arch = "bpf")]
 mod cgroup;

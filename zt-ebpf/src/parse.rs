@@ -171,26 +171,22 @@ fn is_vlan(ethertype: u16) -> bool {
 
 #[inline(always)]
 fn parse_v4(ctx: &TcContext, flow: &mut Flow, l3: usize) -> Result<Parsed, ()> {
-    // The fixed header in one load: each bpf_skb_load_bytes is a helper call, and this
-    // runs for every packet (a datagram shorter than 20 bytes was malformed before any
-    // field mattered).
-    let h: [u8; 20] = load(ctx, l3)?;
-    let ver_ihl = h[0];
+    let ver_ihl: u8 = load(ctx, l3)?;
     let ihl = (ver_ihl & 0x0f) as usize * 4;
     if ver_ihl >> 4 != 4 || ihl < 20 {
         return Err(());
     }
-    let tot_len = u16::from_be_bytes([h[2], h[3]]) as usize;
+    let tot_len = u16::from_be(load::<u16>(ctx, l3 + 2)?) as usize;
     // 0 is how BIG TCP marks a GSO packet over 64 KiB: its length is the skb's.
     if tot_len != 0 && (tot_len < ihl || l3 + tot_len > ctx.len() as usize) {
         return Err(());
     }
     flow.ip_end = if tot_len == 0 { ctx.len() } else { (l3 + tot_len) as u32 };
-    let id = u16::from_be_bytes([h[4], h[5]]) as u32;
-    let frag_off = u16::from_be_bytes([h[6], h[7]]);
-    let proto = h[9];
-    let saddr = v4_mapped([h[12], h[13], h[14], h[15]]);
-    let daddr = v4_mapped([h[16], h[17], h[18], h[19]]);
+    let id = u16::from_be(load::<u16>(ctx, l3 + 4)?) as u32;
+    let frag_off = u16::from_be(load::<u16>(ctx, l3 + 6)?);
+    let proto: u8 = load(ctx, l3 + 9)?;
+    let saddr = v4_mapped(load::<[u8; 4]>(ctx, l3 + 12)?);
+    let daddr = v4_mapped(load::<[u8; 4]>(ctx, l3 + 16)?);
     let frag = if frag_off & 0x1fff != 0 {
         Frag::Later
     } else if frag_off & 0x2000 != 0 {
@@ -319,6 +315,7 @@ fn l4(ctx: &TcContext, off: usize, flow: &mut Flow, v6: bool) -> Result<(), ()> 
             if off + min > len {
                 return Err(());
             }
+            // Both ports in one load (each bpf_skb_load_bytes is a helper call).
             let p: [u8; 4] = load(ctx, off)?;
             flow.sport = u16::from_be_bytes([p[0], p[1]]);
             flow.dport = u16::from_be_bytes([p[2], p[3]]);
