@@ -297,8 +297,8 @@ fn prometheus_counts_verdicts_and_answers_every_dashboard_query() {
     let before: Vec<f64> = [q_drop, q_allow_out, q_allow_in].iter().map(|q| prom.value(q).unwrap_or_else(|| panic!("{q}: no series"))).collect();
 
     // Traffic. The probes' sockets are the test's (not in a pod cgroup), so only the TC
-    // programs judge them: a denied SYN is dropped once at notsleep's egress (the probe
-    // gives up after 300 ms, before the first retransmission at 1 s); an allowed
+    // programs judge them: a denied SYN is dropped at notsleep's egress (the probe gives
+    // up after 300 ms, usually before the first retransmission at 1 s); an allowed
     // connection is judged `policy` once at sleep's egress and once at httpbin's
     // ingress, its later packets are `established` / `reply`.
     const ALLOWED_N: usize = 20;
@@ -317,7 +317,13 @@ fn prometheus_counts_verdicts_and_answers_every_dashboard_query() {
         "prometheus: drops +{} (sent {DENIED_N} denied SYNs), egress policy allows +{}, ingress +{} (sent {ALLOWED_N} allowed connections)",
         grew[0], grew[1], grew[2]
     );
-    assert_eq!(grew[0], DENIED_N as f64, "egress policy-default-deny drops in Prometheus");
+    // One drop per denied SYN; a loaded machine can hold a probe's socket past the first
+    // retransmission at 1 s (seen: 19 for 15), so at least one and at most three each.
+    assert!(
+        (DENIED_N as f64..=3.0 * DENIED_N as f64).contains(&grew[0]),
+        "egress policy-default-deny drops in Prometheus: {} for {DENIED_N} denied connections",
+        grew[0]
+    );
     assert_eq!(grew[1], ALLOWED_N as f64, "egress policy allows in Prometheus");
     assert_eq!(grew[2], ALLOWED_N as f64, "ingress policy allows in Prometheus");
     // What Prometheus stored is what the agent serves.
