@@ -6,6 +6,7 @@ use std::net::{IpAddr, Ipv6Addr};
 use anyhow::{bail, Result};
 use zt_common::v4_mapped;
 
+pub mod policy_route;
 pub mod route;
 
 /// IPv4 as IPv4-mapped IPv6, IPv6 as is.

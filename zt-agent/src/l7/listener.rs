@@ -6,9 +6,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use socket2::{Domain, Protocol, Socket, Type};
 use zt_common::*;
 
@@ -55,31 +54,17 @@ pub fn write_config(bpffs_root: &Path, c: L7Config) -> Result<()> {
 }
 
 /// `ip rule fwmark <steer> lookup <table>` and `local default dev lo` in that table, both
-/// families, replacing what an earlier run left.
+/// families, replacing what an earlier run left; over rtnetlink (net/policy_route.rs), so
+/// the agent needs no iproute2.
 pub fn route_steered(opts: &Options) -> Result<()> {
-    let mark = format!("{:#x}", opts.steer_mark);
-    let table = opts.table.to_string();
-    for fam in ["-4", "-6"] {
-        // Remove earlier copies of the rule (one per start would pile up).
-        for _ in 0..16 {
-            let out = Command::new("ip").args([fam, "rule", "del", "fwmark", &mark, "lookup", &table]).output();
-            match out {
-                Ok(o) if o.status.success() => continue,
-                Ok(_) => break,
-                Err(e) => bail!("running ip (iproute2 is needed for the HTTP proxy's policy routing): {e}"),
-            }
-        }
-        run(&[fam, "rule", "add", "fwmark", &mark, "lookup", &table, "pref", "90"])?;
-        let dst = if fam == "-4" { "0.0.0.0/0" } else { "::/0" };
-        run(&[fam, "route", "replace", "local", dst, "dev", "lo", "table", &table])?;
-    }
-    Ok(())
-}
-
-fn run(args: &[&str]) -> Result<()> {
-    let o = Command::new("ip").args(args).output().with_context(|| format!("running ip {}", args.join(" ")))?;
-    if !o.status.success() {
-        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr).trim());
+    use crate::net::policy_route as pr;
+    for v6 in [false, true] {
+        let fam = if v6 { "IPv6" } else { "IPv4" };
+        // Earlier copies of the rule (one per start would pile up).
+        pr::delete_fwmark_rules(v6, opts.steer_mark, opts.table).with_context(|| format!("removing earlier {fam} fwmark rules"))?;
+        pr::add_fwmark_rule(v6, opts.steer_mark, opts.table, 90)
+            .with_context(|| format!("{fam} rule fwmark {:#x} lookup {}", opts.steer_mark, opts.table))?;
+        pr::replace_local_default(v6, opts.table).with_context(|| format!("{fam} route local default dev lo table {}", opts.table))?;
     }
     Ok(())
 }
