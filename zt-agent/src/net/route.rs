@@ -26,9 +26,9 @@ pub struct Route {
     pub gateway: bool,
 }
 
-/// The route the kernel would use to send to `ip`; `Ok(None)` when there is none
-/// (unreachable, no route: the kernel answers with an error).
-pub fn get(ip: IpAddr) -> io::Result<Option<Route>> {
+/// An rtnetlink socket of the calling thread's network namespace whose receives give up
+/// after 2 s (a kernel that never answers must not hang the agent).
+pub(crate) fn socket() -> io::Result<OwnedFd> {
     let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
@@ -39,6 +39,13 @@ pub fn get(ip: IpAddr) -> io::Result<Option<Route>> {
     unsafe {
         libc::setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv as *const _ as *const libc::c_void, std::mem::size_of::<libc::timeval>() as u32)
     };
+    Ok(fd)
+}
+
+/// The route the kernel would use to send to `ip`; `Ok(None)` when there is none
+/// (unreachable, no route: the kernel answers with an error).
+pub fn get(ip: IpAddr) -> io::Result<Option<Route>> {
+    let fd = socket()?;
     let req = request(ip, 1);
     // The kernel is pid 0; zeroed padding and groups.
     let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
