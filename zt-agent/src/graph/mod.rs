@@ -370,7 +370,14 @@ impl Frozen {
         let per_bucket = &self.per_bucket;
         let new: BTreeMap<u32, u64> = self.first_seen.iter().filter(|(_, t)| **t + window_s >= now).map(|(a, b)| (*a, *b)).collect();
         let compromised: BTreeMap<u32, u64> = self.compromised.iter().filter(|(id, _)| nodes.contains(id)).map(|(a, b)| (*a, *b)).collect();
-        let incidents = risk::detect(now, &compromised, &targets, per_bucket, &new);
+        // Sources whose flows were dropped for want of a proven identity (issue 10).
+        let mut auth_failures: BTreeMap<u32, u64> = BTreeMap::new();
+        for (k, s) in &observed {
+            if let Some(n) = s.counts.get("drop/auth-required") {
+                *auth_failures.entry(k.src).or_default() += n;
+            }
+        }
+        let incidents = risk::detect(now, &compromised, &targets, per_bucket, &auth_failures, &new);
         let base = risk::base_risk(&incidents);
         let risk = risk::propagate(&nodes, &base, &links);
         let reach = risk::Reach::new(&links);

@@ -6,6 +6,8 @@
 //!   destination/port pairs in the window): 0.6
 //! - `drop-spike` (denied attempts in the newest bucket at least `SPIKE_MIN` and at least
 //!   `SPIKE_FACTOR` times its mean over the earlier buckets of the window): 0.5
+//! - `auth-failures` (flows dropped as `auth-required`: the source claimed an identity its
+//!   node has not proven): 0.5
 //! - `new-identity` (first seen in the window, after the agent started): 0.2
 //!
 //! Risk spreads along permitted edges in the direction a connection can be opened (a
@@ -25,6 +27,7 @@ pub const RISK_COMPROMISED: f64 = 1.0;
 pub const RISK_PROBING: f64 = 0.6;
 pub const RISK_SPIKE: f64 = 0.5;
 pub const RISK_NEW: f64 = 0.2;
+pub const RISK_AUTH_FAILURES: f64 = 0.5;
 pub const PROBE_TARGETS: usize = 3;
 pub const SPIKE_MIN: u64 = 10;
 pub const SPIKE_FACTOR: f64 = 3.0;
@@ -198,6 +201,7 @@ pub fn detect(
     compromised: &BTreeMap<u32, u64>,
     denied_targets: &BTreeMap<u32, BTreeSet<(u32, u16)>>,
     denied_per_bucket: &BTreeMap<u32, Vec<u64>>,
+    auth_failures: &BTreeMap<u32, u64>,
     new_identities: &BTreeMap<u32, u64>,
 ) -> Vec<Incident> {
     let mut out = vec![];
@@ -227,6 +231,15 @@ pub fn detect(
                 at: now,
             });
         }
+    }
+    for (id, n) in auth_failures.iter().filter(|(_, n)| **n > 0) {
+        out.push(Incident {
+            identity: *id,
+            kind: "auth-failures",
+            detail: format!("{n} flows dropped as auth-required (identity not proven for its node)"),
+            risk: RISK_AUTH_FAILURES,
+            at: now,
+        });
     }
     for (id, at) in new_identities {
         out.push(Incident { identity: *id, kind: "new-identity", detail: "first seen in the window".into(), risk: RISK_NEW, at: *at });
@@ -315,16 +328,18 @@ mod tests {
     fn incidents_from_probing_spikes_and_new_identities() {
         let targets = BTreeMap::from([(5, BTreeSet::from([(1, 80), (1, 81), (2, 80)])), (6, BTreeSet::from([(1, 80), (2, 80)]))]);
         let buckets = BTreeMap::from([(7, vec![1, 1, 12]), (8, vec![10, 10, 12]), (9, vec![0, 9])]);
-        let inc = detect(100, &BTreeMap::from([(3, 50)]), &targets, &buckets, &BTreeMap::from([(4, 90)]));
+        let auth = BTreeMap::from([(11, 2), (12, 0)]);
+        let inc = detect(100, &BTreeMap::from([(3, 50)]), &targets, &buckets, &auth, &BTreeMap::from([(4, 90)]));
         let kinds: Vec<(u32, &str)> = inc.iter().map(|i| (i.identity, i.kind)).collect();
-        assert_eq!(kinds, vec![(3, "compromised"), (5, "probing"), (7, "drop-spike"), (4, "new-identity")]);
+        assert_eq!(kinds, vec![(3, "compromised"), (5, "probing"), (7, "drop-spike"), (11, "auth-failures"), (4, "new-identity")]);
         let b = base_risk(&inc);
         assert_eq!(b[&3], RISK_COMPROMISED);
         assert_eq!(b[&5], RISK_PROBING);
         assert_eq!(b[&7], RISK_SPIKE);
         assert_eq!(b[&4], RISK_NEW);
+        assert_eq!(b[&11], RISK_AUTH_FAILURES);
         // A spike in an identity's first bucket (no history) counts.
-        let inc = detect(100, &BTreeMap::new(), &BTreeMap::new(), &BTreeMap::from([(1, vec![10])]), &BTreeMap::new());
+        let inc = detect(100, &BTreeMap::new(), &BTreeMap::new(), &BTreeMap::from([(1, vec![10])]), &BTreeMap::new(), &BTreeMap::new());
         assert_eq!(inc.len(), 1);
     }
 }
