@@ -252,9 +252,11 @@ fn parse_http(raw: &[u8]) -> Result<String> {
         let l = l.to_ascii_lowercase();
         l.starts_with("transfer-encoding:") && l.contains("chunked")
     });
-    if !chunked {
-        return Ok(body.to_string());
-    }
+    Ok(if chunked { dechunk(body) } else { body.to_string() })
+}
+
+/// The body of an HTTP/1.1 `Transfer-Encoding: chunked` response, its chunks joined.
+pub fn dechunk(body: &str) -> String {
     let mut out = String::new();
     let mut rest = body;
     while let Some((len, after)) = rest.split_once("\r\n") {
@@ -265,7 +267,7 @@ fn parse_http(raw: &[u8]) -> Result<String> {
         out.push_str(&after[..n]);
         rest = after[n..].trim_start_matches("\r\n");
     }
-    Ok(out)
+    out
 }
 
 /// Paths of a node's agent files under the test bed's temp dir.

@@ -96,7 +96,7 @@ impl Prometheus {
         let text = String::from_utf8_lossy(&raw).to_string();
         let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow::anyhow!("bad HTTP response {text:?}"))?;
         let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
+        let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { zt_testbed::agent::dechunk(body) } else { body.to_string() };
         Ok((code, body))
     }
 
@@ -154,20 +154,6 @@ impl Drop for Prometheus {
 fn sample_value(s: &serde_json::Value) -> f64 {
     let v = if s.is_array() { &s[1] } else { &s["value"][1] };
     v.as_str().and_then(|x| x.parse().ok()).unwrap_or(f64::NAN)
-}
-
-fn dechunk(body: &str) -> String {
-    let mut out = String::new();
-    let mut rest = body;
-    while let Some((len, after)) = rest.split_once("\r\n") {
-        let n = usize::from_str_radix(len.split(';').next().unwrap_or("").trim(), 16).unwrap_or(0);
-        if n == 0 || after.len() < n {
-            break;
-        }
-        out.push_str(&after[..n]);
-        rest = after[n..].trim_start_matches("\r\n");
-    }
-    out
 }
 
 fn urlencode(s: &str) -> String {
