@@ -238,23 +238,10 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     };
     let fqdn_config = ensure_fqdn_config(&mut maps.fqdn_config, &opts.fqdn.settings)?;
     crate::tunnels::sync(&mut maps.tunnels, &opts.tunnels)?;
-    // Pinned maps are reused as they are: a changed size flag applies once the pins are
-    // gone (a new map version directory, or removed by hand on a drained node).
-    for (name, flag) in [
-        (MAP_ENDPOINTS, opts.sizes.endpoints),
-        (MAP_CIDRS, opts.sizes.cidrs),
-        (MAP_POLICY, opts.sizes.policy),
-        (MAP_CT, opts.sizes.ct),
-        (MAP_CT_EST, opts.sizes.ct_est),
-        (MAP_FRAGS, opts.sizes.frags),
-        (MAP_FQDN_NAMES, opts.sizes.fqdn_names),
-        (MAP_FQDN_PORTS, opts.sizes.fqdn_ports),
-        (MAP_FQDN_LEARNED, opts.sizes.fqdn_learned),
-    ] {
-        let pinned = capacity(&opts.bpffs_root, name)?;
-        if pinned != flag {
-            log::warn!("{name} is pinned with {pinned} entries but the flag asks for {flag}: keeping {pinned} (an unfinished resize; see above)");
-        }
+    // After a resize every size matches its flag; what still differs was kept because an
+    // unfinished resize held `<layout>-resized/` (resize::stage logged why).
+    for (name, pinned, flag) in crate::resize::differences(&opts.bpffs_root, &opts.sizes) {
+        log::warn!("{name} is pinned with {pinned} entries but the flag asks for {flag}: keeping {pinned}");
     }
     let ids = IdentityAllocator::load(opts.state_dir.join("identities.json")).context("loading identities")?;
     let slots = FqdnSlots::load(opts.state_dir.join("fqdn-slots.json")).map_err(anyhow::Error::msg).context("loading FQDN slots")?;
