@@ -102,6 +102,55 @@ fn allow_rule_then_established_then_reply_v4_and_v6() {
     }
 }
 
+/// The same IPv4 packet with 4 bytes of options: read by the full parse, not the direct one.
+fn with_ip_options(p: &[u8]) -> Vec<u8> {
+    let mut q = p[..14].to_vec();
+    q.push(0x46);
+    q.push(p[15]);
+    q.extend_from_slice(&(u16::from_be_bytes([p[16], p[17]]) + 4).to_be_bytes());
+    q.extend_from_slice(&p[18..34]);
+    q.extend_from_slice(&[1, 1, 1, 0]); // NOP NOP NOP EOL
+    q.extend_from_slice(&p[34..]);
+    q
+}
+
+/// The common IPv4 TCP/UDP packet is read straight from the linear data, anything else
+/// (IP options, a UDP datagram too short for the direct read's bounds) through
+/// bpf_skb_load_bytes: both must see the same flow, or an established flow would be
+/// judged anew (or another flow's entry matched) depending on how its packets look.
+#[test]
+fn direct_and_full_ipv4_parse_see_the_same_flow() {
+    let mut dp = dp_with_pods("parsepaths");
+    dp.policy(POLICY_PREFIX_FULL, pk(ID_POD, ID_PEER, DIR_INGRESS, TCP, 80), VERDICT_ALLOW, 7);
+    dp.policy(POLICY_PREFIX_FULL, pk(ID_POD, ID_PEER, DIR_INGRESS, UDP, 53), VERDICT_ALLOW, 8);
+    // SYN with options (full parse) creates the entry; the plain ACK (direct) finds it.
+    let syn = with_ip_options(&ipv4(PEER, POD, TCP, 40000, 80));
+    assert_eq!(syn[14], 0x46);
+    assert_eq!(dp.run(TO, &syn), TC_PASS);
+    let mut ack = ipv4(PEER, POD, TCP, 40000, 80);
+    ack[14 + 20 + 13] = 0x10;
+    assert_eq!(dp.run(TO, &ack), TC_PASS);
+    // The reply with options (full parse) is the same flow's reply.
+    let mut reply = with_ip_options(&ipv4(POD, PEER, TCP, 80, 40000));
+    reply[14 + 24 + 13] = 0x12;
+    assert_eq!(dp.run(FROM, &reply), TC_PASS);
+    assert_eq!(dp.counter(DIR_INGRESS, Reason::AllowPolicy), 1);
+    assert_eq!(dp.counter(DIR_INGRESS, Reason::AllowEstablished), 1);
+    assert_eq!(dp.counter(DIR_EGRESS, Reason::AllowReply), 1);
+    // A 28-byte UDP datagram (shorter than the direct read's 40) and a long one: one flow.
+    let short = ipv4(PEER, POD, UDP, 5353, 53);
+    assert_eq!(short.len(), 14 + 28);
+    assert_eq!(dp.run(TO, &short), TC_PASS);
+    let long = ipv4_frag(PEER, POD, UDP, &[l4(UDP, 5353, 53), vec![0u8; 64]].concat(), 1, 0);
+    assert_eq!(dp.run(TO, &long), TC_PASS);
+    assert_eq!(dp.counter(DIR_INGRESS, Reason::AllowPolicy), 2);
+    assert_eq!(dp.counter(DIR_INGRESS, Reason::AllowEstablished), 2);
+    // The denied port stays denied on both paths.
+    assert_eq!(dp.run(TO, &ipv4(PEER, POD, TCP, 40001, 81)), TC_DROP);
+    assert_eq!(dp.run(TO, &with_ip_options(&ipv4(PEER, POD, TCP, 40002, 81))), TC_DROP);
+    assert_eq!(dp.counter(DIR_INGRESS, Reason::DropPolicyDefault), 2);
+}
+
 #[test]
 fn default_deny_event_carries_identities_and_tuple() {
     let mut dp = dp_with_pods("default");

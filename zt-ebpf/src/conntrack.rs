@@ -21,7 +21,7 @@
 //!
 //! TCP state (`zt_common::ct_tcp_next`) picks the idle timeout (`ct_timeout_s`): hours
 //! once established, a minute before, seconds once closed by FIN both ways or RST.
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use zt_common::*;
 
 use crate::{
@@ -272,7 +272,8 @@ pub fn update(f: &Flow, hook: &Hook, v: *mut CtValue, found: &Found) {
 /// flow's replies are judged as new flows (fail closed) and the failure is counted.
 #[inline(never)]
 pub fn create(f: &Flow, hook: &Hook, epoch: u32, d: &Decision) {
-    let now = unsafe { bpf_ktime_get_ns() };
+    // The clock every tracked packet reads (datapath::handle_flow).
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let v = CtValue {
         created_ns: now,
         last_seen_ns: now,

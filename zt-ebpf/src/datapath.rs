@@ -1,6 +1,6 @@
 //! One hook's decision for one packet: parse, then tracked flow (forward or reply,
 //! re-verified on a new policy epoch), else a fresh policy decision.
-use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
+use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
 use zt_common::*;
 
 use crate::{
@@ -90,7 +90,10 @@ fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow, dns_work: &mut dns::Work, l7
         return later_fragment(cfg, hook, f);
     }
     let dir = hook.dir;
-    let now = unsafe { bpf_ktime_get_ns() };
+    // The coarse clock (CLOCK_MONOTONIC at tick resolution) is enough for idle timeouts
+    // in seconds and the once-a-second last-seen refresh, and reads no clock source: on
+    // a virtual machine the precise clock is one of the larger costs of a tracked packet.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     if f.related {
         if conntrack::related(cfg, f, hook, now) {
             verdict::count(dir, Reason::AllowRelated);
@@ -200,7 +203,8 @@ fn note_first_fragment(f: &Flow, hook: &Hook, now: u64) {
 
 #[inline(always)]
 fn later_fragment(cfg: &Config, hook: &Hook, f: &Flow) -> bool {
-    let now = unsafe { bpf_ktime_get_ns() };
+    // The clock `note_first_fragment` was given (handle_flow's).
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     if let Some(v) = unsafe { FRAGS.get(&frag_key(f, hook)) } {
         if now.saturating_sub(v.created_ns) < cfg.frag_timeout_s as u64 * 1_000_000_000 {
             verdict::count(hook.dir, Reason::AllowFragment);
