@@ -224,3 +224,6 @@ impl Drop for SpireStandIn {
         let _ = std::fs::remove_file(&self.socket);
     }
 }
+
+#[cfg(test)]
+mod tests;

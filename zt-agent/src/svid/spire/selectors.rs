@@ -5,7 +5,8 @@
 //! the facts zt has: `k8s:pod-uid:<uid>`, `k8s:ns:<ns>` and `k8s:sa:<sa>` (from a SPIFFE ID of
 //! zt's `/ns/<ns>/sa/<sa>` shape), `k8s:node-name:<node>`. Entries that also need labels,
 //! images or owners (`k8s:pod-label:...`) do not match. A subject without a pod (the node's
-//! own SVID) uses the selectors the operator configured.
+//! own SVID) uses the selectors the operator configured (`svid::spec` defaults them to
+//! zt-agent's own pod: `k8s:ns:zt-system`, `k8s:sa:zt-agent`), plus `k8s:node-name:<node>`.
 
 use std::fmt;
 
@@ -66,12 +67,12 @@ pub fn for_subject(subject: &Subject, node_selectors: &[Selector], node_name: Op
                 v.push(Selector::new("k8s", &format!("ns:{ns}")));
                 v.push(Selector::new("k8s", &format!("sa:{sa}")));
             }
-            if let Some(n) = node_name {
-                v.push(Selector::new("k8s", &format!("node-name:{n}")));
-            }
             v
         }
     };
+    if let Some(n) = node_name {
+        v.push(Selector::new("k8s", &format!("node-name:{n}")));
+    }
     v.sort();
     v.dedup();
     Ok(v)
@@ -98,6 +99,8 @@ mod tests {
         assert!(for_subject(&s, &[], Some("n1")).unwrap_err().contains("no SPIRE selectors are configured for spiffe://zt.test/zt/node/n1"));
         let sel = [Selector::parse("k8s:sa:zt-agent").unwrap(), Selector::parse("k8s:ns:zt-system").unwrap()];
         assert_eq!(for_subject(&s, &sel, None).unwrap(), vec![Selector::new("k8s", "ns:zt-system"), Selector::new("k8s", "sa:zt-agent")]);
+        let with_node: Vec<String> = for_subject(&s, &sel, Some("n1")).unwrap().iter().map(|s| s.to_string()).collect();
+        assert_eq!(with_node, ["k8s:node-name:n1", "k8s:ns:zt-system", "k8s:sa:zt-agent"]);
         assert_eq!(Selector::parse("k8s:pod-label:app:web").unwrap(), Selector::new("k8s", "pod-label:app:web"));
         assert!(Selector::parse("nocolon").is_err());
         assert!(Selector::parse("k8s:").is_err());
