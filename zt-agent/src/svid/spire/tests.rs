@@ -294,3 +294,24 @@ async fn a_bad_rotation_keeps_the_good_svid() {
     let fixed = der(&lab.spire.set_bad(&api.to_string(), None).unwrap().chain[0]);
     until("the good rotation", || lab.leaf(&api) == Some(fixed.clone())).await;
 }
+
+#[test]
+fn reconnect_backoff_doubles_and_is_capped() {
+    let mut cfg = SpireConfig::new("/nonexistent.sock".into());
+    cfg.backoff_initial = Duration::from_millis(200);
+    let src = SpireSource::new(cfg, Arc::new(SystemClock));
+    let b: Vec<u128> = [1, 2, 3, 8, 9, 40].iter().map(|n| src.shared.backoff(*n).as_millis()).collect();
+    assert_eq!(b, [200, 400, 800, 25_600, 30_000, 30_000]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_spire_at_the_socket_is_an_error_naming_it() {
+    let sock = socket("absent");
+    let mut cfg = SpireConfig::new(sock.clone());
+    cfg.first_message_timeout = Duration::from_secs(2);
+    let src = SpireSource::new(cfg, Arc::new(SystemClock));
+    let e = format!("{:#}", src.fetch_svid(&pod("/ns/shop/sa/api", "u-1")).await.unwrap_err());
+    assert!(e.contains(&format!("connecting to SPIRE at {}", sock.display())), "{e}");
+    let e = format!("{:#}", src.fetch_bundles().await.unwrap_err());
+    assert!(e.contains("X509 bundle stream") && e.contains("is down"), "{e}");
+}
