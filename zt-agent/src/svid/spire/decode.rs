@@ -110,3 +110,55 @@ pub fn select(msgs: &[X509svidWithKey], want: &SpiffeId) -> anyhow::Result<X509S
     }
     Ok(s)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root(cn: &str) -> Vec<u8> {
+        let mut p = rcgen::CertificateParams::default();
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        p.self_signed(&rcgen::KeyPair::generate().unwrap()).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn bundle_keys_in_both_spellings_and_bad_domains_left_out_by_name() {
+        let (a, b, c) = (root("a"), root("b"), root("c"));
+        let m = SubscribeToX509BundlesResponse {
+            ca_certificates: [
+                ("spiffe://zt.test".to_string(), [a.clone(), b.clone()].concat().into()),
+                ("other.test".to_string(), c.clone().into()),
+                ("spiffe://bad.test/path".to_string(), c.clone().into()),
+                ("broken.test".to_string(), vec![0x30, 0x03, 1, 2].into()),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let (bundles, errors) = bundles(&m);
+        let td = |s| TrustDomain::parse(s).unwrap();
+        assert_eq!(bundles.get(&td("zt.test")).unwrap(), &[CertificateDer::from(a), CertificateDer::from(b)]);
+        assert_eq!(bundles.get(&td("other.test")).unwrap(), &[CertificateDer::from(c)]);
+        assert_eq!(bundles.domains().count(), 2);
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors.iter().any(|e| e.contains("\"spiffe://bad.test/path\" is a SPIFFE ID with a path")), "{errors:?}");
+        assert!(errors.iter().any(|e| e.contains("bundle of broken.test: certificate 1 does not parse")), "{errors:?}");
+    }
+
+    #[test]
+    fn an_empty_answer_and_several_svids_without_ours_are_named() {
+        let want = SpiffeId::parse("spiffe://zt.test/ns/a/sa/b").unwrap();
+        let e = select(&[], &want).unwrap_err().to_string();
+        assert!(e.contains("no registration entry matches"), "{e}");
+        let named = |p: &str| X509svidWithKey {
+            x509_svid: Some(spire_api::pb::spire::api::types::X509svid {
+                id: Some(spire_api::pb::spire::api::types::Spiffeid { trust_domain: "zt.test".into(), path: p.into() }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let e = select(&[named("/x"), named("/y")], &want).unwrap_err().to_string();
+        assert!(e.contains("SPIRE returned SVIDs for spiffe://zt.test/x, spiffe://zt.test/y but none for spiffe://zt.test/ns/a/sa/b"), "{e}");
+    }
+}

@@ -18,6 +18,10 @@ async fn connect(shared: &Shared) -> anyhow::Result<DelegatedIdentityClient<Chan
     let ch = Endpoint::from_shared(format!("unix:{}", socket.display()))
         .with_context(|| format!("SPIRE admin socket {}", socket.display()))?
         .connect_timeout(shared.cfg.first_message_timeout)
+        // A SPIRE agent that hangs without closing the socket is noticed too.
+        .http2_keep_alive_interval(std::time::Duration::from_secs(30))
+        .keep_alive_timeout(std::time::Duration::from_secs(10))
+        .keep_alive_while_idle(true)
         .connect()
         .await
         .with_context(|| format!("connecting to SPIRE at {}", socket.display()))?;

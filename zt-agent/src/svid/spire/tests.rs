@@ -315,3 +315,20 @@ async fn no_spire_at_the_socket_is_an_error_naming_it() {
     let e = format!("{:#}", src.fetch_bundles().await.unwrap_err());
     assert!(e.contains("X509 bundle stream") && e.contains("is down"), "{e}");
 }
+
+/// Pods that share a SPIFFE ID share one subscription (the cache keys by ID): asking for the
+/// ID with another pod's UID replaces the subscription, and the old stream closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_pod_of_the_same_id_replaces_the_subscription() {
+    let lab = Lab::new("shared").await;
+    let api = id("/ns/shop/sa/api");
+    lab.spire.register(&api.to_string(), &["k8s:ns:shop", "k8s:sa:api"]);
+    lab.source.fetch_svid(&pod("/ns/shop/sa/api", "u-1")).await.unwrap();
+    let open = lab.spire.open_streams();
+    let s = lab.source.fetch_svid(&pod("/ns/shop/sa/api", "u-2")).await.unwrap();
+    assert_eq!(s.spiffe_id(), &api);
+    let sel = &lab.source.status().svids[&api].0;
+    assert!(sel.contains(&Selector::new("k8s", "pod-uid:u-2")) && !sel.contains(&Selector::new("k8s", "pod-uid:u-1")), "{sel:?}");
+    until("the old stream to close", || lab.spire.open_streams() == open).await;
+    assert_eq!(lab.spire.subscriptions().iter().filter(|s| s.iter().any(|x| x.starts_with("k8s:pod-uid:"))).count(), 2);
+}
