@@ -12,8 +12,8 @@
 //!   entry's SVID (pushed on the open streams), rotates roots A -> A+B -> B, and makes an
 //!   entry's next SVID one of the bad set (`BadSvid`).
 //! - `stop` ends every stream with UNAVAILABLE and closes the socket; `restart` listens again
-//!   with the same CA and entries. Caller authorization (SPIRE's `authorized_delegates`) is
-//!   not modelled.
+//!   with the same CA and entries. Caller authorization is modelled only as a switch
+//!   (`deny_callers`: PERMISSION_DENIED as for a caller not in `authorized_delegates`).
 
 mod ca;
 mod server;
@@ -42,6 +42,8 @@ pub(crate) struct State {
     subscriptions: Vec<Vec<String>>,
     /// Streams open now.
     open_streams: usize,
+    /// Refuse callers as SPIRE refuses one missing from `authorized_delegates`.
+    deny_callers: bool,
 }
 
 pub(crate) struct Inner {
@@ -88,7 +90,7 @@ impl SpireStandIn {
     /// Listens on `socket` (removed first if left over) for trust domain `trust_domain`.
     pub async fn start(socket: &Path, trust_domain: &str) -> Result<SpireStandIn> {
         let (changes, _) = watch::channel(0);
-        let state = State { ca: ca::Ca::new(trust_domain)?, entries: BTreeMap::new(), subscriptions: Vec::new(), open_streams: 0 };
+        let state = State { ca: ca::Ca::new(trust_domain)?, entries: BTreeMap::new(), subscriptions: Vec::new(), open_streams: 0, deny_callers: false };
         let s = SpireStandIn { inner: Arc::new(Inner { state: Mutex::new(state), changes }), socket: socket.to_path_buf(), server: Mutex::new(None) };
         s.restart().await?;
         Ok(s)
@@ -204,6 +206,12 @@ impl SpireStandIn {
     /// The SVID currently issued for `spiffe_id`, if any.
     pub fn current(&self, spiffe_id: &str) -> Option<IssuedSvid> {
         self.inner.state.lock().unwrap().entries.get(spiffe_id)?.svid.clone()
+    }
+
+    /// From now on new subscriptions are refused with PERMISSION_DENIED, as a SPIRE agent
+    /// refuses a caller that is not in its `authorized_delegates`.
+    pub fn deny_callers(&self, deny: bool) {
+        self.inner.state.lock().unwrap().deny_callers = deny;
     }
 
     /// Every selector set a client subscribed with so far.

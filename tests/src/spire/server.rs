@@ -151,6 +151,14 @@ where
     ReceiverStream::new(rx)
 }
 
+/// SPIRE's answer to a caller that is not an authorized delegate.
+fn deny(inner: &Inner) -> Result<(), Status> {
+    match inner.state.lock().unwrap().deny_callers {
+        true => Err(Status::permission_denied("caller not configured as an authorized delegate")),
+        false => Ok(()),
+    }
+}
+
 struct Svids {
     inner: Arc<Inner>,
     stop: watch::Receiver<bool>,
@@ -164,6 +172,7 @@ impl tonic::server::ServerStreamingService<SubscribeToX509sviDsRequest> for Svid
     fn call(&mut self, req: Request<SubscribeToX509sviDsRequest>) -> Self::Future {
         let (inner, stop) = (self.inner.clone(), self.stop.clone());
         Box::pin(async move {
+            deny(&inner)?;
             let req = req.into_inner();
             if req.pid != 0 || req.selectors.is_empty() {
                 return Err(Status::invalid_argument("the SPIRE stand-in subscribes by selectors only"));
@@ -191,6 +200,7 @@ impl tonic::server::ServerStreamingService<SubscribeToX509BundlesRequest> for Bu
     fn call(&mut self, _req: Request<SubscribeToX509BundlesRequest>) -> Self::Future {
         let (inner, stop) = (self.inner.clone(), self.stop.clone());
         Box::pin(async move {
+            deny(&inner)?;
             Ok(Response::new(stream(inner, stop, |i| {
                 let (k, v) = i.bundle();
                 Ok(SubscribeToX509BundlesResponse { ca_certificates: [(k, v.into())].into_iter().collect() })

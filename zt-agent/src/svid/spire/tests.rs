@@ -332,3 +332,19 @@ async fn another_pod_of_the_same_id_replaces_the_subscription() {
     until("the old stream to close", || lab.spire.open_streams() == open).await;
     assert_eq!(lab.spire.subscriptions().iter().filter(|s| s.iter().any(|x| x.starts_with("k8s:pod-uid:"))).count(), 2);
 }
+
+/// The usual misconfiguration: zt-agent is not in the SPIRE agent's `authorized_delegates`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_spire_does_not_authorize_gets_spires_reason() {
+    let lab = Lab::new("denied").await;
+    lab.spire.register(&id("/ns/shop/sa/api").to_string(), &["k8s:pod-uid:u-1"]);
+    lab.spire.deny_callers(true);
+    let e = format!("{:#}", lab.cache.prefetch(pod("/ns/shop/sa/api", "u-1")).await.unwrap_err());
+    assert!(e.contains("SPIRE answered PermissionDenied: caller not configured as an authorized delegate"), "{e}");
+    let st = lab.source.status();
+    assert!(!st.all_up() && st.svids.values().all(|(_, s)| s.failures >= 1));
+    // Authorized later: the next reconnect succeeds.
+    lab.spire.deny_callers(false);
+    until("the streams to come up", || lab.source.status().all_up()).await;
+    assert!(lab.cache.prefetch(pod("/ns/shop/sa/api", "u-1")).await.is_ok());
+}
