@@ -40,6 +40,7 @@ pub mod probe;
 pub mod sctp;
 pub mod serve;
 pub mod sockprobe;
+pub mod spire;
 pub mod spray;
 pub mod sys;
 pub mod testbed;

@@ -8,6 +8,10 @@
 //!   `backoff_max`; an SVID past its not-after is never handed out (fail closed).
 //! - Bundles are replaced whole (A -> A+B -> B is the source's to publish); an update that
 //!   drops the trust domain of a held SVID or empties a domain is refused.
+//! - A streaming source (`SvidSource::changes`) wakes `run`, which then fetches everything at
+//!   once: a pushed rotation is taken when it arrives, a broken stream shows here at once. The
+//!   same certificate fetched again after its refresh point is kept as is, and asked for again
+//!   after `backoff_max` (a streaming source pushes the new one sooner).
 //! - Every decision takes its time from the injected `Clock`; `run` only sleeps.
 
 use std::collections::BTreeMap;
@@ -124,6 +128,17 @@ impl SvidCache {
 
     pub fn remove(&self, id: &SpiffeId) {
         self.inner.lock().unwrap().entries.remove(id);
+        self.source.release(id);
+    }
+
+    /// Makes every fetch due now (the source said something changed).
+    pub fn mark_all_due(&self) {
+        let now = self.clock.now();
+        let mut g = self.inner.lock().unwrap();
+        g.bundles_next = now;
+        for e in g.entries.values_mut() {
+            e.next_attempt = now;
+        }
     }
 
     /// The current SVID of `id`, if it is within its validity window now.
@@ -194,6 +209,13 @@ impl SvidCache {
             Ok(s)
         });
         match result {
+            Ok(s) if e.current.as_ref().is_some_and(|c| c.leaf() == s.leaf()) => {
+                // Unchanged: keep the held one (same Arc for whoever compares), and past its
+                // refresh point do not ask again every moment.
+                e.next_attempt = refresh_point(&s, self.cfg.jitter).max(now + self.cfg.backoff_max);
+                e.failures = 0;
+                e.last_error = None;
+            }
             Ok(s) => {
                 // Never before a short pause: a source that hands out an SVID already past
                 // its refresh point would otherwise be asked again at once, forever.
@@ -239,10 +261,21 @@ impl SvidCache {
     /// Refreshes forever. Sleeps at most `max_sleep` at a time, so that a wall-clock jump is
     /// noticed within that long.
     pub async fn run(self: Arc<Self>, max_sleep: Duration) {
+        let mut changes = self.source.changes();
         loop {
             self.refresh_due().await;
             let wait = self.next_due().duration_since(self.clock.now()).unwrap_or_default();
-            tokio::time::sleep(wait.clamp(Duration::from_millis(50), max_sleep)).await;
+            let sleep = tokio::time::sleep(wait.clamp(Duration::from_millis(50), max_sleep));
+            match changes.as_mut() {
+                Some(rx) => tokio::select! {
+                    _ = sleep => {}
+                    r = rx.changed() => match r {
+                        Ok(()) => self.mark_all_due(),
+                        Err(_) => changes = None,
+                    },
+                },
+                None => sleep.await,
+            }
         }
     }
 }

@@ -4,9 +4,10 @@
 //! - `spiffe_id`: SPIFFE IDs and trust domains as the specification spells them.
 //! - `x509`: the leaf rules of an X509-SVID and the one list of rejection reasons.
 //! - `source`: the `SvidSource` trait and its data (SVID with key, bundles per trust domain).
-//!   Backends: `builtin` (an rcgen CA for the local mode and the demo, with root rotation) and
-//!   `files` (spiffe-helper's layout on disk). The SPIRE backends (Delegated Identity API,
-//!   SPIFFE Broker API) are not built; the trait is shaped for them (see `source`).
+//!   Backends: `builtin` (an rcgen CA for the local mode and the demo, with root rotation),
+//!   `files` (spiffe-helper's layout on disk) and `spire` (SPIRE's Delegated Identity API over
+//!   the SPIRE agent's admin socket, streaming). The SPIFFE Broker API is not built.
+//! - `spec`: `builtin` or `spire:<socket>`, as an operator names the backend.
 //! - `cache`: refresh at half-life with jitter, last valid SVID kept on failure with capped
 //!   backoff, the full set of roots per trust domain.
 //! - `clock`: the injectable wall clock every decision reads.
@@ -16,5 +17,7 @@ pub mod cache;
 pub mod clock;
 pub mod files;
 pub mod source;
+pub mod spec;
 pub mod spiffe_id;
+pub mod spire;
 pub mod x509;

@@ -1,9 +1,9 @@
 //! What every SVID backend provides: the X509-SVID of a subject and the trust bundles per trust
-//! domain. The trait is shaped for the SPIRE backends that are not built yet: the Delegated
-//! Identity API (`SubscribeToX509SVIDs` by selectors built from `Subject`, bundles from
-//! `SubscribeToX509Bundles`) and the SPIFFE Broker API (pod referenced by `Subject::pod_uid`).
-//! Both stream; such a backend keeps the latest message per subject and answers `fetch_*` from
-//! it, so the cache drives every backend the same way.
+//! domain. Streaming backends fit the same shape: `spire` (the Delegated Identity API,
+//! `SubscribeToX509SVIDs` by selectors built from `Subject`, bundles from
+//! `SubscribeToX509Bundles`) keeps the latest message per subject and answers `fetch_*` from
+//! it, so the cache drives every backend the same way; `changes` tells the cache when to ask.
+//! The SPIFFE Broker API (pod referenced by `Subject::pod_uid`) is not built.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -136,7 +136,7 @@ impl BundleProvider for StaticBundles {
     }
 }
 
-/// An SVID backend (`builtin`, `files`; later SPIRE's Delegated Identity and Broker APIs).
+/// An SVID backend (`builtin`, `files`, `spire` (SPIRE's Delegated Identity API)).
 pub trait SvidSource: Send + Sync {
     /// The backend's name for logs and status (`builtin`, `files`, ...).
     fn name(&self) -> &str;
@@ -146,4 +146,13 @@ pub trait SvidSource: Send + Sync {
 
     /// Every trust domain's roots this backend knows (its own and federated ones).
     fn fetch_bundles(&self) -> BoxFuture<'_, anyhow::Result<TrustBundles>>;
+
+    /// A streaming backend (`spire`) bumps this when a message arrives or a stream fails, so
+    /// that the cache fetches at once instead of at its next refresh point. None: poll only.
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+
+    /// The cache no longer tracks `id`: a streaming backend closes its subscription.
+    fn release(&self, _id: &SpiffeId) {}
 }

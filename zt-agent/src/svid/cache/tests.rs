@@ -172,3 +172,70 @@ async fn bundles_follow_root_rotation_and_refuse_to_drop_a_held_domain() {
     assert_eq!(cache.bundles(), b);
     assert!(cache.bundle_error().unwrap().contains("drops trust domain zt.test"));
 }
+
+/// A source that hands out the same certificate until told otherwise, and says so on a watch
+/// channel as a streaming source (SPIRE) does.
+struct Sticky {
+    ca: BuiltinCa,
+    current: std::sync::Mutex<(rustls::pki_types::CertificateDer<'static>, Vec<u8>)>,
+    tx: tokio::sync::watch::Sender<u64>,
+}
+
+impl Sticky {
+    fn sign(ca: &BuiltinCa, clock: &ManualClock) -> (rustls::pki_types::CertificateDer<'static>, Vec<u8>) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        p.subject_alt_names = vec![rcgen::SanType::URI(id().to_string().try_into().unwrap())];
+        p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        p.not_before = time::OffsetDateTime::from_unix_timestamp(unix_secs(clock.now())).unwrap();
+        p.not_after = time::OffsetDateTime::from_unix_timestamp(unix_secs(clock.now()) + 1000).unwrap();
+        (ca.sign_custom(&p, &key).unwrap(), key.serialize_der())
+    }
+}
+
+impl SvidSource for Sticky {
+    fn name(&self) -> &str {
+        "sticky"
+    }
+    fn fetch_svid<'a>(&'a self, _subject: &'a Subject) -> BoxFuture<'a, anyhow::Result<X509Svid>> {
+        Box::pin(async move {
+            let (leaf, key) = self.current.lock().unwrap().clone();
+            Ok(X509Svid::from_parts(vec![leaf], rustls::pki_types::PrivateKeyDer::Pkcs8(key.into()))?)
+        })
+    }
+    fn fetch_bundles(&self) -> BoxFuture<'_, anyhow::Result<TrustBundles>> {
+        self.ca.fetch_bundles()
+    }
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.tx.subscribe())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unchanged_svid_is_kept_and_a_push_wakes_the_loop() {
+    let clock = Arc::new(ManualClock::at_unix(T0));
+    let ca = BuiltinCa::new(BuiltinConfig::new(TrustDomain::parse("zt.test").unwrap()), clock.clone()).unwrap();
+    let first_cert = Sticky::sign(&ca, &clock);
+    let src = Arc::new(Sticky { ca, current: std::sync::Mutex::new(first_cert), tx: tokio::sync::watch::channel(0).0 });
+    let cache = SvidCache::new(src.clone(), clock.clone(), CacheConfig::default());
+    let first = cache.prefetch(Subject::id(id())).await.unwrap();
+    // At the refresh point the source still has the same certificate: the held Arc stays, and
+    // the next question waits backoff_max instead of coming back every second.
+    let at = next_refresh(&cache);
+    clock.set(UNIX_EPOCH_PLUS(at));
+    cache.refresh_due().await;
+    assert!(Arc::ptr_eq(&cache.svid(&id()).unwrap(), &first));
+    assert_eq!(next_refresh(&cache), at + 30);
+    // The loop would sleep those 30 s; a push wakes it and the new certificate is taken.
+    let runner = tokio::spawn(cache.clone().run(Duration::from_secs(3600)));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let second = Sticky::sign(&src.ca, &clock);
+    *src.current.lock().unwrap() = second.clone();
+    src.tx.send_modify(|v| *v += 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while cache.svid(&id()).unwrap().leaf() != &second.0 {
+        assert!(std::time::Instant::now() < deadline, "the push did not wake the cache");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    runner.abort();
+}
