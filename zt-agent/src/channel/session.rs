@@ -39,19 +39,38 @@ fn ms(clock: &dyn Clock) -> i64 {
     crate::svid::clock::unix_secs(clock.now()) * 1000 + (clock.now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_millis()).unwrap_or(0)) as i64
 }
 
+/// What a session sent (metrics).
+#[derive(Debug, Default)]
+pub struct SentCounts {
+    pub proofs: std::sync::atomic::AtomicU64,
+    pub withdrawals: std::sync::atomic::AtomicU64,
+}
+
 /// Runs until the channel closes (Ok) or fails (Err). `events` gets what the peer proved.
 pub async fn run(
+    ch: NodeChannel,
+    verifier: SvidVerifier,
+    clock: Arc<dyn Clock>,
+    local: watch::Receiver<LocalSvids>,
+    events: mpsc::Sender<SessionEvent>,
+) -> anyhow::Result<()> {
+    run_counted(ch, verifier, clock, local, events, &SentCounts::default()).await
+}
+
+/// `run`, counting what it sends in `sent`.
+pub async fn run_counted(
     mut ch: NodeChannel,
     verifier: SvidVerifier,
     clock: Arc<dyn Clock>,
     mut local: watch::Receiver<LocalSvids>,
     events: mpsc::Sender<SessionEvent>,
+    counts: &SentCounts,
 ) -> anyhow::Result<()> {
     let mut sent: LocalSvids = BTreeMap::new();
     let now = ms(clock.as_ref());
     write(&mut ch, &Message::Clock { unix_ms: now, echo: None }).await?;
     let current = local.borrow_and_update().clone();
-    prove_changes(&mut ch, &mut sent, &current).await?;
+    prove_changes(&mut ch, &mut sent, &current, counts).await?;
     let mut buf: Vec<u8> = Vec::new();
     let mut tmp = vec![0u8; 16 * 1024];
     loop {
@@ -71,14 +90,15 @@ pub async fn run(
                     return Ok(());
                 }
                 let current = local.borrow_and_update().clone();
-                prove_changes(&mut ch, &mut sent, &current).await?;
+                prove_changes(&mut ch, &mut sent, &current, counts).await?;
             }
         }
     }
 }
 
 /// Proves what is new or renewed, withdraws what left.
-async fn prove_changes(ch: &mut NodeChannel, sent: &mut LocalSvids, current: &LocalSvids) -> anyhow::Result<()> {
+async fn prove_changes(ch: &mut NodeChannel, sent: &mut LocalSvids, current: &LocalSvids, counts: &SentCounts) -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
     for (id, svid) in current {
         if sent.get(id).is_some_and(|s| Arc::ptr_eq(s, svid) || s.not_after() == svid.not_after()) {
             continue;
@@ -86,11 +106,13 @@ async fn prove_changes(ch: &mut NodeChannel, sent: &mut LocalSvids, current: &Lo
         let proof = make_proof(ch, svid)?;
         write(ch, &proof).await?;
         sent.insert(id.clone(), svid.clone());
+        counts.proofs.fetch_add(1, Relaxed);
     }
     let gone: Vec<SpiffeId> = sent.keys().filter(|id| !current.contains_key(*id)).cloned().collect();
     for id in gone {
         write(ch, &Message::Withdraw { spiffe_id: id.to_string() }).await?;
         sent.remove(&id);
+        counts.withdrawals.fetch_add(1, Relaxed);
     }
     Ok(())
 }
