@@ -403,6 +403,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn auth_flags() {
+        let o = auth_links(&Flags::try_parse_from(["zt-agent"]).unwrap()).unwrap().expect("on by default");
+        assert_eq!((o.listen.to_string().as_str(), o.peer_port, o.grace.as_secs(), o.svid_ttl.as_secs()), ("[::]:9964", 9964, 30, 3600));
+        assert!(o.ca_dir.is_none());
+        assert!(auth_links(&Flags::try_parse_from(["zt-agent", "--auth-listen", "off"]).unwrap()).unwrap().is_none());
+        for bad in ["9964", "0.0.0.0:0", "node1:9964"] {
+            let e = auth_links(&Flags::try_parse_from(["zt-agent", "--auth-listen", bad]).unwrap()).unwrap_err().to_string();
+            assert!(e.contains("--auth-listen"), "{bad}: {e}");
+        }
+        let e = auth_links(&Flags::try_parse_from(["zt-agent", "--svid-ttl", "5"]).unwrap()).unwrap_err().to_string();
+        assert!(e.contains("--svid-ttl"), "{e}");
+    }
+
+    #[test]
     fn stale_socket_flag() {
         assert_eq!(Flags::try_parse_from(["zt-agent"]).unwrap().service_destroy_stale_sockets, "udp");
         let f = Flags::try_parse_from(["zt-agent", "--service-destroy-stale-sockets=all"]).unwrap();
