@@ -5,6 +5,8 @@
 //!   the proof, the first SYN of a new flow passes (both families) with no `auth-required`
 //!   drop counted; both agents report the channel up, the clock offset, proofs sent and
 //!   received, and `ztctl auth` names node2's proof;
+//! - a pod of a new identity starting on node2 is proven on the live channel before its
+//!   first flow (which passes, no drop); its removal withdraws the proof;
 //! - node2's agent killed: its channel is lost, after the grace (`--auth-peer-grace 2`)
 //!   node1 drops node2's proofs and new flows from b are dropped as `auth-required`;
 //!   node2's agent started again: the channel and the proof come back, new flows pass;
@@ -33,6 +35,8 @@ spec:
 
 /// b's SPIFFE ID (namespace default, service account default).
 const B_ID: &str = "spiffe://cluster.local/ns/default/sa/default";
+/// The SPIFFE ID of e, a pod the test adds to node2.
+const E_ID: &str = "spiffe://cluster.local/ns/default/sa/e";
 /// Long enough for a peer's dial backoff (at most 10 s) plus a handshake.
 const CHANNEL_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -161,6 +165,29 @@ fn cross_node_flows_pass_from_the_first_syn_once_proven_and_follow_the_peer_agen
             && m1.get("zt_auth_proofs_received_total", &[("peer", "node2"), ("kind", "proof")]).unwrap_or(0.0) >= 1.0
             && m1.get("zt_auth_proofs", &[("by", "peers")]).unwrap_or(0.0) >= 1.0
             && m2.get("zt_auth_proofs_sent_total", &[("peer", "node1"), ("kind", "proof")]).unwrap_or(0.0) >= 1.0
+    });
+
+    // A pod of a new identity starts on node2 (e: app b, service account e): node2 proves
+    // it on the live channel; its first flow passes. Its removal withdraws the proof.
+    let e_ips: [std::net::IpAddr; 2] = ["10.200.2.9".parse().unwrap(), "fd00:200:2::9".parse().unwrap()];
+    let mut e = zt_testbed::Pod::new("default", "e", "node2", &e_ips, &[(Proto::Tcp, 80)]);
+    e.labels.insert("app".into(), "b".into());
+    e.service_account = Some("e".into());
+    bed.add_pod(e.clone()).unwrap();
+    bed.write("05-pod-e.yaml", &e.to_yaml());
+    let has_e = |a: &serde_json::Value| a["proofs"].as_array().unwrap().iter().any(|p| p["node"] == "node2" && p["spiffe_id"] == E_ID);
+    wait_for("node1 to hold node2's proof of e", &bed, &agent2, || has_e(&auth_of(&bed, &bed.agent)));
+    let before = auth_drops(&bed);
+    for f in FAMILIES {
+        let to = tgt("default", "a", f);
+        assert_eq!(bed.tb.probe(&pod("default", "e"), &to, Proto::Tcp, 80, ALLOWED), ok("default/a"), "e -> a tcp/80 {f:?}");
+    }
+    assert_eq!(auth_drops(&bed), before, "e proven before its first SYN");
+    bed.remove("05-pod-e.yaml");
+    bed.tb.remove_pod("default", "e").unwrap();
+    wait_for("node2's withdrawal of e", &bed, &agent2, || {
+        let withdrawn = bed.metrics().get("zt_auth_proofs_received_total", &[("peer", "node2"), ("kind", "withdrawal")]).unwrap_or(0.0) >= 1.0;
+        withdrawn && !has_e(&auth_of(&bed, &bed.agent))
     });
 
     // node2's agent dies: node1 loses the channel, and after the grace, the proofs.

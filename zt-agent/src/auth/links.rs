@@ -31,7 +31,7 @@ use zt_common::{AuthProofKey, AUTH_NODE_SELF, EP_LOCAL, IDENTITY_FIRST_WORKLOAD}
 
 use super::book::{ProofBook, Proven};
 use super::{boottime_ns, expiry_boot_ns, ProofSync};
-use crate::channel::session::{run_counted, LocalSvids, SentCounts, SessionEvent};
+use crate::channel::session::{run_counted, Liveness, LocalSvids, SentCounts, SessionEvent};
 use crate::channel::verifier::{PeerPolicy, SvidVerifier};
 use crate::channel::{CachedCredential, ChannelError, ChannelSetup, NodeChannel};
 use crate::ctl::auth::PeerError;
@@ -393,7 +393,7 @@ impl Links {
         log::info!("node channels: channel to {peer} up");
         let verifier = SvidVerifier::new(self.cache.clone(), self.clock.clone(), PeerPolicy::TrustDomains(BTreeSet::from([self.td.clone()])));
         let (tx, mut rx) = mpsc::channel(64);
-        let fut = run_counted(ch, verifier, self.clock.clone(), self.local_tx.subscribe(), tx, &sent);
+        let fut = run_counted(ch, verifier, self.clock.clone(), self.local_tx.subscribe(), tx, &sent, Liveness::default());
         tokio::pin!(fut);
         let r = loop {
             tokio::select! {
