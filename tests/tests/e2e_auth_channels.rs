@@ -8,7 +8,8 @@
 //! - a pod of a new identity starting on node2 is proven on the live channel before its
 //!   first flow (which passes, no drop); its removal withdraws the proof;
 //! - node2's agent killed: its channel is lost, after the grace (`--auth-peer-grace 2`)
-//!   node1 drops node2's proofs and new flows from b are dropped as `auth-required`;
+//!   node1 drops node2's proofs, new flows from b are dropped as `auth-required` and a
+//!   flow opened before is cut (the epoch bump re-judges it);
 //!   node2's agent started again: the channel and the proof come back, new flows pass;
 //! - node2's agent on another CA: node1 refuses its node SVID (no channel, counted in
 //!   `zt_auth_channels_refused_total`, the reason in `ztctl auth`), b stays unproven.
@@ -27,7 +28,7 @@ spec:
   subjects: [{podSelector: {matchLabels: {app: a}}}]
   ingress:
   - from: [{podSelector: {matchLabels: {app: b}}}]
-    ports: [{protocol: TCP, port: 80}]
+    ports: [{protocol: TCP, port: 80}, {protocol: TCP, port: 7000}]
     authentication: required
   - from: [{podSelector: {matchLabels: {app: b}}}]
     ports: [{protocol: UDP, port: 53}]
@@ -190,7 +191,20 @@ fn cross_node_flows_pass_from_the_first_syn_once_proven_and_follow_the_peer_agen
         withdrawn && !has_e(&auth_of(&bed, &bed.agent))
     });
 
-    // node2's agent dies: node1 loses the channel, and after the grace, the proofs.
+    // node2's agent dies: node1 loses the channel, and after the grace, the proofs; the
+    // epoch bump re-judges live flows, so an open flow b -> f:7000 is cut too.
+    // f: a second pod of a's identity on node1 that echoes lines on 7000.
+    let mut f = zt_testbed::Pod::new("default", "f", "node1", &["10.200.1.9".parse().unwrap(), "fd00:200:1::9".parse().unwrap()], &[(Proto::Tcp, 7000)]);
+    f.labels.insert("app".into(), "a".into());
+    f.ports[0].name = Some("echo".into());
+    bed.add_pod(f.clone()).unwrap();
+    bed.write("05-pod-f.yaml", &f.to_yaml());
+    let mut live = None;
+    wait_for("a flow b -> f tcp/7000", &bed, &agent2, || {
+        live = bed.open_tcp(&pod("default", "b"), &tgt("default", "f", Family::V4), 7000, ALLOWED).ok();
+        live.as_mut().is_some_and(|l| l.roundtrip(ALLOWED))
+    });
+    let mut live = live.unwrap();
     agent2.kill();
     wait_for("node1 to drop node2's proofs after the grace", &bed, &agent2, || {
         let a = auth_of(&bed, &bed.agent);
@@ -201,8 +215,9 @@ fn cross_node_flows_pass_from_the_first_syn_once_proven_and_follow_the_peer_agen
     for f in FAMILIES {
         assert_eq!(bed.probe(&pod("default", "b"), &tgt("default", "a", f), Proto::Tcp, 80), ProbeResult::Timeout, "b unproven now ({f:?})");
     }
+    assert!(!live.roundtrip(DENIED), "the live flow is revoked with the proof");
     let after = auth_drops(&bed);
-    assert!(after >= before + 2.0, "auth-required drops counted: {before} -> {after}");
+    assert!(after >= before + 3.0, "auth-required drops counted: {before} -> {after}");
     wait_for("zt_auth_channel_up 0", &bed, &agent2, || bed.metrics().get("zt_auth_channel_up", &[("peer", "node2")]) == Some(0.0));
 
     // Back: the channel and the proof return, new flows pass from their first SYN.
