@@ -103,6 +103,8 @@ pub struct Links {
     pub(crate) refused_unknown: AtomicU64,
     /// Peer proofs in the map after the last sync.
     pub(crate) proofs_in_map: AtomicU64,
+    /// What the last successful sync wrote: the map is left alone while nothing changes.
+    last_written: Mutex<Option<BTreeMap<AuthProofKey, zt_common::AuthProofValue>>>,
     tasks: Mutex<BTreeMap<String, tokio::task::AbortHandle>>,
     next_generation: AtomicU64,
     changed: Notify,
@@ -158,6 +160,7 @@ impl Links {
             peers: Mutex::default(),
             refused_unknown: AtomicU64::new(0),
             proofs_in_map: AtomicU64::new(0),
+            last_written: Mutex::default(),
             tasks: Mutex::default(),
             next_generation: AtomicU64::new(1),
             changed: Notify::new(),
@@ -214,7 +217,11 @@ impl Links {
             b.prune(now);
             b.want(identities, now)
         };
-        if now < self.started_ns.saturating_add(self.opts.grace.as_nanos() as u64) {
+        let in_start_grace = now < self.started_ns.saturating_add(self.opts.grace.as_nanos() as u64);
+        if !in_start_grace && self.last_written.lock().unwrap().as_ref() == Some(&want) {
+            return Ok(ProofSync::default());
+        }
+        if in_start_grace {
             // What an earlier agent wrote, until the peers have had `grace` to prove again.
             for (k, v) in super::read(map)? {
                 if k.node != AUTH_NODE_SELF && v.expires_ns > now {
@@ -224,6 +231,7 @@ impl Links {
         }
         let s = super::sync_peers(map, &want)?;
         self.proofs_in_map.store(want.keys().filter(|k: &&AuthProofKey| k.node != AUTH_NODE_SELF).count() as u64, Relaxed);
+        *self.last_written.lock().unwrap() = (!in_start_grace).then_some(want);
         Ok(s)
     }
 
