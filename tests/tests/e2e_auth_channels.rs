@@ -11,6 +11,8 @@
 //!   node1 drops node2's proofs, new flows from b are dropped as `auth-required` and a
 //!   flow opened before is cut (the epoch bump re-judges it);
 //!   node2's agent started again: the channel and the proof come back, new flows pass;
+//! - node1's agent restarted while node2's is down: the proofs its predecessor wrote are
+//!   kept for the grace (a live flow and new flows pass), then go; node2 back: proven again;
 //! - node2's agent on another CA: node1 refuses its node SVID (no channel, counted in
 //!   `zt_auth_channels_refused_total`, the reason in `ztctl auth`), b stays unproven.
 mod common;
@@ -208,7 +210,7 @@ fn cross_node_flows_pass_from_the_first_syn_once_proven_and_follow_the_peer_agen
     agent2.kill();
     wait_for("node1 to drop node2's proofs after the grace", &bed, &agent2, || {
         let a = auth_of(&bed, &bed.agent);
-        let none = a["proofs"].as_array().unwrap().iter().all(|p| p["node"] != "node2");
+        let none = a["proofs"].as_array().unwrap().iter().all(|p| p["node"] == "this node");
         none && peer(&a, "node2").is_some_and(|p| p["state"] != "up")
     });
     let before = auth_drops(&bed);
@@ -227,6 +229,36 @@ fn cross_node_flows_pass_from_the_first_syn_once_proven_and_follow_the_peer_agen
     let before = auth_drops(&bed);
     flows_pass(&bed);
     assert_eq!(auth_drops(&bed), before, "no auth-required drop after the peer came back");
+
+    // node1's agent restarts while node2's is down (stopped first, then node2 killed, so
+    // node1 never saw the channel go): only the proofs the old agent left in the map can
+    // admit b now. The new agent keeps them for its grace (10 s here): a live flow and new
+    // flows pass; after the grace they go. node2 back: proven again.
+    let mut live = None;
+    wait_for("a flow b -> f tcp/7000 again", &bed, &agent2, || {
+        live = bed.open_tcp(&pod("default", "b"), &tgt("default", "f", Family::V4), 7000, ALLOWED).ok();
+        live.as_mut().is_some_and(|l| l.roundtrip(ALLOWED))
+    });
+    let mut live = live.unwrap();
+    bed.agent.set_flag("--auth-peer-grace", "10");
+    bed.agent.stop();
+    agent2.kill();
+    bed.agent.start().unwrap();
+    bed.agent.wait_ready(Duration::from_secs(20)).unwrap();
+    let before = auth_drops(&bed);
+    assert!(live.roundtrip(ALLOWED), "the live flow survives node1's agent restart");
+    flows_pass(&bed);
+    assert_eq!(auth_drops(&bed), before, "no auth-required drop across node1's restart");
+    wait_for("node1's new agent to let the old proofs go after its grace", &bed, &agent2, || {
+        // Only this node's own proofs (a peer's number is shown by name once auth.json names it).
+        auth_of(&bed, &bed.agent)["proofs"].as_array().unwrap().iter().all(|p| p["node"] == "this node")
+    });
+    assert!(!live.roundtrip(DENIED), "revoked once the old proofs went");
+    assert_eq!(bed.probe(&pod("default", "b"), &tgt("default", "a", Family::V4), Proto::Tcp, 80), ProbeResult::Timeout);
+    agent2.start().unwrap();
+    agent2.wait_ready(Duration::from_secs(20)).unwrap();
+    wait_for("node1 to hold node2's proof from the new channel", &bed, &agent2, || proven_by_node2(&auth_of(&bed, &bed.agent)));
+    flows_pass(&bed);
 }
 
 #[test]
