@@ -48,6 +48,7 @@ use crate::svid::spiffe_id::{SpiffeId, TrustDomain};
 pub const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(10);
 const DIAL_BACKOFF_MIN: Duration = Duration::from_secs(1);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_HANDSHAKES: usize = 64;
 
 /// `--auth-*` and `--svid-*` flags.
 #[derive(Clone, Debug)]
@@ -103,6 +104,8 @@ pub struct Links {
     pub(crate) refused_unknown: AtomicU64,
     /// Peer proofs in the map after the last sync.
     pub(crate) proofs_in_map: AtomicU64,
+    /// The last failure logged per dialling address (the same failure is logged once).
+    accept_errors: Mutex<BTreeMap<IpAddr, String>>,
     /// What the last successful sync wrote: the map is left alone while nothing changes.
     last_written: Mutex<Option<BTreeMap<AuthProofKey, zt_common::AuthProofValue>>>,
     tasks: Mutex<BTreeMap<String, tokio::task::AbortHandle>>,
@@ -161,6 +164,7 @@ impl Links {
             refused_unknown: AtomicU64::new(0),
             proofs_in_map: AtomicU64::new(0),
             last_written: Mutex::default(),
+            accept_errors: Mutex::default(),
             tasks: Mutex::default(),
             next_generation: AtomicU64::new(1),
             changed: Notify::new(),
@@ -347,10 +351,18 @@ impl Links {
     }
 
     async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        // Handshakes in progress are bounded: a flood of connections that never finish their
+        // handshake is closed at once instead of holding tasks for the handshake timeout.
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         loop {
             match listener.accept().await {
                 Ok((tcp, from)) => {
-                    tokio::spawn(self.clone().accepted(tcp, from));
+                    let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                        log::debug!("node channels: {MAX_HANDSHAKES} handshakes in progress, closing {from}");
+                        continue;
+                    };
+                    let me = self.clone();
+                    tokio::spawn(async move { me.accepted(tcp, from, permit).await });
                 }
                 Err(e) => {
                     log::warn!("node channels: accept: {e}");
@@ -360,14 +372,26 @@ impl Links {
         }
     }
 
-    async fn accepted(self: Arc<Self>, tcp: tokio::net::TcpStream, from: SocketAddr) {
-        let ch = match self.setup.accept(tcp).await {
+    async fn accepted(self: Arc<Self>, tcp: tokio::net::TcpStream, from: SocketAddr, permit: tokio::sync::OwnedSemaphorePermit) {
+        let ch = self.setup.accept(tcp).await;
+        drop(permit);
+        let ch = match ch {
             Ok(ch) => ch,
             Err(e) => {
                 if matches!(e, ChannelError::Rejected(_)) {
                     self.refused_unknown.fetch_add(1, Relaxed);
                 }
-                log::warn!("node channels: a channel from {from} failed: {e}");
+                let msg = e.to_string();
+                let mut seen = self.accept_errors.lock().unwrap();
+                if seen.len() >= 1024 {
+                    // Bounded: many dialling addresses only cost a repeated log line.
+                    seen.clear();
+                }
+                let repeated = seen.insert(from.ip(), msg.clone()).as_ref() == Some(&msg);
+                drop(seen);
+                if !repeated {
+                    log::warn!("node channels: a channel from {from} failed: {msg}");
+                }
                 return;
             }
         };
@@ -380,6 +404,7 @@ impl Links {
             log::warn!("node channels: refusing a channel from {peer} ({from}): it is no known Node, or this node dials it");
             return;
         }
+        self.accept_errors.lock().unwrap().remove(&from.ip());
         // The newest channel of a peer replaces the one before (the peer restarted).
         let generation = self.next_generation.fetch_add(1, Relaxed);
         self.status(&peer, |s| s.generation = generation);
