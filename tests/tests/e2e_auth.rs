@@ -8,7 +8,7 @@
 //! - a (node1) is proven by its own agent: `ztctl auth` lists that proof;
 //! - a STRICT namespace: a new pod d of node1 (proven by node1's agent) reaches a and is
 //!   counted `authenticated`; b reaches a on no port.
-//! Not here yet (no agent-to-agent channel in the agent): a peer that proves b.
+//! A peer agent that proves b over a node channel: `e2e_auth_channels.rs`.
 mod common;
 
 use common::*;

@@ -85,6 +85,8 @@ pub struct AgentOptions {
     pub graph: GraphOptions,
     /// The HTTP proxy (`--http-proxy-*`); None: not started (HTTP-rule flows drop).
     pub http_proxy: Option<crate::l7::Options>,
+    /// Node-to-node channels (`--auth-*`); None: no peer's pods are ever proven.
+    pub auth_links: Option<crate::auth::links::LinkOptions>,
 }
 
 /// The flow and risk map (graph/) and its page (ui/).
@@ -177,6 +179,8 @@ struct Agent {
     graph: crate::graph::SharedGraph,
     /// The HTTP proxy, once started (l7/).
     l7: Option<crate::l7::Handle>,
+    /// The node channels, once started (auth/links.rs).
+    links: Option<std::sync::Arc<crate::auth::links::Links>>,
 }
 
 /// Before the first full state: the node's addresses as `host` endpoints, where nothing
@@ -288,6 +292,19 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         },
         None => None,
     };
+    let links = match &opts.auth_links {
+        Some(o) => match crate::auth::links::Links::start(&opts.node_name, &opts.trust_domain, o.clone()).await {
+            Ok(l) => {
+                tokio::spawn(crate::auth::status::report(l.clone(), opts.state_dir.clone(), metrics.clone()));
+                Some(l)
+            }
+            Err(e) => {
+                log::error!("node channels not started ({e:#}): no pod of another node is proven");
+                None
+            }
+        },
+        None => None,
+    };
     tokio::spawn(log_err("admin socket", crate::admin::serve(opts.admin_socket.clone(), events_tx.clone(), metrics.clone(), cni_tx, graph.clone())));
 
     // Kubernetes source events; the sender stays here with the directory source.
@@ -344,6 +361,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         svc_revnat,
         graph,
         l7,
+        links,
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -351,7 +369,9 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
             log::error!("reconcile: {e:#}");
         }
         agent.metrics.lock().unwrap().heartbeat = Some(Instant::now());
+        let links = agent.links.clone();
         tokio::select! {
+            _ = async { match &links { Some(l) => l.changed().await, None => std::future::pending().await } } => {}
             _ = tokio::time::sleep(agent.opts.poll_interval) => {}
             Some(ev) = source_rx.recv() => agent.apply_source(ev, &mut source_rx),
             _ = tokio::signal::ctrl_c() => break,
@@ -568,8 +588,29 @@ impl Agent {
             return Ok(());
         };
         let r = self.enforce(&desired);
+        self.sync_peer_proofs(&desired);
         self.desired = Some(desired);
         r
+    }
+
+    /// The peers' proofs into ZT_AUTH_PROOFS; a removed or shortened one re-judges tracked
+    /// flows (new epoch), as a policy change does.
+    fn sync_peer_proofs(&mut self, desired: &Desired) {
+        let Some(links) = self.links.clone() else { return };
+        if let Some(cluster) = &self.cluster {
+            links.update(cluster, desired);
+        }
+        match links.sync_proofs(&mut self.maps.auth_proofs, &desired.identities) {
+            Ok(s) if s.withdrew && self.config.flags & CONFIG_READY != 0 => {
+                self.pending_bump = true;
+                match self.write_config() {
+                    Ok(()) => self.metrics.lock().unwrap().policy_epoch = self.config.policy_epoch,
+                    Err(e) => log::error!("bumping the policy epoch after a peer's proof went: {e:#}"),
+                }
+            }
+            Ok(s) => self.pending_bump |= s.withdrew,
+            Err(e) => log::error!("writing the peers' proofs: {e:#}"),
+        }
     }
 
     /// Makes the datapath enforce `desired`: map diff, config, attachments.

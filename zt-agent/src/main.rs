@@ -218,6 +218,43 @@ struct Flags {
     /// Routing table the steer mark is routed by (`local default dev lo`).
     #[arg(long, default_value_t = 2007)]
     http_steer_table: u32,
+    /// Address of the node channel (TLS 1.3, node SVIDs both ways) over which agents
+    /// prove their pods' identities to each other; peers are dialled at their Node
+    /// InternalIPs on the same port. `off`: no channels (no pod of another node is ever
+    /// proven: `authentication: required` drops all cross-node traffic).
+    #[arg(long, default_value = "[::]:9964")]
+    auth_listen: String,
+    /// Local mode and demos only: a directory holding the builtin CA (`ca.pem`, root and
+    /// key; created if absent) that agents share so that they trust each other. Anyone who
+    /// can read it can issue any identity. Unset: each agent has a CA of its own (its
+    /// peers refuse its channel).
+    #[arg(long)]
+    svid_ca_dir: Option<PathBuf>,
+    /// Lifetime of the SVIDs the builtin CA issues, seconds.
+    #[arg(long, default_value_t = 3600)]
+    svid_ttl: u64,
+    /// How long a peer's proofs still count after its channel is lost (and, at start, the
+    /// proofs an earlier agent wrote), seconds: an agent restart within it cuts no flow.
+    #[arg(long, default_value_t = 30)]
+    auth_peer_grace: u64,
+}
+
+/// `--auth-listen`: an address and port, or `off`.
+fn auth_links(f: &Flags) -> anyhow::Result<Option<zt_agent::auth::links::LinkOptions>> {
+    if f.auth_listen == "off" {
+        return Ok(None);
+    }
+    let listen: std::net::SocketAddr = f.auth_listen.parse().map_err(|e| anyhow::anyhow!("--auth-listen {:?}: {e} (an address:port, or off)", f.auth_listen))?;
+    if listen.port() == 0 || f.svid_ttl < 60 {
+        anyhow::bail!("--auth-listen needs a port (peers dial the same one) and --svid-ttl at least 60 s");
+    }
+    Ok(Some(zt_agent::auth::links::LinkOptions {
+        listen,
+        peer_port: listen.port(),
+        ca_dir: f.svid_ca_dir.clone(),
+        svid_ttl: Duration::from_secs(f.svid_ttl),
+        grace: Duration::from_secs(f.auth_peer_grace),
+    }))
 }
 
 /// A number, decimal or 0x-prefixed hexadecimal.
@@ -268,6 +305,7 @@ async fn main() -> anyhow::Result<()> {
         print!("{}", zt_agent::model::ztp::crd_yaml());
         return Ok(());
     }
+    let auth_links = auth_links(&f)?;
     let Some(node_name) = f.node_name.filter(|n| !n.is_empty()) else {
         anyhow::bail!("--node-name (or $NODE_NAME) is required");
     };
@@ -293,6 +331,7 @@ async fn main() -> anyhow::Result<()> {
         ui: zt_agent::ui::UiOptions::parse(&f.ui_addr, f.ui_token_file.as_deref())?,
     };
     let opts = AgentOptions {
+        auth_links,
         node_name,
         source,
         bpffs_root: f.bpffs_root,
@@ -362,6 +401,20 @@ async fn main() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auth_flags() {
+        let o = auth_links(&Flags::try_parse_from(["zt-agent"]).unwrap()).unwrap().expect("on by default");
+        assert_eq!((o.listen.to_string().as_str(), o.peer_port, o.grace.as_secs(), o.svid_ttl.as_secs()), ("[::]:9964", 9964, 30, 3600));
+        assert!(o.ca_dir.is_none());
+        assert!(auth_links(&Flags::try_parse_from(["zt-agent", "--auth-listen", "off"]).unwrap()).unwrap().is_none());
+        for bad in ["9964", "0.0.0.0:0", "node1:9964"] {
+            let e = auth_links(&Flags::try_parse_from(["zt-agent", "--auth-listen", bad]).unwrap()).unwrap_err().to_string();
+            assert!(e.contains("--auth-listen"), "{bad}: {e}");
+        }
+        let e = auth_links(&Flags::try_parse_from(["zt-agent", "--svid-ttl", "5"]).unwrap()).unwrap_err().to_string();
+        assert!(e.contains("--svid-ttl"), "{e}");
+    }
 
     #[test]
     fn stale_socket_flag() {

@@ -40,6 +40,8 @@ pub struct AgentMetrics {
     pub policy_epoch: u32,
     /// Entries of ZT_AUTH_PROOFS this node's agent wrote for its own pods (issue 10).
     pub auth_proofs_self: usize,
+    /// The node channels (auth/links.rs); None when `--auth-listen off`.
+    pub auth: Option<crate::auth::status::AuthCounts>,
     pub events_forwarded_total: u64,
     /// The policy source reaches its input (always true for the directory source).
     pub source_up: bool,
@@ -165,6 +167,10 @@ pub fn render_with(m: &AgentMetrics, maps: Option<&PinnedMaps>, fqdn: Option<&Fq
     let _ = writeln!(o, "zt_policy_epoch {}", m.policy_epoch);
     line(&mut o, "Identity proofs in the datapath (ZT_AUTH_PROOFS), by who proved them.", "gauge", "zt_auth_proofs");
     let _ = writeln!(o, "zt_auth_proofs{{by=\"self\"}} {}", m.auth_proofs_self);
+    if let Some(a) = &m.auth {
+        let _ = writeln!(o, "zt_auth_proofs{{by=\"peers\"}} {}", a.proofs_by_peers);
+        crate::auth::status::render(&mut o, a);
+    }
     line(&mut o, "Datapath events the agent forwarded to admin-socket subscribers.", "counter", "zt_agent_events_forwarded_total");
     let _ = writeln!(o, "zt_agent_events_forwarded_total {}", m.events_forwarded_total);
     line(&mut o, "Requests of the zt-cni plugin, by command and outcome.", "counter", "zt_cni_requests_total");

@@ -15,6 +15,8 @@ use zt_common::{AuthProofKey, AuthProofValue};
 use crate::pins::AuthProofsMap;
 
 pub mod book;
+pub mod links;
+pub mod status;
 
 /// CLOCK_BOOTTIME now, nanoseconds: the kernel's `bpf_ktime_get_boot_ns`.
 pub fn boottime_ns() -> u64 {
@@ -44,6 +46,15 @@ pub struct ProofSync {
 pub fn sync_node(map: &mut AuthProofsMap, node: u32, want: &BTreeMap<AuthProofKey, AuthProofValue>) -> Result<ProofSync> {
     let mut all: BTreeMap<AuthProofKey, AuthProofValue> = read(map)?.into_iter().filter(|(k, _)| k.node != node).collect();
     all.extend(want.iter().filter(|(k, _)| k.node == node).map(|(k, v)| (*k, *v)));
+    sync(map, &all)
+}
+
+/// Makes the map's entries of every other node exactly `want` (this node's own proofs,
+/// `AUTH_NODE_SELF`, untouched): writes first, removals last.
+pub fn sync_peers(map: &mut AuthProofsMap, want: &BTreeMap<AuthProofKey, AuthProofValue>) -> Result<ProofSync> {
+    let self_node = zt_common::AUTH_NODE_SELF;
+    let mut all: BTreeMap<AuthProofKey, AuthProofValue> = read(map)?.into_iter().filter(|(k, _)| k.node == self_node).collect();
+    all.extend(want.iter().filter(|(k, _)| k.node != self_node).map(|(k, v)| (*k, *v)));
     sync(map, &all)
 }
 

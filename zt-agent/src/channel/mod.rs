@@ -1,7 +1,7 @@
 //! Node-to-node channels (issue 10, first increment): one TLS 1.3 connection per node pair over
 //! TCP, authenticated both ways with node X509-SVIDs and `verifier`. Each end can export keying
-//! material bound to the connection (RFC 8446 section 7.5); the per-identity proofs of a later
-//! increment sign it. Not wired into the agent yet: nothing listens or dials today.
+//! material bound to the connection (RFC 8446 section 7.5); the per-identity proofs
+//! (`proofs.rs`) sign it. The agent runs them in `auth/links.rs`.
 //!
 //! TLS 1.3 only, ring provider, no session resumption (no tickets, no session cache: every
 //! channel is a full handshake that checks both SVIDs against the current bundles), ALPN

@@ -5,6 +5,9 @@
 //! proved, withdrew or failed to prove. A renewed SVID is proven again while the old
 //! proof still holds (make-before-break: the receiver replaces the expiry).
 //!
+//! A clock request every `PING_INTERVAL` re-measures the offset; a peer silent for
+//! `SILENCE_LIMIT` ends the session (so its proofs go after the grace).
+//!
 //! One task per channel: reads are cancel-safe (`read` into a buffer), so a change of the
 //! local set can interrupt waiting for the peer without losing a partial frame.
 use std::collections::BTreeMap;
@@ -39,21 +42,63 @@ fn ms(clock: &dyn Clock) -> i64 {
     crate::svid::clock::unix_secs(clock.now()) * 1000 + (clock.now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_millis()).unwrap_or(0)) as i64
 }
 
+/// How often a session asks the peer's clock: the offset is measured again, and the peer's
+/// answer shows it is still there.
+pub const PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// A peer heard from for this long is taken as gone (a node that vanished without closing
+/// its connection: writes to it would succeed for many minutes).
+pub const SILENCE_LIMIT: std::time::Duration = std::time::Duration::from_secs(35);
+
+/// A session's ping interval and silence limit (tests shorten them).
+#[derive(Clone, Copy, Debug)]
+pub struct Liveness {
+    pub ping: std::time::Duration,
+    pub silence: std::time::Duration,
+}
+
+impl Default for Liveness {
+    fn default() -> Liveness {
+        Liveness { ping: PING_INTERVAL, silence: SILENCE_LIMIT }
+    }
+}
+
+/// What a session sent (metrics).
+#[derive(Debug, Default)]
+pub struct SentCounts {
+    pub proofs: std::sync::atomic::AtomicU64,
+    pub withdrawals: std::sync::atomic::AtomicU64,
+}
+
 /// Runs until the channel closes (Ok) or fails (Err). `events` gets what the peer proved.
 pub async fn run(
+    ch: NodeChannel,
+    verifier: SvidVerifier,
+    clock: Arc<dyn Clock>,
+    local: watch::Receiver<LocalSvids>,
+    events: mpsc::Sender<SessionEvent>,
+) -> anyhow::Result<()> {
+    run_counted(ch, verifier, clock, local, events, &SentCounts::default(), Liveness::default()).await
+}
+
+/// `run`, counting what it sends in `sent`.
+pub async fn run_counted(
     mut ch: NodeChannel,
     verifier: SvidVerifier,
     clock: Arc<dyn Clock>,
     mut local: watch::Receiver<LocalSvids>,
     events: mpsc::Sender<SessionEvent>,
+    counts: &SentCounts,
+    live: Liveness,
 ) -> anyhow::Result<()> {
     let mut sent: LocalSvids = BTreeMap::new();
     let now = ms(clock.as_ref());
     write(&mut ch, &Message::Clock { unix_ms: now, echo: None }).await?;
     let current = local.borrow_and_update().clone();
-    prove_changes(&mut ch, &mut sent, &current).await?;
+    prove_changes(&mut ch, &mut sent, &current, counts).await?;
     let mut buf: Vec<u8> = Vec::new();
     let mut tmp = vec![0u8; 16 * 1024];
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + live.ping, live.ping);
+    let mut heard = tokio::time::Instant::now();
     loop {
         tokio::select! {
             n = ch.stream_mut().read(&mut tmp) => {
@@ -61,6 +106,7 @@ pub async fn run(
                 if n == 0 {
                     return Ok(());
                 }
+                heard = tokio::time::Instant::now();
                 buf.extend_from_slice(&tmp[..n]);
                 while let Some(m) = take_frame(&mut buf)? {
                     handle(&mut ch, &verifier, clock.as_ref(), &events, m).await?;
@@ -71,14 +117,21 @@ pub async fn run(
                     return Ok(());
                 }
                 let current = local.borrow_and_update().clone();
-                prove_changes(&mut ch, &mut sent, &current).await?;
+                prove_changes(&mut ch, &mut sent, &current, counts).await?;
+            }
+            _ = ping.tick() => {
+                if heard.elapsed() > live.silence {
+                    anyhow::bail!("nothing heard from the peer for {:?}", heard.elapsed());
+                }
+                write(&mut ch, &Message::Clock { unix_ms: ms(clock.as_ref()), echo: None }).await?;
             }
         }
     }
 }
 
 /// Proves what is new or renewed, withdraws what left.
-async fn prove_changes(ch: &mut NodeChannel, sent: &mut LocalSvids, current: &LocalSvids) -> anyhow::Result<()> {
+async fn prove_changes(ch: &mut NodeChannel, sent: &mut LocalSvids, current: &LocalSvids, counts: &SentCounts) -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
     for (id, svid) in current {
         if sent.get(id).is_some_and(|s| Arc::ptr_eq(s, svid) || s.not_after() == svid.not_after()) {
             continue;
@@ -86,11 +139,13 @@ async fn prove_changes(ch: &mut NodeChannel, sent: &mut LocalSvids, current: &Lo
         let proof = make_proof(ch, svid)?;
         write(ch, &proof).await?;
         sent.insert(id.clone(), svid.clone());
+        counts.proofs.fetch_add(1, Relaxed);
     }
     let gone: Vec<SpiffeId> = sent.keys().filter(|id| !current.contains_key(*id)).cloned().collect();
     for id in gone {
         write(ch, &Message::Withdraw { spiffe_id: id.to_string() }).await?;
         sent.remove(&id);
+        counts.withdrawals.fetch_add(1, Relaxed);
     }
     Ok(())
 }

@@ -71,6 +71,72 @@ impl BuiltinCa {
         Ok(ca)
     }
 
+    /// The local/demo way for several agents to trust each other without SPIRE: the CA's
+    /// root and key in `dir/ca.pem` (certificate, then PKCS#8 key), created by the first
+    /// agent that finds none (written beside, then hard-linked into place, so that two
+    /// agents starting together end up with one CA). Anyone who reads the file can issue
+    /// any identity of the trust domain: local mode and demos only, never a production
+    /// cluster. The shared root does not rotate.
+    pub fn open_shared(cfg: BuiltinConfig, clock: Arc<dyn Clock>, dir: &std::path::Path) -> anyhow::Result<BuiltinCa> {
+        use rustls::pki_types::pem::PemObject;
+        let path = dir.join("ca.pem");
+        if !path.exists() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            let ca = BuiltinCa::new(cfg.clone(), clock.clone())?;
+            let pem = {
+                let st = ca.state.lock().unwrap();
+                let r = &st.roots[0];
+                pem_block("CERTIFICATE", r.der.as_ref()) + &r.key.serialize_pem()
+            };
+            let tmp = dir.join(format!(".ca.pem.{}", std::process::id()));
+            {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+                f.write_all(pem.as_bytes())?;
+                f.sync_all()?;
+            }
+            let linked = std::fs::hard_link(&tmp, &path);
+            let _ = std::fs::remove_file(&tmp);
+            match linked {
+                Ok(()) => return Ok(ca),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e).with_context(|| format!("writing {}", path.display())),
+            }
+        }
+        let data = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let der = CertificateDer::from_pem_slice(&data).with_context(|| format!("{}: no CA certificate", path.display()))?;
+        let key_pem = std::str::from_utf8(&data).ok().and_then(|t| t.find("-----BEGIN PRIVATE KEY-----").map(|i| &t[i..]));
+        let key = KeyPair::from_pem(key_pem.ok_or_else(|| anyhow!("{}: no PKCS#8 key (BEGIN PRIVATE KEY)", path.display()))?)
+            .with_context(|| format!("{}: the CA key", path.display()))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            bail!("{}: the key does not belong to the certificate", path.display());
+        }
+        let not_after = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(cert.validity().not_after.timestamp().max(0) as u64);
+        if not_after <= clock.now() {
+            bail!("{}: the shared CA expired (unix {}); remove the file to make a new one", path.display(), unix_secs(not_after));
+        }
+        let cn = cert.subject().iter_common_name().next().and_then(|c| c.as_str().ok()).unwrap_or_default().to_string();
+        let want_uri = format!("spiffe://{}", cfg.trust_domain);
+        let uri_ok = cert.subject_alternative_name().ok().flatten().is_some_and(|san| {
+            san.value.general_names.iter().any(|g| matches!(g, x509_parser::extensions::GeneralName::URI(u) if *u == want_uri))
+        });
+        if !uri_ok {
+            bail!("{}: the shared CA is not the CA of trust domain {} (--trust-domain)", path.display(), cfg.trust_domain);
+        }
+        // The issuer fields rcgen signs with: the same subject the root was made with.
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "zt");
+        dn.push(DnType::CommonName, cn);
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let root = Root { params, key, der: der.into_owned(), not_after };
+        Ok(BuiltinCa { cfg, clock, state: Mutex::new(State { roots: vec![root], active: 0, generation: 1 }) })
+    }
+
     pub fn trust_domain(&self) -> &TrustDomain {
         &self.cfg.trust_domain
     }
@@ -162,6 +228,19 @@ impl BuiltinCa {
         let st = self.state.lock().unwrap();
         sign_with(params, key, &st.roots[st.active])
     }
+}
+
+fn pem_block(label: &str, der: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut b = String::new();
+    for c in der.chunks(3) {
+        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            b.push(if i <= c.len() { A[(n >> (18 - 6 * i) & 63) as usize] as char } else { '=' });
+        }
+    }
+    let lines: Vec<&str> = b.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).unwrap()).collect();
+    format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", lines.join("\n"))
 }
 
 fn sign_with(params: &CertificateParams, key: &KeyPair, root: &Root) -> anyhow::Result<CertificateDer<'static>> {

@@ -101,3 +101,40 @@ async fn sessions_prove_start_changes_renewals_and_withdrawals_and_measure_the_c
     let _ = tokio::time::timeout(Duration::from_secs(10), s1).await.expect("session 1 ended");
     let _ = tokio::time::timeout(Duration::from_secs(10), s2).await.expect("session 2 ended");
 }
+
+/// A peer that holds its connection open but says nothing (a node gone without closing it)
+/// ends the session after `SILENCE_LIMIT`, having been asked its clock every
+/// `PING_INTERVAL` (both shortened here).
+#[tokio::test]
+async fn a_silent_peer_ends_the_session() {
+    let clock = Arc::new(ManualClock::at_unix(1_800_000_000));
+    let ca = Arc::new(BuiltinCa::new(BuiltinConfig::new(td()), clock.clone()).unwrap());
+    let cache = SvidCache::new(ca.clone(), clock.clone(), CacheConfig::default());
+    for n in ["n1", "n2"] {
+        cache.prefetch(Subject::id(id(&format!("spiffe://zt.test/zt/node/{n}")))).await.unwrap();
+    }
+    let setup = |n: &str| ChannelSetup {
+        credential: Arc::new(CachedCredential { cache: cache.clone(), id: id(&format!("spiffe://zt.test/zt/node/{n}")) }),
+        bundles: cache.clone(),
+        clock: clock.clone(),
+        peer_domains: BTreeSet::from([td()]),
+        handshake_timeout: Duration::from_secs(10),
+    };
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let server = setup("n1");
+    let accept = tokio::spawn(async move { server.accept(l.accept().await.unwrap().0).await });
+    let _silent = setup("n2").connect(addr, &id("spiffe://zt.test/zt/node/n1")).await.unwrap();
+    let c1 = accept.await.unwrap().unwrap();
+    let verifier = SvidVerifier::new(cache.clone(), clock.clone(), PeerPolicy::TrustDomains(BTreeSet::from([td()])));
+    let (_tx, local) = watch::channel(LocalSvids::new());
+    let (ev_tx, _ev) = mpsc::channel(16);
+    let started = tokio::time::Instant::now();
+    let counts = SentCounts::default();
+    let live = Liveness { ping: Duration::from_millis(100), silence: Duration::from_millis(350) };
+    let run = run_counted(c1, verifier, clock.clone(), local, ev_tx, &counts, live);
+    let e = tokio::time::timeout(Duration::from_secs(10), run).await.expect("the session outlived a silent peer").unwrap_err().to_string();
+    assert!(e.contains("nothing heard from the peer"), "{e}");
+    let took = started.elapsed();
+    assert!(took > live.silence && took < live.silence + Duration::from_secs(5), "ended after {took:?}");
+}

@@ -1,0 +1,575 @@
+//! The agent's node-to-node channels (issue 10): one TLS 1.3 channel (`channel/`) per pair
+//! of nodes, over which each agent proves the identities of its local pods and learns what
+//! the peer proves; the proofs go into `ZT_AUTH_PROOFS` as (peer node, identity) -> expiry.
+//!
+//! - Peers are the cluster's Node objects (their InternalIPs), at the same port as this
+//!   agent listens on. The node with the lower name dials; the other accepts (and refuses a
+//!   channel from a node that should have been dialled instead). A dialler retries with
+//!   doubling backoff capped at `DIAL_BACKOFF_MAX`.
+//! - Each node's SVID is `spiffe://<trust domain>/zt/node/<node name>`; a peer proves a
+//!   channel to node N only with N's SVID (the number of its proofs is `auth_node_id(N)`,
+//!   the number the compiled endpoints give N's pods).
+//! - Local identities: the SPIFFE IDs of this node's pods, their SVIDs kept by the cache;
+//!   a session proves each when it starts and when one appears or renews, and withdraws it
+//!   when the last pod of it leaves.
+//! - A lost channel keeps the peer's proofs for `grace` (an agent restart), then they go;
+//!   at this agent's own start the proofs an earlier agent wrote are kept as long, so that
+//!   its restart cuts no flow. Every removal bumps the policy epoch (the caller).
+//!
+//! SVIDs come from the builtin CA; `--svid-ca-dir` shares one CA between agents (local mode
+//! and demos only: see `BuiltinCa::open_shared`).
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch, Notify};
+use zt_common::{AuthProofKey, AUTH_NODE_SELF, EP_LOCAL, IDENTITY_FIRST_WORKLOAD};
+
+use super::book::{ProofBook, Proven};
+use super::{boottime_ns, expiry_boot_ns, ProofSync};
+use crate::channel::session::{run_counted, Liveness, LocalSvids, SentCounts, SessionEvent};
+use crate::channel::verifier::{PeerPolicy, SvidVerifier};
+use crate::channel::{CachedCredential, ChannelError, ChannelSetup, NodeChannel};
+use crate::ctl::auth::PeerError;
+use crate::model::ClusterState;
+use crate::pins::AuthProofsMap;
+use crate::state::{Desired, IdentityInfo};
+use crate::svid::builtin::{BuiltinCa, BuiltinConfig};
+use crate::svid::cache::{CacheConfig, SvidCache};
+use crate::svid::clock::{Clock, SystemClock};
+use crate::svid::source::{Subject, SvidSource};
+use crate::svid::spiffe_id::{SpiffeId, TrustDomain};
+
+/// Longest wait between two dials of a peer.
+pub const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(10);
+const DIAL_BACKOFF_MIN: Duration = Duration::from_secs(1);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_HANDSHAKES: usize = 64;
+
+/// `--auth-*` and `--svid-*` flags.
+#[derive(Clone, Debug)]
+pub struct LinkOptions {
+    pub listen: SocketAddr,
+    /// The port peers listen on (every agent of the cluster gets the same flags).
+    pub peer_port: u16,
+    /// Shared builtin CA (`BuiltinCa::open_shared`); None: a CA of this agent alone.
+    pub ca_dir: Option<std::path::PathBuf>,
+    pub svid_ttl: Duration,
+    pub grace: Duration,
+}
+
+/// The SPIFFE ID of node `name`'s agent.
+pub fn node_id(td: &TrustDomain, name: &str) -> Result<SpiffeId, String> {
+    SpiffeId::new(td, &format!("/zt/node/{name}"))
+}
+
+/// The node name in a node SPIFFE ID of `td`.
+pub fn node_name_of<'a>(td: &TrustDomain, id: &'a SpiffeId) -> Option<&'a str> {
+    (id.trust_domain() == td).then(|| id.path().strip_prefix("/zt/node/")).flatten().filter(|n| !n.is_empty() && !n.contains('/'))
+}
+
+/// One peer as `ztctl auth` and the metrics see it.
+#[derive(Debug, Default)]
+pub struct PeerStatus {
+    /// `connecting`, `up`, `down`.
+    pub state: &'static str,
+    pub clock_offset_ms: Option<i64>,
+    pub last_error: Option<PeerError>,
+    /// Channels this end refused (the peer's SVID broke a rule) / that failed otherwise.
+    pub refused: u64,
+    pub failed: u64,
+    pub received: u64,
+    pub withdrawals_received: u64,
+    /// Refused proofs by reason.
+    pub rejected: BTreeMap<String, u64>,
+    pub sent: Arc<SentCounts>,
+    /// Which task owns the peer's channel now (a replaced session must not mark it down).
+    generation: u64,
+}
+
+pub struct Links {
+    pub node: String,
+    td: TrustDomain,
+    opts: LinkOptions,
+    pub(crate) cache: Arc<SvidCache>,
+    clock: Arc<dyn Clock>,
+    setup: ChannelSetup,
+    book: Mutex<ProofBook>,
+    pub(crate) peers: Mutex<BTreeMap<String, PeerStatus>>,
+    /// Channels refused before the peer was known (the acceptor's side).
+    pub(crate) refused_unknown: AtomicU64,
+    /// Peer proofs in the map after the last sync.
+    pub(crate) proofs_in_map: AtomicU64,
+    /// The last failure logged per dialling address (the same failure is logged once).
+    accept_errors: Mutex<BTreeMap<IpAddr, String>>,
+    /// What the last successful sync wrote: the map is left alone while nothing changes.
+    last_written: Mutex<Option<BTreeMap<AuthProofKey, zt_common::AuthProofValue>>>,
+    tasks: Mutex<BTreeMap<String, tokio::task::AbortHandle>>,
+    next_generation: AtomicU64,
+    changed: Notify,
+    /// Wakes the reporter (auth.json, metrics) when a peer's status changes.
+    pub(crate) report: Notify,
+    local_tx: watch::Sender<LocalSvids>,
+    ids_tx: watch::Sender<BTreeSet<SpiffeId>>,
+    nodes_tx: watch::Sender<BTreeMap<String, Vec<IpAddr>>>,
+    /// CLOCK_BOOTTIME at start: proofs an earlier agent wrote are kept `grace` from here.
+    started_ns: u64,
+}
+
+impl Links {
+    /// Gets the node SVID, listens, and starts the tasks. Peers and local identities come
+    /// with `update`.
+    pub async fn start(node: &str, trust_domain: &str, opts: LinkOptions) -> Result<Arc<Links>> {
+        let td = TrustDomain::parse(trust_domain).map_err(|e| anyhow::anyhow!("--trust-domain: {e}"))?;
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let mut cfg = BuiltinConfig::new(td.clone());
+        cfg.svid_ttl = opts.svid_ttl;
+        let source: Arc<dyn SvidSource> = Arc::new(match &opts.ca_dir {
+            Some(dir) => BuiltinCa::open_shared(cfg, clock.clone(), dir).with_context(|| format!("--svid-ca-dir {}", dir.display()))?,
+            None => BuiltinCa::new(cfg, clock.clone())?,
+        });
+        let cache = SvidCache::new(source, clock.clone(), CacheConfig::default());
+        let me = node_id(&td, node).map_err(|e| anyhow::anyhow!("node name {node:?} makes no SPIFFE ID: {e}"))?;
+        cache.prefetch(Subject::id(me.clone())).await.context("the node SVID")?;
+        tokio::spawn(cache.clone().run(Duration::from_secs(5)));
+        let listener = match TcpListener::bind(opts.listen).await {
+            Ok(l) => Ok(l),
+            // A host without IPv6: the IPv4 wildcard.
+            Err(_) if opts.listen.ip() == IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED) => {
+                TcpListener::bind(SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), opts.listen.port())).await
+            }
+            Err(e) => Err(e),
+        }
+        .with_context(|| format!("--auth-listen {}", opts.listen))?;
+        let setup = ChannelSetup {
+            credential: Arc::new(CachedCredential { cache: cache.clone(), id: me }),
+            bundles: cache.clone(),
+            clock: clock.clone(),
+            peer_domains: BTreeSet::from([td.clone()]),
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+        };
+        let links = Arc::new(Links {
+            node: node.to_string(),
+            td,
+            opts,
+            cache,
+            clock,
+            setup,
+            book: Mutex::default(),
+            peers: Mutex::default(),
+            refused_unknown: AtomicU64::new(0),
+            proofs_in_map: AtomicU64::new(0),
+            last_written: Mutex::default(),
+            accept_errors: Mutex::default(),
+            tasks: Mutex::default(),
+            next_generation: AtomicU64::new(1),
+            changed: Notify::new(),
+            report: Notify::new(),
+            local_tx: watch::channel(LocalSvids::new()).0,
+            ids_tx: watch::channel(BTreeSet::new()).0,
+            nodes_tx: watch::channel(BTreeMap::new()).0,
+            started_ns: boottime_ns(),
+        });
+        log::info!("node channels: listening on {} as {}", listener.local_addr()?, node_id(&links.td, node).unwrap_or_else(|_| unreachable!()));
+        tokio::spawn(links.clone().accept_loop(listener));
+        tokio::spawn(links.clone().peers_loop(links.nodes_tx.subscribe()));
+        tokio::spawn(links.clone().local_loop(links.ids_tx.subscribe()));
+        Ok(links)
+    }
+
+    /// Peers from the Node objects, local identities from the compiled endpoints.
+    pub fn update(&self, cluster: &ClusterState, desired: &Desired) {
+        let nodes: BTreeMap<String, Vec<IpAddr>> = cluster
+            .nodes
+            .iter()
+            .filter(|(name, _)| **name != self.node)
+            .map(|(name, n)| {
+                let mut ips: Vec<IpAddr> = n
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.addresses.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .filter(|a| a.type_ == "InternalIP")
+                    .filter_map(|a| a.address.parse().ok())
+                    .collect();
+                ips.sort_by_key(|ip| ip.is_ipv6());
+                (name.clone(), ips)
+            })
+            .collect();
+        self.nodes_tx.send_if_modified(|cur| std::mem::replace(cur, nodes.clone()) != nodes);
+        let ids: BTreeSet<SpiffeId> = desired
+            .endpoints
+            .values()
+            .filter(|e| e.flags & EP_LOCAL != 0 && e.pod.is_some() && e.identity >= IDENTITY_FIRST_WORKLOAD)
+            .filter_map(|e| desired.identities.get(&e.identity))
+            .filter_map(|i| SpiffeId::parse(&i.spiffe_id).ok())
+            .collect();
+        self.ids_tx.send_if_modified(|cur| std::mem::replace(cur, ids.clone()) != ids);
+    }
+
+    /// Makes the peers' entries of the proofs map what the peers proved, in this node's
+    /// identity numbering. `withdrew`: the caller bumps the policy epoch.
+    pub fn sync_proofs(&self, map: &mut AuthProofsMap, identities: &BTreeMap<u32, IdentityInfo>) -> Result<ProofSync> {
+        let now = boottime_ns();
+        let mut want = {
+            let mut b = self.book.lock().unwrap();
+            b.prune(now);
+            b.want(identities, now)
+        };
+        let in_start_grace = now < self.started_ns.saturating_add(self.opts.grace.as_nanos() as u64);
+        if !in_start_grace && self.last_written.lock().unwrap().as_ref() == Some(&want) {
+            return Ok(ProofSync::default());
+        }
+        if in_start_grace {
+            // What an earlier agent wrote, until the peers have had `grace` to prove again.
+            for (k, v) in super::read(map)? {
+                if k.node != AUTH_NODE_SELF && v.expires_ns > now {
+                    want.entry(k).or_insert(v);
+                }
+            }
+        }
+        let s = super::sync_peers(map, &want)?;
+        self.proofs_in_map.store(want.keys().filter(|k: &&AuthProofKey| k.node != AUTH_NODE_SELF).count() as u64, Relaxed);
+        *self.last_written.lock().unwrap() = (!in_start_grace).then_some(want);
+        Ok(s)
+    }
+
+    /// Resolves when a peer proved, withdrew or was lost since the last call.
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    fn status<R>(&self, peer: &str, f: impl FnOnce(&mut PeerStatus) -> R) -> R {
+        let r = {
+            let mut g = self.peers.lock().unwrap();
+            f(g.entry(peer.to_string()).or_insert_with(|| PeerStatus { state: "connecting", ..Default::default() }))
+        };
+        self.report.notify_one();
+        r
+    }
+
+    /// Starts and stops a dialler per peer this node dials; forgets nodes that left.
+    async fn peers_loop(self: Arc<Self>, mut nodes: watch::Receiver<BTreeMap<String, Vec<IpAddr>>>) {
+        loop {
+            let current = nodes.borrow_and_update().clone();
+            let gone: Vec<String> = self.peers.lock().unwrap().keys().filter(|p| !current.contains_key(*p)).cloned().collect();
+            for p in gone {
+                if let Some(t) = self.tasks.lock().unwrap().remove(&p) {
+                    t.abort();
+                }
+                self.peers.lock().unwrap().remove(&p);
+                self.book.lock().unwrap().forget_peer(&p);
+                log::info!("node channels: node {p} left the cluster; its proofs are forgotten");
+                self.changed.notify_one();
+            }
+            for p in current.keys() {
+                self.status(p, |_| ());
+                if self.node.as_str() < p.as_str() && !self.tasks.lock().unwrap().contains_key(p) {
+                    let generation = self.next_generation.fetch_add(1, Relaxed);
+                    let h = tokio::spawn(self.clone().dial_loop(p.clone(), generation, nodes.clone()));
+                    self.tasks.lock().unwrap().insert(p.clone(), h.abort_handle());
+                }
+            }
+            if nodes.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn dial_loop(self: Arc<Self>, peer: String, generation: u64, nodes: watch::Receiver<BTreeMap<String, Vec<IpAddr>>>) {
+        self.status(&peer, |s| s.generation = generation);
+        let expected = match node_id(&self.td, &peer) {
+            Ok(id) => id,
+            Err(e) => {
+                log::error!("node channels: node {peer:?} makes no SPIFFE ID ({e}): never dialled");
+                return;
+            }
+        };
+        let mut backoff = DIAL_BACKOFF_MIN;
+        loop {
+            let addrs = nodes.borrow().get(&peer).cloned().unwrap_or_default();
+            let mut last: Option<ChannelError> = None;
+            let mut ch = None;
+            for ip in &addrs {
+                match self.setup.connect(SocketAddr::new(*ip, self.opts.peer_port), &expected).await {
+                    Ok(c) => {
+                        ch = Some(c);
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            match (ch, last) {
+                (Some(ch), _) => {
+                    let t = Instant::now();
+                    self.session(&peer, ch, generation).await;
+                    if t.elapsed() > DIAL_BACKOFF_MAX {
+                        backoff = DIAL_BACKOFF_MIN;
+                    }
+                }
+                (None, Some(e)) => self.channel_failed(&peer, &expected, e),
+                (None, None) => self.status(&peer, |s| {
+                    s.state = "down";
+                    s.last_error = Some(PeerError {
+                        reason: "no-address".into(),
+                        spiffe_id: expected.to_string(),
+                        now: None,
+                        bound: None,
+                        message: "the Node object has no InternalIP".into(),
+                    });
+                }),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(DIAL_BACKOFF_MAX);
+        }
+    }
+
+    fn channel_failed(&self, peer: &str, expected: &SpiffeId, e: ChannelError) {
+        let (refused, err) = match &e {
+            ChannelError::Rejected(svid) => (true, PeerError::of(&expected.to_string(), svid)),
+            other => (false, PeerError { reason: "channel".into(), spiffe_id: expected.to_string(), now: None, bound: None, message: other.to_string() }),
+        };
+        let first = self.status(peer, |s| {
+            let first = s.last_error.as_ref().map(|x| &x.message) != Some(&err.message);
+            s.state = "down";
+            if refused {
+                s.refused += 1;
+            } else {
+                s.failed += 1;
+            }
+            s.last_error = Some(err);
+            first
+        });
+        if first {
+            log::warn!("node channels: no channel to {peer}: {e}");
+        }
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        // Handshakes in progress are bounded: a flood of connections that never finish their
+        // handshake is closed at once instead of holding tasks for the handshake timeout.
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+        loop {
+            match listener.accept().await {
+                Ok((tcp, from)) => {
+                    let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                        log::debug!("node channels: {MAX_HANDSHAKES} handshakes in progress, closing {from}");
+                        continue;
+                    };
+                    let me = self.clone();
+                    tokio::spawn(async move { me.accepted(tcp, from, permit).await });
+                }
+                Err(e) => {
+                    log::warn!("node channels: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    async fn accepted(self: Arc<Self>, tcp: tokio::net::TcpStream, from: SocketAddr, permit: tokio::sync::OwnedSemaphorePermit) {
+        let ch = self.setup.accept(tcp).await;
+        drop(permit);
+        let ch = match ch {
+            Ok(ch) => ch,
+            Err(e) => {
+                if matches!(e, ChannelError::Rejected(_)) {
+                    self.refused_unknown.fetch_add(1, Relaxed);
+                }
+                let msg = e.to_string();
+                let mut seen = self.accept_errors.lock().unwrap();
+                if seen.len() >= 1024 {
+                    // Bounded: many dialling addresses only cost a repeated log line.
+                    seen.clear();
+                }
+                let repeated = seen.insert(from.ip(), msg.clone()).as_ref() == Some(&msg);
+                drop(seen);
+                if !repeated {
+                    log::warn!("node channels: a channel from {from} failed: {msg}");
+                }
+                return;
+            }
+        };
+        let Some(peer) = node_name_of(&self.td, ch.peer()).map(str::to_string) else {
+            self.refused_unknown.fetch_add(1, Relaxed);
+            log::warn!("node channels: {from} presented {}, which is no node SVID of {}", ch.peer(), self.td);
+            return;
+        };
+        if !self.nodes_tx.borrow().contains_key(&peer) || peer.as_str() >= self.node.as_str() {
+            log::warn!("node channels: refusing a channel from {peer} ({from}): it is no known Node, or this node dials it");
+            return;
+        }
+        self.accept_errors.lock().unwrap().remove(&from.ip());
+        // The newest channel of a peer replaces the one before (the peer restarted).
+        let generation = self.next_generation.fetch_add(1, Relaxed);
+        self.status(&peer, |s| s.generation = generation);
+        let me = self.clone();
+        let p = peer.clone();
+        let h = tokio::spawn(async move { me.session(&p, ch, generation).await });
+        if let Some(old) = self.tasks.lock().unwrap().insert(peer, h.abort_handle()) {
+            old.abort();
+        }
+    }
+
+    /// Runs one channel's proof session until it ends.
+    async fn session(&self, peer: &str, ch: NodeChannel, generation: u64) {
+        let sent = self.status(peer, |s| {
+            s.state = "up";
+            s.last_error = None;
+            s.sent.clone()
+        });
+        log::info!("node channels: channel to {peer} up");
+        let verifier = SvidVerifier::new(self.cache.clone(), self.clock.clone(), PeerPolicy::TrustDomains(BTreeSet::from([self.td.clone()])));
+        let (tx, mut rx) = mpsc::channel(64);
+        let fut = run_counted(ch, verifier, self.clock.clone(), self.local_tx.subscribe(), tx, &sent, Liveness::default());
+        tokio::pin!(fut);
+        let r = loop {
+            tokio::select! {
+                r = &mut fut => break r,
+                Some(ev) = rx.recv() => self.on_event(peer, ev),
+            }
+        };
+        while let Ok(ev) = rx.try_recv() {
+            self.on_event(peer, ev);
+        }
+        let current = self.status(peer, |s| {
+            let current = s.generation == generation;
+            if current {
+                s.state = "down";
+            }
+            current
+        });
+        if current {
+            let until = boottime_ns().saturating_add(self.opts.grace.as_nanos() as u64);
+            self.book.lock().unwrap().limit_peer(peer, until);
+            self.changed.notify_one();
+        }
+        match r {
+            Ok(()) => log::warn!("node channels: channel to {peer} closed; its proofs count {:?} more", self.opts.grace),
+            Err(e) => log::warn!("node channels: channel to {peer} failed ({e:#}); its proofs count {:?} more", self.opts.grace),
+        }
+    }
+
+    fn on_event(&self, peer: &str, ev: SessionEvent) {
+        match ev {
+            SessionEvent::Proven(p) => {
+                let expires_ns = expiry_boot_ns(p.not_after, self.clock.now(), boottime_ns());
+                log::debug!("node channels: {peer} proved {}", p.spiffe_id);
+                self.book.lock().unwrap().proven_by(peer, &p.spiffe_id.to_string(), Proven { not_after: p.not_after, expires_ns });
+                self.status(peer, |s| s.received += 1);
+                self.changed.notify_one();
+            }
+            SessionEvent::Withdrawn(id) => {
+                self.book.lock().unwrap().withdrawn_by(peer, &id);
+                self.status(peer, |s| s.withdrawals_received += 1);
+                self.changed.notify_one();
+            }
+            SessionEvent::Refused { reason } => {
+                log::warn!("node channels: refused a proof from {peer}: {reason}");
+                let (key, err) = match &reason {
+                    crate::channel::proofs::ProofError::Svid(e) => (e.reason().to_string(), PeerError::of("an identity proof", e)),
+                    crate::channel::proofs::ProofError::BadSignature => (
+                        "bad-signature".to_string(),
+                        PeerError { reason: "bad-signature".into(), spiffe_id: String::new(), now: None, bound: None, message: reason.to_string() },
+                    ),
+                    crate::channel::proofs::ProofError::Malformed(_) => (
+                        "malformed".to_string(),
+                        PeerError { reason: "malformed".into(), spiffe_id: String::new(), now: None, bound: None, message: reason.to_string() },
+                    ),
+                };
+                self.status(peer, |s| {
+                    *s.rejected.entry(key).or_default() += 1;
+                    s.last_error = Some(err);
+                });
+            }
+            SessionEvent::ClockOffsetMs(o) => self.status(peer, |s| s.clock_offset_ms = Some(o)),
+        }
+    }
+
+    /// Keeps an SVID for every local identity and publishes them to the sessions.
+    async fn local_loop(self: Arc<Self>, mut ids: watch::Receiver<BTreeSet<SpiffeId>>) {
+        let mut tracked: BTreeSet<SpiffeId> = BTreeSet::new();
+        loop {
+            let want = ids.borrow_and_update().clone();
+            for id in want.difference(&tracked) {
+                if let Err(e) = self.cache.prefetch(Subject::id(id.clone())).await {
+                    log::warn!("node channels: no SVID for local identity {id} yet (retrying): {e:#}");
+                }
+            }
+            for id in tracked.difference(&want) {
+                self.cache.remove(id);
+            }
+            tracked = want.clone();
+            let svids: LocalSvids = want.iter().filter_map(|id| self.cache.svid(id).map(|s| (id.clone(), s))).collect();
+            self.local_tx.send_if_modified(|cur| {
+                let same = cur.len() == svids.len() && cur.iter().zip(&svids).all(|((a, x), (b, y))| a == b && Arc::ptr_eq(x, y));
+                if !same {
+                    *cur = svids;
+                }
+                !same
+            });
+            tokio::select! {
+                r = ids.changed() => if r.is_err() { return },
+                // Renewed SVIDs are picked up within a second.
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids_round_trip() {
+        let td = TrustDomain::parse("zt.test").unwrap();
+        let id = node_id(&td, "node-1.example").unwrap();
+        assert_eq!(id.to_string(), "spiffe://zt.test/zt/node/node-1.example");
+        assert_eq!(node_name_of(&td, &id), Some("node-1.example"));
+        assert_eq!(node_name_of(&TrustDomain::parse("other.test").unwrap(), &id), None, "another trust domain");
+        assert_eq!(node_name_of(&td, &SpiffeId::parse("spiffe://zt.test/ns/default/sa/x").unwrap()), None, "a workload");
+        assert_eq!(node_name_of(&td, &SpiffeId::parse("spiffe://zt.test/zt/node/a/b").unwrap()), None);
+    }
+
+    /// Two agents that open one `--svid-ca-dir` trust each other: the second loads the
+    /// root the first created (same root, SVIDs that verify against either's bundle); an
+    /// agent with another directory has another root, and its node SVID is refused
+    /// (its chain does not verify).
+    #[tokio::test]
+    async fn a_shared_ca_dir_gives_one_root_and_another_dir_another() {
+        let dir = std::env::temp_dir().join(format!("zt-links-ca-{}", std::process::id()));
+        let other = dir.join("other");
+        let _ = std::fs::remove_dir_all(&dir);
+        let td = TrustDomain::parse("zt.test").unwrap();
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let open = |d: &std::path::Path| BuiltinCa::open_shared(BuiltinConfig::new(td.clone()), clock.clone(), d).unwrap();
+        let (a, b, c) = (open(&dir), open(&dir), open(&other));
+        assert_eq!(a.roots(), b.roots(), "the second agent loads the first one's root");
+        assert_ne!(a.roots(), c.roots());
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(dir.join("ca.pem")).unwrap().permissions());
+        assert_eq!(mode & 0o077, 0, "the CA key is readable by its owner only");
+        let mut bundles = crate::svid::source::TrustBundles::default();
+        bundles.set(td.clone(), a.roots()).unwrap();
+        let v = SvidVerifier::new(crate::svid::source::StaticBundles::new(bundles), clock.clone(), PeerPolicy::TrustDomains(BTreeSet::from([td.clone()])));
+        let n2 = node_id(&td, "node2").unwrap();
+        let from_b = b.issue(&n2).unwrap();
+        assert_eq!(v.verify(from_b.leaf(), &[], crate::channel::verifier::Usage::Client).unwrap(), n2, "b's SVID verifies against a's root");
+        let from_c = c.issue(&n2).unwrap();
+        let e = v.verify(from_c.leaf(), &[], crate::channel::verifier::Usage::Client).unwrap_err();
+        // Both roots carry one subject name: webpki finds c's issuer by name, and its
+        // signature does not verify with a's key.
+        assert!(matches!(e.reason(), "bad-signature" | "unknown-issuer"), "{e}");
+        std::fs::write(other.join("ca.pem"), "garbage").unwrap();
+        let e = BuiltinCa::open_shared(BuiltinConfig::new(td.clone()), clock.clone(), &other).err().unwrap().to_string();
+        assert!(e.contains("ca.pem"), "a bad file is named: {e}");
+        let e = BuiltinCa::open_shared(BuiltinConfig::new(TrustDomain::parse("else.test").unwrap()), clock.clone(), &dir).err().unwrap().to_string();
+        assert!(e.contains("trust domain else.test"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

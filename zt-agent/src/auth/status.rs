@@ -1,0 +1,162 @@
+//! What the node channels report: `<state-dir>/auth.json` for `ztctl auth` (SVIDs, peers
+//! with channel state, clock offset and last error) and the Prometheus series, refreshed
+//! when a peer's status changes and every second from `Links`.
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::links::Links;
+use crate::ctl::auth::{AuthState, PeerRow, SvidRow, AUTH_STATE_FILE};
+use crate::metrics::Shared;
+use crate::svid::clock::unix_secs;
+
+/// One peer's series.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PeerCounts {
+    pub peer: String,
+    pub up: bool,
+    pub clock_offset_s: Option<f64>,
+    pub refused: u64,
+    pub failed: u64,
+    pub sent: u64,
+    pub withdrawals_sent: u64,
+    pub received: u64,
+    pub withdrawals_received: u64,
+    pub rejected: BTreeMap<String, u64>,
+}
+
+/// The node channels' metrics (None in `AgentMetrics` when they are off).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AuthCounts {
+    pub peers: Vec<PeerCounts>,
+    /// Channels refused before the peer was known (accepting side).
+    pub refused_unknown: u64,
+    /// Peer proofs in ZT_AUTH_PROOFS.
+    pub proofs_by_peers: u64,
+}
+
+fn snapshot(links: &Links) -> (AuthState, AuthCounts) {
+    let svids = links
+        .cache
+        .status()
+        .into_iter()
+        .filter_map(|s| {
+            Some(SvidRow {
+                spiffe_id: s.spiffe_id.to_string(),
+                not_before: unix_secs(s.not_before?),
+                not_after: unix_secs(s.not_after?),
+                next_refresh: unix_secs(s.next_refresh),
+            })
+        })
+        .collect();
+    let g = links.peers.lock().unwrap();
+    let peers = g
+        .iter()
+        .map(|(n, s)| PeerRow {
+            node: n.clone(),
+            state: s.state.to_string(),
+            clock_offset_s: s.clock_offset_ms.map(|o| o as f64 / 1000.0),
+            last_error: s.last_error.clone(),
+        })
+        .collect();
+    let counts = AuthCounts {
+        peers: g
+            .iter()
+            .map(|(n, s)| PeerCounts {
+                peer: n.clone(),
+                up: s.state == "up",
+                clock_offset_s: s.clock_offset_ms.map(|o| o as f64 / 1000.0),
+                refused: s.refused,
+                failed: s.failed,
+                sent: s.sent.proofs.load(Relaxed),
+                withdrawals_sent: s.sent.withdrawals.load(Relaxed),
+                received: s.received,
+                withdrawals_received: s.withdrawals_received,
+                rejected: s.rejected.clone(),
+            })
+            .collect(),
+        refused_unknown: links.refused_unknown.load(Relaxed),
+        proofs_by_peers: links.proofs_in_map.load(Relaxed),
+    };
+    (AuthState { node: links.node.clone(), svids, peers }, counts)
+}
+
+/// Writes auth.json (when it changes) and the metrics, every second.
+pub async fn report(links: Arc<Links>, state_dir: PathBuf, metrics: Shared) {
+    let path = state_dir.join(AUTH_STATE_FILE);
+    let mut last: Option<AuthState> = None;
+    loop {
+        let (st, counts) = snapshot(&links);
+        metrics.lock().unwrap().auth = Some(counts);
+        if last.as_ref() != Some(&st) {
+            let tmp = path.with_extension("json.tmp");
+            let r =
+                serde_json::to_vec_pretty(&st).map_err(std::io::Error::other).and_then(|b| std::fs::write(&tmp, b)).and_then(|_| std::fs::rename(&tmp, &path));
+            match r {
+                Ok(()) => last = Some(st),
+                Err(e) => log::warn!("writing {}: {e}", path.display()),
+            }
+        }
+        // At most one write per 100 ms however busy the peers are.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::select! {
+            _ = links.report.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// The node channels' series (peer names are Kubernetes node names: nothing to escape).
+pub fn render(o: &mut String, c: &AuthCounts) {
+    let head = |o: &mut String, help: &str, kind: &str, name: &str| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    head(o, "1 while the node channel to the peer is up (proofs flow both ways).", "gauge", "zt_auth_channel_up");
+    for p in &c.peers {
+        let _ = writeln!(o, "zt_auth_channel_up{{peer=\"{}\"}} {}", p.peer, p.up as u8);
+    }
+    head(o, "The peer's clock minus this node's, measured over the node channel.", "gauge", "zt_peer_clock_offset_seconds");
+    for p in &c.peers {
+        if let Some(off) = p.clock_offset_s {
+            let _ = writeln!(o, "zt_peer_clock_offset_seconds{{peer=\"{}\"}} {off}", p.peer);
+        }
+    }
+    head(
+        o,
+        "Node channels this node refused because the peer's SVID broke a rule (peer \"unknown\": refused before the peer was known).",
+        "counter",
+        "zt_auth_channels_refused_total",
+    );
+    for p in &c.peers {
+        let _ = writeln!(o, "zt_auth_channels_refused_total{{peer=\"{}\"}} {}", p.peer, p.refused);
+    }
+    let _ = writeln!(o, "zt_auth_channels_refused_total{{peer=\"unknown\"}} {}", c.refused_unknown);
+    head(
+        o,
+        "Node channel attempts that failed otherwise (connection refused, timeout, the peer refused this node).",
+        "counter",
+        "zt_auth_channel_failures_total",
+    );
+    for p in &c.peers {
+        let _ = writeln!(o, "zt_auth_channel_failures_total{{peer=\"{}\"}} {}", p.peer, p.failed);
+    }
+    head(o, "Identity proofs (and withdrawals) this node sent to the peer.", "counter", "zt_auth_proofs_sent_total");
+    for p in &c.peers {
+        let _ = writeln!(o, "zt_auth_proofs_sent_total{{peer=\"{}\",kind=\"proof\"}} {}", p.peer, p.sent);
+        let _ = writeln!(o, "zt_auth_proofs_sent_total{{peer=\"{}\",kind=\"withdrawal\"}} {}", p.peer, p.withdrawals_sent);
+    }
+    head(o, "Identity proofs (and withdrawals) accepted from the peer.", "counter", "zt_auth_proofs_received_total");
+    for p in &c.peers {
+        let _ = writeln!(o, "zt_auth_proofs_received_total{{peer=\"{}\",kind=\"proof\"}} {}", p.peer, p.received);
+        let _ = writeln!(o, "zt_auth_proofs_received_total{{peer=\"{}\",kind=\"withdrawal\"}} {}", p.peer, p.withdrawals_received);
+    }
+    head(o, "Identity proofs from the peer that failed a check, by reason.", "counter", "zt_auth_proofs_rejected_total");
+    for p in &c.peers {
+        for (reason, n) in &p.rejected {
+            let _ = writeln!(o, "zt_auth_proofs_rejected_total{{peer=\"{}\",reason=\"{reason}\"}} {n}", p.peer);
+        }
+    }
+}
