@@ -218,6 +218,11 @@ struct Flags {
     /// Routing table the steer mark is routed by (`local default dev lo`).
     #[arg(long, default_value_t = 2007)]
     http_steer_table: u32,
+    /// Interfaces traffic from other nodes arrives on, where flows to ports with HTTP rules
+    /// are steered to this node's proxy: `auto` (the interfaces other nodes' pods are
+    /// routed through), `none`, or names separated by commas.
+    #[arg(long, default_value = "auto")]
+    uplink_interfaces: String,
 }
 
 /// A number, decimal or 0x-prefixed hexadecimal.
@@ -352,6 +357,7 @@ async fn main() -> anyhow::Result<()> {
             steer_mark: f.http_steer_mark,
             table: f.http_steer_table,
         }),
+        uplinks: zt_agent::uplink::Selection::parse(&f.uplink_interfaces)?,
     };
     if f.http_proxy && (f.http_proxy_mark == 0 || f.http_steer_mark == 0 || f.http_proxy_mark == f.http_steer_mark) {
         anyhow::bail!("--http-proxy-mark and --http-steer-mark must be two different non-zero marks");
