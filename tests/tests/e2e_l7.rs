@@ -59,10 +59,14 @@ struct L7Bed {
 }
 
 fn l7_bed() -> L7Bed {
+    l7_bed_with(&[])
+}
+
+fn l7_bed_with(agent_args: &[&str]) -> L7Bed {
     for tool in ["/usr/bin/python3", "/usr/bin/curl"] {
         assert!(std::path::Path::new(tool).exists(), "{tool} is missing: `cargo xtask setup` installs python3 and curl");
     }
-    let bed = bed("l7", &[], &[]);
+    let bed = bed("l7", &[], agent_args);
     let server = HttpServer::start(&bed, &pod("default", "httpbin"), &[8080, 8081]).unwrap();
     L7Bed { bed, _server: server }
 }
@@ -288,7 +292,12 @@ struct TwoNodes {
 }
 
 fn two_nodes() -> TwoNodes {
-    let b = l7_bed();
+    two_nodes_with(&[])
+}
+
+/// `node1_args`: extra flags of node1's agent.
+fn two_nodes_with(node1_args: &[&str]) -> TwoNodes {
+    let b = l7_bed_with(node1_args);
     let mut p = Pod::new("default", "sleep2", "node2", &["10.202.0.40".parse().unwrap(), "fd00:202::40".parse().unwrap()], &[]);
     p.uid = "6b7e0000-0000-4000-8000-000000000042".into();
     p.service_account = Some("sleep".into());
@@ -377,4 +386,24 @@ fn proxy_down_refuses_clients_on_another_node_and_a_restart_serves_again() {
     assert_eq!(b.curl("sleep2", &["-X", "POST", &b.url(f, 8080, "/post")]).0, 403, "the restarted agent opens nothing");
     let m = b.bed.metrics();
     assert!(m.get("zt_verdicts_total", &[("reason", "http-proxy-down")]).unwrap_or(0.0) >= 2.0, "{}", m.0);
+}
+
+/// `--uplink-interfaces none` on node1: nothing steers sleep2's flows, and httpbin's hook
+/// refuses them on the HTTP port (`http-unsteered`); the L4-only port still works, and
+/// explain says why.
+#[test]
+fn without_an_uplink_hook_clients_on_another_node_are_refused() {
+    let t = two_nodes_with(&["--uplink-interfaces", "none"]);
+    let b = &t.b;
+    let f = Family::V4;
+    b.bed.wait_until("sleep2 to reach the L4-only port", || b.curl("sleep2", &[&b.url(f, 8081, "/post")]).0 == 200);
+    for f in FAMILIES {
+        let (code, body) = b.curl("sleep2", &["--connect-timeout", "2", &b.url(f, 8080, "/headers")]);
+        assert_eq!(code, 0, "{f}: not steered, yet answered: {body}");
+    }
+    let m = b.bed.metrics();
+    assert!(m.get("zt_verdicts_total", &[("reason", "http-unsteered")]).unwrap_or(0.0) >= 2.0, "{}", m.0);
+    assert_eq!(m.get("zt_verdicts_total", &[("reason", "http-steered")]).unwrap_or(0.0), 0.0, "{}", m.0);
+    let e = b.bed.ztctl(&["explain", "default/sleep2", "default/httpbin", "tcp/8080"]);
+    assert!(e.contains(": DROP") && e.contains("http-unsteered") && e.contains("no uplink of this node is hooked"), "{e}");
 }
