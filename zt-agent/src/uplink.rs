@@ -77,6 +77,15 @@ pub fn hooked(bpffs_root: &Path) -> Vec<(u32, String)> {
     v
 }
 
+/// Whether the interface's frames start with an Ethernet header (`ARPHRD_ETHER`, what a
+/// NIC, veth, bond, bridge or VXLAN device carries); unknown counts as yes.
+fn ethernet(name: &str) -> bool {
+    match std::fs::read_to_string(format!("/sys/class/net/{name}/type")) {
+        Ok(t) => t.trim() == "1",
+        Err(_) => true,
+    }
+}
+
 /// One address per /24 (IPv4) or /64 (IPv6): pods of one node share a prefix.
 fn probes(remote: impl Iterator<Item = IpAddr>) -> Vec<IpAddr> {
     let mut seen = BTreeSet::new();
@@ -105,6 +114,9 @@ pub fn resolve(sel: &Selection, remote: impl Iterator<Item = IpAddr>, local_ifs:
         Selection::Names(names) => {
             for n in names {
                 let idx = crate::net::ifindex(n).with_context(|| format!("--uplink-interfaces: interface {n}"))?;
+                if !ethernet(n) {
+                    bail!("--uplink-interfaces: {n} carries no Ethernet header (an IPIP or WireGuard device?): zt_from_uplink parses Ethernet frames");
+                }
                 out.insert((idx, n.clone()));
             }
         }
@@ -115,8 +127,12 @@ pub fn resolve(sel: &Selection, remote: impl Iterator<Item = IpAddr>, local_ifs:
                 if oif == 1 || local_ifs.contains(&oif) || r.kind != 1 {
                     continue;
                 }
-                if let Some(name) = crate::net::route::ifname(oif) {
-                    out.insert((oif, name));
+                match crate::net::route::ifname(oif) {
+                    Some(name) if ethernet(&name) => {
+                        out.insert((oif, name));
+                    }
+                    Some(name) => log::debug!("uplink {name}: no Ethernet header, not hooked (its clients of HTTP-rule ports are refused)"),
+                    None => {}
                 }
             }
         }
@@ -171,6 +187,16 @@ mod tests {
         assert!(e.contains("\"\""), "{e}");
         let e = Selection::parse("a-very-long-interface-name").unwrap_err().to_string();
         assert!(e.contains("a-very-long-interface-name"), "{e}");
+    }
+
+    #[test]
+    fn an_interface_without_ethernet_is_rejected_by_name() {
+        // lo is ARPHRD_LOOPBACK (772) in every network namespace.
+        assert!(!ethernet("lo"));
+        let e = resolve(&Selection::Names(vec!["lo".into()]), std::iter::empty(), &BTreeSet::new()).unwrap_err().to_string();
+        assert!(e.contains("lo carries no Ethernet header"), "{e}");
+        let e = resolve(&Selection::Names(vec!["zt-no-such-if".into()]), std::iter::empty(), &BTreeSet::new()).unwrap_err();
+        assert!(format!("{e:#}").contains("zt-no-such-if"), "{e:#}");
     }
 
     #[test]
