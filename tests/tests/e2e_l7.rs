@@ -407,3 +407,61 @@ fn without_an_uplink_hook_clients_on_another_node_are_refused() {
     let e = b.bed.ztctl(&["explain", "default/sleep2", "default/httpbin", "tcp/8080"]);
     assert!(e.contains(": DROP") && e.contains("http-unsteered") && e.contains("no uplink of this node is hooked"), "{e}");
 }
+
+/// The mirror case: sleep2's own egress HTTP rules (node2's proxy judges them) to httpbin
+/// on node1. node2's proxy connects upstream from sleep2's address; httpbin's answers
+/// come back through node2's uplink, which hands them to that proxy socket instead of
+/// routing them to sleep2. node1 still applies httpbin's ingress rules (its uplink steers
+/// node2's proxy's connection like any client's).
+#[test]
+fn egress_http_rules_to_a_server_on_another_node() {
+    let t = two_nodes();
+    let b = &t.b;
+    t.wait_steered(Family::V4);
+    b.bed.write(
+        "50-sleep2-out.yaml",
+        "apiVersion: zt.dev/v1alpha1
+kind: ZeroTrustPolicy
+metadata: {name: sleep2-out, namespace: default}
+spec:
+  subjects: [{podSelector: {matchLabels: {app: sleep2}}}]
+  egress:
+    - to: [{spiffeId: spiffe://cluster.local/ns/default/sa/httpbin}]
+      ports: [{port: 8080}]
+      http:
+        - {method: GET, pathPrefix: /}
+        - {method: POST, path: /upload}
+",
+    );
+    // Denied by node2's proxy (egress rules): the 403 names sleep2-out.
+    b.bed.wait_until("node2 to apply sleep2's egress rules", || {
+        let (code, body) = b.curl("sleep2", &["-X", "PUT", &b.url(Family::V4, 8080, "/upload")]);
+        code == 403 && body.contains("ZeroTrustPolicy default/sleep2-out spec.egress[0]")
+    });
+    for f in FAMILIES {
+        // Allowed by both sides: through both proxies.
+        let (code, body) = b.curl("sleep2", &[&b.url(f, 8080, "/headers")]);
+        assert_eq!((code, body.as_str()), (200, "GET /headers\n"), "{f}\n{}", t.logs());
+        let (code, body) = b.curl("sleep2", &["--data-binary", "abc", &b.url(f, 8080, "/upload")]);
+        assert_eq!((code, body.as_str()), (200, "POST /upload 3\n"), "{f}");
+        // Allowed by sleep2's egress rules, denied by httpbin's ingress rules (node1).
+        let (code, body) = b.curl("sleep2", &[&b.url(f, 8080, "/status")]);
+        assert_eq!(code, 403, "{f}: {body}");
+        assert!(body.contains("ZeroTrustPolicy default/httpbin-http spec.ingress[0]"), "{f}: {body}");
+    }
+    // explain on node2 shows the proxy's step and where the answers come back.
+    let out = std::process::Command::new(&b.bed.ztctl)
+        .arg("--bpffs-root")
+        .arg(&t.agent2.bpffs_root)
+        .arg("--state-dir")
+        .arg(&t.agent2.state_dir)
+        .arg("--admin-socket")
+        .arg(&t.agent2.admin_socket)
+        .args(["explain", "default/sleep2", "default/httpbin", "tcp/8080"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stdout);
+    assert!(e.contains("HTTP proxy: http (http-rules)") && e.contains("go to the proxy's socket (zt_from_uplink)") && e.contains("fabric0"), "{e}");
+    let m2 = Metrics(t.agent2.metrics().expect("node2 metrics"));
+    assert!(m2.get("zt_http_requests_total", &[("verdict", "allowed"), ("method", "GET")]).unwrap_or(0.0) >= 4.0, "{}", m2.0);
+}

@@ -214,3 +214,57 @@ fn the_uplink_steers_what_the_pod_hook_would_refuse_and_passes_the_rest() {
         assert_eq!(dp.counter(DIR_INGRESS, Reason::DropHttpUnsteered), 1);
     });
 }
+
+/// A socket of this netns from `CLIENT` (transparent, like the proxy's upstream) to
+/// `REMOTE:8080`, connecting (SYN_SENT: in the lookup table with its tuple).
+fn upstream_socket(mark: u32) -> (socket2::Socket, u16) {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, Some(socket2::Protocol::TCP)).unwrap();
+    s.set_ip_transparent_v4(true).unwrap();
+    s.set_mark(mark).unwrap();
+    s.bind(&std::net::SocketAddr::new(CLIENT.parse().unwrap(), 0).into()).unwrap();
+    s.set_nonblocking(true).unwrap();
+    let _ = s.connect(&std::net::SocketAddr::new(REMOTE.parse().unwrap(), 8080).into());
+    let port = s.local_addr().unwrap().as_socket().unwrap().port();
+    (s, port)
+}
+
+/// A local client's egress HTTP rules sent it through this node's proxy to a server on
+/// another node: the server's answers to the proxy's upstream connection (from the
+/// client's address) arrive on the uplink and are handed to the proxy's socket (marked,
+/// TC_ACT_OK), not routed to the client. Only for a socket of the node with the proxy's
+/// mark that is not listening, and only where the client's egress entry has the flag.
+#[test]
+fn the_uplink_hands_answers_to_the_proxys_upstream_to_the_proxy() {
+    let mut dp = Dp::new("l7-uplink-up");
+    in_private_netns(|uplink, if_client| {
+        for args in [&["addr", "add", "10.0.0.1/24", "dev", "zta"][..], &["link", "set", "zta", "up"], &["link", "set", "ztb", "up"]] {
+            assert!(std::process::Command::new("ip").args(args).status().unwrap().success(), "ip {args:?}");
+        }
+        dp.endpoint(CLIENT, ID_CLIENT, EP_LOCAL | EP_ENFORCE_EGRESS, if_client);
+        dp.endpoint(REMOTE, ID_SERVER, 0, 0);
+        let k = aya::maps::lpm_trie::Key::new(POLICY_PREFIX_FULL, pk(ID_CLIENT, ID_SERVER, DIR_EGRESS, TCP, 8080));
+        let entry = |flags| PolicyValue { verdict: VERDICT_ALLOW, flags, _pad: [0; 2], rule_id: 5 };
+        dp.maps.policy.insert(&k, entry(POLICY_FLAG_HTTP), 0).unwrap();
+        l7_config(&dp, L7Config { proxy_mark: PROXY_MARK, steer_mark: PROXY_MARK + 1 });
+        let answer = |port: u16| with_flags(ipv4(REMOTE, CLIENT, TCP, 8080, port), 34, 0x12);
+        let (_proxy, port) = upstream_socket(PROXY_MARK);
+        assert_eq!(dp.run_from(UPLINK, &answer(port), uplink, uplink), 0, "to the proxy's socket");
+        // No socket for the tuple: the client's own flow, to its hook.
+        assert_eq!(dp.run_from(UPLINK, &answer(port.wrapping_add(1)), uplink, uplink), TC_PASS);
+        // A socket of the node without the proxy's mark is not the proxy's.
+        let (_other, other_port) = upstream_socket(0);
+        assert_eq!(dp.run_from(UPLINK, &answer(other_port), uplink, uplink), TC_PASS);
+        // A listener of the node on the client's port (any address), even with the
+        // proxy's mark: never (only a connection's socket is the proxy's upstream).
+        let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, Some(socket2::Protocol::TCP)).unwrap();
+        l.set_mark(PROXY_MARK).unwrap();
+        l.bind(&"0.0.0.0:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+        l.listen(8).unwrap();
+        let lport = l.local_addr().unwrap().as_socket().unwrap().port();
+        assert_eq!(dp.run_from(UPLINK, &answer(lport), uplink, uplink), TC_PASS);
+        // Without the flag on the client's egress entry, nothing is looked up.
+        dp.maps.policy.insert(&k, entry(0), 0).unwrap();
+        assert_eq!(dp.run_from(UPLINK, &answer(port), uplink, uplink), TC_PASS);
+        assert!(ct_states(&dp).is_empty() && ct_est_states(&dp).is_empty());
+    });
+}

@@ -69,7 +69,7 @@ pub fn from_ifindex(ctx: &TcContext, ingress_ifindex: u32) -> u32 {
 /// The HTTP flag of the allow entry that decides (exact peer first, then any peer), as
 /// `policy::decide_inner` picks it.
 #[inline(always)]
-fn http_entry(local: u32, peer: u32, dir: u8, port: u16) -> bool {
+pub fn http_entry(local: u32, peer: u32, dir: u8, port: u16) -> bool {
     let v = match POLICY.get(&Key::new(POLICY_PREFIX_FULL, PolicyKey::new(local, peer, dir, IPPROTO_TCP, port))) {
         Some(v) if v.verdict == VERDICT_ALLOW => v.flags,
         _ => match POLICY.get(&Key::new(POLICY_PREFIX_FULL, PolicyKey::new(local, IDENTITY_ANY, dir, IPPROTO_TCP, port))) {

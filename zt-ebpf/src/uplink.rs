@@ -13,17 +13,24 @@
 //! The uplink sees only the client's direction (the proxy answers through the stack), so
 //! the entry is created as having seen the reply: the client's handshake ACK makes it
 //! established (`CT_EST`, the long timeout), its FIN or RST closes it.
+//! The mirror case, a local client whose egress HTTP rules sent it through this node's
+//! proxy to a server on another node: the server's answers to the proxy's upstream
+//! connection (from the client's address) are marked for the proxy's socket
+//! (`proxy_upstream`), not routed to the pod.
 //! Everything else passes untouched: replies to local pods' own connections, flows that
 //! stay in the kernel, and what is no SYN of a new flow (a flow without an entry here
 //! reaches `zt_to_pod`, which refuses it on an HTTP port: fail closed).
-use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_ns, bpf_sk_lookup_tcp, bpf_sk_release},
+    programs::TcContext,
+};
 use zt_common::*;
 
 use crate::{
     conntrack,
     datapath::TC_PASS,
     l7,
-    maps::{CONFIG, ENDPOINTS},
+    maps::{CONFIG, ENDPOINTS, L7_CONFIG},
     parse::{self, Flow, Frag, Parsed, IPPROTO_TCP},
     policy::{self, Decision, Hook, Judged},
     verdict,
@@ -36,18 +43,70 @@ pub fn handle(ctx: &TcContext) -> i32 {
     if parse::parse(ctx.skb.skb, &mut f, parse::L3_AFTER_ETH) != Parsed::Flow || f.proto != IPPROTO_TCP || f.related || matches!(f.frag, Frag::Later) {
         return TC_PASS;
     }
-    // Only a hooked local pod under ingress policy can have HTTP rules: one lookup for
-    // everything else.
-    let pod_if = match unsafe { ENDPOINTS.get(&EndpointKey { addr: f.daddr }) } {
-        Some(ep) if ep.flags & (EP_LOCAL | EP_ENFORCE_INGRESS) == EP_LOCAL | EP_ENFORCE_INGRESS && ep.ifindex != 0 => ep.ifindex,
+    // Only a hooked local pod under policy can have HTTP rules: one lookup for everything
+    // else.
+    let ep = match unsafe { ENDPOINTS.get(&EndpointKey { addr: f.daddr }) } {
+        Some(ep) if ep.flags & EP_LOCAL != 0 && ep.ifindex != 0 && ep.flags & (EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS) != 0 => *ep,
         _ => return TC_PASS,
     };
-    let how = steer_how(uplink, pod_if, &f);
+    let mut how = l7::STEER_NONE;
+    if ep.flags & EP_ENFORCE_INGRESS != 0 {
+        how = steer_how(uplink, ep.ifindex, &f);
+    }
+    if how == l7::STEER_NONE && ep.flags & EP_ENFORCE_EGRESS != 0 && proxy_upstream(ctx, uplink, ep.identity, &f) {
+        how = l7::STEER_LOCAL;
+    }
     if how == l7::STEER_NONE {
         return TC_PASS;
     }
     l7::steer(ctx, DIR_INGRESS, &f, how)
 }
+
+/// A packet for this node's proxy rather than the pod: the server's answer to the
+/// proxy's upstream connection of a local client whose egress HTTP rules sent it through
+/// the proxy (l7.rs, step 1), opened from the client's address to a server on another
+/// node. Only when the pod's deciding egress entry for the server's port carries the flag,
+/// and a socket of this node's stack holds the tuple, not listening, with the proxy's mark
+/// (no other socket of the node has a pod's address).
+#[inline(never)]
+fn proxy_upstream(ctx: &TcContext, uplink: u32, local_id: u32, f: &Flow) -> bool {
+    let pm = match L7_CONFIG.get(0) {
+        Some(c) if c.proxy_mark != 0 => c.proxy_mark,
+        _ => return false,
+    };
+    let hook = Hook { ifindex: 0, dir: DIR_INGRESS, scope: uplink, from_ifindex: uplink };
+    let peer = policy::peer_of(&hook, &f.saddr);
+    if !l7::http_entry(local_id, peer.identity, DIR_EGRESS, f.sport) {
+        return false;
+    }
+    // struct bpf_sock_tuple: IPv4 saddr, daddr, sport, dport (12 bytes) or IPv6 (36),
+    // network byte order.
+    let mut t = [0u8; 36];
+    let v4 = f.daddr[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+    let size = if v4 {
+        t[0..4].copy_from_slice(&f.saddr[12..16]);
+        t[4..8].copy_from_slice(&f.daddr[12..16]);
+        t[8..10].copy_from_slice(&f.sport.to_be_bytes());
+        t[10..12].copy_from_slice(&f.dport.to_be_bytes());
+        12
+    } else {
+        t[0..16].copy_from_slice(&f.saddr);
+        t[16..32].copy_from_slice(&f.daddr);
+        t[32..34].copy_from_slice(&f.sport.to_be_bytes());
+        t[34..36].copy_from_slice(&f.dport.to_be_bytes());
+        36
+    };
+    let sk = unsafe { bpf_sk_lookup_tcp(ctx.skb.skb as *mut _, t.as_mut_ptr() as *mut _, size, u64::MAX, 0) };
+    if sk.is_null() {
+        return false;
+    }
+    let ours = unsafe { (*sk).state != TCP_LISTEN && (*sk).mark == pm };
+    unsafe { bpf_sk_release(sk as *mut _) };
+    ours
+}
+
+/// `BPF_TCP_LISTEN` (`struct bpf_sock::state`).
+const TCP_LISTEN: u32 = 10;
 
 /// How the packet goes to the proxy (`STEER_NONE`: it does not).
 #[inline(never)]

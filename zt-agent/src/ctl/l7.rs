@@ -5,6 +5,7 @@
 //! at this node's uplink (zt-ebpf/src/uplink.rs) when an uplink is hooked; refused
 //! (`http-unsteered`) when only the destination's ingress entry does and the source is
 //! neither a pod hooked on this node nor a pod of another node with an uplink hooked here.
+//! For a server elsewhere, the proxy's upstream answers come back through an uplink.
 use std::net::IpAddr;
 
 use aya::maps::lpm_trie::Key;
@@ -40,6 +41,16 @@ pub fn http_step(maps: &PinnedMaps, snap: &Snapshot, src: IpAddr, dst: IpAddr, p
     if src_hooked && egress_policy {
         if let Some((true, r)) = deciding(maps, s_id, d_id, DIR_EGRESS, port) {
             trace.push(format!("ZT_POLICY[{s_id} <- {d_id}, egress, tcp/{port}] carries the HTTP flag"));
+            if !dst_local {
+                // The proxy's upstream answers arrive from outside, addressed to the client.
+                let uplinks = crate::uplink::hooked(&maps.root);
+                if uplinks.is_empty() {
+                    trace.push("no uplink of this node is hooked (--uplink-interfaces): the server's answers to the proxy's upstream go to the client, not the proxy (allowed requests fail)".into());
+                } else {
+                    let names: Vec<&str> = uplinks.iter().map(|(_, n)| n.as_str()).collect();
+                    trace.push(format!("the server's answers to the proxy's upstream arriving on an uplink ({}) go to the proxy's socket (zt_from_uplink)", names.join(", ")));
+                }
+            }
             rules.push(r);
         }
     }
