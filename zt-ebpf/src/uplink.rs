@@ -1,6 +1,7 @@
 //! The node's uplink (issue 11): `zt_from_uplink` at TC ingress of the interfaces traffic
-//! from other nodes arrives on (the agent's `--uplink-interfaces`). Nothing is judged or
-//! dropped here (the pod's `zt_to_pod` does that); a client on another node whose new TCP
+//! from other nodes arrives on (the agent's `--uplink-interfaces`). The pod's `zt_to_pod`
+//! judges; the only drop here is a steered packet with no proxy to take it
+//! (`http-proxy-down`). A client on another node whose new TCP
 //! flow to a local pod needs the HTTP proxy is steered to it, as `zt_from_pod` steers a
 //! local client (l7.rs):
 //! - a SYN to a local pod under ingress policy is judged as `zt_to_pod` would judge it
