@@ -87,6 +87,8 @@ pub struct AgentOptions {
     pub http_proxy: Option<crate::l7::Options>,
     /// Node-to-node channels (`--auth-*`); None: no peer's pods are ever proven.
     pub auth_links: Option<crate::auth::links::LinkOptions>,
+    /// Where traffic from other nodes is steered to the proxy (`--uplink-interfaces`).
+    pub uplinks: crate::uplink::Selection,
 }
 
 /// The flow and risk map (graph/) and its page (ui/).
@@ -142,6 +144,9 @@ struct Agent {
     ifnames: BTreeMap<IpAddr, String>,
     last_resolve: Option<Instant>,
     last_apply_error: Option<String>,
+    last_uplink_error: Option<String>,
+    /// The uplinks this process hooked (None: not yet, pins of an earlier agent pending).
+    uplinks: Option<BTreeSet<(u32, String)>>,
     /// The desired state or interfaces changed since the last successful apply.
     dirty: bool,
     /// Something was withdrawn and the epoch is not bumped yet.
@@ -341,6 +346,8 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         ifnames: BTreeMap::new(),
         last_resolve: None,
         last_apply_error: None,
+        last_uplink_error: None,
+        uplinks: None,
         dirty: true,
         pending_bump: false,
         config,
@@ -713,12 +720,36 @@ impl Agent {
         if self.upgrade_pending {
             self.finish_upgrade()?;
         }
+        self.sync_uplinks(desired);
         // After the policy: a new backend is translated to only once its endpoint and
         // policy entries are in place.
         self.sync_services();
         let apply_time = t.elapsed();
         self.publish(desired, &stats, apply_time)?;
         Ok(())
+    }
+
+    /// The uplink hook (uplink.rs) on the interfaces other nodes' pods are reached through.
+    /// A failure is logged, not fatal: remote clients of HTTP-rule ports are then refused.
+    fn sync_uplinks(&mut self, desired: &Desired) {
+        let remote = desired.endpoints.iter().filter(|(_, e)| e.flags & EP_LOCAL == 0 && e.pod.is_some()).map(|(ip, _)| *ip);
+        let local: BTreeSet<u32> = self.ifindex.values().copied().collect();
+        let r = crate::uplink::resolve(&self.opts.uplinks, remote, &local).and_then(|want| {
+            if self.uplinks.as_ref() != Some(&want) {
+                crate::uplink::ensure(&mut self.datapath.ebpf, &self.opts.bpffs_root, &want)?;
+                self.uplinks = Some(want);
+            }
+            Ok(())
+        });
+        if let Err(e) = r {
+            let msg = format!("{e:#}");
+            if self.last_uplink_error.as_deref() != Some(&msg) {
+                log::error!("uplink hook: {msg} (clients on other nodes of ports with HTTP rules are refused)");
+                self.last_uplink_error = Some(msg);
+            }
+        } else {
+            self.last_uplink_error = None;
+        }
     }
 
     /// Once this agent's state is in its maps and its hooks attached: takes over the older

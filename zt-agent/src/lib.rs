@@ -27,3 +27,4 @@ pub mod sync;
 pub mod tunnels;
 pub mod ui;
 pub mod upgrade;
+pub mod uplink;

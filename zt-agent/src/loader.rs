@@ -143,7 +143,7 @@ pub fn load_object(bpffs_root: &Path, sizes: &MapSizes) -> Result<Ebpf> {
         .map_max_entries(MAP_FQDN_PORTS, sizes.fqdn_ports)
         .map_max_entries(MAP_FQDN_LEARNED, sizes.fqdn_learned);
     let mut ebpf = loader.load(OBJECT).context("loading the zt kernel object")?;
-    for name in [PROG_FROM_POD, PROG_TO_POD, PROG_NOOP] {
+    for name in [PROG_FROM_POD, PROG_TO_POD, PROG_NOOP, crate::uplink::PROG_FROM_UPLINK] {
         let prog: &mut SchedClassifier = ebpf.program_mut(name).with_context(|| format!("program {name} missing from the object"))?.try_into()?;
         load_retrying(|| prog.load()).with_context(|| format!("verifier rejected {name}"))?;
     }

@@ -237,6 +237,11 @@ struct Flags {
     /// proofs an earlier agent wrote), seconds: an agent restart within it cuts no flow.
     #[arg(long, default_value_t = 30)]
     auth_peer_grace: u64,
+    /// Interfaces traffic from other nodes arrives on, where flows to ports with HTTP rules
+    /// are steered to this node's proxy: `auto` (the interfaces other nodes' pods are
+    /// routed through), `none`, or names separated by commas.
+    #[arg(long, default_value = "auto")]
+    uplink_interfaces: String,
 }
 
 /// `--auth-listen`: an address and port, or `off`.
@@ -391,6 +396,7 @@ async fn main() -> anyhow::Result<()> {
             steer_mark: f.http_steer_mark,
             table: f.http_steer_table,
         }),
+        uplinks: zt_agent::uplink::Selection::parse(&f.uplink_interfaces)?,
     };
     if f.http_proxy && (f.http_proxy_mark == 0 || f.http_steer_mark == 0 || f.http_proxy_mark == f.http_steer_mark) {
         anyhow::bail!("--http-proxy-mark and --http-steer-mark must be two different non-zero marks");

@@ -62,6 +62,8 @@ pub struct PinnedMaps {
     pub svc_stats: CounterMap,
     /// (node, identity) -> expiry of a proof (issue 10, `crate::auth`).
     pub auth_proofs: AuthProofsMap,
+    /// The bpffs root they were opened under (link pins: `crate::uplink::hooked`).
+    pub root: std::path::PathBuf,
 }
 
 impl PinnedMaps {
@@ -87,6 +89,7 @@ impl PinnedMaps {
             tunnels: open(MAP_TUNNELS)?.try_into()?,
             svc_stats: open(MAP_SVC_STATS)?.try_into()?,
             auth_proofs: open(MAP_AUTH_PROOFS)?.try_into()?,
+            root: bpffs_root.to_path_buf(),
         })
     }
 

@@ -105,6 +105,11 @@ pub enum Reason {
     /// identity is proven for the node its address is on (`ZT_AUTH_PROOFS`). Conntrack
     /// marks the flow `CT_PROVEN`.
     AllowAuthenticated = 13,
+    /// At a node's uplink (`zt_from_uplink`): a new TCP flow from another node to a port
+    /// of a local pod whose ingress entry carries `POLICY_FLAG_HTTP`, handed to this
+    /// node's HTTP proxy (`bpf_sk_assign`). The proxy's upstream is then judged at the
+    /// pod's hook like any flow.
+    AllowHttpSteered = 15,
 
     /// An explicit deny rule matched.
     DropPolicyDeny = 16,
@@ -148,7 +153,8 @@ pub enum Reason {
     /// its address is on (`ZT_AUTH_PROOFS`): the address claims an identity nobody proved.
     DropAuthRequired = 30,
     /// A new flow to a port with HTTP rules that did not come through this node's HTTP
-    /// proxy (a client on another node, the host, a pod not hooked yet): fail closed.
+    /// proxy (the host, a pod not hooked yet, a client on another node that arrived on
+    /// an interface without the uplink hook, a NodePort): fail closed.
     DropHttpUnsteered = 31,
     /// A flow steered to the HTTP proxy while no proxy listener is registered (agent
     /// down or restarting): fail closed.
@@ -162,7 +168,7 @@ pub const REASON_SLOTS: u32 = 48;
 pub const COUNTER_SLOTS: u32 = DIR_COUNT * REASON_SLOTS;
 
 impl Reason {
-    pub const ALL: [Reason; 30] = [
+    pub const ALL: [Reason; 31] = [
         Reason::AllowPolicy,
         Reason::AllowEstablished,
         Reason::AllowReply,
@@ -176,6 +182,7 @@ impl Reason {
         Reason::AllowService,
         Reason::AllowSelf,
         Reason::AllowAuthenticated,
+        Reason::AllowHttpSteered,
         Reason::DropPolicyDeny,
         Reason::DropPolicyDefault,
         Reason::DropUnknownEndpoint,
@@ -219,6 +226,7 @@ impl Reason {
             Reason::AllowService => "service",
             Reason::AllowSelf => "self",
             Reason::AllowAuthenticated => "authenticated",
+            Reason::AllowHttpSteered => "http-steered",
             Reason::DropPolicyDeny => "policy-deny",
             Reason::DropPolicyDefault => "policy-default-deny",
             Reason::DropUnknownEndpoint => "unknown-endpoint",

@@ -10,7 +10,10 @@
 //!   the client; its entry gets `CT_L7`, so the server's replies (at `zt_from_pod` of the
 //!   server) are steered back to the proxy's socket rather than routed to the client.
 //!   A new flow to a port with HTTP rules that is not the proxy's drops (`http-unsteered`):
-//!   a client on another node, the host, or a pod not hooked yet is refused, never passed.
+//!   the host, a pod not hooked yet, or a client on another node that no uplink hook
+//!   steered (uplink.rs) is refused, never passed.
+//! - arriving from another node (`zt_from_uplink`, uplink.rs): the same steering for a
+//!   client whose node is not this one, judged as the server's hook would judge it.
 //! No listener registered (agent down): steered packets drop (`http-proxy-down`).
 use aya_ebpf::{
     helpers::{bpf_map_lookup_elem, bpf_sk_assign, bpf_sk_release},
@@ -66,7 +69,7 @@ pub fn from_ifindex(ctx: &TcContext, ingress_ifindex: u32) -> u32 {
 /// The HTTP flag of the allow entry that decides (exact peer first, then any peer), as
 /// `policy::decide_inner` picks it.
 #[inline(always)]
-fn http_entry(local: u32, peer: u32, dir: u8, port: u16) -> bool {
+pub fn http_entry(local: u32, peer: u32, dir: u8, port: u16) -> bool {
     let v = match POLICY.get(&Key::new(POLICY_PREFIX_FULL, PolicyKey::new(local, peer, dir, IPPROTO_TCP, port))) {
         Some(v) if v.verdict == VERDICT_ALLOW => v.flags,
         _ => match POLICY.get(&Key::new(POLICY_PREFIX_FULL, PolicyKey::new(local, IDENTITY_ANY, dir, IPPROTO_TCP, port))) {
@@ -127,7 +130,18 @@ pub fn needs_proxy(f: &Flow, hook: &Hook, d: &Decision, j: &Judged) -> bool {
 #[inline(always)]
 pub fn tracked(hook: &Hook, f: &Flow, w: &mut Work) {
     if hook.dir == DIR_EGRESS && hook.ifindex != CGROUP_HOOK_IFINDEX {
-        w.steer = if f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN { STEER_LISTENER } else { STEER_LOCAL };
+        w.steer = tracked_how(f);
+    }
+}
+
+/// A steered flow's packet: its (retransmitted) SYN to the listener, the rest to the
+/// proxy's socket for the tuple. Also the uplink's (uplink.rs).
+#[inline(always)]
+pub fn tracked_how(f: &Flow) -> u8 {
+    if f.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        STEER_LISTENER
+    } else {
+        STEER_LOCAL
     }
 }
 
@@ -136,6 +150,16 @@ pub fn tracked(hook: &Hook, f: &Flow, w: &mut Work) {
 pub fn track(f: &Flow, hook: &Hook) {
     if let Some(v) = crate::maps::CT.get_ptr_mut(&crate::conntrack::forward_key(f, hook)) {
         unsafe { (*v).state |= CT_L7 };
+    }
+}
+
+/// Sets `CT_L7` on a flow steered at an uplink (uplink.rs), and `CT_SEEN_REPLY`: the
+/// uplink never sees the proxy's answers, so the client's handshake ACK must make the
+/// entry established (`ct_tcp_next`), or an idle keep-alive connection would outlive it.
+#[inline(never)]
+pub fn track_one_way(f: &Flow, hook: &Hook) {
+    if let Some(v) = crate::maps::CT.get_ptr_mut(&crate::conntrack::forward_key(f, hook)) {
+        unsafe { (*v).state |= CT_L7 | CT_SEEN_REPLY };
     }
 }
 

@@ -33,6 +33,8 @@ mod policy;
 #[cfg(target_arch = "bpf")]
 mod services;
 #[cfg(target_arch = "bpf")]
+mod uplink;
+#[cfg(target_arch = "bpf")]
 mod verdict;
 
 #[cfg(target_arch = "bpf")]
@@ -53,6 +55,13 @@ mod programs {
     #[classifier]
     pub fn zt_to_pod(ctx: TcContext) -> i32 {
         crate::datapath::handle(&ctx, DIR_INGRESS)
+    }
+
+    /// Packets arriving from other nodes (TC ingress on the node's uplinks): flows that
+    /// need the HTTP proxy are steered to it (uplink.rs); nothing else is touched.
+    #[classifier]
+    pub fn zt_from_uplink(ctx: TcContext) -> i32 {
+        crate::uplink::handle(&ctx)
     }
 
     /// A pod's own sockets sending (attached at the pods' cgroup root).

@@ -1,8 +1,11 @@
 //! `ztctl explain`'s HTTP step, as zt-ebpf/src/l7.rs decides it for a new TCP flow that
 //! both sides allow: steered to this node's proxy when the source's deciding egress
 //! entry, or (the source being a pod hooked here) the destination's deciding ingress
-//! entry, carries POLICY_FLAG_HTTP; refused (`http-unsteered`) when only the destination's
-//! ingress entry does and the source is no pod hooked on this node.
+//! entry, carries POLICY_FLAG_HTTP; for a source on another node (a remote pod), steered
+//! at this node's uplink (zt-ebpf/src/uplink.rs) when an uplink is hooked; refused
+//! (`http-unsteered`) when only the destination's ingress entry does and the source is
+//! neither a pod hooked on this node nor a pod of another node with an uplink hooked here.
+//! For a server elsewhere, the proxy's upstream answers come back through an uplink.
 use std::net::IpAddr;
 
 use aya::maps::lpm_trie::Key;
@@ -38,6 +41,16 @@ pub fn http_step(maps: &PinnedMaps, snap: &Snapshot, src: IpAddr, dst: IpAddr, p
     if src_hooked && egress_policy {
         if let Some((true, r)) = deciding(maps, s_id, d_id, DIR_EGRESS, port) {
             trace.push(format!("ZT_POLICY[{s_id} <- {d_id}, egress, tcp/{port}] carries the HTTP flag"));
+            if !dst_local {
+                // The proxy's upstream answers arrive from outside, addressed to the client.
+                let uplinks = crate::uplink::hooked(&maps.root);
+                if uplinks.is_empty() {
+                    trace.push("no uplink of this node is hooked (--uplink-interfaces): the server's answers to the proxy's upstream go to the client, not the proxy (allowed requests fail)".into());
+                } else {
+                    let names: Vec<&str> = uplinks.iter().map(|(_, n)| n.as_str()).collect();
+                    trace.push(format!("the server's answers to the proxy's upstream arriving on an uplink ({}) go to the proxy's socket (zt_from_uplink)", names.join(", ")));
+                }
+            }
             rules.push(r);
         }
     }
@@ -45,8 +58,19 @@ pub fn http_step(maps: &PinnedMaps, snap: &Snapshot, src: IpAddr, dst: IpAddr, p
     if dst_local && ingress_policy {
         if let Some((true, r)) = deciding(maps, d_id, s_id, DIR_INGRESS, port) {
             trace.push(format!("ZT_POLICY[{d_id} <- {s_id}, ingress, tcp/{port}] carries the HTTP flag"));
-            if !src_hooked {
+            let src_remote_pod = s.is_some_and(|e| e.flags & EP_LOCAL == 0 && e.identity >= IDENTITY_FIRST_WORKLOAD);
+            let uplinks = crate::uplink::hooked(&maps.root);
+            if !src_hooked && src_remote_pod && !uplinks.is_empty() {
+                let names: Vec<&str> = uplinks.iter().map(|(_, n)| n.as_str()).collect();
+                trace.push(format!(
+                    "the source is a pod of another node: its SYN arriving on an uplink ({}) is steered there (zt_from_uplink, http-steered)",
+                    names.join(", ")
+                ));
+            } else if !src_hooked {
                 trace.push("the source is no pod hooked on this node: its flow cannot have come through this node's proxy".into());
+                if src_remote_pod {
+                    trace.push("no uplink of this node is hooked (--uplink-interfaces): a pod of another node is not steered".into());
+                }
                 return Some(Check {
                     hook: "HTTP proxy".into(),
                     local: snap.identity_name(d_id),

@@ -65,7 +65,8 @@ impl Snapshot {
     }
 
     /// The identity of an address as the datapath knows it (endpoint map only: a steered
-    /// connection is between pods of this node).
+    /// connection's client is a pod, of this node or, steered at the uplink, of another;
+    /// an address no endpoint has is refused).
     pub fn identity(&self, ip: IpAddr) -> Option<u32> {
         self.endpoints.get(&ip.to_canonical()).copied()
     }
