@@ -376,7 +376,7 @@ pub async fn run(mut opts: AgentOptions) -> Result<()> {
         graph,
         l7,
     };
-    // The first list, if size_maps read it, is the first batch.
+    // The first list, if size_from_first_list read it, is the first batch.
     if agent.watch.as_ref().is_some_and(|w| w.synced()) || !first_list_rejected.is_empty() {
         agent.source_batch(crate::source::cache::Batch { events: 0, changed: true, rejected: first_list_rejected });
     }
@@ -416,19 +416,16 @@ fn first_start(opts: &AgentOptions) -> bool {
 
 /// A cluster-sized map no flag gives the size of keeps its pinned size.
 fn pinned_sizes(opts: &mut AgentOptions) {
-    let (ex, root) = (opts.sizes_explicit, opts.bpffs_root.clone());
-    {
-        let s = &mut opts.sizes;
-        for (given, size, name) in [
-            (ex.endpoints, &mut s.endpoints, MAP_ENDPOINTS),
-            (ex.cidrs, &mut s.cidrs, MAP_CIDRS),
-            (ex.policy, &mut s.policy, MAP_POLICY),
-            (ex.fqdn_names, &mut s.fqdn_names, MAP_FQDN_NAMES),
-            (ex.fqdn_ports, &mut s.fqdn_ports, MAP_FQDN_PORTS),
-        ] {
-            if let (false, Ok(pinned)) = (given, capacity(&root, name)) {
-                *size = pinned;
-            }
+    let (ex, root, s) = (opts.sizes_explicit, &opts.bpffs_root, &mut opts.sizes);
+    for (given, size, name) in [
+        (ex.endpoints, &mut s.endpoints, MAP_ENDPOINTS),
+        (ex.cidrs, &mut s.cidrs, MAP_CIDRS),
+        (ex.policy, &mut s.policy, MAP_POLICY),
+        (ex.fqdn_names, &mut s.fqdn_names, MAP_FQDN_NAMES),
+        (ex.fqdn_ports, &mut s.fqdn_ports, MAP_FQDN_PORTS),
+    ] {
+        if let (false, Ok(pinned)) = (given, capacity(root, name)) {
+            *size = pinned;
         }
     }
 }

@@ -22,9 +22,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use zt_common::{
-    auth_node_id, AUTH_NODE_UNKNOWN, DIR_EGRESS, DIR_INGRESS, EP_LOCAL, IDENTITY_DNS, IDENTITY_HOST, IDENTITY_INIT, IDENTITY_REMOTE_NODE,
-};
+use zt_common::{auth_node_id, AUTH_NODE_UNKNOWN, DIR_EGRESS, DIR_INGRESS, EP_LOCAL, IDENTITY_DNS, IDENTITY_HOST, IDENTITY_INIT, IDENTITY_REMOTE_NODE};
 
 use super::workloads::{self, PodClaim, Workload};
 use super::{failures, host_access, netpol, policy, ztp, CompileConfig, CompileError, Ctx, EnforcementMode, FqdnSlots, HostAccess, Reach, Rule, Rules};
@@ -37,7 +35,10 @@ use crate::state::{Cidr, Desired, EndpointEntry, Failure, PodRef};
 pub enum Mode {
     Full,
     /// Pods of these many namespaces changed; these many namespaces were recompiled.
-    Incremental { changed: usize, recompiled: usize },
+    Incremental {
+        changed: usize,
+        recompiled: usize,
+    },
     Unchanged,
 }
 
@@ -218,11 +219,18 @@ impl Memo {
         }
     }
 
-    fn patch(&mut self, cluster: &ClusterState, cfg: &CompileConfig, ids: &mut IdentityAllocator, changed: &BTreeSet<ObjectKey>) -> Result<Option<Mode>, CompileError> {
+    fn patch(
+        &mut self,
+        cluster: &ClusterState,
+        cfg: &CompileConfig,
+        ids: &mut IdentityAllocator,
+        changed: &BTreeSet<ObjectKey>,
+    ) -> Result<Option<Mode>, CompileError> {
         let c_ns: BTreeSet<&str> = changed.iter().map(|(ns, _)| ns.as_str()).collect();
         // A trusted resolver among the changed pods: its `entity: dns` peers move.
         let resolver = |p: &Pod, ns: &str| {
-            let sa = p.spec.as_ref().and_then(|s| s.service_account_name.as_deref().or(s.service_account.as_deref())).filter(|s| !s.is_empty()).unwrap_or("default");
+            let sa =
+                p.spec.as_ref().and_then(|s| s.service_account_name.as_deref().or(s.service_account.as_deref())).filter(|s| !s.is_empty()).unwrap_or("default");
             let by_id = cfg.dns_servers.iter().any(|pat| pat.trust_domain == cfg.trust_domain && pat.matches(ns, sa));
             let by_ip = workloads::pod_ips(p).unwrap_or_default().iter().any(|ip| cfg.dns_backends.iter().any(|b| b.to_canonical() == *ip));
             by_id || by_ip
@@ -329,7 +337,11 @@ impl Memo {
                 } else {
                     id
                 };
-                Some(EndpointEntry { identity, flags: if claim.local { EP_LOCAL } else { 0 }, pod: Some(PodRef { namespace: last.0.clone(), name: last.1.clone() }) })
+                Some(EndpointEntry {
+                    identity,
+                    flags: if claim.local { EP_LOCAL } else { 0 },
+                    pod: Some(PodRef { namespace: last.0.clone(), name: last.1.clone() }),
+                })
             });
             if remote.contains(ip) {
                 entry = Some(EndpointEntry { identity: IDENTITY_REMOTE_NODE, flags: 0, pod: None });

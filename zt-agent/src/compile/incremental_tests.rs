@@ -44,13 +44,29 @@ fn namespaces() -> String {
 /// over pod addresses, named ports both ways, ZeroTrustPolicy denies, SPIFFE and entity
 /// peers, rule-level authentication, HTTP rules, and one that fails (excluded label).
 fn policies(variant: u64) -> String {
-    let np = |ns: &str, name: &str, spec: &str| format!("---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{spec}");
-    let ztp = |ns: &str, name: &str, spec: &str| format!("---\napiVersion: zt.dev/v1alpha1\nkind: ZeroTrustPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{spec}");
+    let np = |ns: &str, name: &str, spec: &str| {
+        format!("---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{spec}")
+    };
+    let ztp = |ns: &str, name: &str, spec: &str| {
+        format!("---\napiVersion: zt.dev/v1alpha1\nkind: ZeroTrustPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{spec}")
+    };
     let mut s = String::new();
-    s += &np("default", "web", "  podSelector: {matchLabels: {app: web}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: client}}}]\n    ports: [{port: http}]\n");
-    s += &np("prod", "from-mon", "  podSelector: {}\n  ingress:\n  - from: [{namespaceSelector: {matchLabels: {role: monitoring}}}]\n    ports: [{protocol: TCP, port: 9100}]\n");
+    s += &np(
+        "default",
+        "web",
+        "  podSelector: {matchLabels: {app: web}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: client}}}]\n    ports: [{port: http}]\n",
+    );
+    s += &np(
+        "prod",
+        "from-mon",
+        "  podSelector: {}\n  ingress:\n  - from: [{namespaceSelector: {matchLabels: {role: monitoring}}}]\n    ports: [{protocol: TCP, port: 9100}]\n",
+    );
     s += &np("dev", "egress-blocks", "  podSelector: {matchLabels: {app: client}}\n  policyTypes: [Egress]\n  egress:\n  - to: [{ipBlock: {cidr: 10.0.1.0/24, except: [10.0.1.128/25]}}]\n  - to: [{podSelector: {}}]\n    ports: [{port: http}]\n");
-    s += &np("mon", "scrape", "  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - to: [{podSelector: {matchLabels: {app: web}}, namespaceSelector: {}}]\n");
+    s += &np(
+        "mon",
+        "scrape",
+        "  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - to: [{podSelector: {matchLabels: {app: web}}, namespaceSelector: {}}]\n",
+    );
     s += &np("dev", "bad", "  podSelector: {matchLabels: {pod-template-hash: abc}}\n  ingress: [{}]\n");
     s += &ztp("prod", "deny-dev", "  subjects: [{podSelector: {matchLabels: {app: api}}}]\n  ingress:\n  - action: deny\n    from: [{namespaceSelector: {matchLabels: {team: web}}}]\n  - from: [{spiffeId: spiffe://cluster.local/ns/default/sa/client}]\n    ports: [{port: 8443}]\n    authentication: required\n");
     s += &ztp("default", "entities", "  subjects: [{podSelector: {matchLabels: {app: db}}}]\n  ingress:\n  - from: [{entity: cluster}]\n    ports: [{port: 5432}]\n  egress:\n  - to: [{entity: world}, {ipBlock: {cidr: 203.0.113.0/24}}]\n  - to: [{entity: host}]\n    icmp: [{family: IPv4, type: 8}]\n");
