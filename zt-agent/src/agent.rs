@@ -18,7 +18,7 @@ use zt_common::*;
 pub mod cni;
 
 use crate::{
-    compile::{compile_with_slots, CompileConfig, EnforcementMode, FqdnSlots, HostAccess},
+    compile::{incremental::Compiler, CompileConfig, EnforcementMode, FqdnSlots, HostAccess},
     events::{EventRecord, Snapshot},
     identity::{IdentityAllocator, LabelFilter},
     loader::{ensure_fqdn_config, Datapath, FqdnSettings, MapSizes},
@@ -62,6 +62,8 @@ pub struct AgentOptions {
     pub events_per_sec: u32,
     pub events_burst: u32,
     pub sizes: MapSizes,
+    /// Which cluster-sized maps a flag gave the size of (first_sizes.rs).
+    pub sizes_explicit: crate::first_sizes::Explicit,
     /// Conntrack timeouts and GC period (`--ct-*`).
     pub ct: crate::conntrack_gc::CtSettings,
     pub frag_timeout_s: u32,
@@ -122,6 +124,8 @@ struct Agent {
     ids: IdentityAllocator,
     /// FQDN slots (persisted beside the identities).
     slots: FqdnSlots,
+    /// Compiles again only the namespaces a pod change can reach (compile/incremental.rs).
+    compiler: Compiler,
     /// Key of the FQDN name hashes (ZT_FQDN_CONFIG).
     fqdn_hash_key: [u64; 2],
     /// The last compile's warnings (written to last-error once).
@@ -201,16 +205,51 @@ fn seed_host_endpoints(maps: &mut PinnedMaps) -> Result<()> {
     Ok(())
 }
 
-pub async fn run(opts: AgentOptions) -> Result<()> {
+pub async fn run(mut opts: AgentOptions) -> Result<()> {
     std::fs::create_dir_all(&opts.state_dir).with_context(|| format!("creating {}", opts.state_dir.display()))?;
     let _ = std::fs::remove_file(opts.state_dir.join("ready"));
     if let Some(root) = &opts.cgroup_root {
         crate::cgroup_link::open_cgroup2_dir(root)?;
     }
+    // Kubernetes source events; the sender stays here with the directory source. Started
+    // first: a node's first start sizes its maps from the first list.
+    let (source_tx, mut source_rx) = mpsc::channel::<SourceEvent>(8192);
+    let mut watch = match &opts.source {
+        PolicySource::Kube(config) => {
+            crate::source::kube::spawn((**config).clone(), source_tx.clone())?;
+            Some(WatchCache::new().with_trust_domain(&opts.trust_domain))
+        }
+        PolicySource::Dir(_) => None,
+    };
+    // Map sizes no flag gives: the pinned maps', or at a node's first start what the
+    // cluster's first list needs (first_sizes.rs). Meanwhile the programs are in place at
+    // the default sizes and judge every pod not-ready; a larger size then goes through
+    // the resize path below, as a changed flag would.
+    let mut first_list_rejected = Vec::new();
+    let mut first_dp = None;
+    if first_start(&opts) && !opts.sizes_explicit.all() {
+        let mut dp = Datapath::load(&opts.bpffs_root, &opts.sizes)?;
+        if opts.cgroup_root.is_some() {
+            seed_host_endpoints(&mut PinnedMaps::open(&opts.bpffs_root)?)?;
+            dp.ensure_cgroup(opts.cgroup_root.as_deref(), opts.service_translation).context("cgroup programs")?;
+        }
+        first_list_rejected = size_from_first_list(&mut opts, watch.as_mut(), &mut source_rx).await;
+        // Loading is the slow part of a start (the verifier): kept unless the sizes changed.
+        if crate::resize::differences(&opts.bpffs_root, &opts.sizes).is_empty() {
+            first_dp = Some(dp);
+        }
+    } else {
+        pinned_sizes(&mut opts);
+    }
     // A size flag that differs from the pinned maps: fresh maps, the old links taken over
     // in place as in a layout upgrade (resize.rs).
-    let resize_from = crate::resize::stage(&opts.bpffs_root, &opts.sizes)?;
-    let mut datapath = Datapath::load(&opts.bpffs_root, &opts.sizes)?;
+    let (mut datapath, resize_from) = match first_dp {
+        Some(dp) => (dp, None),
+        None => {
+            let from = crate::resize::stage(&opts.bpffs_root, &opts.sizes)?;
+            (Datapath::load(&opts.bpffs_root, &opts.sizes)?, from)
+        }
+    };
     let mut maps = PinnedMaps::open(&opts.bpffs_root)?;
     if let Some(from) = &resize_from {
         let copied = crate::resize::carry_over(from, &opts.bpffs_root, true).context("map resize: carrying state over")?;
@@ -312,15 +351,6 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     };
     tokio::spawn(log_err("admin socket", crate::admin::serve(opts.admin_socket.clone(), events_tx.clone(), metrics.clone(), cni_tx, graph.clone())));
 
-    // Kubernetes source events; the sender stays here with the directory source.
-    let (source_tx, mut source_rx) = mpsc::channel::<SourceEvent>(8192);
-    let watch = match &opts.source {
-        PolicySource::Kube(config) => {
-            crate::source::kube::spawn((**config).clone(), source_tx.clone())?;
-            Some(WatchCache::new().with_trust_domain(&opts.trust_domain))
-        }
-        PolicySource::Dir(_) => None,
-    };
     metrics.lock().unwrap().source_up = true;
 
     let mut agent = Agent {
@@ -331,6 +361,7 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         caps,
         ids,
         slots,
+        compiler: Compiler::new(),
         fqdn_hash_key: fqdn_config.hash_key,
         warnings: Vec::new(),
         failures: Vec::new(),
@@ -370,6 +401,10 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
         l7,
         links,
     };
+    // The first list, if size_from_first_list read it, is the first batch.
+    if agent.watch.as_ref().is_some_and(|w| w.synced()) || !first_list_rejected.is_empty() {
+        agent.source_batch(crate::source::cache::Batch { events: 0, changed: true, rejected: first_list_rejected });
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         if let Err(e) = agent.reconcile() {
@@ -394,6 +429,86 @@ pub async fn run(opts: AgentOptions) -> Result<()> {
     let _ = std::fs::remove_file(agent.opts.state_dir.join("ready"));
     drop(source_tx);
     Ok(())
+}
+
+/// How long a node's first start waits for the first full list to size its maps (the
+/// wait ends at the source's first error).
+const FIRST_LIST_WAIT: Duration = Duration::from_secs(20);
+
+/// No pins of any layout: this node's first start.
+fn first_start(opts: &AgentOptions) -> bool {
+    let root = &opts.bpffs_root;
+    !crate::pins::map_dir(root).exists() && !crate::resize::resized_dir(root).exists() && crate::upgrade::older_layouts(root).is_empty()
+}
+
+/// A cluster-sized map no flag gives the size of keeps its pinned size.
+fn pinned_sizes(opts: &mut AgentOptions) {
+    let (ex, root, s) = (opts.sizes_explicit, &opts.bpffs_root, &mut opts.sizes);
+    for (given, size, name) in [
+        (ex.endpoints, &mut s.endpoints, MAP_ENDPOINTS),
+        (ex.cidrs, &mut s.cidrs, MAP_CIDRS),
+        (ex.policy, &mut s.policy, MAP_POLICY),
+        (ex.fqdn_names, &mut s.fqdn_names, MAP_FQDN_NAMES),
+        (ex.fqdn_ports, &mut s.fqdn_ports, MAP_FQDN_PORTS),
+    ] {
+        if let (false, Ok(pinned)) = (given, capacity(root, name)) {
+            *size = pinned;
+        }
+    }
+}
+
+/// At a node's first start: the sizes the first full list of the cluster needs, for the
+/// maps no flag sizes. Returns the messages of objects the first list rejected (reported
+/// once the agent runs).
+async fn size_from_first_list(opts: &mut AgentOptions, watch: Option<&mut WatchCache>, rx: &mut mpsc::Receiver<SourceEvent>) -> Vec<String> {
+    let ex = opts.sizes_explicit;
+    let mut rejected = Vec::new();
+    let cluster = match (&opts.source, watch) {
+        (PolicySource::Dir(dir), _) => ClusterState::load_dir(dir).ok().map(|l| l.state),
+        (PolicySource::Kube(_), Some(watch)) => {
+            let deadline = tokio::time::sleep(FIRST_LIST_WAIT);
+            tokio::pin!(deadline);
+            while !watch.synced() {
+                tokio::select! {
+                    Some(ev) = rx.recv() => rejected.extend(watch.apply_pending(ev, rx).rejected),
+                    _ = &mut deadline => break,
+                }
+                // A source that failed once (API unreachable, a list refused) is not waited for.
+                if !watch.up() || watch.errors.values().any(|n| *n > 0) {
+                    break;
+                }
+            }
+            watch.synced().then(|| watch.state().clone())
+        }
+        _ => None,
+    };
+    let Some(cluster) = cluster else {
+        log::warn!("first start: no full list of the cluster within {FIRST_LIST_WAIT:?}: maps keep their flag or default sizes");
+        return rejected;
+    };
+    let cfg = CompileConfig {
+        node_name: opts.node_name.clone(),
+        trust_domain: opts.trust_domain.clone(),
+        enforcement_mode: opts.enforcement_mode,
+        host_access: opts.host_access,
+        dns_servers: opts.fqdn.dns_servers.clone(),
+        dns_addresses: opts.fqdn.dns_addresses.clone(),
+        identity_labels: opts.identity_labels.clone(),
+        ..Default::default()
+    };
+    match crate::compile::compile(&cluster, &cfg, &mut IdentityAllocator::new()) {
+        Ok(d) => {
+            let need = crate::first_sizes::needed(&d);
+            let s = crate::first_sizes::choose(&opts.sizes, ex, need);
+            log::info!(
+                "first start: the cluster needs {need:?} (endpoints, cidrs, policy, fqdn names, fqdn ports); map sizes {} {} {} {} {}",
+                s.endpoints, s.cidrs, s.policy, s.fqdn_names, s.fqdn_ports
+            );
+            opts.sizes = s;
+        }
+        Err(e) => log::warn!("first start: the first list does not compile ({e}): maps keep their flag or default sizes"),
+    }
+    rejected
 }
 
 async fn log_err(what: &'static str, f: impl std::future::Future<Output = Result<()>>) {
@@ -465,6 +580,14 @@ impl Agent {
             return;
         };
         let batch = watch.apply_pending(first, rx);
+        self.source_batch(batch);
+    }
+
+    /// What a batch of source events changed: the cluster to compile, metrics, rejections.
+    fn source_batch(&mut self, batch: crate::source::cache::Batch) {
+        let Some(watch) = self.watch.as_mut() else {
+            return;
+        };
         let was_synced = self.metrics.lock().unwrap().source_synced;
         if watch.synced() && (batch.changed || !was_synced) {
             if !was_synced {
@@ -546,7 +669,9 @@ impl Agent {
                 identity_labels: self.opts.identity_labels.clone(),
             };
             let t = Instant::now();
-            match compile_with_slots(cluster, &cfg, &mut self.ids, &mut self.slots) {
+            // The compiler keeps its own result to patch next time; services are added to a copy.
+            let compiled = self.compiler.compile(cluster, &cfg, &mut self.ids, &mut self.slots).map(|_| self.compiler.desired().cloned().expect("compiled"));
+            match compiled {
                 Ok(mut d) => {
                     if services != self.services {
                         self.services = services;

@@ -7,6 +7,7 @@ pub mod compile;
 pub mod conntrack_gc;
 pub mod ctl;
 pub mod events;
+pub mod first_sizes;
 pub mod fqdn;
 pub mod graph;
 pub mod identity;

@@ -97,12 +97,15 @@ struct Flags {
     /// number of CPUs); the burst is twice that.
     #[arg(long, default_value_t = 1000)]
     events_per_sec: u32,
-    #[arg(long, default_value_t = zt_common::DEFAULT_ENDPOINTS_MAX)]
-    endpoints_max: u32,
-    #[arg(long, default_value_t = zt_common::DEFAULT_CIDRS_MAX)]
-    cidrs_max: u32,
-    #[arg(long, default_value_t = zt_common::DEFAULT_POLICY_MAX)]
-    policy_max: u32,
+    /// Entries of the endpoint map (default 65536; at a node's first start, unless given,
+    /// sized from the cluster's first list: first_sizes.rs). The same for the CIDR
+    /// (16384), policy (262144), FQDN name (65536) and FQDN port (16384) maps.
+    #[arg(long)]
+    endpoints_max: Option<u32>,
+    #[arg(long)]
+    cidrs_max: Option<u32>,
+    #[arg(long)]
+    policy_max: Option<u32>,
     /// Connection-tracking entries for flows that are not established TCP (LRU: new flows
     /// evict the least recently used of these when full).
     #[arg(long, default_value_t = zt_common::DEFAULT_CT_MAX)]
@@ -172,10 +175,10 @@ struct Flags {
     /// DNS answer events to the agent per second, per CPU.
     #[arg(long, default_value_t = 1000)]
     fqdn_events_per_sec: u32,
-    #[arg(long, default_value_t = zt_common::DEFAULT_FQDN_NAMES_MAX)]
-    fqdn_names_max: u32,
-    #[arg(long, default_value_t = zt_common::DEFAULT_FQDN_PORTS_MAX)]
-    fqdn_ports_max: u32,
+    #[arg(long)]
+    fqdn_names_max: Option<u32>,
+    #[arg(long)]
+    fqdn_ports_max: Option<u32>,
     /// Learned (identity, address) entries (LRU, shared by all pods of the node).
     #[arg(long, default_value_t = zt_common::DEFAULT_FQDN_LEARNED_MAX)]
     fqdn_learned_max: u32,
@@ -350,15 +353,22 @@ async fn main() -> anyhow::Result<()> {
         events_allowed: f.events_allowed,
         events_per_sec: f.events_per_sec,
         events_burst: f.events_per_sec.saturating_mul(2),
+        sizes_explicit: zt_agent::first_sizes::Explicit {
+            endpoints: f.endpoints_max.is_some(),
+            cidrs: f.cidrs_max.is_some(),
+            policy: f.policy_max.is_some(),
+            fqdn_names: f.fqdn_names_max.is_some(),
+            fqdn_ports: f.fqdn_ports_max.is_some(),
+        },
         sizes: MapSizes {
-            endpoints: f.endpoints_max,
-            cidrs: f.cidrs_max,
-            policy: f.policy_max,
+            endpoints: f.endpoints_max.unwrap_or(zt_common::DEFAULT_ENDPOINTS_MAX),
+            cidrs: f.cidrs_max.unwrap_or(zt_common::DEFAULT_CIDRS_MAX),
+            policy: f.policy_max.unwrap_or(zt_common::DEFAULT_POLICY_MAX),
             ct: f.ct_max,
             ct_est: f.ct_established_max,
             frags: f.frags_max,
-            fqdn_names: f.fqdn_names_max,
-            fqdn_ports: f.fqdn_ports_max,
+            fqdn_names: f.fqdn_names_max.unwrap_or(zt_common::DEFAULT_FQDN_NAMES_MAX),
+            fqdn_ports: f.fqdn_ports_max.unwrap_or(zt_common::DEFAULT_FQDN_PORTS_MAX),
             fqdn_learned: f.fqdn_learned_max,
         },
         ct: zt_agent::conntrack_gc::CtSettings {

@@ -32,7 +32,7 @@ impl Rules {
     pub fn rollback(&mut self, m: Mark) {
         self.rules.truncate(m.rules);
         self.fqdn.truncate(m.fqdn);
-        let first_gone = m.infos as u32 + 1;
+        let first_gone = self.id_base + m.infos as u32 + 1;
         self.infos.retain(|id, _| *id < first_gone);
         self.isolated = m.isolated;
     }

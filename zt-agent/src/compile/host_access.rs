@@ -43,7 +43,7 @@ impl HostAccess {
 /// One allow from `host` per local identity, on the union of its pods' probe ports.
 pub(crate) fn compile(ctx: &Ctx<'_>, out: &mut Rules) {
     for (id, w) in ctx.workloads.iter().filter(|(_, w)| w.local) {
-        let ports: BTreeSet<u16> = w.pods.iter().flat_map(|p| probe_ports(p)).collect();
+        let ports: BTreeSet<u16> = ctx.pods_of(w).flat_map(probe_ports).collect();
         if ports.is_empty() {
             continue;
         }

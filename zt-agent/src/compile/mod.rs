@@ -20,6 +20,7 @@ pub mod ports;
 pub mod selector;
 mod workloads;
 mod ztp;
+pub mod incremental;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -32,7 +33,7 @@ use zt_common::{
 use crate::identity::{self, IdentityAllocator, LabelFilter};
 use crate::model::k8s::LabelSelector;
 use crate::model::ztp::SpiffePattern;
-use crate::model::ClusterState;
+use crate::model::{ClusterState, ObjectKind};
 use crate::state::{Action, Cidr, Desired, EndpointEntry, Failure, RuleInfo};
 pub use fqdn::default_dns_servers;
 pub use fqdn_slots::FqdnSlots;
@@ -143,6 +144,17 @@ pub fn compile_with_slots(
     ids: &mut IdentityAllocator,
     slots: &mut FqdnSlots,
 ) -> Result<Desired, CompileError> {
+    full(cluster, cfg, ids, slots, false).map(|(d, _)| d)
+}
+
+/// The full compile, and what the incremental compile needs to start from it.
+pub(crate) fn full(
+    cluster: &ClusterState,
+    cfg: &CompileConfig,
+    ids: &mut IdentityAllocator,
+    slots: &mut FqdnSlots,
+    want_memo: bool,
+) -> Result<(Desired, Option<incremental::Memo>), CompileError> {
     crate::model::ztp::SpiffePattern::parse(&identity::spiffe_id(&cfg.trust_domain, "ns", "sa"))
         .map_err(|_| CompileError::new(format!("invalid trust domain {:?}", cfg.trust_domain)))?;
     let mut alloc = ids.clone();
@@ -150,7 +162,9 @@ pub fn compile_with_slots(
     let mut failures: Vec<Failure> = Vec::new();
     // NetworkPolicy ipBlocks also match pod IPs: workload identities record them.
     let netpol_blocks: BTreeSet<Cidr> = netpol::ip_block_prefixes(cluster).into_iter().collect();
-    let (workloads, mut endpoints) = workloads::build(cluster, cfg, &mut alloc, &netpol_blocks, &mut failures)?;
+    let pod_failures = failures.len();
+    let workloads::Built { workloads, mut endpoints, claims } = workloads::build(cluster, cfg, &mut alloc, &netpol_blocks, &mut failures)?;
+    let pod_failures: Vec<Failure> = failures[pod_failures..].to_vec();
 
     // One CIDR identity per distinct prefix of any ipBlock, cidr or except.
     let mut cidrs = BTreeMap::new();
@@ -188,13 +202,21 @@ pub fn compile_with_slots(
 
     let ctx = Ctx {
         cfg,
-        workloads,
+        cluster,
+        workloads: &workloads,
         cidrs,
         dns_servers,
     };
     let mut out = Rules::default();
-    netpol::compile(cluster, &ctx, &mut out, &mut failures);
-    ztp::compile(cluster, &ctx, &mut out, &mut failures);
+    // Where each policy's rules start, in compile order (incremental.rs).
+    let mut first_ids: Vec<(ObjectKind, crate::model::ObjectKey, u32)> = Vec::new();
+    let mut pick = |k: ObjectKind, ns: &str, name: &str, out: &mut Rules| {
+        first_ids.push((k, (ns.to_string(), name.to_string()), out.next_id()));
+        true
+    };
+    netpol::compile(cluster, &ctx, &mut out, &mut failures, &mut pick);
+    ztp::compile(cluster, &ctx, &mut out, &mut failures, &mut pick);
+    let tail_start = out.next_id();
     // Subjects of failed policies take no FQDN slots; an identity whose FQDN rules need
     // more slots than there are fails closed as a whole.
     let failed_policies: BTreeSet<u32> = failures.iter().flat_map(|f| f.identities.iter().copied()).collect();
@@ -236,37 +258,42 @@ pub fn compile_with_slots(
         .chain(ctx.cidrs.values())
         .copied()
         .collect();
+    let memo_in = incremental::MemoInput { cluster, cfg, claims, pod_failures, first_ids, tail_start, strict: !out.strict.is_empty(), fqdn: !out.fqdn.is_empty() || !fq.slots.is_empty() };
     alloc.retain(&keep);
     let mut identities = alloc.infos();
     for r in identity::reserved_identities() {
         identities.insert(r.id, r);
     }
     let endpoint_nodes = auth::endpoint_nodes(cluster, &endpoints);
+    let cidrs = ctx.cidrs;
+    let dns_servers = ctx.dns_servers;
     let desired = Desired {
         identities,
         endpoints,
-        cidrs: ctx.cidrs,
+        cidrs,
         policy,
         rules: out.infos,
         fqdn_names: fq.names,
         fqdn_ports: fq.ports,
-        dns_servers: ctx.dns_servers,
+        dns_servers,
         fqdn_slots: fq.slots,
         http,
         warnings,
         failures,
         endpoint_nodes,
     };
+    let memo = want_memo.then(|| incremental::Memo::new(memo_in, workloads, &out.rules, &desired));
     *ids = alloc;
     *slots = fqdn_slots;
-    Ok(desired)
+    Ok((desired, memo))
 }
 
 /// Everything the per-kind compilers need to resolve subjects and peers.
 pub(crate) struct Ctx<'a> {
     pub cfg: &'a CompileConfig,
+    pub cluster: &'a ClusterState,
     /// Workload identities of the cluster's pods.
-    pub workloads: BTreeMap<u32, Workload<'a>>,
+    pub workloads: &'a BTreeMap<u32, Workload>,
     pub cidrs: BTreeMap<Cidr, u32>,
     /// Trusted resolver identities (`entity: dns`, ZT_DNS_SERVERS).
     pub dns_servers: BTreeSet<u32>,
@@ -282,7 +309,12 @@ impl Ctx<'_> {
             .collect()
     }
 
-    pub fn select(&self, pred: impl Fn(&Workload<'_>) -> bool) -> BTreeSet<u32> {
+    /// The pods of a workload identity.
+    pub fn pods_of<'w>(&'w self, w: &'w Workload) -> impl Iterator<Item = &'w crate::model::Pod> + 'w {
+        w.pods.iter().filter_map(|k| self.cluster.pods.get(k))
+    }
+
+    pub fn select(&self, pred: impl Fn(&Workload) -> bool) -> BTreeSet<u32> {
         self.workloads
             .iter()
             .filter(|(_, w)| pred(w))
@@ -313,6 +345,20 @@ impl Ctx<'_> {
             w.local && w.namespace == namespace && selector::matches(pod_sel, &w.pod_labels)
         })
     }
+}
+
+/// Decides whether the per-kind compiler compiles a policy (and may set `Rules::id_base`).
+pub(crate) type Pick<'p> = &'p mut dyn FnMut(ObjectKind, &str, &str, &mut Rules) -> bool;
+
+/// Which other namespaces' pods a policy's peers can name (incremental.rs).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Reach {
+    /// Any namespace's.
+    pub all: bool,
+    /// The namespaces these select.
+    pub namespaces: Vec<LabelSelector>,
+    /// Only the full compile handles this policy (FQDN slots, STRICT).
+    pub full_only: bool,
 }
 
 /// Who a rule applies to on the other side.
@@ -362,12 +408,20 @@ pub(crate) struct Rules {
     /// STRICT (a ZeroTrustPolicy's `spec.authentication: required`): local identity ->
     /// the first policy (`Kind ns/name`) that made it so (auth.rs).
     pub strict: BTreeMap<u32, String>,
+    /// Rule ids start after this (the incremental compile numbers a policy's rules as the
+    /// full compile did).
+    pub id_base: u32,
 }
 
 impl Rules {
+    /// The id the next rule gets.
+    pub fn next_id(&self) -> u32 {
+        self.id_base + self.infos.len() as u32 + 1
+    }
+
     /// Number the rule (ids from 1, in compile order) and record where it came from.
     pub fn add(&mut self, source: &str, path: String, mut rule: Rule) {
-        rule.id = self.infos.len() as u32 + 1;
+        rule.id = self.next_id();
         self.infos.insert(
             rule.id,
             RuleInfo {
@@ -396,3 +450,5 @@ impl Rules {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod incremental_tests;

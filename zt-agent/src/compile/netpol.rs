@@ -44,8 +44,11 @@ pub(crate) fn ip_block_prefixes(cluster: &ClusterState) -> Vec<Cidr> {
 }
 
 /// Each policy on its own: one that fails is left out and its subjects quarantined.
-pub(crate) fn compile(cluster: &ClusterState, ctx: &Ctx<'_>, out: &mut Rules, failures: &mut Vec<Failure>) {
+pub(crate) fn compile(cluster: &ClusterState, ctx: &Ctx<'_>, out: &mut Rules, failures: &mut Vec<Failure>, pick: super::Pick<'_>) {
     for ((ns, name), np) in &cluster.network_policies {
+        if !pick(ObjectKind::NetworkPolicy, ns, name, out) {
+            continue;
+        }
         let source = ObjectKind::NetworkPolicy.describe(ns, name);
         let spec = np.spec.clone().unwrap_or_default();
         let pod_selector = spec.pod_selector.clone().unwrap_or_default();
@@ -210,4 +213,28 @@ pub(crate) fn port_match_of(
 
 fn port_match(p: &NetworkPolicyPort) -> Result<PortMatch, String> {
     port_match_of(p.protocol.as_deref(), p.port.as_ref(), p.end_port)
+}
+
+/// Whose pods the policy's peers can name besides its own namespace's (incremental.rs):
+/// namespaceSelector peers name the matching namespaces; an ipBlock (pod addresses) and
+/// a named port on egress (the peers' container ports) reach every namespace.
+pub(crate) fn reach(np: &crate::model::NetworkPolicy) -> super::Reach {
+    let mut out = super::Reach::default();
+    let Some(spec) = &np.spec else { return out };
+    let ingress = spec.ingress.iter().flatten().map(|r| (&r.from, &r.ports, false));
+    let egress = spec.egress.iter().flatten().map(|r| (&r.to, &r.ports, true));
+    for (peers, ports, egress) in ingress.chain(egress) {
+        for p in peers.iter().flatten() {
+            if p.ip_block.is_some() {
+                out.all = true;
+            }
+            if let Some(s) = &p.namespace_selector {
+                out.namespaces.push(s.clone());
+            }
+        }
+        if egress && ports.iter().flatten().any(|p| matches!(p.port, Some(IntOrString::String(_)))) {
+            out.all = true;
+        }
+    }
+    out
 }

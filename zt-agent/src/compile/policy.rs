@@ -151,7 +151,7 @@ fn named(
     let ports_of = |id: u32| -> BTreeSet<u16> {
         ctx.workloads
             .get(&id)
-            .map(|w| container_ports(&w.pods, name, proto))
+            .map(|w| container_ports(ctx.pods_of(w), name, proto))
             .unwrap_or_default()
     };
     let mut out = BTreeSet::new();
@@ -174,7 +174,7 @@ fn named(
 
 /// Numbers of the container ports called `name` with protocol `proto` (init
 /// containers included: sidecars are init containers).
-pub(crate) fn container_ports(pods: &[&Pod], name: &str, proto: u8) -> BTreeSet<u16> {
+pub(crate) fn container_ports<'p>(pods: impl Iterator<Item = &'p Pod>, name: &str, proto: u8) -> BTreeSet<u16> {
     let mut out = BTreeSet::new();
     for pod in pods {
         let Some(spec) = &pod.spec else { continue };

@@ -17,20 +17,23 @@ use zt_common::{EP_LOCAL, IDENTITY_HOST, IDENTITY_INIT, IDENTITY_REMOTE_NODE};
 use super::cidr;
 use super::{CompileConfig, CompileError};
 use crate::identity::{self, IdentityAllocator, NAMESPACE_LABEL_PREFIX};
-use crate::model::{k8s, ClusterState, Node, Pod};
+use crate::model::{k8s, ClusterState, Node, ObjectKey, Pod};
 use crate::state::{Cidr, EndpointEntry, Failure, PodRef};
 
 /// Prefix of the pseudo-labels that record ipBlock membership in an identity.
 pub(crate) const IP_BLOCK_LABEL_PREFIX: &str = "ip-block:";
 
-/// One workload identity and the pods that carry it.
-pub(crate) struct Workload<'a> {
+/// One workload identity and the pods that carry it (owned: the incremental compile
+/// keeps it from one compile to the next).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Workload {
     pub namespace: String,
     pub service_account: String,
     /// Identity labels split back into their two halves, for selectors.
     pub pod_labels: BTreeMap<String, String>,
     pub namespace_labels: BTreeMap<String, String>,
-    pub pods: Vec<&'a Pod>,
+    /// The pods, in key order (look them up in the cluster: `Ctx::pods_of`).
+    pub pods: Vec<ObjectKey>,
     /// At least one pod is on this node.
     pub local: bool,
     /// The NetworkPolicy ipBlock prefixes (cidrs and excepts) that hold this
@@ -91,97 +94,53 @@ pub(crate) fn node_ips(node: &Node) -> Vec<IpAddr> {
         .collect()
 }
 
-/// Workloads by identity, and the endpoint map.
-pub(crate) type Built<'a> = (BTreeMap<u32, Workload<'a>>, BTreeMap<IpAddr, EndpointEntry>);
+/// Workloads by identity, the endpoint map, and what each pod contributed (its
+/// addresses with their identities, and whether it is local), for the incremental compile.
+pub(crate) struct Built {
+    pub workloads: BTreeMap<u32, Workload>,
+    pub endpoints: BTreeMap<IpAddr, EndpointEntry>,
+    pub claims: BTreeMap<ObjectKey, PodClaim>,
+}
+
+/// One pod's part of the endpoint map.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct PodClaim {
+    pub ips: Vec<(IpAddr, u32)>,
+    pub local: bool,
+}
 
 /// `ip_blocks`: every prefix named in a NetworkPolicy ipBlock. A pod whose addresses do
 /// not parse is left out (a failure naming it); only running out of identity numbers
 /// fails the whole build.
-pub(crate) fn build<'a>(
-    cluster: &'a ClusterState,
+pub(crate) fn build(
+    cluster: &ClusterState,
     cfg: &CompileConfig,
     ids: &mut IdentityAllocator,
     ip_blocks: &BTreeSet<Cidr>,
     failures: &mut Vec<Failure>,
-) -> Result<Built<'a>, CompileError> {
-    let mut workloads: BTreeMap<u32, Workload<'a>> = BTreeMap::new();
+) -> Result<Built, CompileError> {
+    let mut workloads: BTreeMap<u32, Workload> = BTreeMap::new();
+    let mut claims: BTreeMap<ObjectKey, PodClaim> = BTreeMap::new();
     let mut endpoints: BTreeMap<IpAddr, EndpointEntry> = BTreeMap::new();
     let mut conflicts: BTreeMap<IpAddr, Vec<PodRef>> = BTreeMap::new();
 
     for ((ns, name), pod) in &cluster.pods {
-        let ips = match pod_ips(pod) {
-            Ok(ips) => ips,
-            Err(m) => {
-                let e = CompileError::at(&format!("Pod {ns}/{name}"), "status.podIPs", m);
-                failures.push(Failure { object: format!("Pod {ns}/{name}"), error: e.to_string(), identities: BTreeSet::new() });
-                continue;
+        let Some(ident) = pod_identity(cluster, cfg, ids, ip_blocks, failures, ns, name, pod)? else { continue };
+        let key = (ns.clone(), name.clone());
+        let pod_ref = PodRef { namespace: ns.clone(), name: name.clone() };
+        for (ip, id, w) in ident.ips {
+            let w = workloads.entry(id).or_insert(w);
+            if w.pods.last() != Some(&key) {
+                w.pods.push(key.clone());
             }
-        };
-        if ips.is_empty() {
-            continue;
-        }
-        let spec = pod.spec.as_ref();
-        let sa = spec
-            .and_then(|s| {
-                s.service_account_name
-                    .as_deref()
-                    .or(s.service_account.as_deref())
-            })
-            .filter(|s| !s.is_empty())
-            .unwrap_or("default");
-        // Only the labels that identify the workload: a rollout keeps its identity.
-        let pod_labels = cfg.identity_labels.apply(&pod.metadata.labels.clone().unwrap_or_default());
-        let namespace_labels = cluster.namespace_labels(ns);
-        let labels = identity::identity_labels(&pod_labels, &namespace_labels);
-        let local = spec.and_then(|s| s.node_name.as_deref()) == Some(cfg.node_name.as_str());
-        let spiffe = identity::spiffe_id(&cfg.trust_domain, ns, sa);
-        let pod_ref = PodRef {
-            namespace: ns.clone(),
-            name: name.clone(),
-        };
-        for ip in ips {
-            let host = Cidr {
-                addr: ip,
-                prefix: if ip.is_ipv4() { 32 } else { 128 },
-            };
-            let inside: BTreeSet<Cidr> = ip_blocks
-                .iter()
-                .filter(|b| cidr::contains(b, &host))
-                .copied()
-                .collect();
-            let mut id_labels = labels.clone();
-            for b in &inside {
-                id_labels.insert(format!("{IP_BLOCK_LABEL_PREFIX}{}", cidr::to_string(b)), String::new());
-            }
-            let id = ids.workload(&spiffe, &id_labels)?;
-            let w = workloads.entry(id).or_insert_with(|| Workload {
-                namespace: ns.clone(),
-                service_account: sa.to_string(),
-                pod_labels: labels
-                    .iter()
-                    .filter(|(k, _)| !k.starts_with(NAMESPACE_LABEL_PREFIX))
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
-                namespace_labels: namespace_labels.clone(),
-                pods: Vec::new(),
-                local: false,
-                ip_blocks: inside,
-            });
-            if !w.pods.iter().any(|p| std::ptr::eq(*p, pod)) {
-                w.pods.push(pod);
-            }
-            w.local |= local;
-
-            let entry = EndpointEntry {
-                identity: id,
-                flags: if local { EP_LOCAL } else { 0 },
-                pod: Some(pod_ref.clone()),
-            };
+            w.local |= ident.local;
+            let entry = EndpointEntry { identity: id, flags: if ident.local { EP_LOCAL } else { 0 }, pod: Some(pod_ref.clone()) };
             if let Some(prev) = endpoints.insert(ip, entry) {
                 let c = conflicts.entry(ip).or_default();
                 c.extend(prev.pod);
             }
         }
+        claims.insert(key, PodClaim { ips: ident.claims, local: ident.local });
     }
 
     // Two live pods claiming one IP (a stale status during churn): we cannot tell
@@ -238,5 +197,74 @@ pub(crate) fn build<'a>(
             );
         }
     }
-    Ok((workloads, endpoints))
+    Ok(Built { workloads, endpoints, claims })
+}
+
+/// One pod's identities: per address, the identity and the workload it would start.
+pub(crate) struct PodIdentity {
+    pub ips: Vec<(IpAddr, u32, Workload)>,
+    pub claims: Vec<(IpAddr, u32)>,
+    /// What `IdentityAllocator::infos` says of each address's identity.
+    pub infos: Vec<crate::state::IdentityInfo>,
+    pub local: bool,
+}
+
+/// The identity of each of the pod's addresses (allocated in `ids` if new); None when
+/// the pod takes no part in policy or its addresses do not parse (a failure naming it).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pod_identity(
+    cluster: &ClusterState,
+    cfg: &CompileConfig,
+    ids: &mut IdentityAllocator,
+    ip_blocks: &BTreeSet<Cidr>,
+    failures: &mut Vec<Failure>,
+    ns: &str,
+    name: &str,
+    pod: &Pod,
+) -> Result<Option<PodIdentity>, CompileError> {
+    let ips = match pod_ips(pod) {
+        Ok(ips) => ips,
+        Err(m) => {
+            let e = CompileError::at(&format!("Pod {ns}/{name}"), "status.podIPs", m);
+            failures.push(Failure { object: format!("Pod {ns}/{name}"), error: e.to_string(), identities: BTreeSet::new() });
+            return Ok(None);
+        }
+    };
+    if ips.is_empty() {
+        return Ok(None);
+    }
+    let spec = pod.spec.as_ref();
+    let sa = spec
+        .and_then(|s| s.service_account_name.as_deref().or(s.service_account.as_deref()))
+        .filter(|s| !s.is_empty())
+        .unwrap_or("default");
+    // Only the labels that identify the workload: a rollout keeps its identity.
+    let pod_labels = cfg.identity_labels.apply(&pod.metadata.labels.clone().unwrap_or_default());
+    let namespace_labels = cluster.namespace_labels(ns);
+    let labels = identity::identity_labels(&pod_labels, &namespace_labels);
+    let local = spec.and_then(|s| s.node_name.as_deref()) == Some(cfg.node_name.as_str());
+    let spiffe = identity::spiffe_id(&cfg.trust_domain, ns, sa);
+    let mut out = PodIdentity { ips: Vec::new(), claims: Vec::new(), infos: Vec::new(), local };
+    for ip in ips {
+        let host = Cidr { addr: ip, prefix: if ip.is_ipv4() { 32 } else { 128 } };
+        let inside: BTreeSet<Cidr> = ip_blocks.iter().filter(|b| cidr::contains(b, &host)).copied().collect();
+        let mut id_labels = labels.clone();
+        for b in &inside {
+            id_labels.insert(format!("{IP_BLOCK_LABEL_PREFIX}{}", cidr::to_string(b)), String::new());
+        }
+        let id = ids.workload(&spiffe, &id_labels)?;
+        let w = Workload {
+            namespace: ns.to_string(),
+            service_account: sa.to_string(),
+            pod_labels: labels.iter().filter(|(k, _)| !k.starts_with(NAMESPACE_LABEL_PREFIX)).map(|(k, v)| (k.clone(), v.clone())).collect(),
+            namespace_labels: namespace_labels.clone(),
+            pods: Vec::new(),
+            local: false,
+            ip_blocks: inside,
+        };
+        out.ips.push((ip, id, w));
+        out.claims.push((ip, id));
+        out.infos.push(crate::state::IdentityInfo { id, spiffe_id: spiffe.clone(), labels: id_labels });
+    }
+    Ok(Some(out))
 }

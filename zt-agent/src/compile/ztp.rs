@@ -57,8 +57,11 @@ fn views(p: &crate::model::ZeroTrustPolicy) -> Vec<(String, RuleView<'_>)> {
 
 /// Each policy on its own: one that fails is left out and its subjects quarantined
 /// (all local pods of its namespace when the subjects themselves are at fault).
-pub(crate) fn compile(cluster: &ClusterState, ctx: &Ctx<'_>, out: &mut Rules, failures: &mut Vec<Failure>) {
+pub(crate) fn compile(cluster: &ClusterState, ctx: &Ctx<'_>, out: &mut Rules, failures: &mut Vec<Failure>, pick: super::Pick<'_>) {
     for ((ns, name), p) in &cluster.zero_trust_policies {
+        if !pick(ObjectKind::ZeroTrustPolicy, ns, name, out) {
+            continue;
+        }
         let source = ObjectKind::ZeroTrustPolicy.describe(ns, name);
         let quarantine = || subjects(ctx, &source, ns, p).unwrap_or_else(|_| ctx.select_local(ns, &LabelSelector::default()));
         isolate_errors(out, failures, &source, quarantine, |out| policy(ctx, &source, ns, p, out));
@@ -137,7 +140,7 @@ fn policy(ctx: &Ctx<'_>, source: &str, ns: &str, p: &crate::model::ZeroTrustPoli
             };
             out.add(&source, path.clone(), rule);
             if !matches.is_empty() {
-                let rule_id = out.infos.len() as u32;
+                let rule_id = out.next_id() - 1;
                 if let Some(info) = out.infos.get_mut(&rule_id) {
                     info.fqdn = matches.iter().map(|m| m.to_string()).collect();
                 }
@@ -281,4 +284,33 @@ fn peer_ids(
         None => return Err(CompileError::at(source, path, "peer names nothing")),
     };
     Ok(Peers::Ids(ids))
+}
+
+/// Whose pods the policy's peers can name besides its own namespace's (incremental.rs).
+/// Conservative: a SPIFFE ID peer, `entity: cluster` or `dns`, and a named port on
+/// egress (the peers' container ports) reach every namespace.
+pub(crate) fn reach(p: &crate::model::ZeroTrustPolicy) -> super::Reach {
+    let mut out = super::Reach::default();
+    for (path, r) in views(p) {
+        for peer in r.peers.into_iter().flatten() {
+            if peer.spiffe_id.is_some() || matches!(peer.entity, Some(Entity::Cluster | Entity::Dns)) {
+                out.all = true;
+            }
+            if let Some(s) = &peer.namespace_selector {
+                out.namespaces.push(s.to_label_selector());
+            }
+            if peer.fqdn.is_some() {
+                out.full_only = true;
+            }
+        }
+        let named = r.ports.into_iter().flatten().any(|pr| matches!(pr.port, Some(crate::model::k8s::IntOrString::String(_))));
+        if named && path.starts_with("spec.egress") {
+            out.all = true;
+        }
+    }
+    // STRICT adds rules after the probes' (auth.rs): left to the full compile.
+    if p.spec.authentication.is_some() {
+        out.full_only = true;
+    }
+    out
 }

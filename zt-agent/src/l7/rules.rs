@@ -76,6 +76,17 @@ impl HttpTable {
         t
     }
 
+    /// The incremental compile's patch: drops the local identities `gone` says, renumbers
+    /// the remaining rules by `rule_id`, and adds `other`'s (built from every rule of the
+    /// local identities it holds).
+    pub(crate) fn patch(&mut self, gone: impl Fn(u32) -> bool, rule_id: impl Fn(u32) -> u32, other: HttpTable) {
+        self.by_local.retain(|(_, local), _| !gone(*local));
+        for r in self.by_local.values_mut().flatten() {
+            r.rule_id = rule_id(r.rule_id);
+        }
+        self.by_local.extend(other.by_local);
+    }
+
     /// Whether any rule carries HTTP rules (the proxy is needed at all).
     pub fn has_http(&self) -> bool {
         self.by_local.values().flatten().any(|r| r.http.is_some())
