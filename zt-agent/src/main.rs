@@ -227,6 +227,17 @@ struct Flags {
     /// proven: `authentication: required` drops all cross-node traffic).
     #[arg(long, default_value = "[::]:9964")]
     auth_listen: String,
+    /// Where the node's and the local pods' SVIDs and the trust bundles come from:
+    /// `builtin` (an rcgen CA in the agent: --svid-ca-dir, --svid-ttl) or
+    /// `spire:<path>`, the SPIRE agent's admin socket (`admin_socket_path`; this agent's
+    /// SPIFFE ID must be in its `authorized_delegates`), read with the Delegated Identity API.
+    #[arg(long, default_value = "builtin", value_parser = parse_svid_source)]
+    svid_source: zt_agent::svid::spec::SvidSourceSpec,
+    /// With `--svid-source spire:`: the selectors of the node's own SVID
+    /// (`spiffe://<trust domain>/zt/node/<node>`), `type:value` separated by commas;
+    /// `k8s:node-name:<node>` is added. Register one entry per node with them (and the node name).
+    #[arg(long, default_value = zt_agent::svid::spec::DEFAULT_NODE_SELECTORS)]
+    spire_node_selectors: String,
     /// Local mode and demos only: a directory holding the builtin CA (`ca.pem`, root and
     /// key; created if absent) that agents share so that they trust each other. Anyone who
     /// can read it can issue any identity. Unset: each agent has a CA of its own (its
@@ -250,19 +261,38 @@ struct Flags {
 /// `--auth-listen`: an address and port, or `off`.
 fn auth_links(f: &Flags) -> anyhow::Result<Option<zt_agent::auth::links::LinkOptions>> {
     if f.auth_listen == "off" {
+        if f.svid_source != zt_agent::svid::spec::SvidSourceSpec::Builtin {
+            anyhow::bail!("--svid-source {:?} needs the node channels, but --auth-listen is off", f.svid_source);
+        }
         return Ok(None);
     }
     let listen: std::net::SocketAddr = f.auth_listen.parse().map_err(|e| anyhow::anyhow!("--auth-listen {:?}: {e} (an address:port, or off)", f.auth_listen))?;
     if listen.port() == 0 || f.svid_ttl < 60 {
         anyhow::bail!("--auth-listen needs a port (peers dial the same one) and --svid-ttl at least 60 s");
     }
+    if let zt_agent::svid::spec::SvidSourceSpec::Spire { .. } = f.svid_source {
+        if f.svid_ca_dir.is_some() {
+            anyhow::bail!("--svid-ca-dir is the builtin CA's: it does not go with --svid-source spire:");
+        }
+        // Checked here so that a bad list fails at start, named.
+        f.svid_source.spire_config(f.node_name.as_deref().unwrap_or("node"), &f.spire_node_selectors).map_err(|e| anyhow::anyhow!("--spire-node-selectors {:?}: {e}", f.spire_node_selectors))?;
+    }
     Ok(Some(zt_agent::auth::links::LinkOptions {
         listen,
         peer_port: listen.port(),
-        ca_dir: f.svid_ca_dir.clone(),
-        svid_ttl: Duration::from_secs(f.svid_ttl),
+        svid: zt_agent::svid::provider::ProviderOptions {
+            source: f.svid_source.clone(),
+            ca_dir: f.svid_ca_dir.clone(),
+            svid_ttl: Duration::from_secs(f.svid_ttl),
+            node_selectors: f.spire_node_selectors.clone(),
+        },
         grace: Duration::from_secs(f.auth_peer_grace),
     }))
+}
+
+/// `--svid-source`: `builtin` or `spire:<absolute path>` (clap names the flag in its error).
+fn parse_svid_source(s: &str) -> Result<zt_agent::svid::spec::SvidSourceSpec, String> {
+    s.parse()
 }
 
 /// A number, decimal or 0x-prefixed hexadecimal.
@@ -421,8 +451,9 @@ mod tests {
     #[test]
     fn auth_flags() {
         let o = auth_links(&Flags::try_parse_from(["zt-agent"]).unwrap()).unwrap().expect("on by default");
-        assert_eq!((o.listen.to_string().as_str(), o.peer_port, o.grace.as_secs(), o.svid_ttl.as_secs()), ("[::]:9964", 9964, 30, 3600));
-        assert!(o.ca_dir.is_none());
+        assert_eq!((o.listen.to_string().as_str(), o.peer_port, o.grace.as_secs(), o.svid.svid_ttl.as_secs()), ("[::]:9964", 9964, 30, 3600));
+        assert!(o.svid.ca_dir.is_none());
+        assert_eq!(o.svid.source, zt_agent::svid::spec::SvidSourceSpec::Builtin, "builtin by default");
         assert!(auth_links(&Flags::try_parse_from(["zt-agent", "--auth-listen", "off"]).unwrap()).unwrap().is_none());
         for bad in ["9964", "0.0.0.0:0", "node1:9964"] {
             let e = auth_links(&Flags::try_parse_from(["zt-agent", "--auth-listen", bad]).unwrap()).unwrap_err().to_string();
@@ -430,6 +461,33 @@ mod tests {
         }
         let e = auth_links(&Flags::try_parse_from(["zt-agent", "--svid-ttl", "5"]).unwrap()).unwrap_err().to_string();
         assert!(e.contains("--svid-ttl"), "{e}");
+    }
+
+    #[test]
+    fn svid_source_flags() {
+        use zt_agent::svid::spec::SvidSourceSpec;
+        let f = Flags::try_parse_from(["zt-agent", "--svid-source", "spire:/run/spire/admin.sock", "--node-name", "n1"]).unwrap();
+        let o = auth_links(&f).unwrap().unwrap();
+        assert_eq!(o.svid.source, SvidSourceSpec::Spire { socket: "/run/spire/admin.sock".into() });
+        assert_eq!(o.svid.node_selectors, "k8s:ns:zt-system,k8s:sa:zt-agent");
+        // Bad values: clap's error names the flag and says what is expected.
+        for (bad, want) in [("vault", "expected `builtin` or `spire:"), ("spire:admin.sock", "absolute path"), ("spire:", "absolute path")] {
+            let e = Flags::try_parse_from(["zt-agent", "--svid-source", bad]).unwrap_err().to_string();
+            assert!(e.contains("--svid-source") && e.contains(want), "{bad}: {e}");
+        }
+        for (args, want) in [
+            (&["--spire-node-selectors", "k8s"][..], "--spire-node-selectors"),
+            (&["--spire-node-selectors", " , "][..], "--spire-node-selectors"),
+            (&["--svid-ca-dir", "/tmp/ca"][..], "--svid-ca-dir"),
+            (&["--auth-listen", "off"][..], "--auth-listen is off"),
+        ] {
+            let mut v = vec!["zt-agent", "--svid-source", "spire:/s"];
+            v.extend(args);
+            let e = auth_links(&Flags::try_parse_from(v).unwrap()).unwrap_err().to_string();
+            assert!(e.contains(want), "{args:?}: {e}");
+        }
+        // The selectors are the builtin's business only with spire.
+        assert!(auth_links(&Flags::try_parse_from(["zt-agent", "--spire-node-selectors", "k8s"]).unwrap()).is_ok());
     }
 
     #[test]

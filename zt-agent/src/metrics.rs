@@ -79,9 +79,16 @@ pub struct AgentMetrics {
 }
 
 impl AgentMetrics {
-    /// Ready for traffic: the datapath holds a full state, the source is synced and up.
+    /// Ready for traffic: the datapath holds a full state, the source is synced and up, and
+    /// the SVID source (when the node channels run) answers.
     pub fn serving(&self) -> bool {
-        self.ready && self.source_synced && self.source_up
+        self.ready && self.source_synced && self.source_up && self.svid_source_down().is_none()
+    }
+
+    /// Why the SVID source is down (SPIRE's streams), if the node channels run and it is.
+    /// Enforcement goes on with the SVIDs and proofs held; readiness says so.
+    pub fn svid_source_down(&self) -> Option<&str> {
+        self.auth.as_ref()?.source.down_reason.as_deref()
     }
 
     /// Alive: the loop turned recently (it turns at least every poll interval).
@@ -259,8 +266,10 @@ pub async fn serve(addr: String, shared: Shared, bpffs_root: PathBuf) -> Result<
                         "policy source not synced"
                     } else if !m.source_up {
                         "policy source unreachable"
-                    } else {
+                    } else if !m.ready {
                         "datapath not ready"
+                    } else {
+                        m.svid_source_down().unwrap_or("SVID source down")
                     };
                     ("503 Service Unavailable", format!("not ready: {why}\n"))
                 }

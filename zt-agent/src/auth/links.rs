@@ -16,8 +16,9 @@
 //!   at this agent's own start the proofs an earlier agent wrote are kept as long, so that
 //!   its restart cuts no flow. Every removal bumps the policy epoch (the caller).
 //!
-//! SVIDs come from the builtin CA; `--svid-ca-dir` shares one CA between agents (local mode
-//! and demos only: see `BuiltinCa::open_shared`).
+//! SVIDs and bundles come from `svid::provider` (`--svid-source`): the builtin CA
+//! (`--svid-ca-dir` shares one CA between agents: local mode and demos only, see
+//! `BuiltinCa::open_shared`) or SPIRE's Delegated Identity API. This file only uses them.
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -38,10 +39,8 @@ use crate::ctl::auth::PeerError;
 use crate::model::ClusterState;
 use crate::pins::AuthProofsMap;
 use crate::state::{Desired, IdentityInfo};
-use crate::svid::builtin::{BuiltinCa, BuiltinConfig};
-use crate::svid::cache::{CacheConfig, SvidCache};
 use crate::svid::clock::{Clock, SystemClock};
-use crate::svid::source::{Subject, SvidSource};
+use crate::svid::provider::{ProviderOptions, SvidProvider};
 use crate::svid::spiffe_id::{SpiffeId, TrustDomain};
 
 /// Longest wait between two dials of a peer.
@@ -56,9 +55,8 @@ pub struct LinkOptions {
     pub listen: SocketAddr,
     /// The port peers listen on (every agent of the cluster gets the same flags).
     pub peer_port: u16,
-    /// Shared builtin CA (`BuiltinCa::open_shared`); None: a CA of this agent alone.
-    pub ca_dir: Option<std::path::PathBuf>,
-    pub svid_ttl: Duration,
+    /// Where the SVIDs come from (`--svid-source` and its backend's flags).
+    pub svid: ProviderOptions,
     pub grace: Duration,
 }
 
@@ -95,7 +93,7 @@ pub struct Links {
     pub node: String,
     td: TrustDomain,
     opts: LinkOptions,
-    pub(crate) cache: Arc<SvidCache>,
+    pub(crate) svids: Arc<SvidProvider>,
     clock: Arc<dyn Clock>,
     setup: ChannelSetup,
     book: Mutex<ProofBook>,
@@ -114,7 +112,8 @@ pub struct Links {
     /// Wakes the reporter (auth.json, metrics) when a peer's status changes.
     pub(crate) report: Notify,
     local_tx: watch::Sender<LocalSvids>,
-    ids_tx: watch::Sender<BTreeSet<SpiffeId>>,
+    /// Local identities and the UIDs of their live local pods (how SPIRE is asked).
+    ids_tx: watch::Sender<BTreeMap<SpiffeId, BTreeSet<String>>>,
     nodes_tx: watch::Sender<BTreeMap<String, Vec<IpAddr>>>,
     /// CLOCK_BOOTTIME at start: proofs an earlier agent wrote are kept `grace` from here.
     started_ns: u64,
@@ -126,16 +125,9 @@ impl Links {
     pub async fn start(node: &str, trust_domain: &str, opts: LinkOptions) -> Result<Arc<Links>> {
         let td = TrustDomain::parse(trust_domain).map_err(|e| anyhow::anyhow!("--trust-domain: {e}"))?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let mut cfg = BuiltinConfig::new(td.clone());
-        cfg.svid_ttl = opts.svid_ttl;
-        let source: Arc<dyn SvidSource> = Arc::new(match &opts.ca_dir {
-            Some(dir) => BuiltinCa::open_shared(cfg, clock.clone(), dir).with_context(|| format!("--svid-ca-dir {}", dir.display()))?,
-            None => BuiltinCa::new(cfg, clock.clone())?,
-        });
-        let cache = SvidCache::new(source, clock.clone(), CacheConfig::default());
         let me = node_id(&td, node).map_err(|e| anyhow::anyhow!("node name {node:?} makes no SPIFFE ID: {e}"))?;
-        cache.prefetch(Subject::id(me.clone())).await.context("the node SVID")?;
-        tokio::spawn(cache.clone().run(Duration::from_secs(5)));
+        let svids = SvidProvider::start(&opts.svid, node, me.clone(), &td, clock.clone()).await?;
+        let cache = svids.cache().clone();
         let listener = match TcpListener::bind(opts.listen).await {
             Ok(l) => Ok(l),
             // A host without IPv6: the IPv4 wildcard.
@@ -156,7 +148,7 @@ impl Links {
             node: node.to_string(),
             td,
             opts,
-            cache,
+            svids,
             clock,
             setup,
             book: Mutex::default(),
@@ -170,7 +162,7 @@ impl Links {
             changed: Notify::new(),
             report: Notify::new(),
             local_tx: watch::channel(LocalSvids::new()).0,
-            ids_tx: watch::channel(BTreeSet::new()).0,
+            ids_tx: watch::channel(BTreeMap::new()).0,
             nodes_tx: watch::channel(BTreeMap::new()).0,
             started_ns: boottime_ns(),
         });
@@ -202,13 +194,12 @@ impl Links {
             })
             .collect();
         self.nodes_tx.send_if_modified(|cur| std::mem::replace(cur, nodes.clone()) != nodes);
-        let ids: BTreeSet<SpiffeId> = desired
-            .endpoints
-            .values()
-            .filter(|e| e.flags & EP_LOCAL != 0 && e.pod.is_some() && e.identity >= IDENTITY_FIRST_WORKLOAD)
-            .filter_map(|e| desired.identities.get(&e.identity))
-            .filter_map(|i| SpiffeId::parse(&i.spiffe_id).ok())
-            .collect();
+        let mut ids: BTreeMap<SpiffeId, BTreeSet<String>> = BTreeMap::new();
+        for e in desired.endpoints.values().filter(|e| e.flags & EP_LOCAL != 0 && e.identity >= IDENTITY_FIRST_WORKLOAD) {
+            let (Some(pod), Some(id)) = (&e.pod, desired.identities.get(&e.identity).and_then(|i| SpiffeId::parse(&i.spiffe_id).ok())) else { continue };
+            let uid = cluster.pods.get(&(pod.namespace.clone(), pod.name.clone())).and_then(|p| p.metadata.uid.clone()).filter(|u| !u.is_empty());
+            ids.entry(id).or_default().extend(uid);
+        }
         self.ids_tx.send_if_modified(|cur| std::mem::replace(cur, ids.clone()) != ids);
     }
 
@@ -424,7 +415,7 @@ impl Links {
             s.sent.clone()
         });
         log::info!("node channels: channel to {peer} up");
-        let verifier = SvidVerifier::new(self.cache.clone(), self.clock.clone(), PeerPolicy::TrustDomains(BTreeSet::from([self.td.clone()])));
+        let verifier = SvidVerifier::new(self.svids.cache().clone(), self.clock.clone(), PeerPolicy::TrustDomains(BTreeSet::from([self.td.clone()])));
         let (tx, mut rx) = mpsc::channel(64);
         let fut = run_counted(ch, verifier, self.clock.clone(), self.local_tx.subscribe(), tx, &sent, Liveness::default());
         tokio::pin!(fut);
@@ -492,20 +483,11 @@ impl Links {
     }
 
     /// Keeps an SVID for every local identity and publishes them to the sessions.
-    async fn local_loop(self: Arc<Self>, mut ids: watch::Receiver<BTreeSet<SpiffeId>>) {
-        let mut tracked: BTreeSet<SpiffeId> = BTreeSet::new();
+    async fn local_loop(self: Arc<Self>, mut ids: watch::Receiver<BTreeMap<SpiffeId, BTreeSet<String>>>) {
         loop {
             let want = ids.borrow_and_update().clone();
-            for id in want.difference(&tracked) {
-                if let Err(e) = self.cache.prefetch(Subject::id(id.clone())).await {
-                    log::warn!("node channels: no SVID for local identity {id} yet (retrying): {e:#}");
-                }
-            }
-            for id in tracked.difference(&want) {
-                self.cache.remove(id);
-            }
-            tracked = want.clone();
-            let svids: LocalSvids = want.iter().filter_map(|id| self.cache.svid(id).map(|s| (id.clone(), s))).collect();
+            self.svids.track(&want).await;
+            let svids: LocalSvids = want.keys().filter_map(|id| self.svids.svid(id).map(|s| (id.clone(), s))).collect();
             self.local_tx.send_if_modified(|cur| {
                 let same = cur.len() == svids.len() && cur.iter().zip(&svids).all(|((a, x), (b, y))| a == b && Arc::ptr_eq(x, y));
                 if !same {
@@ -525,6 +507,7 @@ impl Links {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::svid::builtin::{BuiltinCa, BuiltinConfig};
 
     #[test]
     fn node_ids_round_trip() {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::links::Links;
-use crate::ctl::auth::{AuthState, PeerRow, SvidRow, AUTH_STATE_FILE};
+use crate::ctl::auth::{AuthState, PeerRow, RefreshError, SourceRow, StreamRow, SvidRow, AUTH_STATE_FILE};
 use crate::metrics::Shared;
 use crate::svid::clock::unix_secs;
 
@@ -28,9 +28,26 @@ pub struct PeerCounts {
     pub rejected: BTreeMap<String, u64>,
 }
 
+/// The SVID source's series (`--svid-source`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SourceCounts {
+    /// `builtin` or `spire`.
+    pub kind: String,
+    pub up: bool,
+    pub streams_up: usize,
+    pub streams_down: usize,
+    /// SVIDs whose last refresh failed (the last valid one is kept).
+    pub refresh_failing: usize,
+    /// Failed fetches (SVIDs and bundles) since start.
+    pub refresh_errors_total: u64,
+    /// Why it is down (readiness names it).
+    pub down_reason: Option<String>,
+}
+
 /// The node channels' metrics (None in `AgentMetrics` when they are off).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct AuthCounts {
+    pub source: SourceCounts,
     pub peers: Vec<PeerCounts>,
     /// Channels refused before the peer was known (accepting side).
     pub refused_unknown: u64,
@@ -39,8 +56,31 @@ pub struct AuthCounts {
 }
 
 fn snapshot(links: &Links) -> (AuthState, AuthCounts) {
+    let src = links.svids.status();
+    let source = SourceRow {
+        source: src.source.clone(),
+        up: src.up,
+        streams: src.streams.iter().map(|s| StreamRow { stream: s.stream.clone(), up: s.up, failures: s.failures, last_error: s.last_error.clone() }).collect(),
+        refresh_errors: src.failing.iter().map(|(id, n, e)| RefreshError { spiffe_id: id.clone(), failures: *n, error: e.clone() }).collect(),
+        bundle_error: src.bundle_error.clone(),
+        roots: src.roots.clone(),
+    };
+    let source_counts = SourceCounts {
+        kind: src.source.split(':').next().unwrap_or_default().to_string(),
+        up: src.up,
+        streams_up: src.streams.iter().filter(|s| s.up).count(),
+        streams_down: src.streams.iter().filter(|s| !s.up).count(),
+        refresh_failing: src.failing.len() + src.bundle_error.is_some() as usize,
+        refresh_errors_total: src.errors_total,
+        down_reason: (!src.up).then(|| {
+            let down: Vec<String> =
+                src.streams.iter().filter(|s| !s.up).map(|s| format!("{}: {}", s.stream, s.last_error.as_deref().unwrap_or("no message yet"))).collect();
+            format!("SVID source {} down ({})", src.source, if down.is_empty() { "no stream open".to_string() } else { down.join("; ") })
+        }),
+    };
     let svids = links
-        .cache
+        .svids
+        .cache()
         .status()
         .into_iter()
         .filter_map(|s| {
@@ -63,6 +103,7 @@ fn snapshot(links: &Links) -> (AuthState, AuthCounts) {
         })
         .collect();
     let counts = AuthCounts {
+        source: source_counts,
         peers: g
             .iter()
             .map(|(n, s)| PeerCounts {
@@ -81,7 +122,7 @@ fn snapshot(links: &Links) -> (AuthState, AuthCounts) {
         refused_unknown: links.refused_unknown.load(Relaxed),
         proofs_by_peers: links.proofs_in_map.load(Relaxed),
     };
-    (AuthState { node: links.node.clone(), svids, peers }, counts)
+    (AuthState { node: links.node.clone(), source: Some(source), svids, peers }, counts)
 }
 
 /// Writes auth.json (when it changes) and the metrics, every second.
@@ -114,6 +155,15 @@ pub fn render(o: &mut String, c: &AuthCounts) {
     let head = |o: &mut String, help: &str, kind: &str, name: &str| {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
     };
+    let s = &c.source;
+    head(o, "1 while the SVID source (--svid-source) answers: builtin always; spire when every stream of the admin socket is up.", "gauge", "zt_svid_source_up");
+    let _ = writeln!(o, "zt_svid_source_up{{source=\"{}\"}} {}", s.kind, s.up as u8);
+    head(o, "Streams of the SVID source by state (SPIRE: the bundle stream and one X509-SVID stream per identity).", "gauge", "zt_svid_source_streams");
+    let _ = writeln!(o, "zt_svid_source_streams{{state=\"up\"}} {}\nzt_svid_source_streams{{state=\"down\"}} {}", s.streams_up, s.streams_down);
+    head(o, "SVIDs (and the bundles) whose last refresh failed; the last valid ones are used until they expire.", "gauge", "zt_svid_refresh_failing");
+    let _ = writeln!(o, "zt_svid_refresh_failing {}", s.refresh_failing);
+    head(o, "Failed SVID and bundle refreshes since the agent started.", "counter", "zt_svid_refresh_errors_total");
+    let _ = writeln!(o, "zt_svid_refresh_errors_total {}", s.refresh_errors_total);
     head(o, "1 while the node channel to the peer is up (proofs flow both ways).", "gauge", "zt_auth_channel_up");
     for p in &c.peers {
         let _ = writeln!(o, "zt_auth_channel_up{{peer=\"{}\"}} {}", p.peer, p.up as u8);

@@ -233,9 +233,23 @@ fn run() -> Result<()> {
             let proofs = ctl::auth::proofs(&maps, &snap, &st)?;
             let problems = ctl::auth::diagnose(&st, std::time::SystemTime::now());
             if json {
-                let v = serde_json::json!({"node": st.node, "svids": st.svids, "peers": st.peers, "proofs": proofs, "problems": problems});
+                let v = serde_json::json!({"node": st.node, "source": st.source, "svids": st.svids, "peers": st.peers, "proofs": proofs, "problems": problems});
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(());
+            }
+            if let Some(src) = &st.source {
+                let roots: Vec<String> = src.roots.iter().map(|(td, n)| format!("{td}: {n}")).collect();
+                println!("SVID source {} ({}), roots {}", src.source, if src.up { "up" } else { "DOWN" }, if roots.is_empty() { "none".into() } else { roots.join(", ") });
+                if !src.streams.is_empty() {
+                    println!("{:<60} {:<6} {:>8}  LAST ERROR", "STREAM", "STATE", "FAILURES");
+                    for s in &src.streams {
+                        println!("{:<60} {:<6} {:>8}  {}", s.stream, if s.up { "up" } else { "down" }, s.failures, s.last_error.as_deref().unwrap_or("-"));
+                    }
+                }
+                for e in &src.refresh_errors {
+                    println!("refresh of {} failing ({} in a row): {}", e.spiffe_id, e.failures, e.error);
+                }
+                println!();
             }
             println!("{:<60} {:>12} {:>12} {:>12}", "SVID", "NOT BEFORE", "NOT AFTER", "REFRESH");
             for s in &st.svids {

@@ -101,9 +101,44 @@ pub struct PeerRow {
     pub last_error: Option<PeerError>,
 }
 
+/// One stream of the SVID source (SPIRE: `bundles` or the SPIFFE ID of an X509-SVID stream).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamRow {
+    pub stream: String,
+    pub up: bool,
+    /// Times it failed or ended (each followed by a reconnect).
+    pub failures: u64,
+    pub last_error: Option<String>,
+}
+
+/// An SVID whose last refresh failed (the last valid one is kept until its not-after).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefreshError {
+    pub spiffe_id: String,
+    pub failures: u32,
+    pub error: String,
+}
+
+/// Where the SVIDs come from (`--svid-source`) and its health.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceRow {
+    /// `builtin` or `spire:<admin socket>`.
+    pub source: String,
+    /// Every stream up (builtin: always).
+    pub up: bool,
+    pub streams: Vec<StreamRow>,
+    pub refresh_errors: Vec<RefreshError>,
+    pub bundle_error: Option<String>,
+    /// Roots held per trust domain (two while a root rotation publishes old and new).
+    pub roots: std::collections::BTreeMap<String, usize>,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct AuthState {
     pub node: String,
+    /// Absent in the state file of an agent older than `--svid-source`.
+    #[serde(default)]
+    pub source: Option<SourceRow>,
     pub svids: Vec<SvidRow>,
     pub peers: Vec<PeerRow>,
 }
@@ -175,6 +210,15 @@ pub fn diagnose(st: &AuthState, now: SystemTime) -> Vec<String> {
             out.push(format!("{}'s clock is {} {dir} this node's (measured over the channel)", p.node, secs(off.round() as i64)));
         }
     }
+    if let Some(src) = st.source.as_ref().filter(|s| !s.up) {
+        let down: Vec<String> = src
+            .streams
+            .iter()
+            .filter(|s| !s.up)
+            .map(|s| format!("{} ({})", s.stream, s.last_error.as_deref().unwrap_or("no message yet")))
+            .collect();
+        out.push(format!("the SVID source {} is down: {}; the SVIDs held are used until they expire", src.source, down.join("; ")));
+    }
     let now_s = unix_secs(now);
     for s in &st.svids {
         if now_s < s.not_before {
@@ -206,6 +250,7 @@ mod tests {
         let e = SvidError::NotYetValid { cert: CertRole::Leaf, now, not_before: issued_at - Duration::from_secs(10) };
         let st = AuthState {
             node: "node1".into(),
+            source: None,
             svids: vec![SvidRow {
                 spiffe_id: "spiffe://zt.test/zt/node/node1".into(),
                 not_before: 1_799_999_990,
@@ -239,5 +284,20 @@ mod tests {
         assert_eq!(d[0], "node2's SVID for spiffe://zt.test/ns/default/sa/api expired 10s ago by this node's clock: this node's clock is ≥ 10s ahead of the issuer, or node2 did not renew it");
         assert_eq!(d[1], "this node's SVID for spiffe://zt.test/zt/node/node1 expired 10s ago (refresh due at unix 1800001790)");
         assert!(diagnose(&AuthState::default(), clock.now()).is_empty());
+        // SPIRE down: named with the stream's error.
+        let down = SourceRow {
+            source: "spire:/run/spire/admin.sock".into(),
+            up: false,
+            streams: vec![
+                StreamRow { stream: "bundles".into(), up: true, failures: 0, last_error: None },
+                StreamRow { stream: "spiffe://zt.test/zt/node/node1".into(), up: false, failures: 3, last_error: Some("connection refused".into()) },
+            ],
+            ..SourceRow::default()
+        };
+        let st3 = AuthState { source: Some(down), ..AuthState::default() };
+        assert_eq!(
+            diagnose(&st3, clock.now()),
+            ["the SVID source spire:/run/spire/admin.sock is down: spiffe://zt.test/zt/node/node1 (connection refused); the SVIDs held are used until they expire"]
+        );
     }
 }

@@ -64,6 +64,7 @@ struct Inner {
     bundles_next: SystemTime,
     bundle_failures: u32,
     bundle_error: Option<String>,
+    errors_total: u64,
 }
 
 pub struct SvidCache {
@@ -97,7 +98,7 @@ impl SvidCache {
             source,
             clock,
             cfg,
-            inner: Mutex::new(Inner { entries: BTreeMap::new(), bundles: Arc::default(), bundles_next: now, bundle_failures: 0, bundle_error: None }),
+            inner: Mutex::new(Inner { entries: BTreeMap::new(), bundles: Arc::default(), bundles_next: now, bundle_failures: 0, bundle_error: None, errors_total: 0 }),
         })
     }
 
@@ -105,11 +106,32 @@ impl SvidCache {
         self.source.name()
     }
 
-    /// Starts tracking `subject`; its first fetch is due now.
+    /// Starts tracking `subject`; its first fetch is due now. An ID tracked already under
+    /// another subject (the pod it was described by left, another pod of the ID lives) takes
+    /// the new subject, keeps its current SVID and is fetched again now.
     pub fn add(&self, subject: Subject) {
         let now = self.clock.now();
         let mut g = self.inner.lock().unwrap();
-        g.entries.entry(subject.spiffe_id.clone()).or_insert(Entry { subject, current: None, next_attempt: now, failures: 0, last_error: None });
+        match g.entries.get_mut(&subject.spiffe_id) {
+            Some(e) if e.subject != subject => {
+                e.subject = subject;
+                e.next_attempt = now;
+            }
+            Some(_) => {}
+            None => {
+                g.entries.insert(subject.spiffe_id.clone(), Entry { subject, current: None, next_attempt: now, failures: 0, last_error: None });
+            }
+        }
+    }
+
+    /// The subject `id` is tracked under.
+    pub fn subject(&self, id: &SpiffeId) -> Option<Subject> {
+        self.inner.lock().unwrap().entries.get(id).map(|e| e.subject.clone())
+    }
+
+    /// Failed fetches (SVIDs and bundles) since the cache was made.
+    pub fn errors_total(&self) -> u64 {
+        self.inner.lock().unwrap().errors_total
     }
 
     /// Tracks `subject` and fetches its SVID now (a pod's admission waits on this).
@@ -225,6 +247,8 @@ impl SvidCache {
                 e.last_error = None;
             }
             Err(err) => {
+                g.errors_total += 1;
+                let Some(e) = g.entries.get_mut(id) else { return };
                 e.failures += 1;
                 e.next_attempt = now + backoff(&self.cfg, e.failures);
                 e.last_error = Some(format!("{err:#}"));
@@ -250,6 +274,7 @@ impl SvidCache {
                 g.bundles_next = now + self.cfg.bundle_refresh;
             }
             Err(err) => {
+                g.errors_total += 1;
                 g.bundle_failures += 1;
                 g.bundles_next = now + backoff(&self.cfg, g.bundle_failures);
                 g.bundle_error = Some(format!("{err:#}"));

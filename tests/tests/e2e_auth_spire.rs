@@ -1,0 +1,267 @@
+//! Node channels on SPIRE end to end (issue 10): lab `two-nodes`, one agent per node, both
+//! with `--svid-source spire:<socket>` against ONE SPIRE stand-in (zt_testbed::spire, the
+//! Delegated Identity API on a Unix socket) that serves both nodes: a node entry per node
+//! (`k8s:ns:zt-system`, `k8s:sa:zt-agent`, `k8s:node-name:<node>`) and entries for the lab's
+//! service accounts (`k8s:ns`, `k8s:sa`). b (node2) -> a (node1) TCP 80 under an
+//! `authentication: required` rule, real sockets:
+//! - both agents get their node SVID and their pods' SVIDs from SPIRE (node2 asks for b's by
+//!   b's pod UID and node name); once node1 holds node2's proof of b, the first SYN of a new
+//!   flow passes (both families) with zero `auth-required` drops; `ztctl auth` names the
+//!   source, its streams up, and the metrics and /readyz say SPIRE is up;
+//! - an SVID rotation SPIRE pushes (b's identity and node2's node SVID) reaches node1 as a
+//!   new proof (shorter expiry), and a root rotation A -> A+B -> B (every SVID re-signed by
+//!   B) too, under a live cross-node TCP flow: the flow keeps working, new flows pass, zero
+//!   `auth-required` drops; node2's agent restarted after it: the channel comes back on
+//!   B-signed node SVIDs verified against bundle B;
+//! - the stand-in stopped: both agents report SPIRE down (`zt_svid_source_up 0`, /readyz
+//!   503 naming the SVID source, `ztctl auth` a problem) and enforcement continues with the
+//!   SVIDs held (the live flow and new flows pass, zero drops); back: streams up, ready, and
+//!   a rotation pushed then reaches node1 again.
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::*;
+use zt_testbed::spire::SpireStandIn;
+use zt_testbed::{AgentHandle, Family, Proto};
+
+const POLICY: &str = "apiVersion: zt.dev/v1alpha1
+kind: ZeroTrustPolicy
+metadata: {name: a-in, namespace: default}
+spec:
+  subjects: [{podSelector: {matchLabels: {app: a}}}]
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: b}}}]
+    ports: [{protocol: TCP, port: 80}, {protocol: TCP, port: 7000}]
+    authentication: required
+";
+
+/// a's and b's SPIFFE ID (namespace default, service account default).
+const B_ID: &str = "spiffe://cluster.local/ns/default/sa/default";
+const C_ID: &str = "spiffe://cluster.local/ns/other/sa/default";
+const B_UID: &str = "00000000-0000-4000-8000-0000000000b2";
+/// A peer's dial backoff (at most 10 s) plus a handshake.
+const CHANNEL_DEADLINE: Duration = Duration::from_secs(30);
+
+fn node_id(n: &str) -> String {
+    format!("spiffe://cluster.local/zt/node/{n}")
+}
+
+/// The stand-in's socket path, removed at the start and on drop (also when the test fails).
+struct Socket(PathBuf);
+
+impl Socket {
+    fn new() -> Socket {
+        let p = std::env::temp_dir().join(format!("zt-e2e-spire-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        Socket(p)
+    }
+}
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The lab's pods with the Node objects' InternalIPs (the bed's node addresses).
+fn pods_with_node_ips() -> String {
+    let mut pods = std::fs::read_to_string(lab("two-nodes").join("pods.yaml")).unwrap();
+    assert!(pods.contains(B_UID), "labs/two-nodes/pods.yaml changed: b's UID");
+    for k in [1, 2] {
+        let name = format!("metadata:\n  name: node{k}\n");
+        assert!(pods.contains(&name), "labs/two-nodes/pods.yaml changed: no Node node{k}");
+        pods = pods.replace(
+            &name,
+            &format!("{name}status:\n  addresses: [{{type: InternalIP, address: 10.255.0.{k}}}, {{type: InternalIP, address: \"fd00:255::{k}\"}}]\n"),
+        );
+    }
+    pods
+}
+
+fn auth_of(bed: &Bed, agent: &AgentHandle) -> serde_json::Value {
+    let out = std::process::Command::new(&bed.ztctl)
+        .arg("--bpffs-root")
+        .arg(&agent.bpffs_root)
+        .arg("--state-dir")
+        .arg(&agent.state_dir)
+        .arg("--admin-socket")
+        .arg(&agent.admin_socket)
+        .args(["-o", "json", "auth"])
+        .output()
+        .expect("running ztctl");
+    assert!(out.status.success(), "ztctl auth: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Seconds left on node2's proof of b in node1's map.
+fn node2_proof_of_b(bed: &Bed) -> Option<i64> {
+    let a = auth_of(bed, &bed.agent);
+    a["proofs"].as_array()?.iter().find(|p| p["node"] == "node2" && p["spiffe_id"] == B_ID).and_then(|p| p["expires_in_s"].as_i64()).filter(|s| *s > 0)
+}
+
+/// The not-after `agent` reports for its SVID of `id` (unix seconds).
+fn svid_not_after(bed: &Bed, agent: &AgentHandle, id: &str) -> Option<i64> {
+    auth_of(bed, agent)["svids"].as_array()?.iter().find(|s| s["spiffe_id"] == id)?["not_after"].as_i64()
+}
+
+fn auth_drops(bed: &Bed) -> f64 {
+    bed.metrics().get("zt_verdicts_total", &[("direction", "ingress"), ("reason", "auth-required")]).unwrap_or(0.0)
+}
+
+fn source_up(agent: &AgentHandle) -> Option<f64> {
+    Metrics(agent.metrics().ok()?).get("zt_svid_source_up", &[("source", "spire")])
+}
+
+fn wait_for(what: &str, bed: &Bed, agent2: &AgentHandle, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < CHANNEL_DEADLINE {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}\nnode1 agent log tail:\n{}\nnode2 agent log tail:\n{}", tail(&bed.agent.log(), 25), tail(&agent2.log(), 25));
+}
+
+/// One new TCP flow b -> a per family; each must pass from its first SYN.
+fn flows_pass(bed: &Bed) {
+    for f in FAMILIES {
+        assert_eq!(bed.tb.probe(&pod("default", "b"), &tgt("default", "a", f), Proto::Tcp, 80, ALLOWED), ok("default/a"), "b -> a tcp/80 {f:?}");
+    }
+}
+
+/// New flows pass, the live one still echoes, and no `auth-required` drop was counted.
+fn nothing_lost(bed: &Bed, live: &mut zt_testbed::TcpFlow, drops_before: f64, when: &str) {
+    assert!(live.roundtrip(ALLOWED), "{when}: the live flow b -> f keeps working");
+    flows_pass(bed);
+    assert_eq!(auth_drops(bed), drops_before, "{when}: no auth-required drop");
+}
+
+#[test]
+fn two_agents_on_one_spire_prove_rotate_and_ride_out_an_outage() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let sock = Socket::new();
+    let spire = rt.block_on(SpireStandIn::start(&sock.0, "cluster.local")).unwrap();
+    for n in ["node1", "node2"] {
+        spire.register(&node_id(n), &["k8s:ns:zt-system", "k8s:sa:zt-agent", &format!("k8s:node-name:{n}")]);
+    }
+    spire.register(B_ID, &["k8s:ns:default", "k8s:sa:default"]);
+    spire.register(C_ID, &["k8s:ns:other", "k8s:sa:default"]);
+
+    let source = format!("spire:{}", sock.0.display());
+    let pods = pods_with_node_ips();
+    let bed = bed("two-nodes", &[("pods.yaml", &pods), ("50-a.yaml", POLICY)], &["--svid-source", &source]);
+    let agent2 = bed
+        .tb
+        .start_agent("node2", &zt_testbed::bins::find("zt-agent").unwrap(), &bed.dir, &["--poll-ms", "100", "--svid-source", &source])
+        .unwrap();
+    agent2.wait_ready(Duration::from_secs(20)).unwrap();
+
+    // Proven over the channel, from SPIRE's SVIDs; nothing was sent b -> a before.
+    wait_for("node1 to hold node2's proof of b", &bed, &agent2, || node2_proof_of_b(&bed).is_some());
+    let before = auth_drops(&bed);
+    flows_pass(&bed);
+    assert_eq!(auth_drops(&bed), before, "no auth-required drop: proven before the first SYN");
+    let subs = spire.subscriptions();
+    assert!(
+        subs.iter().any(|s| s.contains(&format!("k8s:pod-uid:{B_UID}")) && s.contains(&"k8s:node-name:node2".to_string())),
+        "node2 asked for b's SVID by b's pod UID and its node name: {subs:?}"
+    );
+    assert!(subs.iter().any(|s| *s == ["k8s:node-name:node1", "k8s:ns:zt-system", "k8s:sa:zt-agent"]), "node1's node selectors: {subs:?}");
+    let a2 = auth_of(&bed, &agent2);
+    assert_eq!(a2["source"]["source"], source.as_str(), "{a2}");
+    let spire_svid = |a: &AgentHandle, n: &str| svid_not_after(&bed, a, &node_id(n)) == spire.current(&node_id(n)).map(|s| s.expires_at);
+    wait_for("node2's node SVID to be SPIRE's", &bed, &agent2, || spire_svid(&agent2, "node2"));
+    wait_for("both agents to report SPIRE up and be ready", &bed, &agent2, || {
+        [&bed.agent, &agent2].iter().all(|a| {
+            let st = auth_of(&bed, a);
+            st["source"]["up"] == true
+                && st["source"]["streams"].as_array().is_some_and(|s| s.len() >= 3 && s.iter().all(|s| s["up"] == true))
+                && source_up(a) == Some(1.0)
+                && a.http_get("/readyz").is_ok()
+        })
+    });
+    let m2 = Metrics(agent2.metrics().unwrap());
+    assert_eq!(m2.get("zt_svid_source_streams", &[("state", "down")]), Some(0.0));
+
+    // A live flow b -> f:7000 (f: a's identity on node1, echoing) through all that follows.
+    let mut f = zt_testbed::Pod::new("default", "f", "node1", &["10.200.1.9".parse().unwrap(), "fd00:200:1::9".parse().unwrap()], &[(Proto::Tcp, 7000)]);
+    f.labels.insert("app".into(), "a".into());
+    f.ports[0].name = Some("echo".into());
+    bed.add_pod(f.clone()).unwrap();
+    bed.write("05-pod-f.yaml", &f.to_yaml());
+    let mut live = None;
+    wait_for("a flow b -> f tcp/7000", &bed, &agent2, || {
+        live = bed.open_tcp(&pod("default", "b"), &tgt("default", "f", Family::V4), 7000, ALLOWED).ok();
+        live.as_mut().is_some_and(|l| l.roundtrip(ALLOWED))
+    });
+    let mut live = live.unwrap();
+    let drops = auth_drops(&bed);
+
+    // SVID rotation pushed by SPIRE (shorter lifetime, so that the new proof is told apart).
+    spire.set_validity(Duration::from_secs(3000), Duration::from_secs(10));
+    spire.rotate(B_ID).unwrap();
+    spire.rotate(&node_id("node2")).unwrap();
+    wait_for("node1 to hold node2's proof of b's rotated SVID", &bed, &agent2, || node2_proof_of_b(&bed).is_some_and(|s| s <= 3000));
+    wait_for("node2 to hold its rotated node SVID", &bed, &agent2, || spire_svid(&agent2, "node2"));
+    nothing_lost(&bed, &mut live, drops, "after an SVID rotation");
+
+    // Root rotation A -> A+B -> B, every SVID re-signed by B in between.
+    spire.publish_next_root().unwrap();
+    let roots = |a: &AgentHandle, n: i64| auth_of(&bed, a)["source"]["roots"]["cluster.local"].as_i64() == Some(n);
+    wait_for("both agents to hold A+B", &bed, &agent2, || roots(&bed.agent, 2) && roots(&agent2, 2));
+    spire.set_validity(Duration::from_secs(2800), Duration::from_secs(10));
+    spire.activate_newest_root();
+    spire.rotate_all().unwrap();
+    wait_for("node1 to hold node2's proof of b signed by B", &bed, &agent2, || node2_proof_of_b(&bed).is_some_and(|s| s <= 2800));
+    wait_for("both agents to hold their B-signed node SVIDs", &bed, &agent2, || {
+        spire_svid(&bed.agent, "node1") && spire_svid(&agent2, "node2")
+    });
+    nothing_lost(&bed, &mut live, drops, "with bundle A+B and SVIDs of B");
+    spire.retire_inactive_roots();
+    wait_for("both agents to hold B only", &bed, &agent2, || roots(&bed.agent, 1) && roots(&agent2, 1));
+    nothing_lost(&bed, &mut live, drops, "with bundle B");
+    let refused = |m: &Metrics| m.get("zt_auth_channels_refused_total", &[("peer", "node2")]).unwrap_or(0.0);
+    assert_eq!(refused(&bed.metrics()), 0.0);
+    // A new channel on B alone: node2's agent restarted; node1 dials it again (B-signed SVIDs
+    // both ways, verified against bundle B). Proofs sent on it reach node1.
+    let received = || bed.metrics().get("zt_auth_proofs_received_total", &[("peer", "node2"), ("kind", "proof")]).unwrap_or(0.0);
+    let received_before = received();
+    agent2.stop();
+    agent2.start().unwrap();
+    agent2.wait_ready(Duration::from_secs(20)).unwrap();
+    wait_for("a new channel node1 <-> node2 under bundle B", &bed, &agent2, || {
+        let a1 = auth_of(&bed, &bed.agent);
+        let up = a1["peers"].as_array().unwrap().iter().any(|p| p["node"] == "node2" && p["state"] == "up");
+        up && received() > received_before
+    });
+    assert_eq!(refused(&bed.metrics()), 0.0, "no channel refused across the root rotation");
+    nothing_lost(&bed, &mut live, drops, "after node2's agent restart under bundle B");
+
+    // SPIRE stops: both agents say so; enforcement continues with what is held.
+    rt.block_on(spire.stop());
+    wait_for("both agents to report SPIRE down", &bed, &agent2, || {
+        [&bed.agent, &agent2].iter().all(|a| {
+            let ready = a.http_get("/readyz");
+            source_up(a) == Some(0.0) && ready.as_ref().is_err_and(|e| e.to_string().contains("SVID source spire:"))
+        })
+    });
+    let m1 = bed.metrics();
+    assert!(m1.get("zt_svid_source_streams", &[("state", "down")]).unwrap_or(0.0) >= 2.0, "bundles and node streams down");
+    assert!(m1.get("zt_svid_refresh_errors_total", &[]).unwrap_or(0.0) >= 1.0, "failed refreshes counted");
+    let a1 = auth_of(&bed, &bed.agent);
+    assert_eq!(a1["source"]["up"], false, "{a1}");
+    assert!(a1["problems"].as_array().unwrap().iter().any(|p| p.as_str().unwrap().contains("is down")), "ztctl auth names SPIRE down: {a1}");
+    nothing_lost(&bed, &mut live, drops, "while SPIRE is down");
+    assert!(node2_proof_of_b(&bed).is_some(), "the proof stays while the SVID is valid");
+
+    // SPIRE back: streams up, ready again, and a rotation it pushes reaches node1.
+    rt.block_on(spire.restart()).unwrap();
+    wait_for("both agents to report SPIRE up again", &bed, &agent2, || [&bed.agent, &agent2].iter().all(|a| source_up(a) == Some(1.0) && a.http_get("/readyz").is_ok()));
+    spire.set_validity(Duration::from_secs(2600), Duration::from_secs(10));
+    spire.rotate(B_ID).unwrap();
+    wait_for("node1 to hold the proof of b's SVID issued after the outage", &bed, &agent2, || node2_proof_of_b(&bed).is_some_and(|s| s <= 2600));
+    nothing_lost(&bed, &mut live, drops, "after SPIRE came back");
+}
