@@ -1,13 +1,14 @@
 //! Node channels on SPIRE end to end (issue 10): lab `two-nodes`, one agent per node, both
 //! with `--svid-source spire:<socket>` against ONE SPIRE stand-in (zt_testbed::spire, the
 //! Delegated Identity API on a Unix socket) that serves both nodes: a node entry per node
-//! (`k8s:ns:zt-system`, `k8s:sa:zt-agent`, `k8s:node-name:<node>`) and entries for the lab's
-//! service accounts (`k8s:ns`, `k8s:sa`). b (node2) -> a (node1) TCP 80 under an
-//! `authentication: required` rule, real sockets:
+//! (`k8s:ns:zt-system`, `k8s:sa:zt-agent`, `k8s:node-name:<node>`), an entry for a's and b's
+//! service account (`k8s:ns`, `k8s:sa`) and one for c by its pod UID. b (node2) -> a (node1)
+//! TCP 80 under an `authentication: required` rule, real sockets:
 //! - both agents get their node SVID and their pods' SVIDs from SPIRE (node2 asks for b's by
-//!   b's pod UID and node name); once node1 holds node2's proof of b, the first SYN of a new
-//!   flow passes (both families) with zero `auth-required` drops; `ztctl auth` names the
-//!   source, its streams up, and the metrics and /readyz say SPIRE is up;
+//!   b's pod UID and node name; c's pod-uid entry is proven too); once node1 holds node2's
+//!   proof of b, the first SYN of a new flow passes (both families) with zero
+//!   `auth-required` drops; `ztctl auth` names the source, its streams up, and the metrics
+//!   and /readyz say SPIRE is up;
 //! - an SVID rotation SPIRE pushes (b's identity and node2's node SVID) reaches node1 as a
 //!   new proof (shorter expiry), and a root rotation A -> A+B -> B (every SVID re-signed by
 //!   B) too, under a live cross-node TCP flow: the flow keeps working, new flows pass, zero
@@ -41,6 +42,7 @@ spec:
 const B_ID: &str = "spiffe://cluster.local/ns/default/sa/default";
 const C_ID: &str = "spiffe://cluster.local/ns/other/sa/default";
 const B_UID: &str = "00000000-0000-4000-8000-0000000000b2";
+const C_UID: &str = "00000000-0000-4000-8000-0000000000c2";
 /// A peer's dial backoff (at most 10 s) plus a handshake.
 const CHANNEL_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -148,15 +150,13 @@ fn two_agents_on_one_spire_prove_rotate_and_ride_out_an_outage() {
         spire.register(&node_id(n), &["k8s:ns:zt-system", "k8s:sa:zt-agent", &format!("k8s:node-name:{n}")]);
     }
     spire.register(B_ID, &["k8s:ns:default", "k8s:sa:default"]);
-    spire.register(C_ID, &["k8s:ns:other", "k8s:sa:default"]);
+    // c's entry by its pod UID (as per-pod entries are made).
+    spire.register(C_ID, &[&format!("k8s:pod-uid:{C_UID}"), "k8s:ns:other"]);
 
     let source = format!("spire:{}", sock.0.display());
     let pods = pods_with_node_ips();
     let bed = bed("two-nodes", &[("pods.yaml", &pods), ("50-a.yaml", POLICY)], &["--svid-source", &source]);
-    let agent2 = bed
-        .tb
-        .start_agent("node2", &zt_testbed::bins::find("zt-agent").unwrap(), &bed.dir, &["--poll-ms", "100", "--svid-source", &source])
-        .unwrap();
+    let agent2 = bed.tb.start_agent("node2", &zt_testbed::bins::find("zt-agent").unwrap(), &bed.dir, &["--poll-ms", "100", "--svid-source", &source]).unwrap();
     agent2.wait_ready(Duration::from_secs(20)).unwrap();
 
     // Proven over the channel, from SPIRE's SVIDs; nothing was sent b -> a before.
@@ -170,6 +170,9 @@ fn two_agents_on_one_spire_prove_rotate_and_ride_out_an_outage() {
         "node2 asked for b's SVID by b's pod UID and its node name: {subs:?}"
     );
     assert!(subs.iter().any(|s| *s == ["k8s:node-name:node1", "k8s:ns:zt-system", "k8s:sa:zt-agent"]), "node1's node selectors: {subs:?}");
+    wait_for("node1 to hold node2's proof of c (a pod-uid entry)", &bed, &agent2, || {
+        auth_of(&bed, &bed.agent)["proofs"].as_array().unwrap().iter().any(|p| p["node"] == "node2" && p["spiffe_id"] == C_ID)
+    });
     let a2 = auth_of(&bed, &agent2);
     assert_eq!(a2["source"]["source"], source.as_str(), "{a2}");
     let spire_svid = |a: &AgentHandle, n: &str| svid_not_after(&bed, a, &node_id(n)) == spire.current(&node_id(n)).map(|s| s.expires_at);
@@ -216,9 +219,7 @@ fn two_agents_on_one_spire_prove_rotate_and_ride_out_an_outage() {
     spire.activate_newest_root();
     spire.rotate_all().unwrap();
     wait_for("node1 to hold node2's proof of b signed by B", &bed, &agent2, || node2_proof_of_b(&bed).is_some_and(|s| s <= 2800));
-    wait_for("both agents to hold their B-signed node SVIDs", &bed, &agent2, || {
-        spire_svid(&bed.agent, "node1") && spire_svid(&agent2, "node2")
-    });
+    wait_for("both agents to hold their B-signed node SVIDs", &bed, &agent2, || spire_svid(&bed.agent, "node1") && spire_svid(&agent2, "node2"));
     nothing_lost(&bed, &mut live, drops, "with bundle A+B and SVIDs of B");
     spire.retire_inactive_roots();
     wait_for("both agents to hold B only", &bed, &agent2, || roots(&bed.agent, 1) && roots(&agent2, 1));
@@ -245,21 +246,25 @@ fn two_agents_on_one_spire_prove_rotate_and_ride_out_an_outage() {
     wait_for("both agents to report SPIRE down", &bed, &agent2, || {
         [&bed.agent, &agent2].iter().all(|a| {
             let ready = a.http_get("/readyz");
-            source_up(a) == Some(0.0) && ready.as_ref().is_err_and(|e| e.to_string().contains("SVID source spire:"))
+            let Ok(m) = a.metrics().map(Metrics) else { return false };
+            let st = auth_of(&bed, a);
+            m.get("zt_svid_source_up", &[("source", "spire")]) == Some(0.0)
+                && ready.as_ref().is_err_and(|e| e.to_string().contains("SVID source spire:"))
+                // The bundle, node and pod streams; failed refreshes counted.
+                && m.get("zt_svid_source_streams", &[("state", "down")]).unwrap_or(0.0) >= 3.0
+                && m.get("zt_svid_refresh_errors_total", &[]).unwrap_or(0.0) >= 1.0
+                && st["source"]["up"] == false
+                && st["problems"].as_array().unwrap().iter().any(|p| p.as_str().unwrap().contains("is down"))
         })
     });
-    let m1 = bed.metrics();
-    assert!(m1.get("zt_svid_source_streams", &[("state", "down")]).unwrap_or(0.0) >= 2.0, "bundles and node streams down");
-    assert!(m1.get("zt_svid_refresh_errors_total", &[]).unwrap_or(0.0) >= 1.0, "failed refreshes counted");
-    let a1 = auth_of(&bed, &bed.agent);
-    assert_eq!(a1["source"]["up"], false, "{a1}");
-    assert!(a1["problems"].as_array().unwrap().iter().any(|p| p.as_str().unwrap().contains("is down")), "ztctl auth names SPIRE down: {a1}");
     nothing_lost(&bed, &mut live, drops, "while SPIRE is down");
     assert!(node2_proof_of_b(&bed).is_some(), "the proof stays while the SVID is valid");
 
     // SPIRE back: streams up, ready again, and a rotation it pushes reaches node1.
     rt.block_on(spire.restart()).unwrap();
-    wait_for("both agents to report SPIRE up again", &bed, &agent2, || [&bed.agent, &agent2].iter().all(|a| source_up(a) == Some(1.0) && a.http_get("/readyz").is_ok()));
+    wait_for("both agents to report SPIRE up again", &bed, &agent2, || {
+        [&bed.agent, &agent2].iter().all(|a| source_up(a) == Some(1.0) && a.http_get("/readyz").is_ok())
+    });
     spire.set_validity(Duration::from_secs(2600), Duration::from_secs(10));
     spire.rotate(B_ID).unwrap();
     wait_for("node1 to hold the proof of b's SVID issued after the outage", &bed, &agent2, || node2_proof_of_b(&bed).is_some_and(|s| s <= 2600));

@@ -102,7 +102,8 @@ impl SvidProvider {
                 (Arc::new(ca), Backend::Builtin, "builtin".to_string())
             }
             SvidSourceSpec::Spire { socket } => {
-                let mut cfg: SpireConfig = opts.source.spire_config(node_name, &opts.node_selectors).map_err(|e| anyhow::anyhow!("--spire-node-selectors: {e}"))?.unwrap();
+                let mut cfg: SpireConfig =
+                    opts.source.spire_config(node_name, &opts.node_selectors).map_err(|e| anyhow::anyhow!("--spire-node-selectors: {e}"))?.unwrap();
                 // A local socket: reconnecting is cheap, and a SPIRE agent back from a
                 // restart is used within seconds.
                 cfg.backoff_max = Duration::from_secs(5);
@@ -111,14 +112,7 @@ impl SvidProvider {
             }
         };
         let cache = SvidCache::new(source, clock, CacheConfig::default());
-        let p = Arc::new(SvidProvider {
-            cache,
-            backend,
-            node: node.clone(),
-            source_name,
-            tracking: tokio::sync::Mutex::new(()),
-            tracked: Mutex::default(),
-        });
+        let p = Arc::new(SvidProvider { cache, backend, node: node.clone(), source_name, tracking: tokio::sync::Mutex::new(()), tracked: Mutex::default() });
         match (p.cache.prefetch(Subject::id(node.clone())).await, &p.backend) {
             (Ok(_), _) => {}
             (Err(e), Backend::Builtin) => return Err(e.context("the node SVID")),
@@ -202,7 +196,8 @@ impl SvidProvider {
             Backend::Builtin => SourceState { source: self.source_name.clone(), up: true, streams: Vec::new(), failing, bundle_error, errors_total, roots },
             Backend::Spire(s) => {
                 let st = s.status();
-                let row = |stream: String, s: &super::spire::StreamStatus| StreamState { stream, up: s.up, failures: s.failures, last_error: s.last_error.clone() };
+                let row =
+                    |stream: String, s: &super::spire::StreamStatus| StreamState { stream, up: s.up, failures: s.failures, last_error: s.last_error.clone() };
                 let mut streams = vec![row("bundles".into(), &st.bundles)];
                 streams.extend(st.svids.iter().map(|(id, (_, s))| row(id.to_string(), s)));
                 // No stream yet (never asked) counts as down: the node SVID is always asked for.
@@ -280,9 +275,9 @@ mod tests {
 
         // SPIRE stopped: down, SVIDs kept; back: up, and a rotation is taken.
         spire.stop().await;
-        wait("the streams down", || !p.status().up).await;
+        wait("every stream down with its error", || p.status().streams.iter().all(|s| !s.up && s.last_error.is_some())).await;
+        assert!(!p.status().up);
         assert!(p.svid(&node).is_some() && p.svid(&api).is_some(), "kept while valid");
-        assert!(p.status().streams.iter().all(|s| !s.up && s.last_error.is_some()), "{:?}", p.status());
         spire.restart().await.unwrap();
         wait("the streams up again", || p.status().up).await;
         let new = spire.rotate(&api.to_string()).unwrap();
@@ -293,6 +288,31 @@ mod tests {
         assert!(p.svid(&api).is_none() && p.cache().subject(&api).is_none());
         assert_eq!(p.status().streams.len(), 2, "bundles and the node: {:?}", p.status());
         assert!(p.svid(&node).is_some());
+        drop(spire);
+    }
+
+    /// No SPIRE at the socket when the agent starts: the provider starts anyway, down and
+    /// without a node SVID; SPIRE appears: the node SVID arrives without being asked again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn spire_down_at_start_is_waited_for() {
+        let sock = std::env::temp_dir().join(format!("zt-provider-late-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&sock);
+        let opts = ProviderOptions {
+            source: format!("spire:{}", sock.display()).parse().unwrap(),
+            ca_dir: None,
+            svid_ttl: Duration::from_secs(3600),
+            node_selectors: crate::svid::spec::DEFAULT_NODE_SELECTORS.into(),
+        };
+        let node = id("/zt/node/n1");
+        let p = SvidProvider::start(&opts, "n1", node.clone(), &TrustDomain::parse(TD).unwrap(), Arc::new(SystemClock)).await.unwrap();
+        assert!(p.svid(&node).is_none());
+        let st = p.status();
+        assert!(!st.up && st.streams.iter().all(|s| !s.up), "{st:?}");
+        assert!(st.failing.iter().any(|(i, _, e)| *i == node.to_string() && e.contains(&sock.display().to_string())), "the socket named: {st:?}");
+        let spire = SpireStandIn::start(&sock, TD).await.unwrap();
+        spire.register(&node.to_string(), &["k8s:ns:zt-system", "k8s:sa:zt-agent", "k8s:node-name:n1"]);
+        wait("the node SVID once SPIRE answers", || p.svid(&node).is_some() && p.status().up).await;
+        assert!(p.status().errors_total >= 1);
         drop(spire);
     }
 
