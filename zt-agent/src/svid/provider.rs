@@ -84,6 +84,8 @@ pub struct SvidProvider {
     /// Serializes `track` (one caller, the channels' local loop, but keep it simple).
     tracking: tokio::sync::Mutex<()>,
     tracked: Mutex<BTreeSet<SpiffeId>>,
+    /// Identities logged as having no pod with a UID (logged once, not every second).
+    no_uid: Mutex<BTreeSet<SpiffeId>>,
 }
 
 impl SvidProvider {
@@ -112,7 +114,15 @@ impl SvidProvider {
             }
         };
         let cache = SvidCache::new(source, clock, CacheConfig::default());
-        let p = Arc::new(SvidProvider { cache, backend, node: node.clone(), source_name, tracking: tokio::sync::Mutex::new(()), tracked: Mutex::default() });
+        let p = Arc::new(SvidProvider {
+            cache,
+            backend,
+            node: node.clone(),
+            source_name,
+            tracking: tokio::sync::Mutex::new(()),
+            tracked: Mutex::default(),
+            no_uid: Mutex::default(),
+        });
         match (p.cache.prefetch(Subject::id(node.clone())).await, &p.backend) {
             (Ok(_), _) => {}
             (Err(e), Backend::Builtin) => return Err(e.context("the node SVID")),
@@ -165,9 +175,12 @@ impl SvidProvider {
                 continue;
             }
             let Some(subject) = self.subject_for(id, pods) else {
-                log::warn!("no SVID for local identity {id}: none of its pods has a UID to describe it to {}", self.source_name);
+                if self.no_uid.lock().unwrap().insert(id.clone()) {
+                    log::warn!("no SVID for local identity {id}: none of its pods has a UID to describe it to {}", self.source_name);
+                }
                 continue;
             };
+            self.no_uid.lock().unwrap().remove(id);
             let fresh = !before.contains(id);
             if fresh || self.cache.subject(id).as_ref() != Some(&subject) {
                 if !fresh {
