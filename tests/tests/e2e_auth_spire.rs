@@ -188,6 +188,10 @@ fn two_agents_on_one_spire_prove_rotate_and_ride_out_an_outage() {
     });
     let m2 = Metrics(agent2.metrics().unwrap());
     assert_eq!(m2.get("zt_svid_source_streams", &[("state", "down")]), Some(0.0));
+    // The table form names the source and its streams.
+    let text = bed.ztctl(&["auth"]);
+    assert!(text.contains(&format!("SVID source {source} (up), roots cluster.local: 1")), "{text}");
+    assert!(text.contains(&node_id("node1")) && text.contains("bundles"), "{text}");
 
     // A live flow b -> f:7000 (f: a's identity on node1, echoing) through all that follows.
     let mut f = zt_testbed::Pod::new("default", "f", "node1", &["10.200.1.9".parse().unwrap(), "fd00:200:1::9".parse().unwrap()], &[(Proto::Tcp, 7000)]);
