@@ -17,7 +17,9 @@
 //! - the stand-in stopped: both agents report SPIRE down (`zt_svid_source_up 0`, /readyz
 //!   503 naming the SVID source, `ztctl auth` a problem) and enforcement continues with the
 //!   SVIDs held (the live flow and new flows pass, zero drops); back: streams up, ready, and
-//!   a rotation pushed then reaches node1 again.
+//!   a rotation pushed then reaches node1 again;
+//! - b2, a second pod of b's identity, starts on node2 and b leaves: node2 asks SPIRE again
+//!   with b2's pod UID, nothing is withdrawn, b2's first SYN passes.
 mod common;
 
 use std::path::PathBuf;
@@ -273,4 +275,30 @@ fn two_agents_on_one_spire_prove_rotate_and_ride_out_an_outage() {
     spire.rotate(B_ID).unwrap();
     wait_for("node1 to hold the proof of b's SVID issued after the outage", &bed, &agent2, || node2_proof_of_b(&bed).is_some_and(|s| s <= 2600));
     nothing_lost(&bed, &mut live, drops, "after SPIRE came back");
+
+    // Pods sharing a SPIFFE ID share one subscription (made with b's UID). b2, a second pod
+    // of b's identity on node2, starts; b leaves: node2 asks again with b2's UID, its proof
+    // is never withdrawn, and b2's flows pass from the first SYN.
+    let mut b2 = zt_testbed::Pod::new("default", "b2", "node2", &["10.200.2.9".parse().unwrap(), "fd00:200:2::9".parse().unwrap()], &[(Proto::Tcp, 80)]);
+    b2.labels.insert("app".into(), "b".into());
+    bed.add_pod(b2.clone()).unwrap();
+    bed.write("05-pod-b2.yaml", &b2.to_yaml());
+    let withdrawals = || bed.metrics().get("zt_auth_proofs_received_total", &[("peer", "node2"), ("kind", "withdrawal")]).unwrap_or(0.0);
+    let withdrawn_before = withdrawals();
+    let without_b: Vec<&str> = pods.split("\n---\n").filter(|d| !d.contains(&format!("uid: {B_UID}"))).collect();
+    assert_eq!(without_b.len() + 1, pods.split("\n---\n").count(), "one document is b");
+    bed.write("pods.yaml", &without_b.join("\n---\n"));
+    bed.tb.remove_pod("default", "b").unwrap();
+    wait_for("node2 to ask for b's identity with b2's UID", &bed, &agent2, || {
+        spire.subscriptions().iter().any(|s| s.contains(&format!("k8s:pod-uid:{}", b2.uid)) && s.contains(&"k8s:node-name:node2".to_string()))
+    });
+    assert_eq!(withdrawals(), withdrawn_before, "b's identity was never withdrawn: b2 still holds it");
+    assert!(node2_proof_of_b(&bed).is_some());
+    let before = auth_drops(&bed);
+    for f in FAMILIES {
+        assert_eq!(bed.tb.probe(&pod("default", "b2"), &tgt("default", "a", f), Proto::Tcp, 80, ALLOWED), ok("default/a"), "b2 -> a tcp/80 {f:?}");
+    }
+    assert_eq!(auth_drops(&bed), before, "b2 proven from its first SYN");
+    let a2 = auth_of(&bed, &agent2);
+    assert!(a2["source"]["streams"].as_array().unwrap().iter().all(|s| s["up"] == true), "the new subscription is up: {a2}");
 }
