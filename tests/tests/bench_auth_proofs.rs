@@ -12,8 +12,10 @@
 //! from its own watch too). The pods get no network namespace: what is timed is the
 //! agents' path from the Pod object to the map entries, not a CNI. Prints median, p99
 //! and max of the time to the pod's own node's proof (the baseline, same run) and to the
-//! proofs at every peer; asserts only that every pod got them, and at the end that every
-//! peer's `ztctl auth` names each pod's SPIFFE ID with the node that proved it.
+//! proofs at every peer. Then 100 more pods at once (one load): the arrival time of each
+//! proof (own node's, and each peer's) and the time until the last. Asserts only that
+//! every pod got them, and at the end that every peer's `ztctl auth` names each pod's
+//! SPIFFE ID with the node that proved it.
 mod common;
 
 use std::net::Ipv4Addr;
@@ -166,11 +168,12 @@ fn bench_pod_proven_at_every_peer() {
         first_peer.push(peers[0].min(peers[1]));
         every_peer.push(peers[0].max(peers[1]));
     }
+    let burst = burst(&agents, &maps, &api, &dir);
     // Every peer names every pod's SPIFFE ID with the node that proved it.
     for (i, a) in agents.iter().enumerate() {
         let st = auth_of(a);
         let proofs = st["proofs"].as_array().unwrap();
-        for k in (0..PODS).filter(|k| (k % 3) as usize != i) {
+        for k in (0..2 * PODS).filter(|k| (k % 3) as usize != i) {
             let (id, node) = (spiffe_id(k), NODES[(k % 3) as usize]);
             assert!(proofs.iter().any(|p| p["spiffe_id"] == id.as_str() && p["node"] == node), "{}: no proof of {id} by {node}", a.node);
         }
@@ -185,7 +188,66 @@ fn bench_pod_proven_at_every_peer() {
     ] {
         println!("  {:<48} {:>10.1} {:>10.1} {:>10.1} {:>12.2}", what, pct(v, 0.5), pct(v, 0.99), pct(v, 1.0), pct(v, 0.5) / m0);
     }
+    let (own, peer, total) = burst;
+    println!("the same with {PODS} more pods at once (one load of the stand-in; times of each proof's arrival, per node and pod):");
+    println!("  {:<48} {:>10} {:>10} {:>10} {:>12}", "", "median ms", "p99 ms", "max ms", "median ratio");
+    let m0 = pct(&own, 0.5);
+    for (what, v) in [("own node's proofs (baseline)", &own), ("proofs at the peers (2 per pod)", &peer)] {
+        println!("  {:<48} {:>10.1} {:>10.1} {:>10.1} {:>12.2}", what, pct(v, 0.5), pct(v, 0.99), pct(v, 1.0), pct(v, 0.5) / m0);
+    }
+    println!("  all {PODS} pods proven at every peer after {total:.1} ms");
     for a in &agents {
         a.stop();
+    }
+}
+
+/// PODS more pods (p100.. of the same spread) written at once and loaded by one
+/// `sync_now`. Returns the arrival times (ms from the load) of the pods' own-node proofs,
+/// of their proofs at the peers (two per pod), and the time until the last.
+fn burst(agents: &[AgentHandle], maps: &[PinnedMap], api: &ApiServer, dir: &std::path::Path) -> (Vec<f64>, Vec<f64>, f64) {
+    // want[i][x]: what node i's map calls node x's proofs.
+    let want = |i: usize, x: usize| if i == x { AUTH_NODE_SELF } else { auth_node_id(NODES[x]) };
+    let before: Vec<Vec<usize>> = (0..3).map(|i| (0..3).map(|x| count(&maps[i], want(i, x))).collect()).collect();
+    let mut expected = [0usize; 3];
+    for k in PODS..2 * PODS {
+        let origin = (k % 3) as usize;
+        expected[origin] += 1;
+        let ip = Ipv4Addr::new(10, 210, origin as u8 + 1, 10 + k as u8);
+        let tmp = dir.join(format!(".p{k}.tmp"));
+        std::fs::write(&tmp, pod_yaml(k, NODES[origin], ip)).unwrap();
+        std::fs::rename(&tmp, dir.join(format!("p{k}.yaml"))).unwrap();
+    }
+    let t = Instant::now();
+    api.sync_now().unwrap();
+    let mut seen = [[0usize; 3]; 3];
+    let (mut own, mut peer) = (vec![], vec![]);
+    loop {
+        let mut complete = true;
+        for i in 0..3 {
+            let keys = maps[i].keys();
+            for x in 0..3 {
+                let c = keys.iter().filter(|k| u32::from_ne_bytes(k[0..4].try_into().unwrap()) == want(i, x)).count() - before[i][x];
+                let ms = t.elapsed().as_secs_f64() * 1e3;
+                while seen[i][x] < c.min(expected[x]) {
+                    seen[i][x] += 1;
+                    if i == x {
+                        own.push(ms)
+                    } else {
+                        peer.push(ms)
+                    }
+                }
+                complete &= seen[i][x] == expected[x];
+            }
+        }
+        if complete {
+            return (own, peer, t.elapsed().as_secs_f64() * 1e3);
+        }
+        assert!(
+            t.elapsed() < 2 * PROOF_DEADLINE,
+            "burst: proofs seen after {:?}: {seen:?} of {expected:?} (node i, from node x)\n{}",
+            2 * PROOF_DEADLINE,
+            logs(agents)
+        );
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
