@@ -90,21 +90,25 @@ fn main() -> Result<()> {
     let seen = drops.finish()?;
     println!("   ztctl drops --follow --reason auth-required says:");
     print_indented(&seen);
-    if seen.lines().filter(|l| l.contains("auth-required")).count() < 2 {
+    if seen.lines().filter(|l| l.contains("default/sleep2") && l.contains("reason=auth-required")).count() < 2 {
         bail!("ztctl drops did not show sleep2's two drops as auth-required:\n{seen}");
     }
     let explained = ctl.output(&["explain", "default/sleep2", "default/httpbin", "tcp/80"])?;
     println!("   ztctl explain default/sleep2 default/httpbin tcp/80:");
     print_indented(&explained);
-    if !explained.contains("auth-required") {
+    if !explained.contains("drop (auth-required)") || !explained.contains("not proven") {
         bail!("ztctl explain default/sleep2 does not name auth-required:\n{explained}");
     }
+    let explained = ctl.output(&["explain", "default/sleep", "default/httpbin", "tcp/80"])?;
     println!("   ztctl explain default/sleep default/httpbin tcp/80:");
-    print_indented(&ctl.output(&["explain", "default/sleep", "default/httpbin", "tcp/80"])?);
+    print_indented(&explained);
+    if !explained.contains("allow (authenticated)") {
+        bail!("ztctl explain default/sleep does not say allow (authenticated):\n{explained}");
+    }
     let auth = ctl.output(&["auth"])?;
     println!("   ztctl auth (this node's SVIDs, its channel to node2, the proofs in the datapath):");
     print_indented(&auth);
-    if !auth.contains("spiffe://cluster.local/ns/default/sa/sleep") {
+    if !auth.lines().any(|l| l.contains("spiffe://cluster.local/ns/default/sa/sleep ") && l.contains("this node")) {
         bail!("ztctl auth lists no proof of sleep's identity:\n{auth}");
     }
     let metrics = agent.metrics()?;
