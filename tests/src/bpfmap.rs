@@ -1,7 +1,7 @@
 //! Writes to a pinned BPF map behind the agent's back (the bpf(2) syscall, no library):
 //! the tests fill a map to make the agent's next write fail midway, the way another
 //! writer or a kernel that counts differently would. Lookups: the benches watch for the
-//! agent's writes.
+//! agent's writes (and walk its keys).
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_NOEXIST: u64 = 1;
@@ -79,6 +80,23 @@ impl PinnedMap {
         let mut attr = Attr::new();
         attr.u32_at(0, self.fd.as_raw_fd() as u32).u64_at(8, key.as_ptr() as u64).u64_at(16, value.as_mut_ptr() as u64);
         bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).ok().map(|_| value)
+    }
+
+    /// Every key of a hash map (BPF_MAP_GET_NEXT_KEY from none; a concurrent writer can
+    /// make a walk restart or skip, as with any walk of a live hash map).
+    pub fn keys(&self) -> Vec<Vec<u8>> {
+        let mut out = vec![];
+        let mut next = vec![0u8; self.key_size as usize];
+        let mut prev: Option<Vec<u8>> = None;
+        loop {
+            let mut attr = Attr::new();
+            attr.u32_at(0, self.fd.as_raw_fd() as u32).u64_at(8, prev.as_ref().map_or(0, |k| k.as_ptr() as u64)).u64_at(16, next.as_mut_ptr() as u64);
+            if bpf(BPF_MAP_GET_NEXT_KEY, &mut attr).is_err() || out.len() > self.max_entries as usize {
+                return out;
+            }
+            out.push(next.clone());
+            prev = Some(next.clone());
+        }
     }
 
     pub fn remove(&self, key: &[u8]) -> std::io::Result<()> {

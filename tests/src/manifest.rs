@@ -536,12 +536,20 @@ items:
 
     #[test]
     fn services_and_endpoint_slices_are_not_pods() {
-        // The labs carry httpbin's Service and EndpointSlices: the bed builds the same pods.
+        // The labs carry httpbin's Service and EndpointSlices (and policies): the bed builds
+        // the same pods; the demo lab adds node2 with sleep2 (its STRICT step).
         for lab in ["demo", "e2e-demo"] {
             let m = Manifests::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("labs").join(lab)).unwrap();
             let pods: Vec<String> = m.pods.iter().map(Pod::key).collect();
-            assert_eq!(pods, ["default/httpbin", "default/sleep", "default/notsleep"], "{lab}");
-            assert!(m.nodes.is_empty());
+            let nodes: Vec<&str> = m.nodes.iter().map(|n| n.name.as_str()).collect();
+            if lab == "demo" {
+                assert_eq!(pods, ["default/httpbin", "default/sleep", "default/notsleep", "default/sleep2"], "{lab}");
+                assert_eq!(nodes, ["node1", "node2"], "{lab}");
+                assert_eq!(m.pods[3].node, "node2");
+            } else {
+                assert_eq!(pods, ["default/httpbin", "default/sleep", "default/notsleep"], "{lab}");
+                assert!(nodes.is_empty());
+            }
         }
     }
 }

@@ -113,6 +113,8 @@ fn main() -> Result<()> {
         }
         Cmd::Bench => {
             run_env(Command::new("cargo").args(["test", "--release", "-p", "zt-agent", "--test", "bench", "--", "--nocapture"]))?;
+            // authentication: required: the proof lookup on a new flow, established flows (issue 10).
+            run_env(Command::new("cargo").args(["test", "--release", "-p", "zt-agent", "--test", "bench_auth", "--", "--nocapture"]))?;
             // On a real veth: no filter, zt, iptables-nft, nft sets (ZT_BENCH_SECS, ZT_BENCH_SCALES).
             run_env(Command::new("cargo").args(["test", "--release", "-p", "zt-agent", "--test", "bench_veth"]))?;
             // DNS latency with the FQDN capture on and off, in the netns test bed.
@@ -126,6 +128,8 @@ fn main() -> Result<()> {
             run_env(Command::new("cargo").args(["test", "-p", "zt-tests", "--test", "bench_l7", "--", "--nocapture"]))?;
             // A new pod's endpoint entry after its Pod object reaches the API stand-in (100 pods).
             run_env(Command::new("cargo").args(["test", "-p", "zt-tests", "--test", "bench_podstart", "--", "--nocapture"]))?;
+            // A new pod's identity proven at every peer (three agents, node channels, 100 + 100 pods).
+            run_env(Command::new("cargo").args(["test", "-p", "zt-tests", "--test", "bench_auth_proofs", "--", "--nocapture"]))?;
             // Conntrack under churn: 200k short connections of one pod against the agent's
             // default map sizes while another pod's idle flow survives; prints the evictions.
             run_env(

@@ -3,8 +3,12 @@
 //! through its Service (httpbin:8000, the ClusterIP: the bed has no DNS), from inside
 //! its own cgroup so that zt translates the frontend at the socket; before policy the
 //! call succeeds, after default-deny it fails, after an allow for the sleep identity
-//! only sleep gets through; then HTTP rules on another port: GET /headers 200, POST
-//! 403 from the node's proxy. Each step shows what ztctl says and the verdict counters.
+//! only sleep gets through (and sleep2, sleep's identity on node2, a second node
+//! without an agent); then STRICT mutual authentication in the namespace: sleep, proven
+//! by its own node's agent, still gets through, sleep2, proven by nobody, is dropped as
+//! `auth-required`; then HTTP rules on another port: GET /headers 200, POST 403 from
+//! the node's proxy. Each step shows what ztctl says and the verdict counters. Any step
+//! that does not behave ends the demo with an error.
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -18,12 +22,13 @@ fn main() -> Result<()> {
     let agent_bin = bins::find("zt-agent")?;
     let ztctl = bins::find("ztctl")?;
     let serve = bins::find("zt-testbed")?;
-    println!("== zt demo: bringing up node1 with pods sleep, httpbin, notsleep (network namespaces)");
+    println!("== zt demo: bringing up node1 with pods sleep, httpbin, notsleep and node2 (no agent) with sleep2 (network namespaces)");
     let bed = Testbed::up(Path::new(LAB), TestbedOptions::default().serve_bin(serve))?;
     // The agent watches its own manifests directory; the demo adds policy files to it.
     let manifests = bed.tmp_dir().join("agent-manifests");
     std::fs::create_dir_all(&manifests)?;
     std::fs::copy(Path::new(LAB).join("00-workloads.yaml"), manifests.join("00-workloads.yaml"))?;
+    std::fs::copy(Path::new(LAB).join("01-node2.yaml"), manifests.join("01-node2.yaml"))?;
     std::fs::copy(Path::new(LAB).join("05-service.yaml"), manifests.join("05-service.yaml"))?;
     let agent = bed.start_agent("node1", &agent_bin, &manifests, &[])?;
     agent.wait_ready(Duration::from_secs(20))?;
@@ -33,6 +38,7 @@ fn main() -> Result<()> {
 
     let sleep = Endpoint::pod("default", "sleep");
     let notsleep = Endpoint::pod("default", "notsleep");
+    let sleep2 = Endpoint::pod("default", "sleep2");
     let httpbin = |f| Target::Pod { namespace: "default".into(), name: "httpbin".into(), family: f };
     println!("== the Service httpbin (ClusterIP 10.96.0.80, fd00:96::80; port 8000 -> http/80), ztctl services:");
     ctl.show(&["services"])?;
@@ -66,6 +72,57 @@ fn main() -> Result<()> {
     print_indented(&ctl.output(&["explain", "default/sleep", "default/httpbin", "tcp/80"])?);
     println!("   ztctl policy:");
     print_indented(&ctl.output(&["policy"])?);
+    println!("   sleep2 runs on node2 with sleep's ServiceAccount: the same identity, allowed as well");
+    expect(&bed, &sleep2, &httpbin(Family::V4), true)?;
+    expect(&bed, &sleep2, &httpbin(Family::V6), true)?;
+
+    step("4. STRICT: mutual authentication required in namespace default (spec.authentication: required)");
+    println!("   a new flow into the namespace's pods now also needs the peer's identity proven for its node:");
+    println!("   node1's agent proves its own pods (sleep); node2 runs no agent, so nobody proves sleep2 there");
+    std::fs::copy(Path::new(LAB).join("30-strict.yaml"), manifests.join("30-strict.yaml"))?;
+    wait_for(&bed, &sleep2, &httpbin(Family::V4), false)?;
+    call_service(&bed, &sleep, SERVICE_V4, true)?;
+    call_service(&bed, &sleep, SERVICE_V6, true)?;
+    expect(&bed, &sleep, &httpbin(Family::V4), true)?;
+    let drops = ctl.spawn_drops_of(&["--reason", "auth-required", "--count", "2"])?;
+    expect(&bed, &sleep2, &httpbin(Family::V4), false)?;
+    expect(&bed, &sleep2, &httpbin(Family::V6), false)?;
+    let seen = drops.finish()?;
+    println!("   ztctl drops --follow --reason auth-required says:");
+    print_indented(&seen);
+    if seen.lines().filter(|l| l.contains("default/sleep2") && l.contains("reason=auth-required")).count() < 2 {
+        bail!("ztctl drops did not show sleep2's two drops as auth-required:\n{seen}");
+    }
+    let explained = ctl.output(&["explain", "default/sleep2", "default/httpbin", "tcp/80"])?;
+    println!("   ztctl explain default/sleep2 default/httpbin tcp/80:");
+    print_indented(&explained);
+    if !explained.contains("drop (auth-required)") || !explained.contains("not proven") {
+        bail!("ztctl explain default/sleep2 does not name auth-required:\n{explained}");
+    }
+    let explained = ctl.output(&["explain", "default/sleep", "default/httpbin", "tcp/80"])?;
+    println!("   ztctl explain default/sleep default/httpbin tcp/80:");
+    print_indented(&explained);
+    if !explained.contains("allow (authenticated)") {
+        bail!("ztctl explain default/sleep does not say allow (authenticated):\n{explained}");
+    }
+    let auth = ctl.output(&["auth"])?;
+    println!("   ztctl auth (this node's SVIDs, its channel to node2, the proofs in the datapath):");
+    print_indented(&auth);
+    if !auth.lines().any(|l| l.contains("spiffe://cluster.local/ns/default/sa/sleep ") && l.contains("this node")) {
+        bail!("ztctl auth lists no proof of sleep's identity:\n{auth}");
+    }
+    let metrics = agent.metrics()?;
+    for reason in ["authenticated", "auth-required"] {
+        let n: f64 = metrics
+            .lines()
+            .filter(|l| l.starts_with("zt_verdicts_total{") && l.contains("direction=\"ingress\"") && l.contains(&format!("reason=\"{reason}\"")))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum();
+        println!("   zt_verdicts_total{{direction=\"ingress\",reason=\"{reason}\"}} {n}");
+        if n == 0.0 {
+            bail!("no ingress verdict counted {reason}");
+        }
+    }
 
     step("5. HTTP rules: sleep may GET /headers on httpbin's port 8080, nothing else there");
     // A real HTTP server in httpbin, its Service (httpbin-http:8080) and the rules.

@@ -262,7 +262,8 @@ fn run() -> Result<()> {
             }
             println!("\n{:<10} {:<60} {:<24} {:>10}", "IDENTITY", "SPIFFE ID", "PROVEN BY", "EXPIRES IN");
             for r in &proofs {
-                println!("{:<10} {:<60} {:<24} {:>9}s", r.identity, r.spiffe_id, r.node, r.expires_in_s);
+                let exp = if r.expires_in_s == i64::MAX { "never".to_string() } else { format!("{}s", r.expires_in_s) };
+                println!("{:<10} {:<60} {:<24} {:>10}", r.identity, r.spiffe_id, r.node, exp);
             }
             if !problems.is_empty() {
                 println!();

@@ -25,6 +25,10 @@ pub fn explain_step(maps: &PinnedMaps, peer: IpAddr, peer_id: u32, trace: &mut V
     }
     let now = boottime_ns();
     match maps.auth_proofs.get(&AuthProofKey { node, identity: peer_id }, 0) {
+        Ok(p) if p.expires_ns == u64::MAX => {
+            trace.push(format!("ZT_AUTH_PROOFS[{whose}, identity {peer_id}] -> proven, no expiry (a pod of this node, while it lives)"));
+            true
+        }
         Ok(p) if now < p.expires_ns => {
             trace.push(format!("ZT_AUTH_PROOFS[{whose}, identity {peer_id}] -> proven for {}s more", (p.expires_ns - now) / 1_000_000_000));
             true
@@ -158,7 +162,8 @@ pub struct ProofRow {
     pub spiffe_id: String,
     /// `this node`, a peer's name (when the state file names it), or its number.
     pub node: String,
-    /// Seconds left (negative: expired, still in the map).
+    /// Seconds left (negative: expired, still in the map); `i64::MAX` for a proof without
+    /// expiry (this node's own pods: `auth::self_proofs`).
     pub expires_in_s: i64,
 }
 
@@ -175,7 +180,7 @@ pub fn proofs(maps: &PinnedMaps, snap: &Snapshot, st: &AuthState) -> Result<Vec<
             identity: k.identity,
             spiffe_id: snap.identities.get(&k.identity).map(|i| i.spiffe_id.clone()).unwrap_or_default(),
             node,
-            expires_in_s: ((v.expires_ns as i128 - now) / 1_000_000_000) as i64,
+            expires_in_s: if v.expires_ns == u64::MAX { i64::MAX } else { ((v.expires_ns as i128 - now) / 1_000_000_000) as i64 },
         });
     }
     rows.sort_by(|a, b| (&a.node, a.identity).cmp(&(&b.node, b.identity)));
