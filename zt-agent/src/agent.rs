@@ -89,6 +89,9 @@ pub struct AgentOptions {
     pub http_proxy: Option<crate::l7::Options>,
     /// Node-to-node channels (`--auth-*`); None: no peer's pods are ever proven.
     pub auth_links: Option<crate::auth::links::LinkOptions>,
+    /// How long a CNI ADD waits for the peers to install the pod's proof
+    /// (`--auth-cni-wait-ms`; zero: not at all).
+    pub auth_cni_wait: Duration,
     /// Where traffic from other nodes is steered to the proxy (`--uplink-interfaces`).
     pub uplinks: crate::uplink::Selection,
 }
@@ -190,6 +193,8 @@ struct Agent {
     l7: Option<crate::l7::Handle>,
     /// The node channels, once started (auth/links.rs).
     links: Option<std::sync::Arc<crate::auth::links::Links>>,
+    /// ADDs answered once the peers installed the pod's proof (cni.rs `answer_waiting_adds`).
+    waiting_adds: Vec<cni::WaitingAdd>,
 }
 
 /// Before the first full state: the node's addresses as `host` endpoints, where nothing
@@ -400,6 +405,7 @@ pub async fn run(mut opts: AgentOptions) -> Result<()> {
         graph,
         l7,
         links,
+        waiting_adds: Vec::new(),
     };
     // The first list, if size_from_first_list read it, is the first batch.
     if agent.watch.as_ref().is_some_and(|w| w.synced()) || !first_list_rejected.is_empty() {
@@ -410,10 +416,13 @@ pub async fn run(mut opts: AgentOptions) -> Result<()> {
         if let Err(e) = agent.reconcile() {
             log::error!("reconcile: {e:#}");
         }
+        agent.answer_waiting_adds();
         agent.metrics.lock().unwrap().heartbeat = Some(Instant::now());
         let links = agent.links.clone();
+        let add_deadline = agent.waiting_adds.iter().map(|w| w.deadline).min();
         tokio::select! {
             _ = async { match &links { Some(l) => l.changed().await, None => std::future::pending().await } } => {}
+            _ = async { match add_deadline { Some(d) => tokio::time::sleep_until(d.into()).await, None => std::future::pending().await } } => {}
             _ = tokio::time::sleep(agent.opts.poll_interval) => {}
             Some(ev) = source_rx.recv() => agent.apply_source(ev, &mut source_rx),
             _ = tokio::signal::ctrl_c() => break,

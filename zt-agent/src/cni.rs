@@ -79,6 +79,19 @@ pub struct CniCall {
     pub reply: oneshot::Sender<CniReply>,
 }
 
+/// An ADD that is attached and waits for the peers to install the pod's identity proof
+/// (`--auth-cni-wait-ms`): answered once every peer whose node channel is up (and that
+/// acknowledges installs) has written the proof into its map, or at `deadline`.
+pub struct WaitingAdd {
+    pub container_id: String,
+    pub pod: PodRef,
+    pub ips: Vec<IpAddr>,
+    pub reply: CniReply,
+    pub answer: oneshot::Sender<CniReply>,
+    pub started: std::time::Instant,
+    pub deadline: std::time::Instant,
+}
+
 /// One pod sandbox the plugin asked to enforce.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attachment {
@@ -205,7 +218,76 @@ impl Agent {
         };
         let cmd_label = if matches!(cmd.as_str(), "ADD" | "DEL" | "CHECK") { cmd.clone() } else { "invalid".into() };
         *self.metrics.lock().unwrap().cni_requests.entry((cmd_label, outcome.into())).or_default() += 1;
+        if cmd == "ADD" && reply.ok && reply.attached && self.links.is_some() && !self.opts.auth_cni_wait.is_zero() {
+            let Some(a) = self.cni.by_container.get(&id) else {
+                let _ = answer.send(reply);
+                return;
+            };
+            let started = std::time::Instant::now();
+            self.waiting_adds.push(WaitingAdd {
+                container_id: id,
+                pod: a.pod.clone(),
+                ips: a.ips.clone(),
+                reply,
+                answer,
+                started,
+                deadline: started + self.opts.auth_cni_wait,
+            });
+            self.answer_waiting_adds();
+            return;
+        }
         let _ = answer.send(reply);
+    }
+
+    /// What a new local pod's proof still waits for (None: nothing): its identity (the Pod
+    /// object not yet compiled: without it the pod is `init` and sends nothing), then the
+    /// peers with an up channel that have not acknowledged installing its proof. Nothing
+    /// while no peer's channel is up and acknowledges installs.
+    fn proof_pending(&self, pod: &PodRef, ips: &[IpAddr]) -> Option<String> {
+        let links = self.links.as_ref()?;
+        if !links.any_acking_peer() {
+            return None;
+        }
+        let d = self.desired.as_ref();
+        let id = ips.iter().find_map(|ip| {
+            let e = d?.endpoints.get(ip).filter(|e| e.flags & EP_LOCAL != 0 && e.pod.as_ref() == Some(pod) && e.identity >= IDENTITY_FIRST_WORKLOAD)?;
+            d?.identities.get(&e.identity).map(|i| i.spiffe_id.clone())
+        });
+        let Some(id) = id else { return Some("the pod's identity (its Pod object is not compiled yet)".into()) };
+        let peers = links.awaiting(&id);
+        (!peers.is_empty()).then(|| format!("{id} at {}", peers.join(", ")))
+    }
+
+    /// Answers the waiting ADDs whose proofs are installed at every peer, or whose time
+    /// is up (the pod starts anyway: its flows that need the proof drop until it lands).
+    pub(super) fn answer_waiting_adds(&mut self) {
+        if self.waiting_adds.is_empty() {
+            return;
+        }
+        let now = std::time::Instant::now();
+        for w in std::mem::take(&mut self.waiting_adds) {
+            let pending = self.proof_pending(&w.pod, &w.ips);
+            if pending.is_some() && now < w.deadline {
+                self.waiting_adds.push(w);
+                continue;
+            }
+            let waited = w.started.elapsed();
+            let mut m = self.metrics.lock().unwrap();
+            m.auth_cni_waits += 1;
+            m.auth_cni_wait_seconds_sum += waited.as_secs_f64();
+            m.auth_cni_wait_timeouts += pending.is_some() as u64;
+            drop(m);
+            match pending {
+                Some(what) => log::warn!(
+                    "cni: ADD {} {}/{} answered after {waited:?} still waiting for {what}: its flows under `authentication: required` drop there until the proof lands",
+                    w.container_id,
+                    w.pod.namespace,
+                    w.pod.name
+                ),
+                None => log::debug!("cni: ADD {} {}/{}: proofs installed at every peer after {waited:?}", w.container_id, w.pod.namespace, w.pod.name),
+            }
+            let _ = w.answer.send(w.reply);
+        }
     }
 
     /// The host interface of the request: the one non-bridge interface of prevResult

@@ -251,6 +251,13 @@ struct Flags {
     /// proofs an earlier agent wrote), seconds: an agent restart within it cuts no flow.
     #[arg(long, default_value_t = 30)]
     auth_peer_grace: u64,
+    /// How long a CNI ADD waits, milliseconds, until every peer whose node channel is up
+    /// has installed the new pod's identity proof (so that its first packet to another
+    /// node is admitted under `authentication: required`); 0: ADD does not wait. On
+    /// timeout ADD still succeeds (counted in `zt_auth_cni_wait_timeouts_total`). Keep it
+    /// below zt-cni's `timeoutMs` (5000 by default).
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(0..=30_000))]
+    auth_cni_wait_ms: u64,
     /// Interfaces traffic from other nodes arrives on, where flows to ports with HTTP rules
     /// are steered to this node's proxy: `auto` (the interfaces other nodes' pods are
     /// routed through), `none`, or names separated by commas.
@@ -370,6 +377,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let opts = AgentOptions {
         auth_links,
+        auth_cni_wait: Duration::from_millis(f.auth_cni_wait_ms),
         node_name,
         source,
         bpffs_root: f.bpffs_root,

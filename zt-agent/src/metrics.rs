@@ -55,6 +55,11 @@ pub struct AgentMetrics {
     pub heartbeat: Option<Instant>,
     /// CNI plugin requests by (command, outcome).
     pub cni_requests: BTreeMap<(String, String), u64>,
+    /// ADDs that waited for the peers to install the pod's proof: how many, for how long
+    /// in all, and how many gave up at `--auth-cni-wait-ms`.
+    pub auth_cni_waits: u64,
+    pub auth_cni_wait_seconds_sum: f64,
+    pub auth_cni_wait_timeouts: u64,
     /// FQDN runtime: DNS events read from the ring, those that did not decode, names in
     /// the cache, learned entries removed by GC.
     pub fqdn_events_read: u64,
@@ -184,6 +189,10 @@ pub fn render_with(m: &AgentMetrics, maps: Option<&PinnedMaps>, fqdn: Option<&Fq
     for ((cmd, outcome), n) in &m.cni_requests {
         let _ = writeln!(o, "zt_cni_requests_total{{command=\"{cmd}\",outcome=\"{outcome}\"}} {n}");
     }
+    line(&mut o, "Time CNI ADDs waited for the peers to install the new pod's identity proof (--auth-cni-wait-ms).", "summary", "zt_auth_cni_wait_seconds");
+    let _ = writeln!(o, "zt_auth_cni_wait_seconds_sum {}\nzt_auth_cni_wait_seconds_count {}", m.auth_cni_wait_seconds_sum, m.auth_cni_waits);
+    line(&mut o, "CNI ADDs answered at --auth-cni-wait-ms before every peer with an up channel installed the pod's proof.", "counter", "zt_auth_cni_wait_timeouts_total");
+    let _ = writeln!(o, "zt_auth_cni_wait_timeouts_total {}", m.auth_cni_wait_timeouts);
     line(&mut o, "1 once the datapath holds the first full state.", "gauge", "zt_agent_ready");
     let _ = writeln!(o, "zt_agent_ready {}", m.ready as u8);
     line(&mut o, "1 while the policy source reaches its input (0: Kubernetes API unreachable; the last state stays enforced).", "gauge", "zt_source_up");

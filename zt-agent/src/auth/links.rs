@@ -32,7 +32,7 @@ use zt_common::{AuthProofKey, AUTH_NODE_SELF, EP_LOCAL, IDENTITY_FIRST_WORKLOAD}
 
 use super::book::{ProofBook, Proven};
 use super::{boottime_ns, expiry_boot_ns, ProofSync};
-use crate::channel::session::{run_counted, Liveness, LocalSvids, SentCounts, SessionEvent};
+use crate::channel::session::{run_installs, InstalledAck, Liveness, LocalSvids, SentCounts, SessionEvent};
 use crate::channel::verifier::{PeerPolicy, SvidVerifier};
 use crate::channel::{CachedCredential, ChannelError, ChannelSetup, NodeChannel};
 use crate::ctl::auth::PeerError;
@@ -87,6 +87,15 @@ pub struct PeerStatus {
     pub sent: Arc<SentCounts>,
     /// Which task owns the peer's channel now (a replaced session must not mark it down).
     generation: u64,
+    /// The peer acknowledges installed proofs (`Installed`) on the current channel.
+    installs: bool,
+    /// This node's SPIFFE IDs the peer installed on the current channel (-> SVID
+    /// not-after, unix seconds): what a CNI ADD waits for (`awaiting`).
+    installed: BTreeMap<String, i64>,
+    /// The peer's proofs this node acknowledged on the current channel (-> not-after).
+    acked: BTreeMap<String, std::time::SystemTime>,
+    /// The current session's queue of acknowledgements.
+    acks_tx: Option<mpsc::UnboundedSender<InstalledAck>>,
 }
 
 pub struct Links {
@@ -226,8 +235,43 @@ impl Links {
         }
         let s = super::sync_peers(map, &want)?;
         self.proofs_in_map.store(want.keys().filter(|k: &&AuthProofKey| k.node != AUTH_NODE_SELF).count() as u64, Relaxed);
+        self.acknowledge(&want, identities);
         *self.last_written.lock().unwrap() = (!in_start_grace).then_some(want);
         Ok(s)
+    }
+
+    /// Tells each peer (that understands `Installed`) which of its proofs the map holds now:
+    /// a proven SPIFFE ID with at least one identity number of this node in `written`.
+    fn acknowledge(&self, written: &BTreeMap<AuthProofKey, zt_common::AuthProofValue>, identities: &BTreeMap<u32, IdentityInfo>) {
+        let book = self.book.lock().unwrap();
+        let mut peers = self.peers.lock().unwrap();
+        for (name, st) in peers.iter_mut() {
+            let Some(tx) = st.acks_tx.clone().filter(|_| st.installs) else { continue };
+            let node = zt_common::auth_node_id(name.as_bytes());
+            let in_map: BTreeSet<&str> =
+                written.keys().filter(|k| k.node == node).filter_map(|k| identities.get(&k.identity)).map(|i| i.spiffe_id.as_str()).collect();
+            for (sid, p) in book.peers.get(name).into_iter().flatten() {
+                if !in_map.contains(sid.as_str()) || st.acked.get(sid) == Some(&p.not_after) {
+                    continue;
+                }
+                if tx.send((sid.clone(), crate::svid::clock::unix_secs(p.not_after))).is_ok() {
+                    st.acked.insert(sid.clone(), p.not_after);
+                }
+            }
+        }
+    }
+
+    /// The peers whose channel is up and acknowledges installs but that have not yet
+    /// acknowledged this node's proof of `spiffe_id` (a CNI ADD waits for none to be left).
+    /// A peer whose channel is down, or of a version without `Installed`, is not waited for.
+    pub fn awaiting(&self, spiffe_id: &str) -> Vec<String> {
+        let peers = self.peers.lock().unwrap();
+        peers.iter().filter(|(_, s)| s.state == "up" && s.installs && !s.installed.contains_key(spiffe_id)).map(|(n, _)| n.clone()).collect()
+    }
+
+    /// Whether any peer's channel is up and acknowledges installs (else nothing to wait for).
+    pub fn any_acking_peer(&self) -> bool {
+        self.peers.lock().unwrap().values().any(|s| s.state == "up" && s.installs)
     }
 
     /// Resolves when a peer proved, withdrew or was lost since the last call.
@@ -409,15 +453,18 @@ impl Links {
 
     /// Runs one channel's proof session until it ends.
     async fn session(&self, peer: &str, ch: NodeChannel, generation: u64) {
+        let (acks_tx, acks_rx) = mpsc::unbounded_channel();
         let sent = self.status(peer, |s| {
             s.state = "up";
             s.last_error = None;
+            // A new channel: the peer announces and acknowledges afresh.
+            (s.installs, s.installed, s.acked, s.acks_tx) = (false, BTreeMap::new(), BTreeMap::new(), Some(acks_tx));
             s.sent.clone()
         });
         log::info!("node channels: channel to {peer} up");
         let verifier = SvidVerifier::new(self.svids.cache().clone(), self.clock.clone(), PeerPolicy::TrustDomains(BTreeSet::from([self.td.clone()])));
         let (tx, mut rx) = mpsc::channel(64);
-        let fut = run_counted(ch, verifier, self.clock.clone(), self.local_tx.subscribe(), tx, &sent, Liveness::default());
+        let fut = run_installs(ch, verifier, self.clock.clone(), self.local_tx.subscribe(), tx, &sent, Liveness::default(), acks_rx);
         tokio::pin!(fut);
         let r = loop {
             tokio::select! {
@@ -432,6 +479,7 @@ impl Links {
             let current = s.generation == generation;
             if current {
                 s.state = "down";
+                (s.installs, s.installed, s.acked, s.acks_tx) = (false, BTreeMap::new(), BTreeMap::new(), None);
             }
             current
         });
@@ -457,7 +505,10 @@ impl Links {
             }
             SessionEvent::Withdrawn(id) => {
                 self.book.lock().unwrap().withdrawn_by(peer, &id);
-                self.status(peer, |s| s.withdrawals_received += 1);
+                self.status(peer, |s| {
+                    s.withdrawals_received += 1;
+                    s.acked.remove(&id);
+                });
                 self.changed.notify_one();
             }
             SessionEvent::Refused { reason } => {
@@ -479,6 +530,20 @@ impl Links {
                 });
             }
             SessionEvent::ClockOffsetMs(o) => self.status(peer, |s| s.clock_offset_ms = Some(o)),
+            SessionEvent::PeerInstalls => {
+                self.status(peer, |s| s.installs = true);
+                // Proofs the peer sent before are acknowledged at the next sync.
+                self.changed.notify_one();
+            }
+            SessionEvent::Installed { spiffe_id, not_after_unix_s } => {
+                log::debug!("node channels: {peer} installed {spiffe_id}");
+                self.status(peer, |s| s.installed.insert(spiffe_id, not_after_unix_s));
+                // A CNI ADD may be waiting for it.
+                self.changed.notify_one();
+            }
+            SessionEvent::WithdrawSent(id) => {
+                self.status(peer, |s| s.installed.remove(&id));
+            }
         }
     }
 

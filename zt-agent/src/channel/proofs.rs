@@ -40,8 +40,24 @@ pub enum Message {
     Withdraw { spiffe_id: String },
     /// The sender's clock (unix milliseconds) when it sent this; `echo` answers a request
     /// with the requester's own reading, so that the requester can take the round trip out.
-    Clock { unix_ms: i64, echo: Option<i64> },
+    /// `installs`: the sender sends and understands `Installed` (a session's first message
+    /// says so; a peer without the field never gets `Installed`, which it could not read).
+    Clock {
+        unix_ms: i64,
+        echo: Option<i64>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        installs: bool,
+    },
+    /// The receiver of a proof of `spiffe_id` (SVID valid until `not_after_unix_s`) wrote
+    /// it into its proofs map, for every identity number it knows that carries the ID:
+    /// its datapath admits that identity from the sender's node now. Sent only to a peer
+    /// whose `Clock` carried `installs`.
+    Installed { spiffe_id: String, not_after_unix_s: i64 },
 }
+
+/// The `type` of every message this version knows; a frame of another type (a newer peer's)
+/// is skipped, not taken as a broken channel.
+pub const MESSAGE_TYPES: &[&str] = &["proof", "withdraw", "clock", "installed"];
 
 /// Why a proof was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]

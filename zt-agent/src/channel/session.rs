@@ -16,7 +16,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
-use super::proofs::{check_proof, clock_offset_ms, make_proof, Message, ProofError, VerifiedProof, MAX_FRAME};
+use super::proofs::{check_proof, clock_offset_ms, make_proof, Message, ProofError, VerifiedProof, MAX_FRAME, MESSAGE_TYPES};
 use super::verifier::SvidVerifier;
 use super::NodeChannel;
 use crate::svid::clock::Clock;
@@ -36,7 +36,20 @@ pub enum SessionEvent {
     },
     /// The peer's clock minus this node's, milliseconds.
     ClockOffsetMs(i64),
+    /// The peer sends `Installed` (its first `Clock` said so). Only sessions run with
+    /// `run_installs` report this and the two below.
+    PeerInstalls,
+    /// The peer wrote this node's proof of the ID into its proofs map.
+    Installed {
+        spiffe_id: String,
+        not_after_unix_s: i64,
+    },
+    /// This session withdrew the ID from the peer (what the peer installed of it is gone).
+    WithdrawSent(String),
 }
+
+/// What a session tells its peer it installed: (SPIFFE ID, SVID not-after, unix seconds).
+pub type InstalledAck = (String, i64);
 
 fn ms(clock: &dyn Clock) -> i64 {
     crate::svid::clock::unix_secs(clock.now()) * 1000 + (clock.now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_millis()).unwrap_or(0)) as i64
@@ -80,8 +93,40 @@ pub async fn run(
     run_counted(ch, verifier, clock, local, events, &SentCounts::default(), Liveness::default()).await
 }
 
-/// `run`, counting what it sends in `sent`.
+/// `run_installs` without `Installed`: the peer is not told it is understood, and nothing
+/// is acknowledged (a peer of the version before `Installed`).
 pub async fn run_counted(
+    ch: NodeChannel,
+    verifier: SvidVerifier,
+    clock: Arc<dyn Clock>,
+    local: watch::Receiver<LocalSvids>,
+    events: mpsc::Sender<SessionEvent>,
+    counts: &SentCounts,
+    live: Liveness,
+) -> anyhow::Result<()> {
+    run_inner(ch, verifier, clock, local, events, counts, live, None).await
+}
+
+/// `run`, counting what it sends in `counts`, announcing `Installed` in its first message,
+/// sending `Installed` for each of `installs` (the caller wrote the peer's proof into its
+/// map) when the peer announced it too, and reporting the peer's `Installed`
+/// (`SessionEvent::Installed`) and this end's withdrawals (`WithdrawSent`).
+#[allow(clippy::too_many_arguments)]
+pub async fn run_installs(
+    ch: NodeChannel,
+    verifier: SvidVerifier,
+    clock: Arc<dyn Clock>,
+    local: watch::Receiver<LocalSvids>,
+    events: mpsc::Sender<SessionEvent>,
+    counts: &SentCounts,
+    live: Liveness,
+    installs: mpsc::UnboundedReceiver<InstalledAck>,
+) -> anyhow::Result<()> {
+    run_inner(ch, verifier, clock, local, events, counts, live, Some(installs)).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_inner(
     mut ch: NodeChannel,
     verifier: SvidVerifier,
     clock: Arc<dyn Clock>,
@@ -89,12 +134,16 @@ pub async fn run_counted(
     events: mpsc::Sender<SessionEvent>,
     counts: &SentCounts,
     live: Liveness,
+    mut installs: Option<mpsc::UnboundedReceiver<InstalledAck>>,
 ) -> anyhow::Result<()> {
+    let acking = installs.is_some();
+    // The peer announced `Installed` (its first Clock): only then is it sent.
+    let mut peer_installs = false;
     let mut sent: LocalSvids = BTreeMap::new();
     let now = ms(clock.as_ref());
-    write(&mut ch, &Message::Clock { unix_ms: now, echo: None }).await?;
+    write(&mut ch, &Message::Clock { unix_ms: now, echo: None, installs: acking }).await?;
     let current = local.borrow_and_update().clone();
-    prove_changes(&mut ch, &mut sent, &current, counts).await?;
+    prove_changes(&mut ch, &mut sent, &current, counts, acking.then_some(&events)).await?;
     let mut buf: Vec<u8> = Vec::new();
     let mut tmp = vec![0u8; 16 * 1024];
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + live.ping, live.ping);
@@ -109,7 +158,12 @@ pub async fn run_counted(
                 heard = tokio::time::Instant::now();
                 buf.extend_from_slice(&tmp[..n]);
                 while let Some(m) = take_frame(&mut buf)? {
-                    handle(&mut ch, &verifier, clock.as_ref(), &events, m).await?;
+                    handle(&mut ch, &verifier, clock.as_ref(), &events, m, acking, &mut peer_installs).await?;
+                }
+            }
+            Some((spiffe_id, not_after_unix_s)) = async { match installs.as_mut() { Some(r) => r.recv().await, None => std::future::pending().await } } => {
+                if peer_installs {
+                    write(&mut ch, &Message::Installed { spiffe_id, not_after_unix_s }).await?;
                 }
             }
             changed = local.changed() => {
@@ -117,20 +171,26 @@ pub async fn run_counted(
                     return Ok(());
                 }
                 let current = local.borrow_and_update().clone();
-                prove_changes(&mut ch, &mut sent, &current, counts).await?;
+                prove_changes(&mut ch, &mut sent, &current, counts, acking.then_some(&events)).await?;
             }
             _ = ping.tick() => {
                 if heard.elapsed() > live.silence {
                     anyhow::bail!("nothing heard from the peer for {:?}", heard.elapsed());
                 }
-                write(&mut ch, &Message::Clock { unix_ms: ms(clock.as_ref()), echo: None }).await?;
+                write(&mut ch, &Message::Clock { unix_ms: ms(clock.as_ref()), echo: None, installs: acking }).await?;
             }
         }
     }
 }
 
-/// Proves what is new or renewed, withdraws what left.
-async fn prove_changes(ch: &mut NodeChannel, sent: &mut LocalSvids, current: &LocalSvids, counts: &SentCounts) -> anyhow::Result<()> {
+/// Proves what is new or renewed, withdraws what left (reported to `withdrawals` if given).
+async fn prove_changes(
+    ch: &mut NodeChannel,
+    sent: &mut LocalSvids,
+    current: &LocalSvids,
+    counts: &SentCounts,
+    withdrawals: Option<&mpsc::Sender<SessionEvent>>,
+) -> anyhow::Result<()> {
     use std::sync::atomic::Ordering::Relaxed;
     for (id, svid) in current {
         if sent.get(id).is_some_and(|s| Arc::ptr_eq(s, svid) || s.not_after() == svid.not_after()) {
@@ -146,22 +206,43 @@ async fn prove_changes(ch: &mut NodeChannel, sent: &mut LocalSvids, current: &Lo
         write(ch, &Message::Withdraw { spiffe_id: id.to_string() }).await?;
         sent.remove(&id);
         counts.withdrawals.fetch_add(1, Relaxed);
+        if let Some(tx) = withdrawals {
+            tx.send(SessionEvent::WithdrawSent(id.to_string())).await.map_err(|_| anyhow::anyhow!("session events receiver closed"))?;
+        }
     }
     Ok(())
 }
 
-async fn handle(ch: &mut NodeChannel, verifier: &SvidVerifier, clock: &dyn Clock, events: &mpsc::Sender<SessionEvent>, m: Message) -> anyhow::Result<()> {
+async fn handle(
+    ch: &mut NodeChannel,
+    verifier: &SvidVerifier,
+    clock: &dyn Clock,
+    events: &mpsc::Sender<SessionEvent>,
+    m: Message,
+    acking: bool,
+    peer_installs: &mut bool,
+) -> anyhow::Result<()> {
     let ev = match m {
         Message::Proof { chain, scheme, signature } => match check_proof(ch, verifier, &chain, scheme, &signature) {
             Ok(p) => Some(SessionEvent::Proven(p)),
             Err(reason) => Some(SessionEvent::Refused { reason }),
         },
         Message::Withdraw { spiffe_id } => Some(SessionEvent::Withdrawn(spiffe_id)),
-        Message::Clock { unix_ms, echo: None } => {
-            write(ch, &Message::Clock { unix_ms: ms(clock), echo: Some(unix_ms) }).await?;
-            None
+        Message::Clock { unix_ms, echo, installs } => {
+            if installs && acking && !*peer_installs {
+                *peer_installs = true;
+                events.send(SessionEvent::PeerInstalls).await.map_err(|_| anyhow::anyhow!("session events receiver closed"))?;
+            }
+            match echo {
+                None => {
+                    write(ch, &Message::Clock { unix_ms: ms(clock), echo: Some(unix_ms), installs: acking }).await?;
+                    None
+                }
+                Some(sent) => Some(SessionEvent::ClockOffsetMs(clock_offset_ms(sent, unix_ms, ms(clock)))),
+            }
         }
-        Message::Clock { unix_ms, echo: Some(sent) } => Some(SessionEvent::ClockOffsetMs(clock_offset_ms(sent, unix_ms, ms(clock)))),
+        // Only a peer this end announced `installs` to sends it.
+        Message::Installed { spiffe_id, not_after_unix_s } => acking.then_some(SessionEvent::Installed { spiffe_id, not_after_unix_s }),
     };
     if let Some(ev) = ev {
         // The receiver went away: the session ends with it.
@@ -179,21 +260,39 @@ async fn write(ch: &mut NodeChannel, m: &Message) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One complete frame off the front of `buf`, if there is one.
+/// One complete frame off the front of `buf`, if there is one. A frame of a message type
+/// this version does not know (a newer peer's) is skipped; a malformed one of a known
+/// type ends the session.
 fn take_frame(buf: &mut Vec<u8>) -> anyhow::Result<Option<Message>> {
-    if buf.len() < 4 {
-        return Ok(None);
+    loop {
+        if buf.len() < 4 {
+            return Ok(None);
+        }
+        let n = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+        if n > MAX_FRAME {
+            anyhow::bail!("frame of {n} bytes (at most {MAX_FRAME})");
+        }
+        if buf.len() < 4 + n {
+            return Ok(None);
+        }
+        let m = match serde_json::from_slice::<Message>(&buf[4..4 + n]) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                let v: Option<serde_json::Value> = serde_json::from_slice(&buf[4..4 + n]).ok();
+                match v.as_ref().and_then(|v| v.get("type")).and_then(|t| t.as_str()) {
+                    Some(t) if !MESSAGE_TYPES.contains(&t) => {
+                        log::debug!("node channels: skipping a message of unknown type {t:?}");
+                        None
+                    }
+                    _ => anyhow::bail!("malformed message: {e}"),
+                }
+            }
+        };
+        buf.drain(..4 + n);
+        if m.is_some() {
+            return Ok(m);
+        }
     }
-    let n = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-    if n > MAX_FRAME {
-        anyhow::bail!("frame of {n} bytes (at most {MAX_FRAME})");
-    }
-    if buf.len() < 4 + n {
-        return Ok(None);
-    }
-    let m = serde_json::from_slice(&buf[4..4 + n])?;
-    buf.drain(..4 + n);
-    Ok(Some(m))
 }
 
 #[cfg(test)]

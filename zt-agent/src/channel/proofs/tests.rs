@@ -87,7 +87,7 @@ async fn a_proof_sent_over_the_channel_is_accepted_with_its_identity_and_expiry(
     assert_eq!(p.spiffe_id, id("spiffe://zt.test/ns/default/sa/api"));
     assert_eq!(p.not_after, api.not_after());
     // Withdraw and clock frames round-trip too.
-    for m in [Message::Withdraw { spiffe_id: "spiffe://zt.test/ns/default/sa/api".into() }, Message::Clock { unix_ms: 5, echo: Some(3) }] {
+    for m in [Message::Withdraw { spiffe_id: "spiffe://zt.test/ns/default/sa/api".into() }, Message::Clock { unix_ms: 5, echo: Some(3), installs: false }, Message::Clock { unix_ms: 5, echo: None, installs: true }, Message::Installed { spiffe_id: "spiffe://zt.test/ns/default/sa/api".into(), not_after_unix_s: 1_800_000_000 }] {
         send(n2.stream_mut(), &m).await.unwrap();
         assert_eq!(recv(n1.stream_mut()).await.unwrap().unwrap(), m);
     }

@@ -138,3 +138,115 @@ async fn a_silent_peer_ends_the_session() {
     let took = started.elapsed();
     assert!(took > live.silence && took < live.silence + Duration::from_secs(5), "ended after {took:?}");
 }
+
+/// `Installed` (issue 10, a CNI ADD waits for it): both ends of `run_installs` announce it;
+/// what one end acknowledges reaches the other as `SessionEvent::Installed`, and a
+/// withdrawal is reported to the end that sent it. An end of the version before
+/// (`run`) never announces it and is never sent it: its session goes on (a clock round trip
+/// after the acknowledgement is answered).
+#[tokio::test]
+async fn installed_acknowledgements_reach_the_prover_and_skip_an_older_peer() {
+    let clock = Arc::new(ManualClock::at_unix(1_800_000_000));
+    let ca = Arc::new(BuiltinCa::new(BuiltinConfig::new(td()), clock.clone()).unwrap());
+    let cache = SvidCache::new(ca.clone(), clock.clone(), CacheConfig::default());
+    for n in ["n1", "n2"] {
+        cache.prefetch(Subject::id(id(&format!("spiffe://zt.test/zt/node/{n}")))).await.unwrap();
+    }
+    let setup = |n: &str| ChannelSetup {
+        credential: Arc::new(CachedCredential { cache: cache.clone(), id: id(&format!("spiffe://zt.test/zt/node/{n}")) }),
+        bundles: cache.clone(),
+        clock: clock.clone(),
+        peer_domains: BTreeSet::from([td()]),
+        handshake_timeout: Duration::from_secs(10),
+    };
+    let verifier = || SvidVerifier::new(cache.clone(), clock.clone(), PeerPolicy::TrustDomains(BTreeSet::from([td()])));
+    let api = "spiffe://zt.test/ns/default/sa/api";
+    for older_n1 in [false, true] {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = setup("n1");
+        let accept = tokio::spawn(async move { server.accept(l.accept().await.unwrap().0).await });
+        let c2 = setup("n2").connect(addr, &id("spiffe://zt.test/zt/node/n1")).await.unwrap();
+        let c1 = accept.await.unwrap().unwrap();
+        let (_tx1, local1) = watch::channel(LocalSvids::new());
+        let (tx2, local2) = watch::channel(LocalSvids::from([(id(api), Arc::new(ca.issue(&id(api)).unwrap()))]));
+        let (ev1_tx, mut ev1) = mpsc::channel(16);
+        let (ev2_tx, mut ev2) = mpsc::channel(16);
+        let (ack1, ack1_rx) = mpsc::unbounded_channel();
+        let (_ack2, ack2_rx) = mpsc::unbounded_channel();
+        let v1 = verifier();
+        let c = clock.clone();
+        let s1 = tokio::spawn(async move {
+            if older_n1 {
+                drop(ack1_rx);
+                run(c1, v1, c, local1, ev1_tx).await
+            } else {
+                run_installs(c1, v1, c, local1, ev1_tx, &SentCounts::default(), Liveness::default(), ack1_rx).await
+            }
+        });
+        let c = clock.clone();
+        let v2 = verifier();
+        let s2 = tokio::spawn(async move { run_installs(c2, v2, c, local2, ev2_tx, &SentCounts::default(), Liveness::default(), ack2_rx).await });
+        // n1 gets n2's proof of api (and, unless older, n2's announcement first).
+        let mut got = vec![];
+        while !got.iter().any(|e| matches!(e, SessionEvent::Proven(_))) {
+            got.push(next(&mut ev1).await);
+        }
+        assert_eq!(got.contains(&SessionEvent::PeerInstalls), !older_n1, "{got:?}");
+        let p = match got.last() {
+            Some(SessionEvent::Proven(p)) => p.clone(),
+            other => panic!("{other:?}"),
+        };
+        let secs = crate::svid::clock::unix_secs(p.not_after);
+        if !older_n1 {
+            let _ = ack1.send((api.to_string(), secs));
+        }
+        // n2: the clock offset, and n1's announcement and acknowledgement unless older.
+        let mut got2 = vec![];
+        let want_events = if older_n1 { 1 } else { 3 };
+        while got2.len() < want_events {
+            got2.push(next(&mut ev2).await);
+        }
+        got2.sort_by_key(|e| format!("{e:?}"));
+        if older_n1 {
+            assert!(matches!(got2[..], [SessionEvent::ClockOffsetMs(_)]), "{got2:?}");
+        } else {
+            assert_eq!(got2[1], SessionEvent::Installed { spiffe_id: api.into(), not_after_unix_s: secs }, "{got2:?}");
+            assert_eq!(got2[2], SessionEvent::PeerInstalls, "{got2:?}");
+            // api's last pod leaves n2: its own session reports the withdrawal.
+            tx2.send_modify(|m| {
+                m.clear();
+            });
+            assert_eq!(next(&mut ev2).await, SessionEvent::WithdrawSent(api.into()));
+            let mut e = next(&mut ev1).await;
+            while matches!(e, SessionEvent::ClockOffsetMs(_)) {
+                e = next(&mut ev1).await;
+            }
+            assert_eq!(e, SessionEvent::Withdrawn(api.into()));
+        }
+        assert!(!s1.is_finished() && !s2.is_finished(), "both sessions live");
+        s1.abort();
+        s2.abort();
+    }
+}
+
+/// A frame of a message type this version does not know (a newer peer's) is skipped; the
+/// frames around it are read; a malformed frame of a known type is an error.
+#[test]
+fn unknown_message_types_are_skipped() {
+    let frame = |json: &str| {
+        let mut f = (json.len() as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(json.as_bytes());
+        f
+    };
+    let mut buf = frame(r#"{"type":"renew-please","x":1}"#);
+    buf.extend(frame(r#"{"type":"withdraw","spiffe_id":"spiffe://zt.test/ns/a/sa/b"}"#));
+    buf.extend(frame(r#"{"type":"from-the-future"}"#));
+    assert_eq!(take_frame(&mut buf).unwrap(), Some(Message::Withdraw { spiffe_id: "spiffe://zt.test/ns/a/sa/b".into() }));
+    assert_eq!(take_frame(&mut buf).unwrap(), None);
+    assert!(buf.is_empty(), "the unknown frame after it is consumed too");
+    let mut bad = frame(r#"{"type":"withdraw"}"#);
+    assert!(take_frame(&mut bad).unwrap_err().to_string().contains("malformed"));
+    let mut not_json = frame("{nope");
+    assert!(take_frame(&mut not_json).is_err());
+}
