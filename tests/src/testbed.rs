@@ -551,7 +551,6 @@ impl Testbed {
                     out = p.clone();
                 }
                 drop(g);
-                self.fabric_pod_routes(&out.pod, true);
                 self.save_topology()?;
                 Ok(out)
             }
@@ -631,6 +630,10 @@ impl Testbed {
         }
         std::fs::create_dir_all(&info.cgroup)
             .with_context(|| format!("creating cgroup {}", info.cgroup.display()))?;
+        // The other nodes' routes to the pod are in place before the runtime's last
+        // plugin runs (the cluster's network set them up), so that the pod can talk
+        // across nodes the moment ADD returns.
+        self.fabric_pod_routes(&info.pod, true);
         before_start(info)?;
         if !self.opts.start_servers {
             return Ok(0);

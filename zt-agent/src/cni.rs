@@ -249,11 +249,13 @@ impl Agent {
             return None;
         }
         let d = self.desired.as_ref();
+        // The pod's identity, once compiled and in this node's endpoints map.
         let id = ips.iter().find_map(|ip| {
             let e = d?.endpoints.get(ip).filter(|e| e.flags & EP_LOCAL != 0 && e.pod.as_ref() == Some(pod) && e.identity >= IDENTITY_FIRST_WORKLOAD)?;
+            self.have.endpoints.get(&to_key(*ip)).filter(|v| v.identity == e.identity)?;
             d?.identities.get(&e.identity).map(|i| i.spiffe_id.clone())
         });
-        let Some(id) = id else { return Some("the pod's identity (its Pod object is not compiled yet)".into()) };
+        let Some(id) = id else { return Some("the pod's identity (its Pod object is not enforced yet)".into()) };
         let peers = links.awaiting(&id);
         (!peers.is_empty()).then(|| format!("{id} at {}", peers.join(", ")))
     }
