@@ -233,6 +233,11 @@ fn without_the_wait_a_first_connect_fails() {
     let (bed, agent2) = two_agents(&ca.0, "0");
     let (rs, drops) = rounds(&bed, &agent2);
     println!("without the wait: {}; node1 auth-required drops {drops}", summary(&rs));
+    for (node, m) in [("node1", bed.metrics().0), ("node2", agent2.metrics().unwrap())] {
+        for l in m.lines().filter(|l| l.starts_with("zt_verdicts_total") && l.contains("\"drop\"")) {
+            println!("{node}: {l}");
+        }
+    }
     let failed = rs.iter().filter(|r| !matches!(r.first, ProbeResult::Ok(_))).count();
     assert!(failed >= 1, "every first connect passed without the wait: the test cannot tell\n{}", summary(&rs));
     assert_eq!(Metrics(agent2.metrics().unwrap()).get("zt_auth_cni_wait_seconds_count", &[]), Some(0.0), "no ADD waited");

@@ -268,7 +268,9 @@ impl Agent {
         }
         let now = std::time::Instant::now();
         for w in std::mem::take(&mut self.waiting_adds) {
-            let pending = self.proof_pending(&w.pod, &w.ips);
+            // A sandbox deleted while its ADD waits: nothing to wait for.
+            let gone = !self.cni.by_container.contains_key(&w.container_id);
+            let pending = if gone { None } else { self.proof_pending(&w.pod, &w.ips) };
             if pending.is_some() && now < w.deadline {
                 self.waiting_adds.push(w);
                 continue;

@@ -223,6 +223,8 @@ impl Links {
         };
         let in_start_grace = now < self.started_ns.saturating_add(self.opts.grace.as_nanos() as u64);
         if !in_start_grace && self.last_written.lock().unwrap().as_ref() == Some(&want) {
+            // Unchanged, but a peer that announced `installs` since may be owed acknowledgements.
+            self.acknowledge(&want, identities);
             return Ok(ProofSync::default());
         }
         if in_start_grace {

@@ -178,3 +178,23 @@ fn clock_offsets_take_the_round_trip_out() {
     assert_eq!(clock_offset_ms(1_000, 0, 2_000), -1_500);
     assert_eq!(unhex(&hex(&[0, 1, 0xab, 0xff])).unwrap(), vec![0, 1, 0xab, 0xff]);
 }
+
+/// A peer of the version before `Installed` reads a `Clock` that announces it (the field
+/// is ignored) and the frames it always knew, byte for byte; `installs: false` is not
+/// written at all.
+#[test]
+fn the_installs_announcement_is_readable_by_the_version_before() {
+    #[derive(Debug, PartialEq, serde::Deserialize)]
+    #[serde(tag = "type", rename_all = "kebab-case")]
+    enum Before {
+        Proof { chain: Vec<String>, scheme: u16, signature: String },
+        Withdraw { spiffe_id: String },
+        Clock { unix_ms: i64, echo: Option<i64> },
+    }
+    let new = serde_json::to_vec(&Message::Clock { unix_ms: 7, echo: None, installs: true }).unwrap();
+    assert_eq!(serde_json::from_slice::<Before>(&new).unwrap(), Before::Clock { unix_ms: 7, echo: None });
+    let plain = serde_json::to_string(&Message::Clock { unix_ms: 7, echo: Some(5), installs: false }).unwrap();
+    assert_eq!(plain, r#"{"type":"clock","unix_ms":7,"echo":5}"#);
+    let installed = serde_json::to_vec(&Message::Installed { spiffe_id: "spiffe://zt.test/ns/a/sa/b".into(), not_after_unix_s: 1 }).unwrap();
+    assert!(serde_json::from_slice::<Before>(&installed).is_err(), "why it is only sent to a peer that announced it");
+}
