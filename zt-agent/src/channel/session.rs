@@ -158,7 +158,7 @@ async fn run_inner(
                 heard = tokio::time::Instant::now();
                 buf.extend_from_slice(&tmp[..n]);
                 while let Some(m) = take_frame(&mut buf)? {
-                    handle(&mut ch, &verifier, clock.as_ref(), &events, m, acking, &mut peer_installs).await?;
+                    handle(&mut ch, &verifier, clock.as_ref(), &events, m, acking, &mut peer_installs, &sent).await?;
                 }
             }
             Some((spiffe_id, not_after_unix_s)) = async { match installs.as_mut() { Some(r) => r.recv().await, None => std::future::pending().await } } => {
@@ -213,6 +213,7 @@ async fn prove_changes(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn handle(
     ch: &mut NodeChannel,
     verifier: &SvidVerifier,
@@ -221,6 +222,7 @@ async fn handle(
     m: Message,
     acking: bool,
     peer_installs: &mut bool,
+    sent: &LocalSvids,
 ) -> anyhow::Result<()> {
     let ev = match m {
         Message::Proof { chain, scheme, signature } => match check_proof(ch, verifier, &chain, scheme, &signature) {
@@ -241,8 +243,12 @@ async fn handle(
                 Some(sent) => Some(SessionEvent::ClockOffsetMs(clock_offset_ms(sent, unix_ms, ms(clock)))),
             }
         }
-        // Only a peer this end announced `installs` to sends it.
-        Message::Installed { spiffe_id, not_after_unix_s } => acking.then_some(SessionEvent::Installed { spiffe_id, not_after_unix_s }),
+        // Only a peer this end announced `installs` to sends it; one for an ID this end has
+        // withdrawn since (it crossed the withdrawal) is stale.
+        Message::Installed { spiffe_id, not_after_unix_s } => {
+            let current = sent.keys().any(|id| id.to_string() == spiffe_id);
+            (acking && current).then_some(SessionEvent::Installed { spiffe_id, not_after_unix_s })
+        }
     };
     if let Some(ev) = ev {
         // The receiver went away: the session ends with it.
