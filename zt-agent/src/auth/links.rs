@@ -12,6 +12,13 @@
 //! - Local identities: the SPIFFE IDs of this node's pods, their SVIDs kept by the cache;
 //!   a session proves each when it starts and when one appears or renews, and withdraws it
 //!   when the last pod of it leaves.
+//! - Renewal, make-before-break (`channel::renewal` says when): the dialler opens a new
+//!   channel and starts its session while the old one runs; at the new session's first clock
+//!   round trip (the peer proves what it holds before it answers) the new one becomes the
+//!   peer's current channel and the old one is closed. Proofs are per peer node: a swap
+//!   neither removes nor shortens those re-proven on the new channel, and the old session's
+//!   end is not a lost channel. The accepting end does the same with the new channel.
+//!   A channel whose peer SVID expired (or stopped verifying) is closed by either end.
 //! - A lost channel keeps the peer's proofs for `grace` (an agent restart), then they go;
 //!   at this agent's own start the proofs an earlier agent wrote are kept as long, so that
 //!   its restart cuts no flow. Every removal bumps the policy epoch (the caller).
@@ -27,11 +34,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use zt_common::{AuthProofKey, AUTH_NODE_SELF, EP_LOCAL, IDENTITY_FIRST_WORKLOAD};
 
 use super::book::{ProofBook, Proven};
 use super::{boottime_ns, expiry_boot_ns, ProofSync};
+use crate::channel::renewal::{self, ChannelCerts, PeerWatch};
 use crate::channel::session::{run_counted, Liveness, LocalSvids, SentCounts, SessionEvent};
 use crate::channel::verifier::{PeerPolicy, SvidVerifier};
 use crate::channel::{CachedCredential, ChannelError, ChannelSetup, NodeChannel};
@@ -41,6 +49,7 @@ use crate::pins::AuthProofsMap;
 use crate::state::{Desired, IdentityInfo};
 use crate::svid::clock::{Clock, SystemClock};
 use crate::svid::provider::{ProviderOptions, SvidProvider};
+use crate::svid::source::BundleProvider;
 use crate::svid::spiffe_id::{SpiffeId, TrustDomain};
 
 /// Longest wait between two dials of a peer.
@@ -48,6 +57,10 @@ pub const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(10);
 const DIAL_BACKOFF_MIN: Duration = Duration::from_secs(1);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_HANDSHAKES: usize = 64;
+/// How often a channel's SVIDs are looked at (renewal, expiry).
+const RENEWAL_TICK: Duration = Duration::from_secs(1);
+/// The acceptor's renewal reason: the peer opened a new channel while one was up.
+pub const BY_PEER: &str = "by-peer";
 
 /// `--auth-*` and `--svid-*` flags.
 #[derive(Clone, Debug)]
@@ -85,8 +98,36 @@ pub struct PeerStatus {
     /// Refused proofs by reason.
     pub rejected: BTreeMap<String, u64>,
     pub sent: Arc<SentCounts>,
+    /// Channels renewed (swapped in while the old one ran), by reason (`channel::renewal`,
+    /// or `by-peer` on the accepting end).
+    pub renewals: BTreeMap<&'static str, u64>,
+    /// Channels this end closed because the peer's SVID expired or stopped verifying, by reason.
+    pub closed: BTreeMap<&'static str, u64>,
+    /// The node SVIDs the current channel was authenticated with.
+    pub channel: Option<ChannelCerts>,
     /// Which task owns the peer's channel now (a replaced session must not mark it down).
     generation: u64,
+    /// New channels waiting to take over: the current one ending meanwhile is no loss yet.
+    pending: u32,
+}
+
+/// A new channel taking over from a running one: it becomes current at its first round trip,
+/// then closes `task`'s.
+struct Takeover {
+    /// The running channel's generation and task.
+    generation: u64,
+    task: tokio::task::AbortHandle,
+    up: Option<oneshot::Sender<()>>,
+    reason: &'static str,
+}
+
+/// A spawned session, aborted with its owner (a dialler's loop).
+struct Owned(tokio::task::JoinHandle<()>);
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 pub struct Links {
@@ -298,7 +339,7 @@ impl Links {
             match (ch, last) {
                 (Some(ch), _) => {
                     let t = Instant::now();
-                    self.session(&peer, ch, generation).await;
+                    self.clone().run_dialled(&peer, &expected, ch, &nodes).await;
                     if t.elapsed() > DIAL_BACKOFF_MAX {
                         backoff = DIAL_BACKOFF_MIN;
                     }
@@ -317,6 +358,84 @@ impl Links {
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(DIAL_BACKOFF_MAX);
+        }
+    }
+
+    fn verifier(&self) -> SvidVerifier {
+        SvidVerifier::new(self.svids.cache().clone(), self.clock.clone(), PeerPolicy::TrustDomains(BTreeSet::from([self.td.clone()])))
+    }
+
+    /// Runs a dialled channel, renewing it (make-before-break) when `channel::renewal` says,
+    /// until the current one ends.
+    async fn run_dialled(self: Arc<Self>, peer: &str, expected: &SpiffeId, ch: NodeChannel, nodes: &watch::Receiver<BTreeMap<String, Vec<IpAddr>>>) {
+        let generation = self.next_generation.fetch_add(1, Relaxed);
+        self.status(peer, |s| s.generation = generation);
+        let mut certs = ch.certs().clone();
+        let mut cur_generation = generation;
+        let mut cur = Owned(tokio::spawn(self.clone().session(peer.to_string(), ch, generation, None)));
+        let verifier = self.verifier();
+        let mut watch = PeerWatch::default();
+        let mut hold_until = None;
+        let mut retry_at = Instant::now();
+        let mut backoff = DIAL_BACKOFF_MIN;
+        let mut tick = tokio::time::interval(RENEWAL_TICK);
+        loop {
+            tokio::select! {
+                _ = &mut cur.0 => return,
+                _ = tick.tick() => {}
+            }
+            let now = self.clock.now();
+            let peer_ok = watch.check(&certs, &verifier, self.svids.cache().bundles(), now);
+            let own = self.svids.svid(self.svids.node_id());
+            let Some(reason) = renewal::due(&certs, own.as_deref(), &peer_ok, now, hold_until) else { continue };
+            if Instant::now() < retry_at {
+                continue;
+            }
+            let addrs = nodes.borrow().get(peer).cloned().unwrap_or_default();
+            let mut last = None;
+            let mut new = None;
+            for ip in &addrs {
+                match self.setup.connect(SocketAddr::new(*ip, self.opts.peer_port), expected).await {
+                    Ok(c) => {
+                        new = Some(c);
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            let up = match new {
+                Some(new_ch) => {
+                    let new_certs = new_ch.certs().clone();
+                    let g = self.next_generation.fetch_add(1, Relaxed);
+                    let (tx, rx) = oneshot::channel();
+                    let takeover = Takeover { generation: cur_generation, task: cur.0.abort_handle(), up: Some(tx), reason: reason.as_str() };
+                    let mut next = Owned(tokio::spawn(self.clone().session(peer.to_string(), new_ch, g, Some(takeover))));
+                    let up = tokio::select! {
+                        r = rx => r.is_ok(),
+                        _ = &mut next.0 => false,
+                        _ = tokio::time::sleep(HANDSHAKE_TIMEOUT) => false,
+                    };
+                    if up {
+                        // The old session was closed by the new one when it took over.
+                        let same_peer_svid = new_certs.peer_chain.first() == certs.peer_chain.first();
+                        hold_until = (same_peer_svid && now >= new_certs.peer_renewal_at()).then(|| renewal::hold_after_same(&new_certs, now));
+                        cur = next;
+                        cur_generation = g;
+                        certs = new_certs;
+                        watch = PeerWatch::default();
+                        backoff = DIAL_BACKOFF_MIN;
+                        Ok(())
+                    } else {
+                        Err("the new channel's session did not come up".to_string())
+                    }
+                }
+                None => Err(last.map_or_else(|| "no address".to_string(), |e| e.to_string())),
+            };
+            if let Err(e) = up {
+                log::warn!("node channels: renewing the channel to {peer} ({}) failed: {e}; the current one stays, retrying in {backoff:?}", reason.as_str());
+                retry_at = Instant::now() + backoff;
+                backoff = (backoff * 2).min(DIAL_BACKOFF_MAX);
+            }
         }
     }
 
@@ -396,45 +515,106 @@ impl Links {
             return;
         }
         self.accept_errors.lock().unwrap().remove(&from.ip());
-        // The newest channel of a peer replaces the one before (the peer restarted).
+        // The newest channel of a peer replaces the one before (a renewal, or the peer
+        // restarted): a running one is closed once the new one is up.
         let generation = self.next_generation.fetch_add(1, Relaxed);
-        self.status(&peer, |s| s.generation = generation);
-        let me = self.clone();
-        let p = peer.clone();
-        let h = tokio::spawn(async move { me.session(&p, ch, generation).await });
-        if let Some(old) = self.tasks.lock().unwrap().insert(peer, h.abort_handle()) {
-            old.abort();
-        }
+        let mut tasks = self.tasks.lock().unwrap();
+        let old = tasks.get(&peer).filter(|t| !t.is_finished()).cloned();
+        let current = self.status(&peer, |s| {
+            if old.is_none() {
+                s.generation = generation;
+            }
+            s.generation
+        });
+        let takeover = old.map(|task| Takeover { generation: current, task, up: None, reason: BY_PEER });
+        let h = tokio::spawn(self.clone().session(peer.clone(), ch, generation, takeover));
+        tasks.insert(peer, h.abort_handle());
     }
 
-    /// Runs one channel's proof session until it ends.
-    async fn session(&self, peer: &str, ch: NodeChannel, generation: u64) {
+    /// Runs one channel's proof session until it ends (or a newer channel takes over).
+    /// At its first clock round trip the peer has proven on it what it holds (a session
+    /// proves before it answers): then a `takeover` becomes the peer's current channel and
+    /// closes the old one, and the peer's proofs not proven again count `grace` more.
+    async fn session(self: Arc<Self>, peer: String, ch: NodeChannel, generation: u64, mut takeover: Option<Takeover>) {
+        let peer = peer.as_str();
+        let certs = ch.certs().clone();
         let sent = self.status(peer, |s| {
             s.state = "up";
             s.last_error = None;
+            match takeover {
+                None => s.channel = Some(certs.clone()),
+                Some(_) => s.pending += 1,
+            }
             s.sent.clone()
         });
-        log::info!("node channels: channel to {peer} up");
-        let verifier = SvidVerifier::new(self.svids.cache().clone(), self.clock.clone(), PeerPolicy::TrustDomains(BTreeSet::from([self.td.clone()])));
+        if takeover.is_none() {
+            log::info!("node channels: channel to {peer} up");
+        }
+        let verifier = self.verifier();
         let (tx, mut rx) = mpsc::channel(64);
-        let fut = run_counted(ch, verifier, self.clock.clone(), self.local_tx.subscribe(), tx, &sent, Liveness::default());
+        let fut = run_counted(ch, verifier.clone(), self.clock.clone(), self.local_tx.subscribe(), tx, &sent, Liveness::default());
         tokio::pin!(fut);
+        let mut proven: BTreeMap<String, Proven> = BTreeMap::new();
+        let mut round_trip = false;
+        let mut watch = PeerWatch::default();
+        let mut tick = tokio::time::interval(RENEWAL_TICK);
         let r = loop {
             tokio::select! {
                 r = &mut fut => break r,
-                Some(ev) = rx.recv() => self.on_event(peer, ev),
+                Some(ev) = rx.recv() => {
+                    let first = !round_trip && matches!(ev, SessionEvent::ClockOffsetMs(_));
+                    if let Some((id, p)) = self.on_event(peer, ev) {
+                        proven.insert(id, p);
+                    }
+                    if first {
+                        round_trip = true;
+                        self.took_over(peer, generation, &certs, &proven, takeover.take());
+                    }
+                }
+                _ = tick.tick() => {
+                    let now = self.clock.now();
+                    let _ = watch.check(&certs, &verifier, self.svids.cache().bundles(), now);
+                    if let Some(e) = watch.close_reason(now) {
+                        self.status(peer, |s| *s.closed.entry(e.reason()).or_default() += 1);
+                        break Err(anyhow::anyhow!("closed by this end: the peer's node SVID {} no longer verifies ({}): {e}", certs.peer.spiffe_id, e.reason()));
+                    }
+                }
             }
         };
         while let Ok(ev) = rx.try_recv() {
             self.on_event(peer, ev);
         }
-        let current = self.status(peer, |s| {
-            let current = s.generation == generation;
-            if current {
-                s.state = "down";
+        let current = match takeover {
+            // Never took over: the old channel stays the peer's if it still runs; if it
+            // ended meanwhile, this is where the peer's channel is lost.
+            Some(t) => {
+                let old_alive = !t.task.is_finished();
+                if old_alive {
+                    let me = tokio::task::try_id();
+                    let mut tasks = self.tasks.lock().unwrap();
+                    if me.is_some() && tasks.get(peer).map(|h| h.id()) == me {
+                        tasks.insert(peer.to_string(), t.task);
+                    }
+                }
+                log::warn!("node channels: a new channel to {peer} ended before it took over ({})", t.reason);
+                self.status(peer, |s| {
+                    s.pending = s.pending.saturating_sub(1);
+                    let lost = !old_alive && s.generation == t.generation && s.pending == 0;
+                    if lost {
+                        s.state = "down";
+                    }
+                    lost
+                })
             }
-            current
-        });
+            None => self.status(peer, |s| {
+                // A new channel waiting to take over decides (above) if this one's end is a loss.
+                let current = s.generation == generation && s.pending == 0;
+                if current {
+                    s.state = "down";
+                }
+                current
+            }),
+        };
         if current {
             let until = boottime_ns().saturating_add(self.opts.grace.as_nanos() as u64);
             self.book.lock().unwrap().limit_peer(peer, until);
@@ -446,14 +626,50 @@ impl Links {
         }
     }
 
-    fn on_event(&self, peer: &str, ev: SessionEvent) {
+    /// A session's first round trip: what the peer proved on it so far is all it holds.
+    fn took_over(&self, peer: &str, generation: u64, certs: &ChannelCerts, proven: &BTreeMap<String, Proven>, takeover: Option<Takeover>) {
+        {
+            let mut b = self.book.lock().unwrap();
+            // Proofs of this channel at full length again, should the old channel's end have
+            // limited them meanwhile; the peer's others count the grace.
+            for (id, p) in proven {
+                b.proven_by(peer, id, p.clone());
+            }
+            let until = boottime_ns().saturating_add(self.opts.grace.as_nanos() as u64);
+            b.limit_peer_except(peer, until, &proven.keys().cloned().collect());
+        }
+        self.changed.notify_one();
+        let Some(t) = takeover else { return };
+        self.status(peer, |s| {
+            s.generation = generation;
+            s.pending = s.pending.saturating_sub(1);
+            s.state = "up";
+            s.channel = Some(certs.clone());
+            *s.renewals.entry(t.reason).or_default() += 1;
+        });
+        t.task.abort();
+        if let Some(up) = t.up {
+            let _ = up.send(());
+        }
+        log::info!(
+            "node channels: channel to {peer} renewed ({}): node SVIDs valid until {} (this node) and {} (the peer)",
+            t.reason,
+            certs.local.as_ref().map_or_else(|| "?".to_string(), |l| crate::svid::clock::unix_secs(l.not_after).to_string()),
+            crate::svid::clock::unix_secs(certs.peer.not_after)
+        );
+    }
+
+    /// Books what the peer sent; a proof is returned too.
+    fn on_event(&self, peer: &str, ev: SessionEvent) -> Option<(String, Proven)> {
         match ev {
             SessionEvent::Proven(p) => {
                 let expires_ns = expiry_boot_ns(p.not_after, self.clock.now(), boottime_ns());
                 log::debug!("node channels: {peer} proved {}", p.spiffe_id);
-                self.book.lock().unwrap().proven_by(peer, &p.spiffe_id.to_string(), Proven { not_after: p.not_after, expires_ns });
+                let proven = Proven { not_after: p.not_after, expires_ns };
+                self.book.lock().unwrap().proven_by(peer, &p.spiffe_id.to_string(), proven.clone());
                 self.status(peer, |s| s.received += 1);
                 self.changed.notify_one();
+                return Some((p.spiffe_id.to_string(), proven));
             }
             SessionEvent::Withdrawn(id) => {
                 self.book.lock().unwrap().withdrawn_by(peer, &id);
@@ -480,6 +696,7 @@ impl Links {
             }
             SessionEvent::ClockOffsetMs(o) => self.status(peer, |s| s.clock_offset_ms = Some(o)),
         }
+        None
     }
 
     /// Keeps an SVID for every local identity and publishes them to the sessions.
