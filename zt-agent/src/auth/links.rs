@@ -411,6 +411,8 @@ impl Links {
                     let takeover = Takeover { generation: cur_generation, task: cur.0.abort_handle(), up: Some(tx), reason: reason.as_str() };
                     let mut next = Owned(tokio::spawn(self.clone().session(peer.to_string(), new_ch, g, Some(takeover))));
                     let up = tokio::select! {
+                        // A new session that took over and ended at once still took over.
+                        biased;
                         r = rx => r.is_ok(),
                         _ = &mut next.0 => false,
                         _ = tokio::time::sleep(HANDSHAKE_TIMEOUT) => false,
