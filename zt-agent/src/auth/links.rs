@@ -739,6 +739,81 @@ mod tests {
         assert_eq!(node_name_of(&td, &SpiffeId::parse("spiffe://zt.test/zt/node/a/b").unwrap()), None);
     }
 
+    /// Two agents' links on loopback (127.0.0.1 and 127.0.0.2, one port), one shared CA with
+    /// SVIDs so short-lived (4 s, backdated 10 s: past their refresh point when issued) that
+    /// every node and pod SVID rotates about every second. n1 dials n2 and renews the channel
+    /// on each rotation of its node SVID; n2 proves a pod identity throughout. Sampled every
+    /// 5 ms for 8 s, n1's proof of it from n2 is never missing nor expired on the kernel's
+    /// clock (the grace is 0: a swap taken for a lost channel would expire it); renewals are counted on both ends, nothing
+    /// is closed, the channel stays up.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_channel_renewed_on_every_rotation_never_leaves_a_gap_in_proofs() {
+        use crate::model::{Node, Pod};
+        use crate::state::{EndpointEntry, PodRef};
+        let dir = std::env::temp_dir().join(format!("zt-links-renew-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let opts = |ip: &str| LinkOptions {
+            listen: SocketAddr::new(ip.parse().unwrap(), port),
+            peer_port: port,
+            svid: ProviderOptions {
+                source: crate::svid::spec::SvidSourceSpec::Builtin,
+                ca_dir: Some(dir.clone()),
+                svid_ttl: Duration::from_secs(4),
+                node_selectors: String::new(),
+            },
+            // No grace: a swap mistaken for a lost channel would expire the proof at once.
+            grace: Duration::ZERO,
+        };
+        let l1 = Links::start("n1", "zt.test", opts("127.0.0.1")).await.unwrap();
+        let l2 = Links::start("n2", "zt.test", opts("127.0.0.2")).await.unwrap();
+        let mut cluster = ClusterState::new();
+        for (n, ip) in [("n1", "127.0.0.1"), ("n2", "127.0.0.2")] {
+            let node: Node = serde_json::from_value(serde_json::json!({"metadata": {"name": n}, "status": {"addresses": [{"type": "InternalIP", "address": ip}]}})).unwrap();
+            cluster.nodes.insert(n.to_string(), node);
+        }
+        let pod: Pod = serde_json::from_value(serde_json::json!({"metadata": {"name": "api", "namespace": "shop", "uid": "u-1"}})).unwrap();
+        cluster.pods.insert(("shop".into(), "api".into()), pod);
+        let api = "spiffe://zt.test/ns/shop/sa/api";
+        let mut with_pod = Desired::default();
+        with_pod.identities.insert(300, IdentityInfo { id: 300, spiffe_id: api.into(), labels: Default::default() });
+        with_pod.endpoints.insert(
+            "10.1.0.5".parse().unwrap(),
+            EndpointEntry { identity: 300, flags: EP_LOCAL, pod: Some(PodRef { namespace: "shop".into(), name: "api".into() }) },
+        );
+        l1.update(&cluster, &Desired::default());
+        l2.update(&cluster, &with_pod);
+        let held = |l: &Links| l.book.lock().unwrap().peers.get("n2").and_then(|m| m.get(api)).map(|p| p.expires_ns);
+        let start = Instant::now();
+        while held(&l1).is_none() {
+            assert!(start.elapsed() < Duration::from_secs(20), "n2's proof never reached n1");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let renewals = |l: &Links, peer: &str| l.peers.lock().unwrap().get(peer).map_or(0, |s| s.renewals.values().sum::<u64>());
+        let before = renewals(&l1, "n2");
+        let watch = Instant::now();
+        let mut samples = 0;
+        while watch.elapsed() < Duration::from_secs(8) {
+            let now = boottime_ns();
+            let e = held(&l1).expect("n1 lost n2's proof of api");
+            assert!(e > now, "n2's proof of api expired on n1 ({} ms ago)", (now - e) / 1_000_000);
+            samples += 1;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let (r1, r2) = (renewals(&l1, "n2") - before, renewals(&l2, "n1"));
+        let st = |l: &Links, p: &str| {
+            let g = l.peers.lock().unwrap();
+            let s = g.get(p).unwrap();
+            (s.state, s.closed.clone(), s.renewals.clone())
+        };
+        assert!(r1 >= 3, "n1 renewed its channel on its rotations: {:?}", st(&l1, "n2"));
+        assert!(r2 >= 3, "n2 counted the swaps: {:?}", st(&l2, "n1"));
+        assert_eq!(st(&l1, "n2").0, "up");
+        assert!(st(&l1, "n2").1.is_empty() && st(&l2, "n1").1.is_empty(), "nothing closed");
+        assert!(samples > 500, "{samples} samples");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// Two agents that open one `--svid-ca-dir` trust each other: the second loads the
     /// root the first created (same root, SVIDs that verify against either's bundle); an
     /// agent with another directory has another root, and its node SVID is refused
