@@ -275,6 +275,9 @@ fn two_agents_on_one_spire_prove_rotate_and_ride_out_an_outage() {
         up && received() > received_before
     });
     assert_eq!(refused(&bed.metrics()), 0.0, "no channel refused across the root rotation");
+    for m in [bed.metrics(), Metrics(agent2.metrics().unwrap())] {
+        assert_eq!(m.get("zt_auth_channels_closed_total", &[]), None, "no channel closed for its peer's SVID across the rotations");
+    }
     nothing_lost(&bed, &mut live, drops, "after node2's agent restart under bundle B");
 
     // SPIRE stops: both agents say so; enforcement continues with what is held.
