@@ -750,8 +750,15 @@ mod tests {
     async fn a_channel_renewed_on_every_rotation_never_leaves_a_gap_in_proofs() {
         use crate::model::{Node, Pod};
         use crate::state::{EndpointEntry, PodRef};
+        struct Dir(std::path::PathBuf);
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
         let dir = std::env::temp_dir().join(format!("zt-links-renew-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
+        let _cleanup = Dir(dir.clone());
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let opts = |ip: &str| LinkOptions {
             listen: SocketAddr::new(ip.parse().unwrap(), port),
@@ -811,7 +818,6 @@ mod tests {
         assert_eq!(st(&l1, "n2").0, "up");
         assert!(st(&l1, "n2").1.is_empty() && st(&l2, "n1").1.is_empty(), "nothing closed");
         assert!(samples > 500, "{samples} samples");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Two agents that open one `--svid-ca-dir` trust each other: the second loads the
