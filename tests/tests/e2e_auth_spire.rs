@@ -14,6 +14,9 @@
 //!   B) too, under a live cross-node TCP flow: the flow keeps working, new flows pass, zero
 //!   `auth-required` drops; node2's agent restarted after it: the channel comes back on
 //!   B-signed node SVIDs verified against bundle B;
+//! - node1's node SVID rotated (node1 dials): node1 renews the channel make-before-break
+//!   (`zt_auth_channel_renewals_total` on both ends, `ztctl auth` shows the new not-after
+//!   and when the channel renews next), the live flow keeps working, zero drops;
 //! - the stand-in stopped: both agents report SPIRE down (`zt_svid_source_up 0`, /readyz
 //!   503 naming the SVID source, `ztctl auth` a problem) and enforcement continues with the
 //!   SVIDs held (the live flow and new flows pass, zero drops); back: streams up, ready, and
@@ -108,6 +111,10 @@ fn node2_proof_of_b(bed: &Bed) -> Option<i64> {
 /// The not-after `agent` reports for its SVID of `id` (unix seconds).
 fn svid_not_after(bed: &Bed, agent: &AgentHandle, id: &str) -> Option<i64> {
     auth_of(bed, agent)["svids"].as_array()?.iter().find(|s| s["spiffe_id"] == id)?["not_after"].as_i64()
+}
+
+fn peer<'a>(auth: &'a serde_json::Value, node: &str) -> Option<&'a serde_json::Value> {
+    auth["peers"].as_array()?.iter().find(|p| p["node"] == node)
 }
 
 fn auth_drops(bed: &Bed) -> f64 {
@@ -217,6 +224,29 @@ fn two_agents_on_one_spire_prove_rotate_and_ride_out_an_outage() {
     wait_for("node2 to hold its rotated node SVID", &bed, &agent2, || spire_svid(&agent2, "node2"));
     nothing_lost(&bed, &mut live, drops, "after an SVID rotation");
 
+    // node1's node SVID rotated (node1 dials node2): node1 renews its channel make-before-break,
+    // a new channel on the new SVID swapped in (counted by reason on both ends; both report
+    // the new not-after), under the live flow, zero drops.
+    let renewals = |m: &Metrics, peer: &str, reason: &str| m.get("zt_auth_channel_renewals_total", &[("peer", peer), ("reason", reason)]).unwrap_or(0.0);
+    let (r1, r2) = (renewals(&bed.metrics(), "node2", "own-svid-rotated"), renewals(&Metrics(agent2.metrics().unwrap()), "node1", "by-peer"));
+    spire.set_validity(Duration::from_secs(2900), Duration::from_secs(10));
+    let rotated = spire.rotate(&node_id("node1")).unwrap().expires_at;
+    let channel = |a: &serde_json::Value, n: &str, k: &str| peer(a, n).and_then(|p| p["channel"][k].as_i64());
+    wait_for("node1 to renew its channel to node2 on its rotated node SVID", &bed, &agent2, || {
+        let (a1, a2) = (auth_of(&bed, &bed.agent), auth_of(&bed, &agent2));
+        renewals(&bed.metrics(), "node2", "own-svid-rotated") > r1
+            && renewals(&Metrics(agent2.metrics().unwrap()), "node1", "by-peer") > r2
+            && channel(&a1, "node2", "svid_not_after") == Some(rotated)
+            && channel(&a2, "node1", "peer_svid_not_after") == Some(rotated)
+    });
+    let a1 = auth_of(&bed, &bed.agent);
+    assert_eq!(peer(&a1, "node2").unwrap()["state"], "up", "{a1}");
+    let renews_at = channel(&a1, "node2", "renews_at").expect("the dialler shows when it renews");
+    let peer_until = channel(&a1, "node2", "peer_svid_not_after").unwrap();
+    assert!(renews_at < peer_until, "renewed before node2's SVID expires: {a1}");
+    nothing_lost(&bed, &mut live, drops, "after node1's channel was renewed");
+    assert!(node2_proof_of_b(&bed).is_some(), "node2's proofs held across the swap");
+
     // Root rotation A -> A+B -> B, every SVID re-signed by B in between.
     spire.publish_next_root().unwrap();
     let roots = |a: &AgentHandle, n: i64| auth_of(&bed, a)["source"]["roots"]["cluster.local"].as_i64() == Some(n);
@@ -245,6 +275,9 @@ fn two_agents_on_one_spire_prove_rotate_and_ride_out_an_outage() {
         up && received() > received_before
     });
     assert_eq!(refused(&bed.metrics()), 0.0, "no channel refused across the root rotation");
+    for m in [bed.metrics(), Metrics(agent2.metrics().unwrap())] {
+        assert_eq!(m.get("zt_auth_channels_closed_total", &[]), None, "no channel closed for its peer's SVID across the rotations");
+    }
     nothing_lost(&bed, &mut live, drops, "after node2's agent restart under bundle B");
 
     // SPIRE stops: both agents say so; enforcement continues with what is held.

@@ -57,6 +57,17 @@ impl ProofBook {
         }
     }
 
+    /// A new channel of the peer is up and the peer has proven on it what it holds (`kept`):
+    /// its other proofs (an identity it withdrew while the channels were swapped) count
+    /// until `until_ns` at the latest, as for a lost channel. `kept` are untouched.
+    pub fn limit_peer_except(&mut self, node: &str, until_ns: u64, kept: &std::collections::BTreeSet<String>) {
+        for (id, p) in self.peers.get_mut(node).into_iter().flat_map(|m| m.iter_mut()) {
+            if !kept.contains(id) {
+                p.expires_ns = p.expires_ns.min(until_ns);
+            }
+        }
+    }
+
     /// Drops proofs past their expiry at `boot_now`.
     pub fn prune(&mut self, boot_now: u64) {
         for m in self.peers.values_mut() {
@@ -122,5 +133,12 @@ mod tests {
         b.proven_by("node2", "spiffe://zt.test/ns/default/sa/api", p(60));
         b.withdrawn_by("node2", "spiffe://zt.test/ns/default/sa/api");
         assert_eq!(b.want(&ids, 1_000).len(), 1);
+        // A renewed channel re-proved api, not web: api keeps its expiry, web gets the grace.
+        b.proven_by("node2", "spiffe://zt.test/ns/default/sa/api", p(60));
+        b.proven_by("node2", "spiffe://zt.test/ns/default/sa/web", p(60));
+        b.limit_peer_except("node2", 1_000 + 5_000_000_000, &["spiffe://zt.test/ns/default/sa/api".to_string()].into());
+        let w = b.want(&ids, 1_000);
+        assert_eq!(w[&AuthProofKey { node: n2, identity: 300 }].expires_ns, 1_000 + 60_000_000_000, "re-proven: untouched");
+        assert_eq!(w[&AuthProofKey { node: n2, identity: 302 }].expires_ns, 1_000 + 5_000_000_000, "not re-proven: the grace");
     }
 }

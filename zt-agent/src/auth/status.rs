@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::links::Links;
-use crate::ctl::auth::{AuthState, PeerRow, RefreshError, SourceRow, StreamRow, SvidRow, AUTH_STATE_FILE};
+use crate::ctl::auth::{AuthState, ChannelRow, PeerRow, RefreshError, SourceRow, StreamRow, SvidRow, AUTH_STATE_FILE};
 use crate::metrics::Shared;
 use crate::svid::clock::unix_secs;
 
@@ -26,6 +26,9 @@ pub struct PeerCounts {
     pub received: u64,
     pub withdrawals_received: u64,
     pub rejected: BTreeMap<String, u64>,
+    /// Channels renewed by reason; channels closed for the peer's SVID by reason.
+    pub renewals: BTreeMap<String, u64>,
+    pub closed: BTreeMap<String, u64>,
 }
 
 /// The SVID source's series (`--svid-source`).
@@ -100,6 +103,13 @@ fn snapshot(links: &Links) -> (AuthState, AuthCounts) {
             state: s.state.to_string(),
             clock_offset_s: s.clock_offset_ms.map(|o| o as f64 / 1000.0),
             last_error: s.last_error.clone(),
+            channel: s.channel.as_ref().map(|c| ChannelRow {
+                svid_not_after: c.local.as_ref().map(|l| unix_secs(l.not_after)),
+                peer_svid_not_after: unix_secs(c.peer.not_after),
+                renews_at: c.dialled.then(|| unix_secs(c.peer_renewal_at())),
+                renewals: s.renewals.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+                closed: s.closed.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            }),
         })
         .collect();
     let counts = AuthCounts {
@@ -117,6 +127,8 @@ fn snapshot(links: &Links) -> (AuthState, AuthCounts) {
                 received: s.received,
                 withdrawals_received: s.withdrawals_received,
                 rejected: s.rejected.clone(),
+                renewals: s.renewals.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+                closed: s.closed.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
             })
             .collect(),
         refused_unknown: links.refused_unknown.load(Relaxed),
@@ -192,6 +204,23 @@ pub fn render(o: &mut String, c: &AuthCounts) {
     );
     for p in &c.peers {
         let _ = writeln!(o, "zt_auth_channel_failures_total{{peer=\"{}\"}} {}", p.peer, p.failed);
+    }
+    head(
+        o,
+        "Node channels renewed make-before-break (a new channel swapped in before the old one closed), by reason: own-svid-rotated, peer-renewal-point, peer-svid-invalid (dialling end), by-peer (accepting end).",
+        "counter",
+        "zt_auth_channel_renewals_total",
+    );
+    for p in &c.peers {
+        for (reason, n) in &p.renewals {
+            let _ = writeln!(o, "zt_auth_channel_renewals_total{{peer=\"{}\",reason=\"{reason}\"}} {n}", p.peer);
+        }
+    }
+    head(o, "Node channels this end closed because the peer's node SVID expired or stopped verifying, by reason.", "counter", "zt_auth_channels_closed_total");
+    for p in &c.peers {
+        for (reason, n) in &p.closed {
+            let _ = writeln!(o, "zt_auth_channels_closed_total{{peer=\"{}\",reason=\"{reason}\"}} {n}", p.peer);
+        }
     }
     head(o, "Identity proofs (and withdrawals) this node sent to the peer.", "counter", "zt_auth_proofs_sent_total");
     for p in &c.peers {

@@ -255,10 +255,22 @@ fn run() -> Result<()> {
             for s in &st.svids {
                 println!("{:<60} {:>12} {:>12} {:>12}", s.spiffe_id, s.not_before, s.not_after, s.next_refresh);
             }
-            println!("\n{:<24} {:<12} {:>14}", "PEER", "CHANNEL", "CLOCK OFFSET");
+            println!("\n{:<24} {:<12} {:>14} {:>12} {:>12} {:>12} {:>9}", "PEER", "CHANNEL", "CLOCK OFFSET", "SVID UNTIL", "PEER UNTIL", "RENEWS AT", "RENEWALS");
             for p in &st.peers {
                 let off = p.clock_offset_s.map(|o| format!("{o:+.1}s")).unwrap_or("-".into());
-                println!("{:<24} {:<12} {:>14}", p.node, p.state, off);
+                let c = p.channel.as_ref();
+                let t = |v: Option<i64>| v.map_or("-".to_string(), |v| v.to_string());
+                let renewals: u64 = c.map_or(0, |c| c.renewals.values().sum());
+                println!(
+                    "{:<24} {:<12} {:>14} {:>12} {:>12} {:>12} {:>9}",
+                    p.node,
+                    p.state,
+                    off,
+                    t(c.and_then(|c| c.svid_not_after)),
+                    t(c.map(|c| c.peer_svid_not_after)),
+                    c.map_or("-".to_string(), |c| c.renews_at.map_or("by peer".to_string(), |v| v.to_string())),
+                    renewals
+                );
             }
             println!("\n{:<10} {:<60} {:<24} {:>10}", "IDENTITY", "SPIFFE ID", "PROVEN BY", "EXPIRES IN");
             for r in &proofs {

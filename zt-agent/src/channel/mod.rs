@@ -9,6 +9,7 @@
 //! `NodeCredential`, so a renewed SVID is used by the next channel.
 
 pub mod proofs;
+pub mod renewal;
 pub mod session;
 pub mod verifier;
 
@@ -19,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::client::{ResolvesClientCert, Resumption};
-use rustls::pki_types::ServerName;
+use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, ServerConfig, SignatureScheme};
@@ -30,7 +31,7 @@ use crate::svid::cache::SvidCache;
 use crate::svid::clock::Clock;
 use crate::svid::source::BundleProvider;
 use crate::svid::spiffe_id::{SpiffeId, TrustDomain};
-use crate::svid::x509::{check_leaf, SvidError};
+use crate::svid::x509::SvidError;
 use verifier::{svid_error, PeerPolicy, SvidClientVerifier, SvidServerVerifier, SvidVerifier};
 
 /// ALPN of the channel, so that it is never mistaken for another TLS service on the port.
@@ -72,18 +73,36 @@ impl NodeCredential for FixedCredential {
     }
 }
 
+/// Presents the credential's key, and remembers which one it presented (one resolver per
+/// connection: the channel records the not-after of its own SVID).
 #[derive(Debug)]
-struct Resolver(Arc<dyn NodeCredential>);
+struct Resolver(Arc<dyn NodeCredential>, std::sync::Mutex<Option<Arc<CertifiedKey>>>);
+
+impl Resolver {
+    fn new(c: Arc<dyn NodeCredential>) -> Arc<Resolver> {
+        Arc::new(Resolver(c, std::sync::Mutex::new(None)))
+    }
+
+    fn pick(&self) -> Option<Arc<CertifiedKey>> {
+        let k = self.0.certified_key();
+        *self.1.lock().unwrap() = k.clone();
+        k
+    }
+
+    fn presented(&self) -> Vec<CertificateDer<'static>> {
+        self.1.lock().unwrap().as_ref().map(|k| k.cert.clone()).unwrap_or_default()
+    }
+}
 
 impl ResolvesServerCert for Resolver {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.0.certified_key()
+        self.pick()
     }
 }
 
 impl ResolvesClientCert for Resolver {
     fn resolve(&self, _root_hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
-        self.0.certified_key()
+        self.pick()
     }
 
     fn has_certs(&self) -> bool {
@@ -109,11 +128,15 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 impl ChannelSetup {
     /// The accepting end: requires a client SVID of one of `peer_domains`.
     pub fn acceptor(&self) -> Result<TlsAcceptor, rustls::Error> {
+        self.acceptor_with(Resolver::new(self.credential.clone()))
+    }
+
+    fn acceptor_with(&self, resolver: Arc<Resolver>) -> Result<TlsAcceptor, rustls::Error> {
         let v = SvidVerifier::new(self.bundles.clone(), self.clock.clone(), PeerPolicy::TrustDomains(self.peer_domains.clone()));
         let mut cfg = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(Arc::new(SvidClientVerifier(v)))
-            .with_cert_resolver(Arc::new(Resolver(self.credential.clone())));
+            .with_cert_resolver(resolver);
         cfg.session_storage = Arc::new(NoServerSessionStorage {});
         cfg.send_tls13_tickets = 0;
         cfg.alpn_protocols = vec![ALPN.to_vec()];
@@ -122,12 +145,16 @@ impl ChannelSetup {
 
     /// The dialling end: requires the server to be exactly `peer`.
     pub fn connector(&self, peer: &SpiffeId) -> Result<TlsConnector, rustls::Error> {
+        self.connector_with(peer, Resolver::new(self.credential.clone()))
+    }
+
+    fn connector_with(&self, peer: &SpiffeId, resolver: Arc<Resolver>) -> Result<TlsConnector, rustls::Error> {
         let v = SvidVerifier::new(self.bundles.clone(), self.clock.clone(), PeerPolicy::Exactly(peer.clone()));
         let mut cfg = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(SvidServerVerifier(v)))
-            .with_client_cert_resolver(Arc::new(Resolver(self.credential.clone())));
+            .with_client_cert_resolver(resolver);
         cfg.resumption = Resumption::disabled();
         cfg.alpn_protocols = vec![ALPN.to_vec()];
         Ok(TlsConnector::from(Arc::new(cfg)))
@@ -135,10 +162,11 @@ impl ChannelSetup {
 
     /// Completes the server side of a channel on an accepted TCP connection.
     pub async fn accept(&self, tcp: TcpStream) -> Result<NodeChannel, ChannelError> {
-        let acceptor = self.acceptor().map_err(ChannelError::Tls)?;
+        let resolver = Resolver::new(self.credential.clone());
+        let acceptor = self.acceptor_with(resolver.clone()).map_err(ChannelError::Tls)?;
         let tls =
             tokio::time::timeout(self.handshake_timeout, acceptor.accept(tcp)).await.map_err(|_| ChannelError::Timeout)?.map_err(ChannelError::from_io)?;
-        NodeChannel::new(TlsStream::Server(tls))
+        NodeChannel::new(TlsStream::Server(tls), resolver.presented())
     }
 
     /// Dials `addr`, expecting the node `peer` there.
@@ -146,13 +174,14 @@ impl ChannelSetup {
         if !self.peer_domains.contains(peer.trust_domain()) {
             return Err(ChannelError::Rejected(SvidError::TrustDomainNotAllowed(peer.trust_domain().clone())));
         }
-        let connector = self.connector(peer).map_err(ChannelError::Tls)?;
+        let resolver = Resolver::new(self.credential.clone());
+        let connector = self.connector_with(peer, resolver.clone()).map_err(ChannelError::Tls)?;
         let fut = async {
             let tcp = TcpStream::connect(addr).await?;
             connector.connect(ServerName::IpAddress(addr.ip().into()), tcp).await
         };
         let tls = tokio::time::timeout(self.handshake_timeout, fut).await.map_err(|_| ChannelError::Timeout)?.map_err(ChannelError::from_io)?;
-        NodeChannel::new(TlsStream::Client(tls))
+        NodeChannel::new(TlsStream::Client(tls), resolver.presented())
     }
 }
 
@@ -194,18 +223,24 @@ impl std::error::Error for ChannelError {}
 pub struct NodeChannel {
     stream: TlsStream<TcpStream>,
     peer: SpiffeId,
+    certs: renewal::ChannelCerts,
 }
 
 impl NodeChannel {
-    fn new(stream: TlsStream<TcpStream>) -> Result<NodeChannel, ChannelError> {
-        let certs = match &stream {
-            TlsStream::Client(s) => s.get_ref().1.peer_certificates(),
-            TlsStream::Server(s) => s.get_ref().1.peer_certificates(),
+    fn new(stream: TlsStream<TcpStream>, local: Vec<CertificateDer<'static>>) -> Result<NodeChannel, ChannelError> {
+        let (certs, dialled) = match &stream {
+            TlsStream::Client(s) => (s.get_ref().1.peer_certificates(), true),
+            TlsStream::Server(s) => (s.get_ref().1.peer_certificates(), false),
         };
-        // The verifier accepted this leaf; read its ID back from it.
-        let leaf = certs.and_then(|c| c.first()).ok_or(ChannelError::Rejected(SvidError::NoCertificate))?;
-        let peer = check_leaf(leaf).map_err(ChannelError::Rejected)?.spiffe_id;
-        Ok(NodeChannel { stream, peer })
+        let peer_chain: Vec<CertificateDer<'static>> = certs.unwrap_or_default().iter().map(|c| c.clone().into_owned()).collect();
+        // The verifier accepted this leaf; read its ID (and validity) back from it.
+        let certs = renewal::ChannelCerts::new(dialled, local, peer_chain).map_err(ChannelError::Rejected)?;
+        Ok(NodeChannel { stream, peer: certs.peer.spiffe_id.clone(), certs })
+    }
+
+    /// The node SVIDs this channel was authenticated with (both ends' chains and validity).
+    pub fn certs(&self) -> &renewal::ChannelCerts {
+        &self.certs
     }
 
     /// The peer node's SPIFFE ID, as its verified SVID states it.

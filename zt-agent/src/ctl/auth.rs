@@ -103,6 +103,26 @@ pub struct PeerRow {
     /// The peer's clock minus this node's, measured over the channel (seconds).
     pub clock_offset_s: Option<f64>,
     pub last_error: Option<PeerError>,
+    /// The node SVIDs the current channel was authenticated with (absent before renewal
+    /// was built, or while no channel ever came up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<ChannelRow>,
+}
+
+/// A channel's node SVIDs and when it is renewed (unix seconds).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelRow {
+    /// This node's node SVID as the channel presented it.
+    pub svid_not_after: Option<i64>,
+    /// The peer's node SVID.
+    pub peer_svid_not_after: i64,
+    /// The dialling end: when the channel is renewed at the latest (the peer SVID's renewal
+    /// point; a rotation of this node's SVID renews it sooner). None on the accepting end.
+    pub renews_at: Option<i64>,
+    /// Renewals by reason, and channels this end closed (the peer's SVID expired or stopped
+    /// verifying) by reason.
+    pub renewals: std::collections::BTreeMap<String, u64>,
+    pub closed: std::collections::BTreeMap<String, u64>,
 }
 
 /// One stream of the SVID source (SPIRE: `bundles` or the SPIFFE ID of an X509-SVID stream).
@@ -267,6 +287,7 @@ mod tests {
                 state: "up".into(),
                 clock_offset_s: Some(2700.2),
                 last_error: Some(PeerError::of("spiffe://zt.test/ns/default/sa/api", &e)),
+                channel: None,
             }],
         };
         let d = diagnose(&st, now);
