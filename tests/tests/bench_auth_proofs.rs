@@ -19,7 +19,6 @@
 mod common;
 
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -47,15 +46,6 @@ fn auth_node_id(name: &str) -> u32 {
     }
 }
 
-/// The shared CA's directory, removed on drop (also when the bench fails).
-struct CaDir(PathBuf);
-
-impl Drop for CaDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn pod_yaml(k: u32, node: &str, ip: Ipv4Addr) -> String {
     format!(
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: p{k}, namespace: default, uid: 00000000-0000-4000-a000-{k:012}, labels: {{app: p{k}}}}}\n\
@@ -66,22 +56,6 @@ fn pod_yaml(k: u32, node: &str, ip: Ipv4Addr) -> String {
 
 fn spiffe_id(k: u32) -> String {
     format!("spiffe://cluster.local/ns/default/sa/sa{k}")
-}
-
-/// `ztctl -o json auth` against `agent`.
-fn auth_of(agent: &AgentHandle) -> serde_json::Value {
-    let out = std::process::Command::new(bins::find("ztctl").unwrap())
-        .arg("--bpffs-root")
-        .arg(&agent.bpffs_root)
-        .arg("--state-dir")
-        .arg(&agent.state_dir)
-        .arg("--admin-socket")
-        .arg(&agent.admin_socket)
-        .args(["-o", "json", "auth"])
-        .output()
-        .expect("running ztctl");
-    assert!(out.status.success(), "ztctl auth: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// Keys of `map` whose node is `node`.
@@ -129,7 +103,7 @@ fn bench_pod_proven_at_every_peer() {
     let start = Instant::now();
     loop {
         let up = agents.iter().all(|a| {
-            let st = auth_of(a);
+            let st = auth_with(&bins::find("ztctl").unwrap(), a);
             st["peers"].as_array().is_some_and(|ps| ps.iter().filter(|p| p["state"] == "up").count() == 2)
         });
         if up {
@@ -171,7 +145,7 @@ fn bench_pod_proven_at_every_peer() {
     let burst = burst(&agents, &maps, &api, &dir);
     // Every peer names every pod's SPIFFE ID with the node that proved it.
     for (i, a) in agents.iter().enumerate() {
-        let st = auth_of(a);
+        let st = auth_with(&bins::find("ztctl").unwrap(), a);
         let proofs = st["proofs"].as_array().unwrap();
         for k in (0..2 * PODS).filter(|k| (k % 3) as usize != i) {
             let (id, node) = (spiffe_id(k), NODES[(k % 3) as usize]);

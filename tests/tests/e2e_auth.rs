@@ -27,10 +27,6 @@ spec:
     ports: [{protocol: UDP, port: 53}]
 ";
 
-fn auth_drops(bed: &Bed) -> f64 {
-    bed.metrics().get("zt_verdicts_total", &[("direction", "ingress"), ("reason", "auth-required")]).unwrap_or(0.0)
-}
-
 #[test]
 fn an_unproven_peer_is_dropped_on_an_auth_required_rule_and_allowed_on_a_plain_one() {
     let bed = bed("two-nodes", &[("50-a.yaml", POLICY)], &[]);

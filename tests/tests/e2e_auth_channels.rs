@@ -17,8 +17,8 @@
 //!   `zt_auth_channels_refused_total`, the reason in `ztctl auth`), b stays unproven.
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
 use common::*;
 use zt_testbed::{AgentHandle, Family, ProbeResult, Proto};
@@ -40,43 +40,6 @@ spec:
 const B_ID: &str = "spiffe://cluster.local/ns/default/sa/default";
 /// The SPIFFE ID of e, a pod the test adds to node2.
 const E_ID: &str = "spiffe://cluster.local/ns/default/sa/e";
-/// Long enough for a peer's dial backoff (at most 10 s) plus a handshake.
-const CHANNEL_DEADLINE: Duration = Duration::from_secs(30);
-
-/// A CA directory of this test process, removed on drop (also when the test fails).
-struct CaDir(PathBuf);
-
-impl CaDir {
-    fn new(test: &str) -> CaDir {
-        let p = std::env::temp_dir().join(format!("zt-e2e-auth-ca-{}-{test}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        CaDir(p)
-    }
-    fn arg(&self) -> &str {
-        self.0.to_str().unwrap()
-    }
-}
-
-impl Drop for CaDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The lab's pods with the Node objects' InternalIPs (the bed's node addresses), which
-/// the agents dial each other at.
-fn pods_with_node_ips() -> String {
-    let mut pods = std::fs::read_to_string(lab("two-nodes").join("pods.yaml")).unwrap();
-    for k in [1, 2] {
-        let name = format!("metadata:\n  name: node{k}\n");
-        assert!(pods.contains(&name), "labs/two-nodes/pods.yaml changed: no Node node{k}");
-        pods = pods.replace(
-            &name,
-            &format!("{name}status:\n  addresses: [{{type: InternalIP, address: 10.255.0.{k}}}, {{type: InternalIP, address: \"fd00:255::{k}\"}}]\n"),
-        );
-    }
-    pods
-}
 
 /// The bed with node1's agent on `ca1` and node2's on `ca2`.
 fn two_agents(ca1: &Path, ca2: &Path) -> (Bed, AgentHandle) {
@@ -93,22 +56,6 @@ fn two_agents(ca1: &Path, ca2: &Path) -> (Bed, AgentHandle) {
     (bed, agent2)
 }
 
-/// `ztctl -o json auth` against `agent`.
-fn auth_of(bed: &Bed, agent: &AgentHandle) -> serde_json::Value {
-    let out = std::process::Command::new(&bed.ztctl)
-        .arg("--bpffs-root")
-        .arg(&agent.bpffs_root)
-        .arg("--state-dir")
-        .arg(&agent.state_dir)
-        .arg("--admin-socket")
-        .arg(&agent.admin_socket)
-        .args(["-o", "json", "auth"])
-        .output()
-        .expect("running ztctl");
-    assert!(out.status.success(), "ztctl auth: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 fn peer<'a>(auth: &'a serde_json::Value, node: &str) -> Option<&'a serde_json::Value> {
     auth["peers"].as_array()?.iter().find(|p| p["node"] == node)
 }
@@ -116,21 +63,6 @@ fn peer<'a>(auth: &'a serde_json::Value, node: &str) -> Option<&'a serde_json::V
 /// Proofs of b's SPIFFE ID by node2 in node1's map.
 fn proven_by_node2(auth: &serde_json::Value) -> bool {
     auth["proofs"].as_array().unwrap().iter().any(|p| p["node"] == "node2" && p["spiffe_id"] == B_ID && p["expires_in_s"].as_i64().unwrap() > 0)
-}
-
-fn auth_drops(bed: &Bed) -> f64 {
-    bed.metrics().get("zt_verdicts_total", &[("direction", "ingress"), ("reason", "auth-required")]).unwrap_or(0.0)
-}
-
-fn wait_for(what: &str, bed: &Bed, agent2: &AgentHandle, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while start.elapsed() < CHANNEL_DEADLINE {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting for {what}\nnode1 agent log tail:\n{}\nnode2 agent log tail:\n{}", tail(&bed.agent.log(), 25), tail(&agent2.log(), 25));
 }
 
 /// One new TCP flow b -> a per family; each must pass from its first SYN.

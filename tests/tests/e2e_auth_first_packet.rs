@@ -17,12 +17,12 @@ mod common;
 
 use std::io::Write;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 use zt_testbed::{bins, probe_in, AgentHandle, Family, Pod, ProbeResult, Proto};
 
 const POLICY: &str = "apiVersion: zt.dev/v1alpha1
@@ -41,30 +41,6 @@ const ROUNDS: u32 = 20;
 const B_ID: &str = "spiffe://cluster.local/ns/default/sa/default";
 /// Below the first SYN retransmission (1 s): a success means the first SYN passed.
 const FIRST_SYN: Duration = Duration::from_millis(900);
-const CHANNEL_DEADLINE: Duration = Duration::from_secs(30);
-
-/// A CA directory of this test process, removed on drop (also when the test fails).
-struct CaDir(PathBuf);
-
-impl Drop for CaDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The lab's pods with the Node objects' InternalIPs (the bed's node addresses).
-fn pods_with_node_ips() -> String {
-    let mut pods = std::fs::read_to_string(lab("two-nodes").join("pods.yaml")).unwrap();
-    for k in [1, 2] {
-        let name = format!("metadata:\n  name: node{k}\n");
-        assert!(pods.contains(&name), "labs/two-nodes/pods.yaml changed: no Node node{k}");
-        pods = pods.replace(
-            &name,
-            &format!("{name}status:\n  addresses: [{{type: InternalIP, address: 10.255.0.{k}}}, {{type: InternalIP, address: \"fd00:255::{k}\"}}]\n"),
-        );
-    }
-    pods
-}
 
 /// The bed (node1's agent) and node2's agent with `--auth-cni-wait-ms wait_ms`, channel up.
 fn two_agents(ca: &Path, wait_ms: &str) -> (Bed, AgentHandle) {
@@ -83,25 +59,6 @@ fn two_agents(ca: &Path, wait_ms: &str) -> (Bed, AgentHandle) {
         std::thread::sleep(Duration::from_millis(100));
     }
     (bed, agent2)
-}
-
-fn auth_of(bed: &Bed, agent: &AgentHandle) -> Value {
-    let out = Command::new(&bed.ztctl)
-        .arg("--bpffs-root")
-        .arg(&agent.bpffs_root)
-        .arg("--state-dir")
-        .arg(&agent.state_dir)
-        .arg("--admin-socket")
-        .arg(&agent.admin_socket)
-        .args(["-o", "json", "auth"])
-        .output()
-        .expect("running ztctl");
-    assert!(out.status.success(), "ztctl auth: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn auth_drops(bed: &Bed) -> f64 {
-    bed.metrics().get("zt_verdicts_total", &[("direction", "ingress"), ("reason", "auth-required")]).unwrap_or(0.0)
 }
 
 /// `zt-cni` with a runtime's environment and network configuration (prevResult: the host

@@ -26,7 +26,7 @@
 mod common;
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use zt_testbed::spire::SpireStandIn;
@@ -48,8 +48,6 @@ const B_ID: &str = "spiffe://cluster.local/ns/default/sa/default";
 const C_ID: &str = "spiffe://cluster.local/ns/other/sa/default";
 const B_UID: &str = "00000000-0000-4000-8000-0000000000b2";
 const C_UID: &str = "00000000-0000-4000-8000-0000000000c2";
-/// A peer's dial backoff (at most 10 s) plus a handshake.
-const CHANNEL_DEADLINE: Duration = Duration::from_secs(30);
 
 fn node_id(n: &str) -> String {
     format!("spiffe://cluster.local/zt/node/{n}")
@@ -72,36 +70,6 @@ impl Drop for Socket {
     }
 }
 
-/// The lab's pods with the Node objects' InternalIPs (the bed's node addresses).
-fn pods_with_node_ips() -> String {
-    let mut pods = std::fs::read_to_string(lab("two-nodes").join("pods.yaml")).unwrap();
-    assert!(pods.contains(B_UID), "labs/two-nodes/pods.yaml changed: b's UID");
-    for k in [1, 2] {
-        let name = format!("metadata:\n  name: node{k}\n");
-        assert!(pods.contains(&name), "labs/two-nodes/pods.yaml changed: no Node node{k}");
-        pods = pods.replace(
-            &name,
-            &format!("{name}status:\n  addresses: [{{type: InternalIP, address: 10.255.0.{k}}}, {{type: InternalIP, address: \"fd00:255::{k}\"}}]\n"),
-        );
-    }
-    pods
-}
-
-fn auth_of(bed: &Bed, agent: &AgentHandle) -> serde_json::Value {
-    let out = std::process::Command::new(&bed.ztctl)
-        .arg("--bpffs-root")
-        .arg(&agent.bpffs_root)
-        .arg("--state-dir")
-        .arg(&agent.state_dir)
-        .arg("--admin-socket")
-        .arg(&agent.admin_socket)
-        .args(["-o", "json", "auth"])
-        .output()
-        .expect("running ztctl");
-    assert!(out.status.success(), "ztctl auth: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 /// Seconds left on node2's proof of b in node1's map.
 fn node2_proof_of_b(bed: &Bed) -> Option<i64> {
     let a = auth_of(bed, &bed.agent);
@@ -117,23 +85,8 @@ fn peer<'a>(auth: &'a serde_json::Value, node: &str) -> Option<&'a serde_json::V
     auth["peers"].as_array()?.iter().find(|p| p["node"] == node)
 }
 
-fn auth_drops(bed: &Bed) -> f64 {
-    bed.metrics().get("zt_verdicts_total", &[("direction", "ingress"), ("reason", "auth-required")]).unwrap_or(0.0)
-}
-
 fn source_up(agent: &AgentHandle) -> Option<f64> {
     Metrics(agent.metrics().ok()?).get("zt_svid_source_up", &[("source", "spire")])
-}
-
-fn wait_for(what: &str, bed: &Bed, agent2: &AgentHandle, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while start.elapsed() < CHANNEL_DEADLINE {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting for {what}\nnode1 agent log tail:\n{}\nnode2 agent log tail:\n{}", tail(&bed.agent.log(), 25), tail(&agent2.log(), 25));
 }
 
 /// One new TCP flow b -> a per family; each must pass from its first SYN.
@@ -164,6 +117,7 @@ fn two_agents_on_one_spire_prove_rotate_and_ride_out_an_outage() {
 
     let source = format!("spire:{}", sock.0.display());
     let pods = pods_with_node_ips();
+    assert!(pods.contains(B_UID), "labs/two-nodes/pods.yaml changed: b's UID");
     let bed = bed("two-nodes", &[("pods.yaml", &pods), ("50-a.yaml", POLICY)], &["--svid-source", &source]);
     let agent2 = bed.tb.start_agent("node2", &zt_testbed::bins::find("zt-agent").unwrap(), &bed.dir, &["--poll-ms", "100", "--svid-source", &source]).unwrap();
     agent2.wait_ready(Duration::from_secs(20)).unwrap();

@@ -249,7 +249,7 @@ struct Flags {
     svid_ttl: u64,
     /// How long a peer's proofs still count after its channel is lost (and, at start, the
     /// proofs an earlier agent wrote), seconds: an agent restart within it cuts no flow.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     auth_peer_grace: u64,
     /// How long a CNI ADD waits, milliseconds, until every peer whose node channel is up
     /// has installed the new pod's identity proof (so that its first packet to another

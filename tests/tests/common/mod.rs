@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
+pub mod auth;
+pub use auth::*;
+
 use zt_testbed::{bins, AgentHandle, Endpoint, Family, ProbeResult, Proto, Target, Testbed, TestbedOptions};
 
 pub const DENIED: Duration = Duration::from_millis(300);

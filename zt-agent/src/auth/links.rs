@@ -139,6 +139,64 @@ impl Drop for Owned {
     }
 }
 
+/// The end of a session, also when its task is aborted (a renewal that timed out, a newer
+/// channel superseding one still waiting to take over, the peer leaving): a session that
+/// waited to take over is no longer counted as pending, and if the peer's channel is lost
+/// with it, the peer is down and its proofs count the grace (none for a peer this end
+/// closed as untrusted).
+struct SessionEnd {
+    links: Arc<Links>,
+    peer: String,
+    generation: u64,
+    /// Still waiting to take over from (generation, task, reason).
+    pending: Option<(u64, tokio::task::AbortHandle, &'static str)>,
+    untrusted: bool,
+    /// How it ended (None: aborted).
+    how: Option<String>,
+}
+
+impl Drop for SessionEnd {
+    fn drop(&mut self) {
+        let (l, peer) = (&self.links, self.peer.as_str());
+        let pending = self.pending.take();
+        if let Some((_, _, reason)) = &pending {
+            log::warn!("node channels: a new channel to {peer} ended before it took over ({reason})");
+        }
+        let lost = {
+            // A peer that left the cluster is forgotten: nothing to mark.
+            let mut peers = l.peers.lock().unwrap();
+            let Some(s) = peers.get_mut(peer) else { return };
+            let lost = match &pending {
+                // The old channel stays the peer's if it still runs.
+                Some((old_generation, old_task, _)) => {
+                    s.pending = s.pending.saturating_sub(1);
+                    old_task.is_finished() && s.generation == *old_generation && s.pending == 0
+                }
+                // A new channel waiting to take over decides when it ends.
+                None => s.generation == self.generation && s.pending == 0,
+            };
+            if lost {
+                s.state = "down";
+                Acks::clear(s);
+            }
+            lost
+        };
+        l.report.notify_one();
+        let grace = if self.untrusted { Duration::ZERO } else { l.opts.grace };
+        if lost {
+            let until = boottime_ns().saturating_add(u64::try_from(grace.as_nanos()).unwrap_or(u64::MAX));
+            l.book.lock().unwrap().limit_peer(peer, until);
+            l.changed.notify_one();
+        }
+        match (&self.how, lost) {
+            (Some(how), true) => log::warn!("node channels: channel to {peer} {how}; its proofs count {grace:?} more"),
+            (Some(how), false) => log::info!("node channels: channel to {peer} {how}; another channel of the peer carries its proofs"),
+            (None, true) => log::warn!("node channels: channel to {peer} stopped; its proofs count {grace:?} more"),
+            (None, false) => {}
+        }
+    }
+}
+
 /// One channel's acknowledgement state (`Installed`, what CNI ADDs wait on), held by a
 /// channel until it is the peer's current one.
 struct Acks {
@@ -191,6 +249,9 @@ pub struct Links {
     /// What the last successful sync wrote: the map is left alone while nothing changes.
     last_written: Mutex<Option<BTreeMap<AuthProofKey, zt_common::AuthProofValue>>>,
     tasks: Mutex<BTreeMap<String, tokio::task::AbortHandle>>,
+    /// An accepted channel still waiting to take over from the peer's current one (whose
+    /// task is in `tasks`); a newer accepted channel supersedes it.
+    pending_tasks: Mutex<BTreeMap<String, tokio::task::AbortHandle>>,
     next_generation: AtomicU64,
     changed: Notify,
     /// Wakes the reporter (auth.json, metrics) when a peer's status changes.
@@ -242,6 +303,7 @@ impl Links {
             last_written: Mutex::default(),
             accept_errors: Mutex::default(),
             tasks: Mutex::default(),
+            pending_tasks: Mutex::default(),
             next_generation: AtomicU64::new(1),
             changed: Notify::new(),
             report: Notify::new(),
@@ -343,7 +405,13 @@ impl Links {
     /// A peer whose channel is down, or of a version without `Installed`, is not waited for.
     pub fn awaiting(&self, spiffe_id: &str) -> Vec<String> {
         let peers = self.peers.lock().unwrap();
-        peers.iter().filter(|(_, s)| s.state == "up" && s.installs && !s.installed.contains_key(spiffe_id)).map(|(n, _)| n.clone()).collect()
+        // An acknowledgement of an SVID that has since expired does not count.
+        let now = crate::svid::clock::unix_secs(self.clock.now());
+        peers
+            .iter()
+            .filter(|(_, s)| s.state == "up" && s.installs && !s.installed.get(spiffe_id).is_some_and(|&not_after| not_after > now))
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 
     /// Whether any peer's channel is up and acknowledges installs (else nothing to wait for).
@@ -372,6 +440,9 @@ impl Links {
             let gone: Vec<String> = self.peers.lock().unwrap().keys().filter(|p| !current.contains_key(*p)).cloned().collect();
             for p in gone {
                 if let Some(t) = self.tasks.lock().unwrap().remove(&p) {
+                    t.abort();
+                }
+                if let Some(t) = self.pending_tasks.lock().unwrap().remove(&p) {
                     t.abort();
                 }
                 self.peers.lock().unwrap().remove(&p);
@@ -601,6 +672,12 @@ impl Links {
         // restarted): a running one is closed once the new one is up.
         let generation = self.next_generation.fetch_add(1, Relaxed);
         let mut tasks = self.tasks.lock().unwrap();
+        let mut pending = self.pending_tasks.lock().unwrap();
+        // A channel still waiting to take over is superseded by this one (its end, in
+        // `SessionEnd`, un-counts it).
+        if let Some(p) = pending.remove(&peer) {
+            p.abort();
+        }
         let old = tasks.get(&peer).filter(|t| !t.is_finished()).cloned();
         let current = self.status(&peer, |s| {
             if old.is_none() {
@@ -608,9 +685,14 @@ impl Links {
             }
             s.generation
         });
+        let takes_over = old.is_some();
         let takeover = old.map(|task| Takeover { generation: current, task, up: None, reason: BY_PEER });
         let h = tokio::spawn(self.clone().session(peer.clone(), ch, generation, takeover));
-        tasks.insert(peer, h.abort_handle());
+        if takes_over {
+            pending.insert(peer, h.abort_handle());
+        } else {
+            tasks.insert(peer, h.abort_handle());
+        }
     }
 
     /// Runs one channel's proof session until it ends (or a newer channel takes over).
@@ -636,6 +718,14 @@ impl Links {
             }
             s.sent.clone()
         });
+        let mut end = SessionEnd {
+            links: self.clone(),
+            peer: peer.to_string(),
+            generation,
+            pending: takeover.as_ref().map(|t| (t.generation, t.task.clone(), t.reason)),
+            untrusted: false,
+            how: None,
+        };
         if takeover.is_none() {
             log::info!("node channels: channel to {peer} up");
         }
@@ -656,12 +746,20 @@ impl Links {
                         Some(a) => a.absorb(ev),
                         None => Some(ev),
                     };
-                    if let Some((id, p)) = ev.and_then(|ev| self.on_event(peer, ev)) {
-                        proven.insert(id, p);
+                    match ev.and_then(|ev| self.on_event(peer, ev)) {
+                        Some((id, Some(p))) => {
+                            proven.insert(id, p);
+                        }
+                        // Withdrawn on this channel: not proven again at the takeover.
+                        Some((id, None)) => {
+                            proven.remove(&id);
+                        }
+                        None => {}
                     }
                     if first {
                         round_trip = true;
                         self.took_over(peer, generation, &certs, &proven, takeover.take(), pending_acks.take());
+                        end.pending = None;
                     }
                 }
                 _ = tick.tick() => {
@@ -669,6 +767,7 @@ impl Links {
                     let _ = watch.check(&certs, &verifier, self.svids.cache().bundles(), now);
                     if let Some(e) = watch.close_reason(now) {
                         self.status(peer, |s| *s.closed.entry(e.reason()).or_default() += 1);
+                        end.untrusted = true;
                         break Err(anyhow::anyhow!("closed by this end: the peer's node SVID {} no longer verifies ({}): {e}", certs.peer.spiffe_id, e.reason()));
                     }
                 }
@@ -684,48 +783,10 @@ impl Links {
                 self.on_event(peer, ev);
             }
         }
-        let current = match takeover {
-            // Never took over: the old channel stays the peer's if it still runs; if it
-            // ended meanwhile, this is where the peer's channel is lost.
-            Some(t) => {
-                let old_alive = !t.task.is_finished();
-                if old_alive {
-                    let me = tokio::task::try_id();
-                    let mut tasks = self.tasks.lock().unwrap();
-                    if me.is_some() && tasks.get(peer).map(|h| h.id()) == me {
-                        tasks.insert(peer.to_string(), t.task);
-                    }
-                }
-                log::warn!("node channels: a new channel to {peer} ended before it took over ({})", t.reason);
-                self.status(peer, |s| {
-                    s.pending = s.pending.saturating_sub(1);
-                    let lost = !old_alive && s.generation == t.generation && s.pending == 0;
-                    if lost {
-                        s.state = "down";
-                        Acks::clear(s);
-                    }
-                    lost
-                })
-            }
-            None => self.status(peer, |s| {
-                // A new channel waiting to take over decides (above) if this one's end is a loss.
-                let current = s.generation == generation && s.pending == 0;
-                if current {
-                    s.state = "down";
-                    Acks::clear(s);
-                }
-                current
-            }),
-        };
-        if current {
-            let until = boottime_ns().saturating_add(self.opts.grace.as_nanos() as u64);
-            self.book.lock().unwrap().limit_peer(peer, until);
-            self.changed.notify_one();
-        }
-        match r {
-            Ok(()) => log::warn!("node channels: channel to {peer} closed; its proofs count {:?} more", self.opts.grace),
-            Err(e) => log::warn!("node channels: channel to {peer} failed ({e:#}); its proofs count {:?} more", self.opts.grace),
-        }
+        end.how = Some(match r {
+            Ok(()) => "closed".to_string(),
+            Err(e) => format!("failed ({e:#})"),
+        });
     }
 
     /// A session's first round trip: what the peer proved on it so far is all it holds.
@@ -735,13 +796,24 @@ impl Links {
             // Proofs of this channel at full length again, should the old channel's end have
             // limited them meanwhile; the peer's others count the grace.
             for (id, p) in proven {
-                b.proven_by(peer, id, p.clone());
+                // A later SVID's proof (from the old channel meanwhile) is not shortened.
+                let later = b.peers.get(peer).and_then(|m| m.get(id)).is_some_and(|q| q.not_after > p.not_after);
+                if !later {
+                    b.proven_by(peer, id, p.clone());
+                }
             }
             let until = boottime_ns().saturating_add(self.opts.grace.as_nanos() as u64);
             b.limit_peer_except(peer, until, &proven.keys().cloned().collect());
         }
         self.changed.notify_one();
         let Some(t) = takeover else { return };
+        if t.reason == BY_PEER {
+            // The accepted channel is the peer's current one now.
+            let mut tasks = self.tasks.lock().unwrap();
+            if let Some(h) = self.pending_tasks.lock().unwrap().remove(peer) {
+                tasks.insert(peer.to_string(), h);
+            }
+        }
         self.status(peer, |s| {
             s.generation = generation;
             s.pending = s.pending.saturating_sub(1);
@@ -766,8 +838,8 @@ impl Links {
         );
     }
 
-    /// Books what the peer sent; a proof is returned too.
-    fn on_event(&self, peer: &str, ev: SessionEvent) -> Option<(String, Proven)> {
+    /// Books what the peer sent; a proof (Some) or a withdrawal (None) is returned too.
+    fn on_event(&self, peer: &str, ev: SessionEvent) -> Option<(String, Option<Proven>)> {
         match ev {
             SessionEvent::Proven(p) => {
                 let expires_ns = expiry_boot_ns(p.not_after, self.clock.now(), boottime_ns());
@@ -776,7 +848,7 @@ impl Links {
                 self.book.lock().unwrap().proven_by(peer, &p.spiffe_id.to_string(), proven.clone());
                 self.status(peer, |s| s.received += 1);
                 self.changed.notify_one();
-                return Some((p.spiffe_id.to_string(), proven));
+                return Some((p.spiffe_id.to_string(), Some(proven)));
             }
             SessionEvent::Withdrawn(id) => {
                 self.book.lock().unwrap().withdrawn_by(peer, &id);
@@ -785,6 +857,7 @@ impl Links {
                     s.acked.remove(&id);
                 });
                 self.changed.notify_one();
+                return Some((id, None));
             }
             SessionEvent::Refused { reason } => {
                 log::warn!("node channels: refused a proof from {peer}: {reason}");

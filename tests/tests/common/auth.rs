@@ -1,0 +1,87 @@
+//! Shared by the authentication tests (issue 10): the two-node lab with its Nodes'
+//! InternalIPs (what agents dial each other at), a CA directory removed on drop, `ztctl
+//! auth` as JSON, the `auth-required` counter, and waiting on two agents.
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use zt_testbed::AgentHandle;
+
+use super::{lab, tail, Bed};
+
+/// A CA directory of this test process (`--svid-ca-dir`), removed on drop, also when the
+/// test fails.
+pub struct CaDir(pub PathBuf);
+
+impl CaDir {
+    pub fn new(what: &str) -> CaDir {
+        let p = std::env::temp_dir().join(format!("zt-auth-ca-{}-{what}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        CaDir(p)
+    }
+
+    pub fn arg(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for CaDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `labs/two-nodes/pods.yaml` with the Node objects' InternalIPs (the bed's node addresses).
+pub fn pods_with_node_ips() -> String {
+    let mut pods = std::fs::read_to_string(lab("two-nodes").join("pods.yaml")).unwrap();
+    for k in [1, 2] {
+        let name = format!("metadata:\n  name: node{k}\n");
+        assert!(pods.contains(&name), "labs/two-nodes/pods.yaml changed: no Node node{k}");
+        pods = pods.replace(
+            &name,
+            &format!("{name}status:\n  addresses: [{{type: InternalIP, address: 10.255.0.{k}}}, {{type: InternalIP, address: \"fd00:255::{k}\"}}]\n"),
+        );
+    }
+    pods
+}
+
+/// `ztctl -o json auth` against `agent`.
+pub fn auth_of(bed: &Bed, agent: &AgentHandle) -> serde_json::Value {
+    auth_with(&bed.ztctl, agent)
+}
+
+/// `ztctl -o json auth` against `agent`, with the ztctl at `ztctl`.
+pub fn auth_with(ztctl: &Path, agent: &AgentHandle) -> serde_json::Value {
+    let out = std::process::Command::new(ztctl)
+        .arg("--bpffs-root")
+        .arg(&agent.bpffs_root)
+        .arg("--state-dir")
+        .arg(&agent.state_dir)
+        .arg("--admin-socket")
+        .arg(&agent.admin_socket)
+        .args(["-o", "json", "auth"])
+        .output()
+        .expect("running ztctl");
+    assert!(out.status.success(), "ztctl auth: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// New flows the bed's agent (node1) dropped on ingress for want of a proof.
+pub fn auth_drops(bed: &Bed) -> f64 {
+    bed.metrics().get("zt_verdicts_total", &[("direction", "ingress"), ("reason", "auth-required")]).unwrap_or(0.0)
+}
+
+/// Long enough for a peer's dial backoff (at most 10 s) plus a handshake.
+pub const CHANNEL_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Polls `f` every 100 ms for `CHANNEL_DEADLINE`; on timeout, fails with both agents' log
+/// tails (node1: the bed's agent).
+pub fn wait_for(what: &str, bed: &Bed, agent2: &AgentHandle, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < CHANNEL_DEADLINE {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}\nnode1 agent log tail:\n{}\nnode2 agent log tail:\n{}", tail(&bed.agent.log(), 25), tail(&agent2.log(), 25));
+}
