@@ -1015,6 +1015,93 @@ mod tests {
         assert!(samples > 500, "{samples} samples");
     }
 
+    /// A session's end is booked by its guard also when the task is aborted: a renewal
+    /// that never took over is un-counted and, if the old channel died meanwhile, the peer
+    /// is down with its proofs limited to the grace; a live old channel keeps the peer up
+    /// and its proofs; a channel closed as untrusted gets no grace; a peer that left is not
+    /// brought back. A takeover does not shorten a later proof.
+    #[tokio::test]
+    async fn a_session_end_is_booked_when_its_task_is_aborted() {
+        let dir = std::env::temp_dir().join(format!("zt-links-end-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let opts = LinkOptions {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            peer_port: 1,
+            svid: ProviderOptions { source: crate::svid::spec::SvidSourceSpec::Builtin, ca_dir: Some(dir.clone()), svid_ttl: Duration::from_secs(3600), node_selectors: String::new() },
+            grace: Duration::from_secs(30),
+        };
+        let l = Links::start("n1", "zt.test", opts).await.unwrap();
+        let id = "spiffe://zt.test/ns/shop/sa/api";
+        let far = boottime_ns() + 3_600_000_000_000;
+        let reset = |pending: u32| {
+            l.status("n2", |s| {
+                (s.generation, s.state, s.pending, s.installs) = (5, "up", pending, true);
+            });
+            let p = Proven { not_after: std::time::SystemTime::now() + Duration::from_secs(3600), expires_ns: far };
+            l.book.lock().unwrap().proven_by("n2", id, p);
+        };
+        let end = |generation: u64, pending: Option<(u64, tokio::task::AbortHandle)>, untrusted: bool| SessionEnd {
+            links: l.clone(),
+            peer: "n2".into(),
+            generation,
+            pending: pending.map(|(g, t)| (g, t, "test")),
+            untrusted,
+            how: None,
+        };
+        let expires = || l.book.lock().unwrap().peers["n2"][id].expires_ns;
+        let state = || l.peers.lock().unwrap().get("n2").map(|s| (s.state, s.pending, s.installs));
+        let dead = tokio::spawn(async {});
+        let dead_handle = dead.abort_handle();
+        dead.await.unwrap();
+        let alive = tokio::spawn(std::future::pending::<()>());
+
+        // A renewal aborted before its takeover while the old channel still runs.
+        reset(1);
+        drop(end(6, Some((5, alive.abort_handle())), false));
+        assert_eq!(state(), Some(("up", 0, true)), "the old channel stays the peer's");
+        assert_eq!(expires(), far, "proofs untouched");
+
+        // The same after the old channel died: the peer is lost, its proofs get the grace.
+        reset(1);
+        drop(end(6, Some((5, dead_handle.clone())), false));
+        assert_eq!(state(), Some(("down", 0, false)), "lost, acknowledgements cleared");
+        let e = expires();
+        assert!(e < far && e <= boottime_ns() + 30_000_000_000, "limited to the grace");
+
+        // The current session ended while a renewal waits: the renewal decides.
+        reset(1);
+        drop(end(5, None, false));
+        assert_eq!(state(), Some(("up", 1, true)));
+        assert_eq!(expires(), far);
+
+        // Closed as untrusted: no grace.
+        reset(0);
+        drop(end(5, None, true));
+        assert_eq!(state().unwrap().0, "down");
+        assert!(expires() <= boottime_ns(), "an untrusted peer's proofs end now");
+
+        // A peer that left the cluster is not brought back by a late end.
+        l.peers.lock().unwrap().remove("n2");
+        drop(end(5, None, false));
+        assert_eq!(state(), None);
+
+        // A takeover re-proves what its channel carried, but never shortens a later proof.
+        reset(0);
+        let older = Proven { not_after: std::time::SystemTime::now() + Duration::from_secs(60), expires_ns: far - 1 };
+        let proven = BTreeMap::from([(id.to_string(), older)]);
+        let certs = ChannelCerts {
+            dialled: true,
+            local_leaf: None,
+            local: None,
+            peer_chain: vec![],
+            peer: crate::svid::x509::LeafFacts { spiffe_id: node_id(&l.td, "n2").unwrap(), not_before: std::time::SystemTime::now(), not_after: std::time::SystemTime::now() },
+        };
+        l.took_over("n2", 5, &certs, &proven, None, None);
+        assert_eq!(expires(), far, "the later proof is kept");
+        alive.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// Two agents that open one `--svid-ca-dir` trust each other: the second loads the
     /// root the first created (same root, SVIDs that verify against either's bundle); an
     /// agent with another directory has another root, and its node SVID is refused
