@@ -128,17 +128,7 @@ fn cross_node_flows_pass_from_the_first_syn_once_proven_and_follow_the_peer_agen
     // node2's agent dies: node1 loses the channel, and after the grace, the proofs; the
     // epoch bump re-judges live flows, so an open flow b -> f:7000 is cut too.
     // f: a second pod of a's identity on node1 that echoes lines on 7000.
-    let mut f = zt_testbed::Pod::new("default", "f", "node1", &["10.200.1.9".parse().unwrap(), "fd00:200:1::9".parse().unwrap()], &[(Proto::Tcp, 7000)]);
-    f.labels.insert("app".into(), "a".into());
-    f.ports[0].name = Some("echo".into());
-    bed.add_pod(f.clone()).unwrap();
-    bed.write("05-pod-f.yaml", &f.to_yaml());
-    let mut live = None;
-    wait_for("a flow b -> f tcp/7000", &bed, &agent2, || {
-        live = bed.open_tcp(&pod("default", "b"), &tgt("default", "f", Family::V4), 7000, ALLOWED).ok();
-        live.as_mut().is_some_and(|l| l.roundtrip(ALLOWED))
-    });
-    let mut live = live.unwrap();
+    let mut live = live_flow_b_to_f(&bed, &agent2);
     agent2.kill();
     wait_for("node1 to drop node2's proofs after the grace", &bed, &agent2, || {
         let a = auth_of(&bed, &bed.agent);

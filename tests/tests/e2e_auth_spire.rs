@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use common::*;
 use zt_testbed::spire::SpireStandIn;
-use zt_testbed::{AgentHandle, Family, Proto};
+use zt_testbed::{AgentHandle, Proto};
 
 const POLICY: &str = "apiVersion: zt.dev/v1alpha1
 kind: ZeroTrustPolicy
@@ -157,17 +157,7 @@ fn two_agents_on_one_spire_prove_rotate_and_ride_out_an_outage() {
     assert!(text.contains(&node_id("node1")) && text.contains("bundles"), "{text}");
 
     // A live flow b -> f:7000 (f: a's identity on node1, echoing) through all that follows.
-    let mut f = zt_testbed::Pod::new("default", "f", "node1", &["10.200.1.9".parse().unwrap(), "fd00:200:1::9".parse().unwrap()], &[(Proto::Tcp, 7000)]);
-    f.labels.insert("app".into(), "a".into());
-    f.ports[0].name = Some("echo".into());
-    bed.add_pod(f.clone()).unwrap();
-    bed.write("05-pod-f.yaml", &f.to_yaml());
-    let mut live = None;
-    wait_for("a flow b -> f tcp/7000", &bed, &agent2, || {
-        live = bed.open_tcp(&pod("default", "b"), &tgt("default", "f", Family::V4), 7000, ALLOWED).ok();
-        live.as_mut().is_some_and(|l| l.roundtrip(ALLOWED))
-    });
-    let mut live = live.unwrap();
+    let mut live = live_flow_b_to_f(&bed, &agent2);
     let drops = auth_drops(&bed);
 
     // SVID rotation pushed by SPIRE (shorter lifetime, so that the new proof is told apart).

@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use zt_testbed::AgentHandle;
+use zt_testbed::{AgentHandle, Family, Proto};
 
-use super::{lab, tail, Bed};
+use super::{lab, pod, tail, tgt, Bed, ALLOWED};
 
 /// A CA directory of this test process (`--svid-ca-dir`), removed on drop, also when the
 /// test fails.
@@ -68,6 +68,23 @@ pub fn auth_with(ztctl: &Path, agent: &AgentHandle) -> serde_json::Value {
 /// New flows the bed's agent (node1) dropped on ingress for want of a proof.
 pub fn auth_drops(bed: &Bed) -> f64 {
     bed.metrics().get("zt_verdicts_total", &[("direction", "ingress"), ("reason", "auth-required")]).unwrap_or(0.0)
+}
+
+/// Starts f (a second pod of a's identity on node1, echoing lines on TCP 7000) and opens
+/// a flow b (node2) -> f that round-trips: the live cross-node flow the tests keep.
+pub fn live_flow_b_to_f(bed: &Bed, agent2: &AgentHandle) -> zt_testbed::TcpFlow {
+    let addrs = ["10.200.1.9".parse().unwrap(), "fd00:200:1::9".parse().unwrap()];
+    let mut f = zt_testbed::Pod::new("default", "f", "node1", &addrs, &[(Proto::Tcp, 7000)]);
+    f.labels.insert("app".into(), "a".into());
+    f.ports[0].name = Some("echo".into());
+    bed.add_pod(f.clone()).unwrap();
+    bed.write("05-pod-f.yaml", &f.to_yaml());
+    let mut live = None;
+    wait_for("a flow b -> f tcp/7000", bed, agent2, || {
+        live = bed.open_tcp(&pod("default", "b"), &tgt("default", "f", Family::V4), 7000, ALLOWED).ok();
+        live.as_mut().is_some_and(|l| l.roundtrip(ALLOWED))
+    });
+    live.unwrap()
 }
 
 /// Long enough for a peer's dial backoff (at most 10 s) plus a handshake.
