@@ -845,10 +845,27 @@ impl Links {
                 let expires_ns = expiry_boot_ns(p.not_after, self.clock.now(), boottime_ns());
                 log::debug!("node channels: {peer} proved {}", p.spiffe_id);
                 let proven = Proven { not_after: p.not_after, expires_ns };
-                self.book.lock().unwrap().proven_by(peer, &p.spiffe_id.to_string(), proven.clone());
-                self.status(peer, |s| s.received += 1);
-                self.changed.notify_one();
-                return Some((p.spiffe_id.to_string(), Some(proven)));
+                let id = p.spiffe_id.to_string();
+                let changed = {
+                    let mut b = self.book.lock().unwrap();
+                    // The same SVID at full length (its boot-clock expiry is computed anew
+                    // each time: a second of slack) is no change; one limited to a grace is.
+                    let changed = b.peers.get(peer).and_then(|m| m.get(&id)).is_none_or(|q| {
+                        q.not_after != proven.not_after || q.expires_ns.saturating_add(1_000_000_000) < proven.expires_ns
+                    });
+                    b.proven_by(peer, &id, proven.clone());
+                    changed
+                };
+                // A proof repeated as it stands changes no map: no reconcile for it, unless
+                // the peer waits for its acknowledgement (a new channel).
+                let unacked = self.status(peer, |s| {
+                    s.received += 1;
+                    s.installs && !s.acked.contains_key(&id)
+                });
+                if changed || unacked {
+                    self.changed.notify_one();
+                }
+                return Some((id, Some(proven)));
             }
             SessionEvent::Withdrawn(id) => {
                 self.book.lock().unwrap().withdrawn_by(peer, &id);
@@ -860,7 +877,6 @@ impl Links {
                 return Some((id, None));
             }
             SessionEvent::Refused { reason } => {
-                log::warn!("node channels: refused a proof from {peer}: {reason}");
                 let (key, err) = match &reason {
                     crate::channel::proofs::ProofError::Svid(e) => (e.reason().to_string(), PeerError::of("an identity proof", e)),
                     crate::channel::proofs::ProofError::BadSignature => (
@@ -872,10 +888,17 @@ impl Links {
                         PeerError { reason: "malformed".into(), spiffe_id: String::new(), now: None, bound: None, message: reason.to_string() },
                     ),
                 };
-                self.status(peer, |s| {
+                // Logged once per peer and reason in a row: a peer repeating a bad proof
+                // costs a counter, not a log line each time.
+                let repeated = self.status(peer, |s| {
                     *s.rejected.entry(key).or_default() += 1;
+                    let repeated = s.last_error.as_ref().is_some_and(|e| e.reason == err.reason);
                     s.last_error = Some(err);
+                    repeated
                 });
+                if !repeated {
+                    log::warn!("node channels: refused a proof from {peer}: {reason}");
+                }
             }
             SessionEvent::ClockOffsetMs(o) => self.status(peer, |s| s.clock_offset_ms = Some(o)),
             SessionEvent::PeerInstalls => {

@@ -246,7 +246,7 @@ async fn handle(
         // Only a peer this end announced `installs` to sends it; one for an ID this end has
         // withdrawn since (it crossed the withdrawal) is stale.
         Message::Installed { spiffe_id, not_after_unix_s } => {
-            let current = sent.keys().any(|id| id.to_string() == spiffe_id);
+            let current = SpiffeId::parse(&spiffe_id).is_ok_and(|id| sent.contains_key(&id));
             (acking && current).then_some(SessionEvent::Installed { spiffe_id, not_after_unix_s })
         }
     };
