@@ -228,9 +228,12 @@ struct Flags {
     #[arg(long, default_value = "[::]:9964")]
     auth_listen: String,
     /// Where the node's and the local pods' SVIDs and the trust bundles come from:
-    /// `builtin` (an rcgen CA in the agent: --svid-ca-dir, --svid-ttl) or
+    /// `builtin` (an rcgen CA in the agent: --svid-ca-dir, --svid-ttl),
     /// `spire:<path>`, the SPIRE agent's admin socket (`admin_socket_path`; this agent's
-    /// SPIFFE ID must be in its `authorized_delegates`), read with the Delegated Identity API.
+    /// SPIFFE ID must be in its `authorized_delegates`), read with the Delegated Identity API,
+    /// or `files:<dir>`: files another tool (spiffe-helper) keeps up to date, one directory
+    /// per SPIFFE ID at `<dir>/<trust domain><path>/` (`svid.pem`, `svid_key.pem`,
+    /// `svid_bundle.pem`), the node's at `<dir>/<trust domain>/zt/node/<node>/`.
     #[arg(long, default_value = "builtin", value_parser = parse_svid_source)]
     svid_source: zt_agent::svid::spec::SvidSourceSpec,
     /// With `--svid-source spire:`: the selectors of the node's own SVID
@@ -277,10 +280,10 @@ fn auth_links(f: &Flags) -> anyhow::Result<Option<zt_agent::auth::links::LinkOpt
     if listen.port() == 0 || f.svid_ttl < 60 {
         anyhow::bail!("--auth-listen needs a port (peers dial the same one) and --svid-ttl at least 60 s");
     }
+    if f.svid_ca_dir.is_some() && f.svid_source != zt_agent::svid::spec::SvidSourceSpec::Builtin {
+        anyhow::bail!("--svid-ca-dir is the builtin CA's: it does not go with --svid-source {:?}", f.svid_source);
+    }
     if let zt_agent::svid::spec::SvidSourceSpec::Spire { .. } = f.svid_source {
-        if f.svid_ca_dir.is_some() {
-            anyhow::bail!("--svid-ca-dir is the builtin CA's: it does not go with --svid-source spire:");
-        }
         // Checked here so that a bad list fails at start, named.
         f.svid_source.spire_config(f.node_name.as_deref().unwrap_or("node"), &f.spire_node_selectors).map_err(|e| anyhow::anyhow!("--spire-node-selectors {:?}: {e}", f.spire_node_selectors))?;
     }
@@ -297,7 +300,7 @@ fn auth_links(f: &Flags) -> anyhow::Result<Option<zt_agent::auth::links::LinkOpt
     }))
 }
 
-/// `--svid-source`: `builtin` or `spire:<absolute path>` (clap names the flag in its error).
+/// `--svid-source`: `builtin`, `spire:<absolute path>` or `files:<absolute path>` (clap names the flag in its error).
 fn parse_svid_source(s: &str) -> Result<zt_agent::svid::spec::SvidSourceSpec, String> {
     s.parse()
 }
@@ -479,7 +482,7 @@ mod tests {
         assert_eq!(o.svid.source, SvidSourceSpec::Spire { socket: "/run/spire/admin.sock".into() });
         assert_eq!(o.svid.node_selectors, "k8s:ns:zt-system,k8s:sa:zt-agent");
         // Bad values: clap's error names the flag and says what is expected.
-        for (bad, want) in [("vault", "expected `builtin` or `spire:"), ("spire:admin.sock", "absolute path"), ("spire:", "absolute path")] {
+        for (bad, want) in [("vault", "expected `builtin`, `spire:"), ("spire:admin.sock", "absolute path"), ("spire:", "absolute path"), ("files:svids", "absolute path")] {
             let e = Flags::try_parse_from(["zt-agent", "--svid-source", bad]).unwrap_err().to_string();
             assert!(e.contains("--svid-source") && e.contains(want), "{bad}: {e}");
         }
@@ -493,6 +496,13 @@ mod tests {
             v.extend(args);
             let e = auth_links(&Flags::try_parse_from(v).unwrap()).unwrap_err().to_string();
             assert!(e.contains(want), "{args:?}: {e}");
+        }
+        let o = auth_links(&Flags::try_parse_from(["zt-agent", "--svid-source", "files:/run/zt/svids"]).unwrap()).unwrap().unwrap();
+        assert_eq!(o.svid.source, SvidSourceSpec::Files { dir: "/run/zt/svids".into() });
+        for args in [&["--svid-ca-dir", "/tmp/ca"][..], &["--auth-listen", "off"][..]] {
+            let mut v = vec!["zt-agent", "--svid-source", "files:/s"];
+            v.extend(args);
+            assert!(auth_links(&Flags::try_parse_from(v).unwrap()).is_err(), "{args:?}");
         }
         // The selectors are the builtin's business only with spire.
         assert!(auth_links(&Flags::try_parse_from(["zt-agent", "--spire-node-selectors", "k8s"]).unwrap()).is_ok());

@@ -26,7 +26,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{anyhow, Result};
 use tokio::sync::watch;
 
-pub use ca::{BadSvid, IssuedSvid};
+pub use ca::{BadSvid, Ca, IssuedSvid};
 
 struct Entry {
     selectors: BTreeSet<String>,

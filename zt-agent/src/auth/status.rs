@@ -76,8 +76,13 @@ fn snapshot(links: &Links) -> (AuthState, AuthCounts) {
         refresh_failing: src.failing.len() + src.bundle_error.is_some() as usize,
         refresh_errors_total: src.errors_total,
         down_reason: (!src.up).then(|| {
-            let down: Vec<String> =
+            let mut down: Vec<String> =
                 src.streams.iter().filter(|s| !s.up).map(|s| format!("{}: {}", s.stream, s.last_error.as_deref().unwrap_or("no message yet"))).collect();
+            if down.is_empty() {
+                // A source without streams (files): what did not read.
+                down.extend(src.failing.iter().map(|(id, _, e)| format!("{id}: {e}")));
+                down.extend(src.bundle_error.iter().map(|e| format!("bundles: {e}")));
+            }
             format!("SVID source {} down ({})", src.source, if down.is_empty() { "no stream open".to_string() } else { down.join("; ") })
         }),
     };
@@ -168,7 +173,7 @@ pub fn render(o: &mut String, c: &AuthCounts) {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
     };
     let s = &c.source;
-    head(o, "1 while the SVID source (--svid-source) answers: builtin always; spire when every stream of the admin socket is up.", "gauge", "zt_svid_source_up");
+    head(o, "1 while the SVID source (--svid-source) answers: builtin always; spire when every stream of the admin socket is up; files when the node's SVID and the bundles read cleanly.", "gauge", "zt_svid_source_up");
     let _ = writeln!(o, "zt_svid_source_up{{source=\"{}\"}} {}", s.kind, s.up as u8);
     head(o, "Streams of the SVID source by state (SPIRE: the bundle stream and one X509-SVID stream per identity).", "gauge", "zt_svid_source_streams");
     let _ = writeln!(o, "zt_svid_source_streams{{state=\"up\"}} {}\nzt_svid_source_streams{{state=\"down\"}} {}", s.streams_up, s.streams_down);

@@ -236,12 +236,17 @@ pub fn diagnose(st: &AuthState, now: SystemTime) -> Vec<String> {
         }
     }
     if let Some(src) = st.source.as_ref().filter(|s| !s.up) {
-        let down: Vec<String> = src
+        let mut down: Vec<String> = src
             .streams
             .iter()
             .filter(|s| !s.up)
             .map(|s| format!("{} ({})", s.stream, s.last_error.as_deref().unwrap_or("no message yet")))
             .collect();
+        if down.is_empty() {
+            // A source without streams (files): what did not read.
+            down.extend(src.refresh_errors.iter().map(|r| format!("{} ({})", r.spiffe_id, r.error)));
+            down.extend(src.bundle_error.iter().map(|e| format!("bundles ({e})")));
+        }
         out.push(format!("the SVID source {} is down: {}; the SVIDs held are used until they expire", src.source, down.join("; ")));
     }
     let now_s = unix_secs(now);

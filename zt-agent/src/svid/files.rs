@@ -7,16 +7,28 @@
 //! nothing says which domain each belongs to; this backend would file them under the SVID's
 //! own domain, so do not point it at such a directory.
 //!
+//! `--svid-source files:<dir>` names each ID's directory by the ID itself:
+//! `<dir>/<trust domain><path>/` (`/run/zt/svids/cluster.local/ns/shop/sa/api/`), so that a
+//! new identity needs no agent flag. A SPIFFE ID's path has no `.` or `..` segment, and a
+//! trust domain of only dots is refused, so no ID names a directory outside `<dir>`.
+//!
 //! Files are re-read on every fetch; a half-written set (key and leaf that do not match) is an
-//! error, and the cache keeps the last valid SVID and retries.
+//! error, and the cache keeps the last valid SVID and retries. `watch` polls the files of the
+//! IDs in use (size and mtime) and wakes the cache when one changes, so that a rotation the
+//! writing tool makes is taken within a poll period, not at the cache's next refresh point.
+//! Bundles are the union of the roots in the directories in use that read cleanly (one
+//! directory mid-rewrite does not take the bundle away); none readable is an error.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use anyhow::{anyhow, bail, Context};
 use futures::future::BoxFuture;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::sync::watch;
 
 use super::source::{Subject, SvidSource, TrustBundles, X509Svid};
 use super::spiffe_id::SpiffeId;
@@ -37,9 +49,20 @@ impl Default for FileNames {
     }
 }
 
+/// Where each SPIFFE ID's directory is.
+enum Layout {
+    /// Given one by one.
+    Fixed(BTreeMap<SpiffeId, PathBuf>),
+    /// `<root>/<trust domain><path>`.
+    Under(PathBuf),
+}
+
 pub struct FilesSource {
-    dirs: BTreeMap<SpiffeId, PathBuf>,
+    layout: Layout,
     names: FileNames,
+    /// The IDs asked for and not released: their directories make the bundles and are watched.
+    in_use: Mutex<BTreeSet<SpiffeId>>,
+    changes: watch::Sender<u64>,
 }
 
 /// One directory's contents: chain (with intermediates moved from the bundle), key, roots.
@@ -59,10 +82,34 @@ fn certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     Ok(v)
 }
 
+/// Size and mtime of a file, None if it cannot be read: what `watch` compares.
+type Stamp = Option<(u64, SystemTime)>;
+
 impl FilesSource {
     /// `dirs`: the directory that holds each SPIFFE ID's files.
     pub fn new(dirs: BTreeMap<SpiffeId, PathBuf>, names: FileNames) -> FilesSource {
-        FilesSource { dirs, names }
+        let in_use = Mutex::new(dirs.keys().cloned().collect());
+        FilesSource { layout: Layout::Fixed(dirs), names, in_use, changes: watch::Sender::new(0) }
+    }
+
+    /// Each SPIFFE ID's files in `<root>/<trust domain><path>/` (`--svid-source files:<root>`).
+    pub fn under(root: PathBuf, names: FileNames) -> FilesSource {
+        FilesSource { layout: Layout::Under(root), names, in_use: Mutex::default(), changes: watch::Sender::new(0) }
+    }
+
+    /// The directory of `id`'s files.
+    pub fn dir_of(&self, id: &SpiffeId) -> anyhow::Result<PathBuf> {
+        match &self.layout {
+            Layout::Fixed(dirs) => dirs.get(id).cloned().ok_or_else(|| anyhow!("no SVID directory is configured for {id}")),
+            Layout::Under(root) => {
+                let td = id.trust_domain().as_str();
+                if td.chars().all(|c| c == '.') {
+                    bail!("trust domain {td:?} names no directory under {}", root.display());
+                }
+                // The path's segments are never `.` or `..` (SpiffeId::parse).
+                Ok(root.join(td).join(id.path().trim_start_matches('/')))
+            }
+        }
     }
 
     fn load(&self, dir: &Path) -> anyhow::Result<Loaded> {
@@ -83,6 +130,39 @@ impl FilesSource {
         let svid = X509Svid::from_parts(chain, key).map_err(|e| anyhow!("{}: {e}", dir.display()))?;
         Ok(Loaded { svid, roots })
     }
+
+    /// Size and mtime of every file of the IDs in use.
+    fn stamps(&self) -> BTreeMap<PathBuf, Stamp> {
+        let ids: Vec<SpiffeId> = self.in_use.lock().unwrap().iter().cloned().collect();
+        let mut out = BTreeMap::new();
+        for dir in ids.iter().filter_map(|id| self.dir_of(id).ok()) {
+            for name in [&self.names.svid, &self.names.key, &self.names.bundle] {
+                let p = dir.join(name);
+                let stamp = std::fs::metadata(&p).ok().and_then(|m| Some((m.len(), m.modified().ok()?)));
+                out.insert(p, stamp);
+            }
+        }
+        out
+    }
+
+    /// Polls the files of the IDs in use every `period` and wakes the cache (`changes`) when
+    /// one was written, removed or appeared. Ends when the source is dropped.
+    pub fn watch(self: &Arc<Self>, period: Duration) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut last = None;
+            loop {
+                let Some(src) = weak.upgrade() else { return };
+                let now = src.stamps();
+                if last.as_ref().is_some_and(|l| *l != now) {
+                    src.changes.send_modify(|n| *n += 1);
+                }
+                last = Some(now);
+                drop(src);
+                tokio::time::sleep(period).await;
+            }
+        });
+    }
 }
 
 impl SvidSource for FilesSource {
@@ -92,8 +172,9 @@ impl SvidSource for FilesSource {
 
     fn fetch_svid<'a>(&'a self, subject: &'a Subject) -> BoxFuture<'a, anyhow::Result<X509Svid>> {
         Box::pin(async move {
-            let dir = self.dirs.get(&subject.spiffe_id).ok_or_else(|| anyhow!("no SVID directory is configured for {}", subject.spiffe_id))?;
-            let l = self.load(dir)?;
+            let dir = self.dir_of(&subject.spiffe_id)?;
+            self.in_use.lock().unwrap().insert(subject.spiffe_id.clone());
+            let l = self.load(&dir)?;
             if l.svid.spiffe_id() != &subject.spiffe_id {
                 bail!("{} holds an SVID for {}, not {}", dir.display(), l.svid.spiffe_id(), subject.spiffe_id);
             }
@@ -103,15 +184,29 @@ impl SvidSource for FilesSource {
 
     fn fetch_bundles(&self) -> BoxFuture<'_, anyhow::Result<TrustBundles>> {
         Box::pin(async move {
+            let ids: Vec<SpiffeId> = self.in_use.lock().unwrap().iter().cloned().collect();
             let mut per_domain: BTreeMap<_, Vec<CertificateDer<'static>>> = BTreeMap::new();
-            for (id, dir) in &self.dirs {
-                let roots = self.load(dir)?.roots;
+            let mut first_error = None;
+            for id in &ids {
+                let roots = match self.dir_of(id).and_then(|d| self.load(&d)) {
+                    Ok(l) => l.roots,
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                        continue;
+                    }
+                };
                 let set = per_domain.entry(id.trust_domain().clone()).or_default();
                 for r in roots {
                     if !set.contains(&r) {
                         set.push(r);
                     }
                 }
+            }
+            if per_domain.is_empty() {
+                return Err(match first_error {
+                    Some(e) => e.context("no SVID directory in use reads cleanly: no bundle"),
+                    None => anyhow!("no SVID directory is in use yet: no bundle"),
+                });
             }
             let mut b = TrustBundles::default();
             for (td, roots) in per_domain {
@@ -120,15 +215,25 @@ impl SvidSource for FilesSource {
             Ok(b)
         })
     }
+
+    fn changes(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.changes.subscribe())
+    }
+
+    fn release(&self, id: &SpiffeId) {
+        // A fixed directory stays a source of roots.
+        if let Layout::Under(_) = self.layout {
+            self.in_use.lock().unwrap().remove(id);
+        }
+    }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::svid::builtin::{BuiltinCa, BuiltinConfig};
     use crate::svid::clock::ManualClock;
     use crate::svid::spiffe_id::TrustDomain;
-    use std::sync::Arc;
 
     fn pem(tag: &str, der: &[u8]) -> String {
         use std::fmt::Write;
@@ -213,6 +318,71 @@ mod tests {
         let e = format!("{:#}", src.fetch_svid(&Subject::id(id)).await.unwrap_err());
         assert!(e.contains("svid_bundle.pem"), "{e}");
         std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    /// A complete directory (leaf, its key, the CA's roots) for `id`; returns the leaf.
+    pub(crate) fn write_full(dir: &Path, ca: &BuiltinCa, id: &SpiffeId) -> CertificateDer<'static> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(id.to_string().try_into().unwrap())];
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        let leaf = ca.sign_custom(&params, &key).unwrap();
+        write_dir(dir, ca, id);
+        std::fs::write(dir.join("svid.pem"), pem("CERTIFICATE", &leaf)).unwrap();
+        std::fs::write(dir.join("svid_key.pem"), key.serialize_pem()).unwrap();
+        leaf
+    }
+
+    /// `files:<root>`: each ID's directory is named by the ID; the bundles come from the
+    /// directories in use that read cleanly (one broken directory does not take them away,
+    /// none readable is an error naming why); `watch` wakes the cache when a file of an ID in
+    /// use is rewritten, and not for others; a released ID's directory is no longer read.
+    #[tokio::test]
+    async fn under_a_root_each_id_names_its_directory_and_a_rewrite_wakes_the_cache() {
+        let clock = Arc::new(ManualClock::at_unix(1_800_000_000));
+        let ca = BuiltinCa::new(BuiltinConfig::new(TrustDomain::parse("zt.test").unwrap()), clock).unwrap();
+        let root = tmp("under");
+        let node = SpiffeId::parse("spiffe://zt.test/zt/node/n1").unwrap();
+        let api = SpiffeId::parse("spiffe://zt.test/ns/shop/sa/api").unwrap();
+        let src = Arc::new(FilesSource::under(root.clone(), FileNames::default()));
+        let (node_dir, api_dir) = (root.join("zt.test/zt/node/n1"), root.join("zt.test/ns/shop/sa/api"));
+        assert_eq!(src.dir_of(&api).unwrap(), api_dir);
+        let dots = SpiffeId::parse("spiffe://../ns/a/sa/b").unwrap();
+        assert!(src.dir_of(&dots).unwrap_err().to_string().contains("names no directory"));
+        assert!(src.fetch_bundles().await.unwrap_err().to_string().contains("no SVID directory is in use yet"));
+
+        let node_leaf = write_full(&node_dir, &ca, &node);
+        write_full(&api_dir, &ca, &api);
+        assert_eq!(src.fetch_svid(&Subject::id(node.clone())).await.unwrap().leaf(), &node_leaf);
+        // api's directory is not read until api is asked for.
+        assert_eq!(src.stamps().len(), 3);
+        src.fetch_svid(&Subject::id(api.clone())).await.unwrap();
+        assert_eq!(src.stamps().len(), 6);
+
+        // One directory mid-rewrite (no key yet): the bundles still come from the other.
+        std::fs::remove_file(node_dir.join("svid_key.pem")).unwrap();
+        assert_eq!(src.fetch_bundles().await.unwrap().get(node.trust_domain()).unwrap(), ca.roots().as_slice());
+        std::fs::remove_file(api_dir.join("svid_key.pem")).unwrap();
+        let e = format!("{:#}", src.fetch_bundles().await.unwrap_err());
+        assert!(e.contains("reads cleanly") && e.contains("svid_key.pem"), "{e}");
+
+        // A rewrite of a file in use wakes the cache; a file of an ID not in use does not.
+        let mut rx = src.changes().unwrap();
+        src.watch(Duration::from_millis(20));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let other = root.join("zt.test/ns/shop/sa/web");
+        write_full(&other, &ca, &SpiffeId::parse("spiffe://zt.test/ns/shop/sa/web").unwrap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!rx.has_changed().unwrap(), "a directory not in use is not watched");
+        let new_leaf = write_full(&api_dir, &ca, &api);
+        tokio::time::timeout(Duration::from_secs(5), rx.changed()).await.expect("woken by the rewrite").unwrap();
+        assert_eq!(src.fetch_svid(&Subject::id(api.clone())).await.unwrap().leaf(), &new_leaf);
+
+        // Released: api's directory is no longer read for the bundles.
+        src.release(&api);
+        assert_eq!(src.stamps().len(), 3);
+        assert!(src.fetch_bundles().await.is_err(), "only the node's directory, still without its key");
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     /// spiffe-helper's `add_intermediates_to_bundle`: the intermediate sits in the bundle file.

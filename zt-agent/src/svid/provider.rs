@@ -10,6 +10,9 @@
 //!   subscription; when the pod it was made for leaves while another pod of the ID lives,
 //!   the ID is fetched again with the live pod (its SVID held meanwhile). Bundles come from
 //!   the bundle stream: every root of every trust domain SPIRE sends (A, A+B, B).
+//! - `files:<dir>`: spiffe-helper's layout, one directory per SPIFFE ID under `<dir>`
+//!   (`svid::files`), written by another tool; the files are polled every second and a
+//!   rewrite is taken at once. Missing files at start are waited for, as a SPIRE down.
 //!
 //! Both go through one `SvidCache` (refresh, backoff, last valid SVID kept); `status` says
 //! which backend it is and, for SPIRE, which streams are up (readiness, metrics, `ztctl auth`).
@@ -26,6 +29,7 @@ use anyhow::{Context, Result};
 use super::builtin::{BuiltinCa, BuiltinConfig};
 use super::cache::{CacheConfig, SvidCache};
 use super::clock::Clock;
+use super::files::{FileNames, FilesSource};
 use super::source::{BundleProvider, Subject, SvidSource, X509Svid};
 use super::spec::SvidSourceSpec;
 use super::spiffe_id::{SpiffeId, TrustDomain};
@@ -46,6 +50,7 @@ pub struct ProviderOptions {
 enum Backend {
     Builtin,
     Spire(Arc<SpireSource>),
+    Files,
 }
 
 /// One stream of the backend, as status and metrics show it.
@@ -61,9 +66,9 @@ pub struct StreamState {
 /// The backend's health.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SourceState {
-    /// `builtin`, or `spire:<socket>`.
+    /// `builtin`, `spire:<socket>` or `files:<dir>`.
     pub source: String,
-    /// Every stream up (builtin: always).
+    /// Every stream up (builtin: always; files: the node SVID and the bundle read cleanly).
     pub up: bool,
     pub streams: Vec<StreamState>,
     /// SVIDs whose last fetch failed: (SPIFFE ID, failures in a row, error).
@@ -75,6 +80,9 @@ pub struct SourceState {
     /// Roots held per trust domain (2 while a rotation publishes A+B).
     pub roots: BTreeMap<String, usize>,
 }
+
+/// How often the `files` backend looks at its files.
+const FILES_POLL: Duration = Duration::from_secs(1);
 
 pub struct SvidProvider {
     cache: Arc<SvidCache>,
@@ -91,7 +99,7 @@ pub struct SvidProvider {
 impl SvidProvider {
     /// Builds the backend and the cache, fetches the node SVID and starts the refresh loop.
     /// `builtin` fails if it cannot issue; `spire:` logs a SPIRE that does not answer yet and
-    /// keeps asking.
+    /// keeps asking, and `files:` files not written yet.
     pub async fn start(opts: &ProviderOptions, node_name: &str, node: SpiffeId, td: &TrustDomain, clock: Arc<dyn Clock>) -> Result<Arc<SvidProvider>> {
         let (source, backend, source_name): (Arc<dyn SvidSource>, Backend, String) = match &opts.source {
             SvidSourceSpec::Builtin => {
@@ -112,6 +120,13 @@ impl SvidProvider {
                 let spire = Arc::new(SpireSource::new(cfg, clock.clone()));
                 (spire.clone(), Backend::Spire(spire), format!("spire:{}", socket.display()))
             }
+            SvidSourceSpec::Files { dir } => {
+                let files = Arc::new(FilesSource::under(dir.clone(), FileNames::default()));
+                // Fails only for a trust domain that names no directory: a start error.
+                files.dir_of(&node).map_err(|e| anyhow::anyhow!("--svid-source files:{}: {e}", dir.display()))?;
+                files.watch(FILES_POLL);
+                (files, Backend::Files, format!("files:{}", dir.display()))
+            }
         };
         let cache = SvidCache::new(source, clock, CacheConfig::default());
         let p = Arc::new(SvidProvider {
@@ -126,7 +141,9 @@ impl SvidProvider {
         match (p.cache.prefetch(Subject::id(node.clone())).await, &p.backend) {
             (Ok(_), _) => {}
             (Err(e), Backend::Builtin) => return Err(e.context("the node SVID")),
-            (Err(e), Backend::Spire(_)) => log::warn!("no node SVID for {node} from {} yet (retrying; no channel until then): {e:#}", p.source_name),
+            (Err(e), Backend::Spire(_) | Backend::Files) => {
+                log::warn!("no node SVID for {node} from {} yet (retrying; no channel until then): {e:#}", p.source_name)
+            }
         }
         tokio::spawn(p.cache.clone().run(Duration::from_secs(5)));
         Ok(p)
@@ -141,7 +158,7 @@ impl SvidProvider {
         &self.node
     }
 
-    /// `builtin` or `spire:<socket>`.
+    /// `builtin`, `spire:<socket>` or `files:<dir>`.
     pub fn source_name(&self) -> &str {
         &self.source_name
     }
@@ -155,7 +172,7 @@ impl SvidProvider {
     /// pod can describe it to SPIRE (no UID known).
     fn subject_for(&self, id: &SpiffeId, pods: &BTreeSet<String>) -> Option<Subject> {
         match self.backend {
-            Backend::Builtin => Some(Subject::id(id.clone())),
+            Backend::Builtin | Backend::Files => Some(Subject::id(id.clone())),
             Backend::Spire(_) => {
                 // Keep the pod the subscription was made for while it lives.
                 let cur = self.cache.subject(id).and_then(|s| s.pod_uid).filter(|u| pods.contains(u));
@@ -207,6 +224,13 @@ impl SvidProvider {
         let roots = b.domains().map(|td| (td.to_string(), b.get(td).map_or(0, |r| r.len()))).collect();
         match &self.backend {
             Backend::Builtin => SourceState { source: self.source_name.clone(), up: true, streams: Vec::new(), failing, bundle_error, errors_total, roots },
+            Backend::Files => {
+                // A pod's directory that does not read is that SVID's problem (`failing`),
+                // not the source's.
+                let node_ok = self.cache.svid(&self.node).is_some() && !failing.iter().any(|(id, ..)| *id == self.node.to_string());
+                let up = node_ok && bundle_error.is_none();
+                SourceState { source: self.source_name.clone(), up, streams: Vec::new(), failing, bundle_error, errors_total, roots }
+            }
             Backend::Spire(s) => {
                 let st = s.status();
                 let row =
@@ -327,6 +351,51 @@ mod tests {
         wait("the node SVID once SPIRE answers", || p.svid(&node).is_some() && p.status().up).await;
         assert!(p.status().errors_total >= 1);
         drop(spire);
+    }
+
+    /// `files:<root>`: the node's files missing at start are waited for (down, no SVID), then
+    /// taken when written; a pod identity is read from its own directory; a rewrite the
+    /// writing tool makes is taken within the poll period (not at half-life); the node's
+    /// directory broken mid-rewrite keeps the last valid SVID and says down; a pod's broken
+    /// directory is that SVID's failure, not the source's.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn files_are_waited_for_and_rewrites_taken() {
+        use crate::svid::builtin::{BuiltinCa, BuiltinConfig};
+        use crate::svid::files::tests::write_full;
+        let td = TrustDomain::parse(TD).unwrap();
+        let root = std::env::temp_dir().join(format!("zt-provider-files-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let opts = ProviderOptions {
+            source: format!("files:{}", root.display()).parse().unwrap(),
+            ca_dir: None,
+            svid_ttl: Duration::from_secs(3600),
+            node_selectors: String::new(),
+        };
+        let node = id("/zt/node/n1");
+        let p = SvidProvider::start(&opts, "n1", node.clone(), &td, Arc::new(SystemClock)).await.unwrap();
+        assert!(p.svid(&node).is_none() && !p.status().up, "{:?}", p.status());
+        assert_eq!(p.source_name(), format!("files:{}", root.display()));
+        let ca = BuiltinCa::new(BuiltinConfig::new(td.clone()), Arc::new(SystemClock)).unwrap();
+        let node_leaf = write_full(&root.join("zt.test/zt/node/n1"), &ca, &node);
+        wait("the node SVID once written", || p.svid(&node).is_some_and(|s| *s.leaf() == node_leaf) && p.status().up).await;
+
+        let api = id("/ns/shop/sa/api");
+        let api_dir = root.join("zt.test/ns/shop/sa/api");
+        write_full(&api_dir, &ca, &api);
+        p.track(&BTreeMap::from([(api.clone(), BTreeSet::from(["u-1".to_string()]))])).await;
+        assert!(p.svid(&api).is_some());
+        let rotated = write_full(&api_dir, &ca, &api);
+        wait("the rewritten SVID", || p.svid(&api).is_some_and(|s| *s.leaf() == rotated)).await;
+
+        // A pod's directory broken: its failure, the source still up.
+        std::fs::remove_file(api_dir.join("svid_key.pem")).unwrap();
+        wait("api's refresh to fail", || p.status().failing.iter().any(|(i, ..)| *i == api.to_string())).await;
+        assert!(p.status().up && p.svid(&api).is_some(), "kept, and the source up: {:?}", p.status());
+        // The node's: kept, down.
+        std::fs::remove_file(root.join("zt.test/zt/node/n1/svid.pem")).unwrap();
+        wait("the source down", || !p.status().up).await;
+        assert!(p.svid(&node).is_some(), "the last valid node SVID kept");
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[tokio::test]

@@ -1,8 +1,9 @@
 //! How an operator names the SVID backend: `builtin` (the rcgen CA of the local mode and the
-//! demo) or `spire:<admin socket>` (SPIRE's Delegated Identity API), with the selectors that
+//! demo), `spire:<admin socket>` (SPIRE's Delegated Identity API), with the selectors that
 //! describe the node's own SVID to SPIRE (`k8s:ns:zt-system,k8s:sa:zt-agent` by default:
-//! zt-agent's DaemonSet pod, as deploy/ installs it). The agent's flags parse into this; the
-//! `files` backend needs one directory per SPIFFE ID and is built in code only.
+//! zt-agent's DaemonSet pod, as deploy/ installs it), or `files:<directory>` (SVIDs another
+//! tool keeps on disk in spiffe-helper's layout, one directory per SPIFFE ID under it,
+//! `svid::files`). The agent's flags parse into this.
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -16,6 +17,8 @@ pub const DEFAULT_NODE_SELECTORS: &str = "k8s:ns:zt-system,k8s:sa:zt-agent";
 pub enum SvidSourceSpec {
     Builtin,
     Spire { socket: PathBuf },
+    /// `<dir>/<trust domain><path>/` holds each SPIFFE ID's files.
+    Files { dir: PathBuf },
 }
 
 impl FromStr for SvidSourceSpec {
@@ -26,7 +29,11 @@ impl FromStr for SvidSourceSpec {
             None if s == "builtin" => Ok(SvidSourceSpec::Builtin),
             Some(("spire", path)) if path.starts_with('/') => Ok(SvidSourceSpec::Spire { socket: path.into() }),
             Some(("spire", path)) => Err(format!("SVID source {s:?}: the SPIRE admin socket must be an absolute path, not {path:?}")),
-            _ => Err(format!("SVID source {s:?}: expected `builtin` or `spire:<SPIRE agent admin socket>` (e.g. spire:/run/spire/admin.sock)")),
+            Some(("files", path)) if path.starts_with('/') => Ok(SvidSourceSpec::Files { dir: path.into() }),
+            Some(("files", path)) => Err(format!("SVID source {s:?}: the SVID directory must be an absolute path, not {path:?}")),
+            _ => Err(format!(
+                "SVID source {s:?}: expected `builtin`, `spire:<SPIRE agent admin socket>` (e.g. spire:/run/spire/admin.sock) or `files:<directory>` (e.g. files:/run/zt/svids)"
+            )),
         }
     }
 }
@@ -55,11 +62,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_the_two_forms_and_names_what_is_wrong() {
+    fn parses_the_three_forms_and_names_what_is_wrong() {
         assert_eq!("builtin".parse(), Ok(SvidSourceSpec::Builtin));
+        assert_eq!("files:/run/zt/svids".parse(), Ok(SvidSourceSpec::Files { dir: "/run/zt/svids".into() }));
+        assert!("files:svids".parse::<SvidSourceSpec>().unwrap_err().contains("SVID directory must be an absolute path"));
         assert_eq!("spire:/run/spire/admin.sock".parse(), Ok(SvidSourceSpec::Spire { socket: "/run/spire/admin.sock".into() }));
         assert!("spire:admin.sock".parse::<SvidSourceSpec>().unwrap_err().contains("absolute path"));
-        assert!("vault".parse::<SvidSourceSpec>().unwrap_err().contains("expected `builtin` or `spire:"));
+        assert!("vault".parse::<SvidSourceSpec>().unwrap_err().contains("expected `builtin`, `spire:"));
         let cfg = SvidSourceSpec::Spire { socket: "/s".into() }.spire_config("n1", DEFAULT_NODE_SELECTORS).unwrap().unwrap();
         assert_eq!(cfg.node_selectors, vec![Selector::new("k8s", "ns:zt-system"), Selector::new("k8s", "sa:zt-agent")]);
         assert_eq!(cfg.node_name.as_deref(), Some("n1"));
