@@ -272,16 +272,19 @@ struct Flags {
 fn auth_links(f: &Flags) -> anyhow::Result<Option<zt_agent::auth::links::LinkOptions>> {
     if f.auth_listen == "off" {
         if f.svid_source != zt_agent::svid::spec::SvidSourceSpec::Builtin {
-            anyhow::bail!("--svid-source {:?} needs the node channels, but --auth-listen is off", f.svid_source);
+            anyhow::bail!("--svid-source {} needs the node channels, but --auth-listen is off", f.svid_source);
         }
         return Ok(None);
     }
     let listen: std::net::SocketAddr = f.auth_listen.parse().map_err(|e| anyhow::anyhow!("--auth-listen {:?}: {e} (an address:port, or off)", f.auth_listen))?;
-    if listen.port() == 0 || f.svid_ttl < 60 {
-        anyhow::bail!("--auth-listen needs a port (peers dial the same one) and --svid-ttl at least 60 s");
+    if listen.port() == 0 {
+        anyhow::bail!("--auth-listen needs a port (peers dial the same one)");
+    }
+    if f.svid_ttl < 60 && f.svid_source == zt_agent::svid::spec::SvidSourceSpec::Builtin {
+        anyhow::bail!("--svid-ttl must be at least 60 s");
     }
     if f.svid_ca_dir.is_some() && f.svid_source != zt_agent::svid::spec::SvidSourceSpec::Builtin {
-        anyhow::bail!("--svid-ca-dir is the builtin CA's: it does not go with --svid-source {:?}", f.svid_source);
+        anyhow::bail!("--svid-ca-dir is the builtin CA's: it does not go with --svid-source {}", f.svid_source);
     }
     if let zt_agent::svid::spec::SvidSourceSpec::Spire { .. } = f.svid_source {
         // Checked here so that a bad list fails at start, named.

@@ -220,7 +220,12 @@ impl SvidCache {
         let fetched = self.source.fetch_svid(&subject).await;
         let now = self.clock.now();
         let mut g = self.inner.lock().unwrap();
-        let Some(e) = g.entries.get_mut(id) else { return };
+        let Some(e) = g.entries.get_mut(id) else {
+            // Removed while fetching: the fetch may have subscribed or watched it again.
+            drop(g);
+            self.source.release(id);
+            return;
+        };
         let result = fetched.and_then(|s| {
             if s.spiffe_id() != id {
                 anyhow::bail!("{} returned an SVID for {} when asked for {id}", self.source.name(), s.spiffe_id());

@@ -13,11 +13,16 @@
 //! trust domain of only dots is refused, so no ID names a directory outside `<dir>`.
 //!
 //! Files are re-read on every fetch; a half-written set (key and leaf that do not match) is an
-//! error, and the cache keeps the last valid SVID and retries. `watch` polls the files of the
-//! IDs in use (size and mtime) and wakes the cache when one changes, so that a rotation the
-//! writing tool makes is taken within a poll period, not at the cache's next refresh point.
-//! Bundles are the union of the roots in the directories in use that read cleanly (one
-//! directory mid-rewrite does not take the bundle away); none readable is an error.
+//! error, and so is an SVID that this node could not verify itself (as SPIRE's are): not yet
+//! valid or expired on the agent's clock, or not chaining to the trust bundle. The cache
+//! keeps the last valid SVID and retries. `watch` polls the files of the IDs in use (size and
+//! mtime) and wakes the cache when one changes, so that a rotation the writing tool makes is
+//! taken within a poll period, not at the cache's next refresh point.
+//!
+//! Under a root, the trust bundle is the node's own directory's `svid_bundle.pem` alone: a
+//! pod's directory, which its own helper may leave stale (a retired root kept) or which may be
+//! writable by others, never adds a root. A node directory that does not read leaves the
+//! cache's last bundles in place.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -30,8 +35,10 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::watch;
 
-use super::source::{Subject, SvidSource, TrustBundles, X509Svid};
+use super::clock::Clock;
+use super::source::{StaticBundles, Subject, SvidSource, TrustBundles, X509Svid};
 use super::spiffe_id::SpiffeId;
+use crate::channel::verifier::{PeerPolicy, SvidVerifier, Usage};
 use super::x509::is_self_issued;
 
 /// File names inside each directory (spiffe-helper's `svid_file_name`, `svid_key_file_name`,
@@ -53,8 +60,8 @@ impl Default for FileNames {
 enum Layout {
     /// Given one by one.
     Fixed(BTreeMap<SpiffeId, PathBuf>),
-    /// `<root>/<trust domain><path>`.
-    Under(PathBuf),
+    /// `<root>/<trust domain><path>`; the bundle is `node`'s directory's.
+    Under { root: PathBuf, node: SpiffeId },
 }
 
 pub struct FilesSource {
@@ -63,6 +70,7 @@ pub struct FilesSource {
     /// The IDs asked for and not released: their directories make the bundles and are watched.
     in_use: Mutex<BTreeSet<SpiffeId>>,
     changes: watch::Sender<u64>,
+    clock: Arc<dyn Clock>,
 }
 
 /// One directory's contents: chain (with intermediates moved from the bundle), key, roots.
@@ -86,22 +94,25 @@ fn certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
 type Stamp = Option<(u64, SystemTime)>;
 
 impl FilesSource {
-    /// `dirs`: the directory that holds each SPIFFE ID's files.
-    pub fn new(dirs: BTreeMap<SpiffeId, PathBuf>, names: FileNames) -> FilesSource {
+    /// `dirs`: the directory that holds each SPIFFE ID's files; each verified against its
+    /// own roots, the bundles the union of them all (code and tests only).
+    pub fn new(dirs: BTreeMap<SpiffeId, PathBuf>, names: FileNames, clock: Arc<dyn Clock>) -> FilesSource {
         let in_use = Mutex::new(dirs.keys().cloned().collect());
-        FilesSource { layout: Layout::Fixed(dirs), names, in_use, changes: watch::Sender::new(0) }
+        FilesSource { layout: Layout::Fixed(dirs), names, in_use, changes: watch::Sender::new(0), clock }
     }
 
-    /// Each SPIFFE ID's files in `<root>/<trust domain><path>/` (`--svid-source files:<root>`).
-    pub fn under(root: PathBuf, names: FileNames) -> FilesSource {
-        FilesSource { layout: Layout::Under(root), names, in_use: Mutex::default(), changes: watch::Sender::new(0) }
+    /// Each SPIFFE ID's files in `<root>/<trust domain><path>/` (`--svid-source files:<root>`),
+    /// the trust bundle from `node`'s.
+    pub fn under(root: PathBuf, node: SpiffeId, names: FileNames, clock: Arc<dyn Clock>) -> FilesSource {
+        let in_use = Mutex::new(BTreeSet::from([node.clone()]));
+        FilesSource { layout: Layout::Under { root, node }, names, in_use, changes: watch::Sender::new(0), clock }
     }
 
     /// The directory of `id`'s files.
     pub fn dir_of(&self, id: &SpiffeId) -> anyhow::Result<PathBuf> {
         match &self.layout {
             Layout::Fixed(dirs) => dirs.get(id).cloned().ok_or_else(|| anyhow!("no SVID directory is configured for {id}")),
-            Layout::Under(root) => {
+            Layout::Under { root, .. } => {
                 let td = id.trust_domain().as_str();
                 if td.chars().all(|c| c == '.') {
                     bail!("trust domain {td:?} names no directory under {}", root.display());
@@ -129,6 +140,18 @@ impl FilesSource {
         }
         let svid = X509Svid::from_parts(chain, key).map_err(|e| anyhow!("{}: {e}", dir.display()))?;
         Ok(Loaded { svid, roots })
+    }
+
+    /// The roots of the node's directory (under a root), checked to be the node's own: a
+    /// directory holding another ID's SVID lends it no roots.
+    fn node_roots(&self) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+        let Layout::Under { node, .. } = &self.layout else { bail!("no node directory") };
+        let dir = self.dir_of(node)?;
+        let l = self.load(&dir).context("the trust bundle (the node's SVID directory)")?;
+        if l.svid.spiffe_id() != node {
+            bail!("the trust bundle: {} holds an SVID for {}, not the node's {node}", dir.display(), l.svid.spiffe_id());
+        }
+        Ok(l.roots)
     }
 
     /// Size and mtime of every file of the IDs in use.
@@ -172,41 +195,44 @@ impl SvidSource for FilesSource {
 
     fn fetch_svid<'a>(&'a self, subject: &'a Subject) -> BoxFuture<'a, anyhow::Result<X509Svid>> {
         Box::pin(async move {
-            let dir = self.dir_of(&subject.spiffe_id)?;
-            self.in_use.lock().unwrap().insert(subject.spiffe_id.clone());
+            let id = &subject.spiffe_id;
+            let dir = self.dir_of(id)?;
+            self.in_use.lock().unwrap().insert(id.clone());
             let l = self.load(&dir)?;
-            if l.svid.spiffe_id() != &subject.spiffe_id {
-                bail!("{} holds an SVID for {}, not {}", dir.display(), l.svid.spiffe_id(), subject.spiffe_id);
+            if l.svid.spiffe_id() != id {
+                bail!("{} holds an SVID for {}, not {id}", dir.display(), l.svid.spiffe_id());
             }
+            // Chain and time, as a peer will judge it: against the node's bundle under a root.
+            let roots = match &self.layout {
+                Layout::Under { node, .. } if node != id => self.node_roots()?,
+                _ => l.roots,
+            };
+            let mut b = TrustBundles::default();
+            b.set(id.trust_domain().clone(), roots).map_err(|e| anyhow!(e))?;
+            let v = SvidVerifier::new(StaticBundles::new(b), self.clock.clone(), PeerPolicy::Exactly(id.clone()));
+            v.verify(l.svid.leaf(), &l.svid.chain()[1..], Usage::Client)
+                .map_err(|e| anyhow::Error::new(e.clone()).context(format!("the SVID in {} is refused ({})", dir.display(), e.reason())))?;
             Ok(l.svid)
         })
     }
 
     fn fetch_bundles(&self) -> BoxFuture<'_, anyhow::Result<TrustBundles>> {
         Box::pin(async move {
-            let ids: Vec<SpiffeId> = self.in_use.lock().unwrap().iter().cloned().collect();
             let mut per_domain: BTreeMap<_, Vec<CertificateDer<'static>>> = BTreeMap::new();
-            let mut first_error = None;
-            for id in &ids {
-                let roots = match self.dir_of(id).and_then(|d| self.load(&d)) {
-                    Ok(l) => l.roots,
-                    Err(e) => {
-                        first_error.get_or_insert(e);
-                        continue;
-                    }
-                };
-                let set = per_domain.entry(id.trust_domain().clone()).or_default();
-                for r in roots {
-                    if !set.contains(&r) {
-                        set.push(r);
+            match &self.layout {
+                Layout::Under { node, .. } => {
+                    per_domain.insert(node.trust_domain().clone(), self.node_roots()?);
+                }
+                Layout::Fixed(dirs) => {
+                    for (id, dir) in dirs {
+                        let set = per_domain.entry(id.trust_domain().clone()).or_default();
+                        for r in self.load(dir)?.roots {
+                            if !set.contains(&r) {
+                                set.push(r);
+                            }
+                        }
                     }
                 }
-            }
-            if per_domain.is_empty() {
-                return Err(match first_error {
-                    Some(e) => e.context("no SVID directory in use reads cleanly: no bundle"),
-                    None => anyhow!("no SVID directory is in use yet: no bundle"),
-                });
             }
             let mut b = TrustBundles::default();
             for (td, roots) in per_domain {
@@ -221,9 +247,11 @@ impl SvidSource for FilesSource {
     }
 
     fn release(&self, id: &SpiffeId) {
-        // A fixed directory stays a source of roots.
-        if let Layout::Under(_) = self.layout {
-            self.in_use.lock().unwrap().remove(id);
+        // Fixed directories are all in use; the node's always is.
+        if let Layout::Under { node, .. } = &self.layout {
+            if node != id {
+                self.in_use.lock().unwrap().remove(id);
+            }
         }
     }
 }
@@ -281,7 +309,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn reads_the_spiffe_helper_layout_and_refuses_a_mismatched_key() {
         let clock = Arc::new(ManualClock::at_unix(1_800_000_000));
-        let ca = BuiltinCa::new(BuiltinConfig::new(TrustDomain::parse("zt.test").unwrap()), clock).unwrap();
+        let ca = BuiltinCa::new(BuiltinConfig::new(TrustDomain::parse("zt.test").unwrap()), clock.clone()).unwrap();
         let id = SpiffeId::parse("spiffe://zt.test/zt/node/n1").unwrap();
         let other = SpiffeId::parse("spiffe://zt.test/zt/node/n2").unwrap();
         let base = tmp("layout");
@@ -301,7 +329,7 @@ pub(crate) mod tests {
         for f in ["svid.pem", "svid_key.pem", "svid_bundle.pem"] {
             std::fs::copy(d1.join(f), d2.join(f)).unwrap();
         }
-        let src = FilesSource::new(BTreeMap::from([(id.clone(), d1.clone()), (other.clone(), d2.clone())]), FileNames::default());
+        let src = FilesSource::new(BTreeMap::from([(id.clone(), d1.clone()), (other.clone(), d2.clone())]), FileNames::default(), clock.clone());
         let svid = src.fetch_svid(&Subject::id(id.clone())).await.unwrap();
         assert_eq!(svid.spiffe_id(), &id);
         assert_eq!(svid.leaf(), &leaf);
@@ -333,56 +361,96 @@ pub(crate) mod tests {
         leaf
     }
 
-    /// `files:<root>`: each ID's directory is named by the ID; the bundles come from the
-    /// directories in use that read cleanly (one broken directory does not take them away,
-    /// none readable is an error naming why); `watch` wakes the cache when a file of an ID in
-    /// use is rewritten, and not for others; a released ID's directory is no longer read.
+    /// A directory of the test removed on drop, also when the test fails.
+    pub(crate) struct TmpDir(pub PathBuf);
+
+    impl TmpDir {
+        pub(crate) fn new(name: &str) -> TmpDir {
+            TmpDir(tmp(name))
+        }
+    }
+
+    impl Drop for TmpDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// `files:<root>`: each ID's directory is named by the ID (a trust domain of dots names
+    /// none); the trust bundle is the node's directory's alone (a pod's directory with an
+    /// extra root adds nothing; a node directory holding another ID's SVID lends no roots);
+    /// a pod's SVID is verified against it (another CA's refused) and
+    /// on the clock (`not-yet-valid`); `watch` wakes the cache when a file of an ID in use is
+    /// rewritten in place, not for an ID not in use; a released ID is no longer watched, the
+    /// node never released.
     #[tokio::test]
-    async fn under_a_root_each_id_names_its_directory_and_a_rewrite_wakes_the_cache() {
-        let clock = Arc::new(ManualClock::at_unix(1_800_000_000));
-        let ca = BuiltinCa::new(BuiltinConfig::new(TrustDomain::parse("zt.test").unwrap()), clock).unwrap();
-        let root = tmp("under");
+    async fn under_a_root_the_node_directory_holds_the_bundle_and_rewrites_wake_the_cache() {
+        let now = 1_800_000_000;
+        let clock = Arc::new(ManualClock::at_unix(now));
+        let td = TrustDomain::parse("zt.test").unwrap();
+        let ca = BuiltinCa::new(BuiltinConfig::new(td.clone()), clock.clone()).unwrap();
+        let other_ca = BuiltinCa::new(BuiltinConfig::new(td.clone()), clock.clone()).unwrap();
+        let root = TmpDir::new("under");
         let node = SpiffeId::parse("spiffe://zt.test/zt/node/n1").unwrap();
         let api = SpiffeId::parse("spiffe://zt.test/ns/shop/sa/api").unwrap();
-        let src = Arc::new(FilesSource::under(root.clone(), FileNames::default()));
-        let (node_dir, api_dir) = (root.join("zt.test/zt/node/n1"), root.join("zt.test/ns/shop/sa/api"));
+        let src = Arc::new(FilesSource::under(root.0.clone(), node.clone(), FileNames::default(), clock.clone()));
+        let (node_dir, api_dir) = (root.0.join("zt.test/zt/node/n1"), root.0.join("zt.test/ns/shop/sa/api"));
         assert_eq!(src.dir_of(&api).unwrap(), api_dir);
         let dots = SpiffeId::parse("spiffe://../ns/a/sa/b").unwrap();
         assert!(src.dir_of(&dots).unwrap_err().to_string().contains("names no directory"));
-        assert!(src.fetch_bundles().await.unwrap_err().to_string().contains("no SVID directory is in use yet"));
+        let e = format!("{:#}", src.fetch_bundles().await.unwrap_err());
+        assert!(e.contains("the node's SVID directory") && e.contains("svid.pem"), "{e}");
 
         let node_leaf = write_full(&node_dir, &ca, &node);
-        write_full(&api_dir, &ca, &api);
         assert_eq!(src.fetch_svid(&Subject::id(node.clone())).await.unwrap().leaf(), &node_leaf);
         // api's directory is not read until api is asked for.
         assert_eq!(src.stamps().len(), 3);
+        write_full(&api_dir, &ca, &api);
         src.fetch_svid(&Subject::id(api.clone())).await.unwrap();
         assert_eq!(src.stamps().len(), 6);
 
-        // One directory mid-rewrite (no key yet): the bundles still come from the other.
-        std::fs::remove_file(node_dir.join("svid_key.pem")).unwrap();
-        assert_eq!(src.fetch_bundles().await.unwrap().get(node.trust_domain()).unwrap(), ca.roots().as_slice());
-        std::fs::remove_file(api_dir.join("svid_key.pem")).unwrap();
+        // api's bundle file with another CA's root: the bundle is still the node's.
+        let mixed: String = ca.roots().iter().chain(other_ca.roots().iter()).map(|r| pem("CERTIFICATE", r)).collect();
+        std::fs::write(api_dir.join("svid_bundle.pem"), mixed).unwrap();
+        assert_eq!(src.fetch_bundles().await.unwrap().get(&td).unwrap(), ca.roots().as_slice());
+        // An SVID of that other CA in api's directory is refused: it does not chain to the node's bundle.
+        write_full(&api_dir, &other_ca, &api);
+        let e = format!("{:#}", src.fetch_svid(&Subject::id(api.clone())).await.unwrap_err());
+        // (Both CAs' roots carry the same name: webpki finds the node's and the signature fails.)
+        assert!((e.contains("unknown-issuer") || e.contains("bad-signature")) && e.contains("api"), "{e}");
+        // Not yet valid on this node's clock: refused.
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(api.to_string().try_into().unwrap())];
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        params.not_before = time::OffsetDateTime::from_unix_timestamp(now as i64 + 3600).unwrap();
+        params.not_after = time::OffsetDateTime::from_unix_timestamp(now as i64 + 7200).unwrap();
+        std::fs::write(api_dir.join("svid.pem"), pem("CERTIFICATE", &ca.sign_custom(&params, &key).unwrap())).unwrap();
+        std::fs::write(api_dir.join("svid_key.pem"), key.serialize_pem()).unwrap();
+        let e = format!("{:#}", src.fetch_svid(&Subject::id(api.clone())).await.unwrap_err());
+        assert!(e.contains("not-yet-valid"), "{e}");
+        // The node's directory holding another ID's SVID lends no roots.
+        write_full(&node_dir, &ca, &api);
         let e = format!("{:#}", src.fetch_bundles().await.unwrap_err());
-        assert!(e.contains("reads cleanly") && e.contains("svid_key.pem"), "{e}");
+        assert!(e.contains("not the node's"), "{e}");
+        write_full(&node_dir, &ca, &node);
+        write_full(&api_dir, &ca, &api);
 
-        // A rewrite of a file in use wakes the cache; a file of an ID not in use does not.
+        // In-place rewrites of a file in use wake the cache; a directory not in use does not.
         let mut rx = src.changes().unwrap();
         src.watch(Duration::from_millis(20));
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let other = root.join("zt.test/ns/shop/sa/web");
-        write_full(&other, &ca, &SpiffeId::parse("spiffe://zt.test/ns/shop/sa/web").unwrap());
+        write_full(&root.0.join("zt.test/ns/shop/sa/web"), &ca, &SpiffeId::parse("spiffe://zt.test/ns/shop/sa/web").unwrap());
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!rx.has_changed().unwrap(), "a directory not in use is not watched");
         let new_leaf = write_full(&api_dir, &ca, &api);
         tokio::time::timeout(Duration::from_secs(5), rx.changed()).await.expect("woken by the rewrite").unwrap();
         assert_eq!(src.fetch_svid(&Subject::id(api.clone())).await.unwrap().leaf(), &new_leaf);
 
-        // Released: api's directory is no longer read for the bundles.
+        // Released: api's directory is no longer watched; the node's cannot be released.
         src.release(&api);
+        src.release(&node);
         assert_eq!(src.stamps().len(), 3);
-        assert!(src.fetch_bundles().await.is_err(), "only the node's directory, still without its key");
-        std::fs::remove_dir_all(&root).unwrap();
     }
 
     /// spiffe-helper's `add_intermediates_to_bundle`: the intermediate sits in the bundle file.
@@ -413,7 +481,7 @@ pub(crate) mod tests {
         std::fs::write(dir.join("svid.pem"), pem("CERTIFICATE", &leaf)).unwrap();
         std::fs::write(dir.join("svid_key.pem"), lkey.serialize_pem()).unwrap();
         std::fs::write(dir.join("svid_bundle.pem"), pem("CERTIFICATE", &ca.roots()[0]) + &pem("CERTIFICATE", &inter)).unwrap();
-        let src = FilesSource::new(BTreeMap::from([(id.clone(), dir.clone())]), FileNames::default());
+        let src = FilesSource::new(BTreeMap::from([(id.clone(), dir.clone())]), FileNames::default(), clock.clone());
         let svid = src.fetch_svid(&Subject::id(id.clone())).await.unwrap();
         assert_eq!(svid.chain(), &[leaf.clone(), inter.clone()]);
         let bundles = src.fetch_bundles().await.unwrap();

@@ -121,7 +121,7 @@ impl SvidProvider {
                 (spire.clone(), Backend::Spire(spire), format!("spire:{}", socket.display()))
             }
             SvidSourceSpec::Files { dir } => {
-                let files = Arc::new(FilesSource::under(dir.clone(), FileNames::default()));
+                let files = Arc::new(FilesSource::under(dir.clone(), node.clone(), FileNames::default(), clock.clone()));
                 // Fails only for a trust domain that names no directory: a start error.
                 files.dir_of(&node).map_err(|e| anyhow::anyhow!("--svid-source files:{}: {e}", dir.display()))?;
                 files.watch(FILES_POLL);
@@ -183,10 +183,13 @@ impl SvidProvider {
     }
 
     /// Makes the tracked local identities `want` (SPIFFE ID -> UIDs of its live local pods):
-    /// new ones and ones whose pod left are fetched now, gone ones released.
+    /// new ones and ones whose pod left are fetched now, all at once (a fetch SPIRE does not
+    /// answer waits out its first-message timeout: one at a time, N new identities would hold
+    /// every other change, withdrawals included, N timeouts long), gone ones released.
     pub async fn track(&self, want: &BTreeMap<SpiffeId, BTreeSet<String>>) {
         let _one = self.tracking.lock().await;
         let before = self.tracked.lock().unwrap().clone();
+        let mut fetch = Vec::new();
         for (id, pods) in want {
             if *id == self.node {
                 continue;
@@ -203,11 +206,14 @@ impl SvidProvider {
                 if !fresh {
                     log::info!("local identity {id}: its pod left, asking {} with another live pod of it", self.source_name);
                 }
-                if let Err(e) = self.cache.prefetch(subject).await {
-                    log::warn!("no SVID for local identity {id} yet (retrying): {e:#}");
-                }
+                fetch.push(async move {
+                    if let Err(e) = self.cache.prefetch(subject).await {
+                        log::warn!("no SVID for local identity {id} yet (retrying): {e:#}");
+                    }
+                });
             }
         }
+        futures::future::join_all(fetch).await;
         let now: BTreeSet<SpiffeId> = want.keys().filter(|id| **id != self.node && self.cache.subject(id).is_some()).cloned().collect();
         for id in before.difference(&now) {
             self.cache.remove(id);
@@ -328,6 +334,37 @@ mod tests {
         drop(spire);
     }
 
+    /// New identities are fetched at once, not one after another: behind a socket that
+    /// accepts and never answers (a hung SPIRE agent), each fetch waits out the
+    /// first-message timeout (5 s); all three are being fetched before the first has failed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn new_identities_are_fetched_together() {
+        let sock = std::env::temp_dir().join(format!("zt-provider-hung-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&sock);
+        let _hung = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let opts = ProviderOptions {
+            source: format!("spire:{}", sock.display()).parse().unwrap(),
+            ca_dir: None,
+            svid_ttl: Duration::from_secs(3600),
+            node_selectors: crate::svid::spec::DEFAULT_NODE_SELECTORS.into(),
+        };
+        let p = SvidProvider::start(&opts, "n1", id("/zt/node/n1"), &TrustDomain::parse(TD).unwrap(), Arc::new(SystemClock)).await.unwrap();
+        let want: BTreeMap<SpiffeId, BTreeSet<String>> =
+            ["a", "b", "c"].iter().map(|sa| (id(&format!("/ns/shop/sa/{sa}")), BTreeSet::from([format!("u-{sa}")]))).collect();
+        let track = tokio::spawn({
+            let (p, want) = (p.clone(), want.clone());
+            async move { p.track(&want).await }
+        });
+        wait("all three identities being fetched", || want.keys().all(|i| p.cache().subject(i).is_some())).await;
+        let failed = p.cache().status().into_iter().filter(|s| s.failures > 0 && want.contains_key(&s.spiffe_id)).count();
+        assert_eq!(failed, 0, "the three were asked for while the first fetch still waited");
+        assert!(!track.is_finished());
+        track.await.unwrap();
+        let failed = p.cache().status().into_iter().filter(|s| s.failures > 0 && want.contains_key(&s.spiffe_id)).count();
+        assert_eq!(failed, 3, "no answer for any: each failed");
+        let _ = std::fs::remove_file(&sock);
+    }
+
     /// No SPIRE at the socket when the agent starts: the provider starts anyway, down and
     /// without a node SVID; SPIRE appears: the node SVID arrives without being asked again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -363,8 +400,9 @@ mod tests {
         use crate::svid::builtin::{BuiltinCa, BuiltinConfig};
         use crate::svid::files::tests::write_full;
         let td = TrustDomain::parse(TD).unwrap();
-        let root = std::env::temp_dir().join(format!("zt-provider-files-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
+        let dir = crate::svid::files::tests::TmpDir(std::env::temp_dir().join(format!("zt-provider-files-{}", std::process::id())));
+        let _ = std::fs::remove_dir_all(&dir.0);
+        let root = dir.0.clone();
         let opts = ProviderOptions {
             source: format!("files:{}", root.display()).parse().unwrap(),
             ca_dir: None,
@@ -384,8 +422,12 @@ mod tests {
         write_full(&api_dir, &ca, &api);
         p.track(&BTreeMap::from([(api.clone(), BTreeSet::from(["u-1".to_string()]))])).await;
         assert!(p.svid(&api).is_some());
-        let rotated = write_full(&api_dir, &ca, &api);
-        wait("the rewritten SVID", || p.svid(&api).is_some_and(|s| *s.leaf() == rotated)).await;
+        // Twice: the second rewrite is seen by its files' size and mtime alone (api's files
+        // were already watched).
+        for _ in 0..2 {
+            let rotated = write_full(&api_dir, &ca, &api);
+            wait("the rewritten SVID", || p.svid(&api).is_some_and(|s| *s.leaf() == rotated)).await;
+        }
 
         // A pod's directory broken: its failure, the source still up.
         std::fs::remove_file(api_dir.join("svid_key.pem")).unwrap();
@@ -395,7 +437,6 @@ mod tests {
         std::fs::remove_file(root.join("zt.test/zt/node/n1/svid.pem")).unwrap();
         wait("the source down", || !p.status().up).await;
         assert!(p.svid(&node).is_some(), "the last valid node SVID kept");
-        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[tokio::test]

@@ -38,6 +38,17 @@ impl FromStr for SvidSourceSpec {
     }
 }
 
+/// As the flag spells it.
+impl std::fmt::Display for SvidSourceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SvidSourceSpec::Builtin => f.write_str("builtin"),
+            SvidSourceSpec::Spire { socket } => write!(f, "spire:{}", socket.display()),
+            SvidSourceSpec::Files { dir } => write!(f, "files:{}", dir.display()),
+        }
+    }
+}
+
 /// Comma-separated `type:value` selectors.
 pub fn parse_selectors(s: &str) -> Result<Vec<Selector>, String> {
     s.split(',').map(str::trim).filter(|p| !p.is_empty()).map(Selector::parse).collect()
