@@ -36,8 +36,6 @@ spec:
     ports: [{protocol: UDP, port: 53}]
 ";
 
-/// b's SPIFFE ID (namespace default, service account default).
-const B_ID: &str = "spiffe://cluster.local/ns/default/sa/default";
 /// The SPIFFE ID of e, a pod the test adds to node2.
 const E_ID: &str = "spiffe://cluster.local/ns/default/sa/e";
 

@@ -23,25 +23,7 @@ use common::*;
 use zt_testbed::spire::{Ca, IssuedSvid};
 use zt_testbed::Proto;
 
-const POLICY: &str = "apiVersion: zt.dev/v1alpha1
-kind: ZeroTrustPolicy
-metadata: {name: a-in, namespace: default}
-spec:
-  subjects: [{podSelector: {matchLabels: {app: a}}}]
-  ingress:
-  - from: [{podSelector: {matchLabels: {app: b}}}]
-    ports: [{protocol: TCP, port: 80}, {protocol: TCP, port: 7000}]
-    authentication: required
-";
-
 const TD: &str = "cluster.local";
-/// a's and b's SPIFFE ID (namespace default, service account default), and c's.
-const B_ID: &str = "spiffe://cluster.local/ns/default/sa/default";
-const C_ID: &str = "spiffe://cluster.local/ns/other/sa/default";
-
-fn node_id(n: &str) -> String {
-    format!("spiffe://{TD}/zt/node/{n}")
-}
 
 /// One node's SVID directory, removed at the start and on drop (also when the test fails).
 struct SvidRoot(PathBuf);
@@ -143,7 +125,7 @@ fn two_agents_on_svid_files_prove_and_follow_rewrites() {
     issue_all(&ca, &[("node1", &root1), ("node2", &root2)]);
 
     let pods = pods_with_node_ips();
-    let bed = bed("two-nodes", &[("pods.yaml", &pods), ("50-a.yaml", POLICY)], &["--svid-source", &root1.arg()]);
+    let bed = bed("two-nodes", &[("pods.yaml", &pods), ("50-a.yaml", A_IN_AUTH_POLICY)], &["--svid-source", &root1.arg()]);
     let agent2 =
         bed.tb.start_agent("node2", &zt_testbed::bins::find("zt-agent").unwrap(), &bed.dir, &["--poll-ms", "100", "--svid-source", &root2.arg()]).unwrap();
     agent2.wait_ready(Duration::from_secs(20)).unwrap();

@@ -37,8 +37,6 @@ spec:
 ";
 
 const ROUNDS: u32 = 20;
-/// b's SPIFFE ID (namespace default, service account default).
-const B_ID: &str = "spiffe://cluster.local/ns/default/sa/default";
 /// Below the first SYN retransmission (1 s): a success means the first SYN passed.
 const FIRST_SYN: Duration = Duration::from_millis(900);
 

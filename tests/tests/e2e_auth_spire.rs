@@ -32,26 +32,8 @@ use common::*;
 use zt_testbed::spire::SpireStandIn;
 use zt_testbed::{AgentHandle, Proto};
 
-const POLICY: &str = "apiVersion: zt.dev/v1alpha1
-kind: ZeroTrustPolicy
-metadata: {name: a-in, namespace: default}
-spec:
-  subjects: [{podSelector: {matchLabels: {app: a}}}]
-  ingress:
-  - from: [{podSelector: {matchLabels: {app: b}}}]
-    ports: [{protocol: TCP, port: 80}, {protocol: TCP, port: 7000}]
-    authentication: required
-";
-
-/// a's and b's SPIFFE ID (namespace default, service account default).
-const B_ID: &str = "spiffe://cluster.local/ns/default/sa/default";
-const C_ID: &str = "spiffe://cluster.local/ns/other/sa/default";
 const B_UID: &str = "00000000-0000-4000-8000-0000000000b2";
 const C_UID: &str = "00000000-0000-4000-8000-0000000000c2";
-
-fn node_id(n: &str) -> String {
-    format!("spiffe://cluster.local/zt/node/{n}")
-}
 
 /// The stand-in's socket path, removed at the start and on drop (also when the test fails).
 struct Socket(PathBuf);
@@ -118,7 +100,7 @@ fn two_agents_on_one_spire_prove_rotate_and_ride_out_an_outage() {
     let source = format!("spire:{}", sock.0.display());
     let pods = pods_with_node_ips();
     assert!(pods.contains(B_UID), "labs/two-nodes/pods.yaml changed: b's UID");
-    let bed = bed("two-nodes", &[("pods.yaml", &pods), ("50-a.yaml", POLICY)], &["--svid-source", &source]);
+    let bed = bed("two-nodes", &[("pods.yaml", &pods), ("50-a.yaml", A_IN_AUTH_POLICY)], &["--svid-source", &source]);
     let agent2 = bed.tb.start_agent("node2", &zt_testbed::bins::find("zt-agent").unwrap(), &bed.dir, &["--poll-ms", "100", "--svid-source", &source]).unwrap();
     agent2.wait_ready(Duration::from_secs(20)).unwrap();
 

@@ -102,3 +102,25 @@ pub fn wait_for(what: &str, bed: &Bed, agent2: &AgentHandle, mut f: impl FnMut()
     }
     panic!("timed out waiting for {what}\nnode1 agent log tail:\n{}\nnode2 agent log tail:\n{}", tail(&bed.agent.log(), 25), tail(&agent2.log(), 25));
 }
+
+/// a's ingress from b on TCP 80 and 7000 (the live flow's port), `authentication: required`.
+pub const A_IN_AUTH_POLICY: &str = "apiVersion: zt.dev/v1alpha1
+kind: ZeroTrustPolicy
+metadata: {name: a-in, namespace: default}
+spec:
+  subjects: [{podSelector: {matchLabels: {app: a}}}]
+  ingress:
+  - from: [{podSelector: {matchLabels: {app: b}}}]
+    ports: [{protocol: TCP, port: 80}, {protocol: TCP, port: 7000}]
+    authentication: required
+";
+
+/// a's and b's SPIFFE ID in the two-node lab (namespace default, service account default).
+pub const B_ID: &str = "spiffe://cluster.local/ns/default/sa/default";
+/// c's (namespace other).
+pub const C_ID: &str = "spiffe://cluster.local/ns/other/sa/default";
+
+/// A node's SPIFFE ID in the lab's trust domain.
+pub fn node_id(n: &str) -> String {
+    format!("spiffe://cluster.local/zt/node/{n}")
+}

@@ -361,7 +361,7 @@ pub(crate) mod tests {
         leaf
     }
 
-    /// A directory of the test removed on drop, also when the test fails.
+    /// A directory (or socket) of the test removed on drop, also when the test fails.
     pub(crate) struct TmpDir(pub PathBuf);
 
     impl TmpDir {
@@ -373,6 +373,7 @@ pub(crate) mod tests {
     impl Drop for TmpDir {
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(&self.0);
+            let _ = std::fs::remove_file(&self.0);
         }
     }
 

@@ -339,16 +339,17 @@ mod tests {
     /// first-message timeout (5 s); all three are being fetched before the first has failed.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn new_identities_are_fetched_together() {
-        let sock = std::env::temp_dir().join(format!("zt-provider-hung-{}.sock", std::process::id()));
-        let _ = std::fs::remove_file(&sock);
-        let _hung = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let sock = crate::svid::files::tests::TmpDir(std::env::temp_dir().join(format!("zt-provider-hung-{}.sock", std::process::id())));
+        let _ = std::fs::remove_file(&sock.0);
         let opts = ProviderOptions {
-            source: format!("spire:{}", sock.display()).parse().unwrap(),
+            source: format!("spire:{}", sock.0.display()).parse().unwrap(),
             ca_dir: None,
             svid_ttl: Duration::from_secs(3600),
             node_selectors: crate::svid::spec::DEFAULT_NODE_SELECTORS.into(),
         };
+        // Nothing at the socket yet: the start's node fetch fails at once.
         let p = SvidProvider::start(&opts, "n1", id("/zt/node/n1"), &TrustDomain::parse(TD).unwrap(), Arc::new(SystemClock)).await.unwrap();
+        let _hung = std::os::unix::net::UnixListener::bind(&sock.0).unwrap();
         let want: BTreeMap<SpiffeId, BTreeSet<String>> =
             ["a", "b", "c"].iter().map(|sa| (id(&format!("/ns/shop/sa/{sa}")), BTreeSet::from([format!("u-{sa}")]))).collect();
         let track = tokio::spawn({
@@ -358,11 +359,8 @@ mod tests {
         wait("all three identities being fetched", || want.keys().all(|i| p.cache().subject(i).is_some())).await;
         let failed = p.cache().status().into_iter().filter(|s| s.failures > 0 && want.contains_key(&s.spiffe_id)).count();
         assert_eq!(failed, 0, "the three were asked for while the first fetch still waited");
-        assert!(!track.is_finished());
-        track.await.unwrap();
-        let failed = p.cache().status().into_iter().filter(|s| s.failures > 0 && want.contains_key(&s.spiffe_id)).count();
-        assert_eq!(failed, 3, "no answer for any: each failed");
-        let _ = std::fs::remove_file(&sock);
+        assert!(!track.is_finished(), "the fetches wait for the hung socket");
+        track.abort();
     }
 
     /// No SPIRE at the socket when the agent starts: the provider starts anyway, down and
