@@ -34,7 +34,7 @@ pub struct PeerCounts {
 /// The SVID source's series (`--svid-source`).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SourceCounts {
-    /// `builtin` or `spire`.
+    /// `builtin`, `spire` or `files`.
     pub kind: String,
     pub up: bool,
     pub streams_up: usize,

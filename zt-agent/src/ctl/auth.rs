@@ -146,7 +146,7 @@ pub struct RefreshError {
 /// Where the SVIDs come from (`--svid-source`) and its health.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceRow {
-    /// `builtin` or `spire:<admin socket>`.
+    /// `builtin`, `spire:<admin socket>` or `files:<dir>`.
     pub source: String,
     /// Every stream up (builtin: always).
     pub up: bool,

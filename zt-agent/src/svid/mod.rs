@@ -7,7 +7,7 @@
 //!   Backends: `builtin` (an rcgen CA for the local mode and the demo, with root rotation),
 //!   `files` (spiffe-helper's layout on disk) and `spire` (SPIRE's Delegated Identity API over
 //!   the SPIRE agent's admin socket, streaming). The SPIFFE Broker API is not built.
-//! - `spec`: `builtin` or `spire:<socket>`, as an operator names the backend.
+//! - `spec`: `builtin`, `spire:<socket>` or `files:<dir>`, as an operator names the backend.
 //! - `cache`: refresh at half-life with jitter, last valid SVID kept on failure with capped
 //!   backoff, the full set of roots per trust domain.
 //! - `clock`: the injectable wall clock every decision reads.
