@@ -23,16 +23,8 @@ use std::time::Duration;
 use common::*;
 use zt_testbed::{AgentHandle, Family, ProbeResult, Proto};
 
-const POLICY: &str = "apiVersion: zt.dev/v1alpha1
-kind: ZeroTrustPolicy
-metadata: {name: a-in, namespace: default}
-spec:
-  subjects: [{podSelector: {matchLabels: {app: a}}}]
-  ingress:
-  - from: [{podSelector: {matchLabels: {app: b}}}]
-    ports: [{protocol: TCP, port: 80}, {protocol: TCP, port: 7000}]
-    authentication: required
-  - from: [{podSelector: {matchLabels: {app: b}}}]
+/// `A_IN_AUTH_POLICY` and a rule without authentication: UDP 53 from b.
+const UDP_RULE: &str = "  - from: [{podSelector: {matchLabels: {app: b}}}]
     ports: [{protocol: UDP, port: 53}]
 ";
 
@@ -44,7 +36,7 @@ fn two_agents(ca1: &Path, ca2: &Path) -> (Bed, AgentHandle) {
     let pods = pods_with_node_ips();
     let flags = |ca: &Path| vec!["--svid-ca-dir".to_string(), ca.display().to_string(), "--auth-peer-grace".into(), "2".into()];
     let f1 = flags(ca1);
-    let bed = bed("two-nodes", &[("pods.yaml", &pods), ("50-a.yaml", POLICY)], &f1.iter().map(String::as_str).collect::<Vec<_>>());
+    let bed = bed("two-nodes", &[("pods.yaml", &pods), ("50-a.yaml", &format!("{A_IN_AUTH_POLICY}{UDP_RULE}"))], &f1.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(bed.node_ip("node2", Family::V4).unwrap().to_string(), "10.255.0.2", "the bed's default address of node2");
     let mut a2 = vec!["--poll-ms".to_string(), "100".into()];
     a2.extend(flags(ca2));

@@ -107,7 +107,8 @@ const LIVENESS_WINDOW: Duration = Duration::from_secs(60);
 
 pub type Shared = Arc<Mutex<AgentMetrics>>;
 
-fn line(out: &mut String, help: &str, kind: &str, name: &str) {
+/// A series' HELP and TYPE lines.
+pub(crate) fn line(out: &mut String, help: &str, kind: &str, name: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 

@@ -169,9 +169,7 @@ pub async fn report(links: Arc<Links>, state_dir: PathBuf, metrics: Shared) {
 
 /// The node channels' series (peer names are Kubernetes node names: nothing to escape).
 pub fn render(o: &mut String, c: &AuthCounts) {
-    let head = |o: &mut String, help: &str, kind: &str, name: &str| {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    };
+    use crate::metrics::line as head;
     let s = &c.source;
     head(o, "1 while the SVID source (--svid-source) answers: builtin always; spire when every stream of the admin socket is up; files when the node's SVID and the bundles read cleanly.", "gauge", "zt_svid_source_up");
     let _ = writeln!(o, "zt_svid_source_up{{source=\"{}\"}} {}", s.kind, s.up as u8);

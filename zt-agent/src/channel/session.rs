@@ -83,6 +83,8 @@ pub struct SentCounts {
 }
 
 /// Runs until the channel closes (Ok) or fails (Err). `events` gets what the peer proved.
+/// Without `Installed`: the peer is not told it is understood, and nothing is acknowledged
+/// (a peer of the version before `Installed`).
 pub async fn run(
     ch: NodeChannel,
     verifier: SvidVerifier,
@@ -90,21 +92,7 @@ pub async fn run(
     local: watch::Receiver<LocalSvids>,
     events: mpsc::Sender<SessionEvent>,
 ) -> anyhow::Result<()> {
-    run_counted(ch, verifier, clock, local, events, &SentCounts::default(), Liveness::default()).await
-}
-
-/// `run_installs` without `Installed`: the peer is not told it is understood, and nothing
-/// is acknowledged (a peer of the version before `Installed`).
-pub async fn run_counted(
-    ch: NodeChannel,
-    verifier: SvidVerifier,
-    clock: Arc<dyn Clock>,
-    local: watch::Receiver<LocalSvids>,
-    events: mpsc::Sender<SessionEvent>,
-    counts: &SentCounts,
-    live: Liveness,
-) -> anyhow::Result<()> {
-    run_inner(ch, verifier, clock, local, events, counts, live, None).await
+    run_inner(ch, verifier, clock, local, events, &SentCounts::default(), Liveness::default(), None).await
 }
 
 /// `run`, counting what it sends in `counts`, announcing `Installed` in its first message,

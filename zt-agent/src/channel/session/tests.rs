@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 
 use super::*;
 use crate::channel::verifier::PeerPolicy;
-use crate::channel::{CachedCredential, ChannelSetup};
+use crate::channel::{CachedCredential, ChannelSetup, NodeChannel};
 use crate::svid::builtin::{BuiltinCa, BuiltinConfig};
 use crate::svid::cache::{CacheConfig, SvidCache};
 use crate::svid::clock::ManualClock;
@@ -28,28 +28,55 @@ async fn next(rx: &mut mpsc::Receiver<SessionEvent>) -> SessionEvent {
     tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("no session event within 10 s").expect("session ended")
 }
 
+/// n1's and n2's node SVIDs from one builtin CA, at a fixed instant.
+struct Nodes {
+    clock: Arc<ManualClock>,
+    ca: Arc<BuiltinCa>,
+    cache: Arc<SvidCache>,
+}
+
+impl Nodes {
+    async fn new() -> Nodes {
+        let clock = Arc::new(ManualClock::at_unix(1_800_000_000));
+        let ca = Arc::new(BuiltinCa::new(BuiltinConfig::new(td()), clock.clone()).unwrap());
+        let cache = SvidCache::new(ca.clone(), clock.clone(), CacheConfig::default());
+        for n in ["n1", "n2"] {
+            cache.prefetch(Subject::id(id(&format!("spiffe://zt.test/zt/node/{n}")))).await.unwrap();
+        }
+        Nodes { clock, ca, cache }
+    }
+
+    fn setup(&self, n: &str) -> ChannelSetup {
+        ChannelSetup {
+            credential: Arc::new(CachedCredential { cache: self.cache.clone(), id: id(&format!("spiffe://zt.test/zt/node/{n}")) }),
+            bundles: self.cache.clone(),
+            clock: self.clock.clone(),
+            peer_domains: BTreeSet::from([td()]),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+
+    fn verifier(&self) -> SvidVerifier {
+        SvidVerifier::new(self.cache.clone(), self.clock.clone(), PeerPolicy::TrustDomains(BTreeSet::from([td()])))
+    }
+
+    /// n2 dials n1 over loopback: (n1's end, n2's end).
+    async fn channel(&self) -> (NodeChannel, NodeChannel) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = self.setup("n1");
+        let accept = tokio::spawn(async move { server.accept(l.accept().await.unwrap().0).await });
+        let c2 = self.setup("n2").connect(addr, &id("spiffe://zt.test/zt/node/n1")).await.unwrap();
+        (accept.await.unwrap().unwrap(), c2)
+    }
+}
+
 #[tokio::test]
 async fn sessions_prove_start_changes_renewals_and_withdrawals_and_measure_the_clock() {
-    let clock = Arc::new(ManualClock::at_unix(1_800_000_000));
-    let ca = Arc::new(BuiltinCa::new(BuiltinConfig::new(td()), clock.clone()).unwrap());
-    let cache = SvidCache::new(ca.clone(), clock.clone(), CacheConfig::default());
-    for n in ["n1", "n2"] {
-        cache.prefetch(Subject::id(id(&format!("spiffe://zt.test/zt/node/{n}")))).await.unwrap();
-    }
-    let setup = |n: &str| ChannelSetup {
-        credential: Arc::new(CachedCredential { cache: cache.clone(), id: id(&format!("spiffe://zt.test/zt/node/{n}")) }),
-        bundles: cache.clone(),
-        clock: clock.clone(),
-        peer_domains: BTreeSet::from([td()]),
-        handshake_timeout: Duration::from_secs(10),
-    };
-    let verifier = || SvidVerifier::new(cache.clone(), clock.clone(), PeerPolicy::TrustDomains(BTreeSet::from([td()])));
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let server = setup("n1");
-    let accept = tokio::spawn(async move { server.accept(l.accept().await.unwrap().0).await });
-    let c2 = setup("n2").connect(addr, &id("spiffe://zt.test/zt/node/n1")).await.unwrap();
-    let c1 = accept.await.unwrap().unwrap();
+    let nodes = Nodes::new().await;
+    let (clock, ca) = (&nodes.clock, &nodes.ca);
+    let verifier = || nodes.verifier();
+    let (c1, c2) = nodes.channel().await;
 
     let svid = |s: &str| Arc::new(ca.issue(&id(s)).unwrap());
     let (web, api, db) = ("spiffe://zt.test/ns/default/sa/web", "spiffe://zt.test/ns/default/sa/api", "spiffe://zt.test/ns/default/sa/db");
@@ -107,32 +134,16 @@ async fn sessions_prove_start_changes_renewals_and_withdrawals_and_measure_the_c
 /// `PING_INTERVAL` (both shortened here).
 #[tokio::test]
 async fn a_silent_peer_ends_the_session() {
-    let clock = Arc::new(ManualClock::at_unix(1_800_000_000));
-    let ca = Arc::new(BuiltinCa::new(BuiltinConfig::new(td()), clock.clone()).unwrap());
-    let cache = SvidCache::new(ca.clone(), clock.clone(), CacheConfig::default());
-    for n in ["n1", "n2"] {
-        cache.prefetch(Subject::id(id(&format!("spiffe://zt.test/zt/node/{n}")))).await.unwrap();
-    }
-    let setup = |n: &str| ChannelSetup {
-        credential: Arc::new(CachedCredential { cache: cache.clone(), id: id(&format!("spiffe://zt.test/zt/node/{n}")) }),
-        bundles: cache.clone(),
-        clock: clock.clone(),
-        peer_domains: BTreeSet::from([td()]),
-        handshake_timeout: Duration::from_secs(10),
-    };
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let server = setup("n1");
-    let accept = tokio::spawn(async move { server.accept(l.accept().await.unwrap().0).await });
-    let _silent = setup("n2").connect(addr, &id("spiffe://zt.test/zt/node/n1")).await.unwrap();
-    let c1 = accept.await.unwrap().unwrap();
-    let verifier = SvidVerifier::new(cache.clone(), clock.clone(), PeerPolicy::TrustDomains(BTreeSet::from([td()])));
+    let nodes = Nodes::new().await;
+    let clock = &nodes.clock;
+    let (c1, _silent) = nodes.channel().await;
+    let verifier = nodes.verifier();
     let (_tx, local) = watch::channel(LocalSvids::new());
     let (ev_tx, _ev) = mpsc::channel(16);
     let started = tokio::time::Instant::now();
     let counts = SentCounts::default();
     let live = Liveness { ping: Duration::from_millis(100), silence: Duration::from_millis(350) };
-    let run = run_counted(c1, verifier, clock.clone(), local, ev_tx, &counts, live);
+    let run = run_inner(c1, verifier, clock.clone(), local, ev_tx, &counts, live, None);
     let e = tokio::time::timeout(Duration::from_secs(10), run).await.expect("the session outlived a silent peer").unwrap_err().to_string();
     assert!(e.contains("nothing heard from the peer"), "{e}");
     let took = started.elapsed();
@@ -146,28 +157,12 @@ async fn a_silent_peer_ends_the_session() {
 /// after the acknowledgement is answered).
 #[tokio::test]
 async fn installed_acknowledgements_reach_the_prover_and_skip_an_older_peer() {
-    let clock = Arc::new(ManualClock::at_unix(1_800_000_000));
-    let ca = Arc::new(BuiltinCa::new(BuiltinConfig::new(td()), clock.clone()).unwrap());
-    let cache = SvidCache::new(ca.clone(), clock.clone(), CacheConfig::default());
-    for n in ["n1", "n2"] {
-        cache.prefetch(Subject::id(id(&format!("spiffe://zt.test/zt/node/{n}")))).await.unwrap();
-    }
-    let setup = |n: &str| ChannelSetup {
-        credential: Arc::new(CachedCredential { cache: cache.clone(), id: id(&format!("spiffe://zt.test/zt/node/{n}")) }),
-        bundles: cache.clone(),
-        clock: clock.clone(),
-        peer_domains: BTreeSet::from([td()]),
-        handshake_timeout: Duration::from_secs(10),
-    };
-    let verifier = || SvidVerifier::new(cache.clone(), clock.clone(), PeerPolicy::TrustDomains(BTreeSet::from([td()])));
+    let nodes = Nodes::new().await;
+    let (clock, ca) = (&nodes.clock, &nodes.ca);
+    let verifier = || nodes.verifier();
     let api = "spiffe://zt.test/ns/default/sa/api";
     for older_n1 in [false, true] {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let server = setup("n1");
-        let accept = tokio::spawn(async move { server.accept(l.accept().await.unwrap().0).await });
-        let c2 = setup("n2").connect(addr, &id("spiffe://zt.test/zt/node/n1")).await.unwrap();
-        let c1 = accept.await.unwrap().unwrap();
+        let (c1, c2) = nodes.channel().await;
         let (_tx1, local1) = watch::channel(LocalSvids::new());
         let (tx2, local2) = watch::channel(LocalSvids::from([(id(api), Arc::new(ca.issue(&id(api)).unwrap()))]));
         let (ev1_tx, mut ev1) = mpsc::channel(16);
