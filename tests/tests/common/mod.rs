@@ -9,6 +9,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 pub mod auth;
+#[allow(unused_imports)] // not every test binary uses the authentication helpers
 pub use auth::*;
 
 use zt_testbed::{bins, AgentHandle, Endpoint, Family, ProbeResult, Proto, Target, Testbed, TestbedOptions};
