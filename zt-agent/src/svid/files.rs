@@ -56,16 +56,11 @@ impl Default for FileNames {
     }
 }
 
-/// Where each SPIFFE ID's directory is.
-enum Layout {
-    /// Given one by one.
-    Fixed(BTreeMap<SpiffeId, PathBuf>),
-    /// `<root>/<trust domain><path>`; the bundle is `node`'s directory's.
-    Under { root: PathBuf, node: SpiffeId },
-}
-
 pub struct FilesSource {
-    layout: Layout,
+    /// Each ID's directory is `<root>/<trust domain><path>`.
+    root: PathBuf,
+    /// Its directory holds the trust bundle.
+    node: SpiffeId,
     names: FileNames,
     /// The IDs asked for and not released: their directories make the bundles and are watched.
     in_use: Mutex<BTreeSet<SpiffeId>>,
@@ -94,33 +89,21 @@ fn certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
 type Stamp = Option<(u64, SystemTime)>;
 
 impl FilesSource {
-    /// `dirs`: the directory that holds each SPIFFE ID's files; each verified against its
-    /// own roots, the bundles the union of them all (code and tests only).
-    pub fn new(dirs: BTreeMap<SpiffeId, PathBuf>, names: FileNames, clock: Arc<dyn Clock>) -> FilesSource {
-        let in_use = Mutex::new(dirs.keys().cloned().collect());
-        FilesSource { layout: Layout::Fixed(dirs), names, in_use, changes: watch::Sender::new(0), clock }
-    }
-
     /// Each SPIFFE ID's files in `<root>/<trust domain><path>/` (`--svid-source files:<root>`),
     /// the trust bundle from `node`'s.
     pub fn under(root: PathBuf, node: SpiffeId, names: FileNames, clock: Arc<dyn Clock>) -> FilesSource {
         let in_use = Mutex::new(BTreeSet::from([node.clone()]));
-        FilesSource { layout: Layout::Under { root, node }, names, in_use, changes: watch::Sender::new(0), clock }
+        FilesSource { root, node, names, in_use, changes: watch::Sender::new(0), clock }
     }
 
     /// The directory of `id`'s files.
     pub fn dir_of(&self, id: &SpiffeId) -> anyhow::Result<PathBuf> {
-        match &self.layout {
-            Layout::Fixed(dirs) => dirs.get(id).cloned().ok_or_else(|| anyhow!("no SVID directory is configured for {id}")),
-            Layout::Under { root, .. } => {
-                let td = id.trust_domain().as_str();
-                if td.chars().all(|c| c == '.') {
-                    bail!("trust domain {td:?} names no directory under {}", root.display());
-                }
-                // The path's segments are never `.` or `..` (SpiffeId::parse).
-                Ok(root.join(td).join(id.path().trim_start_matches('/')))
-            }
+        let td = id.trust_domain().as_str();
+        if td.chars().all(|c| c == '.') {
+            bail!("trust domain {td:?} names no directory under {}", self.root.display());
         }
+        // The path's segments are never `.` or `..` (SpiffeId::parse).
+        Ok(self.root.join(td).join(id.path().trim_start_matches('/')))
     }
 
     fn load(&self, dir: &Path) -> anyhow::Result<Loaded> {
@@ -145,7 +128,7 @@ impl FilesSource {
     /// The roots of the node's directory (under a root), checked to be the node's own: a
     /// directory holding another ID's SVID lends it no roots.
     fn node_roots(&self) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-        let Layout::Under { node, .. } = &self.layout else { bail!("no node directory") };
+        let node = &self.node;
         let dir = self.dir_of(node)?;
         let l = self.load(&dir).context("the trust bundle (the node's SVID directory)")?;
         if l.svid.spiffe_id() != node {
@@ -202,11 +185,8 @@ impl SvidSource for FilesSource {
             if l.svid.spiffe_id() != id {
                 bail!("{} holds an SVID for {}, not {id}", dir.display(), l.svid.spiffe_id());
             }
-            // Chain and time, as a peer will judge it: against the node's bundle under a root.
-            let roots = match &self.layout {
-                Layout::Under { node, .. } if node != id => self.node_roots()?,
-                _ => l.roots,
-            };
+            // Chain and time, as a peer will judge it: against the node's bundle.
+            let roots = if *id == self.node { l.roots } else { self.node_roots()? };
             let mut b = TrustBundles::default();
             b.set(id.trust_domain().clone(), roots).map_err(|e| anyhow!(e))?;
             let v = SvidVerifier::new(StaticBundles::new(b), self.clock.clone(), PeerPolicy::Exactly(id.clone()));
@@ -218,26 +198,8 @@ impl SvidSource for FilesSource {
 
     fn fetch_bundles(&self) -> BoxFuture<'_, anyhow::Result<TrustBundles>> {
         Box::pin(async move {
-            let mut per_domain: BTreeMap<_, Vec<CertificateDer<'static>>> = BTreeMap::new();
-            match &self.layout {
-                Layout::Under { node, .. } => {
-                    per_domain.insert(node.trust_domain().clone(), self.node_roots()?);
-                }
-                Layout::Fixed(dirs) => {
-                    for (id, dir) in dirs {
-                        let set = per_domain.entry(id.trust_domain().clone()).or_default();
-                        for r in self.load(dir)?.roots {
-                            if !set.contains(&r) {
-                                set.push(r);
-                            }
-                        }
-                    }
-                }
-            }
             let mut b = TrustBundles::default();
-            for (td, roots) in per_domain {
-                b.set(td, roots).map_err(|e| anyhow!(e))?;
-            }
+            b.set(self.node.trust_domain().clone(), self.node_roots()?).map_err(|e| anyhow!(e))?;
             Ok(b)
         })
     }
@@ -247,11 +209,9 @@ impl SvidSource for FilesSource {
     }
 
     fn release(&self, id: &SpiffeId) {
-        // Fixed directories are all in use; the node's always is.
-        if let Layout::Under { node, .. } = &self.layout {
-            if node != id {
-                self.in_use.lock().unwrap().remove(id);
-            }
+        // The node's directory is always in use.
+        if *id != self.node {
+            self.in_use.lock().unwrap().remove(id);
         }
     }
 }
@@ -312,8 +272,8 @@ pub(crate) mod tests {
         let ca = BuiltinCa::new(BuiltinConfig::new(TrustDomain::parse("zt.test").unwrap()), clock.clone()).unwrap();
         let id = SpiffeId::parse("spiffe://zt.test/zt/node/n1").unwrap();
         let other = SpiffeId::parse("spiffe://zt.test/zt/node/n2").unwrap();
-        let base = tmp("layout");
-        let (d1, d2) = (base.join("n1"), base.join("n2"));
+        let base = TmpDir::new("layout");
+        let (d1, d2) = (base.0.join("zt.test/zt/node/n1"), base.0.join("zt.test/zt/node/n2"));
         // The key files come from a second issuance whose key we can serialise: issue through
         // rcgen directly so the PKCS#8 bytes are at hand.
         let key1 = rcgen::KeyPair::generate().unwrap();
@@ -329,7 +289,7 @@ pub(crate) mod tests {
         for f in ["svid.pem", "svid_key.pem", "svid_bundle.pem"] {
             std::fs::copy(d1.join(f), d2.join(f)).unwrap();
         }
-        let src = FilesSource::new(BTreeMap::from([(id.clone(), d1.clone()), (other.clone(), d2.clone())]), FileNames::default(), clock.clone());
+        let src = FilesSource::under(base.0.clone(), id.clone(), FileNames::default(), clock.clone());
         let svid = src.fetch_svid(&Subject::id(id.clone())).await.unwrap();
         assert_eq!(svid.spiffe_id(), &id);
         assert_eq!(svid.leaf(), &leaf);
@@ -345,7 +305,6 @@ pub(crate) mod tests {
         std::fs::remove_file(d1.join("svid_bundle.pem")).unwrap();
         let e = format!("{:#}", src.fetch_svid(&Subject::id(id)).await.unwrap_err());
         assert!(e.contains("svid_bundle.pem"), "{e}");
-        std::fs::remove_dir_all(&base).unwrap();
     }
 
     /// A complete directory (leaf, its key, the CA's roots) for `id`; returns the leaf.
@@ -477,12 +436,14 @@ pub(crate) mod tests {
         lp.not_after = time::OffsetDateTime::from_unix_timestamp(1_800_003_600).unwrap();
         let lkey = rcgen::KeyPair::generate().unwrap();
         let leaf = lp.signed_by(&lkey, &rcgen::Issuer::from_params(&ip, &ikey)).unwrap().der().clone();
-        let dir = tmp("intermediates");
+        let root = TmpDir::new("intermediates");
+        let dir = root.0.join("zt.test/ns/default/sa/sleep");
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("svid.pem"), pem("CERTIFICATE", &leaf)).unwrap();
         std::fs::write(dir.join("svid_key.pem"), lkey.serialize_pem()).unwrap();
         std::fs::write(dir.join("svid_bundle.pem"), pem("CERTIFICATE", &ca.roots()[0]) + &pem("CERTIFICATE", &inter)).unwrap();
-        let src = FilesSource::new(BTreeMap::from([(id.clone(), dir.clone())]), FileNames::default(), clock.clone());
+        // The SVID's own directory holds the bundle (as the node's would).
+        let src = FilesSource::under(root.0.clone(), id.clone(), FileNames::default(), clock.clone());
         let svid = src.fetch_svid(&Subject::id(id.clone())).await.unwrap();
         assert_eq!(svid.chain(), &[leaf.clone(), inter.clone()]);
         let bundles = src.fetch_bundles().await.unwrap();
@@ -491,6 +452,5 @@ pub(crate) mod tests {
         assert_eq!(v.verify(&leaf, &svid.chain()[1..], Usage::Client), Ok(id.clone()));
         // Without the intermediate the chain does not reach the root.
         assert_eq!(v.verify(&leaf, &[], Usage::Client).unwrap_err().reason(), "unknown-issuer");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
