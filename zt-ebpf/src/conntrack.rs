@@ -102,13 +102,16 @@ macro_rules! fresh_in {
 pub fn lookup(cfg: &Config, f: &Flow, hook: &Hook, found: &mut Found) -> *mut CtValue {
     let now = found.now;
     let fk = forward_key(f, hook);
-    let rk = reply_key(f, hook);
     if f.proto == IPPROTO_TCP {
         let v = fresh_in!(CT_EST, cfg, f.proto, &fk, now);
         if !v.is_null() {
             (found.reply, found.est) = (false, true);
             return v;
         }
+    }
+    // Built once the forward lookup missed: a forward hit never pays for it.
+    let rk = reply_key(f, hook);
+    if f.proto == IPPROTO_TCP {
         let v = fresh_in!(CT_EST, cfg, f.proto, &rk, now);
         if !v.is_null() {
             (found.reply, found.est) = (true, true);
@@ -130,9 +133,9 @@ pub fn lookup(cfg: &Config, f: &Flow, hook: &Hook, found: &mut Found) -> *mut Ct
 
 /// Is this ICMP error about a live flow tracked at this hook, of the current policy
 /// epoch, and sent by someone entitled to speak for that flow's path?
-/// - An error goes back to the sender of the packet it quotes: the quoted source must be
-///   the error's destination. The quoted packet is then the flow forward as seen at this
-///   pod's other hook, or its reply at this one.
+/// - An error goes back to the sender of the packet it quotes: the quoted source is the
+///   error's destination (`f.related` is set only then, parse.rs). The quoted packet is
+///   then the flow forward as seen at this pod's other hook, or its reply at this one.
 /// - Leaving a pod, the error must come from the pod itself (the quoted destination); a
 ///   pod is no router. Entering a pod, it must come from the flow's peer or from an
 ///   address that is no pod (the node, a router on the path): a third pod cannot
@@ -142,14 +145,11 @@ pub fn lookup(cfg: &Config, f: &Flow, hook: &Hook, found: &mut Found) -> *mut Ct
 #[inline(never)]
 pub fn related(cfg: &Config, f: &Flow, hook: &Hook, now: u64) -> bool {
     let q = &f.quoted;
-    if q.saddr != f.daddr {
-        return false;
-    }
     if f.saddr != q.daddr && (hook.dir == DIR_EGRESS || is_pod(&f.saddr)) {
         return false;
     }
     let fwd = CtKey {
-        saddr: q.saddr,
+        saddr: f.daddr,
         daddr: q.daddr,
         sport: q.sport,
         dport: q.dport,
@@ -161,7 +161,7 @@ pub fn related(cfg: &Config, f: &Flow, hook: &Hook, now: u64) -> bool {
     };
     let rev = CtKey {
         saddr: q.daddr,
-        daddr: q.saddr,
+        daddr: f.daddr,
         sport: q.dport,
         dport: q.sport,
         proto: q.proto,

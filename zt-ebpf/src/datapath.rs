@@ -110,8 +110,7 @@ fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow, dns_work: &mut dns::Work, l7
             // flow it is (its original direction and port).
             let (odir, port) = if reply { (dir ^ 1, unsafe { (*ct).policy_port }) } else { (dir, f.policy_port) };
             let j = Judged { dir: odir, port, tracked: true };
-            policy::decide(cfg, hook, f, &j, &mut d);
-            if !d.allow {
+            if !policy::decide(cfg, hook, f, &j, &mut d) {
                 conntrack::remove(f, hook, &found);
                 d.reason = Reason::DropRevoked;
                 return drop_judged(cfg, hook, f, &d);
@@ -146,8 +145,7 @@ fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow, dns_work: &mut dns::Work, l7
     if dir == DIR_INGRESS && f.sport == 53 && (f.proto == IPPROTO_UDP || f.proto == IPPROTO_TCP) {
         dns::untracked(f);
     }
-    policy::decide(cfg, hook, f, &Judged { dir, port: f.policy_port, tracked: false }, &mut d);
-    if !d.allow {
+    if !policy::decide(cfg, hook, f, &Judged { dir, port: f.policy_port, tracked: false }, &mut d) {
         return drop_judged(cfg, hook, f, &d);
     }
     if let Some(reason) = l7::new_flow(hook, f, &d, l7) {

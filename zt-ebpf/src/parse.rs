@@ -63,10 +63,11 @@ pub struct Flow {
     pub ip_end: u32,
 }
 
-/// The header an ICMP error quotes: the offending packet, in its own direction.
+/// The header an ICMP error quotes: the offending packet, in its own direction. Its
+/// source is the error's destination (an error goes back to the sender of what it
+/// quotes; `related` is set only then), so only the destination is kept.
 #[derive(Clone, Copy)]
 pub struct Quoted {
-    pub saddr: [u8; 16],
     pub daddr: [u8; 16],
     pub sport: u16,
     pub dport: u16,
@@ -76,7 +77,7 @@ pub struct Quoted {
 
 impl Quoted {
     pub const fn zeroed() -> Quoted {
-        Quoted { saddr: [0; 16], daddr: [0; 16], sport: 0, dport: 0, proto: 0, icmp_tag: 0 }
+        Quoted { daddr: [0; 16], sport: 0, dport: 0, proto: 0, icmp_tag: 0 }
     }
 }
 
@@ -426,7 +427,7 @@ fn l4(ctx: &TcContext, off: usize, flow: &mut Flow, v6: bool) -> Result<(), ()> 
             // just not related to anything (judged by policy like any ICMP).
             let error = if v6 { (1..=4).contains(&ty) } else { ty == 3 || ty == 11 || ty == 12 };
             if error {
-                flow.related = quoted(ctx.skb.skb, off + 8, v6, &mut flow.quoted);
+                flow.related = quoted(ctx.skb.skb, off + 8, v6, &flow.daddr, &mut flow.quoted);
             }
         }
         _ => {}
@@ -435,17 +436,21 @@ fn l4(ctx: &TcContext, off: usize, flow: &mut Flow, v6: bool) -> Result<(), ()> 
 }
 
 /// Reads the IP header and first L4 bytes quoted by an ICMP error at `off`; false if
-/// they cannot be read. Not inlined: its own BPF function and stack frame.
-#[inline(never)]
-fn quoted(skb: *mut aya_ebpf::bindings::__sk_buff, off: usize, v6: bool, q: &mut Quoted) -> bool {
-    quoted_inner(&TcContext::new(skb), off, v6, q).is_ok()
+/// they cannot be read or the quoted source is not `to`, the error's destination.
+/// Inlined: as its own BPF function its frame came third under the program's and
+/// `parse_at`'s, and the three passed the 512-byte stack limit.
+#[inline(always)]
+fn quoted(skb: *mut aya_ebpf::bindings::__sk_buff, off: usize, v6: bool, to: &[u8; 16], q: &mut Quoted) -> bool {
+    quoted_inner(&TcContext::new(skb), off, v6, to, q).is_ok()
 }
 
 #[inline(always)]
-fn quoted_inner(ctx: &TcContext, off: usize, v6: bool, q: &mut Quoted) -> Result<(), ()> {
+fn quoted_inner(ctx: &TcContext, off: usize, v6: bool, to: &[u8; 16], q: &mut Quoted) -> Result<(), ()> {
     let l4off = if v6 {
         q.proto = load(ctx, off + 6)?;
-        q.saddr = load(ctx, off + 8)?;
+        if load::<[u8; 16]>(ctx, off + 8)? != *to {
+            return Err(());
+        }
         q.daddr = load(ctx, off + 24)?;
         off + 40
     } else {
@@ -455,7 +460,9 @@ fn quoted_inner(ctx: &TcContext, off: usize, v6: bool, q: &mut Quoted) -> Result
             return Err(());
         }
         q.proto = load(ctx, off + 9)?;
-        q.saddr = v4_mapped(load::<[u8; 4]>(ctx, off + 12)?);
+        if v4_mapped(load::<[u8; 4]>(ctx, off + 12)?) != *to {
+            return Err(());
+        }
         q.daddr = v4_mapped(load::<[u8; 4]>(ctx, off + 16)?);
         off + ihl
     };

@@ -97,8 +97,10 @@ pub struct Judged {
 }
 
 /// Not inlined: its own BPF function and stack frame (BPF calls take 5 arguments).
+/// Returns `out.allow` (a value, not `()`: the verifier refuses a function that leaves
+/// a stack pointer in R0, which LLVM may do when nothing is returned).
 #[inline(never)]
-pub fn decide(cfg: &Config, hook: &Hook, f: &Flow, j: &Judged, out: &mut Decision) {
+pub fn decide(cfg: &Config, hook: &Hook, f: &Flow, j: &Judged, out: &mut Decision) -> bool {
     // The hook, not the judged direction, says which address is the peer.
     let peer_addr = if hook.dir == DIR_INGRESS { &f.saddr } else { &f.daddr };
     let peer = peer_of(hook, peer_addr);
@@ -120,6 +122,7 @@ pub fn decide(cfg: &Config, hook: &Hook, f: &Flow, j: &Judged, out: &mut Decisio
         out.allow = true;
         out.reason = Reason::AllowSelf;
     }
+    out.allow
 }
 
 /// A packet into a pod that entered the node through the pod's own interface: the pod's

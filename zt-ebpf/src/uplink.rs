@@ -136,8 +136,7 @@ fn steer_how(uplink: u32, pod_if: u32, f: &Flow) -> u8 {
         return l7::STEER_NONE;
     }
     let mut d = Decision { allow: false, reason: Reason::DropPolicyDefault, local_id: 0, peer_id: 0, rule_id: 0, peer_if: 0 };
-    policy::decide(cfg, &hook, f, &Judged { dir: DIR_INGRESS, port: f.policy_port, tracked: false }, &mut d);
-    if !d.allow {
+    if !policy::decide(cfg, &hook, f, &Judged { dir: DIR_INGRESS, port: f.policy_port, tracked: false }, &mut d) {
         return l7::STEER_NONE;
     }
     let mut w = l7::Work::NONE;
