@@ -1,0 +1,32 @@
+//! The kernel object as bpf-linker wrote it, read as an ELF file (no kernel needed).
+//!
+//! With bpf-linker's default `--bpf-expand-memcpy-in-order`, LLVM expands no memset
+//! inline: every zeroed struct (a packet's `Flow`) or array (an IPv4-mapped address)
+//! became a call to compiler_builtins' byte-at-a-time loop, some 700 instructions on
+//! every packet's path (BENCHMARKS.md, "Verdict cost"). zt-ebpf/build.rs turns that
+//! mode off; this test fails if any program calls such a function again.
+use object::{Object, ObjectSection, ObjectSymbol, RelocationTarget};
+
+/// compiler_builtins' memory functions: byte loops in BPF.
+const BYTE_LOOPS: [&str; 5] = ["memset", "memcpy", "memmove", "memcmp", "bcmp"];
+
+#[test]
+fn no_program_calls_a_byte_loop_memory_builtin() {
+    let file = object::File::parse(zt_agent::loader::OBJECT).expect("the embedded kernel object is ELF");
+    let mut calls = vec![];
+    let mut relocations = 0;
+    for section in file.sections() {
+        for (offset, r) in section.relocations() {
+            relocations += 1;
+            let RelocationTarget::Symbol(index) = r.target() else { continue };
+            let name = file.symbol_by_index(index).and_then(|s| s.name()).unwrap_or("");
+            if BYTE_LOOPS.contains(&name) {
+                calls.push(format!("{} +{offset:#x} -> {name}", section.name().unwrap_or("?")));
+            }
+        }
+    }
+    // The programs reference maps and each other through relocations: none read means
+    // the object was not parsed as expected, and the check above proved nothing.
+    assert!(relocations > 100, "only {relocations} relocations read from the kernel object");
+    assert!(calls.is_empty(), "{} calls to byte-loop memory builtins, e.g. {:?}", calls.len(), &calls[..calls.len().min(5)]);
+}
