@@ -216,6 +216,17 @@ fn established_flow_keeps_the_peer_interface_check() {
         assert_eq!(dp.run_from(TO, &tcp(SERVER, POD, 80, 43000, PSH_ACK), if_a, if_a), TC_DROP);
         assert_eq!(dp.counter(DIR_INGRESS, Reason::DropSpoofedSource), 1);
         assert_eq!(dp.run_from(TO, &tcp(SERVER, POD, 80, 43000, PSH_ACK), if_a, if_b), TC_PASS);
+        // After a policy-epoch bump, B's address arriving through a third interface (the
+        // netns's loopback stands for it) is the first packet to be re-judged: dropped as
+        // spoofed, the flow left alone. (It used to remove the entry as revoked: any pod
+        // knowing a tuple could cut the flow at every bump.)
+        dp.set_config(Config { policy_epoch: 2, ..config() });
+        assert_eq!(dp.run_from(TO, &tcp(SERVER, POD, 80, 43000, PSH_ACK), if_a, 1), TC_DROP);
+        assert_eq!(dp.counter(DIR_INGRESS, Reason::DropSpoofedSource), 2);
+        assert_eq!(dp.counter(DIR_INGRESS, Reason::DropRevoked), 0);
+        assert_eq!(dp.maps.ct_est.get(&k, 0).map(|v| v.epoch).ok(), Some(1), "the entry stays, not re-verified");
+        assert_eq!(dp.run_from(TO, &tcp(SERVER, POD, 80, 43000, PSH_ACK), if_a, if_b), TC_PASS);
+        assert_eq!(dp.maps.ct_est.get(&k, 0).map(|v| v.epoch).ok(), Some(2), "re-verified by the genuine packet");
     });
 }
 

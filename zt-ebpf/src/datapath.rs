@@ -111,6 +111,12 @@ fn handle_flow(cfg: &Config, hook: &Hook, f: &Flow, dns_work: &mut dns::Work, l7
             let (odir, port) = if reply { (dir ^ 1, unsafe { (*ct).policy_port }) } else { (dir, f.policy_port) };
             let j = Judged { dir: odir, port, tracked: true };
             if !policy::decide(cfg, hook, f, &j, &mut d) {
+                // A packet claiming the flow's peer from the wrong interface says nothing
+                // about the flow: dropped as spoofed, the entry kept for the genuine
+                // packets (else any pod knowing a tuple could cut it at every bump).
+                if d.reason as u8 == Reason::DropSpoofedSource as u8 {
+                    return drop_judged(cfg, hook, f, &d);
+                }
                 conntrack::remove(f, hook, &found);
                 d.reason = Reason::DropRevoked;
                 return drop_judged(cfg, hook, f, &d);

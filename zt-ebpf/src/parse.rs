@@ -423,8 +423,9 @@ fn l4(ctx: &TcContext, off: usize, flow: &mut Flow, v6: bool) -> Result<(), ()> 
             flow.dport = dport;
             flow.icmp_tag = tag;
             // Errors: v4 unreachable / time exceeded / parameter problem; v6 unreachable,
-            // packet too big, time exceeded, parameter problem. A quote we cannot read is
-            // just not related to anything (judged by policy like any ICMP).
+            // packet too big, time exceeded, parameter problem. A quote we cannot read, or
+            // whose source is not the error's destination, is just not related to
+            // anything (judged by policy like any ICMP).
             let error = if v6 { (1..=4).contains(&ty) } else { ty == 3 || ty == 11 || ty == 12 };
             if error {
                 flow.related = quoted(ctx.skb.skb, off + 8, v6, &flow.daddr, &mut flow.quoted);
