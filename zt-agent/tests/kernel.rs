@@ -402,6 +402,14 @@ fn icmp_errors_must_go_back_to_the_quoted_sender() {
     // The pod quotes the tracked flow but sends the "error" elsewhere: not related.
     assert_eq!(dp.run(FROM, &icmp4_error(POD, "203.0.113.9", 3, &req)), TC_DROP);
     assert_eq!(dp.counter(DIR_EGRESS, Reason::AllowRelated), 0);
+    // The same for IPv6 (parse compares the quoted 16-byte source with the destination).
+    let req6 = ipv6(PEER6, POD6, UDP, 5000, 53);
+    assert_eq!(dp.run(TO, &req6), TC_PASS);
+    assert_eq!(dp.run(FROM, &icmp6_error(POD6, "2001:db8::9", 1, &req6)), TC_DROP);
+    assert_eq!(dp.counter(DIR_EGRESS, Reason::AllowRelated), 0);
+    // Sent back to the quoted sender, it relates: the drop above was the destination's.
+    assert_eq!(dp.run(FROM, &icmp6_error(POD6, PEER6, 1, &req6)), TC_PASS);
+    assert_eq!(dp.counter(DIR_EGRESS, Reason::AllowRelated), 1);
 }
 
 #[test]
