@@ -226,8 +226,17 @@ impl Input<'_> {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        if self.scrape("zt_policy_last_load_ok").iter().any(|v| *v != Some(0.0)) {
-            return Err("zt_policy_last_load_ok is not 0 after a rejected state".into());
+        // A scrape that failed (None: the agent busy past the read timeout) is asked again;
+        // a value other than 0 fails at once.
+        let ok = loop {
+            let v = self.scrape("zt_policy_last_load_ok");
+            if v.iter().all(Option::is_some) || start.elapsed() > APPLY_DEADLINE {
+                break v;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        if ok.iter().any(|v| *v != Some(0.0)) {
+            return Err(format!("zt_policy_last_load_ok is not 0 after a rejected state (per agent: {ok:?})"));
         }
         Ok(())
     }
