@@ -100,7 +100,7 @@ fn main() {
             dp.set_config(c);
             reval.push(dp.run_n("zt_to_pod", &allowed, 1).1);
         }
-        side.push((peers, entries, established_vs_lookup(&mut dp, &allowed, noop, est), new_flow_cost(&dp, &peer)));
+        side.push((peers, entries, established_vs_lookup(&mut dp, &allowed), new_flow_cost(&dp, &peer)));
         if peers == 1_000 && entries == 10 {
             established_breakdown(&mut dp, &peer, &allowed);
         }
@@ -121,7 +121,7 @@ fn main() {
         "{:>8} {:>9} | {:>7} {:>7} {:>7} {:>9} {:>9} | {:>8} {:>8} {:>8} {:>9} {:>8}",
         "peers", "entries", "noop", "lookup", "est", "est/look", "est/noop", "noop1", "est1", "new1", "new1/est1", "new1/noop1"
     );
-    for (peers, entries, (noop, lookup, est), (noop1, est1, new1)) in side {
+    for (peers, entries, (noop, lookup, est, est_per_lookup), (noop1, est1, new1)) in side {
         println!(
             "{:>8} {:>9} | {:>7.1} {:>7.1} {:>7.1} {:>9.2} {:>9.2} | {:>8.1} {:>8.1} {:>8.1} {:>9.2} {:>8.2}",
             peers,
@@ -129,7 +129,7 @@ fn main() {
             noop,
             lookup,
             est,
-            est / lookup,
+            est_per_lookup,
             est / noop,
             noop1,
             est1,
@@ -138,7 +138,7 @@ fn main() {
             new1 / noop1
         );
     }
-    println!("ns per run. lookup: zt_bench_lookup, one endpoint-map lookup of the packet's destination; est: the established ACK through zt_to_pod;");
+    println!("ns per run, medians of {SIDE_ROUNDS} interleaved rounds (est/look: the median of the rounds' ratios). lookup: zt_bench_lookup, one endpoint-map lookup of the packet's destination; est: the established ACK through zt_to_pod;");
     println!("noop1/est1/new1: one run per BPF_PROG_TEST_RUN (the harness's per-call timer included): the empty program, the established ACK, and a new allowed SYN (full path: endpoint and policy lookups, conntrack insert)");
 
     dns_answer_cost();
@@ -197,16 +197,39 @@ fn established_breakdown(dp: &mut Dp, peer: &str, allowed: &[u8]) {
 /// Single runs per measurement of the new-flow path (distinct source ports: 5 x SINGLE < 64k).
 const SINGLE: u32 = 10_000;
 
-/// Repeat-mode: `zt_bench_lookup` (one hash lookup) on the same packet as the established
-/// measurement. Returns (noop, lookup, established) ns.
-fn established_vs_lookup(dp: &mut Dp, pkt: &[u8], noop: f64, est: f64) -> (f64, f64, f64) {
+/// Rounds of the side-by-side comparison.
+const SIDE_ROUNDS: usize = 15;
+
+/// Repeat-mode, interleaved: each of `SIDE_ROUNDS` rounds runs the empty program,
+/// `zt_bench_lookup` (one hash lookup) and the established ACK (one BPF_PROG_TEST_RUN of
+/// `REPEAT` runs each, the same packet), so that a burst of noise on a shared machine
+/// lands in one round's three figures rather than in one column. Returns the medians
+/// (noop, lookup, established ns) and the median of the rounds' established/lookup ratios.
+fn established_vs_lookup(dp: &mut Dp, pkt: &[u8]) -> (f64, f64, f64, f64) {
     let prog: &mut aya::programs::SchedClassifier = dp.ebpf.program_mut("zt_bench_lookup").unwrap().try_into().unwrap();
     if prog.fd().is_err() {
         prog.load().expect("load zt_bench_lookup");
     }
-    let (v, lookup) = ns(dp, "zt_bench_lookup", pkt);
-    assert_eq!(v, TC_PASS, "the lookup hit the local pod's endpoint");
-    (noop, lookup, est)
+    let (mut noop, mut lookup, mut est, mut ratio) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..SIDE_ROUNDS {
+        let run = |prog: &str, expect: u32, what: &str| {
+            let (v, ns) = dp.run_n(prog, pkt, REPEAT);
+            assert_eq!(v, expect, "{what}");
+            ns
+        };
+        noop.push(run("zt_noop", TC_PASS, "the empty program passes"));
+        let l = run("zt_bench_lookup", TC_PASS, "the lookup hit the local pod's endpoint");
+        let e = run("zt_to_pod", TC_PASS, "the established ACK passes");
+        lookup.push(l);
+        est.push(e);
+        ratio.push(e / l);
+    }
+    (median(noop), median(lookup), median(est), median(ratio))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
 }
 
 /// Single runs (one per BPF_PROG_TEST_RUN) of the empty program, of the established ACK,

@@ -2,7 +2,8 @@
 //! datapath side by side on a real veth between two network namespaces, in one run: no
 //! filter, zt (its TC programs on the server pod's host-side veth and its cgroup programs
 //! above the server's cgroup, the way the agent attaches them), iptables-nft rules and an
-//! nft set, each at 10 / 1k / 10k / 100k rules (zt: policy entries and identities).
+//! nft set, each at 10 / 1k / 10k / 100k rules (zt: policy entries and identities), and
+//! empty programs at zt's hooks (what the hooks cost before any program work).
 //! Measures TCP throughput (iperf3), 64-byte UDP packets/s delivered (iperf3 -u -l 64) and
 //! sequential TCP connections/s (a client and server in this file), and prints each as a
 //! ratio to "no filter" measured in the same round (the mean of a run before and one
@@ -91,6 +92,10 @@ fn main() {
                 assert_eq!(drops, 0, "zt dropped {drops} packets of allowed flows at {n}");
                 assert!(zt.counted(false) > judged + 1000, "zt judged the traffic at {n}");
             }
+        }
+        {
+            let _empty = EmptyHooks::attach(&bed);
+            rows.push(("empty programs".into(), bed.measure(secs)));
         }
         for &n in &scales {
             bed.iptables(n);
@@ -364,6 +369,41 @@ impl Zt {
             }
         }
         n
+    }
+}
+
+/// Programs that pass everything at zt's hooks: `zt_noop` at a0's TC ingress and egress
+/// and `zt_cgroup_noop` at the cgroup root in both directions, attached as the agent
+/// attaches its own (TCX first, cgroup links). What the hooks cost before zt's programs
+/// do any work; detached when dropped.
+struct EmptyHooks {
+    _ebpf: aya::Ebpf,
+    _fs: Bpffs,
+}
+
+impl EmptyHooks {
+    fn attach(bed: &Veth) -> EmptyHooks {
+        use aya::programs::{tc::TcAttachOptions, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, LinkOrder, SchedClassifier, TcAttachType};
+        let fs = Bpffs::new("bench-veth-empty");
+        // Only the two empty programs are loaded (the object's maps are created, pinned
+        // under this test's own bpffs).
+        let dir = zt_agent::pins::map_dir(&fs.root());
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut ebpf = aya::EbpfLoader::new().default_map_pin_directory(&dir).load(zt_agent::loader::OBJECT).expect("the zt object");
+        let tc: &mut SchedClassifier = ebpf.program_mut("zt_noop").unwrap().try_into().unwrap();
+        tc.load().expect("load zt_noop");
+        in_netns(&bed.a, || {
+            for side in [TcAttachType::Ingress, TcAttachType::Egress] {
+                tc.attach_with_options(&bed.a_if, side, TcAttachOptions::TcxOrder(LinkOrder::first())).expect("attach zt_noop");
+            }
+        });
+        let cg: &mut CgroupSkb = ebpf.program_mut("zt_cgroup_noop").unwrap().try_into().unwrap();
+        cg.load().expect("load zt_cgroup_noop");
+        let root = std::fs::File::open(&bed.cgroup_root).unwrap();
+        for side in [CgroupSkbAttachType::Ingress, CgroupSkbAttachType::Egress] {
+            cg.attach(&root, side, CgroupAttachMode::Single).expect("attach zt_cgroup_noop");
+        }
+        EmptyHooks { _ebpf: ebpf, _fs: fs }
     }
 }
 

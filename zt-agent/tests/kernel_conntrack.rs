@@ -4,7 +4,9 @@
 //!   200 000 churned connections, the server speaks first after the churn);
 //! - FIN both ways and RST shorten an entry's timeout, a SYN-only flow has the short SYN
 //!   timeout, an established one the long one;
-//! - the GC deletes expired entries by state and leaves live ones.
+//! - the GC deletes expired entries by state and leaves live ones;
+//! - what the established segment's short way (zt-ebpf/src/established.rs) must leave to
+//!   the general path: the last-seen refresh, expiry, a length the frame does not hold.
 //! Needs root (bpffs mount, BPF syscalls).
 mod common;
 
@@ -264,4 +266,56 @@ fn gc_deletes_expired_entries_by_state() {
     assert!(o.contains("zt_ct_entries{map=\"ZT_CT_EST\",state=\"tcp-established\"} 1"), "{o}");
     assert!(o.contains("zt_ct_gc_deleted_total{state=\"tcp-closed\"} 1"), "{o}");
     assert!(o.contains("zt_ct_kernel_total{event=\"promoted\"} 2"), "{o}");
+}
+
+/// Sets the pod's established flow from `sport` as last seen `ago_s` seconds ago.
+fn seen_ago(dp: &mut Dp, sport: u16, ago_s: u64) {
+    let mut v = dp.maps.ct_est.get(&key(sport), 0).expect("established");
+    v.last_seen_ns = monotonic_ns() - ago_s * 1_000_000_000;
+    dp.maps.ct_est.insert(key(sport), v, 0).unwrap();
+}
+
+fn seen_ms_ago(dp: &Dp, sport: u16) -> u64 {
+    (monotonic_ns() - dp.maps.ct_est.get(&key(sport), 0).expect("established").last_seen_ns) / 1_000_000
+}
+
+#[test]
+fn established_segments_refresh_last_seen_and_an_expired_entry_is_judged_anew() {
+    let mut dp = dp_with("ct-est-refresh", &MapSizes::default());
+    handshake(&dp, 44000);
+    // Idle 5 s: the next segment, either way, refreshes last-seen (a flow that carries
+    // traffic never reaches its idle timeout).
+    seen_ago(&mut dp, 44000, 5);
+    assert_eq!(dp.run(FROM, &tcp(POD, SERVER, 44000, 80, PSH_ACK)), TC_PASS);
+    assert!(seen_ms_ago(&dp, 44000) < 1_000, "refreshed by the forward segment: {} ms ago", seen_ms_ago(&dp, 44000));
+    seen_ago(&mut dp, 44000, 5);
+    assert_eq!(dp.run(TO, &tcp(SERVER, POD, 80, 44000, ACK)), TC_PASS);
+    assert!(seen_ms_ago(&dp, 44000) < 1_000, "refreshed by the reply: {} ms ago", seen_ms_ago(&dp, 44000));
+    // Idle past the established timeout (30 s here): the entry goes at its next packet,
+    // which is judged as a new flow (the server may not open to the pod).
+    dp.set_config(Config { ct_tcp_timeout_s: 30, ..config() });
+    seen_ago(&mut dp, 44000, 40);
+    assert_eq!(dp.run(TO, &tcp(SERVER, POD, 80, 44000, ACK)), TC_DROP);
+    assert_eq!(dp.counter(DIR_INGRESS, Reason::DropPolicyDefault), 1);
+    assert_eq!(where_is(&dp, 44000), (false, false, None));
+    // A timeout of 0 (--ct-tcp-timeout 0): no established entry is ever fresh, even one
+    // seen just now.
+    dp.set_config(config());
+    handshake(&dp, 44001);
+    dp.set_config(Config { ct_tcp_timeout_s: 0, ..config() });
+    assert_eq!(dp.run(TO, &tcp(SERVER, POD, 80, 44001, ACK)), TC_DROP);
+    assert_eq!(dp.counter(DIR_INGRESS, Reason::DropPolicyDefault), 2);
+}
+
+#[test]
+fn a_segment_of_an_established_flow_longer_than_its_frame_is_malformed() {
+    let dp = dp_with("ct-est-malformed", &MapSizes::default());
+    handshake(&dp, 45000);
+    let mut seg = tcp(POD, SERVER, 45000, 80, PSH_ACK);
+    // The IPv4 total length claims 100 bytes more than the frame holds.
+    let claimed = u16::from_be_bytes([seg[16], seg[17]]) + 100;
+    seg[16..18].copy_from_slice(&claimed.to_be_bytes());
+    assert_eq!(dp.run(FROM, &seg), TC_DROP);
+    assert_eq!(dp.counter(DIR_EGRESS, Reason::DropMalformed), 1);
+    assert_eq!(dp.run(FROM, &tcp(POD, SERVER, 45000, 80, PSH_ACK)), TC_PASS, "the flow itself goes on");
 }

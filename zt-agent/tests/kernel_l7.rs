@@ -79,13 +79,24 @@ fn an_http_port_admits_only_the_proxy_and_tracks_it() {
         let mut reply = ipv4(SERVER, CLIENT, TCP, 8080, 40003);
         reply[14 + 20 + 13] = 0x12; // SYN|ACK
         assert_eq!(run_marked(&dp, FROM, &reply, if_server, if_server, 0), 0, "TC_ACT_OK: to the local stack");
+        // The proxy's handshake ACK makes the flow established (ZT_CT_EST); the server's
+        // data segments to the proxy are steered all the same, every one of them.
+        let mut ack = ipv4(CLIENT, SERVER, TCP, 40003, 8080);
+        ack[14 + 20 + 13] = 0x10; // ACK
+        assert_eq!(run_marked(&dp, TO, &ack, if_server, 0, PROXY_MARK), TC_PASS);
+        assert_eq!(ct_est_states(&dp).len(), 1, "established");
+        let mut data = ipv4(SERVER, CLIENT, TCP, 8080, 40003);
+        data[14 + 20 + 13] = 0x18; // PSH|ACK
+        for _ in 0..2 {
+            assert_eq!(run_marked(&dp, FROM, &data, if_server, if_server, 0), 0, "an established segment: to the local stack");
+        }
         l7_config(&dp, L7Config { proxy_mark: PROXY_MARK, steer_mark: 0 });
         assert_eq!(run_marked(&dp, FROM, &reply, if_server, if_server, 0), TC_DROP);
         assert_eq!(dp.counter(DIR_EGRESS, Reason::DropHttpProxyDown), 1);
         // Without the HTTP flag the port is plain L4: the client passes, nothing is tracked CT_L7.
         http_policy(&mut dp, 0);
         assert_eq!(dp.run_from(TO, &ipv4(CLIENT, SERVER, TCP, 40005, 8080), if_server, if_client), TC_PASS);
-        assert_eq!(ct_states(&dp).iter().filter(|s| **s & CT_L7 != 0).count(), 1);
+        assert_eq!(ct_states(&dp).iter().chain(&ct_est_states(&dp)).filter(|s| **s & CT_L7 != 0).count(), 1);
         // HTTP rules added to the port (a new policy epoch): the flow that runs outside the
         // proxy is cut at its next packet, not left to bypass them; the proxy's flow stays.
         http_policy(&mut dp, POLICY_FLAG_HTTP);

@@ -4,7 +4,7 @@ use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
 use zt_common::*;
 
 use crate::{
-    conntrack, dns, l7,
+    conntrack, dns, established, l7,
     maps::{CONFIG, FRAGS},
     parse::{self, Flow, Frag, Parsed, IPPROTO_TCP, IPPROTO_UDP},
     policy::{self, Decision, Hook, Judged, FROM_UNSEEN},
@@ -24,6 +24,11 @@ pub fn handle(ctx: &TcContext, dir: u8) -> i32 {
     // where they entered says nothing (l7.rs).
     let from_ifindex = if dir == DIR_INGRESS { l7::from_ifindex(ctx, from_ifindex) } else { from_ifindex };
     let hook = Hook { ifindex, dir, scope: ifindex, from_ifindex };
+    // Most packets: a segment of an established TCP flow that changes nothing
+    // (established.rs); anything else is judged below from the start.
+    if established::pass(ctx.skb.skb, &hook) {
+        return TC_PASS;
+    }
     let mut l7 = l7::Work::NONE;
     let mut f = Flow::zeroed();
     let parsed = parse::parse(ctx.skb.skb, &mut f, parse::L3_AFTER_ETH);

@@ -21,6 +21,8 @@ mod datapath;
 #[cfg(target_arch = "bpf")]
 mod dns;
 #[cfg(target_arch = "bpf")]
+mod established;
+#[cfg(target_arch = "bpf")]
 mod fqdn;
 #[cfg(target_arch = "bpf")]
 mod l7;
@@ -124,6 +126,14 @@ mod programs {
     #[classifier]
     pub fn zt_noop(_ctx: TcContext) -> i32 {
         crate::datapath::TC_PASS
+    }
+
+    /// Passes everything, at a cgroup skb hook: with `zt_noop` at the TC hooks, what the
+    /// hooks themselves cost in `cargo xtask bench` (bench_veth.rs); never loaded by the
+    /// agent. No attach type: one program for both directions.
+    #[cgroup_skb]
+    pub fn zt_cgroup_noop(_ctx: SkBuffContext) -> i32 {
+        crate::cgroup::CG_PASS
     }
 
     /// One hash lookup (bench.rs): the other baseline of `cargo xtask bench`; never loaded

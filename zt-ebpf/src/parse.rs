@@ -196,7 +196,7 @@ fn is_vlan(ethertype: u16) -> bool {
 /// bpf_skb_load_bytes is a call of 15-20 ns, and the cgroup programs have no stack to
 /// spare for a header-sized buffer).
 #[inline(always)]
-fn direct(skb: *mut aya_ebpf::bindings::__sk_buff, n: usize) -> Option<*const u8> {
+pub(crate) fn direct(skb: *mut aya_ebpf::bindings::__sk_buff, n: usize) -> Option<*const u8> {
     let (data, end) = unsafe { ((*skb).data as usize, (*skb).data_end as usize) };
     if data + n > end {
         return None;
@@ -205,12 +205,12 @@ fn direct(skb: *mut aya_ebpf::bindings::__sk_buff, n: usize) -> Option<*const u8
 }
 
 #[inline(always)]
-unsafe fn be16(p: *const u8, off: usize) -> u16 {
+pub(crate) unsafe fn be16(p: *const u8, off: usize) -> u16 {
     u16::from_be_bytes([*p.add(off), *p.add(off + 1)])
 }
 
 #[inline(always)]
-unsafe fn four(p: *const u8, off: usize) -> [u8; 4] {
+pub(crate) unsafe fn four(p: *const u8, off: usize) -> [u8; 4] {
     [*p.add(off), *p.add(off + 1), *p.add(off + 2), *p.add(off + 3)]
 }
 
