@@ -118,19 +118,21 @@ fn main() {
 
     println!("\nverdict cost side by side (same harness, same packet): repeat-{REPEAT} runs (x 5, median) and single runs ({SINGLE} x 5, median; each a new flow: source port bumped per run)");
     println!(
-        "{:>8} {:>9} | {:>7} {:>7} {:>7} {:>9} {:>9} | {:>8} {:>8} {:>8} {:>9} {:>8}",
-        "peers", "entries", "noop", "lookup", "est", "est/look", "est/noop", "noop1", "est1", "new1", "new1/est1", "new1/noop1"
+        "{:>8} {:>9} | {:>7} {:>7} {:>7} {:>8} {:>9} {:>9} {:>9} | {:>8} {:>8} {:>8} {:>9} {:>8}",
+        "peers", "entries", "noop", "lookup", "est", "general", "est/look", "gen/look", "est/noop", "noop1", "est1", "new1", "new1/est1", "new1/noop1"
     );
-    for (peers, entries, (noop, lookup, est, est_per_lookup), (noop1, est1, new1)) in side {
+    for (peers, entries, s, (noop1, est1, new1)) in side {
         println!(
-            "{:>8} {:>9} | {:>7.1} {:>7.1} {:>7.1} {:>9.2} {:>9.2} | {:>8.1} {:>8.1} {:>8.1} {:>9.2} {:>8.2}",
+            "{:>8} {:>9} | {:>7.1} {:>7.1} {:>7.1} {:>8.1} {:>9.2} {:>9.2} {:>9.2} | {:>8.1} {:>8.1} {:>8.1} {:>9.2} {:>8.2}",
             peers,
             entries,
-            noop,
-            lookup,
-            est,
-            est_per_lookup,
-            est / noop,
+            s.noop,
+            s.lookup,
+            s.est,
+            s.general,
+            s.est_ratio,
+            s.general_ratio,
+            s.est / s.noop,
             noop1,
             est1,
             new1,
@@ -138,7 +140,7 @@ fn main() {
             new1 / noop1
         );
     }
-    println!("ns per run, medians of {SIDE_ROUNDS} interleaved rounds (est/look: the median of the rounds' ratios). lookup: zt_bench_lookup, one endpoint-map lookup of the packet's destination; est: the established ACK through zt_to_pod;");
+    println!("ns per run, medians of {SIDE_ROUNDS} interleaved rounds (est/look, gen/look: the medians of the rounds' ratios). lookup: zt_bench_lookup, one endpoint-map lookup of the packet's destination; est: the established ACK through zt_to_pod; general: the same through zt_bench_general (zt_to_pod without the established segment's short way);");
     println!("noop1/est1/new1: one run per BPF_PROG_TEST_RUN (the harness's per-call timer included): the empty program, the established ACK, and a new allowed SYN (full path: endpoint and policy lookups, conntrack insert)");
 
     dns_answer_cost();
@@ -175,23 +177,28 @@ fn main() {
 /// clock read, the conntrack lookup, the peer-interface check, the state update); the
 /// same flow's reply ACK (its forward lookup in ZT_CT_EST misses first).
 fn established_breakdown(dp: &mut Dp, peer: &str, allowed: &[u8]) {
+    const GENERAL: &str = "zt_bench_general";
     let arp = eth(0x0806, &[0u8; 28]);
     let reply = tcp_flags(ipv4(LOCAL, peer, TCP, 1000, 40000), TCP_ACK);
-    let (va, arp_ns) = ns(dp, "zt_to_pod", &arp);
-    let (vr, reply_ns) = ns(dp, "zt_from_pod", &reply);
+    let (va, arp_ns) = ns(dp, GENERAL, &arp);
+    let (vg, general) = ns(dp, GENERAL, allowed);
     let (ve, est) = ns(dp, "zt_to_pod", allowed);
+    let (vr, reply_ns) = ns(dp, "zt_from_pod", &reply);
     let (vn, noop) = ns(dp, "zt_noop", allowed);
     let ready = dp.maps.config.get(&0, 0).unwrap();
     dp.set_config(Config { flags: ready.flags & !CONFIG_READY, ..ready });
-    let (vu, unready) = ns(dp, "zt_to_pod", allowed);
+    let (vu, unready) = ns(dp, GENERAL, allowed);
     dp.set_config(ready);
-    assert_eq!((va, vr, ve, vn, vu), (TC_PASS, TC_PASS, TC_PASS, TC_PASS, TC_DROP), "arp, reply, established, noop pass; not ready drops");
-    println!("\nestablished path by stage (1000 peers, 10 entries; repeat-{REPEAT} x 5, median ns; each row adds to the one above)");
-    println!("  empty program                                           {noop:>7.1}");
-    println!("  ARP frame: entry, Ethernet parse, one counter           {arp_ns:>7.1}  (+{:.1})", arp_ns - noop);
-    println!("  agent not ready: + IP/TCP parse, config read, drop      {unready:>7.1}  (+{:.1})", unready - arp_ns);
-    println!("  established ACK: + clock, CT_EST lookup, checks, update {est:>7.1}  (+{:.1})", est - unready);
-    println!("  its reply (zt_from_pod): + one CT_EST miss first        {reply_ns:>7.1}  (+{:.1})", reply_ns - est);
+    assert_eq!((va, vg, ve, vr, vn, vu), (TC_PASS, TC_PASS, TC_PASS, TC_PASS, TC_PASS, TC_DROP), "arp, established, reply, noop pass; not ready drops");
+    println!("\nestablished path by stage (1000 peers, 10 entries; repeat-{REPEAT} x 5, median ns)");
+    println!("the general path (zt_bench_general), each row adding to the one above:");
+    println!("  empty program                                              {noop:>7.1}");
+    println!("  ARP frame: entry, Ethernet parse, one counter              {arp_ns:>7.1}  (+{:.1})", arp_ns - noop);
+    println!("  agent not ready: + IP/TCP parse, config read, drop         {unready:>7.1}  (+{:.1})", unready - arp_ns);
+    println!("  established ACK: + clock, CT_EST lookup, checks, update    {general:>7.1}  (+{:.1})", general - unready);
+    println!("the established segment's short way (zt_to_pod, zt_from_pod):");
+    println!("  established ACK                                            {est:>7.1}  ({:+.1} against the general path)", est - general);
+    println!("  its reply (zt_from_pod): one CT_EST miss first             {reply_ns:>7.1}  (+{:.1})", reply_ns - est);
 }
 
 /// Single runs per measurement of the new-flow path (distinct source ports: 5 x SINGLE < 64k).
@@ -201,30 +208,46 @@ const SINGLE: u32 = 10_000;
 const SIDE_ROUNDS: usize = 15;
 
 /// Repeat-mode, interleaved: each of `SIDE_ROUNDS` rounds runs the empty program,
-/// `zt_bench_lookup` (one hash lookup) and the established ACK (one BPF_PROG_TEST_RUN of
-/// `REPEAT` runs each, the same packet), so that a burst of noise on a shared machine
-/// lands in one round's three figures rather than in one column. Returns the medians
-/// (noop, lookup, established ns) and the median of the rounds' established/lookup ratios.
-fn established_vs_lookup(dp: &mut Dp, pkt: &[u8]) -> (f64, f64, f64, f64) {
-    let prog: &mut aya::programs::SchedClassifier = dp.ebpf.program_mut("zt_bench_lookup").unwrap().try_into().unwrap();
-    if prog.fd().is_err() {
-        prog.load().expect("load zt_bench_lookup");
+/// `zt_bench_lookup` (one hash lookup), the established ACK through `zt_to_pod`, and the
+/// same through `zt_bench_general` (`zt_to_pod` without the established segment's short
+/// way), one BPF_PROG_TEST_RUN of `REPEAT` runs each on the same packet, so that a burst
+/// of noise on a shared machine lands in one round's figures rather than in one column.
+/// Returns the medians (noop, lookup, established, general ns) and the medians of the
+/// rounds' established/lookup and general/lookup ratios.
+fn established_vs_lookup(dp: &mut Dp, pkt: &[u8]) -> Side {
+    for name in ["zt_bench_lookup", "zt_bench_general"] {
+        let prog: &mut aya::programs::SchedClassifier = dp.ebpf.program_mut(name).unwrap().try_into().unwrap();
+        if prog.fd().is_err() {
+            prog.load().unwrap_or_else(|e| panic!("load {name}: {e}"));
+        }
     }
-    let (mut noop, mut lookup, mut est, mut ratio) = (vec![], vec![], vec![], vec![]);
+    let mut r: [Vec<f64>; 6] = Default::default();
     for _ in 0..SIDE_ROUNDS {
-        let run = |prog: &str, expect: u32, what: &str| {
+        let run = |prog: &str, what: &str| {
             let (v, ns) = dp.run_n(prog, pkt, REPEAT);
-            assert_eq!(v, expect, "{what}");
+            assert_eq!(v, TC_PASS, "{what}");
             ns
         };
-        noop.push(run("zt_noop", TC_PASS, "the empty program passes"));
-        let l = run("zt_bench_lookup", TC_PASS, "the lookup hit the local pod's endpoint");
-        let e = run("zt_to_pod", TC_PASS, "the established ACK passes");
-        lookup.push(l);
-        est.push(e);
-        ratio.push(e / l);
+        let noop = run("zt_noop", "the empty program passes");
+        let l = run("zt_bench_lookup", "the lookup hit the local pod's endpoint");
+        let e = run("zt_to_pod", "the established ACK passes");
+        let g = run("zt_bench_general", "the established ACK passes the general path");
+        for (i, x) in [noop, l, e, g, e / l, g / l].into_iter().enumerate() {
+            r[i].push(x);
+        }
     }
-    (median(noop), median(lookup), median(est), median(ratio))
+    let [noop, lookup, est, general, est_ratio, general_ratio] = r.map(median);
+    Side { noop, lookup, est, general, est_ratio, general_ratio }
+}
+
+/// `established_vs_lookup`'s figures.
+struct Side {
+    noop: f64,
+    lookup: f64,
+    est: f64,
+    general: f64,
+    est_ratio: f64,
+    general_ratio: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

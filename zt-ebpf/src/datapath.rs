@@ -16,8 +16,10 @@ pub const TC_PASS: i32 = -1; // TC_ACT_UNSPEC / TCX_NEXT
 pub const TC_DROP: i32 = 2; // TC_ACT_SHOT / TCX_DROP
 
 /// A TC hook: the interface is the pod's host-side veth, the frame has Ethernet.
+/// `SHORT`: try the established segment's short way first, as every attached program
+/// does (false only in `zt_bench_general`, which measures what it saves).
 #[inline(always)]
-pub fn handle(ctx: &TcContext, dir: u8) -> i32 {
+pub fn handle<const SHORT: bool>(ctx: &TcContext, dir: u8) -> i32 {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let from_ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
     // The HTTP proxy's packets come from the node's own stack with a pod's address:
@@ -26,7 +28,7 @@ pub fn handle(ctx: &TcContext, dir: u8) -> i32 {
     let hook = Hook { ifindex, dir, scope: ifindex, from_ifindex };
     // Most packets: a segment of an established TCP flow that changes nothing
     // (established.rs); anything else is judged below from the start.
-    if established::pass(ctx.skb.skb, &hook) {
+    if SHORT && established::pass(ctx.skb.skb, &hook) {
         return TC_PASS;
     }
     let mut l7 = l7::Work::NONE;

@@ -50,13 +50,13 @@ mod programs {
     /// Packets leaving the pod (TC ingress on the host-side interface).
     #[classifier]
     pub fn zt_from_pod(ctx: TcContext) -> i32 {
-        crate::datapath::handle(&ctx, DIR_EGRESS)
+        crate::datapath::handle::<true>(&ctx, DIR_EGRESS)
     }
 
     /// Packets entering the pod (TC egress on the host-side interface).
     #[classifier]
     pub fn zt_to_pod(ctx: TcContext) -> i32 {
-        crate::datapath::handle(&ctx, DIR_INGRESS)
+        crate::datapath::handle::<true>(&ctx, DIR_INGRESS)
     }
 
     /// Packets arriving from other nodes (TC ingress on the node's uplinks): flows that
@@ -126,6 +126,14 @@ mod programs {
     #[classifier]
     pub fn zt_noop(_ctx: TcContext) -> i32 {
         crate::datapath::TC_PASS
+    }
+
+    /// `zt_to_pod` without the established segment's short way (datapath.rs): the
+    /// general path's cost for the same packet in `cargo xtask bench`; never loaded by
+    /// the agent.
+    #[classifier]
+    pub fn zt_bench_general(ctx: TcContext) -> i32 {
+        crate::datapath::handle::<false>(&ctx, DIR_INGRESS)
     }
 
     /// Passes everything, at a cgroup skb hook: with `zt_noop` at the TC hooks, what the
