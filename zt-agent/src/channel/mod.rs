@@ -12,6 +12,8 @@ pub mod proofs;
 pub mod renewal;
 pub mod session;
 pub mod verifier;
+#[cfg(test)]
+mod test_nodes;
 
 use std::collections::BTreeSet;
 use std::io;

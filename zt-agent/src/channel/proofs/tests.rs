@@ -10,62 +10,19 @@ use rcgen::KeyPair;
 use rustls::crypto::ring::sign::any_supported_type;
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::CertifiedKey;
-use tokio::net::TcpListener;
 
 use super::*;
 use crate::channel::verifier::PeerPolicy;
-use crate::channel::{CachedCredential, ChannelSetup, NodeChannel};
+use crate::channel::NodeChannel;
 use crate::svid::builtin::{BuiltinCa, BuiltinConfig};
-use crate::svid::cache::{CacheConfig, SvidCache};
 use crate::svid::clock::{Clock, ManualClock};
-use crate::svid::source::Subject;
 use crate::svid::spiffe_id::TrustDomain;
 
 fn id(s: &str) -> SpiffeId {
     SpiffeId::parse(s).unwrap()
 }
 
-struct Bed {
-    clock: Arc<ManualClock>,
-    ca: Arc<BuiltinCa>,
-    cache: Arc<SvidCache>,
-}
-
-impl Bed {
-    async fn new() -> Bed {
-        let clock = Arc::new(ManualClock::at_unix(1_800_000_000));
-        let ca = Arc::new(BuiltinCa::new(BuiltinConfig::new(TrustDomain::parse("zt.test").unwrap()), clock.clone()).unwrap());
-        let cache = SvidCache::new(ca.clone(), clock.clone(), CacheConfig::default());
-        for n in ["n1", "n2"] {
-            cache.prefetch(Subject::id(id(&format!("spiffe://zt.test/zt/node/{n}")))).await.unwrap();
-        }
-        Bed { clock, ca, cache }
-    }
-
-    fn node(&self, n: &str) -> ChannelSetup {
-        ChannelSetup {
-            credential: Arc::new(CachedCredential { cache: self.cache.clone(), id: id(&format!("spiffe://zt.test/zt/node/{n}")) }),
-            bundles: self.cache.clone(),
-            clock: self.clock.clone(),
-            peer_domains: BTreeSet::from([TrustDomain::parse("zt.test").unwrap()]),
-            handshake_timeout: Duration::from_secs(10),
-        }
-    }
-
-    fn verifier(&self) -> SvidVerifier {
-        SvidVerifier::new(self.cache.clone(), self.clock.clone(), PeerPolicy::TrustDomains(BTreeSet::from([TrustDomain::parse("zt.test").unwrap()])))
-    }
-
-    /// A channel n2 (client) -> n1 (server): (n1's end, n2's end).
-    async fn channel(&self) -> (NodeChannel, NodeChannel) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let server = self.node("n1");
-        let h = tokio::spawn(async move { server.accept(l.accept().await.unwrap().0).await });
-        let client = self.node("n2").connect(addr, &id("spiffe://zt.test/zt/node/n1")).await.unwrap();
-        (h.await.unwrap().unwrap(), client)
-    }
-}
+use crate::channel::test_nodes::Nodes as Bed;
 
 fn parts(m: &Message) -> (Vec<String>, u16, String) {
     match m {

@@ -2,74 +2,20 @@
 //! identities when the session starts; a new identity, a renewed SVID and a withdrawal
 //! reach the peer; the clock offset is measured (one end 45 minutes ahead).
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
-
 use super::*;
-use crate::channel::verifier::PeerPolicy;
-use crate::channel::{CachedCredential, ChannelSetup, NodeChannel};
-use crate::svid::builtin::{BuiltinCa, BuiltinConfig};
-use crate::svid::cache::{CacheConfig, SvidCache};
 use crate::svid::clock::ManualClock;
-use crate::svid::source::Subject;
-use crate::svid::spiffe_id::TrustDomain;
 
 fn id(s: &str) -> SpiffeId {
     SpiffeId::parse(s).unwrap()
-}
-
-fn td() -> TrustDomain {
-    TrustDomain::parse("zt.test").unwrap()
 }
 
 async fn next(rx: &mut mpsc::Receiver<SessionEvent>) -> SessionEvent {
     tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("no session event within 10 s").expect("session ended")
 }
 
-/// n1's and n2's node SVIDs from one builtin CA, at a fixed instant.
-struct Nodes {
-    clock: Arc<ManualClock>,
-    ca: Arc<BuiltinCa>,
-    cache: Arc<SvidCache>,
-}
-
-impl Nodes {
-    async fn new() -> Nodes {
-        let clock = Arc::new(ManualClock::at_unix(1_800_000_000));
-        let ca = Arc::new(BuiltinCa::new(BuiltinConfig::new(td()), clock.clone()).unwrap());
-        let cache = SvidCache::new(ca.clone(), clock.clone(), CacheConfig::default());
-        for n in ["n1", "n2"] {
-            cache.prefetch(Subject::id(id(&format!("spiffe://zt.test/zt/node/{n}")))).await.unwrap();
-        }
-        Nodes { clock, ca, cache }
-    }
-
-    fn setup(&self, n: &str) -> ChannelSetup {
-        ChannelSetup {
-            credential: Arc::new(CachedCredential { cache: self.cache.clone(), id: id(&format!("spiffe://zt.test/zt/node/{n}")) }),
-            bundles: self.cache.clone(),
-            clock: self.clock.clone(),
-            peer_domains: BTreeSet::from([td()]),
-            handshake_timeout: Duration::from_secs(10),
-        }
-    }
-
-    fn verifier(&self) -> SvidVerifier {
-        SvidVerifier::new(self.cache.clone(), self.clock.clone(), PeerPolicy::TrustDomains(BTreeSet::from([td()])))
-    }
-
-    /// n2 dials n1 over loopback: (n1's end, n2's end).
-    async fn channel(&self) -> (NodeChannel, NodeChannel) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let server = self.setup("n1");
-        let accept = tokio::spawn(async move { server.accept(l.accept().await.unwrap().0).await });
-        let c2 = self.setup("n2").connect(addr, &id("spiffe://zt.test/zt/node/n1")).await.unwrap();
-        (accept.await.unwrap().unwrap(), c2)
-    }
-}
+use crate::channel::test_nodes::Nodes;
 
 #[tokio::test]
 async fn sessions_prove_start_changes_renewals_and_withdrawals_and_measure_the_clock() {
