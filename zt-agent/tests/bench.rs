@@ -116,7 +116,7 @@ fn main() {
     }
     println!("* new-allow: one run after a policy-epoch bump (full policy re-check of a tracked flow); single runs, so noisier.");
 
-    println!("\nverdict cost side by side (same harness, same packet): repeat-{REPEAT} runs (x 5, median) and single runs ({SINGLE} x 5, median; each a new flow: source port bumped per run)");
+    println!("\nverdict cost side by side (same harness, same packet): repeat-{REPEAT} runs ({SIDE_ROUNDS} interleaved rounds, median) and single runs ({SINGLE} x 5, median; each a new flow: source port bumped per run)");
     println!(
         "{:>8} {:>9} | {:>7} {:>7} {:>7} {:>8} {:>9} {:>9} {:>9} | {:>8} {:>8} {:>8} {:>9} {:>8}",
         "peers", "entries", "noop", "lookup", "est", "general", "est/look", "gen/look", "est/noop", "noop1", "est1", "new1", "new1/est1", "new1/noop1"

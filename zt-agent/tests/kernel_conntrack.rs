@@ -6,7 +6,9 @@
 //!   timeout, an established one the long one;
 //! - the GC deletes expired entries by state and leaves live ones;
 //! - what the established segment's short way (zt-ebpf/src/established.rs) must leave to
-//!   the general path: the last-seen refresh, expiry, a length the frame does not hold.
+//!   the general path: the last-seen refresh, expiry, a length the frame does not hold,
+//!   and segments that carry an established tuple without being the flow (a header cut
+//!   short, a later fragment, IPv4 options, the agent not ready).
 //! Needs root (bpffs mount, BPF syscalls).
 mod common;
 
@@ -271,7 +273,7 @@ fn gc_deletes_expired_entries_by_state() {
 /// Sets the pod's established flow from `sport` as last seen `ago_s` seconds ago.
 fn seen_ago(dp: &mut Dp, sport: u16, ago_s: u64) {
     let mut v = dp.maps.ct_est.get(&key(sport), 0).expect("established");
-    v.last_seen_ns = monotonic_ns() - ago_s * 1_000_000_000;
+    v.last_seen_ns = monotonic_ns().saturating_sub(ago_s * 1_000_000_000);
     dp.maps.ct_est.insert(key(sport), v, 0).unwrap();
 }
 
@@ -318,4 +320,45 @@ fn a_segment_of_an_established_flow_longer_than_its_frame_is_malformed() {
     assert_eq!(dp.run(FROM, &seg), TC_DROP);
     assert_eq!(dp.counter(DIR_EGRESS, Reason::DropMalformed), 1);
     assert_eq!(dp.run(FROM, &tcp(POD, SERVER, 45000, 80, PSH_ACK)), TC_PASS, "the flow itself goes on");
+}
+
+/// Segments that carry an established flow's tuple but that the general path does not
+/// pass as that flow: the established segment's short way (zt-ebpf/src/established.rs)
+/// must leave each of them to it.
+#[test]
+fn segments_with_an_established_tuple_that_are_not_the_flow_are_judged_in_full() {
+    let mut dp = dp_with("ct-est-not-the-flow", &MapSizes::default());
+    handshake(&dp, 46000);
+    let seg = tcp(POD, SERVER, 46000, 80, ACK);
+    assert_eq!(dp.run(FROM, &seg), TC_PASS);
+    // Cut inside the TCP header, the IPv4 total length 0 (BIG TCP's marker): malformed.
+    let mut cut = seg[..48].to_vec();
+    cut[16..18].copy_from_slice(&0u16.to_be_bytes());
+    assert_eq!(dp.run(FROM, &cut), TC_DROP);
+    assert_eq!(dp.counter(DIR_EGRESS, Reason::DropMalformed), 1);
+    // A later fragment whose payload reads as the flow's TCP header: a fragment with no
+    // allowed first fragment.
+    let mut h = l4(TCP, 46000, 80);
+    h[13] = ACK;
+    assert_eq!(dp.run(FROM, &ipv4_frag(POD, SERVER, TCP, &h, 7, 1)), TC_DROP);
+    assert_eq!(dp.counter(DIR_EGRESS, Reason::DropFragment), 1);
+    // IPv4 options that read as the flow's ports where a header without options would
+    // have them, before a segment to a port the pod may not open: judged on its real
+    // header, a new flow, denied.
+    let mut opts = tcp(POD, SERVER, 46000, 9, ACK);
+    opts.splice(34..34, [0xb3, 0xb0, 0x00, 0x50]); // 46000, 80
+    opts[14] = 0x46;
+    let total = u16::from_be_bytes([opts[16], opts[17]]) + 4;
+    opts[16..18].copy_from_slice(&total.to_be_bytes());
+    // Where the flags would be without options (a byte of the real acknowledgement
+    // number): ACK.
+    opts[14 + 20 + 13] = ACK;
+    assert_eq!(dp.run(FROM, &opts), TC_DROP);
+    assert_eq!(dp.counter(DIR_EGRESS, Reason::DropPolicyDefault), 1);
+    // The agent not ready: nothing passes, tracked or not.
+    dp.set_config(Config { flags: config().flags & !CONFIG_READY, ..config() });
+    assert_eq!(dp.run(FROM, &seg), TC_DROP);
+    assert_eq!(dp.counter(DIR_EGRESS, Reason::DropNotReady), 1);
+    dp.set_config(config());
+    assert_eq!(dp.run(FROM, &seg), TC_PASS, "the flow itself goes on");
 }

@@ -5,8 +5,9 @@
 //! the general path would pass unchanged; anything else returns false, and the general
 //! path then judges the packet from the start, as if this path did not exist.
 //!
-//! Taken here: IPv4 without options, not a fragment, the datagram's length consistent
-//! with the skb, TCP with ACK and none of SYN/FIN/RST, whose flow is in `CT_EST` (forward
+//! Taken here: IPv4 without options, not a fragment, the whole TCP header in the skb's
+//! linear data, an IPv4 total length (unless 0) that the skb holds and that holds both
+//! headers, TCP with ACK and none of SYN/FIN/RST, whose flow is in `CT_EST` (forward
 //! or as its reply, at this hook's scope), not idle longer than its timeout, verified
 //! under the current policy epoch, entering from the interface recorded for its peer,
 //! not steered to the HTTP proxy, not DNS, in a state the segment does not move, and
@@ -21,8 +22,10 @@ use crate::{
     verdict,
 };
 
-/// Ethernet header, IPv4 header without options, the TCP header's first 14 bytes.
-const ETH_IP_TCP: usize = 14 + 20 + 14;
+/// Ethernet header, IPv4 header without options, the whole TCP header: what the general
+/// parser wants in the skb before it reads a TCP segment (less is malformed there, also
+/// when the IPv4 total length is 0, BIG TCP's marker, which bounds nothing).
+const ETH_IP_TCP: usize = 14 + 20 + 20;
 
 /// Passes `skb` (counted as established or reply) if it is such a segment; false
 /// decides nothing.
