@@ -102,8 +102,8 @@ fn main() {
         }
         side.push((peers, entries, established_vs_lookup(&mut dp, &allowed), new_flow_cost(&dp, &peer)));
         if peers == 1_000 && entries == 10 {
-            let (general, est) = (side.last().unwrap().2.general, side.last().unwrap().2.est);
-            established_breakdown(&mut dp, &peer, (general, est));
+            let s = &side.last().unwrap().2;
+            established_breakdown(&mut dp, &peer, (s.general, s.est));
         }
         let (dv, den) = ns(&dp, "zt_to_pod", &denied);
         assert_eq!(dv, TC_DROP, "denied packet must drop");
@@ -172,11 +172,12 @@ fn main() {
 }
 
 /// Where the established path spends its time, from packets that stop at successive
-/// stages of the same program (repeat mode, same harness): an ARP frame (program entry,
-/// Ethernet parse, one counter); the established ACK while the agent is not ready (the
-/// IP/TCP parse, the config read, a counter, the drop); the established ACK (plus the
-/// clock read, the conntrack lookup, the peer-interface check, the state update); the
-/// same flow's reply ACK (its forward lookup in ZT_CT_EST misses first).
+/// stages of the general path (`zt_bench_general`, repeat mode, same harness): an ARP
+/// frame (program entry, Ethernet parse, one counter); the established ACK while the
+/// agent is not ready (the IP/TCP parse, the config read, a counter, the drop); the
+/// established ACK (plus the clock read, the conntrack lookup, the peer-interface check,
+/// the state update); then the short way's ACK and the same flow's reply ACK through
+/// `zt_from_pod` (its forward lookup in ZT_CT_EST misses first).
 /// `(general, est)`: the established ACK through the general path and the short way, the
 /// interleaved medians of `established_vs_lookup` (measured one after the other here, the
 /// two read up to 30 ns apart either way on a shared host).

@@ -69,10 +69,20 @@ fn stored_key(f: &Flow, hook: &Hook, reply: bool) -> CtKey {
     }
 }
 
+/// A tracked packet writes the flow's last-seen only when it is older than this, to keep
+/// writes off the hot path (`update`; established.rs passes only segments with no write due).
+pub const REFRESH_NS: u64 = 1_000_000_000;
+
 #[inline(always)]
 fn fresh(cfg: &Config, proto: u8, v: *mut CtValue, now: u64) -> bool {
     let (last, state) = unsafe { ((*v).last_seen_ns, (*v).state) };
-    now.saturating_sub(last) < ct_timeout_s(cfg, proto, state) as u64 * 1_000_000_000
+    within_timeout(cfg, proto, state, now.saturating_sub(last))
+}
+
+/// Is a flow of `proto` in `state`, idle `idle_ns`, still within its idle timeout?
+#[inline(always)]
+pub fn within_timeout(cfg: &Config, proto: u8, state: u8, idle_ns: u64) -> bool {
+    idle_ns < ct_timeout_s(cfg, proto, state) as u64 * 1_000_000_000
 }
 
 #[inline(always)]
@@ -234,7 +244,7 @@ pub fn reverified(v: *mut CtValue, epoch: u32, d: &Decision) {
 pub fn update(f: &Flow, hook: &Hook, v: *mut CtValue, found: &Found) {
     let now = found.now;
     let old = unsafe { (*v).state };
-    let stale = now.saturating_sub(unsafe { (*v).last_seen_ns }) > 1_000_000_000;
+    let stale = now.saturating_sub(unsafe { (*v).last_seen_ns }) > REFRESH_NS;
     if stale {
         unsafe { (*v).last_seen_ns = now };
     }
