@@ -8,7 +8,8 @@
 //! - what the established segment's short way (zt-ebpf/src/established.rs) must leave to
 //!   the general path: the last-seen refresh, expiry, a length the frame does not hold,
 //!   and segments that carry an established tuple without being the flow (a header cut
-//!   short, a later fragment, IPv4 options, the agent not ready).
+//!   short, a later fragment, IPv4 options, the agent not ready), and the same for a
+//!   UDP flow, which it finds in ZT_CT (with a policy epoch bump).
 //! Needs root (bpffs mount, BPF syscalls).
 mod common;
 
@@ -361,4 +362,88 @@ fn segments_with_an_established_tuple_that_are_not_the_flow_are_judged_in_full()
     assert_eq!(dp.counter(DIR_EGRESS, Reason::DropNotReady), 1);
     dp.set_config(config());
     assert_eq!(dp.run(FROM, &seg), TC_PASS, "the flow itself goes on");
+}
+
+/// The pod's UDP flow from `sport` to the server's port 5000, as stored in ZT_CT.
+fn udp_key(sport: u16) -> CtKey {
+    CtKey { proto: UDP, dport: 5000, ..key(sport) }
+}
+
+fn udp_seen_ago(dp: &mut Dp, sport: u16, ago_s: u64) {
+    let mut v = dp.maps.ct.get(&udp_key(sport), 0).expect("tracked");
+    v.last_seen_ns = monotonic_ns().saturating_sub(ago_s * 1_000_000_000);
+    dp.maps.ct.insert(udp_key(sport), v, 0).unwrap();
+}
+
+/// What the short way (zt-ebpf/src/established.rs) must leave to the general path for a
+/// UDP flow, which it finds in ZT_CT: the last-seen refresh, expiry, a 0 s timeout, a
+/// policy epoch bump (re-verified, or revoked), and datagrams that carry the flow's tuple
+/// without being the flow (a length the frame does not hold, a header cut short, a later
+/// fragment, IPv4 options, the agent not ready).
+#[test]
+fn tracked_udp_datagrams_leave_to_the_general_path_what_changes_or_is_not_their_flow() {
+    let mut dp = dp_with("ct-udp-short", &MapSizes::default());
+    dp.policy(POLICY_PREFIX_FULL, pk(ID_POD, ID_SERVER, DIR_EGRESS, UDP, 5000), VERDICT_ALLOW, 2);
+    let out = |sport| ipv4(POD, SERVER, UDP, sport, 5000);
+    let back = |sport| ipv4(SERVER, POD, UDP, 5000, sport);
+    assert_eq!(dp.run(FROM, &out(47000)), TC_PASS);
+    assert_eq!(dp.run(TO, &back(47000)), TC_PASS);
+    assert_eq!(dp.run(FROM, &out(47000)), TC_PASS);
+    assert_eq!((dp.counter(DIR_EGRESS, Reason::AllowPolicy), dp.counter(DIR_INGRESS, Reason::AllowReply), dp.counter(DIR_EGRESS, Reason::AllowEstablished)), (1, 1, 1));
+    let ms_ago = |dp: &Dp| (monotonic_ns() - dp.maps.ct.get(&udp_key(47000), 0).expect("tracked").last_seen_ns) / 1_000_000;
+    // Idle 5 s: the next datagram, either way, refreshes last-seen.
+    udp_seen_ago(&mut dp, 47000, 5);
+    assert_eq!(dp.run(FROM, &out(47000)), TC_PASS);
+    assert!(ms_ago(&dp) < 1_000, "refreshed by the forward datagram: {} ms ago", ms_ago(&dp));
+    udp_seen_ago(&mut dp, 47000, 5);
+    assert_eq!(dp.run(TO, &back(47000)), TC_PASS);
+    assert!(ms_ago(&dp) < 1_000, "refreshed by the reply: {} ms ago", ms_ago(&dp));
+
+    // Carrying the flow's tuple without being the flow.
+    let mut long = back(47000);
+    let claimed = u16::from_be_bytes([long[16], long[17]]) + 100;
+    long[16..18].copy_from_slice(&claimed.to_be_bytes());
+    assert_eq!(dp.run(TO, &long), TC_DROP, "a length the frame does not hold");
+    let mut cut = back(47000)[..38].to_vec();
+    cut[16..18].copy_from_slice(&0u16.to_be_bytes());
+    assert_eq!(dp.run(TO, &cut), TC_DROP, "a UDP header cut short, total length 0");
+    assert_eq!(dp.counter(DIR_INGRESS, Reason::DropMalformed), 2);
+    assert_eq!(dp.run(TO, &ipv4_frag(SERVER, POD, UDP, &l4(UDP, 5000, 47000), 7, 1)), TC_DROP, "a later fragment");
+    assert_eq!(dp.counter(DIR_INGRESS, Reason::DropFragment), 1);
+    // IPv4 options that read as the flow's ports ahead of a datagram to a port the pod
+    // may not open: judged on its real header, a new flow, denied.
+    let mut opts = ipv4(POD, SERVER, UDP, 47000, 9);
+    opts.splice(34..34, [0xb7, 0x98, 0x13, 0x88]); // 47000, 5000
+    opts[14] = 0x46;
+    let total = u16::from_be_bytes([opts[16], opts[17]]) + 4;
+    opts[16..18].copy_from_slice(&total.to_be_bytes());
+    assert_eq!(dp.run(FROM, &opts), TC_DROP, "IPv4 options");
+    assert_eq!(dp.counter(DIR_EGRESS, Reason::DropPolicyDefault), 1);
+    dp.set_config(Config { flags: config().flags & !CONFIG_READY, ..config() });
+    assert_eq!(dp.run(FROM, &out(47000)), TC_DROP, "the agent not ready");
+    assert_eq!(dp.counter(DIR_EGRESS, Reason::DropNotReady), 1);
+
+    // A new epoch with the allow still there: re-verified. Without it: revoked.
+    dp.set_config(Config { policy_epoch: 2, ..config() });
+    assert_eq!(dp.run(TO, &back(47000)), TC_PASS);
+    assert_eq!(dp.maps.ct.get(&udp_key(47000), 0).unwrap().epoch, 2);
+    dp.unpolicy(POLICY_PREFIX_FULL, pk(ID_POD, ID_SERVER, DIR_EGRESS, UDP, 5000));
+    dp.set_config(Config { policy_epoch: 3, ..config() });
+    assert_eq!(dp.run(TO, &back(47000)), TC_DROP);
+    assert_eq!(dp.counter(DIR_INGRESS, Reason::DropRevoked), 1);
+    assert!(dp.maps.ct.get(&udp_key(47000), 0).is_err(), "the revoked flow's entry is gone");
+
+    // Idle past the UDP timeout (30 s here): the entry goes at its next datagram, judged
+    // as a new flow (nothing may open to the pod).
+    dp.policy(POLICY_PREFIX_FULL, pk(ID_POD, ID_SERVER, DIR_EGRESS, UDP, 5000), VERDICT_ALLOW, 2);
+    dp.set_config(Config { policy_epoch: 4, ct_udp_timeout_s: 30, ..config() });
+    assert_eq!(dp.run(FROM, &out(47001)), TC_PASS);
+    udp_seen_ago(&mut dp, 47001, 40);
+    assert_eq!(dp.run(TO, &back(47001)), TC_DROP);
+    assert_eq!(dp.counter(DIR_INGRESS, Reason::DropPolicyDefault), 1);
+    // A timeout of 0: no entry is ever fresh, even one seen just now.
+    assert_eq!(dp.run(FROM, &out(47002)), TC_PASS);
+    dp.set_config(Config { policy_epoch: 4, ct_udp_timeout_s: 0, ..config() });
+    assert_eq!(dp.run(TO, &back(47002)), TC_DROP);
+    assert_eq!(dp.counter(DIR_INGRESS, Reason::DropPolicyDefault), 2);
 }
