@@ -104,6 +104,7 @@ fn main() {
         if peers == 1_000 && entries == 10 {
             let s = &side.last().unwrap().2;
             established_breakdown(&mut dp, &peer, (s.general, s.est));
+            udp_and_cgroup(&mut dp, &peer);
         }
         let (dv, den) = ns(&dp, "zt_to_pod", &denied);
         assert_eq!(dv, TC_DROP, "denied packet must drop");
@@ -235,14 +236,50 @@ fn established_vs_lookup(dp: &mut Dp, pkt: &[u8]) -> Side {
         };
         let noop = run("zt_noop", "the empty program passes");
         let l = run("zt_bench_lookup", "the lookup hit the local pod's endpoint");
-        let e = run("zt_to_pod", "the established ACK passes");
-        let g = run("zt_bench_general", "the established ACK passes the general path");
+        let e = run("zt_to_pod", "the established packet passes");
+        let g = run("zt_bench_general", "the established packet passes the general path");
         for (i, x) in [noop, l, e, g, e / l, g / l].into_iter().enumerate() {
             r[i].push(x);
         }
     }
     let [noop, lookup, est, general, est_ratio, general_ratio] = r.map(median);
     Side { noop, lookup, est, general, est_ratio, general_ratio }
+}
+
+/// The other packets the short way takes, and the cgroup programs (1000 peers, 10
+/// entries): a datagram of a tracked UDP flow through `zt_to_pod` and `zt_bench_general`
+/// beside the lookup (`established_vs_lookup`); a hooked pod's own packet at
+/// `zt_cgroup_ingress` (its socket in the pod's cgroup: here the bench's own) beside
+/// `zt_cgroup_noop`, in `SIDE_ROUNDS` interleaved rounds.
+fn udp_and_cgroup(dp: &mut Dp, peer: &str) {
+    let peer_id = dp.maps.endpoints.get(&EndpointKey { addr: to_key(peer.parse().unwrap()) }, 0).unwrap().identity;
+    dp.policy(POLICY_PREFIX_FULL, pk(ID_LOCAL, peer_id, DIR_INGRESS, UDP, 1000), VERDICT_ALLOW, 2);
+    // 64 bytes of payload, as bench_veth's UDP.
+    let datagram = ipv4_udp(peer, LOCAL, 40000, 1000, 64);
+    assert_eq!(dp.run("zt_to_pod", &datagram), TC_PASS, "the UDP flow opens");
+    let udp = established_vs_lookup(dp, &datagram);
+
+    let mut local = dp.maps.endpoints.get(&EndpointKey { addr: to_key(LOCAL.parse().unwrap()) }, 0).unwrap();
+    local.cgroup = cgroup_scope(own_cgroup_id());
+    dp.maps.endpoints.insert(EndpointKey { addr: to_key(LOCAL.parse().unwrap()) }, local, 0).unwrap();
+    let noop: &mut aya::programs::CgroupSkb = dp.ebpf.program_mut("zt_cgroup_noop").unwrap().try_into().unwrap();
+    noop.load().expect("load zt_cgroup_noop");
+    let counted = dp.maps.counters().unwrap().iter().sum::<u64>();
+    let (cg_noop, cg) = in_private_netns(|dev, _| {
+        let (mut n, mut c) = (vec![], vec![]);
+        for _ in 0..SIDE_ROUNDS {
+            for (prog, into) in [("zt_cgroup_noop", &mut n), ("zt_cgroup_ingress", &mut c)] {
+                let (v, ns) = dp.run_cgroup_n(prog, &datagram, Some(dev), REPEAT);
+                assert_eq!(v, 1, "{prog} passes the hooked pod's own packet");
+                into.push(ns);
+            }
+        }
+        (median(n), median(c))
+    });
+    assert_eq!(dp.maps.counters().unwrap().iter().sum::<u64>(), counted, "left to the pod's TC hook: nothing counted at the cgroup");
+    println!("\nthe short way's UDP datagram and the cgroup programs (1000 peers, 10 entries; {SIDE_ROUNDS} interleaved rounds of repeat-{REPEAT}, median ns)");
+    println!("  datagram of a tracked UDP flow: noop {:.1}, lookup {:.1}, zt_to_pod {:.1} ({:.2} lookups), general path {:.1} ({:.2} lookups)", udp.noop, udp.lookup, udp.est, udp.est_ratio, udp.general, udp.general_ratio);
+    println!("  a hooked pod's own packet at zt_cgroup_ingress: {cg:.1} against {cg_noop:.1} for zt_cgroup_noop (+{:.1})", cg - cg_noop);
 }
 
 /// `established_vs_lookup`'s figures.

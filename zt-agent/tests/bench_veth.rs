@@ -6,12 +6,15 @@
 //! empty programs at zt's hooks (what the hooks cost before any program work).
 //! Measures TCP throughput (iperf3), 64-byte UDP packets/s delivered (iperf3 -u -l 64) and
 //! sequential TCP connections/s (a client and server in this file), and prints each as a
-//! ratio to "no filter" measured in the same round (the mean of a run before and one
-//! after the filtered runs). No timed assertions: it fails only when traffic that every
-//! configuration allows does not get through.
+//! ratio to the same measurement taken just before it on a twin bed that nothing filters
+//! (on this shared machine the speed drifts by a fifth within minutes, which a baseline
+//! per round put into the ratios). The "no filter" row pairs the two beds with nothing on
+//! either: how far apart identical beds read, the noise floor of every other row. No
+//! timed assertions: it fails only when traffic that every configuration allows does not
+//! get through.
 //!
-//! Topology: netns `A` (client, "the node" side) holds `a0`, the host-side end of the
-//! server pod's veth; netns `B` (the pod) holds `b0`. zt's `zt_from_pod` runs at `a0`
+//! Topology, per bed: netns `A` (client, "the node" side) holds `a0`, the host-side end
+//! of the server pod's veth; netns `B` (the pod) holds `b0`. zt's `zt_from_pod` runs at `a0`
 //! ingress and `zt_to_pod` at `a0` egress; iptables and nft filter in B's INPUT hook.
 //! The iptables chain lists the client's three ACCEPT rules last and has no ESTABLISHED
 //! shortcut (each packet walks the chain, as a rule list per peer does for its last peer);
@@ -70,24 +73,31 @@ fn main() {
     assert!(scales.iter().all(|n| *n >= CLIENT_FLOWS.len() as u32), "every scale holds at least the client's {} rules", CLIENT_FLOWS.len());
     let rounds: usize = std::env::var("ZT_BENCH_ROUNDS").ok().map(|s| s.parse().expect("ZT_BENCH_ROUNDS: a count")).unwrap_or(3);
     let max = *scales.iter().max().unwrap();
-    let bed = Veth::new();
+    // The baseline: an identical bed that nothing filters, measured just before each
+    // measurement on the filtered bed (the host's speed drifts by a fifth within minutes).
+    let twin = Veth::new(0);
+    let bed = Veth::new(1);
     let t0 = Instant::now();
     println!(
-        "datapath side by side on veth: {rounds} rounds, {secs} s per measurement; per round, ratios to no filter (the mean of that round's first and last no-filter runs); median [min-max] over rounds"
+        "datapath side by side on veth: {rounds} rounds, {secs} s per measurement; each measurement paired with the same one on an identical unfiltered bed (the twin) just before it; ratios of the pairs, median [min-max] over rounds"
     );
     // Per configuration: its figures and ratios of every round.
     let mut cells: Vec<(String, Vec<Figures>, Vec<Figures>)> = vec![];
     for round in 0..rounds {
-        let mut rows: Vec<(String, Figures)> = vec![];
-        rows.push(("no filter".into(), bed.measure(secs)));
+        let mut rows: Vec<(String, Figures, Figures)> = vec![];
+        let pair = |rows: &mut Vec<(String, Figures, Figures)>, name: String| {
+            let (base, f) = paired(&twin, &bed, secs);
+            rows.push((name, base, f));
+        };
+        // Both beds unfiltered: how far apart identical beds read (the noise floor).
+        pair(&mut rows, "no filter".into());
         {
             // Loaded per round: nothing of zt stays attached during the other configurations.
             let mut zt = Zt::attach(&bed, max);
             for &n in &scales {
                 zt.scale(n);
                 let judged = zt.counted(false);
-                let f = bed.measure(secs);
-                rows.push((format!("zt {n}"), f));
+                pair(&mut rows, format!("zt {n}"));
                 let drops = zt.counted(true);
                 assert_eq!(drops, 0, "zt dropped {drops} packets of allowed flows at {n}");
                 assert!(zt.counted(false) > judged + 1000, "zt judged the traffic at {n}");
@@ -95,28 +105,22 @@ fn main() {
         }
         {
             let _empty = EmptyHooks::attach(&bed);
-            rows.push(("empty programs".into(), bed.measure(secs)));
+            pair(&mut rows, "empty programs".into());
         }
         for &n in &scales {
             bed.iptables(n);
-            rows.push((format!("iptables-nft {n}"), bed.measure(secs)));
+            pair(&mut rows, format!("iptables-nft {n}"));
             bed.ns_cmd(&bed.b, &["iptables-nft", "-P", "INPUT", "ACCEPT"]);
             bed.ns_cmd(&bed.b, &["iptables-nft", "-F", "INPUT"]);
         }
         for &n in &scales {
             bed.nft_set(n);
-            rows.push((format!("nft set {n}"), bed.measure(secs)));
+            pair(&mut rows, format!("nft set {n}"));
             bed.ns_cmd(&bed.b, &["nft", "delete", "table", "inet", "ztbench"]);
         }
-        let (first, last) = (rows[0].1, bed.measure(secs));
-        rows[0].1 = Figures {
-            tcp_gbps: (first.tcp_gbps + last.tcp_gbps) / 2.0,
-            udp_kpps: (first.udp_kpps + last.udp_kpps) / 2.0,
-            conn_s: (first.conn_s + last.conn_s) / 2.0,
-        };
         let base = rows[0].1;
-        eprintln!("round {}: no filter {:.2} Gb/s, {:.1} kpps, {:.0} conn/s ({:.0?})", round + 1, base.tcp_gbps, base.udp_kpps, base.conn_s, t0.elapsed());
-        for (i, (name, f)) in rows.into_iter().enumerate() {
+        eprintln!("round {}: unfiltered twin {:.2} Gb/s, {:.1} kpps, {:.0} conn/s ({:.0?})", round + 1, base.tcp_gbps, base.udp_kpps, base.conn_s, t0.elapsed());
+        for (i, (name, base, f)) in rows.into_iter().enumerate() {
             let ratio = Figures { tcp_gbps: f.tcp_gbps / base.tcp_gbps, udp_kpps: f.udp_kpps / base.udp_kpps, conn_s: f.conn_s / base.conn_s };
             if round == 0 {
                 cells.push((name, vec![], vec![]));
@@ -138,7 +142,15 @@ fn main() {
             name, t.0, t.1, t.2, t.3, u.0, u.1, u.2, u.3, c.0, c.1, c.2, c.3
         );
     }
-    println!("(UDP: 64-byte payloads, packets delivered to the server per second; conn/s: sequential connect, read 1 byte, close; total {:.0?})", t0.elapsed());
+    println!("(no filter: the filtered bed with nothing on it against its twin, the noise floor of every ratio; UDP: 64-byte payloads, packets delivered to the server per second; conn/s: sequential connect, read 1 byte, close; total {:.0?})", t0.elapsed());
+}
+
+/// Each measurement on the twin, then on the bed: (twin, bed).
+fn paired(twin: &Veth, bed: &Veth, secs: u64) -> (Figures, Figures) {
+    let (t_tcp, b_tcp) = (twin.tcp(secs), bed.tcp(secs));
+    let (t_udp, b_udp) = (twin.udp(secs), bed.udp(secs));
+    let (t_conn, b_conn) = (twin.conn(secs), bed.conn(secs));
+    (Figures { tcp_gbps: t_tcp, udp_kpps: t_udp, conn_s: t_conn }, Figures { tcp_gbps: b_tcp, udp_kpps: b_udp, conn_s: b_conn })
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -164,8 +176,9 @@ struct Veth {
 }
 
 impl Veth {
-    fn new() -> Veth {
-        let id = std::process::id();
+    /// Bed `n` of this run (its own namespaces, interfaces and cgroup).
+    fn new(n: u32) -> Veth {
+        let id = format!("{}{n}", std::process::id());
         let (a, b) = (format!("ztbv{id}a"), format!("ztbv{id}b"));
         let cgroup_root = cgroup2_root().join(format!("ztbv{id}"));
         let mut bed = Veth { a: a.clone(), b: b.clone(), a_if: format!("bv{id}a"), cgroup_root, servers: vec![] };
@@ -217,21 +230,34 @@ impl Veth {
         String::from_utf8(out.stdout).unwrap()
     }
 
-    fn measure(&self, secs: u64) -> Figures {
-        let t = secs.to_string();
-        let server = SERVER.to_string();
+    /// TCP throughput, Gb/s.
+    fn tcp(&self, secs: u64) -> f64 {
+        let (t, server) = (secs.to_string(), SERVER.to_string());
         let tcp: serde_json::Value = serde_json::from_str(&self.ns_output(&self.a, &["iperf3", "-c", &server, "-p", "5201", "-t", &t, "-J"])).unwrap();
         let bps = tcp["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or_else(|| panic!("iperf3 TCP: {tcp:#}"));
+        assert!(bps > 0.0, "TCP got through on {}", self.b);
+        bps / 1e9
+    }
+
+    /// 64-byte UDP packets delivered, thousands per second.
+    fn udp(&self, secs: u64) -> f64 {
+        let (t, server) = (secs.to_string(), SERVER.to_string());
         let udp: serde_json::Value =
             serde_json::from_str(&self.ns_output(&self.a, &["iperf3", "-c", &server, "-p", "5201", "-u", "-l", "64", "-b", "0", "-t", &t, "-J"])).unwrap();
         let sum = &udp["end"]["sum"];
         let (packets, lost, seconds) = (sum["packets"].as_f64(), sum["lost_packets"].as_f64(), sum["seconds"].as_f64());
         let (Some(packets), Some(lost), Some(seconds)) = (packets, lost, seconds) else { panic!("iperf3 UDP: {udp:#}") };
+        assert!(packets > lost, "UDP got through on {}: {packets} packets, {lost} lost", self.b);
+        (packets - lost) / seconds / 1e3
+    }
+
+    /// Sequential TCP connections per second.
+    fn conn(&self, secs: u64) -> f64 {
         let exe = std::env::current_exe().unwrap();
-        let conn = self.ns_output(&self.a, &[exe.to_str().unwrap(), "--conn-client", &format!("{SERVER}:{CONN_PORT}"), &t]);
+        let conn = self.ns_output(&self.a, &[exe.to_str().unwrap(), "--conn-client", &format!("{SERVER}:{CONN_PORT}"), &secs.to_string()]);
         let conn_s: f64 = conn.trim().parse().unwrap_or_else(|_| panic!("conn client printed {conn:?}"));
-        assert!(bps > 0.0 && packets > lost && conn_s > 0.0, "traffic got through: {bps} b/s, {packets} packets ({lost} lost), {conn_s} conn/s");
-        Figures { tcp_gbps: bps / 1e9, udp_kpps: (packets - lost) / seconds / 1e3, conn_s }
+        assert!(conn_s > 0.0, "connections got through on {}", self.b);
+        conn_s
     }
 
     /// `n` rules in B's INPUT chain: fillers for other peers first, the client's last.

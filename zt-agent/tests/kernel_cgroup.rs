@@ -36,16 +36,6 @@ fn node(tag: &str, hooked_if: u32) -> Dp {
     dp
 }
 
-/// The cgroup v2 id of this process's cgroup: the inode number of its directory.
-fn own_cgroup_id() -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
-    let root = mounts.lines().map(|l| l.split(' ').collect::<Vec<_>>()).find(|f| f[2] == "cgroup2").map(|f| f[1].to_string()).expect("a cgroup2 mount");
-    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
-    let path = own.lines().find_map(|l| l.strip_prefix("0::")).expect("cgroup v2 membership").trim().to_string();
-    std::fs::metadata(format!("{root}{path}")).unwrap().ino()
-}
-
 #[test]
 fn loopback_passes_uncounted() {
     let mut dp = node("cg-lo", 7);
@@ -189,8 +179,7 @@ fn malformed_ip_is_dropped_not_waved_through() {
         assert_eq!(dp.run_cgroup(EGRESS, &p, Some(dev)), DROP);
         assert_eq!(dp.counter(DIR_EGRESS, Reason::DropMalformed), 1);
         // A hooked pod's address in a header that is not a well-formed one is no one's:
-        // judged here (malformed), not left to the pod's hook on its word. The owner is
-        // read before the parse only from a header the parse would take (cgroup.rs).
+        // judged here (malformed), not left to the pod's hook on its word.
         let mut bad = vec![];
         for (at, byte) in [(14, 0x44), (14, 0x65)] {
             let mut p = ipv4(HOOKED, PEER, TCP, 1000, 80);
@@ -209,6 +198,11 @@ fn malformed_ip_is_dropped_not_waved_through() {
         dp.endpoint(PEER6, ID_POD, EP_LOCAL | EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS, 7);
         assert_eq!(dp.run_cgroup(EGRESS, &long6, Some(dev)), DROP);
         assert_eq!(dp.counter(DIR_EGRESS, Reason::DropMalformed), 5);
+        // A whole IP header, whatever follows (here a TCP header cut short): the pod's
+        // hook judges it.
+        let mut cut = ipv4(HOOKED, PEER, TCP, 1000, 80)[..44].to_vec();
+        cut[16..18].copy_from_slice(&0u16.to_be_bytes());
+        assert_eq!(dp.run_cgroup(EGRESS, &cut, Some(dev)), PASS);
         // Well-formed, the same pod's packets are its hook's.
         assert_eq!(dp.run_cgroup(EGRESS, &ipv4(HOOKED, PEER, TCP, 1000, 80), Some(dev)), PASS);
         assert_eq!(dp.run_cgroup(EGRESS, &ipv6(PEER6, HOST6, TCP, 1000, 80), Some(dev)), PASS);

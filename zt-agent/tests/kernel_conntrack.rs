@@ -232,6 +232,13 @@ fn established_flow_keeps_the_peer_interface_check() {
         assert_eq!(dp.maps.ct_est.get(&k, 0).map(|v| v.epoch).ok(), Some(1), "the entry stays, not re-verified");
         assert_eq!(dp.run_from(TO, &tcp(SERVER, POD, 80, 43000, PSH_ACK), if_a, if_b), TC_PASS);
         assert_eq!(dp.maps.ct_est.get(&k, 0).map(|v| v.epoch).ok(), Some(2), "re-verified by the genuine packet");
+        // A tracked UDP flow likewise (the short way finds it in ZT_CT).
+        dp.policy(POLICY_PREFIX_FULL, pk(ID_POD, ID_SERVER, DIR_EGRESS, UDP, 5000), VERDICT_ALLOW, 2);
+        assert_eq!(dp.run_from(FROM, &udp(POD, SERVER, 43001, 5000), if_a, if_a), TC_PASS);
+        assert_eq!(dp.run_from(TO, &udp(SERVER, POD, 5000, 43001), if_a, if_b), TC_PASS);
+        assert_eq!(dp.run_from(TO, &udp(SERVER, POD, 5000, 43001), if_a, if_a), TC_DROP);
+        assert_eq!(dp.counter(DIR_INGRESS, Reason::DropSpoofedSource), 3);
+        assert_eq!(dp.run_from(TO, &udp(SERVER, POD, 5000, 43001), if_a, if_b), TC_PASS);
     });
 }
 
@@ -364,6 +371,12 @@ fn segments_with_an_established_tuple_that_are_not_the_flow_are_judged_in_full()
     assert_eq!(dp.run(FROM, &seg), TC_PASS, "the flow itself goes on");
 }
 
+/// An IPv4 UDP datagram with 16 bytes of payload (the size the general path parses in
+/// one pass over the linear data).
+fn udp(src: &str, dst: &str, sport: u16, dport: u16) -> Vec<u8> {
+    ipv4_udp(src, dst, sport, dport, 16)
+}
+
 /// The pod's UDP flow from `sport` to the server's port 5000, as stored in ZT_CT.
 fn udp_key(sport: u16) -> CtKey {
     CtKey { proto: UDP, dport: 5000, ..key(sport) }
@@ -384,8 +397,8 @@ fn udp_seen_ago(dp: &mut Dp, sport: u16, ago_s: u64) {
 fn tracked_udp_datagrams_leave_to_the_general_path_what_changes_or_is_not_their_flow() {
     let mut dp = dp_with("ct-udp-short", &MapSizes::default());
     dp.policy(POLICY_PREFIX_FULL, pk(ID_POD, ID_SERVER, DIR_EGRESS, UDP, 5000), VERDICT_ALLOW, 2);
-    let out = |sport| ipv4(POD, SERVER, UDP, sport, 5000);
-    let back = |sport| ipv4(SERVER, POD, UDP, 5000, sport);
+    let out = |sport| udp(POD, SERVER, sport, 5000);
+    let back = |sport| udp(SERVER, POD, 5000, sport);
     assert_eq!(dp.run(FROM, &out(47000)), TC_PASS);
     assert_eq!(dp.run(TO, &back(47000)), TC_PASS);
     assert_eq!(dp.run(FROM, &out(47000)), TC_PASS);
@@ -407,12 +420,18 @@ fn tracked_udp_datagrams_leave_to_the_general_path_what_changes_or_is_not_their_
     let mut cut = back(47000)[..38].to_vec();
     cut[16..18].copy_from_slice(&0u16.to_be_bytes());
     assert_eq!(dp.run(TO, &cut), TC_DROP, "a UDP header cut short, total length 0");
+    // Whole, with no payload (the general path's slower parse) and a total length of 0:
+    // the flow.
+    let mut bare = ipv4(SERVER, POD, UDP, 5000, 47000);
+    assert_eq!(dp.run(TO, &bare), TC_PASS);
+    bare[16..18].copy_from_slice(&0u16.to_be_bytes());
+    assert_eq!(dp.run(TO, &bare), TC_PASS);
     assert_eq!(dp.counter(DIR_INGRESS, Reason::DropMalformed), 2);
     assert_eq!(dp.run(TO, &ipv4_frag(SERVER, POD, UDP, &l4(UDP, 5000, 47000), 7, 1)), TC_DROP, "a later fragment");
     assert_eq!(dp.counter(DIR_INGRESS, Reason::DropFragment), 1);
     // IPv4 options that read as the flow's ports ahead of a datagram to a port the pod
     // may not open: judged on its real header, a new flow, denied.
-    let mut opts = ipv4(POD, SERVER, UDP, 47000, 9);
+    let mut opts = udp(POD, SERVER, 47000, 9);
     opts.splice(34..34, [0xb7, 0x98, 0x13, 0x88]); // 47000, 5000
     opts[14] = 0x46;
     let total = u16::from_be_bytes([opts[16], opts[17]]) + 4;

@@ -5,9 +5,7 @@
 //! - loopback (ifindex 1 in every netns) and non-IP pass;
 //! - a local endpoint with a TC hook (`ifindex != 0`) passes: its hook judges it (no
 //!   double counting); an address of the host identity (host-network pods) or of `dns`
-//!   that is no pod (a host-network resolver: NodeLocal DNSCache) passes. Most packets
-//!   here are such, so this is decided first, from the address of a well-formed IP
-//!   header read in place (`local_address`), before the parse;
+//!   that is no pod (a host-network resolver: NodeLocal DNSCache) passes;
 //! - anything else is judged by the shared datapath as hook ifindex 0: a known pod not
 //!   hooked yet by its policy, an unknown address as `initialising` (fails closed
 //!   except for host probes).
@@ -36,26 +34,13 @@ pub fn handle(ctx: &SkBuffContext, dir: u8) -> i32 {
     if unsafe { (*skb).ifindex } == LOOPBACK_IFINDEX {
         return CG_PASS;
     }
-    // The owner from the header in place: a hooked pod's own packet (most of them) passes
-    // without the parse. The parse would read the same address (`local_address`).
-    let early = match local_address(skb, dir) {
-        Some(key) => owner_of(skb, &key),
-        None => Owner::Unread,
-    };
-    if early == Owner::Elsewhere {
-        return CG_PASS;
-    }
     let mut f = Flow::zeroed();
     let parsed = parse::parse(skb, &mut f, parse::L3_AT_START);
     if parsed == Parsed::NonIp {
         return CG_PASS;
     }
-    let owner = if early == Owner::Unread {
-        let local = if dir == DIR_INGRESS { f.daddr } else { f.saddr };
-        owner_of(skb, &EndpointKey { addr: local })
-    } else {
-        early
-    };
+    let local = if dir == DIR_INGRESS { &f.daddr } else { &f.saddr };
+    let owner = owner_of(skb, local);
     if owner == Owner::Elsewhere {
         return CG_PASS;
     }
@@ -78,41 +63,6 @@ pub fn handle(ctx: &SkBuffContext, dir: u8) -> i32 {
     CG_PASS
 }
 
-/// The local address (destination entering, source leaving) of a packet whose IP header
-/// is whole in the linear data and well-formed as `parse` checks it (version, IPv4
-/// header length, the length field against the skb), keyed as `ENDPOINTS` is; `parse`
-/// fills the flow's address from the same bytes then. None for anything else, which is
-/// then parsed first.
-#[inline(always)]
-fn local_address(skb: *mut __sk_buff, dir: u8) -> Option<EndpointKey> {
-    let proto = u16::from_be(unsafe { (*skb).protocol } as u16);
-    let len = unsafe { (*skb).len } as usize;
-    unsafe {
-        if proto == parse::ETH_P_IP {
-            let ip = parse::direct(skb, 20)?;
-            let ihl = (*ip & 0x0f) as usize * 4;
-            let tot_len = parse::be16(ip, 2) as usize;
-            if *ip >> 4 != 4 || ihl < 20 || (tot_len != 0 && (tot_len < ihl || tot_len > len)) {
-                return None;
-            }
-            Some(EndpointKey { addr: v4_mapped(parse::four(ip, if dir == DIR_INGRESS { 16 } else { 12 })) })
-        } else if proto == parse::ETH_P_IPV6 {
-            let ip = parse::direct(skb, 40)?;
-            if *ip >> 4 != 6 || 40 + parse::be16(ip, 4) as usize > len {
-                return None;
-            }
-            let at = if dir == DIR_INGRESS { 24 } else { 8 };
-            let mut addr = [0u8; 16];
-            for (i, b) in addr.iter_mut().enumerate() {
-                *b = *ip.add(at + i);
-            }
-            Some(EndpointKey { addr })
-        } else {
-            None
-        }
-    }
-}
-
 #[derive(PartialEq, Eq)]
 enum Owner {
     /// A hooked local pod's own socket (its TC hook judges it), or the node's address.
@@ -123,13 +73,11 @@ enum Owner {
     /// forging another pod's address with a raw socket, or a new pod that got the
     /// address of a pod deleted while the agent was down (`spoofed-source`).
     AnotherPod,
-    /// Not known yet: the header is read by the parse first.
-    Unread,
 }
 
 #[inline(always)]
-fn owner_of(skb: *mut __sk_buff, key: &EndpointKey) -> Owner {
-    match unsafe { ENDPOINTS.get(key) } {
+fn owner_of(skb: *mut __sk_buff, addr: &[u8; 16]) -> Owner {
+    match unsafe { ENDPOINTS.get(&EndpointKey { addr: *addr }) } {
         // The node's, or a host-network resolver's address named by --fqdn-dns-address
         // (NodeLocal DNSCache): the node's own traffic, as for host-network pods.
         Some(ep) if ep.identity == IDENTITY_HOST || ep.identity == IDENTITY_DNS => Owner::Elsewhere,

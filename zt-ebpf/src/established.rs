@@ -1,10 +1,13 @@
 //! The packet of an established flow without the general datapath: most packets of a
 //! pod's traffic are TCP segments of a flow in `CT_EST`, or UDP datagrams of a flow in
 //! `CT`, that change nothing, and the general path (the full parse, the `Flow`, the
-//! lookups in the order conntrack.rs keeps, the state update) costs them 0.1-0.5 hash
-//! lookups more than this one (BENCHMARKS.md, "Verdict cost"). This path takes only a
-//! packet that the general path would pass unchanged; anything else returns false, and
-//! the general path then judges the packet from the start, as if this path did not exist.
+//! lookups in the order conntrack.rs keeps, the state update) costs them more than this
+//! one (BENCHMARKS.md, "Verdict cost": 0.1-0.5 hash lookups for the TCP ACK). This path
+//! takes only a packet that the general path would pass unchanged; anything else returns
+//! false, and the general path then judges the packet from the start, as if this path
+//! did not exist. Such a packet pays this path's lookups twice: a TCP segment that is no
+//! plain ACK never gets that far, but a UDP datagram of no tracked flow (the first of
+//! every flow, a denied one) pays two `CT` misses more.
 //!
 //! Taken here: IPv4 without options, not a fragment, the whole TCP or UDP header in the
 //! skb's linear data, an IPv4 total length (unless 0) that the skb holds and that holds
@@ -32,7 +35,8 @@ use crate::{
 /// parser wants in the skb before it reads a TCP segment (less is malformed there, also
 /// when the IPv4 total length is 0, BIG TCP's marker, which bounds nothing).
 const ETH_IP_TCP: usize = 14 + 20 + 20;
-/// ... the whole UDP header.
+/// ... the whole UDP header (this path also wants it inside the IPv4 total length, which
+/// the general parser does not: such a datagram is left to it).
 const ETH_IP_UDP: usize = 14 + 20 + 8;
 
 /// The entry of `$key`'s flow in `$map`, forward or (the key turned around in place) as

@@ -10,7 +10,7 @@ use zt_common::{icmp_ct_ports, v4_mapped};
 pub const L3_AFTER_ETH: usize = 14;
 pub const L3_AT_START: usize = 0;
 pub(crate) const ETH_P_IP: u16 = 0x0800;
-pub(crate) const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_P_ARP: u16 = 0x0806;
 /// VLAN tag protocols: 802.1Q, 802.1ad (QinQ) and the pre-standard 0x9100.
 const ETH_P_8021Q: u16 = 0x8100;

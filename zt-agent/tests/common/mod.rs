@@ -149,14 +149,20 @@ impl Dp {
     /// first). `ifindex` None: the loopback device; else it must exist in the calling
     /// thread's network namespace (see `in_private_netns`). Returns 1 pass, 0 drop.
     pub fn run_cgroup(&self, prog: &str, pkt: &[u8], ifindex: Option<u32>) -> u32 {
+        self.run_cgroup_n(prog, pkt, ifindex, 1).0
+    }
+    /// ... `repeat` times in the kernel; returns (verdict, mean ns per run). The program
+    /// must be loaded (`zt_cgroup_noop` is not, by `Dp::new`).
+    pub fn run_cgroup_n(&self, prog: &str, pkt: &[u8], ifindex: Option<u32>, repeat: u32) -> (u32, f64) {
         let mut ctx = [0u8; 192];
         if let Some(i) = ifindex {
             ctx[40..44].copy_from_slice(&i.to_ne_bytes());
         }
         let mut out = vec![0u8; pkt.len() + 256];
-        let opts = TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ctx_in: ifindex.map(|_| &ctx[..]), repeat: 1, ..Default::default() };
+        let opts = TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ctx_in: ifindex.map(|_| &ctx[..]), repeat, ..Default::default() };
         let p: &CgroupSkb = self.ebpf.program(prog).unwrap().try_into().unwrap();
-        p.test_run(opts).expect("BPF_PROG_TEST_RUN (cgroup skb)").return_value
+        let r = p.test_run(opts).expect("BPF_PROG_TEST_RUN (cgroup skb)");
+        (r.return_value, r.duration.as_nanos() as f64)
     }
     /// Every verdict counter summed (both directions, all reasons).
     pub fn counted(&self) -> u64 {
@@ -175,6 +181,17 @@ impl Dp {
     pub fn ct_len(&self) -> usize {
         self.maps.ct.keys().count()
     }
+}
+
+/// The cgroup v2 id of this process's cgroup (the inode number of its directory): the
+/// cgroup of the socket BPF_PROG_TEST_RUN gives a cgroup skb program.
+pub fn own_cgroup_id() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let root = mounts.lines().map(|l| l.split(' ').collect::<Vec<_>>()).find(|f| f[2] == "cgroup2").map(|f| f[1].to_string()).expect("a cgroup2 mount");
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let path = own.lines().find_map(|l| l.strip_prefix("0::")).expect("cgroup v2 membership").trim().to_string();
+    std::fs::metadata(format!("{root}{path}")).unwrap().ino()
 }
 
 /// Runs `f` on a thread inside a fresh network namespace holding a veth pair; `f` gets
@@ -257,6 +274,15 @@ pub fn ipv4_frag(src: &str, dst: &str, proto: u8, payload: &[u8], id: u16, frag:
 
 pub fn ipv4(src: &str, dst: &str, proto: u8, sport: u16, dport: u16) -> Vec<u8> {
     ipv4_frag(src, dst, proto, &l4(proto, sport, dport), 1, 0)
+}
+
+/// An IPv4 UDP datagram with `payload` zero bytes after its header (`ipv4` has none).
+pub fn ipv4_udp(src: &str, dst: &str, sport: u16, dport: u16, payload: usize) -> Vec<u8> {
+    let mut d = l4(UDP, sport, dport);
+    d.resize(8 + payload, 0);
+    let len = d.len() as u16;
+    d[4..6].copy_from_slice(&len.to_be_bytes());
+    ipv4_frag(src, dst, UDP, &d, 1, 0)
 }
 
 /// IPv6 packet with a chain of extension headers (next-header values) before `proto`.
