@@ -90,8 +90,9 @@ fn main() -> Result<()> {
             validate_deploy()?;
             let mut cmd = Command::new("cargo");
             cmd.args(["test", "--workspace", "--no-fail-fast", "--"]);
-            // The veth bench runs as a test here: one short round (`cargo xtask bench` measures).
-            cmd.env("ZT_BENCH_ROUNDS", "1").env("ZT_BENCH_SECS", "1");
+            // The veth bench runs as a test here: one short round at the two ends of the rule
+            // counts (`cargo xtask bench` measures).
+            cmd.env("ZT_BENCH_ROUNDS", "1").env("ZT_BENCH_SECS", "1").env("ZT_BENCH_SCALES", "10,100000");
             cmd.args(&args);
             run_env(&mut cmd)
         }
