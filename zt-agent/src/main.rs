@@ -117,30 +117,30 @@ struct Flags {
     #[arg(long, default_value_t = zt_common::DEFAULT_FRAGS_MAX)]
     frags_max: u32,
     /// Idle lifetime of an established TCP flow, seconds (above Linux's 7200 s keepalive).
-    #[arg(long, default_value_t = 21600)]
+    #[arg(long, default_value_t = 21600, value_parser = at_least_one_second())]
     ct_tcp_timeout: u32,
     /// Idle lifetime of a TCP flow whose handshake has not completed, seconds.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 60, value_parser = at_least_one_second())]
     ct_tcp_syn_timeout: u32,
     /// Idle lifetime of a half-closed TCP flow (FIN seen one way), seconds.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 60, value_parser = at_least_one_second())]
     ct_tcp_fin_timeout: u32,
     /// Idle lifetime of a closed TCP flow (FIN both ways, or RST), seconds.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = at_least_one_second())]
     ct_tcp_close_timeout: u32,
     /// Idle lifetime of a UDP flow, seconds.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 60, value_parser = at_least_one_second())]
     ct_udp_timeout: u32,
     /// Idle lifetime of an ICMP/ICMPv6 flow (echo, queries), seconds.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = at_least_one_second())]
     ct_icmp_timeout: u32,
     /// Idle lifetime of a flow of any other protocol (SCTP, ...), seconds.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 60, value_parser = at_least_one_second())]
     ct_other_timeout: u32,
     /// How often the agent deletes expired conntrack entries and counts the rest, seconds.
     #[arg(long, default_value_t = 30)]
     ct_gc_interval: u64,
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = at_least_one_second())]
     frag_timeout: u32,
     /// How often the manifests and interfaces are re-read, milliseconds.
     #[arg(long, default_value_t = 500)]
@@ -458,9 +458,26 @@ async fn main() -> anyhow::Result<()> {
     run(opts).await
 }
 
+/// Conntrack and fragment lifetimes: 0 s would make every entry stale the moment it is
+/// written (every reply judged as a new flow), so it is refused at the flag.
+fn at_least_one_second() -> clap::builder::RangedI64ValueParser<u32> {
+    clap::value_parser!(u32).range(1..)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lifetimes_of_zero_seconds_are_refused_by_name() {
+        for flag in ["--ct-tcp-timeout", "--ct-tcp-syn-timeout", "--ct-tcp-fin-timeout", "--ct-tcp-close-timeout", "--ct-udp-timeout", "--ct-icmp-timeout", "--ct-other-timeout", "--frag-timeout"] {
+            let e = Flags::try_parse_from(["zt-agent", flag, "0"]).unwrap_err().to_string();
+            assert!(e.contains(flag) && e.contains("0 is not in 1.."), "{flag}: {e}");
+            assert!(Flags::try_parse_from(["zt-agent", flag, "1"]).is_ok(), "{flag} 1");
+        }
+        let f = Flags::try_parse_from(["zt-agent"]).unwrap();
+        assert_eq!((f.ct_tcp_timeout, f.ct_udp_timeout, f.frag_timeout), (21600, 60, 5), "the defaults");
+    }
 
     #[test]
     fn auth_flags() {
