@@ -259,9 +259,10 @@ fn udp_and_cgroup(dp: &mut Dp, peer: &str) {
     assert_eq!(dp.run("zt_to_pod", &datagram), TC_PASS, "the UDP flow opens");
     let udp = established_vs_lookup(dp, &datagram);
 
-    let mut local = dp.maps.endpoints.get(&EndpointKey { addr: to_key(LOCAL.parse().unwrap()) }, 0).unwrap();
+    let local_key = EndpointKey { addr: to_key(LOCAL.parse().unwrap()) };
+    let mut local = dp.maps.endpoints.get(&local_key, 0).unwrap();
     local.cgroup = cgroup_scope(own_cgroup_id());
-    dp.maps.endpoints.insert(EndpointKey { addr: to_key(LOCAL.parse().unwrap()) }, local, 0).unwrap();
+    dp.maps.endpoints.insert(local_key, local, 0).unwrap();
     let noop: &mut aya::programs::CgroupSkb = dp.ebpf.program_mut("zt_cgroup_noop").unwrap().try_into().unwrap();
     noop.load().expect("load zt_cgroup_noop");
     let counted = dp.maps.counters().unwrap().iter().sum::<u64>();

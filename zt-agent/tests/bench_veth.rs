@@ -7,8 +7,8 @@
 //! Measures TCP throughput (iperf3), 64-byte UDP packets/s delivered (iperf3 -u -l 64) and
 //! sequential TCP connections/s (a client and server in this file), and prints each as a
 //! ratio to the same measurement taken just before it on a twin bed that nothing filters
-//! (on this shared machine the speed drifts by a fifth within minutes, which a baseline
-//! per round put into the ratios). The "no filter" row pairs the two beds with nothing on
+//! (on this shared machine the speed drifts by up to a quarter between rounds minutes
+//! apart, which a baseline per round put into the ratios). The "no filter" row pairs the two beds with nothing on
 //! either: how far apart identical beds read, the noise floor of every other row. No
 //! timed assertions: it fails only when traffic that every configuration allows does not
 //! get through.
@@ -74,7 +74,7 @@ fn main() {
     let rounds: usize = std::env::var("ZT_BENCH_ROUNDS").ok().map(|s| s.parse().expect("ZT_BENCH_ROUNDS: a count")).unwrap_or(3);
     let max = *scales.iter().max().unwrap();
     // The baseline: an identical bed that nothing filters, measured just before each
-    // measurement on the filtered bed (the host's speed drifts by a fifth within minutes).
+    // measurement on the filtered bed (the host's speed drifts between rounds).
     let twin = Veth::new(0);
     let bed = Veth::new(1);
     let t0 = Instant::now();

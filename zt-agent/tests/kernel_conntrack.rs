@@ -20,6 +20,7 @@ use zt_agent::{
     conntrack_gc::{monotonic_ns, CtGc, CtMaps},
     loader::MapSizes,
     net::to_key,
+    pins::CtMap,
 };
 use zt_common::*;
 
@@ -278,15 +279,15 @@ fn gc_deletes_expired_entries_by_state() {
     assert!(o.contains("zt_ct_kernel_total{event=\"promoted\"} 2"), "{o}");
 }
 
-/// Sets the pod's established flow from `sport` as last seen `ago_s` seconds ago.
-fn seen_ago(dp: &mut Dp, sport: u16, ago_s: u64) {
-    let mut v = dp.maps.ct_est.get(&key(sport), 0).expect("established");
+/// Sets the entry of `k` in `map` (ZT_CT_EST or ZT_CT) as last seen `ago_s` seconds ago.
+fn seen_ago(map: &mut CtMap, k: CtKey, ago_s: u64) {
+    let mut v = map.get(&k, 0).expect("tracked");
     v.last_seen_ns = monotonic_ns().saturating_sub(ago_s * 1_000_000_000);
-    dp.maps.ct_est.insert(key(sport), v, 0).unwrap();
+    map.insert(k, v, 0).unwrap();
 }
 
-fn seen_ms_ago(dp: &Dp, sport: u16) -> u64 {
-    (monotonic_ns() - dp.maps.ct_est.get(&key(sport), 0).expect("established").last_seen_ns) / 1_000_000
+fn seen_ms_ago(map: &CtMap, k: CtKey) -> u64 {
+    (monotonic_ns() - map.get(&k, 0).expect("tracked").last_seen_ns) / 1_000_000
 }
 
 #[test]
@@ -295,16 +296,16 @@ fn established_segments_refresh_last_seen_and_an_expired_entry_is_judged_anew() 
     handshake(&dp, 44000);
     // Idle 5 s: the next segment, either way, refreshes last-seen (a flow that carries
     // traffic never reaches its idle timeout).
-    seen_ago(&mut dp, 44000, 5);
+    seen_ago(&mut dp.maps.ct_est, key(44000), 5);
     assert_eq!(dp.run(FROM, &tcp(POD, SERVER, 44000, 80, PSH_ACK)), TC_PASS);
-    assert!(seen_ms_ago(&dp, 44000) < 1_000, "refreshed by the forward segment: {} ms ago", seen_ms_ago(&dp, 44000));
-    seen_ago(&mut dp, 44000, 5);
+    assert!(seen_ms_ago(&dp.maps.ct_est, key(44000)) < 1_000, "refreshed by the forward segment: {} ms ago", seen_ms_ago(&dp.maps.ct_est, key(44000)));
+    seen_ago(&mut dp.maps.ct_est, key(44000), 5);
     assert_eq!(dp.run(TO, &tcp(SERVER, POD, 80, 44000, ACK)), TC_PASS);
-    assert!(seen_ms_ago(&dp, 44000) < 1_000, "refreshed by the reply: {} ms ago", seen_ms_ago(&dp, 44000));
+    assert!(seen_ms_ago(&dp.maps.ct_est, key(44000)) < 1_000, "refreshed by the reply: {} ms ago", seen_ms_ago(&dp.maps.ct_est, key(44000)));
     // Idle past the established timeout (30 s here): the entry goes at its next packet,
     // which is judged as a new flow (the server may not open to the pod).
     dp.set_config(Config { ct_tcp_timeout_s: 30, ..config() });
-    seen_ago(&mut dp, 44000, 40);
+    seen_ago(&mut dp.maps.ct_est, key(44000), 40);
     assert_eq!(dp.run(TO, &tcp(SERVER, POD, 80, 44000, ACK)), TC_DROP);
     assert_eq!(dp.counter(DIR_INGRESS, Reason::DropPolicyDefault), 1);
     assert_eq!(where_is(&dp, 44000), (false, false, None));
@@ -382,12 +383,6 @@ fn udp_key(sport: u16) -> CtKey {
     CtKey { proto: UDP, dport: 5000, ..key(sport) }
 }
 
-fn udp_seen_ago(dp: &mut Dp, sport: u16, ago_s: u64) {
-    let mut v = dp.maps.ct.get(&udp_key(sport), 0).expect("tracked");
-    v.last_seen_ns = monotonic_ns().saturating_sub(ago_s * 1_000_000_000);
-    dp.maps.ct.insert(udp_key(sport), v, 0).unwrap();
-}
-
 /// What the short way (zt-ebpf/src/established.rs) must leave to the general path for a
 /// UDP flow, which it finds in ZT_CT: the last-seen refresh, expiry, a 0 s timeout, a
 /// policy epoch bump (re-verified, or revoked), and datagrams that carry the flow's tuple
@@ -403,14 +398,13 @@ fn tracked_udp_datagrams_leave_to_the_general_path_what_changes_or_is_not_their_
     assert_eq!(dp.run(TO, &back(47000)), TC_PASS);
     assert_eq!(dp.run(FROM, &out(47000)), TC_PASS);
     assert_eq!((dp.counter(DIR_EGRESS, Reason::AllowPolicy), dp.counter(DIR_INGRESS, Reason::AllowReply), dp.counter(DIR_EGRESS, Reason::AllowEstablished)), (1, 1, 1));
-    let ms_ago = |dp: &Dp| (monotonic_ns() - dp.maps.ct.get(&udp_key(47000), 0).expect("tracked").last_seen_ns) / 1_000_000;
     // Idle 5 s: the next datagram, either way, refreshes last-seen.
-    udp_seen_ago(&mut dp, 47000, 5);
+    seen_ago(&mut dp.maps.ct, udp_key(47000), 5);
     assert_eq!(dp.run(FROM, &out(47000)), TC_PASS);
-    assert!(ms_ago(&dp) < 1_000, "refreshed by the forward datagram: {} ms ago", ms_ago(&dp));
-    udp_seen_ago(&mut dp, 47000, 5);
+    assert!(seen_ms_ago(&dp.maps.ct, udp_key(47000)) < 1_000, "refreshed by the forward datagram: {} ms ago", seen_ms_ago(&dp.maps.ct, udp_key(47000)));
+    seen_ago(&mut dp.maps.ct, udp_key(47000), 5);
     assert_eq!(dp.run(TO, &back(47000)), TC_PASS);
-    assert!(ms_ago(&dp) < 1_000, "refreshed by the reply: {} ms ago", ms_ago(&dp));
+    assert!(seen_ms_ago(&dp.maps.ct, udp_key(47000)) < 1_000, "refreshed by the reply: {} ms ago", seen_ms_ago(&dp.maps.ct, udp_key(47000)));
 
     // Carrying the flow's tuple without being the flow.
     let mut long = back(47000);
@@ -457,7 +451,7 @@ fn tracked_udp_datagrams_leave_to_the_general_path_what_changes_or_is_not_their_
     dp.policy(POLICY_PREFIX_FULL, pk(ID_POD, ID_SERVER, DIR_EGRESS, UDP, 5000), VERDICT_ALLOW, 2);
     dp.set_config(Config { policy_epoch: 4, ct_udp_timeout_s: 30, ..config() });
     assert_eq!(dp.run(FROM, &out(47001)), TC_PASS);
-    udp_seen_ago(&mut dp, 47001, 40);
+    seen_ago(&mut dp.maps.ct, udp_key(47001), 40);
     assert_eq!(dp.run(TO, &back(47001)), TC_DROP);
     assert_eq!(dp.counter(DIR_INGRESS, Reason::DropPolicyDefault), 1);
     // A timeout of 0: no entry is ever fresh, even one seen just now.

@@ -26,7 +26,7 @@ pub fn handle<const SHORT: bool>(ctx: &TcContext, dir: u8) -> i32 {
     // where they entered says nothing (l7.rs).
     let from_ifindex = if dir == DIR_INGRESS { l7::from_ifindex(ctx, from_ifindex) } else { from_ifindex };
     let hook = Hook { ifindex, dir, scope: ifindex, from_ifindex };
-    // Most TCP packets: a segment of an established flow that changes nothing
+    // Most TCP and UDP packets: one of an established flow that changes nothing
     // (established.rs); anything else is judged below from the start.
     if SHORT && established::pass(ctx.skb.skb, &hook) {
         return TC_PASS;
