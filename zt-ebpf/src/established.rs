@@ -2,12 +2,14 @@
 //! pod's traffic are TCP segments of a flow in `CT_EST`, or UDP datagrams of a flow in
 //! `CT`, that change nothing, and the general path (the full parse, the `Flow`, the
 //! lookups in the order conntrack.rs keeps, the state update) costs them more than this
-//! one (BENCHMARKS.md, "Verdict cost": 0.1-0.5 hash lookups for the TCP ACK). This path
-//! takes only a packet that the general path would pass unchanged; anything else returns
-//! false, and the general path then judges the packet from the start, as if this path
-//! did not exist. Such a packet pays this path's lookups twice: a TCP segment that is no
-//! plain ACK never gets that far, but a UDP datagram of no tracked flow (the first of
-//! every flow, a denied one) pays two `CT` misses more.
+//! one (BENCHMARKS.md, "Verdict cost": 0.04-0.24 hash lookups for the TCP ACK, 0.2 for
+//! the UDP datagram). This path takes only a packet that the general path would pass
+//! unchanged; anything else returns false, and the general path then judges the packet
+//! from the start, as if this path did not exist. Such a packet pays this path's lookups
+//! twice: a TCP segment that is no plain ACK never gets that far, but a UDP datagram of
+//! no tracked flow (the first of every flow, a denied one) pays two `CT` misses more.
+//! (Telling the general path of a miss, as a flag down to `conntrack::lookup`, made the
+//! verifier walk the general path once per value, past its 1M-instruction limit.)
 //!
 //! Taken here: IPv4 without options, not a fragment, the whole TCP or UDP header in the
 //! skb's linear data, an IPv4 total length (unless 0) that the skb holds and that holds
