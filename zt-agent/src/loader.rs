@@ -11,7 +11,7 @@ use aya::{
     programs::{
         links::{FdLink, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
-        CgroupSkb, CgroupSockAddr, CgroupSockAddrAttachType, LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+        CgroupSockAddrAttachType, LinkOrder, Program, ProgramError, SchedClassifier, TcAttachType,
     },
     Ebpf, EbpfLoader,
 };
@@ -123,8 +123,24 @@ pub struct Datapath {
     attached: BTreeSet<(u32, String)>,
 }
 
-/// Loads the object with maps pinned under `bpffs_root` (created or reused).
+/// The programs an agent loads; the object's others are for the benchmark.
+pub fn agent_programs() -> Vec<&'static str> {
+    let mut v = vec![PROG_FROM_POD, PROG_TO_POD, PROG_NOOP, crate::uplink::PROG_FROM_UPLINK, PROG_CGROUP_EGRESS, PROG_CGROUP_INGRESS];
+    v.extend(PROGS_SOCK_ADDR.iter().map(|(name, _)| *name));
+    v
+}
+
+/// Loads the object with maps pinned under `bpffs_root` (created or reused) and the
+/// agent's programs verified.
 pub fn load_object(bpffs_root: &Path, sizes: &MapSizes) -> Result<Ebpf> {
+    let mut ebpf = open_object(bpffs_root, sizes)?;
+    load_programs(&mut ebpf, &agent_programs())?;
+    Ok(ebpf)
+}
+
+/// The object with its maps created or reused under `bpffs_root`; no program is
+/// loaded yet (see [`load_programs`]).
+pub fn open_object(bpffs_root: &Path, sizes: &MapSizes) -> Result<Ebpf> {
     if OBJECT.is_empty() {
         bail!("this binary was built with ZT_SKIP_EBPF: it carries no kernel programs");
     }
@@ -142,23 +158,37 @@ pub fn load_object(bpffs_root: &Path, sizes: &MapSizes) -> Result<Ebpf> {
         .map_max_entries(MAP_FQDN_NAMES, sizes.fqdn_names)
         .map_max_entries(MAP_FQDN_PORTS, sizes.fqdn_ports)
         .map_max_entries(MAP_FQDN_LEARNED, sizes.fqdn_learned);
-    let mut ebpf = loader.load(OBJECT).context("loading the zt kernel object")?;
-    for name in [PROG_FROM_POD, PROG_TO_POD, PROG_NOOP, crate::uplink::PROG_FROM_UPLINK] {
-        let prog: &mut SchedClassifier = ebpf.program_mut(name).with_context(|| format!("program {name} missing from the object"))?.try_into()?;
-        load_retrying(|| prog.load()).with_context(|| format!("verifier rejected {name}"))?;
+    loader.load(OBJECT).context("loading the zt kernel object")
+}
+
+/// Verifies and loads the programs `names` not loaded yet, each on its own thread: the
+/// verifier walks one program on one CPU, and the largest take it about a second, so
+/// side by side an agent's start waits for the largest rather than for their sum.
+pub fn load_programs(ebpf: &mut Ebpf, names: &[&str]) -> Result<()> {
+    if let Some(missing) = names.iter().find(|n| ebpf.program(n).is_none()) {
+        bail!("program {missing} missing from the object");
     }
-    for name in [PROG_CGROUP_EGRESS, PROG_CGROUP_INGRESS] {
-        let prog: &mut CgroupSkb = ebpf.program_mut(name).with_context(|| format!("program {name} missing from the object"))?.try_into()?;
-        load_retrying(|| prog.load()).with_context(|| format!("verifier rejected {name}"))?;
+    let todo: Vec<(&str, &mut Program)> = ebpf.programs_mut().filter(|(n, p)| names.contains(n) && p.fd().is_err()).collect();
+    std::thread::scope(|s| {
+        let loads: Vec<_> = todo.into_iter().map(|(name, prog)| (name, s.spawn(move || load_program(prog)))).collect();
+        for (name, load) in loads {
+            match load.join() {
+                Ok(r) => r.with_context(|| format!("verifier rejected {name}"))?,
+                Err(_) => bail!("loading {name} panicked"),
+            }
+        }
+        Ok(())
+    })
+}
+
+fn load_program(prog: &mut Program) -> Result<()> {
+    match prog {
+        Program::SchedClassifier(p) => load_retrying(|| p.load())?,
+        Program::CgroupSkb(p) => load_retrying(|| p.load())?,
+        Program::CgroupSockAddr(p) => load_retrying(|| p.load())?,
+        other => bail!("unexpected program type {:?}", other.prog_type()),
     }
-    for (name, _) in PROGS_SOCK_ADDR {
-        let prog: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .with_context(|| format!("program {name} missing from the object"))?
-            .try_into()?;
-        load_retrying(|| prog.load()).with_context(|| format!("verifier rejected {name}"))?;
-    }
-    Ok(ebpf)
+    Ok(())
 }
 
 /// The verifier gives up with EAGAIN when a signal arrives while it runs (it checks

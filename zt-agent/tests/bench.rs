@@ -221,12 +221,6 @@ const SIDE_ROUNDS: usize = 15;
 /// Returns the medians (noop, lookup, established, general ns) and the medians of the
 /// rounds' established/lookup and general/lookup ratios.
 fn established_vs_lookup(dp: &mut Dp, pkt: &[u8]) -> Side {
-    for name in ["zt_bench_lookup", "zt_bench_general"] {
-        let prog: &mut aya::programs::SchedClassifier = dp.ebpf.program_mut(name).unwrap().try_into().unwrap();
-        if prog.fd().is_err() {
-            prog.load().unwrap_or_else(|e| panic!("load {name}: {e}"));
-        }
-    }
     let mut r: [Vec<f64>; 6] = Default::default();
     for _ in 0..SIDE_ROUNDS {
         let run = |prog: &str, what: &str| {
@@ -263,8 +257,6 @@ fn udp_and_cgroup(dp: &mut Dp, peer: &str) {
     let mut local = dp.maps.endpoints.get(&local_key, 0).unwrap();
     local.cgroup = cgroup_scope(own_cgroup_id());
     dp.maps.endpoints.insert(local_key, local, 0).unwrap();
-    let noop: &mut aya::programs::CgroupSkb = dp.ebpf.program_mut("zt_cgroup_noop").unwrap().try_into().unwrap();
-    noop.load().expect("load zt_cgroup_noop");
     let counted = dp.maps.counters().unwrap().iter().sum::<u64>();
     let (cg_noop, cg) = in_private_netns(|dev, _| {
         let (mut n, mut c) = (vec![], vec![]);

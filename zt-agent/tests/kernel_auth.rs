@@ -187,7 +187,7 @@ fn a_withdrawn_proof_revokes_live_flows_on_the_epoch_bump_and_established_flows_
 fn verifier_processed_instructions() {
     let dp = dp("auth-verifier");
     for name in ["zt_from_pod", "zt_to_pod", "zt_cgroup_egress", "zt_cgroup_ingress"] {
-        let info = dp.ebpf.program(name).unwrap().info().unwrap();
+        let info = dp.ebpf(&[name]).program(name).unwrap().info().unwrap();
         println!("verifier: {name}: processed {} insns", info.verified_instruction_count().unwrap_or(0));
     }
 }

@@ -739,7 +739,7 @@ fn events_are_rate_limited() {
 fn verifier_processed_instructions() {
     let fx = Fx::new("dns-verifier");
     for name in ["zt_from_pod", "zt_to_pod", "zt_cgroup_egress", "zt_cgroup_ingress", "zt_from_uplink", "zt_noop"] {
-        let info = fx.dp.ebpf.program(name).unwrap().info().unwrap();
+        let info = fx.dp.ebpf(&[name]).program(name).unwrap().info().unwrap();
         println!("verifier: {name}: processed {} insns", info.verified_instruction_count().unwrap_or(0));
     }
 }

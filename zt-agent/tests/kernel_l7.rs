@@ -39,7 +39,8 @@ fn run_marked(dp: &Dp, hook: &str, pkt: &[u8], ifindex: u32, ingress_ifindex: u3
     ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
     let mut out = vec![0u8; pkt.len() + 256];
     let opts = aya::TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ctx_in: Some(&ctx), repeat: 1, ..Default::default() };
-    let p: &aya::programs::SchedClassifier = dp.ebpf.program(hook).unwrap().try_into().unwrap();
+    let ebpf = dp.ebpf(&[hook]);
+    let p: &aya::programs::SchedClassifier = ebpf.program(hook).unwrap().try_into().unwrap();
     p.test_run(opts).expect("BPF_PROG_TEST_RUN with mark").return_value
 }
 

@@ -115,11 +115,11 @@ fn lo_up() {
 
 #[test]
 fn connect_sendmsg_recvmsg_getpeername_through_a_frontend() {
-    let mut dp = Dp::new("svc");
+    let dp = Dp::new("svc");
     let cg = Cgroup::new("svc");
     let root = dp._fs.root();
     std::fs::create_dir_all(zt_agent::pins::link_dir(&root)).unwrap();
-    zt_agent::cgroup_link::ensure_attached(&mut dp.ebpf, &root, &cg.0, true).unwrap();
+    zt_agent::cgroup_link::ensure_attached(&mut dp.ebpf(&zt_agent::loader::agent_programs()), &root, &cg.0, true).unwrap();
     let mut maps = ServiceMaps::open(&root).unwrap();
     let out = in_private_netns(|_, _| {
         lo_up();
@@ -173,11 +173,11 @@ print(json.dumps(r))
 
 #[test]
 fn session_affinity_keeps_a_clients_backend_and_random_spreads() {
-    let mut dp = Dp::new("svc-aff");
+    let dp = Dp::new("svc-aff");
     let cg = Cgroup::new("svc-aff");
     let root = dp._fs.root();
     std::fs::create_dir_all(zt_agent::pins::link_dir(&root)).unwrap();
-    zt_agent::cgroup_link::ensure_attached(&mut dp.ebpf, &root, &cg.0, true).unwrap();
+    zt_agent::cgroup_link::ensure_attached(&mut dp.ebpf(&zt_agent::loader::agent_programs()), &root, &cg.0, true).unwrap();
     let mut maps = ServiceMaps::open(&root).unwrap();
     in_private_netns(|_, _| {
         lo_up();

@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
 
 use aya::{
     maps::{lpm_trie::Key, MapData, RingBuf},
@@ -11,7 +12,7 @@ use aya::{
     Ebpf, TestRun, TestRunOptions,
 };
 use zt_agent::{
-    loader::{load_object, MapSizes},
+    loader::{load_programs, open_object, MapSizes},
     net::{key_prefix, to_key},
     pins::PinnedMaps,
 };
@@ -53,9 +54,10 @@ fn rand_suffix() -> u64 {
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
-/// The loaded datapath of one test: programs, typed maps, the events ring.
+/// The loaded datapath of one test: programs, typed maps, the events ring. Each program
+/// is verified when the test first uses it (all of them take the verifier seconds).
 pub struct Dp {
-    pub ebpf: Ebpf,
+    ebpf: Mutex<Ebpf>,
     pub maps: PinnedMaps,
     pub events: RingBuf<MapData>,
     pub _fs: Bpffs,
@@ -81,11 +83,17 @@ impl Dp {
     }
     pub fn with_sizes(tag: &str, sizes: &MapSizes) -> Dp {
         let fs = Bpffs::new(tag);
-        let mut ebpf = load_object(&fs.root(), sizes).expect("load object");
+        let mut ebpf = open_object(&fs.root(), sizes).expect("open object");
         let events = RingBuf::try_from(ebpf.take_map(MAP_EVENTS).unwrap()).unwrap();
         let mut maps = PinnedMaps::open(&fs.root()).unwrap();
         maps.config.set(0, config(), 0).unwrap();
-        Dp { ebpf, maps, events, _fs: fs }
+        Dp { ebpf: Mutex::new(ebpf), maps, events, _fs: fs }
+    }
+    /// The object with the programs `names` loaded (those not loaded yet are verified now).
+    pub fn ebpf(&self, names: &[&str]) -> MutexGuard<'_, Ebpf> {
+        let mut ebpf = self.ebpf.lock().unwrap();
+        load_programs(&mut ebpf, names).unwrap_or_else(|e| panic!("loading {names:?}: {e:#}"));
+        ebpf
     }
     pub fn set_config(&mut self, c: Config) {
         self.maps.config.set(0, c, 0).unwrap();
@@ -108,8 +116,10 @@ impl Dp {
     pub fn unpolicy(&mut self, prefix: u32, k: PolicyKey) {
         self.maps.policy.remove(&Key::new(prefix, k)).unwrap();
     }
-    fn prog(&self, name: &str) -> &SchedClassifier {
-        self.ebpf.program(name).unwrap().try_into().unwrap()
+    fn test_run(&self, hook: &str, opts: TestRunOptions) -> aya::TestRunResult {
+        let ebpf = self.ebpf(&[hook]);
+        let prog: &SchedClassifier = ebpf.program(hook).unwrap().try_into().unwrap();
+        prog.test_run(opts).unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {hook}: {e}"))
     }
     /// Runs the program of `hook` ("zt_from_pod" / "zt_to_pod" / "zt_noop") once.
     pub fn run(&self, hook: &str, pkt: &[u8]) -> u32 {
@@ -123,7 +133,7 @@ impl Dp {
         ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
         let mut out = vec![0u8; pkt.len() + 256];
         let opts = TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ctx_in: Some(&ctx), repeat: 1, ..Default::default() };
-        self.prog(hook).test_run(opts).expect("BPF_PROG_TEST_RUN with ifindex").return_value
+        self.test_run(hook, opts).return_value
     }
     /// Runs the program once on hook interface `ifindex` (0: the loopback device; else it
     /// must exist in the calling thread's netns) for a packet that entered the node
@@ -135,13 +145,13 @@ impl Dp {
         ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
         let mut out = vec![0u8; pkt.len() + 256];
         let opts = TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ctx_in: Some(&ctx), repeat: 1, ..Default::default() };
-        self.prog(hook).test_run(opts).expect("BPF_PROG_TEST_RUN with ingress_ifindex").return_value
+        self.test_run(hook, opts).return_value
     }
     /// Runs it `repeat` times in the kernel; returns (verdict, mean ns per run).
     pub fn run_n(&self, hook: &str, pkt: &[u8], repeat: u32) -> (u32, f64) {
         let mut out = vec![0u8; pkt.len() + 256];
         let opts = TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), repeat, ..Default::default() };
-        let r = self.prog(hook).test_run(opts).expect("BPF_PROG_TEST_RUN");
+        let r = self.test_run(hook, opts);
         (r.return_value, r.duration.as_nanos() as f64)
     }
     /// Runs a cgroup skb program ("zt_cgroup_egress" / "zt_cgroup_ingress") once on `pkt`
@@ -151,8 +161,7 @@ impl Dp {
     pub fn run_cgroup(&self, prog: &str, pkt: &[u8], ifindex: Option<u32>) -> u32 {
         self.run_cgroup_n(prog, pkt, ifindex, 1).0
     }
-    /// ... `repeat` times in the kernel; returns (verdict, mean ns per run). The program
-    /// must be loaded (`zt_cgroup_noop` is not, by `Dp::new`).
+    /// ... `repeat` times in the kernel; returns (verdict, mean ns per run).
     pub fn run_cgroup_n(&self, prog: &str, pkt: &[u8], ifindex: Option<u32>, repeat: u32) -> (u32, f64) {
         let mut ctx = [0u8; 192];
         if let Some(i) = ifindex {
@@ -160,7 +169,8 @@ impl Dp {
         }
         let mut out = vec![0u8; pkt.len() + 256];
         let opts = TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ctx_in: ifindex.map(|_| &ctx[..]), repeat, ..Default::default() };
-        let p: &CgroupSkb = self.ebpf.program(prog).unwrap().try_into().unwrap();
+        let ebpf = self.ebpf(&[prog]);
+        let p: &CgroupSkb = ebpf.program(prog).unwrap().try_into().unwrap();
         let r = p.test_run(opts).expect("BPF_PROG_TEST_RUN (cgroup skb)");
         (r.return_value, r.duration.as_nanos() as f64)
     }
