@@ -86,7 +86,10 @@ fn main() -> Result<()> {
         Cmd::Setup => Ok(()),
         Cmd::Build => build(),
         Cmd::Test { args } => {
-            build()?;
+            // The binaries the suite runs and every test target in one build: a `cargo build`
+            // of the binaries alone resolves features without the dev-dependencies, so the
+            // test build after it compiled much of the tree a second time.
+            run(Command::new("cargo").args(["build", "--workspace", "--bins", "--tests"]))?;
             validate_deploy()?;
             let mut cmd = Command::new("cargo");
             cmd.args(["test", "--workspace", "--no-fail-fast", "--"]);

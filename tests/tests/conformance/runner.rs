@@ -17,8 +17,10 @@ use super::model::{Cluster, ModelPod};
 use super::oracle;
 
 pub const LAB: &str = "netpol-matrix";
-/// Probe timeout (the test bed's short default; a denied probe costs this much).
-const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
+/// Probe timeout: a denied probe costs this much, every round of a step with one. An
+/// allowed probe on the bed's veths answers within milliseconds; one that misses it only
+/// costs another round (see [`check_step`]).
+const PROBE_TIMEOUT: Duration = Duration::from_millis(200);
 /// How long the agent may take to pick up a change (it polls every 100 ms here).
 const APPLY_DEADLINE: Duration = Duration::from_secs(5);
 /// After a compile that changes no map entry: how long to let the same pass finish.
