@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use common::*;
 use zt_agent::{
-    loader::MapSizes,
+    loader::{agent_programs, load_programs, open_object, MapSizes},
     net::to_key,
     sync::{apply, Capacities, Contents},
 };
@@ -170,6 +170,41 @@ fn main() {
             t2.elapsed().as_secs_f64()
         );
     }
+
+    program_verification();
+}
+
+/// The agent's programs verified one after another, then side by side as
+/// `loader::load_programs` does when the agent starts: each a fresh object, 3 rounds.
+/// Side by side takes at least the largest program's time, and as much as the CPUs allow.
+fn program_verification() {
+    let fs = Bpffs::new("bench-verify");
+    let (mut one, mut side, mut largest) = (vec![], vec![], vec![]);
+    for _ in 0..3 {
+        let t = Instant::now();
+        let mut ebpf = open_object(&fs.root(), &MapSizes::default()).expect("open object");
+        let mut each = vec![];
+        for name in agent_programs() {
+            let t = Instant::now();
+            load_programs(&mut ebpf, &[name]).expect("load");
+            each.push((t.elapsed().as_secs_f64(), name));
+        }
+        one.push(t.elapsed().as_secs_f64());
+        largest.push(each.into_iter().max_by(|a, b| a.0.total_cmp(&b.0)).unwrap());
+        drop(ebpf);
+        let t = Instant::now();
+        let mut ebpf = open_object(&fs.root(), &MapSizes::default()).expect("open object");
+        load_programs(&mut ebpf, &agent_programs()).expect("load");
+        side.push(t.elapsed().as_secs_f64());
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let name = largest[0].1;
+    let (one, side, largest) = (median(one), median(side), median(largest.iter().map(|l| l.0).collect()));
+    println!(
+        "\nagent start: its {} programs verified one after another {one:.2} s, side by side {side:.2} s ({:.2}x; {cpus} CPUs); the largest alone ({name}) {largest:.2} s; medians of 3",
+        agent_programs().len(),
+        side / one
+    );
 }
 
 /// Where the established path spends its time, from packets that stop at successive
