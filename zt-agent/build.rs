@@ -16,16 +16,21 @@ fn main() -> anyhow::Result<()> {
     // keeps one build, which its nested cargo reuses while zt-ebpf is unchanged. A lock
     // keeps two builds of zt-agent at once from copying over each other's object.
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    let shared = out.ancestors().nth(4).ok_or_else(|| anyhow::anyhow!("OUT_DIR {} is not <target>/<profile>/build/<pkg>/out", out.display()))?.join("zt-ebpf-build");
-    std::fs::create_dir_all(&shared)?;
-    let lock = std::fs::File::create(shared.join(".lock"))?;
-    lock.lock()?;
-    std::env::set_var("OUT_DIR", &shared);
     let ebpf = aya_build::Package {
         name: "zt-ebpf",
         root_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/../zt-ebpf"),
         ..Default::default()
     };
+    let in_build_dir = out.parent().and_then(|p| p.parent()).is_some_and(|b| b.file_name() == Some("build".as_ref()));
+    let Some(shared) = out.ancestors().nth(4).filter(|_| in_build_dir).map(|t| t.join("zt-ebpf-build")) else {
+        println!("cargo:warning=OUT_DIR {} is not <target>/<profile>/build/<pkg>/out: building the kernel object there", out.display());
+        return aya_build::build_ebpf([ebpf], aya_build::Toolchain::Nightly);
+    };
+    std::fs::create_dir_all(&shared)?;
+    let lock = std::fs::File::create(shared.join(".lock"))?;
+    lock.lock()?;
+    // Nothing else runs in this process (a build script) to read the environment.
+    std::env::set_var("OUT_DIR", &shared);
     aya_build::build_ebpf([ebpf], aya_build::Toolchain::Nightly)?;
     std::fs::copy(shared.join("zt"), out.join("zt"))?;
     Ok(())

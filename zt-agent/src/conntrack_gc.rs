@@ -261,20 +261,13 @@ impl CtGc {
 pub fn spawn(bpffs_root: &Path, every: Duration, metrics: Shared) -> Result<()> {
     let mut gc = CtGc::new(CtMaps::open(bpffs_root).context("conntrack maps")?);
     std::thread::Builder::new().name("ct-gc".into()).spawn(move || loop {
-        match gc.collect(monotonic_ns()) {
+        match gc.collect(crate::clock::monotonic_ns()) {
             Ok(c) => metrics.lock().unwrap().ct = Some(c),
             Err(e) => log::error!("conntrack gc: {e:#}"),
         }
         std::thread::sleep(every);
     })?;
     Ok(())
-}
-
-/// The clock bpf_ktime_get_ns reads.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// The conntrack series of `/metrics`, from the last GC pass and the kernel's counters.

@@ -3,6 +3,7 @@ pub mod agent;
 pub mod auth;
 pub mod cgroup_link;
 pub mod channel;
+pub mod clock;
 pub mod compile;
 pub mod conntrack_gc;
 pub mod ctl;

@@ -123,9 +123,10 @@ pub struct Datapath {
     attached: BTreeSet<(u32, String)>,
 }
 
-/// The programs an agent loads; the object's others are for the benchmark.
+/// The programs an agent loads, largest first (the order [`load_programs`] hands them
+/// out in); the object's others are for the benchmark.
 pub fn agent_programs() -> Vec<&'static str> {
-    let mut v = vec![PROG_FROM_POD, PROG_TO_POD, PROG_NOOP, crate::uplink::PROG_FROM_UPLINK, PROG_CGROUP_EGRESS, PROG_CGROUP_INGRESS];
+    let mut v = vec![PROG_TO_POD, PROG_FROM_POD, PROG_CGROUP_INGRESS, PROG_CGROUP_EGRESS, crate::uplink::PROG_FROM_UPLINK, PROG_NOOP];
     v.extend(PROGS_SOCK_ADDR.iter().map(|(name, _)| *name));
     v
 }
@@ -161,34 +162,59 @@ pub fn open_object(bpffs_root: &Path, sizes: &MapSizes) -> Result<Ebpf> {
     loader.load(OBJECT).context("loading the zt kernel object")
 }
 
-/// Verifies and loads the programs `names` not loaded yet, each on its own thread: the
-/// verifier walks one program on one CPU, and the largest take it about a second, so
-/// side by side an agent's start waits for the largest rather than for their sum.
+/// Verifies and loads the programs `names` not loaded yet, in that order, on as many
+/// threads as there are CPUs: the verifier walks one program on one CPU and the largest
+/// take it about a second, so an agent's start waits for about the sum over the CPUs
+/// (at least the largest) rather than for the sum. One thread per CPU at most also
+/// bounds the verifier's memory to that many programs at once. Every program is tried;
+/// the error names each that failed, in the order of `names`.
 pub fn load_programs(ebpf: &mut Ebpf, names: &[&str]) -> Result<()> {
     if let Some(missing) = names.iter().find(|n| ebpf.program(n).is_none()) {
         bail!("program {missing} missing from the object");
     }
-    let todo: Vec<(&str, &mut Program)> = ebpf.programs_mut().filter(|(n, p)| names.contains(n) && p.fd().is_err()).collect();
-    std::thread::scope(|s| {
-        let loads: Vec<_> = todo.into_iter().map(|(name, prog)| (name, s.spawn(move || load_program(prog)))).collect();
-        for (name, load) in loads {
-            match load.join() {
-                Ok(r) => r.with_context(|| format!("verifier rejected {name}"))?,
-                Err(_) => bail!("loading {name} panicked"),
+    let rank = |n: &str| names.iter().position(|m| *m == n);
+    let mut todo: Vec<(&str, &mut Program)> = ebpf.programs_mut().filter(|(n, p)| rank(n).is_some() && p.fd().is_err()).collect();
+    todo.sort_by_key(|(n, _)| rank(n));
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(todo.len());
+    let queue = std::sync::Mutex::new(todo.into_iter());
+    let work = || {
+        let mut done = vec![];
+        loop {
+            // Its own statement, so that the lock is released before the load.
+            let next = queue.lock().unwrap_or_else(|e| e.into_inner()).next();
+            let Some((name, prog)) = next else { break };
+            done.push((name, load_program(prog)));
+        }
+        done
+    };
+    let mut done = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads).filter_map(|i| std::thread::Builder::new().name(format!("zt-verify-{i}")).spawn_scoped(s, work).ok()).collect();
+        // No thread could be made (a pids limit): this one does the work.
+        let mut done = if workers.is_empty() { work() } else { vec![] };
+        for w in workers {
+            match w.join() {
+                Ok(d) => done.extend(d),
+                Err(_) => done.push(("a verifier thread", Err(anyhow::anyhow!("panicked")))),
             }
         }
-        Ok(())
-    })
+        done
+    });
+    done.sort_by_key(|(n, _)| rank(n));
+    let failed: Vec<String> = done.into_iter().filter_map(|(name, r)| r.err().map(|e| format!("{name}: {e:#}"))).collect();
+    if !failed.is_empty() {
+        bail!("{} of the kernel programs did not load: {}", failed.len(), failed.join("; "));
+    }
+    Ok(())
 }
 
 fn load_program(prog: &mut Program) -> Result<()> {
-    match prog {
-        Program::SchedClassifier(p) => load_retrying(|| p.load())?,
-        Program::CgroupSkb(p) => load_retrying(|| p.load())?,
-        Program::CgroupSockAddr(p) => load_retrying(|| p.load())?,
-        other => bail!("unexpected program type {:?}", other.prog_type()),
-    }
-    Ok(())
+    let loaded = match prog {
+        Program::SchedClassifier(p) => load_retrying(|| p.load()),
+        Program::CgroupSkb(p) => load_retrying(|| p.load()),
+        Program::CgroupSockAddr(p) => load_retrying(|| p.load()),
+        other => bail!("its type {:?} is none zt loads", other.prog_type()),
+    };
+    loaded.context("the verifier rejected it")
 }
 
 /// The verifier gives up with EAGAIN when a signal arrives while it runs (it checks

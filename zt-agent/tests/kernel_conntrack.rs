@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use common::*;
 use zt_agent::{
-    conntrack_gc::{monotonic_ns, CtGc, CtMaps},
+    clock::monotonic_ns,
+    conntrack_gc::{CtGc, CtMaps},
     loader::MapSizes,
     net::to_key,
     pins::CtMap,

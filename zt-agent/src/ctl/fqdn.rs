@@ -13,7 +13,8 @@ use zt_common::*;
 use crate::events::Snapshot;
 use crate::net::{from_key, to_key};
 use crate::pins::PinnedMaps;
-use crate::fqdn::{cache_path, monotonic_ns, FqdnCache, FqdnMaps};
+use crate::clock::monotonic_ns;
+use crate::fqdn::{cache_path, FqdnCache, FqdnMaps};
 
 #[derive(Serialize, Debug, Clone)]
 pub struct FqdnRow {

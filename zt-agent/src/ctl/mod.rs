@@ -161,7 +161,7 @@ pub struct CtRow {
 
 /// Every tracked flow of both conntrack maps, established ones first.
 pub fn ct(maps: &PinnedMaps, snap: &Snapshot) -> Result<Vec<CtRow>> {
-    let now = monotonic_ns();
+    let now = crate::clock::monotonic_ns();
     let cfg = maps.read_config()?;
     let mut rows = vec![];
     for (map, name) in [(&maps.ct_est, MAP_CT_EST), (&maps.ct, MAP_CT)] {
@@ -187,13 +187,6 @@ pub fn ct(maps: &PinnedMaps, snap: &Snapshot) -> Result<Vec<CtRow>> {
         }
     }
     Ok(rows)
-}
-
-/// The clock bpf_ktime_get_ns uses.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 #[derive(Serialize)]

@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 
 use zt_common::*;
 
-use super::{monotonic_ns, FqdnCache, FqdnMaps};
+use super::{FqdnCache, FqdnMaps};
+use crate::clock::monotonic_ns;
 use crate::conntrack_gc::CtMaps;
 use crate::metrics::Shared;
 

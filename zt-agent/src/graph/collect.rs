@@ -48,15 +48,6 @@ fn ev_rule_id(g: &super::Graph, ev: &EventRecord) -> u32 {
     view.rules.values().find(|r| format!("{} {}", r.source, r.path) == *name).map(|r| r.id).unwrap_or(0)
 }
 
-/// CLOCK_MONOTONIC_COARSE now, nanoseconds: the clock the datapath stamps conntrack
-/// entries with (bpf_ktime_get_coarse_ns), so that a flow created just after a scan
-/// started is never stamped before that start.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// One conntrack entry as the graph reads it.
 #[derive(Clone, Copy, Debug)]
 pub struct CtFlow {
@@ -170,7 +161,9 @@ pub fn spawn_ct_scanner(bpffs_root: &Path, interval: Duration, graph: SharedGrap
         let mut scan = CtScan::default();
         let mut flows = vec![];
         loop {
-            let start = monotonic_ns();
+            // The conntrack stamps' clock, so that a flow created just after the scan
+            // started is never stamped before that start.
+            let start = crate::clock::monotonic_coarse_ns();
             flows.clear();
             read(&new, &mut flows);
             read(&est, &mut flows);

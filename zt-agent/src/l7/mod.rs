@@ -137,10 +137,3 @@ pub fn start(bpffs_root: &Path, opts: &Options, events: broadcast::Sender<EventR
     log::info!("HTTP proxy listening on port {} (proxy mark {:#x}, steer mark {:#x} -> table {})", opts.port, opts.proxy_mark, opts.steer_mark, opts.table);
     Ok(Handle { ctx })
 }
-
-/// CLOCK_MONOTONIC in ns (what the kernel's events carry).
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}

@@ -295,7 +295,7 @@ impl L7Context {
         let side =
             |a: SocketAddr, id: u32| Side { ip: a.ip().to_canonical(), port: a.port(), identity: id, spiffe_id: snap.identity_name(id), pod: snap.pod(a.ip()) };
         EventRecord {
-            time_ns: crate::l7::monotonic_ns(),
+            time_ns: crate::clock::monotonic_ns(),
             direction: "ingress".into(),
             verdict: verdict.into(),
             reason: reason.into(),

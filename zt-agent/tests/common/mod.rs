@@ -90,6 +90,7 @@ impl Dp {
         Dp { ebpf: Mutex::new(ebpf), maps, events, _fs: fs }
     }
     /// The object with the programs `names` loaded (those not loaded yet are verified now).
+    /// Drop the guard before running a program through `Dp`: it takes the same lock.
     pub fn ebpf(&self, names: &[&str]) -> MutexGuard<'_, Ebpf> {
         let mut ebpf = self.ebpf.lock().unwrap();
         load_programs(&mut ebpf, names).unwrap_or_else(|e| panic!("loading {names:?}: {e:#}"));
