@@ -449,3 +449,19 @@ fn six_extension_headers_are_walked() {
     let six = ipv6_ext(PEER6, POD6, TCP, &l4(TCP, 1, 80), &[60, 60, 60, 60, 60, 60], 64);
     assert_eq!(dp.run(TO, &six), TC_PASS);
 }
+
+/// The loader names a program the object lacks and loads nothing then; a program already
+/// loaded is left as it is (aya refuses a second load).
+#[test]
+fn load_programs_names_a_missing_program_and_skips_loaded_ones() {
+    use zt_agent::loader::{load_programs, open_object, MapSizes};
+    let fs = Bpffs::new("load-programs");
+    let mut ebpf = open_object(&fs.root(), &MapSizes::default()).unwrap();
+    let e = load_programs(&mut ebpf, &["zt_noop", "zt_no_such_program"]).unwrap_err();
+    assert!(format!("{e:#}").contains("zt_no_such_program"), "{e:#}");
+    assert!(ebpf.program("zt_noop").unwrap().fd().is_err(), "nothing is loaded when a name is missing");
+    load_programs(&mut ebpf, &["zt_noop", "zt_from_uplink"]).unwrap();
+    assert!(ebpf.program("zt_from_uplink").unwrap().fd().is_ok());
+    load_programs(&mut ebpf, &["zt_noop", "zt_from_uplink", "zt_bench_lookup"]).unwrap();
+    assert!(ebpf.program("zt_bench_lookup").unwrap().fd().is_ok());
+}
