@@ -21,8 +21,8 @@ fn main() -> anyhow::Result<()> {
         root_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/../zt-ebpf"),
         ..Default::default()
     };
-    let in_build_dir = out.parent().and_then(|p| p.parent()).is_some_and(|b| b.file_name() == Some("build".as_ref()));
-    let Some(shared) = out.ancestors().nth(4).filter(|_| in_build_dir).map(|t| t.join("zt-ebpf-build")) else {
+    let build_dir = out.parent().and_then(|p| p.parent()).filter(|b| b.file_name() == Some("build".as_ref()));
+    let Some(shared) = build_dir.and_then(|b| b.parent()?.parent()).map(|target| target.join("zt-ebpf-build")) else {
         println!("cargo:warning=OUT_DIR {} is not <target>/<profile>/build/<pkg>/out: building the kernel object there", out.display());
         return aya_build::build_ebpf([ebpf], aya_build::Toolchain::Nightly);
     };

@@ -8,8 +8,9 @@
 //! sequential TCP connections/s (a client and server in this file), and prints each as a
 //! ratio to the same measurement taken just before it on a twin bed that nothing filters
 //! (on this shared machine the speed drifts by up to a quarter between rounds minutes
-//! apart, which a baseline per round put into the ratios). The "no filter" row pairs the two beds with nothing on
-//! either: how far apart identical beds read, the noise floor of every other row. No
+//! apart, which a baseline per round put into the ratios). The "no filter" row pairs the
+//! two beds with nothing on either: how far apart identical beds read, the noise floor of
+//! every other row. No
 //! timed assertions: it fails only when traffic that every configuration allows does not
 //! get through.
 //!
