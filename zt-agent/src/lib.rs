@@ -14,6 +14,7 @@ pub mod graph;
 pub mod identity;
 pub mod l7;
 pub mod loader;
+pub mod local_owners;
 pub mod metrics;
 pub mod model;
 pub mod net;

@@ -237,6 +237,12 @@ impl Datapath {
     pub fn load(bpffs_root: &Path, sizes: &MapSizes) -> Result<Self> {
         let ebpf = load_object(bpffs_root, sizes)?;
         std::fs::create_dir_all(link_dir(bpffs_root))?;
+        // Before any program of this process is attached or swapped in.
+        let mut maps = crate::pins::PinnedMaps::open(bpffs_root)?;
+        let n = crate::local_owners::rebuild(&mut maps.local_owners, &maps.endpoints).context("rebuilding the cgroup programs' owner slots")?;
+        if n > 0 {
+            log::info!("{MAP_LOCAL_OWNERS}: {n} slots rewritten from {MAP_ENDPOINTS}");
+        }
         Ok(Datapath { ebpf, bpffs_root: bpffs_root.to_owned(), attached: BTreeSet::new() })
     }
 

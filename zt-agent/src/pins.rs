@@ -62,6 +62,9 @@ pub struct PinnedMaps {
     pub svc_stats: CounterMap,
     /// (node, identity) -> expiry of a proof (issue 10, `crate::auth`).
     pub auth_proofs: AuthProofsMap,
+    /// The cgroup programs' slots for hooked local pods, kept in step with `endpoints`
+    /// (`crate::local_owners`).
+    pub local_owners: crate::local_owners::LocalOwnersMap,
     /// The bpffs root they were opened under (link pins: `crate::uplink::hooked`).
     pub root: std::path::PathBuf,
 }
@@ -89,6 +92,7 @@ impl PinnedMaps {
             tunnels: open(MAP_TUNNELS)?.try_into()?,
             svc_stats: open(MAP_SVC_STATS)?.try_into()?,
             auth_proofs: open(MAP_AUTH_PROOFS)?.try_into()?,
+            local_owners: open(MAP_LOCAL_OWNERS)?.try_into()?,
             root: bpffs_root.to_path_buf(),
         })
     }

@@ -11,6 +11,7 @@ use aya::maps::lpm_trie::Key;
 use zt_common::*;
 
 use crate::{
+    local_owners,
     net::{key_prefix, to_key},
     pins::PinnedMaps,
     state::Desired,
@@ -271,6 +272,9 @@ pub fn apply(maps: &mut PinnedMaps, have: &mut Contents, want: &Contents, caps: 
     let (dn_w, dn_r) = diff(&have.dns_servers, &want.dns_servers);
     let stale = Stale { ep: ep_r, ci: ci_r, po: po_r, names: na_r, ports: fp_r, dns: dn_r };
     let mut stats = ApplyStats { withdrew: withdraws(have, want), ..Default::default() };
+    // The cgroup programs' slots: emptied before their endpoints change, written last.
+    let (old_slots, new_slots) = (local_owners::slots(&have.endpoints), local_owners::slots(&want.endpoints));
+    local_owners::clear_changed(&mut maps.local_owners, &old_slots, &new_slots)?;
     if removals_first {
         remove_stale(maps, have, &stale, &mut stats)?;
     }
@@ -310,6 +314,7 @@ pub fn apply(maps: &mut PinnedMaps, have: &mut Contents, want: &Contents, caps: 
     if !removals_first {
         remove_stale(maps, have, &stale, &mut stats)?;
     }
+    local_owners::write_changed(&mut maps.local_owners, &old_slots, &new_slots)?;
     Ok(stats)
 }
 

@@ -243,3 +243,57 @@ fn a_hooked_address_is_left_to_its_hook_only_for_its_own_pods_sockets() {
         assert_eq!(dp.counted(), 2);
     });
 }
+
+/// A hooked pod's address in its `ZT_LOCAL_OWNERS` slot is decided from the slot, without
+/// the endpoint map (which the agent keeps saying the same; here it says otherwise, to
+/// show which one decided). The cgroup level found is recorded in the slot and tried
+/// first; a wrong level falls back to the walk. An empty slot, or one holding another
+/// address, leaves the packet to the endpoint map.
+#[test]
+fn a_hooked_pods_owner_slot_decides_before_the_endpoint_map() {
+    let mut dp = node("cg-slot", 7);
+    let own = cgroup_scope(own_cgroup_id());
+    let addr = zt_agent::net::to_key(HOOKED.parse().unwrap());
+    let slot = local_owner_slot(&addr);
+    let endpoint = |dp: &mut Dp, cgroup: u32| {
+        let v = EndpointValue { identity: ID_POD, flags: EP_LOCAL | EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS, ifindex: 7, cgroup };
+        dp.maps.endpoints.insert(EndpointKey { addr }, v, 0).unwrap();
+    };
+    let set_slot = |dp: &mut Dp, v: LocalOwner| dp.maps.local_owners.set(slot, v, 0).unwrap();
+    let hint = |dp: &Dp| dp.maps.local_owners.get(&slot, 0).unwrap().level_hint;
+    in_private_netns(|dev, _| {
+        let dev = Some(dev);
+        // The endpoint map alone would drop this socket as another pod's; the slot says
+        // the socket's cgroup is the pod's.
+        endpoint(&mut dp, own ^ 0x5a5a);
+        assert_eq!(dp.run_cgroup(EGRESS, &ipv4(HOOKED, PEER, TCP, 1000, 80), dev), DROP, "the endpoint map decides without a slot");
+        set_slot(&mut dp, LocalOwner::of(addr, own));
+        assert_eq!(dp.run_cgroup(EGRESS, &ipv4(HOOKED, PEER, TCP, 1000, 80), dev), PASS);
+        assert_eq!(dp.run_cgroup(INGRESS, &ipv4(PEER, HOOKED, TCP, 1000, 80), dev), PASS);
+        // This test's cgroup is the one it runs in, the root of the v2 hierarchy or below.
+        let level = hint(&dp);
+        assert!(level >= 1, "the level found is recorded");
+        // A wrong level (past the socket's cgroup), or one beyond the walk: the walk decides
+        // and records the level again.
+        for wrong in [level + 2, 100] {
+            set_slot(&mut dp, LocalOwner { level_hint: wrong, ..LocalOwner::of(addr, own) });
+            assert_eq!(dp.run_cgroup(EGRESS, &ipv4(HOOKED, PEER, TCP, 1000, 80), dev), PASS, "hint {wrong}");
+            assert_eq!(hint(&dp), level);
+        }
+        assert_eq!(dp.counted(), 1, "only the first packet, judged by the endpoint map");
+        // The slot names another cgroup: dropped as a socket claiming another pod's address,
+        // whatever the endpoint map says.
+        endpoint(&mut dp, own);
+        set_slot(&mut dp, LocalOwner::of(addr, own ^ 0x5a5a));
+        assert_eq!(dp.run_cgroup(INGRESS, &ipv4(PEER, HOOKED, TCP, 1001, 80), dev), DROP);
+        assert_eq!(dp.counter(DIR_INGRESS, Reason::DropSpoofedSource), 1);
+        // Another address on the same slot, and an empty slot: the endpoint map decides.
+        let other = zt_agent::net::to_key("10.1.0.10".parse().unwrap());
+        assert_eq!(local_owner_slot(&other), slot);
+        set_slot(&mut dp, LocalOwner::of(other, own ^ 0x5a5a));
+        assert_eq!(dp.run_cgroup(INGRESS, &ipv4(PEER, HOOKED, TCP, 1002, 80), dev), PASS);
+        set_slot(&mut dp, LocalOwner { scope: 0, ..LocalOwner::of(addr, own ^ 0x5a5a) });
+        assert_eq!(dp.run_cgroup(INGRESS, &ipv4(PEER, HOOKED, TCP, 1003, 80), dev), PASS);
+        assert_eq!(dp.counted(), 2);
+    });
+}

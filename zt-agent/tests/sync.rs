@@ -170,3 +170,48 @@ fn an_apply_that_fails_midway_tracks_what_it_wrote_and_names_the_identities() {
     let named = have.named_identities();
     assert!(named.contains(&300) && named.contains(&303) && named.contains(&301));
 }
+
+/// The cgroup programs' owner slots follow the endpoints: a hooked local pod with a known
+/// cgroup gets its slot, which is emptied when the pod is unhooked or goes, and the
+/// start-time rebuild replaces what an agent that did not know the slots left behind.
+#[test]
+fn owner_slots_follow_the_hooked_local_pods() {
+    let s = MapSizes::default();
+    let mut dp = Dp::with_sizes("sync-owners", &s);
+    let pod = to_key("10.0.0.1".parse().unwrap());
+    let slot = local_owner_slot(&pod);
+    let read = |dp: &Dp| dp.maps.local_owners.get(&slot, 0).unwrap();
+    let mut have = Contents::default();
+    let mut w = want(1);
+    w.endpoints.get_mut(&pod).unwrap().cgroup = 42;
+    apply(&mut dp.maps, &mut have, &w, &caps(&s)).unwrap();
+    assert_eq!(read(&dp), LocalOwner::of(pod, 42));
+    // Hooked, cgroup not known: no slot (the endpoint map leaves it to the hook).
+    w.endpoints.get_mut(&pod).unwrap().cgroup = 0;
+    apply(&mut dp.maps, &mut have, &w, &caps(&s)).unwrap();
+    assert_eq!(read(&dp), LocalOwner::default());
+    // Another cgroup, then not hooked (interface 0), then gone.
+    w.endpoints.get_mut(&pod).unwrap().cgroup = 43;
+    apply(&mut dp.maps, &mut have, &w, &caps(&s)).unwrap();
+    assert_eq!(read(&dp), LocalOwner::of(pod, 43));
+    w.endpoints.get_mut(&pod).unwrap().ifindex = 0;
+    apply(&mut dp.maps, &mut have, &w, &caps(&s)).unwrap();
+    assert_eq!(read(&dp), LocalOwner::default());
+    w.endpoints.get_mut(&pod).unwrap().ifindex = 1;
+    apply(&mut dp.maps, &mut have, &w, &caps(&s)).unwrap();
+    assert_eq!(read(&dp), LocalOwner::of(pod, 43));
+    w.endpoints.remove(&pod);
+    apply(&mut dp.maps, &mut have, &w, &caps(&s)).unwrap();
+    assert_eq!(read(&dp), LocalOwner::default());
+    // Left by an agent that changed the endpoints without the slots: a stale slot, and a
+    // hooked pod without one. The rebuild makes both what the endpoint map says.
+    let stale = to_key("10.9.0.77".parse().unwrap());
+    dp.maps.local_owners.set(local_owner_slot(&stale), LocalOwner::of(stale, 7), 0).unwrap();
+    dp.maps.endpoints.insert(EndpointKey { addr: pod }, EndpointValue { identity: 300, flags: EP_LOCAL, ifindex: 1, cgroup: 44 }, 0).unwrap();
+    assert_eq!(zt_agent::local_owners::rebuild(&mut dp.maps.local_owners, &dp.maps.endpoints).unwrap(), 2);
+    assert_eq!(dp.maps.local_owners.get(&local_owner_slot(&stale), 0).unwrap(), LocalOwner::default());
+    assert_eq!(read(&dp), LocalOwner::of(pod, 44));
+    // The kernel's level hint is not a difference.
+    dp.maps.local_owners.set(slot, LocalOwner { level_hint: 3, ..LocalOwner::of(pod, 44) }, 0).unwrap();
+    assert_eq!(zt_agent::local_owners::rebuild(&mut dp.maps.local_owners, &dp.maps.endpoints).unwrap(), 0);
+}

@@ -12,6 +12,8 @@ pub mod auth;
 pub use auth::*;
 pub mod l7;
 pub use l7::*;
+pub mod owners;
+pub use owners::*;
 
 /// Map pin directory name under the bpffs root. Bump on any layout change so that an
 /// upgraded agent never reads maps written with another layout.

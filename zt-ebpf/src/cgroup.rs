@@ -3,8 +3,9 @@
 //! namespace, before the agent has hooked (or even heard of) the pod. The data starts
 //! at the IP header. Per packet:
 //! - loopback (ifindex 1 in every netns) and non-IP pass;
-//! - a local endpoint with a TC hook (`ifindex != 0`) passes: its hook judges it (no
-//!   double counting); an address of the host identity (host-network pods) or of `dns`
+//! - a local endpoint with a TC hook (`ifindex != 0`) passes if the socket is in that
+//!   pod's cgroup: its hook judges it (no double counting). Found in its `LOCAL_OWNERS`
+//!   slot, else in `ENDPOINTS`; an address of the host identity (host-network pods) or of `dns`
 //!   that is no pod (a host-network resolver: NodeLocal DNSCache) passes;
 //! - anything else is judged by the shared datapath as hook ifindex 0: a known pod not
 //!   hooked yet by its policy, an unknown address as `initialising` (fails closed
@@ -18,7 +19,7 @@ use zt_common::*;
 
 use crate::{
     datapath, dns,
-    maps::ENDPOINTS,
+    maps::{ENDPOINTS, LOCAL_OWNERS},
     parse::{self, Flow, Parsed},
     policy::{Hook, FROM_UNSEEN},
 };
@@ -77,12 +78,19 @@ enum Owner {
 
 #[inline(always)]
 fn owner_of(skb: *mut __sk_buff, addr: &[u8; 16]) -> Owner {
+    // A hooked pod's address in its slot: no hash lookup (zt-common owners.rs). A slot
+    // holding another address, or none, leaves it to the endpoint map.
+    if let Some(slot) = LOCAL_OWNERS.get_ptr_mut(local_owner_slot(addr)) {
+        if unsafe { (*slot).scope != 0 && (*slot).addr == *addr } {
+            return if in_owner_cgroup(skb, slot) { Owner::Elsewhere } else { Owner::AnotherPod };
+        }
+    }
     match unsafe { ENDPOINTS.get(&EndpointKey { addr: *addr }) } {
         // The node's, or a host-network resolver's address named by --fqdn-dns-address
         // (NodeLocal DNSCache): the node's own traffic, as for host-network pods.
         Some(ep) if ep.identity == IDENTITY_HOST || ep.identity == IDENTITY_DNS => Owner::Elsewhere,
         Some(ep) if ep.flags & EP_LOCAL != 0 && ep.ifindex != CGROUP_HOOK_IFINDEX => {
-            if ep.cgroup == 0 || in_cgroup(skb, ep.cgroup) {
+            if ep.cgroup == 0 || cgroup_level(skb, ep.cgroup) >= 0 {
                 Owner::Elsewhere
             } else {
                 Owner::AnotherPod
@@ -96,17 +104,35 @@ fn owner_of(skb: *mut __sk_buff, addr: &[u8; 16]) -> Owner {
 /// puts pods at level 2 or 3 under the root, and their containers one below).
 const MAX_CGROUP_LEVEL: i32 = 8;
 
-/// Is the socket's cgroup the one of `scope` (`cgroup_scope`), or inside it?
+/// Is the socket's cgroup the slot's pod cgroup or inside it? The level it was last found
+/// at is tried first (one helper call where the walk from the root makes one per level),
+/// and a walk that finds it there records it.
+#[inline(always)]
+fn in_owner_cgroup(skb: *mut __sk_buff, slot: *mut LocalOwner) -> bool {
+    let (scope, hint) = unsafe { ((*slot).scope, (*slot).level_hint) };
+    if hint != 0 && hint <= MAX_CGROUP_LEVEL as u32 + 1 && cgroup_scope(unsafe { bpf_skb_ancestor_cgroup_id(skb, hint as i32 - 1) }) == scope {
+        return true;
+    }
+    let level = cgroup_level(skb, scope);
+    if level < 0 {
+        return false;
+    }
+    unsafe { (*slot).level_hint = level as u32 + 1 };
+    true
+}
+
+/// The level of the cgroup of `scope` (`cgroup_scope`) at or above the socket's cgroup,
+/// or -1 if the socket's cgroup is not inside it.
 #[inline(never)]
-fn in_cgroup(skb: *mut __sk_buff, scope: u32) -> bool {
+fn cgroup_level(skb: *mut __sk_buff, scope: u32) -> i32 {
     for level in 0..=MAX_CGROUP_LEVEL {
         let id = unsafe { bpf_skb_ancestor_cgroup_id(skb, level) };
         if id == 0 {
-            return false;
+            return -1;
         }
         if cgroup_scope(id) == scope {
-            return true;
+            return level;
         }
     }
-    false
+    -1
 }

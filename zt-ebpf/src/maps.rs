@@ -14,6 +14,11 @@ pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 #[map(name = "ZT_ENDPOINTS")]
 pub static ENDPOINTS: aya_ebpf::maps::HashMap<EndpointKey, EndpointValue> = aya_ebpf::maps::HashMap::pinned(DEFAULT_ENDPOINTS_MAX, 0);
 
+/// Slot -> a hooked local pod's address and cgroup: the cgroup programs' shortcut past
+/// `ENDPOINTS` for a hooked pod's own packets (zt-common owners.rs).
+#[map(name = "ZT_LOCAL_OWNERS")]
+pub static LOCAL_OWNERS: Array<LocalOwner> = Array::pinned(LOCAL_OWNER_SLOTS, 0);
+
 /// Prefix -> CIDR identity, for peers that are not endpoints.
 #[map(name = "ZT_CIDRS")]
 pub static CIDRS: LpmTrie<CidrKey, CidrValue> = LpmTrie::pinned(DEFAULT_CIDRS_MAX, 0);
