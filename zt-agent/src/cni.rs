@@ -421,15 +421,15 @@ impl Agent {
         self.only_hooked(&mut want);
         let mut next = self.have.endpoints.clone();
         next.extend(want.endpoints.iter().map(|(k, v)| (*k, *v)));
-        let (old_slots, new_slots) = (local_owners::slots(&self.have.endpoints), local_owners::slots(&next));
-        local_owners::clear_changed(&mut self.maps.local_owners, &old_slots, &new_slots)?;
+        let owner_slots = local_owners::slots(&next);
+        self.maps.local_owners.clear_changed(&owner_slots)?;
         for (k, v) in want.endpoints {
             if self.have.endpoints.get(&k) != Some(&v) {
                 self.maps.endpoints.insert(EndpointKey { addr: k }, v, 0).with_context(|| format!("writing {MAP_ENDPOINTS}"))?;
                 self.have.endpoints.insert(k, v);
             }
         }
-        local_owners::write_changed(&mut self.maps.local_owners, &old_slots, &new_slots)
+        self.maps.local_owners.write_changed(&owner_slots)
     }
 
     /// Hooks every attachment's interface (links are pinned; already hooked is a no-op).

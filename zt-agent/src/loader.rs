@@ -239,7 +239,7 @@ impl Datapath {
         std::fs::create_dir_all(link_dir(bpffs_root))?;
         // Before any program of this process is attached or swapped in.
         let mut maps = crate::pins::PinnedMaps::open(bpffs_root)?;
-        let n = crate::local_owners::rebuild(&mut maps.local_owners, &maps.endpoints).context("rebuilding the cgroup programs' owner slots")?;
+        let n = maps.local_owners.rebuild(&maps.endpoints).context("rebuilding the cgroup programs' owner slots")?;
         if n > 0 {
             log::info!("{MAP_LOCAL_OWNERS}: {n} slots rewritten from {MAP_ENDPOINTS}");
         }

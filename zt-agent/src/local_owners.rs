@@ -1,8 +1,9 @@
 //! The user side of `ZT_LOCAL_OWNERS`, the cgroup programs' slots for hooked local pods
-//! (zt-common owners.rs). The slots follow `ZT_ENDPOINTS`: every writer of that map
-//! clears the slots it is about to change first and writes the new ones once the
-//! endpoints are in place, so that a slot is either empty (the kernel asks the endpoint
-//! map) or says what the endpoint map says.
+//! (zt-common owners.rs). The slots follow `ZT_ENDPOINTS`: its writers (`sync::apply`,
+//! the CNI path before a full state) clear the slots they are about to change first and
+//! write the new ones once the endpoints are in place, so that a slot is either empty
+//! (the kernel asks the endpoint map) or says what the endpoint map says. The node's own
+//! addresses, written at start without them (`seed_host_endpoints`), never have a slot.
 use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
@@ -29,51 +30,99 @@ pub fn slots(endpoints: &BTreeMap<[u8; 16], EndpointValue>) -> BTreeMap<u32, Loc
     out
 }
 
-/// Before the endpoints go from `old`'s to `new`'s: empties every slot whose content
-/// changes.
-pub fn clear_changed(map: &mut LocalOwnersMap, old: &BTreeMap<u32, LocalOwner>, new: &BTreeMap<u32, LocalOwner>) -> Result<()> {
-    for (slot, v) in old {
-        if new.get(slot) != Some(v) {
-            map.set(*slot, LocalOwner::default(), 0).with_context(|| format!("clearing slot {slot} of {MAP_LOCAL_OWNERS}"))?;
-        }
-    }
-    Ok(())
+/// `ZT_LOCAL_OWNERS` and the slots this process knows it holds.
+pub struct LocalOwners {
+    pub map: LocalOwnersMap,
+    /// The non-empty slots (the kernel's level hint left out), read from the map on first
+    /// use and kept as written since: what an update compares against, so that slots an
+    /// earlier update emptied and could not write (it failed midway) are written by the
+    /// next one.
+    held: Option<BTreeMap<u32, LocalOwner>>,
 }
 
-/// Once the endpoints are `new`'s: writes every slot `old` did not hold as it is.
-pub fn write_changed(map: &mut LocalOwnersMap, old: &BTreeMap<u32, LocalOwner>, new: &BTreeMap<u32, LocalOwner>) -> Result<()> {
-    for (slot, v) in new {
-        if old.get(slot) != Some(v) {
-            map.set(*slot, *v, 0).with_context(|| format!("writing slot {slot} of {MAP_LOCAL_OWNERS}"))?;
-        }
+impl LocalOwners {
+    pub fn new(map: LocalOwnersMap) -> Self {
+        LocalOwners { map, held: None }
     }
-    Ok(())
-}
 
-/// At start, before this process's programs run: every slot made what `ZT_ENDPOINTS`
-/// holds now. An agent that did not know this map (an older build of the same layout)
-/// changed the endpoints without it; its slots must not be believed. A slot that
-/// changes is emptied before it is written. Returns the slots written.
-pub fn rebuild(map: &mut LocalOwnersMap, endpoints: &EndpointsMap) -> Result<usize> {
-    let mut eps = BTreeMap::new();
-    for item in endpoints.iter() {
-        let (k, v) = item.with_context(|| format!("reading {MAP_ENDPOINTS}"))?;
-        eps.insert(k.addr, v);
-    }
-    let want = slots(&eps);
-    let mut written = 0;
-    for slot in 0..LOCAL_OWNER_SLOTS {
-        let have = map.get(&slot, 0).with_context(|| format!("reading slot {slot} of {MAP_LOCAL_OWNERS}"))?;
-        let w = want.get(&slot).copied().unwrap_or_default();
-        if (LocalOwner { level_hint: 0, ..have }) != w {
-            map.set(slot, LocalOwner::default(), 0).with_context(|| format!("clearing slot {slot} of {MAP_LOCAL_OWNERS}"))?;
-            if w != LocalOwner::default() {
-                map.set(slot, w, 0).with_context(|| format!("writing slot {slot} of {MAP_LOCAL_OWNERS}"))?;
+    fn take_held(&mut self) -> Result<BTreeMap<u32, LocalOwner>> {
+        if let Some(h) = self.held.take() {
+            return Ok(h);
+        }
+        let mut h = BTreeMap::new();
+        for slot in 0..LOCAL_OWNER_SLOTS {
+            let v = self.map.get(&slot, 0).with_context(|| format!("reading slot {slot} of {MAP_LOCAL_OWNERS}"))?;
+            // The kernel ignores a slot without a scope.
+            if v.scope != 0 {
+                h.insert(slot, LocalOwner { level_hint: 0, ..v });
             }
-            written += 1;
         }
+        Ok(h)
     }
-    Ok(written)
+
+    /// Before the endpoints change to those `new` is made from: empties every slot whose
+    /// content is not `new`'s.
+    pub fn clear_changed(&mut self, new: &BTreeMap<u32, LocalOwner>) -> Result<()> {
+        let mut held = self.take_held()?;
+        let stale: Vec<u32> = held.iter().filter(|(slot, v)| new.get(slot) != Some(v)).map(|(slot, _)| *slot).collect();
+        let mut r = Ok(());
+        for slot in stale {
+            // A slot that could not be emptied is still held: the next update tries again.
+            r = self.map.set(slot, LocalOwner::default(), 0).with_context(|| format!("clearing slot {slot} of {MAP_LOCAL_OWNERS}"));
+            if r.is_err() {
+                break;
+            }
+            held.remove(&slot);
+        }
+        self.held = Some(held);
+        r
+    }
+
+    /// Once the endpoints are in place: writes every slot of `new` not held as it is.
+    pub fn write_changed(&mut self, new: &BTreeMap<u32, LocalOwner>) -> Result<()> {
+        let mut held = self.take_held()?;
+        let mut r = Ok(());
+        for (slot, v) in new {
+            if held.get(slot) == Some(v) {
+                continue;
+            }
+            // Emptied first: the kernel never reads half of one pod and half of another.
+            if held.contains_key(slot) {
+                r = self.map.set(*slot, LocalOwner::default(), 0).with_context(|| format!("clearing slot {slot} of {MAP_LOCAL_OWNERS}"));
+                if r.is_err() {
+                    break;
+                }
+                held.remove(slot);
+            }
+            r = self.map.set(*slot, *v, 0).with_context(|| format!("writing slot {slot} of {MAP_LOCAL_OWNERS}"));
+            if r.is_err() {
+                break;
+            }
+            held.insert(*slot, *v);
+        }
+        self.held = Some(held);
+        r
+    }
+
+    /// At start, before this process's programs run: every slot made what `ZT_ENDPOINTS`
+    /// holds now. An agent that did not know this map (an older build of the same layout)
+    /// changed the endpoints without it; its slots must not be believed. Returns the slots
+    /// emptied or written.
+    pub fn rebuild(&mut self, endpoints: &EndpointsMap) -> Result<usize> {
+        let mut eps = BTreeMap::new();
+        for item in endpoints.iter() {
+            let (k, v) = item.with_context(|| format!("reading {MAP_ENDPOINTS}"))?;
+            eps.insert(k.addr, v);
+        }
+        let want = slots(&eps);
+        self.held = None;
+        let before = self.take_held()?;
+        let changed = before.iter().filter(|(slot, v)| want.get(slot) != Some(v)).count() + want.iter().filter(|(slot, _)| !before.contains_key(slot)).count();
+        self.held = Some(before);
+        self.clear_changed(&want)?;
+        self.write_changed(&want)?;
+        Ok(changed)
+    }
 }
 
 #[cfg(test)]

@@ -64,7 +64,7 @@ pub struct PinnedMaps {
     pub auth_proofs: AuthProofsMap,
     /// The cgroup programs' slots for hooked local pods, kept in step with `endpoints`
     /// (`crate::local_owners`).
-    pub local_owners: crate::local_owners::LocalOwnersMap,
+    pub local_owners: crate::local_owners::LocalOwners,
     /// The bpffs root they were opened under (link pins: `crate::uplink::hooked`).
     pub root: std::path::PathBuf,
 }
@@ -92,7 +92,7 @@ impl PinnedMaps {
             tunnels: open(MAP_TUNNELS)?.try_into()?,
             svc_stats: open(MAP_SVC_STATS)?.try_into()?,
             auth_proofs: open(MAP_AUTH_PROOFS)?.try_into()?,
-            local_owners: open(MAP_LOCAL_OWNERS)?.try_into()?,
+            local_owners: crate::local_owners::LocalOwners::new(open(MAP_LOCAL_OWNERS)?.try_into()?),
             root: bpffs_root.to_path_buf(),
         })
     }

@@ -273,8 +273,8 @@ pub fn apply(maps: &mut PinnedMaps, have: &mut Contents, want: &Contents, caps: 
     let stale = Stale { ep: ep_r, ci: ci_r, po: po_r, names: na_r, ports: fp_r, dns: dn_r };
     let mut stats = ApplyStats { withdrew: withdraws(have, want), ..Default::default() };
     // The cgroup programs' slots: emptied before their endpoints change, written last.
-    let (old_slots, new_slots) = (local_owners::slots(&have.endpoints), local_owners::slots(&want.endpoints));
-    local_owners::clear_changed(&mut maps.local_owners, &old_slots, &new_slots)?;
+    let owner_slots = local_owners::slots(&want.endpoints);
+    maps.local_owners.clear_changed(&owner_slots)?;
     if removals_first {
         remove_stale(maps, have, &stale, &mut stats)?;
     }
@@ -314,7 +314,7 @@ pub fn apply(maps: &mut PinnedMaps, have: &mut Contents, want: &Contents, caps: 
     if !removals_first {
         remove_stale(maps, have, &stale, &mut stats)?;
     }
-    local_owners::write_changed(&mut maps.local_owners, &old_slots, &new_slots)?;
+    maps.local_owners.write_changed(&owner_slots)?;
     Ok(stats)
 }
 

@@ -302,7 +302,7 @@ fn udp_and_cgroup(dp: &mut Dp, peer: &str) {
         let (mut n, mut c, mut m) = (vec![], vec![], vec![]);
         for _ in 0..SIDE_ROUNDS {
             for (prog, with_slot, into) in [("zt_cgroup_noop", false, &mut n), ("zt_cgroup_ingress", true, &mut c), ("zt_cgroup_ingress", false, &mut m)] {
-                dp.maps.local_owners.set(slot, if with_slot { owner } else { LocalOwner::default() }, 0).unwrap();
+                dp.maps.local_owners.map.set(slot, if with_slot { owner } else { LocalOwner::default() }, 0).unwrap();
                 let (v, ns) = dp.run_cgroup_n(prog, &datagram, Some(dev), REPEAT);
                 assert_eq!(v, 1, "{prog} passes the hooked pod's own packet");
                 into.push(ns);

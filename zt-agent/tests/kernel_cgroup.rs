@@ -17,6 +17,7 @@ const DROP: u32 = 0;
 const NEW_POD: &str = "10.0.0.50";
 const NEW_POD6: &str = "fd00::50";
 const HOOKED: &str = "10.0.0.10";
+const HOOKED6: &str = "fd00::10";
 const PEER: &str = "10.0.0.20";
 const PEER6: &str = "fd00::20";
 const HOST: &str = "10.255.0.1";
@@ -259,8 +260,8 @@ fn a_hooked_pods_owner_slot_decides_before_the_endpoint_map() {
         let v = EndpointValue { identity: ID_POD, flags: EP_LOCAL | EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS, ifindex: 7, cgroup };
         dp.maps.endpoints.insert(EndpointKey { addr }, v, 0).unwrap();
     };
-    let set_slot = |dp: &mut Dp, v: LocalOwner| dp.maps.local_owners.set(slot, v, 0).unwrap();
-    let hint = |dp: &Dp| dp.maps.local_owners.get(&slot, 0).unwrap().level_hint;
+    let set_slot = |dp: &mut Dp, v: LocalOwner| dp.maps.local_owners.map.set(slot, v, 0).unwrap();
+    let hint = |dp: &Dp| dp.maps.local_owners.map.get(&slot, 0).unwrap().level_hint;
     in_private_netns(|dev, _| {
         let dev = Some(dev);
         // The endpoint map alone would drop this socket as another pod's; the slot says
@@ -270,9 +271,9 @@ fn a_hooked_pods_owner_slot_decides_before_the_endpoint_map() {
         set_slot(&mut dp, LocalOwner::of(addr, own));
         assert_eq!(dp.run_cgroup(EGRESS, &ipv4(HOOKED, PEER, TCP, 1000, 80), dev), PASS);
         assert_eq!(dp.run_cgroup(INGRESS, &ipv4(PEER, HOOKED, TCP, 1000, 80), dev), PASS);
-        // This test's cgroup is the one it runs in, the root of the v2 hierarchy or below.
+        // This test's socket is in the cgroup the test runs in: its level, plus one.
         let level = hint(&dp);
-        assert!(level >= 1, "the level found is recorded");
+        assert_eq!(level, 1 + own_cgroup_level(), "the level found is recorded");
         // A wrong level (past the socket's cgroup), or one beyond the walk: the walk decides
         // and records the level again.
         for wrong in [level + 2, 100] {
@@ -282,11 +283,14 @@ fn a_hooked_pods_owner_slot_decides_before_the_endpoint_map() {
         }
         assert_eq!(dp.counted(), 1, "only the first packet, judged by the endpoint map");
         // The slot names another cgroup: dropped as a socket claiming another pod's address,
-        // whatever the endpoint map says.
+        // whatever the endpoint map says; also with the level the socket's cgroup is at as
+        // the hint (a slot rewritten for another pod keeps the kernel's last hint).
         endpoint(&mut dp, own);
         set_slot(&mut dp, LocalOwner::of(addr, own ^ 0x5a5a));
         assert_eq!(dp.run_cgroup(INGRESS, &ipv4(PEER, HOOKED, TCP, 1001, 80), dev), DROP);
-        assert_eq!(dp.counter(DIR_INGRESS, Reason::DropSpoofedSource), 1);
+        set_slot(&mut dp, LocalOwner { level_hint: level, ..LocalOwner::of(addr, own ^ 0x5a5a) });
+        assert_eq!(dp.run_cgroup(INGRESS, &ipv4(PEER, HOOKED, TCP, 1001, 80), dev), DROP);
+        assert_eq!(dp.counter(DIR_INGRESS, Reason::DropSpoofedSource), 2);
         // Another address on the same slot, and an empty slot: the endpoint map decides.
         let other = zt_agent::net::to_key("10.1.0.10".parse().unwrap());
         assert_eq!(local_owner_slot(&other), slot);
@@ -294,6 +298,22 @@ fn a_hooked_pods_owner_slot_decides_before_the_endpoint_map() {
         assert_eq!(dp.run_cgroup(INGRESS, &ipv4(PEER, HOOKED, TCP, 1002, 80), dev), PASS);
         set_slot(&mut dp, LocalOwner { scope: 0, ..LocalOwner::of(addr, own ^ 0x5a5a) });
         assert_eq!(dp.run_cgroup(INGRESS, &ipv4(PEER, HOOKED, TCP, 1003, 80), dev), PASS);
-        assert_eq!(dp.counted(), 2);
+        assert_eq!(dp.counted(), 3);
+        // IPv6: the upper half of the slots.
+        let addr6 = zt_agent::net::to_key(HOOKED6.parse().unwrap());
+        let v = EndpointValue { identity: ID_POD, flags: EP_LOCAL | EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS, ifindex: 7, cgroup: own ^ 0x5a5a };
+        dp.maps.endpoints.insert(EndpointKey { addr: addr6 }, v, 0).unwrap();
+        assert!(local_owner_slot(&addr6) >= LOCAL_OWNER_SLOTS / 2);
+        assert_eq!(dp.run_cgroup(EGRESS, &ipv6(HOOKED6, PEER6, TCP, 1000, 80), dev), DROP, "the endpoint map decides without a slot");
+        dp.maps.local_owners.map.set(local_owner_slot(&addr6), LocalOwner::of(addr6, own), 0).unwrap();
+        assert_eq!(dp.run_cgroup(EGRESS, &ipv6(HOOKED6, PEER6, TCP, 1000, 80), dev), PASS);
+        assert_eq!(dp.counted(), 4);
     });
+}
+
+/// The level of this process's cgroup in the v2 hierarchy (its root is level 0).
+fn own_cgroup_level() -> u32 {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let path = own.lines().find_map(|l| l.strip_prefix("0::")).expect("cgroup v2 membership").trim().to_string();
+    path.split('/').filter(|c| !c.is_empty()).count() as u32
 }

@@ -150,13 +150,20 @@ fn an_apply_that_fails_midway_tracks_what_it_wrote_and_names_the_identities() {
     let s = MapSizes { policy: 16, ..MapSizes::default() };
     let mut dp = Dp::with_sizes("sync-midway", &s);
     let mut have = Contents::default();
-    apply(&mut dp.maps, &mut have, &want(2), &caps(&s)).unwrap();
+    // The local pod with its cgroup: it has an owner slot.
+    let pod = to_key("10.0.0.1".parse().unwrap());
+    let slot = |dp: &Dp| dp.maps.local_owners.map.get(&local_owner_slot(&pod), 0).unwrap();
+    let mut first = want(2);
+    first.endpoints.get_mut(&pod).unwrap().cgroup = 42;
+    apply(&mut dp.maps, &mut have, &first, &caps(&s)).unwrap();
     // Someone else filled the map behind the writer's back: room for 3 more entries.
+    let filler = |p: u16| aya::maps::lpm_trie::Key::new(POLICY_PREFIX_FULL, PolicyKey::new(999, 998, DIR_EGRESS, 17, p + 1));
     for p in 0..11u16 {
-        dp.maps.policy.insert(&aya::maps::lpm_trie::Key::new(POLICY_PREFIX_FULL, PolicyKey::new(999, 998, DIR_EGRESS, 17, p + 1)), PolicyValue { verdict: VERDICT_DENY, flags: 0, _pad: [0; 2], rule_id: 9 }, 0).unwrap();
+        dp.maps.policy.insert(&filler(p), PolicyValue { verdict: VERDICT_DENY, flags: 0, _pad: [0; 2], rule_id: 9 }, 0).unwrap();
     }
-    let mut w = want(2);
-    w.endpoints.get_mut(&to_key("10.0.0.1".parse().unwrap())).unwrap().identity = 303;
+    let mut w = first.clone();
+    w.endpoints.get_mut(&pod).unwrap().identity = 303;
+    w.endpoints.get_mut(&pod).unwrap().cgroup = 43;
     entries_of(&mut w, 303, 5);
     assert!(fit(&have, &mut w, &caps(&s)).is_empty(), "the writer's own count fits");
     let err = apply(&mut dp.maps, &mut have, &w, &caps(&s)).unwrap_err();
@@ -169,6 +176,14 @@ fn an_apply_that_fails_midway_tracks_what_it_wrote_and_names_the_identities() {
     // Both the old and the new identity are still named: neither number may be reused.
     let named = have.named_identities();
     assert!(named.contains(&300) && named.contains(&303) && named.contains(&301));
+    // The pod's slot was emptied before its endpoint changed, and not written: the apply
+    // stopped first. The next apply writes it, though `have` already holds the endpoint.
+    assert_eq!(slot(&dp), LocalOwner::default());
+    for p in 0..11u16 {
+        dp.maps.policy.remove(&filler(p)).unwrap();
+    }
+    apply(&mut dp.maps, &mut have, &w, &caps(&s)).unwrap();
+    assert_eq!(slot(&dp), LocalOwner::of(pod, 43));
 }
 
 /// The cgroup programs' owner slots follow the endpoints: a hooked local pod with a known
@@ -180,7 +195,7 @@ fn owner_slots_follow_the_hooked_local_pods() {
     let mut dp = Dp::with_sizes("sync-owners", &s);
     let pod = to_key("10.0.0.1".parse().unwrap());
     let slot = local_owner_slot(&pod);
-    let read = |dp: &Dp| dp.maps.local_owners.get(&slot, 0).unwrap();
+    let read = |dp: &Dp| dp.maps.local_owners.map.get(&slot, 0).unwrap();
     let mut have = Contents::default();
     let mut w = want(1);
     w.endpoints.get_mut(&pod).unwrap().cgroup = 42;
@@ -206,12 +221,25 @@ fn owner_slots_follow_the_hooked_local_pods() {
     // Left by an agent that changed the endpoints without the slots: a stale slot, and a
     // hooked pod without one. The rebuild makes both what the endpoint map says.
     let stale = to_key("10.9.0.77".parse().unwrap());
-    dp.maps.local_owners.set(local_owner_slot(&stale), LocalOwner::of(stale, 7), 0).unwrap();
+    dp.maps.local_owners.map.set(local_owner_slot(&stale), LocalOwner::of(stale, 7), 0).unwrap();
     dp.maps.endpoints.insert(EndpointKey { addr: pod }, EndpointValue { identity: 300, flags: EP_LOCAL, ifindex: 1, cgroup: 44 }, 0).unwrap();
-    assert_eq!(zt_agent::local_owners::rebuild(&mut dp.maps.local_owners, &dp.maps.endpoints).unwrap(), 2);
-    assert_eq!(dp.maps.local_owners.get(&local_owner_slot(&stale), 0).unwrap(), LocalOwner::default());
+    assert_eq!(dp.maps.local_owners.rebuild(&dp.maps.endpoints).unwrap(), 2);
+    assert_eq!(dp.maps.local_owners.map.get(&local_owner_slot(&stale), 0).unwrap(), LocalOwner::default());
     assert_eq!(read(&dp), LocalOwner::of(pod, 44));
     // The kernel's level hint is not a difference.
-    dp.maps.local_owners.set(slot, LocalOwner { level_hint: 3, ..LocalOwner::of(pod, 44) }, 0).unwrap();
-    assert_eq!(zt_agent::local_owners::rebuild(&mut dp.maps.local_owners, &dp.maps.endpoints).unwrap(), 0);
+    dp.maps.local_owners.map.set(slot, LocalOwner { level_hint: 3, ..LocalOwner::of(pod, 44) }, 0).unwrap();
+    assert_eq!(dp.maps.local_owners.rebuild(&dp.maps.endpoints).unwrap(), 0);
+}
+
+/// An agent's start rebuilds the slots before its programs run (`Datapath::load`).
+#[test]
+fn a_starting_agent_rebuilds_the_owner_slots() {
+    let s = MapSizes::default();
+    let mut dp = Dp::with_sizes("sync-owners-start", &s);
+    let pod = to_key("10.0.0.1".parse().unwrap());
+    dp.maps.endpoints.insert(EndpointKey { addr: pod }, EndpointValue { identity: 300, flags: EP_LOCAL, ifindex: 1, cgroup: 44 }, 0).unwrap();
+    // What an older build of this layout could leave: the right address, a stale cgroup.
+    dp.maps.local_owners.map.set(local_owner_slot(&pod), LocalOwner::of(pod, 7), 0).unwrap();
+    let _agent = zt_agent::loader::Datapath::load(&dp._fs.root(), &s).expect("load");
+    assert_eq!(dp.maps.local_owners.map.get(&local_owner_slot(&pod), 0).unwrap(), LocalOwner::of(pod, 44));
 }

@@ -8,7 +8,9 @@
 //! holds everything), so two addresses on the same slot cost speed, never a verdict.
 //!
 //! Written by the agent in step with `ZT_ENDPOINTS` (zt-agent `local_owners.rs`): a slot
-//! is cleared before its endpoint changes or goes and written after it is in place.
+//! is cleared before its endpoint changes or goes and written after it is in place. The
+//! kernel reads a slot once and checks it again after deciding: a slot rewritten in
+//! between (emptied first) leaves the packet to the endpoint map.
 
 /// Array `u32 -> LocalOwner` of `LOCAL_OWNER_SLOTS`.
 pub const MAP_LOCAL_OWNERS: &str = "ZT_LOCAL_OWNERS";
@@ -37,8 +39,9 @@ impl LocalOwner {
     }
 }
 
-/// The slot of a local address: its two low bytes, in the IPv4 half for an IPv4-mapped
-/// address, else in the IPv6 half.
+/// The slot of a local address: its low 11 bits, in the IPv4 half for an address whose
+/// bytes 10 and 11 are those of the IPv4-mapped prefix, else in the IPv6 half (a slot
+/// is only where an address is looked for first: the whole address is compared).
 #[inline(always)]
 pub const fn local_owner_slot(addr: &[u8; 16]) -> u32 {
     let half = LOCAL_OWNER_SLOTS / 2;

@@ -4,9 +4,10 @@
 //! at the IP header. Per packet:
 //! - loopback (ifindex 1 in every netns) and non-IP pass;
 //! - a local endpoint with a TC hook (`ifindex != 0`) passes if the socket is in that
-//!   pod's cgroup: its hook judges it (no double counting). Found in its `LOCAL_OWNERS`
-//!   slot, else in `ENDPOINTS`; an address of the host identity (host-network pods) or of `dns`
-//!   that is no pod (a host-network resolver: NodeLocal DNSCache) passes;
+//!   pod's cgroup: its hook judges it (no double counting). It is found in its
+//!   `LOCAL_OWNERS` slot, else in `ENDPOINTS`.
+//! - an address of the host identity (host-network pods) or of `dns` that is no pod (a
+//!   host-network resolver: NodeLocal DNSCache) passes;
 //! - anything else is judged by the shared datapath as hook ifindex 0: a known pod not
 //!   hooked yet by its policy, an unknown address as `initialising` (fails closed
 //!   except for host probes).
@@ -81,8 +82,16 @@ fn owner_of(skb: *mut __sk_buff, addr: &[u8; 16]) -> Owner {
     // A hooked pod's address in its slot: no hash lookup (zt-common owners.rs). A slot
     // holding another address, or none, leaves it to the endpoint map.
     if let Some(slot) = LOCAL_OWNERS.get_ptr_mut(local_owner_slot(addr)) {
-        if unsafe { (*slot).scope != 0 && (*slot).addr == *addr } {
-            return if in_owner_cgroup(skb, slot) { Owner::Elsewhere } else { Owner::AnotherPod };
+        // One copy, read once: the agent may rewrite the slot meanwhile.
+        let s = unsafe { core::ptr::read_volatile(slot) };
+        if s.scope != 0 && s.addr == *addr {
+            let mine = in_owner_cgroup(skb, slot, s.scope, s.level_hint);
+            // The agent empties a slot before it writes another pod into it: a slot that
+            // is not what it was decides nothing.
+            let now = unsafe { core::ptr::read_volatile(slot) };
+            if now.scope == s.scope && now.addr == s.addr {
+                return if mine { Owner::Elsewhere } else { Owner::AnotherPod };
+            }
         }
     }
     match unsafe { ENDPOINTS.get(&EndpointKey { addr: *addr }) } {
@@ -108,8 +117,7 @@ const MAX_CGROUP_LEVEL: i32 = 8;
 /// at is tried first (one helper call where the walk from the root makes one per level),
 /// and a walk that finds it there records it.
 #[inline(always)]
-fn in_owner_cgroup(skb: *mut __sk_buff, slot: *mut LocalOwner) -> bool {
-    let (scope, hint) = unsafe { ((*slot).scope, (*slot).level_hint) };
+fn in_owner_cgroup(skb: *mut __sk_buff, slot: *mut LocalOwner, scope: u32, hint: u32) -> bool {
     if hint != 0 && hint <= MAX_CGROUP_LEVEL as u32 + 1 && cgroup_scope(unsafe { bpf_skb_ancestor_cgroup_id(skb, hint as i32 - 1) }) == scope {
         return true;
     }
