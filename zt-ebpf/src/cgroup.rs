@@ -79,20 +79,10 @@ enum Owner {
 
 #[inline(always)]
 fn owner_of(skb: *mut __sk_buff, addr: &[u8; 16]) -> Owner {
-    // A hooked pod's address in its slot: no hash lookup (zt-common owners.rs). A slot
-    // holding another address, or none, leaves it to the endpoint map.
-    if let Some(slot) = LOCAL_OWNERS.get_ptr_mut(local_owner_slot(addr)) {
-        // One copy, read once: the agent may rewrite the slot meanwhile.
-        let s = unsafe { core::ptr::read_volatile(slot) };
-        if s.scope != 0 && s.addr == *addr {
-            let mine = in_owner_cgroup(skb, slot, s.scope, s.level_hint);
-            // The agent empties a slot before it writes another pod into it: a slot that
-            // is not what it was decides nothing.
-            let now = unsafe { core::ptr::read_volatile(slot) };
-            if now.scope == s.scope && now.addr == s.addr {
-                return if mine { Owner::Elsewhere } else { Owner::AnotherPod };
-            }
-        }
+    match slot_owner(skb, addr) {
+        SLOT_MINE => return Owner::Elsewhere,
+        SLOT_NOT_MINE => return Owner::AnotherPod,
+        _ => {}
     }
     match unsafe { ENDPOINTS.get(&EndpointKey { addr: *addr }) } {
         // The node's, or a host-network resolver's address named by --fqdn-dns-address
@@ -106,6 +96,36 @@ fn owner_of(skb: *mut __sk_buff, addr: &[u8; 16]) -> Owner {
             }
         }
         _ => Owner::Here,
+    }
+}
+
+const SLOT_MINE: i32 = 1;
+const SLOT_NOT_MINE: i32 = 0;
+const SLOT_NONE: i32 = -1;
+
+/// A hooked pod's address in its slot: no hash lookup (zt-common owners.rs). A slot
+/// holding another address, or none, decides nothing (`SLOT_NONE`): the endpoint map
+/// does. Its own function (and fields read one by one): its own stack frame, the cgroup
+/// programs' is near the limit.
+#[inline(never)]
+fn slot_owner(skb: *mut __sk_buff, addr: &[u8; 16]) -> i32 {
+    let Some(slot) = LOCAL_OWNERS.get_ptr_mut(local_owner_slot(addr)) else { return SLOT_NONE };
+    // Read once: the agent may rewrite the slot meanwhile.
+    let scope = unsafe { core::ptr::read_volatile(&(*slot).scope) };
+    let hint = unsafe { core::ptr::read_volatile(&(*slot).level_hint) };
+    if scope == 0 || unsafe { (*slot).addr != *addr } {
+        return SLOT_NONE;
+    }
+    let mine = in_owner_cgroup(skb, slot, scope, hint);
+    // The agent empties a slot before it writes another pod into it: a slot that is not
+    // what it was decides nothing.
+    if unsafe { core::ptr::read_volatile(&(*slot).scope) } != scope || unsafe { (*slot).addr != *addr } {
+        return SLOT_NONE;
+    }
+    if mine {
+        SLOT_MINE
+    } else {
+        SLOT_NOT_MINE
     }
 }
 
