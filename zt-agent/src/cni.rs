@@ -429,7 +429,8 @@ impl Agent {
                 self.have.endpoints.insert(k, v);
             }
         }
-        self.maps.local_owners.write_changed(&owner_slots)
+        self.maps.local_owners.write_changed(&owner_slots)?;
+        Ok(())
     }
 
     /// Hooks every attachment's interface (links are pinned; already hooked is a no-op).

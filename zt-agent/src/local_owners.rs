@@ -61,53 +61,47 @@ impl LocalOwners {
     }
 
     /// Before the endpoints change to those `new` is made from: empties every slot whose
-    /// content is not `new`'s.
-    pub fn clear_changed(&mut self, new: &BTreeMap<u32, LocalOwner>) -> Result<()> {
+    /// content is not `new`'s. Returns the slots emptied.
+    pub fn clear_changed(&mut self, new: &BTreeMap<u32, LocalOwner>) -> Result<usize> {
         let mut held = self.take_held()?;
         let stale: Vec<u32> = held.iter().filter(|(slot, v)| new.get(slot) != Some(v)).map(|(slot, _)| *slot).collect();
-        let mut r = Ok(());
+        let mut r = Ok(0);
         for slot in stale {
             // A slot that could not be emptied is still held: the next update tries again.
-            r = self.map.set(slot, LocalOwner::default(), 0).with_context(|| format!("clearing slot {slot} of {MAP_LOCAL_OWNERS}"));
-            if r.is_err() {
+            if let Err(e) = self.map.set(slot, LocalOwner::default(), 0) {
+                r = Err(e).with_context(|| format!("clearing slot {slot} of {MAP_LOCAL_OWNERS}"));
                 break;
             }
             held.remove(&slot);
+            r = r.map(|n| n + 1);
         }
         self.held = Some(held);
         r
     }
 
-    /// Once the endpoints are in place: writes every slot of `new` not held as it is.
-    pub fn write_changed(&mut self, new: &BTreeMap<u32, LocalOwner>) -> Result<()> {
+    /// Once the endpoints are in place, after `clear_changed` with the same `new` (which
+    /// left held only what `new` has, so no slot is overwritten in place): writes every
+    /// slot of `new` not held. Returns the slots written.
+    pub fn write_changed(&mut self, new: &BTreeMap<u32, LocalOwner>) -> Result<usize> {
         let mut held = self.take_held()?;
-        let mut r = Ok(());
-        for (slot, v) in new {
-            if held.get(slot) == Some(v) {
-                continue;
-            }
-            // Emptied first: the kernel never reads half of one pod and half of another.
-            if held.contains_key(slot) {
-                r = self.map.set(*slot, LocalOwner::default(), 0).with_context(|| format!("clearing slot {slot} of {MAP_LOCAL_OWNERS}"));
-                if r.is_err() {
-                    break;
-                }
-                held.remove(slot);
-            }
-            r = self.map.set(*slot, *v, 0).with_context(|| format!("writing slot {slot} of {MAP_LOCAL_OWNERS}"));
-            if r.is_err() {
+        let todo: Vec<(u32, LocalOwner)> = new.iter().filter(|(slot, v)| held.get(slot) != Some(v)).map(|(k, v)| (*k, *v)).collect();
+        let mut r = Ok(0);
+        for (slot, v) in todo {
+            if let Err(e) = self.map.set(slot, v, 0) {
+                r = Err(e).with_context(|| format!("writing slot {slot} of {MAP_LOCAL_OWNERS}"));
                 break;
             }
-            held.insert(*slot, *v);
+            held.insert(slot, v);
+            r = r.map(|n| n + 1);
         }
         self.held = Some(held);
         r
     }
 
     /// At start, before this process's programs run: every slot made what `ZT_ENDPOINTS`
-    /// holds now. An agent that did not know this map (an older build of the same layout)
-    /// changed the endpoints without it; its slots must not be believed. Returns the slots
-    /// emptied or written.
+    /// holds now, read from the map rather than believed. An agent that did not know this
+    /// map (an older build of the same layout) changed the endpoints without it. Returns
+    /// the slots emptied and written.
     pub fn rebuild(&mut self, endpoints: &EndpointsMap) -> Result<usize> {
         let mut eps = BTreeMap::new();
         for item in endpoints.iter() {
@@ -116,12 +110,7 @@ impl LocalOwners {
         }
         let want = slots(&eps);
         self.held = None;
-        let before = self.take_held()?;
-        let changed = before.iter().filter(|(slot, v)| want.get(slot) != Some(v)).count() + want.iter().filter(|(slot, _)| !before.contains_key(slot)).count();
-        self.held = Some(before);
-        self.clear_changed(&want)?;
-        self.write_changed(&want)?;
-        Ok(changed)
+        Ok(self.clear_changed(&want)? + self.write_changed(&want)?)
     }
 }
 

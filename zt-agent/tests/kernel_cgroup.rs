@@ -218,11 +218,7 @@ fn malformed_ip_is_dropped_not_waved_through() {
 fn a_hooked_address_is_left_to_its_hook_only_for_its_own_pods_sockets() {
     let mut dp = node("cg-owner", 7);
     let own = cgroup_scope(own_cgroup_id());
-    let set = |dp: &mut Dp, cgroup: u32| {
-        let ip: std::net::IpAddr = HOOKED.parse().unwrap();
-        let v = EndpointValue { identity: ID_POD, flags: EP_LOCAL | EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS, ifindex: 7, cgroup };
-        dp.maps.endpoints.insert(EndpointKey { addr: zt_agent::net::to_key(ip) }, v, 0).unwrap();
-    };
+    let set = |dp: &mut Dp, cgroup: u32| hooked_endpoint(dp, HOOKED, cgroup);
     in_private_netns(|dev, _| {
         let dev = Some(dev);
         // The pod's own cgroup (this test's): its TC hook judges it, nothing counted here.
@@ -256,10 +252,7 @@ fn a_hooked_pods_owner_slot_decides_before_the_endpoint_map() {
     let own = cgroup_scope(own_cgroup_id());
     let addr = zt_agent::net::to_key(HOOKED.parse().unwrap());
     let slot = local_owner_slot(&addr);
-    let endpoint = |dp: &mut Dp, cgroup: u32| {
-        let v = EndpointValue { identity: ID_POD, flags: EP_LOCAL | EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS, ifindex: 7, cgroup };
-        dp.maps.endpoints.insert(EndpointKey { addr }, v, 0).unwrap();
-    };
+    let endpoint = |dp: &mut Dp, cgroup: u32| hooked_endpoint(dp, HOOKED, cgroup);
     let set_slot = |dp: &mut Dp, v: LocalOwner| dp.maps.local_owners.map.set(slot, v, 0).unwrap();
     let hint = |dp: &Dp| dp.maps.local_owners.map.get(&slot, 0).unwrap().level_hint;
     in_private_netns(|dev, _| {
@@ -301,14 +294,19 @@ fn a_hooked_pods_owner_slot_decides_before_the_endpoint_map() {
         assert_eq!(dp.counted(), 3);
         // IPv6: the upper half of the slots.
         let addr6 = zt_agent::net::to_key(HOOKED6.parse().unwrap());
-        let v = EndpointValue { identity: ID_POD, flags: EP_LOCAL | EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS, ifindex: 7, cgroup: own ^ 0x5a5a };
-        dp.maps.endpoints.insert(EndpointKey { addr: addr6 }, v, 0).unwrap();
+        hooked_endpoint(&mut dp, HOOKED6, own ^ 0x5a5a);
         assert!(local_owner_slot(&addr6) >= LOCAL_OWNER_SLOTS / 2);
         assert_eq!(dp.run_cgroup(EGRESS, &ipv6(HOOKED6, PEER6, TCP, 1000, 80), dev), DROP, "the endpoint map decides without a slot");
         dp.maps.local_owners.map.set(local_owner_slot(&addr6), LocalOwner::of(addr6, own), 0).unwrap();
         assert_eq!(dp.run_cgroup(EGRESS, &ipv6(HOOKED6, PEER6, TCP, 1000, 80), dev), PASS);
         assert_eq!(dp.counted(), 4);
     });
+}
+
+/// `ip` as the hooked pod's endpoint (interface 7), its pod cgroup `cgroup`.
+fn hooked_endpoint(dp: &mut Dp, ip: &str, cgroup: u32) {
+    let v = EndpointValue { identity: ID_POD, flags: EP_LOCAL | EP_ENFORCE_INGRESS | EP_ENFORCE_EGRESS, ifindex: 7, cgroup };
+    dp.maps.endpoints.insert(EndpointKey { addr: zt_agent::net::to_key(ip.parse().unwrap()) }, v, 0).unwrap();
 }
 
 /// The level of this process's cgroup in the v2 hierarchy (its root is level 0).

@@ -198,23 +198,17 @@ fn owner_slots_follow_the_hooked_local_pods() {
     let read = |dp: &Dp| dp.maps.local_owners.map.get(&slot, 0).unwrap();
     let mut have = Contents::default();
     let mut w = want(1);
-    w.endpoints.get_mut(&pod).unwrap().cgroup = 42;
-    apply(&mut dp.maps, &mut have, &w, &caps(&s)).unwrap();
-    assert_eq!(read(&dp), LocalOwner::of(pod, 42));
-    // Hooked, cgroup not known: no slot (the endpoint map leaves it to the hook).
-    w.endpoints.get_mut(&pod).unwrap().cgroup = 0;
-    apply(&mut dp.maps, &mut have, &w, &caps(&s)).unwrap();
-    assert_eq!(read(&dp), LocalOwner::default());
-    // Another cgroup, then not hooked (interface 0), then gone.
-    w.endpoints.get_mut(&pod).unwrap().cgroup = 43;
-    apply(&mut dp.maps, &mut have, &w, &caps(&s)).unwrap();
-    assert_eq!(read(&dp), LocalOwner::of(pod, 43));
-    w.endpoints.get_mut(&pod).unwrap().ifindex = 0;
-    apply(&mut dp.maps, &mut have, &w, &caps(&s)).unwrap();
-    assert_eq!(read(&dp), LocalOwner::default());
-    w.endpoints.get_mut(&pod).unwrap().ifindex = 1;
-    apply(&mut dp.maps, &mut have, &w, &caps(&s)).unwrap();
-    assert_eq!(read(&dp), LocalOwner::of(pod, 43));
+    // (cgroup, interface) -> the slot: a known cgroup; hooked, cgroup not known (the
+    // endpoint map leaves it to the hook); another cgroup; not hooked (interface 0);
+    // hooked again.
+    for (cgroup, ifindex, slot_scope) in [(42, 1, 42), (0, 1, 0), (43, 1, 43), (43, 0, 0), (43, 1, 43)] {
+        let ep = w.endpoints.get_mut(&pod).unwrap();
+        (ep.cgroup, ep.ifindex) = (cgroup, ifindex);
+        apply(&mut dp.maps, &mut have, &w, &caps(&s)).unwrap();
+        let expected = if slot_scope == 0 { LocalOwner::default() } else { LocalOwner::of(pod, slot_scope) };
+        assert_eq!(read(&dp), expected, "cgroup {cgroup}, interface {ifindex}");
+    }
+    // Gone.
     w.endpoints.remove(&pod);
     apply(&mut dp.maps, &mut have, &w, &caps(&s)).unwrap();
     assert_eq!(read(&dp), LocalOwner::default());
